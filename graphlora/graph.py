@@ -1,0 +1,851 @@
+"""The Graph: leaves, the tape of recorded ops, and reverse-mode backward.
+
+A ``Graph`` owns every node. Leaves (``constant``, ``parameter``) live as long as the graph; each op
+call runs NumPy forward at once and appends a node with its VJP closure to the tape. The tape is
+append-only, so its order is already a topological order: ``backward`` walks it in reverse from the
+loss, with no search and no recursion. A node requires a gradient iff one of its inputs does; a VJP
+is never called for a node that does not, and it is told which inputs want a gradient, so frozen
+inputs cost nothing. ``reset`` drops the recorded ops (a training loop calls it once per step) and
+keeps the leaves. Every method checks its arguments before NumPy runs, so a rejected call records
+nothing and its message names the op and the offending shapes or values.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from graphlora import ops
+from graphlora.errors import ForeignNodeError, GraphError, ShapeError, StaleNodeError
+from graphlora.ops import Array, Grads, Vjp
+
+__all__ = ["Graph", "NodeId"]
+
+_LEAF = -1  # the epoch of a leaf: leaves survive every reset
+_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_REAL_KINDS = "biuf"  # bool, signed and unsigned int, float: the kinds that convert to a float
+
+
+class NodeId:
+    """A handle to one node of a ``Graph``: a leaf or a recorded op.
+
+    Treat it as an id: read the node's value with ``graph.value(node)`` and its gradient with
+    ``graph.grad(node)``. It also carries the node's record, so that using it costs no lookup.
+    A NodeId recorded before ``graph.reset()`` is stale and is refused with ``StaleNodeError``.
+    """
+
+    __slots__ = (
+        "_epoch",
+        "_g",
+        "_g_owned",
+        "_grad",
+        "_grad_owned",
+        "_graph",
+        "_id",
+        "_index",
+        "_inputs",
+        "_name",
+        "_needs",
+        "_op",
+        "_requires_grad",
+        "_value",
+        "_vjp",
+    )
+
+    def __init__(
+        self,
+        graph: Graph,
+        epoch: int,
+        index: int,
+        op: str,
+        name: str | None,
+        value: Array,
+        requires_grad: bool,
+        inputs: tuple[NodeId, ...],
+        needs: tuple[bool, ...],
+        vjp: Vjp | None,
+    ) -> None:
+        self._graph = graph
+        self._epoch = epoch  # _LEAF, or the graph's epoch when the op was recorded
+        self._index = index  # position on the tape (ops) or in the leaf list (leaves)
+        self._id = graph._next_id  # unique within the graph, never reused, shown to people
+        graph._next_id += 1
+        self._op = op
+        self._name = name
+        self._value: Array | None = value
+        self._requires_grad = requires_grad
+        self._inputs = inputs  # kept only when the node requires a gradient
+        self._needs = needs  # needs[i]: does input i want a gradient?
+        self._vjp = vjp
+        self._grad: Array | None = None  # accumulated gradient, kept across backward calls
+        self._grad_owned = False  # True when _grad is a buffer only this node holds
+        self._g: Array | None = None  # gradient flowing in during one backward pass
+        self._g_owned = False
+
+    @property
+    def id(self) -> int:
+        """A number unique within the graph (never reused, not even after ``reset``)."""
+        return self._id
+
+    @property
+    def op(self) -> str:
+        """The op that produced the node: ``"constant"``, ``"parameter"``, ``"matmul"``, ..."""
+        return self._op
+
+    @property
+    def name(self) -> str | None:
+        """The name given to a leaf, or ``None``."""
+        return self._name
+
+    @property
+    def is_leaf(self) -> bool:
+        """True for constants and parameters."""
+        return self._epoch == _LEAF
+
+    @property
+    def requires_grad(self) -> bool:
+        """True for parameters and for ops recorded with gradients that depend on one."""
+        return self._requires_grad
+
+    @property
+    def inputs(self) -> tuple[NodeId, ...]:
+        """The input nodes of an op that requires a gradient (empty for leaves and others)."""
+        return self._inputs
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the node's value."""
+        if self._value is None:
+            raise StaleNodeError(f"{self!r} was recorded before a reset; its value is gone")
+        return self._value.shape
+
+    def __repr__(self) -> str:
+        name = f", name={self._name!r}" if self._name is not None else ""
+        if self._value is None:
+            return f"NodeId({self._id}, op={self._op!r}{name}, stale)"
+        return f"NodeId({self._id}, op={self._op!r}, shape={self._value.shape}{name})"
+
+
+Scalar = float | int | np.floating[Any] | np.integer[Any]
+
+
+class Graph:
+    """A tape-based reverse-mode autograd graph over NumPy arrays.
+
+    Parameters
+    ----------
+    dtype
+        The floating dtype of every value and gradient: ``np.float64`` (default) or ``np.float32``.
+
+    Raises
+    ------
+    ValueError
+        For any other dtype.
+
+    Examples
+    --------
+    >>> import numpy as np, graphlora as gl
+    >>> g = gl.Graph()
+    >>> x = g.constant(np.ones((4, 3)))
+    >>> w = g.parameter(np.zeros((3, 2)), name="w")
+    >>> loss = g.mean(g.matmul(x, w))
+    >>> g.backward(loss)
+    >>> g.grad(w).shape
+    (3, 2)
+    """
+
+    def __init__(self, dtype: npt.DTypeLike = np.float64) -> None:
+        try:
+            resolved = np.dtype(dtype)
+        except TypeError:
+            resolved = None
+        if resolved not in _DTYPES:
+            raise ValueError(f"Graph: dtype must be np.float32 or np.float64, got {dtype!r}")
+        self._dtype: np.dtype[Any] = resolved
+        self._leaves: list[NodeId] = []
+        self._tape: list[NodeId] = []
+        self._epoch = 0
+        self._next_id = 0
+        self._grad_enabled = True
+
+    # --- properties and inspection ------------------------------------------------------------
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        """The floating dtype of every value and gradient in this graph."""
+        return self._dtype
+
+    @property
+    def grad_enabled(self) -> bool:
+        """False inside ``no_grad()``: ops then record values only."""
+        return self._grad_enabled
+
+    @property
+    def leaves(self) -> tuple[NodeId, ...]:
+        """Every constant and parameter, in creation order."""
+        return tuple(self._leaves)
+
+    @property
+    def tape(self) -> tuple[NodeId, ...]:
+        """The ops recorded since the last reset, in recording (topological) order."""
+        return tuple(self._tape)
+
+    def parameters(self) -> list[NodeId]:
+        """Every leaf that requires a gradient, in creation order."""
+        return [leaf for leaf in self._leaves if leaf._requires_grad]
+
+    def __len__(self) -> int:
+        """The number of live nodes: leaves plus recorded ops."""
+        return len(self._leaves) + len(self._tape)
+
+    def __repr__(self) -> str:
+        params = sum(1 for leaf in self._leaves if leaf._requires_grad)
+        return (
+            f"Graph(dtype={self._dtype}, constants={len(self._leaves) - params}, "
+            f"parameters={params}, ops={len(self._tape)})"
+        )
+
+    # --- leaves and values --------------------------------------------------------------------
+
+    def constant(self, value: npt.ArrayLike, name: str | None = None) -> NodeId:
+        """Add a leaf that never receives a gradient (inputs, targets, frozen weights).
+
+        Parameters
+        ----------
+        value
+            Array-like of real numbers; copied and converted to the graph's dtype.
+        name
+            An optional label shown in reprs and drawings.
+
+        Raises
+        ------
+        TypeError
+            For complex, string, object or NodeId input, or a name that is not a string.
+        ShapeError
+            For ragged nested sequences.
+        """
+        return self._leaf("constant", value, name, requires_grad=False)
+
+    def parameter(self, value: npt.ArrayLike, name: str | None = None) -> NodeId:
+        """Add a leaf that receives a gradient. Same arguments and errors as ``constant``."""
+        return self._leaf("parameter", value, name, requires_grad=True)
+
+    def _leaf(
+        self, kind: str, value: npt.ArrayLike, name: str | None, requires_grad: bool
+    ) -> NodeId:
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"{kind}: name must be a str or None, got {type(name).__name__}")
+        array = self._as_array(value, kind, "value")
+        node = NodeId(
+            self, _LEAF, len(self._leaves), kind, name, array, requires_grad, (), (), None
+        )
+        self._leaves.append(node)
+        return node
+
+    def _as_array(self, value: object, where: str, arg: str) -> Array:
+        """Convert array-like real data to a fresh array of the graph's dtype, or raise."""
+        if isinstance(value, NodeId):
+            raise TypeError(
+                f"{where}: {arg} must be array-like, got {value!r}; read a node with graph.value()"
+            )
+        try:
+            array = np.asarray(value)
+        except (ValueError, TypeError) as exc:
+            raise ShapeError(
+                f"{where}: {arg} is not a regular array (ragged nesting?): {exc}"
+            ) from None
+        if array.dtype.kind not in _REAL_KINDS:
+            raise TypeError(
+                f"{where}: {arg} must hold real numbers (bool, int or float) to convert to "
+                f"{self._dtype}, got dtype {array.dtype}"
+            )
+        return np.array(array, dtype=self._dtype)
+
+    def value(self, node: NodeId) -> Array:
+        """The node's value as a read-only view (copy it to modify it)."""
+        node = self._check(node, "value", "node")
+        assert node._value is not None  # live nodes always hold a value
+        return _read_only(node._value)
+
+    def grad(self, node: NodeId) -> Array | None:
+        """The node's accumulated gradient as a read-only view, or ``None`` if it got none.
+
+        Leaves keep their gradients until ``zero_grad()``; recorded ops keep one only when
+        ``backward(..., retain_grads=True)`` was used.
+        """
+        node = self._check(node, "grad", "node")
+        if node._grad is None:
+            return None
+        return _read_only(node._grad)
+
+    def set_value(self, leaf: NodeId, value: npt.ArrayLike) -> None:
+        """Replace a leaf's value with a copy of ``value``, converted to the graph's dtype.
+
+        Raises
+        ------
+        GraphError
+            When ``leaf`` is a recorded op rather than a constant or parameter.
+        ShapeError
+            When the shape differs from the leaf's; the old value is kept.
+        TypeError
+            For data that is not real numbers; the old value is kept.
+        """
+        leaf = self._check(leaf, "set_value", "leaf")
+        if leaf._epoch != _LEAF:
+            raise GraphError(
+                f"set_value: {leaf!r} is the output of an op; only constants and parameters "
+                "can be set"
+            )
+        array = self._as_array(value, "set_value", "value")
+        assert leaf._value is not None
+        if array.shape != leaf._value.shape:
+            raise ShapeError(
+                f"set_value: new value has shape {array.shape} but {leaf!r} has shape "
+                f"{leaf._value.shape}"
+            )
+        leaf._value = array
+
+    def zero_grad(self) -> None:
+        """Forget every accumulated gradient (each ``grad()`` becomes ``None``)."""
+        for node in self._leaves:
+            node._grad = None
+        for node in self._tape:
+            node._grad = None
+
+    def reset(self) -> None:
+        """Drop every recorded op and keep every leaf with its value, gradient and id.
+
+        NodeIds of the dropped ops become stale: using one raises ``StaleNodeError``.
+        """
+        for node in self._tape:  # free the memory even while someone still holds the ids
+            node._value = node._grad = node._g = None
+            node._vjp = None
+            node._inputs = ()
+        self._tape = []
+        self._epoch += 1
+
+    @contextmanager
+    def no_grad(self) -> Iterator[None]:
+        """Within this block ops record values only: no closures, no gradients, no dropout."""
+        previous = self._grad_enabled
+        self._grad_enabled = False
+        try:
+            yield
+        finally:
+            self._grad_enabled = previous
+
+    # --- checking and recording ---------------------------------------------------------------
+
+    def _check(self, node: object, op: str, arg: str) -> NodeId:
+        """Return ``node`` if it is a live NodeId of this graph, or raise naming ``op``/``arg``."""
+        if type(node) is not NodeId:
+            raise TypeError(
+                f"{op}: {arg} must be a NodeId, got {type(node).__name__}: {node!r:.60}"
+            )
+        if node._graph is not self:
+            raise ForeignNodeError(f"{op}: {arg} {node!r} belongs to another Graph")
+        if node._epoch != self._epoch and node._epoch != _LEAF:
+            raise StaleNodeError(
+                f"{op}: {arg} {node!r} was recorded before the last reset() and no longer exists"
+            )
+        return node
+
+    def _push(self, op: str, inputs: tuple[NodeId, ...], out: Array, vjp: Vjp) -> NodeId:
+        """Append an op's node to the tape; keep its closure only if a gradient can flow."""
+        if type(out) is not np.ndarray:  # NumPy gives scalars for 0-d results; keep arrays
+            out = np.asarray(out)
+        needs = tuple(node._requires_grad for node in inputs)
+        tape = self._tape
+        if self._grad_enabled and True in needs:
+            node = NodeId(self, self._epoch, len(tape), op, None, out, True, inputs, needs, vjp)
+        else:
+            node = NodeId(self, self._epoch, len(tape), op, None, out, False, (), (), None)
+        tape.append(node)
+        return node
+
+    def _broadcast(self, op: str, a: NodeId, b: NodeId) -> tuple[Array, Array]:
+        """Values of ``a`` and ``b`` after checking that their shapes broadcast together."""
+        va, vb = a._value, b._value
+        assert va is not None and vb is not None
+        if va.shape != vb.shape:
+            try:
+                np.broadcast_shapes(va.shape, vb.shape)
+            except ValueError:
+                raise ShapeError(
+                    f"{op}: shapes {va.shape} and {vb.shape} do not broadcast together"
+                ) from None
+        return va, vb
+
+    def _unary(self, op: str, x: NodeId) -> tuple[NodeId, Array]:
+        x = self._check(x, op, "x")
+        assert x._value is not None
+        return x, x._value
+
+    # --- the op catalogue: elementwise arithmetic ---------------------------------------------
+
+    def add(self, a: NodeId, b: NodeId) -> NodeId:
+        """``a + b`` with NumPy broadcasting; gradients are summed back to each input's shape."""
+        a, b = self._check(a, "add", "a"), self._check(b, "add", "b")
+        return self._push("add", (a, b), *ops.add(*self._broadcast("add", a, b)))
+
+    def sub(self, a: NodeId, b: NodeId) -> NodeId:
+        """``a - b`` with NumPy broadcasting."""
+        a, b = self._check(a, "sub", "a"), self._check(b, "sub", "b")
+        return self._push("sub", (a, b), *ops.sub(*self._broadcast("sub", a, b)))
+
+    def mul(self, a: NodeId, b: NodeId) -> NodeId:
+        """Elementwise ``a * b`` with NumPy broadcasting."""
+        a, b = self._check(a, "mul", "a"), self._check(b, "mul", "b")
+        return self._push("mul", (a, b), *ops.mul(*self._broadcast("mul", a, b)))
+
+    def div(self, a: NodeId, b: NodeId) -> NodeId:
+        """Elementwise ``a / b`` with NumPy broadcasting (division by zero follows NumPy)."""
+        a, b = self._check(a, "div", "a"), self._check(b, "div", "b")
+        return self._push("div", (a, b), *ops.div(*self._broadcast("div", a, b)))
+
+    def scale(self, x: NodeId, c: Scalar) -> NodeId:
+        """``c * x`` for a real scalar ``c`` (a Python or NumPy number, not an array)."""
+        x, vx = self._unary("scale", x)
+        return self._push("scale", (x,), *ops.scale(vx, _real_scalar("scale", "c", c)))
+
+    def neg(self, x: NodeId) -> NodeId:
+        """``-x``."""
+        x, vx = self._unary("neg", x)
+        return self._push("neg", (x,), *ops.neg(vx))
+
+    def pow(self, x: NodeId, p: Scalar) -> NodeId:
+        """``x ** p`` for a real scalar exponent ``p``."""
+        x, vx = self._unary("pow", x)
+        return self._push("pow", (x,), *ops.pow(vx, _real_scalar("pow", "p", p)))
+
+    # --- linear algebra -----------------------------------------------------------------------
+
+    def matmul(self, a: NodeId, b: NodeId) -> NodeId:
+        """Matrix product ``a @ b`` with NumPy's rules.
+
+        ``[n, k] @ [k, m] -> [n, m]``; batched ``[..., n, k] @ [k, m]`` or ``[..., n, k] @
+        [..., k, m]`` with batch axes broadcast on both sides; a 1-D operand is promoted as in
+        NumPy. Scalars (0-D) are refused: use ``scale`` or ``mul``.
+        """
+        a, b = self._check(a, "matmul", "a"), self._check(b, "matmul", "b")
+        va, vb = a._value, b._value
+        assert va is not None and vb is not None
+        if va.ndim == 0 or vb.ndim == 0:
+            raise ShapeError(
+                f"matmul: cannot multiply {va.shape} by {vb.shape}: operands must have at least "
+                "one axis (use scale or mul for scalars)"
+            )
+        inner_b = vb.shape[0] if vb.ndim == 1 else vb.shape[-2]
+        if va.shape[-1] != inner_b:
+            raise ShapeError(
+                f"matmul: cannot multiply {va.shape} by {vb.shape}: inner dimensions "
+                f"{va.shape[-1]} != {inner_b}"
+            )
+        if va.ndim > 2 and vb.ndim > 2:
+            try:
+                np.broadcast_shapes(va.shape[:-2], vb.shape[:-2])
+            except ValueError:
+                raise ShapeError(
+                    f"matmul: cannot multiply {va.shape} by {vb.shape}: batch axes "
+                    f"{va.shape[:-2]} and {vb.shape[:-2]} do not broadcast together"
+                ) from None
+        return self._push("matmul", (a, b), *ops.matmul(va, vb))
+
+    # --- reductions and shape -----------------------------------------------------------------
+
+    def sum(
+        self, x: NodeId, axis: int | Sequence[int] | None = None, keepdims: bool = False
+    ) -> NodeId:
+        """Sum over ``axis`` (``None``: all axes; an int or a tuple of ints), as ``np.sum``."""
+        x, vx = self._unary("sum", x)
+        axes = _normalize_axes("sum", axis, vx.shape)
+        return self._push("sum", (x,), *ops.sum(vx, axes, _flag("sum", "keepdims", keepdims)))
+
+    def mean(
+        self, x: NodeId, axis: int | Sequence[int] | None = None, keepdims: bool = False
+    ) -> NodeId:
+        """Mean over ``axis`` (``None``: all axes; an int or a tuple of ints), as ``np.mean``."""
+        x, vx = self._unary("mean", x)
+        axes = _normalize_axes("mean", axis, vx.shape)
+        return self._push("mean", (x,), *ops.mean(vx, axes, _flag("mean", "keepdims", keepdims)))
+
+    def reshape(self, x: NodeId, shape: int | Sequence[int]) -> NodeId:
+        """``x.reshape(shape)``; one entry may be ``-1``."""
+        x, vx = self._unary("reshape", x)
+        return self._push("reshape", (x,), *ops.reshape(vx, _resolve_shape(shape, vx.shape)))
+
+    def transpose(self, x: NodeId, axes: Sequence[int] | None = None) -> NodeId:
+        """``np.transpose(x, axes)``; ``axes=None`` reverses the axes."""
+        x, vx = self._unary("transpose", x)
+        perm = None
+        if axes is not None:
+            perm = _int_tuple("transpose", "axes", axes)
+            if sorted(a % vx.ndim if -vx.ndim <= a < vx.ndim else a for a in perm) != list(
+                range(vx.ndim)
+            ):
+                raise ShapeError(
+                    f"transpose: axes {perm} is not a permutation of the {vx.ndim} axes of "
+                    f"shape {vx.shape}"
+                )
+            perm = tuple(a % vx.ndim for a in perm)
+        return self._push("transpose", (x,), *ops.transpose(vx, perm))
+
+    # --- nonlinearities -----------------------------------------------------------------------
+
+    def relu(self, x: NodeId) -> NodeId:
+        """``max(x, 0)``; the gradient at 0 is 0, as in PyTorch."""
+        x, vx = self._unary("relu", x)
+        return self._push("relu", (x,), *ops.relu(vx))
+
+    def tanh(self, x: NodeId) -> NodeId:
+        """Hyperbolic tangent."""
+        x, vx = self._unary("tanh", x)
+        return self._push("tanh", (x,), *ops.tanh(vx))
+
+    def sigmoid(self, x: NodeId) -> NodeId:
+        """Logistic sigmoid ``1 / (1 + exp(-x))``, without overflow."""
+        x, vx = self._unary("sigmoid", x)
+        return self._push("sigmoid", (x,), *ops.sigmoid(vx))
+
+    def exp(self, x: NodeId) -> NodeId:
+        """Elementwise ``exp(x)``."""
+        x, vx = self._unary("exp", x)
+        return self._push("exp", (x,), *ops.exp(vx))
+
+    def log(self, x: NodeId) -> NodeId:
+        """Natural logarithm (``x <= 0`` gives NaN or -inf, as in NumPy)."""
+        x, vx = self._unary("log", x)
+        return self._push("log", (x,), *ops.log(vx))
+
+    def gelu(self, x: NodeId, approximate: str = "none") -> NodeId:
+        """GELU: exact ``x * Phi(x)`` (default, as PyTorch) or ``approximate="tanh"``."""
+        x, vx = self._unary("gelu", x)
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+        return self._push("gelu", (x,), *ops.gelu(vx, approximate))
+
+    def softmax(self, x: NodeId, axis: int = -1) -> NodeId:
+        """Softmax along ``axis``, numerically stable."""
+        x, vx = self._unary("softmax", x)
+        return self._push("softmax", (x,), *ops.softmax(vx, _one_axis("softmax", axis, vx.shape)))
+
+    def log_softmax(self, x: NodeId, axis: int = -1) -> NodeId:
+        """``log(softmax(x))`` along ``axis``, computed stably as ``x - logsumexp(x)``."""
+        x, vx = self._unary("log_softmax", x)
+        axis = _one_axis("log_softmax", axis, vx.shape)
+        return self._push("log_softmax", (x,), *ops.log_softmax(vx, axis))
+
+    # --- losses and dropout -------------------------------------------------------------------
+
+    def mse_loss(self, pred: NodeId, target: NodeId) -> NodeId:
+        """Mean squared error ``mean((pred - target)**2)``; the shapes must be equal."""
+        pred = self._check(pred, "mse_loss", "pred")
+        target = self._check(target, "mse_loss", "target")
+        vp, vt = pred._value, target._value
+        assert vp is not None and vt is not None
+        if vp.shape != vt.shape:
+            raise ShapeError(
+                f"mse_loss: pred has shape {vp.shape} but target has shape {vt.shape}; "
+                "they must be equal"
+            )
+        return self._push("mse_loss", (pred, target), *ops.mse_loss(vp, vt))
+
+    def cross_entropy(self, logits: NodeId, labels: npt.ArrayLike) -> NodeId:
+        """Mean cross-entropy of ``logits [N, C]`` against integer class ``labels [N]``.
+
+        ``labels`` is an integer array (not a node: labels get no gradient), each in ``[0, C)``.
+        """
+        logits, vl = self._unary("cross_entropy", logits)
+        if vl.ndim != 2 or vl.shape[0] == 0 or vl.shape[1] == 0:
+            raise ShapeError(
+                f"cross_entropy: logits must have shape (N, C) with N, C >= 1, got {vl.shape}"
+            )
+        if isinstance(labels, NodeId):
+            raise TypeError(
+                "cross_entropy: labels must be an integer array, not a NodeId (graph values are "
+                "floating point and labels get no gradient)"
+            )
+        label_array = np.asarray(labels)
+        if label_array.dtype.kind not in "iu":
+            raise TypeError(
+                f"cross_entropy: labels must be integers, got dtype {label_array.dtype}"
+            )
+        n, classes = vl.shape
+        if label_array.shape != (n,):
+            raise ShapeError(
+                f"cross_entropy: labels must have shape ({n},) to match logits {vl.shape}, "
+                f"got {label_array.shape}"
+            )
+        bad = label_array[(label_array < 0) | (label_array >= classes)]
+        if bad.size:
+            raise ValueError(
+                f"cross_entropy: labels must lie in [0, {classes}) for {classes} classes, got "
+                f"{bad[:5].tolist()}{' ...' if bad.size > 5 else ''}"
+            )
+        return self._push("cross_entropy", (logits,), *ops.cross_entropy(vl, label_array))
+
+    def dropout(self, x: NodeId, p: float, rng: np.random.Generator | int | None = None) -> NodeId:
+        """Inverted dropout: zero each element with probability ``p`` and scale the rest by
+        ``1 / (1 - p)``, so the expected value is unchanged.
+
+        The rule: dropout acts only while gradients are recorded (training). With ``p == 0`` or
+        inside ``no_grad()`` it is the identity and returns ``x`` itself, recording nothing.
+
+        Parameters
+        ----------
+        p
+            Drop probability in ``[0, 1)``.
+        rng
+            A ``np.random.Generator``, an int seed (the same seed draws the same mask), or
+            ``None`` for fresh entropy. The global NumPy random state is never used.
+        """
+        x, vx = self._unary("dropout", x)
+        p = _real_scalar("dropout", "p", p)
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout: p must be in [0, 1), got {p}")
+        if p == 0.0 or not self._grad_enabled:
+            return x
+        if rng is None or (isinstance(rng, (int, np.integer)) and not isinstance(rng, bool)):
+            rng = np.random.default_rng(rng)
+        elif not isinstance(rng, np.random.Generator):
+            raise TypeError(
+                f"dropout: rng must be a np.random.Generator, an int seed or None, got "
+                f"{type(rng).__name__}"
+            )
+        return self._push("dropout", (x,), *ops.dropout(vx, p, rng))
+
+    # --- user-defined ops ---------------------------------------------------------------------
+
+    def apply(self, op: ops.Op, *nodes: NodeId, **kwargs: Any) -> NodeId:
+        """Record a user-defined op.
+
+        ``op(*arrays, **kwargs)`` receives the nodes' values and returns ``(out, vjp)``;
+        ``vjp(g, needs)`` returns one gradient (or ``None``) per input, each of that input's shape.
+        The output is converted to the graph's dtype; the gradients are checked in ``backward``.
+
+        Raises
+        ------
+        TypeError
+            If ``op`` is not callable or does not return ``(array, callable)``.
+        """
+        if not callable(op):
+            raise TypeError(f"apply: op must be callable, got {type(op).__name__}")
+        name = getattr(op, "__name__", type(op).__name__)
+        checked = tuple(self._check(node, name, f"input {i}") for i, node in enumerate(nodes))
+        result = op(*(node._value for node in checked), **kwargs)
+        if not (isinstance(result, tuple) and len(result) == 2 and callable(result[1])):
+            raise TypeError(f"apply: {name} must return a pair (out, vjp), got {result!r:.80}")
+        out = self._as_array(result[0], f"apply: {name}", "its output")
+        return self._push(name, checked, out, _checked_vjp(name, result[1], checked))
+
+    # --- backward -----------------------------------------------------------------------------
+
+    def backward(
+        self, loss: NodeId, grad: npt.ArrayLike | None = None, *, retain_grads: bool = False
+    ) -> None:
+        """Accumulate d(loss)/d(leaf) into every parameter that ``loss`` depends on.
+
+        Walks the tape in reverse from ``loss``. Gradients add up across uses of a node and across
+        calls until ``zero_grad()``. The gradients are committed only when the whole walk has
+        succeeded, so a VJP that raises leaves every gradient as it was.
+
+        Parameters
+        ----------
+        loss
+            A node of size 1, or any node when ``grad`` is given.
+        grad
+            The seed d(out)/d(loss), of the node's shape; defaults to ones for a size-1 loss.
+        retain_grads
+            Also keep (and accumulate) the gradients of recorded ops, for inspection with
+            ``grad()``. By default only leaves keep theirs, as in PyTorch.
+
+        Raises
+        ------
+        ShapeError
+            If ``loss`` has more than one element and no ``grad`` is given, or ``grad`` has
+            another shape.
+        GraphError
+            If ``loss`` does not depend on any parameter (or was recorded under ``no_grad()``).
+        """
+        loss = self._check(loss, "backward", "loss")
+        assert loss._value is not None
+        if grad is None:
+            if loss._value.size != 1:
+                raise ShapeError(
+                    f"backward: loss {loss!r} has {loss._value.size} elements; reduce it to one "
+                    "(sum, mean) or pass grad= with its shape"
+                )
+            seed = np.ones(loss._value.shape, self._dtype)
+        else:
+            seed = self._as_array(grad, "backward", "grad")
+            if seed.shape != loss._value.shape:
+                raise ShapeError(
+                    f"backward: grad has shape {seed.shape} but loss {loss!r} has shape "
+                    f"{loss._value.shape}"
+                )
+        if not loss._requires_grad:
+            raise GraphError(
+                f"backward: {loss!r} does not depend on any parameter (or was recorded under "
+                "no_grad()), so there is no gradient to compute"
+            )
+        loss._g, loss._g_owned = seed, True
+        reached: list[NodeId] = []  # every node given a gradient in this pass, to commit
+        if loss._epoch == _LEAF:
+            reached.append(loss)
+        else:
+            tape = self._tape
+            try:
+                for i in range(loss._index, -1, -1):
+                    node = tape[i]
+                    g = node._g
+                    if g is None:
+                        continue
+                    if retain_grads:
+                        reached.append(node)
+                    else:
+                        node._g = None
+                    assert node._vjp is not None
+                    for source, gi in zip(node._inputs, node._vjp(g, node._needs), strict=True):
+                        if gi is None:
+                            continue
+                        if type(gi) is not np.ndarray:  # a 0-d result of NumPy arithmetic
+                            gi = np.asarray(gi)
+                        previous = source._g
+                        if previous is None:
+                            source._g, source._g_owned = gi, False
+                            if source._epoch == _LEAF:
+                                reached.append(source)
+                        elif source._g_owned:
+                            previous += gi  # a buffer only this node holds: add in place
+                        else:
+                            source._g, source._g_owned = previous + gi, True
+            except BaseException:
+                for node in tape[: loss._index + 1]:
+                    node._g = None
+                for node in reached:
+                    node._g = None
+                raise
+        for node in reached:
+            _commit(node)
+
+
+def _read_only(array: Array) -> Array:
+    """A view of ``array`` that cannot be written through."""
+    view: Array = array.view()
+    view.flags.writeable = False
+    return view
+
+
+def _commit(node: NodeId) -> None:
+    """Add the gradient of the pass just finished to the node's accumulated gradient."""
+    g = node._g
+    assert g is not None
+    node._g = None
+    if node._grad is None:
+        node._grad, node._grad_owned = g, node._g_owned
+    elif node._grad_owned:
+        node._grad += g
+    else:
+        node._grad, node._grad_owned = node._grad + g, True
+
+
+def _checked_vjp(name: str, vjp: Vjp, inputs: tuple[NodeId, ...]) -> Vjp:
+    """Wrap a user VJP so that a wrong number, shape or kind of gradients is a clear error."""
+    shapes = [node.shape for node in inputs]
+
+    def checked(g: Array, needs: tuple[bool, ...]) -> Grads:
+        grads = vjp(g, needs)
+        if not isinstance(grads, (tuple, list)) or len(grads) != len(shapes):
+            raise GraphError(
+                f"{name}: its VJP must return a tuple of {len(shapes)} gradients (one per input, "
+                f"None allowed), got {grads!r:.80}"
+            )
+        result: list[Array | None] = []
+        for i, (gi, shape, need) in enumerate(zip(grads, shapes, needs, strict=True)):
+            if gi is None or not need:
+                result.append(None)
+                continue
+            array = np.asarray(gi, dtype=g.dtype)
+            if array.shape != shape:
+                raise ShapeError(
+                    f"{name}: its VJP returned a gradient of shape {array.shape} for input {i} "
+                    f"of shape {shape}"
+                )
+            result.append(array)
+        return tuple(result)
+
+    return checked
+
+
+# --- argument checks shared by the op methods -------------------------------------------------
+
+
+def _real_scalar(op: str, arg: str, value: object) -> float:
+    """``value`` as a Python float if it is a real scalar (not a bool, array or string)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(
+            f"{op}: {arg} must be a real scalar (int or float), got {type(value).__name__}: "
+            f"{value!r:.60}"
+        )
+    return float(value)
+
+
+def _flag(op: str, arg: str, value: object) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{op}: {arg} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def _int_tuple(op: str, arg: str, value: object) -> tuple[int, ...]:
+    """``value`` (an int or a sequence of ints) as a tuple of Python ints."""
+    items = (value,) if isinstance(value, (int, np.integer)) else value
+    if not isinstance(items, (tuple, list)) or not all(
+        isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in items
+    ):
+        raise TypeError(f"{op}: {arg} must be an int or a tuple of ints, got {value!r:.60}")
+    return tuple(int(i) for i in items)
+
+
+def _one_axis(op: str, axis: object, shape: tuple[int, ...]) -> int:
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+        raise TypeError(f"{op}: axis must be an int, got {type(axis).__name__}")
+    if not -len(shape) <= axis < len(shape):
+        raise ShapeError(f"{op}: axis {axis} is out of range for shape {shape}")
+    return int(axis) % len(shape)
+
+
+def _normalize_axes(op: str, axis: object, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """``axis`` as a sorted tuple of non-negative axes, or ``None`` for all axes."""
+    if axis is None:
+        return None
+    axes = _int_tuple(op, "axis", axis)
+    ndim = len(shape)
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise ShapeError(f"{op}: axis {a} is out of range for shape {shape}")
+    normalized = tuple(sorted(a % ndim for a in axes))
+    if len(set(normalized)) != len(normalized):
+        raise ShapeError(f"{op}: axis {axes} repeats an axis")
+    return normalized
+
+
+def _resolve_shape(shape: object, old: tuple[int, ...]) -> tuple[int, ...]:
+    """The target of a reshape, with a ``-1`` entry worked out; refuses impossible shapes."""
+    new = _int_tuple("reshape", "shape", shape)
+    size = math.prod(old)
+    unknown = [i for i, n in enumerate(new) if n == -1]
+    if len(unknown) > 1 or any(n < -1 for n in new):
+        raise ShapeError(f"reshape: shape {new} may hold at most one -1 and no other negatives")
+    known = math.prod(n for n in new if n != -1)
+    if unknown:
+        if known == 0 or size % known:
+            raise ShapeError(f"reshape: cannot reshape {old} ({size} elements) into {new}")
+        new = (*new[: unknown[0]], size // known, *new[unknown[0] + 1 :])
+    elif known != size:
+        raise ShapeError(f"reshape: cannot reshape {old} ({size} elements) into {new}")
+    return new
