@@ -27,7 +27,7 @@ def _example() -> int:
     target = g.constant([[1.0, 0.0], [0.0, 1.0]], name="target")
     y = g.add(g.matmul(x, w), b)  # (2, 2): b is broadcast over the batch
     loss = g.mse_loss(y, target)
-    g.backward(loss)
+    g.backward(loss, retain_grads=True)  # keep every node's gradient, to print it
 
     print("graphlora: a worked example of y = x @ w + b, loss = mean((y - target)**2)\n")
     print(g)

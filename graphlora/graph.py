@@ -163,7 +163,7 @@ class Graph:
         try:
             resolved = np.dtype(dtype)
         except TypeError:
-            resolved = None
+            resolved = np.dtype(object)
         if resolved not in _DTYPES:
             raise ValueError(f"Graph: dtype must be np.float32 or np.float64, got {dtype!r}")
         self._dtype: np.dtype[Any] = resolved

@@ -69,7 +69,9 @@ def _draw_matmul(d: st.DrawFn) -> tuple[Arrays, Params]:
 def _draw_reduction(d: st.DrawFn) -> tuple[Arrays, Params]:
     x = d(gst.arrays(gst.shapes()))
     axes = st.lists(st.integers(0, max(x.ndim - 1, 0)), unique=True, max_size=x.ndim)
-    axis = d(st.none() | axes.map(tuple) | st.integers(-x.ndim, x.ndim - 1) if x.ndim else st.none())
+    axis = d(
+        st.none() | axes.map(tuple) | st.integers(-x.ndim, x.ndim - 1) if x.ndim else st.none()
+    )
     return (x,), {"axis": axis, "keepdims": d(st.booleans())}
 
 
@@ -137,9 +139,7 @@ CASES: dict[str, Case] = {
     "sub": Case(_binary(), lambda g, a, b: g.sub(a, b), lambda a, b: a - b),
     "mul": Case(_binary(), lambda g, a, b: g.mul(a, b), lambda a, b: a * b),
     "div": Case(_binary(_away_from_zero(0.5)), lambda g, a, b: g.div(a, b), lambda a, b: a / b),
-    "scale": Case(
-        _unary(c=_values()), lambda g, x, c: g.scale(x, c), lambda x, c: c * x
-    ),
+    "scale": Case(_unary(c=_values()), lambda g, x, c: g.scale(x, c), lambda x, c: c * x),
     "neg": Case(_unary(), lambda g, x: g.neg(x), lambda x: -x),
     "pow": Case(
         _unary(_values(0.5, 2.0), p=st.sampled_from([-1.5, -1, 0, 0.5, 1, 2, 3])),
@@ -148,9 +148,7 @@ CASES: dict[str, Case] = {
     ),
     "matmul": Case(_draw_matmul, lambda g, a, b: g.matmul(a, b), lambda a, b: a @ b),
     "sum": Case(_draw_reduction, lambda g, x, **k: g.sum(x, **k), lambda x, **k: np.sum(x, **k)),
-    "mean": Case(
-        _draw_reduction, lambda g, x, **k: g.mean(x, **k), lambda x, **k: np.mean(x, **k)
-    ),
+    "mean": Case(_draw_reduction, lambda g, x, **k: g.mean(x, **k), lambda x, **k: np.mean(x, **k)),
     "reshape": Case(
         _draw_reshape, lambda g, x, shape: g.reshape(x, shape), lambda x, shape: x.reshape(shape)
     ),
@@ -342,7 +340,7 @@ def _torch_call(name: str, torch: Any, tensors: list[Any], params: Params) -> An
         return a.reshape(params["shape"])
     if name == "transpose":
         axes = params["axes"]
-        return a.permute(*reversed(range(a.ndim))) if axes is None else a.permute(*axes)
+        return a.permute(tuple(reversed(range(a.ndim))) if axes is None else axes)
     if name == "gelu":
         return F.gelu(a, approximate=params["approximate"])
     if name == "softmax":

@@ -168,8 +168,8 @@ def _check_full(
             element = tuple(int(k) for k in where)
             raise GradcheckError(
                 f"gradcheck: gradient of input {i} (shape {points[i].shape}) disagrees at "
-                f"element {element}: analytic {analytic[i].flat[worst]!r} vs numeric "
-                f"{numeric.flat[worst]!r}; {int(bad.sum())} of {bad.size} elements fail "
+                f"element {element}: analytic {float(analytic[i].flat[worst])!r} vs numeric "
+                f"{float(numeric.flat[worst])!r}; {int(bad.sum())} of {bad.size} elements fail "
                 f"|analytic - numeric| <= atol + rtol * |numeric| with atol={atol}, rtol={rtol}, "
                 f"eps={eps}"
             )

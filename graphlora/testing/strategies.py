@@ -59,9 +59,12 @@ def arrays(
         A strategy for the elements; default: finite floats in ``[min_value, max_value]``.
     """
     if elements is None:
-        width = 32 if np.dtype(dtype) == np.float32 else 64
         elements = st.floats(
-            min_value, max_value, allow_nan=False, allow_infinity=False, width=width
+            min_value,
+            max_value,
+            allow_nan=False,
+            allow_infinity=False,
+            width=32 if np.dtype(dtype) == np.float32 else 64,
         )
     return hnp.arrays(dtype, shapes() if shape is None else shape, elements=elements)
 

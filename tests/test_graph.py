@@ -1,0 +1,602 @@
+"""The Graph: leaves, values, ids, reset, backward semantics, user ops and every rejected call."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import graphlora as gl
+from graphlora import ops
+from graphlora.testing import strategies as gst
+
+
+def rejected(
+    g: gl.Graph, error: type[BaseException], match: str, call: Callable[[], object]
+) -> BaseException:
+    """Assert that ``call`` raises ``error`` matching ``match`` and records nothing."""
+    before = len(g)
+    with pytest.raises(error, match=match) as info:
+        call()
+    assert len(g) == before, "a rejected call changed the graph"
+    return info.value
+
+
+# --- construction and leaves -------------------------------------------------------------------
+
+
+def test_dtypes() -> None:
+    assert gl.Graph().dtype == np.float64
+    assert gl.Graph(np.float32).dtype == np.float32
+    assert gl.Graph("float32").dtype == np.float32
+    assert gl.Graph(None).dtype == np.float64  # as in NumPy, None means the default
+    for bad in (np.float16, np.int64, complex, "nonsense", object):
+        with pytest.raises(ValueError, match=r"Graph: dtype must be np\.float32 or np\.float64"):
+            gl.Graph(bad)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_leaves_convert_ints_and_bools_and_copy(dtype: Any) -> None:
+    g = gl.Graph(dtype)
+    source = np.array([[1, 2], [3, 4]])
+    c = g.constant(source)
+    p = g.parameter([True, False], name="mask")
+    source[0, 0] = 100  # the graph holds its own copy
+    assert g.value(c).dtype == dtype
+    np.testing.assert_array_equal(g.value(c), [[1, 2], [3, 4]])
+    np.testing.assert_array_equal(g.value(p), [1.0, 0.0])
+    assert g.value(g.constant(2.5)).shape == ()
+    assert p.name == "mask"
+    assert p.requires_grad
+    assert not c.requires_grad
+    assert c.is_leaf
+    assert len(g) == 3
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "match"),
+    [
+        (np.array([1 + 2j]), TypeError, r"constant: value must hold real numbers.*complex128"),
+        (["a", "b"], TypeError, r"constant: value must hold real numbers.*<U1"),
+        (None, TypeError, r"constant: value must hold real numbers.*object"),
+        ([[1.0, 2.0], [3.0]], gl.ShapeError, r"constant: value is not a regular array"),
+        ({"a": 1}, TypeError, r"constant: value must hold real numbers.*object"),
+    ],
+)
+def test_leaves_reject_bad_data(value: object, error: type[Exception], match: str) -> None:
+    g = gl.Graph()
+    rejected(g, error, match, lambda: g.constant(value))  # type: ignore[arg-type]
+
+
+def test_leaf_from_a_node_or_with_a_bad_name_is_refused() -> None:
+    g = gl.Graph()
+    x = g.constant(1.0)
+    rejected(
+        g, TypeError, r"parameter: value must be array-like, got NodeId", lambda: g.parameter(x)
+    )  # type: ignore[arg-type]
+    rejected(
+        g,
+        TypeError,
+        r"parameter: name must be a str or None, got int",
+        lambda: g.parameter(1.0, name=3),
+    )  # type: ignore[arg-type]
+
+
+def test_value_and_grad_are_read_only_views() -> None:
+    g = gl.Graph()
+    w = g.parameter(np.ones(3))
+    g.backward(g.sum(g.mul(w, w)))
+    with pytest.raises(ValueError, match="read-only"):
+        g.value(w)[0] = 5.0
+    grad = g.grad(w)
+    assert grad is not None
+    with pytest.raises(ValueError, match="read-only"):
+        grad[0] = 5.0
+    np.testing.assert_array_equal(g.value(w), np.ones(3))
+    np.testing.assert_array_equal(g.grad(w), 2 * np.ones(3))
+
+
+def test_set_value_checks_and_keeps_the_old_value_on_error() -> None:
+    g = gl.Graph(np.float32)
+    w = g.parameter(np.zeros((2, 3)))
+    g.set_value(w, np.ones((2, 3), dtype=np.int64))
+    assert g.value(w).dtype == np.float32
+    np.testing.assert_array_equal(g.value(w), np.ones((2, 3)))
+    rejected(
+        g,
+        gl.ShapeError,
+        r"set_value: new value has shape \(3, 2\) but NodeId\(0, op='parameter'.* has shape \(2, 3\)",
+        lambda: g.set_value(w, np.zeros((3, 2))),
+    )
+    rejected(
+        g,
+        TypeError,
+        r"set_value: value must hold real numbers",
+        lambda: g.set_value(w, np.ones((2, 3)) * 1j),
+    )
+    np.testing.assert_array_equal(g.value(w), np.ones((2, 3)))
+    y = g.scale(w, 2.0)
+    rejected(
+        g,
+        gl.GraphError,
+        r"set_value: .*op='scale'.* only constants and parameters",
+        lambda: g.set_value(y, np.zeros((2, 3))),
+    )
+
+
+# --- ids: stale, foreign, wrong kind -----------------------------------------------------------
+
+
+def test_reset_drops_ops_keeps_leaves_and_makes_old_ids_stale() -> None:
+    g = gl.Graph()
+    x = g.constant(np.ones((2, 2)))
+    w = g.parameter(np.eye(2), name="w")
+    y = g.matmul(x, w)
+    g.backward(g.sum(y))
+    assert len(g) == 4
+    g.reset()
+    assert len(g) == 2
+    assert g.tape == ()
+    np.testing.assert_array_equal(g.value(w), np.eye(2))
+    assert g.grad(w) is not None  # gradients are kept until zero_grad
+    for use in (lambda: g.value(y), lambda: g.grad(y), lambda: g.relu(y), lambda: g.add(x, y)):
+        rejected(g, gl.StaleNodeError, r"was recorded before the last reset\(\)", use)
+    assert "stale" in repr(y)
+    with pytest.raises(gl.StaleNodeError):
+        _ = y.shape
+    z = g.matmul(x, w)  # recording goes on after a reset
+    assert z.id > y.id  # ids are never reused
+    np.testing.assert_array_equal(g.value(z), np.ones((2, 2)))
+
+
+def test_foreign_ids_are_refused() -> None:
+    g, other = gl.Graph(), gl.Graph()
+    a = g.constant(1.0)
+    b = other.constant(1.0)
+    rejected(
+        g,
+        gl.ForeignNodeError,
+        r"add: b NodeId\(0, op='constant'.* belongs to another Graph",
+        lambda: g.add(a, b),
+    )
+    rejected(g, gl.ForeignNodeError, r"value: node .* belongs to another Graph", lambda: g.value(b))
+
+
+@pytest.mark.parametrize("bad", [None, 3, np.ones(2), "x"])
+def test_non_nodes_are_type_errors_naming_the_argument(bad: object) -> None:
+    g = gl.Graph()
+    a = g.constant(np.ones(2))
+    rejected(g, TypeError, r"add: b must be a NodeId, got ", lambda: g.add(a, bad))  # type: ignore[arg-type]
+    rejected(g, TypeError, r"matmul: a must be a NodeId, got ", lambda: g.matmul(bad, a))  # type: ignore[arg-type]
+    rejected(g, TypeError, r"backward: loss must be a NodeId", lambda: g.backward(bad))  # type: ignore[arg-type]
+
+
+def test_reprs() -> None:
+    g = gl.Graph(np.float32)
+    w = g.parameter(np.zeros((3, 2)), name="w")
+    y = g.relu(w)
+    assert repr(w) == "NodeId(0, op='parameter', shape=(3, 2), name='w')"
+    assert repr(y) == "NodeId(1, op='relu', shape=(3, 2))"
+    assert repr(g) == "Graph(dtype=float32, constants=0, parameters=1, ops=1)"
+
+
+# --- backward ------------------------------------------------------------------------------------
+
+
+def test_a_node_used_twice_and_backward_called_twice_accumulate() -> None:
+    g = gl.Graph()
+    x = g.parameter(np.array([1.0, -2.0, 3.0]))
+    y = g.mul(x, x)  # x used twice in one op
+    loss = g.sum(g.add(y, y))  # y used twice: d/dx = 4x
+    g.backward(loss)
+    np.testing.assert_allclose(g.grad(x), 4 * g.value(x))
+    g.backward(loss)  # a second call adds, it does not assign
+    np.testing.assert_allclose(g.grad(x), 8 * g.value(x))
+    g.zero_grad()
+    assert g.grad(x) is None
+
+
+def test_shared_gradient_buffers_are_never_corrupted() -> None:
+    # add hands the same gradient array to both inputs; accumulating into one must not
+    # change the other, within one pass and across passes.
+    g = gl.Graph()
+    a = g.parameter(np.zeros(3))
+    b = g.parameter(np.zeros(3))
+    s = g.add(a, b)
+    loss = g.sum(g.add(g.add(s, a), a))  # a reached three times, b once
+    for calls in (1, 2, 3):
+        g.backward(loss)
+        np.testing.assert_array_equal(g.grad(a), 3.0 * calls * np.ones(3))
+        np.testing.assert_array_equal(g.grad(b), 1.0 * calls * np.ones(3))
+
+
+def test_only_leaves_keep_gradients_unless_retained() -> None:
+    g = gl.Graph()
+    w = g.parameter(np.array([1.0, 2.0]))
+    y = g.scale(w, 3.0)
+    loss = g.sum(g.mul(y, y))
+    g.backward(loss)
+    assert g.grad(y) is None
+    g.backward(loss, retain_grads=True)
+    np.testing.assert_allclose(g.grad(y), 2 * g.value(y))
+    np.testing.assert_allclose(g.grad(loss), 1.0)
+    np.testing.assert_allclose(g.grad(w), 2 * 18 * g.value(w))  # two passes of 18 w
+
+
+def test_backward_seeds_and_their_errors() -> None:
+    g = gl.Graph()
+    w = g.parameter(np.array([1.0, 2.0]))
+    y = g.mul(w, w)
+    rejected(
+        g,
+        gl.ShapeError,
+        r"backward: loss NodeId.* has 2 elements; reduce it",
+        lambda: g.backward(y),
+    )
+    rejected(
+        g,
+        gl.ShapeError,
+        r"backward: grad has shape \(3,\) but loss .* has shape \(2,\)",
+        lambda: g.backward(y, grad=np.ones(3)),
+    )
+    assert g.grad(w) is None
+    g.backward(y, grad=[1.0, 10.0])
+    np.testing.assert_allclose(g.grad(w), [2.0, 40.0])
+    frozen = g.exp(g.constant(1.0))
+    rejected(
+        g,
+        gl.GraphError,
+        r"backward: .* does not depend on any parameter",
+        lambda: g.backward(frozen),
+    )
+
+
+def test_backward_of_a_leaf_and_of_a_size_one_array() -> None:
+    g = gl.Graph()
+    w = g.parameter(np.array([[2.0]]))
+    g.backward(w)
+    np.testing.assert_array_equal(g.grad(w), [[1.0]])
+    g.backward(g.reshape(g.scale(w, 3.0), (1,)))
+    np.testing.assert_array_equal(g.grad(w), [[4.0]])
+
+
+def test_no_grad_records_values_only() -> None:
+    g = gl.Graph()
+    w = g.parameter(np.ones(3))
+    with g.no_grad():
+        assert not g.grad_enabled
+        y = g.sum(g.scale(w, 2.0))
+        d = g.dropout(w, 0.5, rng=0)
+    assert g.grad_enabled
+    assert d is w  # dropout is the identity when no gradient is recorded
+    assert not y.requires_grad
+    assert y.inputs == ()
+    assert float(g.value(y)) == 6.0
+    rejected(
+        g,
+        gl.GraphError,
+        r"does not depend on any parameter \(or was recorded under no_grad",
+        lambda: g.backward(y),
+    )
+
+
+def test_long_chains_need_no_recursion() -> None:
+    g = gl.Graph()
+    w = g.parameter(1.0)
+    y = w
+    for _ in range(20_000):
+        y = g.scale(y, 1.0)
+    g.backward(y)
+    assert float(g.grad(w)) == 1.0  # type: ignore[arg-type]
+    assert len(g) == 20_001
+
+
+def test_parameters_lists_trainable_leaves() -> None:
+    g = gl.Graph()
+    g.constant(1.0)
+    a = g.parameter(1.0)
+    b = g.parameter(2.0)
+    assert g.parameters() == [a, b]
+    assert g.leaves[1:] == (a, b)
+
+
+# --- no work for what needs no gradient --------------------------------------------------------
+
+
+def _counting_op(calls: list[tuple[bool, ...]]) -> ops.Op:
+    def product(a: ops.Array, b: ops.Array) -> tuple[ops.Array, ops.Vjp]:
+        def vjp(g: ops.Array, needs: tuple[bool, ...]) -> ops.Grads:
+            calls.append(needs)
+            return (g * b if needs[0] else None, g * a if needs[1] else None)
+
+        return a * b, vjp
+
+    return product
+
+
+def test_constants_get_none_and_their_vjp_work_is_skipped() -> None:
+    calls: list[tuple[bool, ...]] = []
+    product = _counting_op(calls)
+    g = gl.Graph()
+    x = g.constant(np.array([1.0, 2.0]))
+    frozen = g.constant(np.array([3.0, 4.0]))
+    w = g.parameter(np.array([5.0, 6.0]))
+    dead = g.apply(product, x, frozen)  # needs no gradient: its VJP must never run
+    live = g.apply(product, x, w)
+    g.backward(g.sum(g.add(g.apply(product, dead, w), live)))
+    assert calls == [(False, True), (False, True)]  # told to skip x and dead; dead never run
+    assert g.grad(x) is None
+    assert g.grad(frozen) is None
+    np.testing.assert_allclose(g.grad(w), g.value(dead) + g.value(x))
+
+
+def test_matmul_with_a_frozen_weight_computes_only_the_input_gradient() -> None:
+    x, w = np.ones((4, 3)), np.ones((3, 2))
+    _, vjp = ops.matmul(x, w)
+    grads = vjp(np.ones((4, 2)), (True, False))
+    assert grads[1] is None
+    assert grads[0] is not None
+    assert vjp(np.ones((4, 2)), (False, True))[0] is None
+
+
+# --- user-defined ops --------------------------------------------------------------------------
+
+
+def test_apply_records_a_user_op_with_kwargs() -> None:
+    def cube(x: ops.Array, *, factor: float) -> tuple[ops.Array, ops.Vjp]:
+        def vjp(g: ops.Array, needs: tuple[bool, ...]) -> ops.Grads:
+            return (g * 3 * factor * x**2,)
+
+        return factor * x**3, vjp
+
+    g = gl.Graph(np.float32)
+    x = g.parameter(np.array([1.0, 2.0]))
+    y = g.apply(cube, x, factor=2.0)
+    assert y.op == "cube"
+    assert g.value(y).dtype == np.float32
+    g.backward(g.sum(y))
+    np.testing.assert_allclose(g.grad(x), [6.0, 24.0])
+
+
+def test_apply_rejects_bad_ops_and_bad_vjps_without_changing_gradients() -> None:
+    g = gl.Graph()
+    x = g.parameter(np.ones(2))
+    rejected(g, TypeError, r"apply: op must be callable, got int", lambda: g.apply(3, x))  # type: ignore[arg-type]
+    rejected(
+        g,
+        TypeError,
+        r"apply: bad must return a pair \(out, vjp\)",
+        lambda: g.apply(lambda_named("bad", lambda a: a), x),
+    )
+    rejected(
+        g,
+        TypeError,
+        r"apply: cplx: its output must hold real numbers",
+        lambda: g.apply(lambda_named("cplx", lambda a: (a * 1j, lambda gr, needs: (gr,))), x),
+    )
+
+    g.backward(g.sum(x))
+    before = np.array(g.grad(x))
+
+    def wrong_count(a: ops.Array) -> tuple[ops.Array, ops.Vjp]:
+        return a, lambda gr, needs: (gr, gr)
+
+    def wrong_shape(a: ops.Array) -> tuple[ops.Array, ops.Vjp]:
+        return a, lambda gr, needs: (gr[:1],)
+
+    for op, error, match in [
+        (wrong_count, gl.GraphError, r"wrong_count: its VJP must return a tuple of 1 gradients"),
+        (
+            wrong_shape,
+            gl.ShapeError,
+            r"wrong_shape: its VJP returned a gradient of shape \(1,\) for input 0 of shape \(2,\)",
+        ),
+    ]:
+        loss = g.sum(g.add(g.apply(op, x), x))
+        with pytest.raises(error, match=match):
+            g.backward(loss)
+        np.testing.assert_array_equal(g.grad(x), before)  # all-or-nothing
+        g.backward(g.sum(x))  # and the graph still works afterwards
+        before = before + 1
+        np.testing.assert_array_equal(g.grad(x), before)
+
+
+def lambda_named(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn.__name__ = name
+    return fn
+
+
+# --- every op refuses bad arguments with a message naming it and the values ---------------------
+
+
+def test_shape_errors_name_the_op_and_the_shapes() -> None:
+    g = gl.Graph()
+    a = g.constant(np.ones((32, 64)))
+    b = g.constant(np.ones((32, 8)))
+    rejected(
+        g,
+        gl.ShapeError,
+        re.escape("matmul: cannot multiply (32, 64) by (32, 8): inner dimensions 64 != 32"),
+        lambda: g.matmul(a, b),
+    )
+    for op in ("add", "sub", "mul", "div"):
+        rejected(
+            g,
+            gl.ShapeError,
+            re.escape(f"{op}: shapes (32, 64) and (32, 8) do not broadcast together"),
+            lambda op=op: getattr(g, op)(a, b),
+        )
+    s = g.constant(2.0)
+    rejected(
+        g,
+        gl.ShapeError,
+        r"matmul: cannot multiply \(32, 64\) by \(\): operands must have at least one axis",
+        lambda: g.matmul(a, s),
+    )
+    batch_a, batch_b = g.constant(np.ones((2, 3, 4))), g.constant(np.ones((5, 4, 3)))
+    rejected(
+        g,
+        gl.ShapeError,
+        r"matmul: .*batch axes \(2,\) and \(5,\) do not broadcast",
+        lambda: g.matmul(batch_a, batch_b),
+    )
+    rejected(
+        g,
+        gl.ShapeError,
+        r"mse_loss: pred has shape \(32, 64\) but target has shape \(32, 8\)",
+        lambda: g.mse_loss(a, b),
+    )
+
+
+def test_axis_shape_and_permutation_errors() -> None:
+    g = gl.Graph()
+    x = g.constant(np.ones((2, 3)))
+    rejected(
+        g,
+        gl.ShapeError,
+        r"sum: axis 2 is out of range for shape \(2, 3\)",
+        lambda: g.sum(x, axis=2),
+    )
+    rejected(
+        g, gl.ShapeError, r"mean: axis \(0, -2\) repeats an axis", lambda: g.mean(x, axis=(0, -2))
+    )
+    rejected(
+        g,
+        TypeError,
+        r"sum: axis must be an int or a tuple of ints, got 1.5",
+        lambda: g.sum(x, axis=1.5),
+    )  # type: ignore[arg-type]
+    rejected(
+        g, TypeError, r"mean: keepdims must be a bool, got str", lambda: g.mean(x, keepdims="yes")
+    )  # type: ignore[arg-type]
+    rejected(
+        g,
+        gl.ShapeError,
+        r"reshape: cannot reshape \(2, 3\) \(6 elements\) into \(4, -1\)",
+        lambda: g.reshape(x, (4, -1)),
+    )
+    rejected(
+        g,
+        gl.ShapeError,
+        r"reshape: cannot reshape \(2, 3\) \(6 elements\) into \(5,\)",
+        lambda: g.reshape(x, 5),
+    )
+    rejected(
+        g,
+        gl.ShapeError,
+        r"reshape: shape \(-1, -1\) may hold at most one -1",
+        lambda: g.reshape(x, (-1, -1)),
+    )
+    rejected(
+        g,
+        gl.ShapeError,
+        r"transpose: axes \(0, 0\) is not a permutation of the 2 axes",
+        lambda: g.transpose(x, (0, 0)),
+    )
+    rejected(
+        g,
+        gl.ShapeError,
+        r"transpose: axes \(0,\) is not a permutation",
+        lambda: g.transpose(x, (0,)),
+    )
+    rejected(
+        g,
+        gl.ShapeError,
+        r"softmax: axis 2 is out of range for shape \(2, 3\)",
+        lambda: g.softmax(x, axis=2),
+    )
+    rejected(
+        g, gl.ShapeError, r"log_softmax: axis -3 is out of range", lambda: g.log_softmax(x, axis=-3)
+    )
+    rejected(
+        g, TypeError, r"softmax: axis must be an int, got NoneType", lambda: g.softmax(x, axis=None)
+    )  # type: ignore[arg-type]
+    assert g.value(g.reshape(x, (3, -1))).shape == (3, 2)
+    assert g.value(g.transpose(x, (-1, 0))).shape == (3, 2)
+
+
+def test_scalar_and_option_errors() -> None:
+    g = gl.Graph()
+    x = g.constant(np.ones(3))
+    for bad in (np.ones(2), "2", True, None):
+        rejected(
+            g,
+            TypeError,
+            r"scale: c must be a real scalar \(int or float\), got",
+            lambda bad=bad: g.scale(x, bad),
+        )
+        rejected(g, TypeError, r"pow: p must be a real scalar", lambda bad=bad: g.pow(x, bad))
+    rejected(
+        g,
+        ValueError,
+        r"gelu: approximate must be 'none' or 'tanh', got 'erf'",
+        lambda: g.gelu(x, "erf"),
+    )
+    for p in (-0.1, 1.0, 2.0):
+        rejected(
+            g, ValueError, rf"dropout: p must be in \[0, 1\), got {p}", lambda p=p: g.dropout(x, p)
+        )
+    rejected(
+        g,
+        TypeError,
+        r"dropout: rng must be a np.random.Generator, an int seed or None, got str",
+        lambda: g.dropout(x, 0.5, rng="seed"),
+    )  # type: ignore[arg-type]
+    assert g.dropout(x, 0.0) is x
+
+
+def test_cross_entropy_errors() -> None:
+    g = gl.Graph()
+    logits = g.constant(np.zeros((3, 4)))
+    flat = g.constant(np.zeros(4))
+    rejected(
+        g,
+        gl.ShapeError,
+        r"cross_entropy: logits must have shape \(N, C\) with N, C >= 1, got \(4,\)",
+        lambda: g.cross_entropy(flat, [0]),
+    )
+    rejected(
+        g,
+        TypeError,
+        r"cross_entropy: labels must be integers, got dtype float64",
+        lambda: g.cross_entropy(logits, [0.0, 1.0, 2.0]),
+    )
+    rejected(
+        g,
+        gl.ShapeError,
+        r"cross_entropy: labels must have shape \(3,\) to match logits \(3, 4\), got \(2,\)",
+        lambda: g.cross_entropy(logits, [0, 1]),
+    )
+    rejected(
+        g,
+        ValueError,
+        r"cross_entropy: labels must lie in \[0, 4\) for 4 classes, got \[4, -1\]",
+        lambda: g.cross_entropy(logits, [0, 4, -1]),
+    )
+    rejected(
+        g,
+        TypeError,
+        r"cross_entropy: labels must be an integer array, not a NodeId",
+        lambda: g.cross_entropy(logits, logits),
+    )  # type: ignore[arg-type]
+    assert float(g.value(g.cross_entropy(logits, [0, 1, 3]))) == pytest.approx(np.log(4))
+
+
+@given(x=gst.arrays((200, 50)), p=st.sampled_from([0.1, 0.5, 0.8]), seed=st.integers(0, 1000))
+def test_dropout_mask_statistics_and_gradient(x: np.ndarray, p: float, seed: int) -> None:
+    g = gl.Graph()
+    ones = g.parameter(np.ones_like(x))
+    y = g.dropout(ones, p, rng=np.random.default_rng(seed))
+    kept = g.value(y) != 0
+    # 10,000 Bernoulli(1 - p) draws: the kept fraction is within 5 standard deviations.
+    assert abs(kept.mean() - (1 - p)) < 5 * np.sqrt(p * (1 - p) / kept.size)
+    np.testing.assert_allclose(g.value(y)[kept], 1 / (1 - p))
+    g.backward(g.sum(y))
+    np.testing.assert_array_equal(g.grad(ones), g.value(y))  # the gradient flows through the mask
+    again = g.dropout(ones, p, rng=seed)
+    np.testing.assert_array_equal(g.value(again), g.value(g.dropout(ones, p, rng=seed)))
