@@ -5,7 +5,7 @@ Start with ``Graph``: add constants and parameters, call ops, then ``backward``.
 
 from __future__ import annotations
 
-from graphlora import ops
+from graphlora import functional, nn, ops
 from graphlora.errors import (
     ForeignNodeError,
     GradcheckError,
@@ -14,17 +14,26 @@ from graphlora.errors import (
     StaleNodeError,
 )
 from graphlora.graph import Graph, NodeId
+from graphlora.lora import LoraConfig, LoraLinear
+from graphlora.nn import MLP, Linear, apply_lora
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "MLP",
     "ForeignNodeError",
     "GradcheckError",
     "Graph",
     "GraphError",
+    "Linear",
+    "LoraConfig",
+    "LoraLinear",
     "NodeId",
     "ShapeError",
     "StaleNodeError",
     "__version__",
+    "apply_lora",
+    "functional",
+    "nn",
     "ops",
 ]

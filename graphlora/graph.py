@@ -310,6 +310,29 @@ class Graph:
             )
         leaf._value = array
 
+    def requires_grad_(self, leaf: NodeId, requires_grad: bool = True) -> None:
+        """Turn a leaf into a parameter (``True``) or freeze it into a constant (``False``).
+
+        Ops recorded before the change keep what they recorded; the change applies from the next
+        op on (call it between steps, after ``reset``). A frozen leaf keeps no gradient.
+
+        Raises
+        ------
+        GraphError
+            When ``leaf`` is a recorded op.
+        """
+        leaf = self._check(leaf, "requires_grad_", "leaf")
+        flag = _flag("requires_grad_", "requires_grad", requires_grad)
+        if leaf._epoch != _LEAF:
+            raise GraphError(
+                f"requires_grad_: {leaf!r} is the output of an op; only leaves can be frozen or "
+                "unfrozen"
+            )
+        leaf._requires_grad = flag
+        leaf._op = "parameter" if flag else "constant"
+        if not flag:
+            leaf._grad = None
+
     def zero_grad(self) -> None:
         """Forget every accumulated gradient (each ``grad()`` becomes ``None``)."""
         for node in self._leaves:

@@ -1,4 +1,4 @@
-"""Hypothesis strategies for property-testing gradients: shapes and arrays.
+"""Hypothesis strategies for property-testing gradients: shapes, arrays and LoRA layers.
 
 Every strategy draws small, finite data so that a failing example is short to read. They are
 the ones graphlora's own test suite uses. Needs Hypothesis: ``pip install 'graphlora[test]'``.
@@ -10,6 +10,9 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from graphlora.graph import Graph
+from graphlora.lora import INITS, LoraConfig, LoraLinear
 
 try:
     from hypothesis import strategies as st
@@ -23,6 +26,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without Hypothes
 __all__ = [
     "arrays",
     "broadcastable_shapes",
+    "lora_configs",
+    "lora_layers",
     "matmul_shapes",
     "shapes",
 ]
@@ -102,3 +107,56 @@ def matmul_shapes(
         else:
             b_shape = (k,)
     return a_shape, b_shape
+
+
+@st.composite
+def lora_configs(
+    draw: st.DrawFn,
+    *,
+    max_rank: int = 4,
+    inits: tuple[str, ...] = INITS,
+    dropout: bool = False,
+) -> LoraConfig:
+    """Valid ``LoraConfig``s: rank ``1..max_rank``, any alpha, rsLoRA or not, a seed.
+
+    ``dropout=True`` also draws a dropout probability (otherwise it is 0, so outputs are exact).
+    """
+    return LoraConfig(
+        rank=draw(st.integers(1, max_rank)),
+        alpha=draw(st.floats(0.5, 32.0)),
+        dropout=draw(st.sampled_from([0.1, 0.5])) if dropout else 0.0,
+        use_rslora=draw(st.booleans()),
+        init=draw(st.sampled_from(inits)),
+        init_std=draw(st.floats(0.01, 1.0)),
+        seed=draw(st.integers(0, 2**32 - 1)),
+    )
+
+
+@st.composite
+def lora_layers(
+    draw: st.DrawFn,
+    *,
+    dtype: npt.DTypeLike = np.float64,
+    max_features: int = 6,
+    config: st.SearchStrategy[LoraConfig] | None = None,
+    bias: bool | None = None,
+    trained: bool = True,
+) -> tuple[Graph, LoraLinear]:
+    """A new ``Graph`` and a ``LoraLinear`` in it, built ``from_linear`` over drawn weights.
+
+    With ``trained`` (the default) B is set to drawn values, as after some training, so the
+    low-rank path contributes to the output; otherwise B keeps its init.
+    """
+    cfg = draw(lora_configs() if config is None else config)
+    side = st.integers(cfg.rank, max(max_features, cfg.rank))
+    in_features, out_features = draw(side), draw(side)
+    graph = Graph(dtype)
+    weight = draw(arrays((in_features, out_features), min_value=-1.0, max_value=1.0))
+    with_bias = draw(st.booleans()) if bias is None else bias
+    bias_value = draw(arrays((out_features,))) if with_bias else None
+    layer = LoraLinear.from_linear(graph, weight, bias_value, cfg)
+    if trained:
+        graph.set_value(
+            layer.lora_b, draw(arrays((cfg.rank, out_features), min_value=-1.0, max_value=1.0))
+        )
+    return graph, layer

@@ -1,0 +1,215 @@
+"""LoRA maths on plain NumPy arrays, with no graph: the functional twin of ``LoraLinear``.
+
+An adapter is a dict ``{"A": [in, rank], "B": [rank, out]}`` (other keys are ignored). Every
+function here computes in the same order as the layer, so the two agree to the last bit: the
+update is ``(A @ B) * scaling`` and the forward pass is ``x @ W + ((x @ A) * scaling) @ B`` with
+``scaling = alpha / rank`` (or ``alpha / sqrt(rank)`` with ``use_rslora``). Note that PEFT's
+``lora_alpha`` defaults to 8 while ``alpha`` here defaults to 1.0, the plain ``A @ B / rank``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from graphlora.errors import ShapeError
+from graphlora.ops import Array
+
+__all__ = [
+    "init_lora_adapter",
+    "lora_delta",
+    "lora_linear",
+    "lora_scaling",
+    "merge_lora_weight",
+    "tree_lora_delta",
+    "unmerge_lora_weight",
+]
+
+Adapter = Mapping[str, Array]
+
+
+def lora_scaling(rank: int, alpha: float = 1.0, *, use_rslora: bool = False) -> float:
+    """``alpha / rank``, or ``alpha / sqrt(rank)`` with ``use_rslora``."""
+    return alpha / (math.sqrt(rank) if use_rslora else rank)
+
+
+def init_lora_adapter(
+    weight: npt.ArrayLike,
+    rank: int,
+    init_std: float = 0.01,
+    dtype: npt.DTypeLike | None = None,
+    rng: np.random.Generator | int | None = None,
+) -> dict[str, Array]:
+    """A fresh adapter for ``weight [in, out]``: ``A ~ N(0, init_std²)`` and ``B = 0``.
+
+    Parameters
+    ----------
+    weight
+        The frozen weight, ``[in, out]``; only its shape and dtype are used.
+    rank
+        ``1 <= rank <= min(in, out)``.
+    dtype
+        Floating dtype of A and B; default: the weight's.
+    rng
+        A ``np.random.Generator`` or an int seed (``None``: fresh entropy).
+    """
+    where = "init_lora_adapter"
+    w = _matrix(where, "weight", weight)
+    _check_rank(where, rank, w.shape)
+    if not (isinstance(init_std, (int, float)) and math.isfinite(init_std) and init_std > 0):
+        raise ValueError(f"{where}: init_std must be finite and > 0, got {init_std!r}")
+    out_dtype = w.dtype if dtype is None else np.dtype(dtype)
+    if out_dtype.kind != "f":
+        raise TypeError(f"{where}: dtype must be floating point, got {out_dtype}")
+    generator = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    in_features, out_features = w.shape
+    return {
+        "A": generator.normal(0.0, init_std, size=(in_features, rank)).astype(out_dtype),
+        "B": np.zeros((rank, out_features), dtype=out_dtype),
+    }
+
+
+def lora_delta(adapter: Adapter, alpha: float = 1.0, *, use_rslora: bool = False) -> Array:
+    """The weight update ``(A @ B) * scaling``, ``[in, out]``."""
+    a, b = _adapter("lora_delta", adapter)
+    return (a @ b) * lora_scaling(a.shape[1], alpha, use_rslora=use_rslora)
+
+
+def lora_linear(
+    x: npt.ArrayLike,
+    frozen_weight: npt.ArrayLike,
+    adapter: Adapter,
+    alpha: float = 1.0,
+    *,
+    bias: npt.ArrayLike | None = None,
+    use_rslora: bool = False,
+) -> Array:
+    """``x [..., in] -> [..., out]``: ``x @ W + ((x @ A) * scaling) @ B (+ bias)``; no ``A @ B``."""
+    where = "lora_linear"
+    w = _matrix(where, "frozen_weight", frozen_weight)
+    a, b = _adapter(where, adapter, w.shape)
+    x_array = np.asarray(x)
+    if x_array.ndim == 0 or x_array.shape[-1] != w.shape[0]:
+        raise ShapeError(
+            f"{where}: x has shape {x_array.shape} but W {w.shape} takes [..., {w.shape[0]}]"
+        )
+    scaling = lora_scaling(a.shape[1], alpha, use_rslora=use_rslora)
+    y: Array = x_array @ w + ((x_array @ a) * scaling) @ b
+    if bias is not None:
+        bias_array = np.asarray(bias)
+        if bias_array.shape != (w.shape[1],):
+            raise ShapeError(
+                f"{where}: bias has shape {bias_array.shape}, expected ({w.shape[1]},)"
+            )
+        y = y + bias_array
+    return y
+
+
+def merge_lora_weight(
+    weight: npt.ArrayLike, adapter: Adapter, alpha: float = 1.0, *, use_rslora: bool = False
+) -> Array:
+    """``W + (A @ B) * scaling`` as a new array."""
+    w = _matrix("merge_lora_weight", "weight", weight)
+    _adapter("merge_lora_weight", adapter, w.shape)
+    return w + lora_delta(adapter, alpha, use_rslora=use_rslora)
+
+
+def unmerge_lora_weight(
+    merged: npt.ArrayLike, adapter: Adapter, alpha: float = 1.0, *, use_rslora: bool = False
+) -> Array:
+    """``W_merged - (A @ B) * scaling`` as a new array.
+
+    In floating point this can differ from the original W in the last bit; ``LoraLinear.unmerge_``
+    keeps the original and is exact.
+    """
+    w = _matrix("unmerge_lora_weight", "merged", merged)
+    _adapter("unmerge_lora_weight", adapter, w.shape)
+    return w - lora_delta(adapter, alpha, use_rslora=use_rslora)
+
+
+def _is_adapter(node: object) -> bool:
+    return isinstance(node, Mapping) and set(node) == {"A", "B"}
+
+
+def tree_lora_delta(
+    adapters: Any,
+    alpha: float = 1.0,
+    *,
+    is_leaf: Callable[[Any], bool] | None = None,
+    use_rslora: bool = False,
+) -> Any:
+    """``lora_delta`` of every adapter in a nested structure of dicts, lists and tuples.
+
+    A node is an adapter when ``is_leaf(node)`` is true (default: a mapping whose keys are exactly
+    ``{"A", "B"}``; pass your own to accept adapters that carry more keys, such as a name). The
+    result has the same structure, each adapter replaced by its delta.
+
+    Raises
+    ------
+    TypeError
+        For a node that is neither an adapter nor a dict, list or tuple.
+    """
+    leaf = _is_adapter if is_leaf is None else is_leaf
+
+    def walk(node: Any, path: str) -> Any:
+        if leaf(node):
+            return lora_delta(node, alpha, use_rslora=use_rslora)
+        if isinstance(node, Mapping):
+            return {key: walk(value, f"{path}[{key!r}]") for key, value in node.items()}
+        if isinstance(node, (list, tuple)):
+            items = [walk(value, f"{path}[{i}]") for i, value in enumerate(node)]
+            return items if isinstance(node, list) else tuple(items)
+        raise TypeError(
+            f"tree_lora_delta: {path or 'the tree'} is a {type(node).__name__}, neither an "
+            "adapter {'A': ..., 'B': ...} nor a dict, list or tuple"
+        )
+
+    return walk(adapters, "")
+
+
+# --- checks -----------------------------------------------------------------------------------
+
+
+def _matrix(where: str, arg: str, value: object) -> Array:
+    array = np.asarray(value)
+    if array.dtype.kind != "f":
+        raise TypeError(f"{where}: {arg} must hold floating-point data, got dtype {array.dtype}")
+    if array.ndim != 2 or array.size == 0:
+        raise ShapeError(f"{where}: {arg} must be a non-empty 2-D matrix, got shape {array.shape}")
+    return array
+
+
+def _check_rank(where: str, rank: object, shape: tuple[int, ...]) -> None:
+    if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool):
+        raise TypeError(f"{where}: rank must be an int, got {rank!r}")
+    if not 1 <= rank <= min(shape):
+        raise ValueError(
+            f"{where}: rank must be in [1, {min(shape)}] for weight {shape}, got {rank}"
+        )
+
+
+def _adapter(
+    where: str, adapter: object, weight_shape: tuple[int, ...] | None = None
+) -> tuple[Array, Array]:
+    """``A`` and ``B`` of an adapter, checked against each other and the weight's shape."""
+    if not (isinstance(adapter, Mapping) and "A" in adapter and "B" in adapter):
+        raise TypeError(
+            f"{where}: adapter must be a dict with the keys 'A' and 'B', got {adapter!r:.80}"
+        )
+    a = _matrix(where, "adapter['A']", adapter["A"])
+    b = _matrix(where, "adapter['B']", adapter["B"])
+    if a.shape[1] != b.shape[0]:
+        raise ShapeError(
+            f"{where}: A {a.shape} and B {b.shape} disagree on the rank "
+            f"({a.shape[1]} != {b.shape[0]})"
+        )
+    if weight_shape is not None and (a.shape[0], b.shape[1]) != weight_shape:
+        raise ShapeError(
+            f"{where}: A {a.shape} @ B {b.shape} is {(a.shape[0], b.shape[1])} but the weight "
+            f"is {weight_shape}"
+        )
+    return a, b

@@ -1,0 +1,515 @@
+"""LoRA layers made of graph nodes: ``LoraConfig`` and ``LoraLinear``, weight layout ``[in, out]``.
+
+A LoRA layer keeps a pretrained weight ``W [in, out]`` frozen and learns a low-rank update:
+``y = x @ W + ((drop(x) @ A) * scaling) @ B + bias`` with ``A [in, rank]`` and ``B [rank, out]``.
+``B`` starts at zero, so a new layer computes exactly what the base layer does. ``A @ B`` (a full
+``[in, out]`` matrix) is never built in forward or backward: the low-rank path goes through the
+``[..., rank]`` bottleneck, which is what makes LoRA cheap. ``merge_`` folds the update into ``W``
+for inference and ``unmerge_`` restores ``W`` bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import scipy.linalg
+import scipy.sparse.linalg
+
+from graphlora.errors import GraphError, ShapeError
+from graphlora.graph import Graph, NodeId
+from graphlora.ops import Array
+
+__all__ = ["INITS", "LoraConfig", "LoraLinear"]
+
+INITS = ("gaussian", "kaiming", "pissa")
+"""The accepted values of ``LoraConfig.init``."""
+
+_DENSE_SVD_LIMIT = 1024  # above this min(in, out), PiSSA uses a truncated SVD (scipy svds)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_)
+    )
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """How to build a LoRA adapter. Names and defaults follow PEFT where PEFT has them.
+
+    Every field is checked at construction; a bad one raises ``TypeError`` or ``ValueError`` naming
+    the field, the value and what is accepted.
+    """
+
+    rank: int = 8
+    """The adapter's rank ``r`` (PEFT: ``r``): A is ``[in, r]``, B is ``[r, out]``. An int >= 1."""
+    alpha: float = 8.0
+    """The scale numerator (PEFT: ``lora_alpha``): the update is ``A @ B * alpha / r``. > 0."""
+    dropout: float = 0.0
+    """Dropout probability on the LoRA input only (PEFT: ``lora_dropout``), in ``[0, 1)``."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``."""
+    init: str = "gaussian"
+    """How to start A and B: ``"gaussian"``, ``"kaiming"`` or ``"pissa"`` (see ``LoraLinear``)."""
+    init_std: float = 0.01
+    """Standard deviation of A under ``init="gaussian"``. > 0."""
+    seed: int | None = None
+    """Seed of the generator for A's init and the dropout masks; ``None`` draws fresh entropy."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, (int, np.integer)) or isinstance(self.rank, bool):
+            raise TypeError(f"LoraConfig: rank must be an int, got {self.rank!r}")
+        if self.rank < 1:
+            raise ValueError(f"LoraConfig: rank must be a positive int, got {self.rank}")
+        for name in ("alpha", "dropout", "init_std"):
+            value = getattr(self, name)
+            if not _is_real(value):
+                raise TypeError(f"LoraConfig: {name} must be a real number, got {value!r}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"LoraConfig: alpha must be finite and > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraConfig: dropout must be in [0, 1), got {self.dropout}")
+        if not isinstance(self.use_rslora, (bool, np.bool_)):
+            raise TypeError(f"LoraConfig: use_rslora must be a bool, got {self.use_rslora!r}")
+        if self.init not in INITS:
+            raise ValueError(
+                f"LoraConfig: init must be one of {', '.join(map(repr, INITS))}, got {self.init!r}"
+            )
+        if not (math.isfinite(self.init_std) and self.init_std > 0):
+            raise ValueError(f"LoraConfig: init_std must be finite and > 0, got {self.init_std}")
+        if self.seed is not None and (
+            not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool)
+        ):
+            raise TypeError(f"LoraConfig: seed must be an int or None, got {self.seed!r}")
+        if self.seed is not None and self.seed < 0:
+            raise ValueError(f"LoraConfig: seed must be >= 0, got {self.seed}")
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / rank``, or ``alpha / sqrt(rank)`` with ``use_rslora``."""
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+
+@dataclass(eq=False)
+class LoraLinear:
+    """A linear layer ``y = x @ W + ((drop(x) @ A) * scaling) @ B + bias`` with a frozen ``W``.
+
+    Build it with ``LoraLinear.new`` (from dimensions) or ``LoraLinear.from_linear`` (from existing
+    weights), never with the constructor. Its fields are NodeIds of one ``Graph`` plus sizes;
+    every method takes that graph.
+
+    Inits (``config.init``): ``"gaussian"``: A ~ N(0, init_std²); ``"kaiming"``: A ~ U(±1/√in),
+    PyTorch's ``nn.Linear`` default as used by PEFT; ``"pissa"`` (Meng et al. 2024): A and B from
+    the top-``rank`` singular triplets of W, and W replaced by the residual, so the output at init
+    is unchanged. B = 0 for gaussian and kaiming.
+    """
+
+    frozen_weight: NodeId
+    """``W [in, out]``, a constant."""
+    lora_a: NodeId
+    """``A [in, rank]``, a parameter."""
+    lora_b: NodeId
+    """``B [rank, out]``, a parameter (zero at init, except PiSSA)."""
+    bias: NodeId | None
+    """``[out]``, a constant, or ``None``."""
+    scaling: float
+    """``alpha / rank`` (or ``alpha / sqrt(rank)`` with rsLoRA)."""
+    in_features: int
+    out_features: int
+    rank: int
+    config: LoraConfig
+    merged: bool = False
+    """True between ``merge_`` and ``unmerge_``: W then holds ``W + A @ B * scaling``."""
+    name: str = "lora"
+    """A label, used as the prefix of the leaves' names."""
+    rng: np.random.Generator = field(default_factory=np.random.default_rng, repr=False)
+    """The generator of the dropout masks."""
+    _unmerged_weight: Array | None = field(default=None, repr=False)
+
+    # --- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def new(
+        cls,
+        graph: Graph,
+        in_features: int,
+        out_features: int,
+        config: LoraConfig,
+        *,
+        bias: bool = True,
+        rng: np.random.Generator | None = None,
+        name: str = "lora",
+    ) -> LoraLinear:
+        """A layer with a fresh frozen weight, initialised like ``torch.nn.Linear``.
+
+        ``W`` and ``bias`` are drawn from U(-1/√in, 1/√in), then A and B by ``config.init``.
+        ``rng`` (default: ``np.random.default_rng(config.seed)``) draws all of them and then
+        the dropout masks.
+
+        Raises
+        ------
+        TypeError, ValueError
+            For sizes that are not positive ints, or ``rank > min(in_features, out_features)``.
+        """
+        for arg, value in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+                raise TypeError(f"LoraLinear.new: {arg} must be an int, got {value!r}")
+            if value < 1:
+                raise ValueError(f"LoraLinear.new: {arg} must be >= 1, got {value}")
+        _check_config("LoraLinear.new", config)
+        generator = _generator("LoraLinear.new", rng, config)
+        bound = 1.0 / math.sqrt(in_features)
+        weight = generator.uniform(-bound, bound, size=(in_features, out_features))
+        bias_value = generator.uniform(-bound, bound, size=out_features) if bias else None
+        return cls._build("LoraLinear.new", graph, weight, bias_value, config, generator, name)
+
+    @classmethod
+    def from_linear(
+        cls,
+        graph: Graph,
+        weight: NodeId | npt.ArrayLike,
+        bias: NodeId | npt.ArrayLike | None = None,
+        config: LoraConfig | None = None,
+        *,
+        rng: np.random.Generator | None = None,
+        name: str = "lora",
+    ) -> LoraLinear:
+        """A layer over existing weights ``weight [in, out]`` and ``bias [out]``.
+
+        Arrays become new constants; a NodeId is used as it is and frozen (``requires_grad_``) if
+        it was a parameter, as PEFT freezes the base model. With ``init="pissa"`` the layer uses a
+        new constant holding the residual and leaves a given weight node's value as it was.
+
+        Raises
+        ------
+        ShapeError
+            For a weight that is not 2-D or is empty, or a bias that is not ``[out]``.
+        TypeError
+            For data that is not floating point, or a config that is not a LoraConfig.
+        ValueError
+            For ``rank > min(in, out)``.
+        """
+        where = "LoraLinear.from_linear"
+        config = LoraConfig() if config is None else config
+        _check_config(where, config)
+        weight_value = _float_matrix(where, graph, weight, "weight")
+        bias_value = None
+        if bias is not None:
+            bias_value = _float_array(where, graph, bias, "bias")
+            if bias_value.shape != (weight_value.shape[1],):
+                raise ShapeError(
+                    f"{where}: bias has shape {bias_value.shape} but weight {weight_value.shape} "
+                    f"needs ({weight_value.shape[1]},)"
+                )
+        generator = _generator(where, rng, config)
+        layer = cls._build(
+            where,
+            graph,
+            weight_value,
+            bias_value,
+            config,
+            generator,
+            name,
+            weight_node=weight if isinstance(weight, NodeId) else None,
+            bias_node=bias if isinstance(bias, NodeId) else None,
+        )
+        for node in (weight, bias):  # freeze the base layer, as PEFT does
+            if isinstance(node, NodeId) and node.requires_grad:
+                graph.requires_grad_(node, False)
+        return layer
+
+    @classmethod
+    def _build(
+        cls,
+        where: str,
+        graph: Graph,
+        weight: Array,
+        bias: Array | None,
+        config: LoraConfig,
+        rng: np.random.Generator,
+        name: str,
+        weight_node: NodeId | None = None,
+        bias_node: NodeId | None = None,
+    ) -> LoraLinear:
+        """Draw A and B, make the leaves, and assemble the layer (arguments already checked)."""
+        in_features, out_features = weight.shape
+        rank = config.rank
+        if rank > min(in_features, out_features):
+            raise ValueError(
+                f"{where}: rank {rank} exceeds min(in_features, out_features) = "
+                f"{min(in_features, out_features)} for weight {weight.shape}"
+            )
+        if not isinstance(name, str):
+            raise TypeError(f"{where}: name must be a str, got {type(name).__name__}")
+        scaling = config.scaling
+        if config.init == "pissa":
+            a, b, weight = _pissa(weight.astype(np.float64), rank, scaling)
+            weight_node = None  # the layer holds the residual, in a new constant
+        else:
+            if config.init == "gaussian":
+                a = rng.normal(0.0, config.init_std, size=(in_features, rank))
+            else:  # kaiming: U(-1/sqrt(in), 1/sqrt(in)), torch's kaiming_uniform_(a=sqrt(5))
+                bound = 1.0 / math.sqrt(in_features)
+                a = rng.uniform(-bound, bound, size=(in_features, rank))
+            b = np.zeros((rank, out_features))
+        if weight_node is None:
+            weight_node = graph.constant(weight, name=f"{name}.weight")
+        if bias_node is None and bias is not None:
+            bias_node = graph.constant(bias, name=f"{name}.bias")
+        return cls(
+            frozen_weight=weight_node,
+            lora_a=graph.parameter(a, name=f"{name}.lora_A"),
+            lora_b=graph.parameter(b, name=f"{name}.lora_B"),
+            bias=bias_node,
+            scaling=scaling,
+            in_features=in_features,
+            out_features=out_features,
+            rank=rank,
+            config=config,
+            name=name,
+            rng=rng,
+        )
+
+    def with_bias(self, graph: Graph, bias: NodeId | npt.ArrayLike) -> LoraLinear:
+        """This layer with a frozen bias ``[out]`` (a new constant, or a given NodeId frozen).
+
+        Shares A, B and W with this layer. Refused while merged.
+        """
+        where = "LoraLinear.with_bias"
+        if self.merged:
+            raise GraphError(f"{where}: {self.name} is merged; unmerge_ it first")
+        value = _float_array(where, graph, bias, "bias")
+        if value.shape != (self.out_features,):
+            raise ShapeError(
+                f"{where}: bias has shape {value.shape} but the layer needs ({self.out_features},)"
+            )
+        if isinstance(bias, NodeId):
+            if bias.requires_grad:
+                graph.requires_grad_(bias, False)
+            node = bias
+        else:
+            node = graph.constant(value, name=f"{self.name}.bias")
+        return dataclasses.replace(self, bias=node)
+
+    # --- computing ----------------------------------------------------------------------------
+
+    def forward(self, graph: Graph, x: NodeId) -> NodeId:
+        """``x [..., in] -> [..., out]``: ``x @ W + ((drop(x) @ A) * scaling) @ B + bias``.
+
+        Dropout acts on the LoRA input only and only while gradients are recorded. After
+        ``merge_`` it is just ``x @ W_merged + bias``. A wrong input width records nothing.
+        """
+        shape = x.shape if isinstance(x, NodeId) else None
+        if shape is not None and (len(shape) == 0 or shape[-1] != self.in_features):
+            raise ShapeError(
+                f"LoraLinear.forward: {self.name} takes [..., {self.in_features}] but the input "
+                f"has shape {shape}"
+            )
+        y = graph.matmul(x, self.frozen_weight)  # (..., out)
+        if not self.merged:
+            h = graph.dropout(x, self.config.dropout, rng=self.rng)  # identity when p = 0
+            low = graph.scale(graph.matmul(h, self.lora_a), self.scaling)  # (..., rank)
+            y = graph.add(y, graph.matmul(low, self.lora_b))  # (..., out)
+        if self.bias is not None:
+            y = graph.add(y, self.bias)
+        return y
+
+    def trainable_params(self) -> list[NodeId]:
+        """``[lora_a, lora_b]``: what an optimizer should update."""
+        return [self.lora_a, self.lora_b]
+
+    def delta(self, graph: Graph) -> Array:
+        """The update ``A @ B * scaling`` as a new ``[in, out]`` array."""
+        return (graph.value(self.lora_a) @ graph.value(self.lora_b)) * self.scaling
+
+    def merge(self, graph: Graph) -> Array:
+        """The merged weight ``W + A @ B * scaling`` as a new array; changes nothing.
+
+        When already merged, W holds the merged weight and a copy of it is returned.
+
+        Raises
+        ------
+        GraphError
+            If the merged weight would hold NaN or Inf (nothing is changed).
+        """
+        weight = graph.value(self.frozen_weight)
+        if self.merged:
+            return np.array(weight)
+        with np.errstate(over="ignore", invalid="ignore"):  # reported below, as one error
+            merged = weight + self.delta(graph)
+        bad = int(np.size(merged) - np.count_nonzero(np.isfinite(merged)))
+        if bad:
+            raise GraphError(
+                f"LoraLinear.merge: merging {self.name} would give {bad} non-finite weights "
+                "(NaN or Inf in W, A or B); nothing was changed"
+            )
+        return merged
+
+    def merge_(self, graph: Graph) -> None:
+        """Fold the update into W in place (``merged`` becomes True), for fast inference.
+
+        The unmerged W is kept aside so that ``unmerge_`` restores it bit for bit (floating-point
+        ``(W + D) - D`` is not always ``W``); this costs one weight's memory while merged.
+        Merging a merged layer warns and does nothing, as in PEFT.
+        """
+        if self.merged:
+            warnings.warn(f"{self.name} is already merged; nothing to do", stacklevel=2)
+            return
+        merged = self.merge(graph)
+        self._unmerged_weight = np.array(graph.value(self.frozen_weight))
+        graph.set_value(self.frozen_weight, merged)
+        self.merged = True
+
+    def unmerge_(self, graph: Graph) -> None:
+        """Restore the exact W from before ``merge_`` (``merged`` becomes False).
+
+        Unmerging a layer that is not merged warns and does nothing, as in PEFT.
+        """
+        if not self.merged:
+            warnings.warn(f"{self.name} is not merged; nothing to do", stacklevel=2)
+            return
+        assert self._unmerged_weight is not None
+        graph.set_value(self.frozen_weight, self._unmerged_weight)
+        self._unmerged_weight = None
+        self.merged = False
+
+    # --- state --------------------------------------------------------------------------------
+
+    def state_dict(self, graph: Graph) -> dict[str, Array]:
+        """``{"lora_a": A, "lora_b": B}`` as copies."""
+        return {
+            "lora_a": np.array(graph.value(self.lora_a)),
+            "lora_b": np.array(graph.value(self.lora_b)),
+        }
+
+    def load_state_dict(self, graph: Graph, state: Mapping[str, Any]) -> None:
+        """Load A and B from ``{"lora_a": ..., "lora_b": ...}``, all or nothing.
+
+        Checks keys, shapes, dtypes (floating point; converted to the graph's dtype) and
+        finiteness of everything before assigning anything.
+
+        Raises
+        ------
+        GraphError
+            While merged: W holds the old update, so unmerge_ first.
+        ValueError
+            For missing or unexpected keys, or NaN/Inf values.
+        ShapeError, TypeError
+            For wrong shapes, or data that is not floating point.
+        """
+        where = "LoraLinear.load_state_dict"
+        if self.merged:
+            raise GraphError(f"{where}: {self.name} is merged; unmerge_ it before loading")
+        if not isinstance(state, Mapping):
+            raise TypeError(f"{where}: state must be a mapping, got {type(state).__name__}")
+        expected = {
+            "lora_a": (self.in_features, self.rank),
+            "lora_b": (self.rank, self.out_features),
+        }
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(map(str, set(state) - set(expected)))
+        if missing or unexpected:
+            raise ValueError(
+                f"{where}: keys must be exactly 'lora_a' and 'lora_b'; missing {missing}, "
+                f"unexpected {unexpected}"
+            )
+        values = {}
+        for key, shape in expected.items():
+            if isinstance(state[key], NodeId):
+                raise TypeError(f"{where}: {key} must be an array, got {state[key]!r}")
+            array = _float_array(where, graph, state[key], key)
+            if array.shape != shape:
+                raise ShapeError(f"{where}: {key} has shape {array.shape}, expected {shape}")
+            if not np.isfinite(array).all():
+                raise ValueError(f"{where}: {key} holds NaN or Inf")
+            values[key] = array
+        graph.set_value(self.lora_a, values["lora_a"])
+        graph.set_value(self.lora_b, values["lora_b"])
+
+    # --- reporting ----------------------------------------------------------------------------
+
+    @property
+    def num_trainable(self) -> int:
+        """Trainable parameters: ``rank * (in + out)``."""
+        return self.rank * (self.in_features + self.out_features)
+
+    @property
+    def num_frozen(self) -> int:
+        """Frozen parameters: ``in * out`` (+ ``out`` with a bias)."""
+        return self.in_features * self.out_features + (
+            0 if self.bias is None else self.out_features
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"LoraLinear(name={self.name!r}, in_features={self.in_features}, "
+            f"out_features={self.out_features}, rank={self.rank}, scaling={self.scaling:g}, "
+            f"bias={self.bias is not None}, dropout={self.config.dropout:g}, "
+            f"merged={self.merged}, trainable={self.num_trainable:,}, frozen={self.num_frozen:,})"
+        )
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _check_config(where: str, config: object) -> None:
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"{where}: config must be a LoraConfig, got {type(config).__name__}")
+
+
+def _generator(where: str, rng: object, config: LoraConfig) -> np.random.Generator:
+    if rng is None:
+        return np.random.default_rng(config.seed)
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"{where}: rng must be a np.random.Generator or None, got {rng!r}")
+    return rng
+
+
+def _float_array(where: str, graph: Graph, value: object, arg: str) -> Array:
+    """The floating-point data of a NodeId of ``graph`` or of an array, or a clear error."""
+    if isinstance(value, NodeId):
+        return np.asarray(graph.value(value))
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as exc:
+        raise ShapeError(f"{where}: {arg} is not a regular array: {exc}") from None
+    if array.dtype.kind != "f":
+        raise TypeError(f"{where}: {arg} must hold floating-point data, got dtype {array.dtype}")
+    return array
+
+
+def _float_matrix(where: str, graph: Graph, value: object, arg: str) -> Array:
+    array = _float_array(where, graph, value, arg)
+    if array.ndim != 2 or array.size == 0:
+        raise ShapeError(
+            f"{where}: {arg} must be a non-empty 2-D [in, out] matrix, got shape {array.shape}"
+        )
+    return array
+
+
+def _top_singular_triplets(weight: Array, rank: int) -> tuple[Array, Array, Array]:
+    """``U_r [in, r]``, ``S_r [r]`` (descending) and ``Vh_r [r, out]`` of ``weight``."""
+    if min(weight.shape) <= _DENSE_SVD_LIMIT or rank >= min(weight.shape) - 1:
+        u, s, vh = scipy.linalg.svd(weight, full_matrices=False)
+        return u[:, :rank], s[:rank], vh[:rank]
+    # A large matrix: compute only the top `rank` triplets (svds returns them ascending).
+    u_k, s_k, vh_k = scipy.sparse.linalg.svds(weight, k=rank, random_state=0)
+    order = np.argsort(s_k)[::-1]
+    return u_k[:, order], s_k[order], vh_k[order]
+
+
+def _pissa(weight: Array, rank: int, scaling: float) -> tuple[Array, Array, Array]:
+    """PiSSA: ``A = U_r sqrt(S_r/s)``, ``B = sqrt(S_r/s) Vh_r``, residual ``W - U_r S_r Vh_r``."""
+    u, s, vh = _top_singular_triplets(weight, rank)
+    root = np.sqrt(s / scaling)  # so that (A @ B) * scaling = U_r S_r Vh_r
+    a = u * root  # (in, r)
+    b = root[:, np.newaxis] * vh  # (r, out)
+    residual = weight - (a @ b) * scaling
+    return a, b, residual

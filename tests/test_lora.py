@@ -1,0 +1,562 @@
+"""LoraConfig and LoraLinear: the maths, the inits, merging, state, and every validation path."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import re
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import graphlora as gl
+from graphlora.testing import gradcheck
+from graphlora.testing import strategies as gst
+
+
+def _x(
+    graph: gl.Graph, layer: gl.LoraLinear, data: st.DataObject, batch: tuple[int, ...] = ()
+) -> gl.NodeId:
+    shape = batch or data.draw(st.sampled_from([(3,), (2, 3)]))
+    return graph.constant(data.draw(gst.arrays((*shape, layer.in_features)), label="x"))
+
+
+def _numpy_forward(graph: gl.Graph, layer: gl.LoraLinear, x: np.ndarray) -> np.ndarray:
+    """The layer's maths written out in NumPy, with the update materialised."""
+    w = graph.value(layer.frozen_weight)
+    a, b = graph.value(layer.lora_a), graph.value(layer.lora_b)
+    y = x @ (w + a @ b * layer.scaling)
+    return y if layer.bias is None else y + graph.value(layer.bias)
+
+
+# --- LoraConfig ---------------------------------------------------------------------------------
+
+
+def test_config_defaults_follow_peft() -> None:
+    cfg = gl.LoraConfig()
+    assert (cfg.rank, cfg.alpha, cfg.dropout, cfg.use_rslora) == (8, 8.0, 0.0, False)
+    assert (cfg.init, cfg.init_std, cfg.seed) == ("gaussian", 0.01, None)
+    assert cfg.scaling == 1.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.rank = 4  # type: ignore[misc]
+
+
+@given(rank=st.integers(1, 64), alpha=st.floats(0.1, 64.0))
+def test_scaling_standard_and_rslora(rank: int, alpha: float) -> None:
+    assert gl.LoraConfig(rank=rank, alpha=alpha).scaling == alpha / rank
+    assert gl.LoraConfig(rank=rank, alpha=alpha, use_rslora=True).scaling == alpha / math.sqrt(rank)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"rank": 0}, ValueError, r"LoraConfig: rank must be a positive int, got 0"),
+        ({"rank": 2.0}, TypeError, r"LoraConfig: rank must be an int, got 2.0"),
+        ({"rank": True}, TypeError, r"LoraConfig: rank must be an int, got True"),
+        ({"alpha": 0.0}, ValueError, r"LoraConfig: alpha must be finite and > 0, got 0.0"),
+        ({"alpha": math.inf}, ValueError, r"LoraConfig: alpha must be finite and > 0, got inf"),
+        ({"alpha": "8"}, TypeError, r"LoraConfig: alpha must be a real number, got '8'"),
+        ({"dropout": 1.0}, ValueError, r"LoraConfig: dropout must be in \[0, 1\), got 1.0"),
+        ({"dropout": -0.1}, ValueError, r"LoraConfig: dropout must be in \[0, 1\), got -0.1"),
+        ({"use_rslora": 1}, TypeError, r"LoraConfig: use_rslora must be a bool, got 1"),
+        (
+            {"init": "xavier"},
+            ValueError,
+            r"LoraConfig: init must be one of 'gaussian', 'kaiming', 'pissa', got 'xavier'",
+        ),
+        ({"init_std": 0}, ValueError, r"LoraConfig: init_std must be finite and > 0, got 0"),
+        (
+            {"init_std": math.nan},
+            ValueError,
+            r"LoraConfig: init_std must be finite and > 0, got nan",
+        ),
+        ({"seed": -1}, ValueError, r"LoraConfig: seed must be >= 0, got -1"),
+        ({"seed": 1.5}, TypeError, r"LoraConfig: seed must be an int or None, got 1.5"),
+    ],
+)
+def test_config_validation(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        gl.LoraConfig(**kwargs)
+
+
+# --- the layer's maths --------------------------------------------------------------------------
+
+
+@given(
+    layer=gst.lora_layers(config=gst.lora_configs(inits=("gaussian", "kaiming")), trained=False),
+    data=st.data(),
+)
+def test_new_layer_equals_its_base(
+    layer: tuple[gl.Graph, gl.LoraLinear], data: st.DataObject
+) -> None:
+    g, lora = layer
+    assert not np.any(g.value(lora.lora_b))
+    x = _x(g, lora, data)
+    expected = g.value(x) @ g.value(lora.frozen_weight)
+    if lora.bias is not None:
+        expected = expected + g.value(lora.bias)
+    np.testing.assert_array_equal(g.value(lora.forward(g, x)), expected)
+
+
+@given(layer=gst.lora_layers(), data=st.data())
+def test_forward_matches_the_materialised_maths(
+    layer: tuple[gl.Graph, gl.LoraLinear], data: st.DataObject
+) -> None:
+    g, lora = layer
+    x = _x(g, lora, data)
+    np.testing.assert_allclose(
+        g.value(lora.forward(g, x)), _numpy_forward(g, lora, g.value(x)), rtol=1e-12, atol=1e-12
+    )
+
+
+@given(layer=gst.lora_layers(), data=st.data())
+def test_only_lora_a_and_b_receive_gradients(
+    layer: tuple[gl.Graph, gl.LoraLinear], data: st.DataObject
+) -> None:
+    g, lora = layer
+    y = lora.forward(g, _x(g, lora, data))
+    g.backward(g.sum(g.mul(y, y)))
+    assert g.grad(lora.frozen_weight) is None
+    if lora.bias is not None:
+        assert g.grad(lora.bias) is None
+    assert g.grad(lora.lora_a) is not None
+    assert g.grad(lora.lora_b) is not None
+    assert lora.trainable_params() == [lora.lora_a, lora.lora_b]
+    assert not lora.frozen_weight.requires_grad
+
+
+@given(layer=gst.lora_layers(), data=st.data())
+def test_backward_matches_the_hand_derived_formulas(
+    layer: tuple[gl.Graph, gl.LoraLinear], data: st.DataObject
+) -> None:
+    g, lora = layer
+    x = _x(g, lora, data, batch=(4,))
+    seed = data.draw(gst.arrays((4, lora.out_features)), label="seed")
+    g.backward(lora.forward(g, x), grad=seed)
+    xv, a, b, s = g.value(x), g.value(lora.lora_a), g.value(lora.lora_b), lora.scaling
+    np.testing.assert_allclose(
+        g.grad(lora.lora_a), xv.T @ (seed @ b.T) * s, rtol=1e-10, atol=1e-12
+    )  # dL/dA = xᵀ (g Bᵀ) s
+    np.testing.assert_allclose(
+        g.grad(lora.lora_b), (xv @ a * s).T @ seed, rtol=1e-10, atol=1e-12
+    )  # dL/dB = (x A s)ᵀ g
+
+
+@given(layer=gst.lora_layers(max_features=4), data=st.data())
+def test_gradcheck_wrt_a_b_and_x(
+    layer: tuple[gl.Graph, gl.LoraLinear], data: st.DataObject
+) -> None:
+    g0, lora = layer
+    x = data.draw(gst.arrays((2, lora.in_features)), label="x")
+    weight = np.array(g0.value(lora.frozen_weight))
+    bias = None if lora.bias is None else np.array(g0.value(lora.bias))
+
+    def fn(g: gl.Graph, x: gl.NodeId, a: gl.NodeId, b: gl.NodeId) -> gl.NodeId:
+        base = gl.LoraLinear.from_linear(g, weight, bias, lora.config)
+        layer = dataclasses.replace(base, lora_a=a, lora_b=b)
+        y = layer.forward(g, x)
+        return g.sum(g.mul(y, y))
+
+    a, b = np.array(g0.value(lora.lora_a)), np.array(g0.value(lora.lora_b))
+    assert gradcheck(fn, x, a, b)
+    assert gradcheck(fn, x, a, b, mode="fast")
+
+
+def test_the_low_rank_path_never_materialises_a_times_b() -> None:
+    g = gl.Graph()
+    lora = gl.LoraLinear.new(g, 6, 5, gl.LoraConfig(rank=2, seed=0))
+    y = lora.forward(g, g.constant(np.ones((3, 6))))
+    g.backward(g.sum(y))
+    assert (6, 5) not in [node.shape for node in g.tape]  # no [in, out] node besides W
+    matmuls = [node.shape for node in g.tape if node.op == "matmul"]
+    assert matmuls == [(3, 5), (3, 2), (3, 5)]  # x W, x A, (x A s) B
+
+
+# --- merging ------------------------------------------------------------------------------------
+
+
+@given(layer=gst.lora_layers(), data=st.data())
+def test_merge_is_pure_and_equals_w_plus_ab_scaled(
+    layer: tuple[gl.Graph, gl.LoraLinear], data: st.DataObject
+) -> None:
+    g, lora = layer
+    w_before = np.array(g.value(lora.frozen_weight))
+    merged = lora.merge(g)
+    expected = w_before + g.value(lora.lora_a) @ g.value(lora.lora_b) * lora.scaling
+    np.testing.assert_allclose(merged, expected, rtol=1e-13, atol=1e-13)
+    np.testing.assert_array_equal(g.value(lora.frozen_weight), w_before)
+    assert not lora.merged
+
+
+@given(layer=gst.lora_layers(), data=st.data())
+def test_merged_and_unmerged_forward_agree(
+    layer: tuple[gl.Graph, gl.LoraLinear], data: st.DataObject
+) -> None:
+    g, lora = layer
+    x = _x(g, lora, data)
+    before = np.array(g.value(lora.forward(g, x)))
+    lora.merge_(g)
+    assert lora.merged
+    with g.no_grad():
+        after = g.value(lora.forward(g, x))
+    np.testing.assert_allclose(after, before, rtol=1e-12, atol=1e-12)
+    assert g.tape[-1].op == ("add" if lora.bias is not None else "matmul")  # just x W (+ b)
+
+
+def test_unmerge_is_bit_exact_after_1000_cycles() -> None:
+    g = gl.Graph()
+    lora = gl.LoraLinear.new(g, 16, 12, gl.LoraConfig(rank=4, alpha=7.0, seed=3))
+    g.set_value(lora.lora_b, np.random.default_rng(1).normal(size=(4, 12)))
+    original = np.array(g.value(lora.frozen_weight))
+    drift = original.copy()
+    delta = lora.delta(g)
+    for _ in range(1000):
+        lora.merge_(g)
+        lora.unmerge_(g)
+        drift = (drift + delta) - delta  # what PEFT's W += D; W -= D does
+    np.testing.assert_array_equal(g.value(lora.frozen_weight), original)
+    assert not lora.merged
+    assert not np.array_equal(drift, original)  # the naive way does drift: the test has teeth
+
+
+def test_merge_twice_or_unmerge_unmerged_warns_and_does_nothing() -> None:
+    g = gl.Graph()
+    lora = gl.LoraLinear.new(g, 4, 4, gl.LoraConfig(rank=2, seed=0))
+    with pytest.warns(UserWarning, match="lora is not merged; nothing to do"):
+        lora.unmerge_(g)
+    lora.merge_(g)
+    merged = np.array(g.value(lora.frozen_weight))
+    with pytest.warns(UserWarning, match="lora is already merged; nothing to do"):
+        lora.merge_(g)
+    np.testing.assert_array_equal(g.value(lora.frozen_weight), merged)
+    np.testing.assert_array_equal(lora.merge(g), merged)
+
+
+def test_merge_refuses_non_finite_weights() -> None:
+    g = gl.Graph()
+    lora = gl.LoraLinear.new(g, 4, 4, gl.LoraConfig(rank=2, seed=0))
+    g.set_value(lora.lora_b, np.full((2, 4), np.inf))
+    w = np.array(g.value(lora.frozen_weight))
+    with pytest.raises(
+        gl.GraphError, match=r"LoraLinear.merge: merging lora would give 16 non-finite weights"
+    ):
+        lora.merge_(g)
+    assert not lora.merged
+    np.testing.assert_array_equal(g.value(lora.frozen_weight), w)
+
+
+# --- inits --------------------------------------------------------------------------------------
+
+
+def test_gaussian_init_statistics() -> None:
+    g = gl.Graph()
+    lora = gl.LoraLinear.new(g, 400, 300, gl.LoraConfig(rank=50, init_std=0.02, seed=0))
+    a = g.value(lora.lora_a)
+    assert a.shape == (400, 50)
+    # 20,000 normal draws: the sample std is within 2% of 0.02, the mean near 0.
+    assert abs(a.std() / 0.02 - 1) < 0.02
+    assert abs(a.mean()) < 5 * 0.02 / math.sqrt(a.size)
+    assert not np.any(g.value(lora.lora_b))
+
+
+def test_kaiming_init_bound_and_variance() -> None:
+    g = gl.Graph()
+    lora = gl.LoraLinear.new(g, 256, 64, gl.LoraConfig(rank=32, init="kaiming", seed=0))
+    a = g.value(lora.lora_a)
+    bound = 1 / math.sqrt(256)  # torch's kaiming_uniform_(a=sqrt(5)) on fan_in = in_features
+    assert np.abs(a).max() <= bound
+    assert np.abs(a).max() > 0.99 * bound
+    assert abs(a.var() / (bound**2 / 3) - 1) < 0.05  # U(-b, b) has variance b²/3
+    assert not np.any(g.value(lora.lora_b))
+
+
+def test_new_frozen_weight_is_initialised_like_torch_linear() -> None:
+    g = gl.Graph()
+    lora = gl.LoraLinear.new(g, 100, 200, gl.LoraConfig(rank=4, seed=0))
+    w, b = g.value(lora.frozen_weight), g.value(lora.bias)  # type: ignore[arg-type]
+    assert np.abs(w).max() <= 0.1
+    assert np.abs(b).max() <= 0.1
+    assert abs(w.var() / (0.01 / 3) - 1) < 0.05
+    g2 = gl.Graph()
+    again = gl.LoraLinear.new(g2, 100, 200, gl.LoraConfig(rank=4, seed=0))
+    np.testing.assert_array_equal(g2.value(again.frozen_weight), w)  # seeded: reproducible
+
+
+@given(
+    layer=gst.lora_layers(config=gst.lora_configs(inits=("pissa",)), trained=False),
+    data=st.data(),
+)
+def test_pissa_keeps_the_output_and_takes_the_top_singular_subspace(
+    layer: tuple[gl.Graph, gl.LoraLinear], data: st.DataObject
+) -> None:
+    g, lora = layer
+    residual = g.value(lora.frozen_weight)
+    update = g.value(lora.lora_a) @ g.value(lora.lora_b) * lora.scaling
+    original = residual + update
+    u, s, vh = np.linalg.svd(original, full_matrices=False)
+    truncated = (u[:, : lora.rank] * s[: lora.rank]) @ vh[: lora.rank]
+    np.testing.assert_allclose(update, truncated, atol=1e-10)
+    x = _x(g, lora, data)
+    base = g.value(x) @ original
+    if lora.bias is not None:
+        base = base + g.value(lora.bias)
+    np.testing.assert_allclose(g.value(lora.forward(g, x)), base, atol=1e-10)
+
+
+def test_pissa_on_a_large_weight_uses_a_truncated_svd() -> None:
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(1100, 1030))
+    g = gl.Graph()
+    lora = gl.LoraLinear.from_linear(
+        g, weight, config=gl.LoraConfig(rank=3, alpha=6.0, init="pissa")
+    )
+    u, s, vh = np.linalg.svd(weight, full_matrices=False)
+    top = (u[:, :3] * s[:3]) @ vh[:3]
+    np.testing.assert_allclose(lora.delta(g), top, atol=1e-8)
+    np.testing.assert_allclose(g.value(lora.frozen_weight), weight - lora.delta(g), atol=1e-12)
+
+
+# --- dropout ------------------------------------------------------------------------------------
+
+
+def test_dropout_acts_on_the_lora_input_only_and_not_under_no_grad() -> None:
+    g = gl.Graph()
+    cfg = gl.LoraConfig(rank=3, alpha=3.0, dropout=0.5, seed=0)
+    lora = gl.LoraLinear.new(g, 8, 5, cfg, rng=np.random.default_rng(11))
+    b = np.random.default_rng(2).normal(size=(3, 5))
+    g.set_value(lora.lora_b, b)
+    x = g.constant(np.random.default_rng(3).normal(size=(64, 8)))
+    with g.no_grad():
+        clean = np.array(g.value(lora.forward(g, x)))
+    np.testing.assert_allclose(clean, _numpy_forward(g, lora, g.value(x)), rtol=1e-12)
+
+    replay = copy.deepcopy(lora.rng)  # the same generator state: the mask the layer will draw
+    keep = replay.random((64, 8)) >= 0.5
+    dropped = np.where(keep, g.value(x) / 0.5, 0.0)
+    y = lora.forward(g, x)
+    w, a, s = g.value(lora.frozen_weight), g.value(lora.lora_a), lora.scaling
+    expected = g.value(x) @ w + (dropped @ a * s) @ b + g.value(lora.bias)  # type: ignore[arg-type]
+    np.testing.assert_allclose(g.value(y), expected, rtol=1e-12)
+    seed = np.ones((64, 5))
+    g.backward(y, grad=seed)
+    np.testing.assert_allclose(
+        g.grad(lora.lora_a), dropped.T @ (seed @ b.T) * s, rtol=1e-12
+    )  # through the mask
+
+
+# --- state dicts --------------------------------------------------------------------------------
+
+
+@given(layer=gst.lora_layers())
+def test_state_dict_round_trip(layer: tuple[gl.Graph, gl.LoraLinear]) -> None:
+    g, lora = layer
+    state = lora.state_dict(g)
+    assert set(state) == {"lora_a", "lora_b"}
+    state["lora_a"] += 1.0  # a copy: the layer is unchanged
+    assert not np.array_equal(state["lora_a"], g.value(lora.lora_a))
+    other = gl.LoraLinear.from_linear(g, g.value(lora.frozen_weight), None, lora.config)
+    other.load_state_dict(g, state)
+    np.testing.assert_array_equal(g.value(other.lora_a), state["lora_a"])
+    np.testing.assert_array_equal(g.value(other.lora_b), state["lora_b"])
+
+
+def test_load_state_dict_is_all_or_nothing() -> None:
+    g = gl.Graph()
+    lora = gl.LoraLinear.new(g, 5, 4, gl.LoraConfig(rank=2, seed=0))
+    good = {"lora_a": np.ones((5, 2)), "lora_b": np.ones((2, 4))}
+    before = lora.state_dict(g)
+    bad_cases = [
+        (
+            {"lora_a": good["lora_a"]},
+            ValueError,
+            r"keys must be exactly 'lora_a' and 'lora_b'; missing \['lora_b'\], unexpected \[\]",
+        ),
+        ({**good, "extra": 1}, ValueError, r"missing \[\], unexpected \['extra'\]"),
+        (
+            {**good, "lora_b": np.ones((4, 2))},
+            gl.ShapeError,
+            r"lora_b has shape \(4, 2\), expected \(2, 4\)",
+        ),
+        (
+            {**good, "lora_b": np.ones((2, 4), dtype=int)},
+            TypeError,
+            r"lora_b must hold floating-point data, got dtype int64",
+        ),
+        ({**good, "lora_b": np.full((2, 4), np.nan)}, ValueError, r"lora_b holds NaN or Inf"),
+        ({**good, "lora_a": lora.lora_a}, TypeError, r"lora_a must be an array, got NodeId"),
+        ([("lora_a", 1)], TypeError, r"state must be a mapping, got list"),
+    ]
+    for state, error, match in bad_cases:
+        with pytest.raises(error, match=r"LoraLinear.load_state_dict: .*" + match):
+            lora.load_state_dict(g, state)  # type: ignore[arg-type]
+        for key, value in lora.state_dict(g).items():
+            np.testing.assert_array_equal(value, before[key])
+    lora.merge_(g)
+    with pytest.raises(gl.GraphError, match="lora is merged; unmerge_ it before loading"):
+        lora.load_state_dict(g, good)
+    lora.unmerge_(g)
+    lora.load_state_dict(g, {k: v.astype(np.float32) for k, v in good.items()})  # converted
+    np.testing.assert_array_equal(g.value(lora.lora_a), good["lora_a"])
+
+
+# --- construction and validation ----------------------------------------------------------------
+
+
+def test_from_linear_with_nodes_freezes_them_and_uses_them() -> None:
+    g = gl.Graph()
+    w = g.parameter(np.ones((4, 3)))
+    b = g.parameter(np.zeros(3))
+    lora = gl.LoraLinear.from_linear(g, w, b, gl.LoraConfig(rank=2, seed=0))
+    assert lora.frozen_weight is w
+    assert lora.bias is b
+    assert not w.requires_grad
+    assert not b.requires_grad
+    assert w.op == "constant"
+
+
+def test_from_linear_validation() -> None:
+    g = gl.Graph()
+    cfg = gl.LoraConfig(rank=3)
+    cases: list[tuple[Any, Any, type[Exception], str]] = [
+        (
+            np.ones(4),
+            None,
+            gl.ShapeError,
+            r"weight must be a non-empty 2-D \[in, out\] matrix, got shape \(4,\)",
+        ),
+        (
+            np.ones((0, 4)),
+            None,
+            gl.ShapeError,
+            r"weight must be a non-empty 2-D .* got shape \(0, 4\)",
+        ),
+        (
+            np.ones((4, 4), dtype=int),
+            None,
+            TypeError,
+            r"weight must hold floating-point data, got dtype int64",
+        ),
+        (
+            np.ones((4, 5)),
+            np.ones(4),
+            gl.ShapeError,
+            r"bias has shape \(4,\) but weight \(4, 5\) needs \(5,\)",
+        ),
+        (
+            np.ones((4, 2)),
+            None,
+            ValueError,
+            r"rank 3 exceeds min\(in_features, out_features\) = 2 for weight \(4, 2\)",
+        ),
+        ([[1.0], [2.0, 3.0]], None, gl.ShapeError, r"weight is not a regular array"),
+    ]
+    for weight, bias, error, match in cases:
+        before = len(g)
+        with pytest.raises(error, match=r"LoraLinear.from_linear: " + match):
+            gl.LoraLinear.from_linear(g, weight, bias, cfg)
+        assert len(g) == before
+    with pytest.raises(
+        TypeError, match=r"LoraLinear\.from_linear: config must be a LoraConfig, got dict"
+    ):
+        gl.LoraLinear.from_linear(g, np.ones((4, 4)), None, {"rank": 2})  # type: ignore[arg-type]
+
+
+def test_new_validation() -> None:
+    g = gl.Graph()
+    with pytest.raises(ValueError, match=r"LoraLinear.new: in_features must be >= 1, got 0"):
+        gl.LoraLinear.new(g, 0, 4, gl.LoraConfig(rank=1))
+    with pytest.raises(TypeError, match=r"LoraLinear.new: out_features must be an int, got 4.0"):
+        gl.LoraLinear.new(g, 4, 4.0, gl.LoraConfig(rank=1))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"LoraLinear.new: rank 8 exceeds min"):
+        gl.LoraLinear.new(g, 4, 16, gl.LoraConfig())
+    with pytest.raises(
+        TypeError, match=r"LoraLinear.new: rng must be a np.random.Generator or None"
+    ):
+        gl.LoraLinear.new(g, 4, 4, gl.LoraConfig(rank=1), rng=3)  # type: ignore[arg-type]
+    assert len(g) == 0
+
+
+def test_forward_rejects_a_wrong_width_and_records_nothing() -> None:
+    g = gl.Graph()
+    lora = gl.LoraLinear.new(g, 16, 8, gl.LoraConfig(rank=2, seed=0), name="q_proj")
+    x = g.constant(np.ones((4, 10)))
+    before = len(g)
+    with pytest.raises(
+        gl.ShapeError,
+        match=re.escape(
+            "LoraLinear.forward: q_proj takes [..., 16] but the input has shape (4, 10)"
+        ),
+    ):
+        lora.forward(g, x)
+    assert len(g) == before
+
+
+def test_with_bias() -> None:
+    g = gl.Graph()
+    lora = gl.LoraLinear.new(g, 3, 2, gl.LoraConfig(rank=1, seed=0), bias=False)
+    assert lora.bias is None
+    biased = lora.with_bias(g, [1.0, -1.0])
+    assert biased.lora_a is lora.lora_a
+    assert biased.bias is not None
+    x = g.constant(np.zeros((1, 3)))
+    np.testing.assert_array_equal(g.value(biased.forward(g, x)), [[1.0, -1.0]])
+    with pytest.raises(
+        gl.ShapeError,
+        match=r"LoraLinear.with_bias: bias has shape \(3,\) but the layer needs \(2,\)",
+    ):
+        lora.with_bias(g, np.ones(3))
+    lora.merge_(g)
+    with pytest.raises(gl.GraphError, match=r"LoraLinear\.with_bias: lora is merged"):
+        lora.with_bias(g, np.ones(2))
+
+
+def test_repr_reports_sizes_and_parameter_counts() -> None:
+    g = gl.Graph()
+    lora = gl.LoraLinear.new(g, 64, 32, gl.LoraConfig(rank=4, alpha=8.0, seed=0), name="fc")
+    assert repr(lora) == (
+        "LoraLinear(name='fc', in_features=64, out_features=32, rank=4, scaling=2, bias=True, "
+        "dropout=0, merged=False, trainable=384, frozen=2,080)"
+    )
+
+
+def test_float32_layer() -> None:
+    g = gl.Graph(np.float32)
+    lora = gl.LoraLinear.new(g, 8, 4, gl.LoraConfig(rank=2, seed=0, init="pissa"))
+    y = lora.forward(g, g.constant(np.ones((2, 8))))
+    g.backward(g.sum(y))
+    assert g.value(y).dtype == np.float32
+    assert g.grad(lora.lora_a).dtype == np.float32  # type: ignore[union-attr]
+
+
+# --- PyTorch cross-check ------------------------------------------------------------------------
+
+
+@given(layer=gst.lora_layers(), data=st.data())
+def test_matches_the_same_maths_in_torch(
+    layer: tuple[gl.Graph, gl.LoraLinear], data: st.DataObject
+) -> None:
+    torch = pytest.importorskip("torch")
+    g, lora = layer
+    x = _x(g, lora, data, batch=(3,))
+    seed = data.draw(gst.arrays((3, lora.out_features)), label="seed")
+    y = lora.forward(g, x)
+    g.backward(y, grad=seed)
+    # PyTorch's nn.Linear stores [out, in]; PEFT computes base(x) + lora_B(lora_A(x)) * scaling.
+    w = torch.tensor(g.value(lora.frozen_weight).T.copy())
+    a = torch.tensor(g.value(lora.lora_a).T.copy(), requires_grad=True)  # [r, in]
+    b = torch.tensor(g.value(lora.lora_b).T.copy(), requires_grad=True)  # [out, r]
+    xt = torch.tensor(g.value(x).copy())
+    out = (
+        torch.nn.functional.linear(xt, w)
+        + torch.nn.functional.linear(torch.nn.functional.linear(xt, a), b) * lora.scaling
+    )
+    if lora.bias is not None:
+        out = out + torch.tensor(g.value(lora.bias).copy())
+    out.backward(torch.tensor(seed))
+    np.testing.assert_allclose(g.value(y), out.detach().numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(g.grad(lora.lora_a), a.grad.numpy().T, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(g.grad(lora.lora_b), b.grad.numpy().T, rtol=1e-10, atol=1e-12)
