@@ -1,14 +1,20 @@
-"""gradcheck: passes correct gradients, catches wrong ones with a readable message, refuses misuse."""
+"""gradcheck and check_vjp: pass correct gradients, catch every planted wrong VJP with a readable
+message, refuse misuse; the Jacobian helpers."""
 
 from __future__ import annotations
 
+from typing import Any
+from unittest import mock
+
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from op_cases import draw_case
 
 import graphlora as gl
 from graphlora import ops
-from graphlora.testing import GradcheckError, gradcheck
+from graphlora.testing import GradcheckError, check_vjp, gradcheck, jacobian, numeric_jacobian
 from graphlora.testing import strategies as gst
 
 
@@ -80,7 +86,8 @@ def test_nondeterministic_fn_is_reported() -> None:
 
 def test_float32_input_is_checked_in_float64() -> None:
     x = np.linspace(0.5, 2.0, 5, dtype=np.float32)
-    assert gradcheck(lambda g, x: g.sum(g.log(x)), x, atol=1e-8, rtol=1e-7) is True
+    with pytest.warns(UserWarning, match="gradcheck: input 0 is float32; it is checked in float64"):
+        assert gradcheck(lambda g, x: g.sum(g.log(x)), x, atol=1e-8, rtol=1e-7) is True
 
 
 def test_misuse_is_refused() -> None:
@@ -99,3 +106,121 @@ def test_misuse_is_refused() -> None:
 def test_errors_are_exported_where_documented() -> None:
     assert gl.testing.GradcheckError is gl.GradcheckError
     assert issubclass(GradcheckError, AssertionError)
+
+
+# --- the kit has teeth: every planted wrong VJP is caught ----------------------------------------
+
+
+def _planted(name: str, kind: str) -> ops.Op:
+    """``ops.<name>`` with a VJP that is wrong in the way ``kind`` says."""
+    original = ops.OPS[name]
+
+    def wrong(*args: Any, **kwargs: Any) -> tuple[ops.Array, ops.Vjp]:
+        out, vjp = original(*args, **kwargs)
+
+        def wrong_vjp(g: ops.Array, needs: tuple[bool, ...]) -> ops.Grads:
+            grads = list(vjp(g, needs))
+            last = len(grads) - 1
+            if kind == "scaled":  # off by one per cent
+                grads = [None if gr is None else gr * 1.01 for gr in grads]
+            elif kind == "dropped":  # a term of the gradient forgotten
+                grads[last] = None
+            elif kind == "transposed" and grads[last] is not None:  # a matrix gradient transposed
+                grads[last] = np.swapaxes(grads[last], -1, -2)
+            elif kind == "permuted" and grads[last] is not None:  # misaligned indices
+                grads[last] = np.roll(grads[last].ravel(), 1).reshape(grads[last].shape)
+            return tuple(grads)
+
+        return out, wrong_vjp
+
+    return wrong
+
+
+@pytest.mark.parametrize("mode", ["full", "fast"])
+@pytest.mark.parametrize("kind", ["scaled", "dropped", "permuted"])
+@pytest.mark.parametrize("name", sorted(ops.OPS))
+@settings(suppress_health_check=[HealthCheck.filter_too_much])
+@given(data=st.data())
+def test_every_planted_wrong_vjp_is_caught(
+    name: str, kind: str, mode: str, data: st.DataObject
+) -> None:
+    case, arrays, params = draw_case(data, name)
+    weights = data.draw(gst.arrays(np.shape(case.reference(*arrays, **params))), label="weights")
+
+    def fn(g: gl.Graph, *nodes: gl.NodeId) -> gl.NodeId:
+        return g.sum(g.mul(case.call(g, *nodes, **params), g.constant(weights)))
+
+    true_grad = jacobian(fn, *arrays)[-1].reshape(arrays[-1].shape)
+    # Only a gradient that the mutation really changes can be caught.
+    if kind == "permuted":
+        rolled = np.roll(true_grad.ravel(), 1).reshape(true_grad.shape)
+        assume(np.abs(true_grad - rolled).max() > 1e-2)
+    else:
+        assume(np.abs(true_grad).max() > 1e-2)
+    assert gradcheck(fn, *arrays, mode=mode)  # the true VJP passes
+    with mock.patch.object(ops, name, _planted(name, kind)), pytest.raises(GradcheckError):
+        gradcheck(fn, *arrays, mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["full", "fast"])
+@given(a=gst.arrays((3, 3)), b=gst.arrays((3, 3)))
+def test_a_transposed_matmul_gradient_is_caught(mode: str, a: np.ndarray, b: np.ndarray) -> None:
+    def fn(g: gl.Graph, a: gl.NodeId, b: gl.NodeId) -> gl.NodeId:
+        return g.sum(g.tanh(g.matmul(a, b)))
+
+    true_grad = jacobian(fn, a, b)[1].reshape(3, 3)
+    assume(np.abs(true_grad - true_grad.T).max() > 1e-2)
+    assert gradcheck(fn, a, b, mode=mode)
+    with (
+        mock.patch.object(ops, "matmul", _planted("matmul", "transposed")),
+        pytest.raises(GradcheckError, match="input 1"),
+    ):
+        gradcheck(fn, a, b, mode=mode)
+
+
+# --- check_vjp and the Jacobians -------------------------------------------------------------------
+
+
+# Ops whose graph methods normalise their parameters (axis tuples, -1 in shapes) take them
+# normalised; dropout draws a new mask per call. Every other op is checked bare.
+_BARE = sorted(set(ops.OPS) - {"sum", "mean", "reshape", "transpose", "dropout"})
+
+
+@pytest.mark.parametrize("name", _BARE)
+@given(data=st.data())
+def test_check_vjp_passes_every_bare_catalogue_op(name: str, data: st.DataObject) -> None:
+    _, arrays, params = draw_case(data, name)
+    assert check_vjp(ops.OPS[name], *arrays, **params)
+
+
+def test_check_vjp_catches_wasted_work_and_wrong_gradients() -> None:
+    def greedy(a: ops.Array, b: ops.Array) -> tuple[ops.Array, ops.Vjp]:
+        return a * b, lambda g, needs: (g * b, g * a)  # ignores needs
+
+    with pytest.raises(
+        GradcheckError,
+        match=r"check_vjp: greedy's VJP computed a gradient for input 1 although needs=\(True, False\)",
+    ):
+        check_vjp(greedy, np.ones(3), np.ones(3))
+    with pytest.raises(GradcheckError, match="gradient of input 0"):
+        check_vjp(_square_wrong, np.array([1.0, 2.0]))
+    assert check_vjp(ops.scale, np.array([1.0, 2.0]), c=3.0)
+    assert check_vjp(ops.sum, np.ones((2, 3)), axis=(1,), keepdims=False)
+
+
+def test_jacobian_and_numeric_jacobian_agree_with_the_formula() -> None:
+    x = np.array([[1.0, 2.0], [3.0, 4.0]])
+    w = np.array([[0.5, -1.0, 2.0], [1.5, 0.0, -0.5]])
+
+    def fn(g: gl.Graph, x: gl.NodeId, w: gl.NodeId) -> gl.NodeId:
+        return g.tanh(g.matmul(x, w))
+
+    analytic = jacobian(fn, x, w)
+    numeric = numeric_jacobian(fn, x, w)
+    assert [j.shape for j in analytic] == [(6, 4), (6, 6)]
+    # d tanh(x w)[i, k] / d w[j, k'] = (1 - tanh²)[i, k] * x[i, j] * [k == k']
+    dt = 1 - np.tanh(x @ w) ** 2
+    expected_w = np.einsum("ik,ij,kl->ikjl", dt, x, np.eye(3)).reshape(6, 6)
+    np.testing.assert_allclose(analytic[1], expected_w, rtol=1e-12, atol=1e-15)
+    for a, n in zip(analytic, numeric, strict=True):
+        np.testing.assert_allclose(a, n, rtol=1e-6, atol=1e-8)

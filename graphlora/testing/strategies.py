@@ -1,17 +1,21 @@
-"""Hypothesis strategies for property-testing gradients: shapes, arrays and LoRA layers.
+"""Hypothesis strategies for property-testing gradients: shapes, arrays, LoRA layers, expressions.
 
 Every strategy draws small, finite data so that a failing example is short to read. They are
-the ones graphlora's own test suite uses. Needs Hypothesis: ``pip install 'graphlora[test]'``.
+the ones graphlora's own test suite uses. ``expressions()`` draws whole random programs over the
+op catalogue, kept inside each op's safe domain, and prints them as code. Needs Hypothesis:
+``pip install 'graphlora[test]'``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from graphlora.graph import Graph
+from graphlora.graph import Graph, NodeId
 from graphlora.lora import INITS, LoraConfig, LoraLinear
 
 try:
@@ -24,8 +28,10 @@ except ImportError as exc:  # pragma: no cover - exercised only without Hypothes
     ) from exc
 
 __all__ = [
+    "Expression",
     "arrays",
     "broadcastable_shapes",
+    "expressions",
     "lora_configs",
     "lora_layers",
     "matmul_shapes",
@@ -160,3 +166,196 @@ def lora_layers(
             layer.lora_b, draw(arrays((cfg.rank, out_features), min_value=-1.0, max_value=1.0))
         )
     return graph, layer
+
+
+# --- random expressions over the op catalogue --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    """One line of an expression: ``out = g.op(*args, **params)``."""
+
+    out: str
+    op: str
+    args: tuple[str, ...]
+    params: tuple[tuple[str, Any], ...]
+
+    def code(self) -> str:
+        """The line as Python source."""
+        params = [f"{key}={_literal(value)}" for key, value in self.params]
+        return f"{self.out} = g.{self.op}({', '.join([*self.args, *params])})"
+
+
+def _literal(value: Any) -> str:
+    return repr(value.tolist()) if isinstance(value, np.ndarray) else repr(value)
+
+
+class Expression:
+    """A random program over the op catalogue, drawn by ``expressions()``.
+
+    ``fn(g, *nodes)`` records it on a graph and returns a scalar NodeId; ``inputs`` are the arrays
+    to call it at (with ``gradcheck(expr.fn, *expr.inputs)``); ``ops`` lists the ops it uses;
+    ``repr`` prints it as a Python function, so a failing example reads as a program.
+    """
+
+    __slots__ = ("inputs", "result", "steps")
+
+    def __init__(
+        self, inputs: tuple[np.ndarray[Any, Any], ...], steps: tuple[Step, ...], result: str
+    ) -> None:
+        self.inputs = inputs  # the arrays x0, x1, ... to evaluate at
+        self.steps = steps  # one line of code each
+        self.result = result  # the name of the scalar returned
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        """The op of every step, in order."""
+        return tuple(step.op for step in self.steps)
+
+    def fn(self, g: Graph, *nodes: NodeId) -> NodeId:
+        """Record the expression on ``g`` with ``nodes`` as ``x0, x1, ...``."""
+        env = {f"x{i}": node for i, node in enumerate(nodes)}
+        for step in self.steps:
+            method: Callable[..., NodeId] = getattr(g, step.op)
+            env[step.out] = method(*(env[a] for a in step.args), **dict(step.params))
+        return env[self.result]
+
+    def __repr__(self) -> str:
+        names = ", ".join(f"x{i}" for i in range(len(self.inputs)))
+        lines = [f"def f(g, {names}):"]
+        lines += [f"    {step.code()}" for step in self.steps]
+        lines.append(f"    return {self.result}")
+        with np.printoptions(precision=17, floatmode="unique"):
+            lines += [f"x{i} = np.array({a.tolist()!r})" for i, a in enumerate(self.inputs)]
+        return "\n".join(lines)
+
+
+Pool = dict[str, np.ndarray[Any, Any]]
+
+
+def _broadcasts(a: np.ndarray[Any, Any], b: np.ndarray[Any, Any]) -> bool:
+    try:
+        np.broadcast_shapes(a.shape, b.shape)
+    except ValueError:
+        return False
+    return True
+
+
+def _matmul_fits(a: np.ndarray[Any, Any], b: np.ndarray[Any, Any]) -> bool:
+    if not (1 <= a.ndim <= 2 and 1 <= b.ndim <= 2):
+        return False
+    return bool(a.shape[-1] == (b.shape[0] if b.ndim == 1 else b.shape[-2]))
+
+
+# Each rule: which variables (or pairs) an op may take, judged on their current values so that
+# every op stays in its safe domain: positive for log and fractional powers, away from zero for
+# div, away from relu's kink, bounded for exp.
+_UNARY_DOMAINS: dict[str, Callable[[np.ndarray[Any, Any]], bool]] = {
+    "neg": lambda v: True,
+    "scale": lambda v: True,
+    "tanh": lambda v: True,
+    "sigmoid": lambda v: True,
+    "gelu": lambda v: True,
+    "dropout": lambda v: True,
+    "sum": lambda v: True,
+    "mean": lambda v: True,
+    "pow": lambda v: True,
+    "exp": lambda v: bool(v.max() <= 3.0),
+    "log": lambda v: bool(v.min() >= 0.25),
+    "relu": lambda v: bool(np.abs(v).min() >= 0.05),
+    "reshape": lambda v: v.size > 1,
+    "transpose": lambda v: v.ndim >= 2,
+    "softmax": lambda v: v.ndim >= 1,
+    "log_softmax": lambda v: v.ndim >= 1,
+    "cross_entropy": lambda v: v.ndim == 2,
+}
+_BINARY_DOMAINS: dict[str, Callable[[np.ndarray[Any, Any], np.ndarray[Any, Any]], bool]] = {
+    "add": _broadcasts,
+    "sub": _broadcasts,
+    "mul": _broadcasts,
+    "div": lambda a, b: _broadcasts(a, b) and bool(np.abs(b).min() >= 0.25),
+    "matmul": _matmul_fits,
+    "mse_loss": lambda a, b: a.shape == b.shape,
+}
+
+
+def _params(draw: st.DrawFn, op: str, v: np.ndarray[Any, Any]) -> dict[str, Any]:
+    """Draw the non-array arguments of a unary op applied to a value ``v``."""
+    if op == "scale":
+        return {"c": draw(st.sampled_from([-1.5, -0.5, 0.5, 2.0]))}
+    if op == "pow":
+        fractional = bool(v.min() >= 0.25)
+        return {"p": draw(st.sampled_from([2, 3, 0.5, -1.0, 1.5] if fractional else [2, 3]))}
+    if op in ("sum", "mean"):
+        axis = draw(st.none() | st.integers(-v.ndim, v.ndim - 1)) if v.ndim else None
+        return {"axis": axis, "keepdims": draw(st.booleans())}
+    if op == "reshape":
+        return {"shape": draw(st.sampled_from([(-1,), (v.size, 1), tuple(reversed(v.shape))]))}
+    if op == "transpose":
+        return {"axes": draw(st.none() | st.permutations(range(v.ndim)).map(tuple))}
+    if op in ("softmax", "log_softmax"):
+        return {"axis": draw(st.integers(-v.ndim, v.ndim - 1))}
+    if op == "gelu":
+        return {"approximate": draw(st.sampled_from(["none", "tanh"]))}
+    if op == "cross_entropy":
+        n, classes = v.shape
+        labels = draw(st.lists(st.integers(0, classes - 1), min_size=n, max_size=n))
+        return {"labels": np.array(labels)}
+    if op == "dropout":
+        return {"p": draw(st.sampled_from([0.25, 0.5])), "rng": draw(st.integers(0, 999))}
+    return {}
+
+
+def _choices(pool: Pool) -> dict[str, list[tuple[str, ...]]]:
+    """For every op, the argument tuples from ``pool`` that keep it in its safe domain."""
+    found: dict[str, list[tuple[str, ...]]] = {}
+    for op, ok in _UNARY_DOMAINS.items():
+        args: list[tuple[str, ...]] = [(name,) for name, v in pool.items() if ok(v)]
+        if args:
+            found[op] = args
+    for op, ok2 in _BINARY_DOMAINS.items():
+        pairs: list[tuple[str, ...]] = [
+            (a, b) for a, va in pool.items() for b, vb in pool.items() if ok2(va, vb)
+        ]
+        if pairs:
+            found[op] = pairs
+    return found
+
+
+@st.composite
+def expressions(
+    draw: st.DrawFn, *, max_ops: int = 8, max_inputs: int = 3, max_side: int = 3
+) -> Expression:
+    """Random expressions over the whole op catalogue, as ``Expression`` objects.
+
+    Draws 1..``max_inputs`` input arrays (of one shape, or its last axis, so that broadcasting
+    happens), then 1..``max_ops`` steps, each an op applied to earlier values where they lie in
+    that op's safe domain, and finally a ``sum`` if the last value is not a scalar. Values are
+    kept finite and below 1e3 in magnitude, so that finite differences stay accurate.
+    """
+    shape = draw(shapes(min_dims=1, max_dims=2, max_side=max_side))
+    inputs = tuple(
+        draw(arrays(draw(st.sampled_from([shape, shape[-1:]])), min_value=-2.0, max_value=2.0))
+        for _ in range(draw(st.integers(1, max_inputs)))
+    )
+    scratch = Graph()
+    nodes: dict[str, NodeId] = {f"x{i}": scratch.constant(a) for i, a in enumerate(inputs)}
+    pool: Pool = {name: np.array(scratch.value(node)) for name, node in nodes.items()}
+    steps: list[Step] = []
+    for _ in range(draw(st.integers(1, max_ops))):
+        options = _choices(pool)
+        op = draw(st.sampled_from(sorted(options)))
+        args = draw(st.sampled_from(options[op]))
+        params = _params(draw, op, pool[args[0]]) if len(args) == 1 else {}
+        node = getattr(scratch, op)(*(nodes[a] for a in args), **params)
+        value = np.array(scratch.value(node))
+        if not (np.isfinite(value).all() and np.abs(value).max(initial=0.0) <= 1e3):
+            continue  # out of the safe range: leave this step out
+        name = f"v{len(steps)}"
+        steps.append(Step(name, op, args, tuple(params.items())))
+        nodes[name], pool[name] = node, value
+    result = steps[-1].out if steps else "x0"
+    if pool[result].size != 1:
+        steps.append(Step(f"v{len(steps)}", "sum", (result,), ()))
+        result = steps[-1].out
+    return Expression(inputs, tuple(steps), result)
