@@ -1,0 +1,47 @@
+"""The README and every tutorial in docs/ run: each ```python block is executed in order, in one
+namespace per page, and a ```text block right after a python block must be exactly what it printed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BLOCK = re.compile(r"^```(\w+)\n(.*?)^```\s*$", flags=re.DOTALL | re.MULTILINE)
+
+
+def blocks(text: str) -> list[tuple[str, str, bool]]:
+    """``(language, code, follows_python)`` for every fenced block, in order."""
+    found = []
+    previous_end, previous_lang = -1, ""
+    for match in BLOCK.finditer(text):
+        adjacent = previous_lang == "python" and not text[previous_end : match.start()].strip()
+        found.append((match.group(1), match.group(2), adjacent))
+        previous_end, previous_lang = match.end(), match.group(1)
+    return found
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
+def test_page_runs_and_shows_real_output(
+    page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # pages may write files: keep them out of the tree
+    namespace: dict[str, object] = {"__name__": f"docs.{page.stem}"}
+    printed = ""
+    ran = 0
+    for lang, code, follows_python in blocks(page.read_text(encoding="utf-8")):
+        if lang == "python":
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                exec(compile(code, str(page), "exec"), namespace)
+            printed = out.getvalue()
+            ran += 1
+        elif lang == "text" and follows_python:
+            assert printed == code, f"{page.name}: the output shown is not what the code prints"
+    assert ran >= 1, f"{page.name} has no python block"
