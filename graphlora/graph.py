@@ -13,7 +13,7 @@ nothing and its message names the op and the offending shapes or values.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -333,11 +333,19 @@ class Graph:
         if not flag:
             leaf._grad = None
 
-    def zero_grad(self) -> None:
-        """Forget every accumulated gradient (each ``grad()`` becomes ``None``)."""
-        for node in self._leaves:
-            node._grad = None
-        for node in self._tape:
+    def zero_grad(self, nodes: Iterable[NodeId] | None = None) -> None:
+        """Forget accumulated gradients: of ``nodes``, or of every node (the default).
+
+        Each such ``grad()`` becomes ``None``.
+        """
+        if nodes is None:
+            for node in self._leaves:
+                node._grad = None
+            for node in self._tape:
+                node._grad = None
+            return
+        checked = [self._check(node, "zero_grad", "nodes") for node in nodes]
+        for node in checked:
             node._grad = None
 
     def reset(self) -> None:
