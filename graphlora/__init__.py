@@ -5,7 +5,7 @@ Start with ``Graph``: add constants and parameters, call ops, then ``backward``.
 
 from __future__ import annotations
 
-from graphlora import functional, nn, ops
+from graphlora import functional, nn, ops, optim
 from graphlora.errors import (
     ForeignNodeError,
     GradcheckError,
@@ -36,4 +36,5 @@ __all__ = [
     "functional",
     "nn",
     "ops",
+    "optim",
 ]

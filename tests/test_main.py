@@ -1,36 +1,164 @@
-"""The command line: ``python -m graphlora`` runs its worked example; bad usage is a clear error."""
+"""The command line: the demo (the default), the worked example, and clear errors for bad usage."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from graphlora.__main__ import main
 
 
-def test_module_runs_the_worked_example() -> None:
+def test_module_runs_the_demo_by_default() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "graphlora"], capture_output=True, text=True, check=True, timeout=120
     )
-    assert "NodeId(2, op='parameter', shape=(2,), name='b')" in done.stdout
-    assert "largest difference from the engine: 0.0e+00" in done.stdout
+    assert "graphlora demo: LoRA recovers a planted low-rank update" in done.stdout
+    assert "relative error ||A B s - dW*||_F / ||dW*||_F: 0.0033" in done.stdout
+    assert "trainable parameters: 384 of 2,432 (15.79%)" in done.stdout
+
+
+def test_demo_report(capsys: pytest.CaptureFixture[str]) -> None:
+    assert (
+        main(
+            [
+                "demo",
+                "--in-features",
+                "20",
+                "--out-features",
+                "12",
+                "--planted-rank",
+                "2",
+                "--rank",
+                "2",
+                "--steps",
+                "200",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    table = out.split("singular values  planted  learned\n")[1].splitlines()[:2]
+    rows = [[float(v) for v in line.split()] for line in table]
+    assert [row[0] for row in rows] == [1, 2]
+    for _, planted, learned in rows:  # the learned update's singular values beside the planted
+        assert abs(planted - learned) < 0.02
+    error = float(out.split("relative error ||A B s - dW*||_F / ||dW*||_F: ")[1].split()[0])
+    assert error < 0.02
+    difference = float(out.split("max |merged - unmerged| output difference: ")[1].split()[0])
+    assert difference < 1e-12
+
+
+def test_rank_sweep_shows_the_elbow_at_the_planted_rank(capsys: pytest.CaptureFixture[str]) -> None:
+    assert (
+        main(
+            [
+                "demo",
+                "--rank-sweep",
+                "1,2,4",
+                "--planted-rank",
+                "2",
+                "--in-features",
+                "16",
+                "--out-features",
+                "8",
+                "--steps",
+                "200",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    rows = [
+        line.split() for line in capsys.readouterr().out.splitlines() if line[:4].strip().isdigit()
+    ]
+    errors = {int(row[0]): float(row[3]) for row in rows}
+    assert set(errors) == {1, 2, 4}
+    assert errors[1] > 0.3
+    assert errors[2] < 0.02
+    assert errors[4] < 0.02
+
+
+def test_plot_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    target = tmp_path / "curves.png"
+    assert main(["demo", "--steps", "20", "--plot", str(target), "--no-progress"]) == 0
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"wrote {target}" in capsys.readouterr().out
+
+
+def test_plot_without_matplotlib_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--plot", "x.png"])
+    assert info.value.code == 2
+    assert "--plot needs matplotlib: pip install 'graphlora[plot]'" in capsys.readouterr().err
+
+
+def test_progress_falls_back_to_plain_lines_without_tqdm(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    assert main(["demo", "--steps", "20"]) == 0
+    err = capsys.readouterr().err
+    assert "rank 4: step 1/20" in err
+    assert "rank 4: step 20/20" in err
+
+
+def test_digits_task(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("sklearn")
+    assert main(["demo", "--task", "digits", "--steps", "150", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    after = float(out.split("accuracy on digits 5-9 with the adapters:")[1].split()[0])
+    assert after > 0.9
 
 
 def test_example_command_prints_values_and_gradients(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["example"]) == 0
     out = capsys.readouterr().out
     assert out.count("grad:") == 5  # w, b and the three ops; the constants x, target get none
-    assert "dL/dw by hand" in out
+    assert "largest difference from the engine: 0.0e+00" in out
 
 
-def test_help_and_bad_usage(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (
+            ["demo", "--rank-sweep", "1,x"],
+            "expected comma-separated positive ints such as 1,2,4,8, got '1,x'",
+        ),
+        (["demo", "--rank-sweep", "0,2"], "ranks must be >= 1, got '0,2'"),
+        (["demo", "--steps", "-5"], "argument --steps: must be > 0, got '-5'"),
+        (["demo", "--lr", "fast"], "argument --lr: expected a float, got 'fast'"),
+        (["demo", "--task", "mnist"], "invalid choice: 'mnist'"),
+    ],
+)
+def test_bad_usage_is_a_clear_error(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as info:
-        main(["--help"])
-    assert info.value.code == 0
-    assert "example" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as info:
-        main(["frobnicate"])
+        main(argv)
     assert info.value.code == 2
-    assert "invalid choice: 'frobnicate'" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
+
+
+def test_impossible_sizes_are_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--rank", "40", "--out-features", "16", "--no-progress"]) == 2
+    assert "graphlora demo: error: rank 40 exceeds min(in, out) = 16" in capsys.readouterr().err
+    assert main(["demo", "--planted-rank", "40", "--out-features", "16", "--no-progress"]) == 2
+    assert "planted_rank 40 exceeds min(in_features, out_features) = 16" in capsys.readouterr().err
+
+
+def test_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--rank-sweep R1,R2,..." in out
+    assert "--plot FILE.png" in out

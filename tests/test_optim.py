@@ -1,0 +1,317 @@
+"""graphlora.optim: update rules step by step against PyTorch's documented formulas (and against
+torch.optim where installed), skipping, validation, state dicts, and the scipy.optimize bridge."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+
+import graphlora as gl
+from graphlora.optim import SGD, Adam, AdamW, minimize
+
+GRADS = [np.array([0.5, -1.0, 2.0]), np.array([-0.3, 0.8, 1.5]), np.array([1.2, 0.1, -0.7])]
+START = np.array([1.0, -2.0, 0.5])
+
+
+def _run(make: Any, steps: int = 3) -> np.ndarray:
+    """Apply ``steps`` updates with known gradients: loss = sum(p * c) has gradient c."""
+    g = gl.Graph()
+    p = g.parameter(START)
+    opt = make(g, [p])
+    for c in GRADS[:steps]:
+        g.backward(g.sum(g.mul(p, g.constant(c))))
+        opt.step()
+        opt.zero_grad()
+        g.reset()
+    return np.array(g.value(p))
+
+
+def _sgd_formula(
+    lr: float, momentum: float = 0.0, wd: float = 0.0, nesterov: bool = False
+) -> np.ndarray:
+    p, buf = START.copy(), None
+    for grad in GRADS:
+        d = grad + wd * p
+        if momentum:
+            buf = d.copy() if buf is None else momentum * buf + d
+            d = d + momentum * buf if nesterov else buf
+        p = p - lr * d
+    return p
+
+
+def _adam_formula(
+    lr: float, b1: float, b2: float, eps: float, wd: float, decoupled: bool
+) -> np.ndarray:
+    p, m, v = START.copy(), np.zeros(3), np.zeros(3)
+    for t, grad in enumerate(GRADS, start=1):
+        if decoupled:
+            p = p * (1 - lr * wd)
+        else:
+            grad = grad + wd * p
+        m = b1 * m + (1 - b1) * grad
+        v = b2 * v + (1 - b2) * grad**2
+        p = p - lr * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
+    return p
+
+
+@pytest.mark.parametrize(
+    ("kwargs"),
+    [
+        {"lr": 0.1},
+        {"lr": 0.1, "momentum": 0.9},
+        {"lr": 0.05, "momentum": 0.8, "nesterov": True},
+        {"lr": 0.1, "momentum": 0.5, "weight_decay": 0.01},
+    ],
+)
+def test_sgd_follows_the_formula(kwargs: dict[str, Any]) -> None:
+    got = _run(lambda g, ps: SGD(g, ps, **kwargs))
+    expected = _sgd_formula(
+        kwargs["lr"],
+        kwargs.get("momentum", 0.0),
+        kwargs.get("weight_decay", 0.0),
+        kwargs.get("nesterov", False),
+    )
+    np.testing.assert_allclose(got, expected, rtol=1e-14)
+
+
+@pytest.mark.parametrize("cls", [Adam, AdamW])
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_adam_and_adamw_follow_the_formulas(cls: Any, wd: float) -> None:
+    got = _run(lambda g, ps: cls(g, ps, lr=0.01, betas=(0.8, 0.95), eps=1e-6, weight_decay=wd))
+    expected = _adam_formula(0.01, 0.8, 0.95, 1e-6, wd, decoupled=cls is AdamW)
+    np.testing.assert_allclose(got, expected, rtol=1e-13)
+    if wd:  # decoupled and L2 decay really differ
+        other = _adam_formula(0.01, 0.8, 0.95, 1e-6, wd, decoupled=cls is not AdamW)
+        assert not np.allclose(got, other, rtol=1e-9)
+
+
+def test_adamw_default_weight_decay_is_pytorchs() -> None:
+    g = gl.Graph()
+    assert AdamW(g, [g.parameter(1.0)]).weight_decay == 0.01
+    assert Adam(g, [g.parameter(1.0)]).weight_decay == 0.0
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("SGD", {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01, "nesterov": True}),
+        ("Adam", {"lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-6, "weight_decay": 0.1}),
+        ("AdamW", {"lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-6, "weight_decay": 0.1}),
+    ],
+)
+def test_matches_torch_optim(name: str, kwargs: dict[str, Any]) -> None:
+    torch = pytest.importorskip("torch")
+    ours = _run(lambda g, ps: getattr(gl.optim, name)(g, ps, **kwargs))
+    p = torch.tensor(START, requires_grad=True)
+    opt = getattr(torch.optim, name)([p], **kwargs)
+    for c in GRADS:
+        opt.zero_grad()
+        (p * torch.tensor(c)).sum().backward()
+        opt.step()
+    np.testing.assert_allclose(ours, p.detach().numpy(), rtol=1e-12)
+
+
+def test_a_parameter_without_gradient_is_skipped() -> None:
+    g = gl.Graph()
+    used, unused = g.parameter(np.ones(2)), g.parameter(np.ones(2))
+    opt = Adam(g, [used, unused], lr=0.1)
+    g.backward(g.sum(used))
+    opt.step()
+    assert opt.steps == [1, 0]
+    np.testing.assert_array_equal(g.value(unused), np.ones(2))
+    assert not np.array_equal(g.value(used), np.ones(2))
+    assert opt.state[1] == {}
+
+
+def test_zero_grad_touches_only_its_parameters() -> None:
+    g = gl.Graph()
+    a, b = g.parameter(1.0), g.parameter(2.0)
+    g.backward(g.add(a, b))
+    SGD(g, [a], lr=0.1).zero_grad()
+    assert g.grad(a) is None
+    assert g.grad(b) is not None
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda g, p: SGD(g, [p], lr=-0.1), ValueError, r"SGD: lr must be >= 0, got -0.1"),
+        (
+            lambda g, p: SGD(g, [p], lr=0.1, nesterov=True),
+            ValueError,
+            r"SGD: nesterov=True needs momentum > 0",
+        ),
+        (
+            lambda g, p: SGD(g, [p], lr=0.1, momentum=-1),
+            ValueError,
+            r"SGD: momentum must be >= 0, got -1",
+        ),
+        (
+            lambda g, p: SGD(g, [p], lr="fast"),
+            TypeError,
+            r"SGD: lr must be a real number, got 'fast'",
+        ),
+        (
+            lambda g, p: Adam(g, [p], betas=(0.9, 1.0)),
+            ValueError,
+            r"Adam: betas\[1\] must be in \[0, 1\), got 1.0",
+        ),
+        (
+            lambda g, p: Adam(g, [p], betas=(-0.1, 0.9)),
+            ValueError,
+            r"Adam: betas\[0\] must be in \[0, 1\), got -0.1",
+        ),
+        (lambda g, p: Adam(g, [p], betas=0.9), TypeError, r"Adam: betas must be a pair"),
+        (lambda g, p: AdamW(g, [p], eps=math.nan), ValueError, r"AdamW: eps must be >= 0, got nan"),
+        (lambda g, p: Adam(g, []), ValueError, r"Adam: params is empty"),
+        (
+            lambda g, p: Adam(g, [p, p]),
+            ValueError,
+            r"Adam: params lists a parameter more than once",
+        ),
+        (
+            lambda g, p: Adam(g, [g.constant(1.0)]),
+            gl.GraphError,
+            r"Adam: params\[0\] NodeId.* is not a parameter",
+        ),
+        (
+            lambda g, p: Adam(g, [gl.Graph().parameter(1.0)]),
+            gl.ForeignNodeError,
+            r"Adam: params\[0\]",
+        ),
+        (lambda g, p: Adam(g, [np.ones(2)]), TypeError, r"Adam: params\[0\] must be a NodeId"),
+    ],
+)
+def test_bad_hyperparameters_and_params(make: Any, error: type[Exception], match: str) -> None:
+    g = gl.Graph()
+    p = g.parameter(np.ones(2))
+    with pytest.raises(error, match=match):
+        make(g, p)
+
+
+def test_state_dict_round_trip_continues_identically() -> None:
+    def setup() -> tuple[gl.Graph, gl.NodeId, Adam]:
+        g = gl.Graph()
+        p = g.parameter(START)
+        return g, p, Adam(g, [p], lr=0.05)
+
+    def step(g: gl.Graph, p: gl.NodeId, opt: Adam, c: np.ndarray) -> None:
+        g.backward(g.sum(g.mul(g.mul(p, p), g.constant(c))))
+        opt.step()
+        opt.zero_grad()
+        g.reset()
+
+    g1, p1, opt1 = setup()
+    for c in GRADS[:2]:
+        step(g1, p1, opt1, c)
+    saved = opt1.state_dict()
+    g2, p2, opt2 = setup()
+    g2.set_value(p2, g1.value(p1))
+    opt2.load_state_dict(saved)
+    saved["state"][0]["exp_avg"] += 100.0  # a copy: changing it changes neither optimizer
+    step(g1, p1, opt1, GRADS[2])
+    step(g2, p2, opt2, GRADS[2])
+    np.testing.assert_array_equal(g1.value(p1), g2.value(p2))
+    assert opt2.steps == [3]
+
+
+def test_a_bad_state_dict_changes_nothing() -> None:
+    g = gl.Graph()
+    p = g.parameter(START)
+    opt = Adam(g, [p], lr=0.05)
+    g.backward(g.sum(p))
+    opt.step()
+    good = opt.state_dict()
+    cases = [
+        ({**good, "optimizer": "SGD"}, ValueError, r"this is a 'SGD' state, not 'Adam'"),
+        ({**good, "steps": [1, 1]}, ValueError, r"state is for 2 parameters, this optimizer has 1"),
+        (
+            {**good, "hyperparameters": {**good["hyperparameters"], "lr": -1.0}},
+            ValueError,
+            r"lr must be >= 0",
+        ),
+        (
+            {**good, "state": [{"exp_avg": np.ones(2), "exp_avg_sq": np.ones(3)}]},
+            gl.ShapeError,
+            r"state\[0\]\['exp_avg'\] is float64 \(2,\)",
+        ),
+        (
+            {**good, "state": [{"exp_avg": np.ones(3)}]},
+            ValueError,
+            r"state\[0\] has keys \['exp_avg'\]",
+        ),
+        ({"steps": [1]}, ValueError, r"expected a mapping with keys"),
+    ]
+    for state, error, match in cases:
+        with pytest.raises(error, match=match):
+            opt.load_state_dict(state)
+        assert opt.lr == 0.05
+        assert opt.steps == [1]
+        np.testing.assert_array_equal(opt.state[0]["exp_avg"], good["state"][0]["exp_avg"])
+
+
+def test_repr() -> None:
+    g = gl.Graph()
+    assert (
+        repr(SGD(g, [g.parameter(1.0)], lr=0.1))
+        == "SGD(1 parameters, lr=0.1, momentum=0.0, weight_decay=0.0, nesterov=False)"
+    )
+
+
+# --- minimize --------------------------------------------------------------------------------------
+
+
+def test_minimize_solves_least_squares_to_1e8() -> None:
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(50, 6)), rng.normal(size=(50, 2))
+    g = gl.Graph()
+    w = g.parameter(np.zeros((6, 2)))
+    b = g.parameter(np.zeros(2))
+    xs, ys = g.constant(x), g.constant(y)
+    result = minimize(g, lambda g: g.mse_loss(g.add(g.matmul(xs, w), b), ys), [w, b], tol=1e-14)
+    assert result.success
+    design = np.hstack([x, np.ones((50, 1))])
+    exact = np.linalg.lstsq(design, y, rcond=None)[0]
+    np.testing.assert_allclose(g.value(w), exact[:6], atol=1e-8)
+    np.testing.assert_allclose(g.value(b), exact[6], atol=1e-8)
+    assert len(g.tape) == 0  # reset after
+    assert g.grad(w) is None
+
+
+def test_minimize_fits_a_lora_adapter_and_takes_scipy_options() -> None:
+    rng = np.random.default_rng(1)
+    g = gl.Graph()
+    layer = gl.LoraLinear.new(g, 8, 6, gl.LoraConfig(rank=2, seed=0), bias=False)
+    delta = rng.normal(size=(8, 2)) @ rng.normal(size=(2, 6))
+    x = rng.normal(size=(40, 8))
+    xs, ys = g.constant(x), g.constant(x @ (g.value(layer.frozen_weight) + delta))
+    result = minimize(
+        g,
+        lambda g: g.mse_loss(layer.forward(g, xs), ys),
+        layer.trainable_params(),
+        method="BFGS",
+        options={"gtol": 1e-12, "maxiter": 5000},
+    )
+    assert result.fun < 1e-12
+    np.testing.assert_allclose(layer.delta(g), delta, atol=1e-5)
+
+
+def test_minimize_restores_the_parameters_when_the_loss_fails() -> None:
+    g = gl.Graph()
+    w = g.parameter(np.array([1.0, 2.0]))
+    calls = []
+
+    def loss(graph: gl.Graph) -> gl.NodeId:
+        calls.append(1)
+        if len(calls) > 2:
+            raise RuntimeError("boom")
+        return graph.sum(graph.mul(w, w))
+
+    with pytest.raises(RuntimeError, match="boom"):
+        minimize(g, loss, [w])
+    np.testing.assert_array_equal(g.value(w), [1.0, 2.0])
+    with pytest.raises(gl.GraphError, match=r"minimize: params\[0\] .* is not a parameter"):
+        minimize(g, loss, [g.constant(1.0)])
