@@ -14,6 +14,7 @@ from graphlora.errors import (
     StaleNodeError,
 )
 from graphlora.graph import Graph, NodeId
+from graphlora.io import load_adapter, save_adapter, save_merged
 from graphlora.lora import LoraConfig, LoraLinear
 from graphlora.nn import MLP, Linear, apply_lora
 
@@ -34,7 +35,10 @@ __all__ = [
     "__version__",
     "apply_lora",
     "functional",
+    "load_adapter",
     "nn",
     "ops",
     "optim",
+    "save_adapter",
+    "save_merged",
 ]

@@ -1,8 +1,9 @@
 """The ``python -m graphlora`` command line (also installed as the ``graphlora`` script).
 
 ``demo`` (the default) shows LoRA recovering a planted low-rank update, or adapting a digits
-classifier with ``--task digits``; ``example`` builds a tiny graph and prints every node's value
-and gradient next to the same gradients worked out by hand.
+classifier with ``--task digits``; ``inspect DIR`` prints an adapter directory's config and
+tensors; ``example`` builds a tiny graph and prints every node's value and gradient next to the
+same gradients worked out by hand.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 
 import graphlora as gl
 from graphlora import demo
+from graphlora.io import read_adapter
 
 __all__ = ["main"]
 
@@ -159,6 +161,10 @@ def _demo_low_rank(args: argparse.Namespace) -> int:
     if args.plot:
         _plot(args.plot, results, args.planted_rank)
         print(f"\nwrote {args.plot}")
+    if args.save_adapter:
+        r = results[0]
+        gl.save_adapter(args.save_adapter, r.graph, {"proj": r.layer}, overwrite=args.overwrite)
+        print(f"\nsaved the adapter (module 'proj', PEFT layout) to {args.save_adapter}")
     return 0
 
 
@@ -176,6 +182,31 @@ def _demo_digits(args: argparse.Namespace) -> int:
         f"trainable parameters: {result.trainable:,} of {result.total:,} "
         f"({100 * result.trainable / result.total:.2f}%)"
     )
+    return 0
+
+
+def _inspect(directory: str) -> int:
+    """Print an adapter directory's config and tensors (graphlora's or PEFT's)."""
+    adapter = read_adapter(directory)
+    config = adapter.config
+    print(f"adapter: {adapter.path}")
+    shown = ("peft_type", "r", "lora_alpha", "use_rslora", "lora_dropout", "init_lora_weights")
+    print("  " + ", ".join(f"{key} {config.get(key)!r}" for key in shown))
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key):
+            print(f"  {key}: {config[key]}")
+    width = max(len("module"), *(len(name) for name in adapter.a))
+    header = f"{'module':<{width}}  {'lora_A':>12}  {'lora_B':>12}  {'dtype':>7}  "
+    print("\n" + header + "  |A|_F      |B|_F  scaling   |dW|_F")
+    for name in sorted(adapter.a):
+        a, b = adapter.a[name], adapter.b[name]
+        scaling = adapter.scaling(name)
+        delta = scaling * float(np.linalg.norm(b.astype(np.float64) @ a.astype(np.float64)))
+        print(
+            f"{name:<{width}}  {a.shape!s:>12}  {b.shape!s:>12}  {a.dtype!s:>7}  "
+            f"{np.linalg.norm(a):9.4g}  {np.linalg.norm(b):9.4g}  {scaling:7.4g}  {delta:7.4g}"
+        )
+    print("\nlora_A is [rank, in] and lora_B [out, rank] (PyTorch layout); dW = scaling * B A")
     return 0
 
 
@@ -206,6 +237,15 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--plot", metavar="FILE.png", help="save loss curves and singular values")
     d.add_argument("--no-progress", dest="progress", action="store_false")
+    d.add_argument("--save-adapter", metavar="DIR", help="save the trained adapter (PEFT layout)")
+    d.add_argument("--overwrite", action="store_true", help="let --save-adapter replace DIR")
+    i = commands.add_parser(
+        "inspect",
+        help="print an adapter directory's config and tensors",
+        description="Print the config and tensors of an adapter directory saved by graphlora or "
+        "by PEFT's save_pretrained.",
+    )
+    i.add_argument("directory", metavar="DIR")
     return parser
 
 
@@ -215,6 +255,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "example":
         return _example()
+    if args.command == "inspect":
+        try:
+            return _inspect(args.directory)
+        except (OSError, ValueError, ImportError) as error:
+            print(f"graphlora inspect: error: {error}", file=sys.stderr)
+            return 1
     if args.command is None:  # the main job is the default
         args = parser.parse_args(["demo"])
     if args.plot:
@@ -222,11 +268,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             parser.error("--plot needs matplotlib: pip install 'graphlora[plot]'")
+    if args.save_adapter and (args.task != "lowrank" or args.rank_sweep):
+        parser.error("--save-adapter goes with the lowrank task and a single --rank")
     if args.lr is None:
         args.lr = 0.02 if args.task == "lowrank" else 0.01
     try:
         return _demo_low_rank(args) if args.task == "lowrank" else _demo_digits(args)
-    except (ValueError, ImportError) as error:
+    except (ValueError, ImportError, FileExistsError) as error:
         print(f"graphlora demo: error: {error}", file=sys.stderr)
         return 2
 

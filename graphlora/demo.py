@@ -116,6 +116,8 @@ class LowRankResult:
     merge_max_difference: float  # max |merged forward - unmerged forward|
     trainable: int  # rank * (in + out)
     total: int  # in * out frozen + trainable
+    graph: Graph = field(repr=False)  # the graph that holds the trained layer
+    layer: LoraLinear = field(repr=False)  # the trained layer, named "proj"
 
     @property
     def final_loss(self) -> float:
@@ -136,7 +138,7 @@ def run_low_rank(
         raise ValueError(f"run_low_rank: steps must be >= 1, got {steps}")
     g = Graph()
     config = LoraConfig(rank=rank, alpha=float(rank), init="kaiming", seed=seed)
-    layer = LoraLinear.from_linear(g, task.base, None, config, name="demo")
+    layer = LoraLinear.from_linear(g, task.base, None, config, name="proj")
     x = g.constant(task.inputs, name="x")
     y = g.constant(task.targets, name="y")
     optimizer = Adam(g, layer.trainable_params(), lr=lr)
@@ -166,6 +168,8 @@ def run_low_rank(
         merge_max_difference=float(np.abs(merged - unmerged).max()),
         trainable=layer.num_trainable,
         total=layer.num_frozen + layer.num_trainable,
+        graph=g,
+        layer=layer,
     )
 
 

@@ -1,0 +1,497 @@
+"""Adapter files: PEFT's exact layout, round trips, refusal of bad files (changing nothing), atomic
+writes, merged weights, ``graphlora inspect``, and both directions against real PEFT if installed."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import graphlora as gl
+from graphlora import io as glio
+from graphlora.__main__ import main
+
+st_numpy = pytest.importorskip("safetensors.numpy")
+
+
+def _layers(g: gl.Graph, seed: int = 0, **overrides: Any) -> dict[str, gl.LoraLinear]:
+    """Two trained-looking layers: q (16 -> 8, rank 4) and v (16 -> 6, rank 2, alpha 4)."""
+    rng = np.random.default_rng(seed)
+    q = gl.LoraLinear.new(
+        g, 16, 8, gl.LoraConfig(rank=4, alpha=8.0, seed=seed, **overrides), name="model.q"
+    )
+    v = gl.LoraLinear.new(
+        g, 16, 6, gl.LoraConfig(rank=2, alpha=4.0, seed=seed + 1, **overrides), name="model.v"
+    )
+    for layer in (q, v):
+        g.set_value(layer.lora_b, rng.normal(size=(layer.rank, layer.out_features)))
+    return {"model.q": q, "model.v": v}
+
+
+def _twin(
+    g: gl.Graph, layers: dict[str, gl.LoraLinear], target: gl.Graph | None = None
+) -> dict[str, gl.LoraLinear]:
+    """Fresh layers (in ``target``, default ``g``) over the same frozen weights, other A and B."""
+    into = g if target is None else target
+    return {
+        name: gl.LoraLinear.from_linear(
+            into,
+            g.value(layer.frozen_weight),
+            None if layer.bias is None else g.value(layer.bias),
+            layer.config,
+            rng=np.random.default_rng(99),
+            name=name,
+        )
+        for name, layer in layers.items()
+    }
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    g = gl.Graph()
+    layers = _layers(g)
+    gl.save_adapter(tmp_path / "adapter", g, layers)
+    g2 = gl.Graph()
+    loaded = _twin(g, layers, g2)
+    gl.load_adapter(tmp_path / "adapter", g2, loaded)
+    for name, layer in layers.items():
+        np.testing.assert_array_equal(g2.value(loaded[name].lora_a), g.value(layer.lora_a))
+        np.testing.assert_array_equal(g2.value(loaded[name].lora_b), g.value(layer.lora_b))
+
+
+def test_exact_keys_shapes_and_config(tmp_path: Path) -> None:
+    g = gl.Graph()
+    layers = _layers(g)
+    out = gl.save_adapter(tmp_path / "adapter", g, layers)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    tensors = st_numpy.load_file(str(out / "adapter_model.safetensors"))
+    assert {k: v.shape for k, v in tensors.items()} == {
+        "base_model.model.model.q.lora_A.weight": (4, 16),
+        "base_model.model.model.q.lora_B.weight": (8, 4),
+        "base_model.model.model.v.lora_A.weight": (2, 16),
+        "base_model.model.model.v.lora_B.weight": (6, 2),
+    }
+    np.testing.assert_array_equal(
+        tensors["base_model.model.model.q.lora_A.weight"], g.value(layers["model.q"].lora_a).T
+    )
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"], config["use_rslora"]) == (
+        4,
+        8,
+        0.0,
+        False,
+    )
+    assert config["target_modules"] == ["model.q", "model.v"]
+    assert (
+        config["fan_in_fan_out"],
+        config["bias"],
+        config["init_lora_weights"],
+        config["inference_mode"],
+    ) == (False, "none", True, True)
+    assert config["rank_pattern"] == {"model.v": 2}
+    assert config["alpha_pattern"] == {"model.v": 4}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dtypes_are_preserved(tmp_path: Path, dtype: Any) -> None:
+    g = gl.Graph(dtype)
+    gl.save_adapter(tmp_path / "a", g, _layers(g))
+    tensors = st_numpy.load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    assert {t.dtype for t in tensors.values()} == {np.dtype(dtype)}
+
+
+def test_peft_key_spelling_with_an_adapter_name_loads(tmp_path: Path) -> None:
+    g = gl.Graph()
+    layers = _layers(g)
+    gl.save_adapter(tmp_path / "a", g, layers)
+    file = tmp_path / "a" / "adapter_model.safetensors"
+    tensors = st_numpy.load_file(str(file))
+    renamed = {k.replace(".weight", ".default.weight"): v for k, v in tensors.items()}
+    st_numpy.save_file(renamed, str(file))
+    twin = _twin(g, layers)
+    gl.load_adapter(tmp_path / "a", g, twin)
+    np.testing.assert_array_equal(
+        g.value(twin["model.v"].lora_b), g.value(layers["model.v"].lora_b)
+    )
+
+
+def test_rslora_and_pissa_are_written_and_checked(tmp_path: Path) -> None:
+    g = gl.Graph()
+    layers = _layers(g, use_rslora=True, init="pissa")
+    gl.save_adapter(tmp_path / "a", g, layers)
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["use_rslora"] is True
+    assert config["init_lora_weights"] == "pissa"
+    plain = {
+        name: gl.LoraLinear.new(
+            g,
+            layer.in_features,
+            layer.out_features,
+            gl.LoraConfig(rank=layer.rank, alpha=layer.config.alpha, use_rslora=True),
+            name=name,
+        )
+        for name, layer in layers.items()
+    }
+    with pytest.raises(
+        ValueError,
+        match=r"load_adapter: layer 'model.q': the file has pissa init True, the layer False",
+    ):
+        gl.load_adapter(tmp_path / "a", g, plain)
+
+
+def _snapshot(g: gl.Graph, layers: dict[str, gl.LoraLinear]) -> list[np.ndarray]:
+    return [np.array(g.value(n)) for layer in layers.values() for n in layer.trainable_params()]
+
+
+def test_mismatches_are_refused_and_change_nothing(tmp_path: Path) -> None:
+    g = gl.Graph()
+    gl.save_adapter(tmp_path / "a", g, _layers(g))
+    cases: list[tuple[dict[str, gl.LoraLinear], type[Exception], str]] = []
+    twin = _twin(g, _layers(g))
+    cases.append(
+        (
+            {"model.q": twin["model.q"]},
+            ValueError,
+            r"does not match the layers: missing \[\], unexpected \['model.v'\]",
+        )
+    )
+    cases.append(({**twin, "model.k": twin["model.q"]}, ValueError, r"missing \['model.k'\]"))
+    other_rank = {
+        **twin,
+        "model.v": gl.LoraLinear.new(g, 16, 6, gl.LoraConfig(rank=3, alpha=4.0), name="model.v"),
+    }
+    cases.append((other_rank, ValueError, r"layer 'model.v': the file has rank 2, the layer 3"))
+    other_alpha = {
+        **twin,
+        "model.v": gl.LoraLinear.new(g, 16, 6, gl.LoraConfig(rank=2, alpha=5.0), name="model.v"),
+    }
+    cases.append(
+        (other_alpha, ValueError, r"layer 'model.v': the file has alpha 4.0, the layer 5.0")
+    )
+    rslora = {
+        **twin,
+        "model.v": gl.LoraLinear.new(
+            g, 16, 6, gl.LoraConfig(rank=2, alpha=4.0, use_rslora=True), name="model.v"
+        ),
+    }
+    cases.append((rslora, ValueError, r"the file has use_rslora False, the layer True"))
+    wider = {
+        **twin,
+        "model.v": gl.LoraLinear.new(g, 17, 6, gl.LoraConfig(rank=2, alpha=4.0), name="model.v"),
+    }
+    cases.append(
+        (wider, gl.ShapeError, r"model.v.lora_A has shape \(2, 16\), the layer needs \(2, 17\)")
+    )
+    for layers, error, match in cases:
+        before = _snapshot(g, layers)
+        with pytest.raises(error, match=r"load_adapter: .*" + match):
+            gl.load_adapter(tmp_path / "a", g, layers)
+        for old, new in zip(before, _snapshot(g, layers), strict=True):
+            np.testing.assert_array_equal(old, new)
+    twin["model.q"].merge_(g)
+    with pytest.raises(gl.GraphError, match=r"layer 'model\.q' is merged"):
+        gl.load_adapter(tmp_path / "a", g, twin)
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        (
+            lambda f: f.write_bytes(b"not a safetensors file at all"),
+            "is not a readable safetensors file",
+        ),
+        (
+            lambda f: f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2]),
+            "is not a readable safetensors file",
+        ),
+        (
+            lambda f: f.write_bytes(struct.pack("<Q", 2**40) + f.read_bytes()[8:]),
+            "is not a readable safetensors file",
+        ),
+        (lambda f: f.unlink(), "has no adapter_model.safetensors"),
+        (
+            lambda f: (f.parent / "adapter_config.json").write_text("{not json"),
+            "adapter_config.json is not valid JSON",
+        ),
+        (
+            lambda f: (f.parent / "adapter_config.json").write_text('{"peft_type": "IA3"}'),
+            "is not a LoRA adapter config",
+        ),
+        (lambda f: (f.parent / "adapter_config.json").unlink(), "has no adapter_config.json"),
+        (
+            lambda f: st_numpy.save_file(
+                {"base_model.model.model.q.lora_A.weight": np.ones((4, 16))}, str(f)
+            ),
+            r"has lora_A without lora_B",
+        ),
+        (
+            lambda f: st_numpy.save_file({"model.q.weight": np.ones((4, 16))}, str(f)),
+            r"holds keys that are not LoRA A/B weights: \['model.q.weight'\]",
+        ),
+    ],
+)
+def test_damaged_files_are_refused_and_change_nothing(
+    tmp_path: Path, damage: Any, match: str
+) -> None:
+    g = gl.Graph()
+    layers = _layers(g)
+    gl.save_adapter(tmp_path / "a", g, layers)
+    damage(tmp_path / "a" / "adapter_model.safetensors")
+    twin = _twin(g, layers)
+    before = _snapshot(g, twin)
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        gl.load_adapter(tmp_path / "a", g, twin)
+    for old, new in zip(before, _snapshot(g, twin), strict=True):
+        np.testing.assert_array_equal(old, new)
+
+
+def test_bad_values_are_refused(tmp_path: Path) -> None:
+    g = gl.Graph()
+    layers = _layers(g)
+    for value, error, match in [
+        (np.full((4, 16), np.nan), ValueError, r"model.q.lora_A holds NaN or Inf"),
+        (
+            np.ones((4, 16), dtype=np.int32),
+            TypeError,
+            r"model.q.lora_A has dtype int32, not floating",
+        ),
+    ]:
+        gl.save_adapter(tmp_path / "a", g, layers, overwrite=True)
+        file = tmp_path / "a" / "adapter_model.safetensors"
+        tensors = st_numpy.load_file(str(file))
+        tensors["base_model.model.model.q.lora_A.weight"] = value
+        st_numpy.save_file(tensors, str(file))
+        with pytest.raises(error, match=match):
+            gl.load_adapter(tmp_path / "a", g, _twin(g, layers))
+
+
+class _Boom:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.write_text, (Path(self.marker), "unpickled!"))  # type: ignore[attr-defined]
+
+
+def test_pickle_files_are_refused_and_never_opened(tmp_path: Path) -> None:
+    directory = tmp_path / "torch_adapter"
+    directory.mkdir()
+    marker = tmp_path / "marker"
+    boom = _Boom()
+    boom.marker = str(marker)  # type: ignore[attr-defined]
+    (directory / "adapter_model.bin").write_bytes(pickle.dumps(boom))
+    (directory / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "lora_alpha": 8}')
+    g = gl.Graph()
+    with pytest.raises(
+        ValueError,
+        match=r"adapter_model.bin is a pickle file, which can run arbitrary code when loaded; graphlora never unpickles",
+    ):
+        gl.load_adapter(directory, g, _layers(g))
+    assert not marker.exists()
+
+
+def test_existing_directory_needs_overwrite(tmp_path: Path) -> None:
+    g = gl.Graph()
+    layers = _layers(g)
+    gl.save_adapter(tmp_path / "a", g, layers)
+    with pytest.raises(
+        FileExistsError, match=r"save_adapter: .* already exists; pass overwrite=True"
+    ):
+        gl.save_adapter(tmp_path / "a", g, layers)
+    g.set_value(layers["model.q"].lora_b, np.zeros((4, 8)))
+    gl.save_adapter(tmp_path / "a", g, layers, overwrite=True)
+    tensors = st_numpy.load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    assert not tensors["base_model.model.model.q.lora_B.weight"].any()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no temporary leftovers
+
+
+@pytest.mark.parametrize("interruption", [RuntimeError("disk full"), KeyboardInterrupt()])
+def test_an_interrupted_save_leaves_the_old_adapter_intact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, interruption: BaseException
+) -> None:
+    g = gl.Graph()
+    layers = _layers(g)
+    gl.save_adapter(tmp_path / "a", g, layers)
+    expected = np.array(g.value(layers["model.q"].lora_b))
+    g.set_value(layers["model.q"].lora_b, np.zeros((4, 8)))
+    calls = []
+    real = glio._write_bytes
+
+    def failing(target: Path, data: bytes) -> None:
+        calls.append(target.name)
+        if len(calls) == 2:  # after the weights, before the config
+            raise interruption
+        real(target, data)
+
+    monkeypatch.setattr(glio, "_write_bytes", failing)
+    with pytest.raises(type(interruption)):
+        gl.save_adapter(tmp_path / "a", g, layers, overwrite=True)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    twin = _twin(g, layers)
+    gl.load_adapter(tmp_path / "a", g, twin)
+    np.testing.assert_array_equal(g.value(twin["model.q"].lora_b), expected)
+
+
+def test_save_refuses_what_peft_cannot_express(tmp_path: Path) -> None:
+    g = gl.Graph()
+    a = gl.LoraLinear.new(g, 4, 4, gl.LoraConfig(rank=2, use_rslora=True))
+    b = gl.LoraLinear.new(g, 4, 4, gl.LoraConfig(rank=2))
+    with pytest.raises(
+        ValueError,
+        match=r"save_adapter: the layers differ in use_rslora \(\[False, True\]\); PEFT has one",
+    ):
+        gl.save_adapter(tmp_path / "x", g, {"a": a, "b": b})
+    with pytest.raises(
+        ValueError, match=r"save_adapter: layer name 'bad name' must be dotted identifiers"
+    ):
+        gl.save_adapter(tmp_path / "x", g, {"bad name": a})
+    with pytest.raises(TypeError, match=r"save_adapter: layers must be a non-empty mapping"):
+        gl.save_adapter(tmp_path / "x", g, {})
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("layout", ["torch", "graphlora"])
+def test_save_merged(tmp_path: Path, layout: str) -> None:
+    g = gl.Graph()
+    layers = _layers(g)
+    biased = gl.LoraLinear.new(g, 5, 3, gl.LoraConfig(rank=1, seed=0), name="head")
+    out = gl.save_merged(
+        tmp_path / "merged.safetensors", g, {**layers, "head": biased}, layout=layout
+    )
+    tensors = st_numpy.load_file(str(out))
+    assert sorted(tensors) == [
+        "head.bias",
+        "head.weight",
+        "model.q.bias",
+        "model.q.weight",
+        "model.v.bias",
+        "model.v.weight",
+    ]
+    expected = layers["model.q"].merge(g)
+    np.testing.assert_array_equal(
+        tensors["model.q.weight"], expected.T if layout == "torch" else expected
+    )
+    np.testing.assert_array_equal(tensors["head.bias"], g.value(biased.bias))  # type: ignore[arg-type]
+    with pytest.raises(FileExistsError):
+        gl.save_merged(out, g, layers)
+    with pytest.raises(
+        ValueError, match="save_merged: layout must be 'torch' or 'graphlora', got 'tf'"
+    ):
+        gl.save_merged(tmp_path / "m2.safetensors", g, layers, layout="tf")
+
+
+# --- graphlora inspect -----------------------------------------------------------------------------
+
+
+def test_inspect_prints_config_and_tensors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    g = gl.Graph(np.float32)
+    layers = _layers(g)
+    gl.save_adapter(tmp_path / "a", g, layers)
+    assert main(["inspect", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "peft_type 'LORA', r 4, lora_alpha 8, use_rslora False" in out
+    assert "rank_pattern: {'model.v': 2}" in out
+    row = next(line for line in out.splitlines() if line.startswith("model.v "))
+    fields = row.split()
+    assert fields[1:5] == ["(2,", "16)", "(6,", "2)"]
+    assert fields[5] == "float32"
+    assert float(fields[8]) == 2.0  # scaling 4 / 2
+    delta = 2.0 * np.linalg.norm(layers["model.v"].delta(g) / 2.0)
+    assert abs(float(fields[9]) - delta) < 1e-3 * delta
+
+
+@pytest.mark.parametrize("make", ["missing", "file", "pickle"])
+def test_inspect_fails_clearly_on_a_bad_directory(
+    tmp_path: Path, make: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "x"
+    if make == "file":
+        target.write_text("hello")
+    elif make == "pickle":
+        target.mkdir()
+        (target / "adapter_model.bin").write_bytes(b"\x80\x04N.")
+    assert main(["inspect", str(target)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("graphlora inspect: error: read_adapter: ")
+    assert ("pickle" in err) == (make == "pickle")
+
+
+def test_demo_saves_an_adapter(tmp_path: Path) -> None:
+    target = tmp_path / "demo_adapter"
+    assert main(["demo", "--steps", "10", "--no-progress", "--save-adapter", str(target)]) == 0
+    adapter = glio.read_adapter(target)
+    assert adapter.a["proj"].shape == (4, 64)
+    assert (
+        main(["demo", "--steps", "10", "--no-progress", "--save-adapter", str(target)]) == 2
+    )  # exists
+    assert (
+        main(
+            ["demo", "--steps", "10", "--no-progress", "--save-adapter", str(target), "--overwrite"]
+        )
+        == 0
+    )
+
+
+# --- against real PEFT -----------------------------------------------------------------------------
+
+
+def _torch_model(torch: Any, g: gl.Graph, layers: dict[str, gl.LoraLinear]) -> Any:
+    """A torch module with nn.Linear submodules named like the layers, holding their base weights."""
+    root = torch.nn.Module()
+    for name, layer in layers.items():
+        parent = root
+        *path, leaf = name.split(".")
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, torch.nn.Module())
+            parent = getattr(parent, part)
+        linear = torch.nn.Linear(
+            layer.in_features, layer.out_features, bias=layer.bias is not None
+        ).double()
+        with torch.no_grad():
+            linear.weight.copy_(torch.tensor(np.array(g.value(layer.frozen_weight)).T))
+            if layer.bias is not None:
+                linear.bias.copy_(torch.tensor(np.array(g.value(layer.bias))))
+        parent.add_module(leaf, linear)
+    return root
+
+
+def test_peft_loads_a_graphlora_adapter_and_the_reverse(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    g = gl.Graph()
+    layers = _layers(g)
+    gl.save_adapter(tmp_path / "ours", g, layers)
+    model = peft.PeftModel.from_pretrained(_torch_model(torch, g, layers), str(tmp_path / "ours"))
+    x = np.random.default_rng(0).normal(size=(5, 16))
+    for name, layer in layers.items():
+        module = model.base_model.model.get_submodule(name)
+        theirs = module(torch.tensor(x)).detach().numpy()
+        np.testing.assert_allclose(theirs, g.value(layer.forward(g, g.constant(x))), atol=1e-6)
+
+    # PEFT -> graphlora: train-free random adapters, saved by PEFT's own save_pretrained.
+    base = _torch_model(torch, g, layers)
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=list(layers),
+        rank_pattern={"model.v": 2},
+        alpha_pattern={"model.v": 4},
+        init_lora_weights=False,
+    )
+    peft_model = peft.get_peft_model(base, config)
+    peft_model.save_pretrained(str(tmp_path / "theirs"))
+    twin = _twin(g, layers)
+    gl.load_adapter(tmp_path / "theirs", g, twin)
+    for name, layer in twin.items():
+        module = peft_model.base_model.model.get_submodule(name)
+        theirs = module(torch.tensor(x)).detach().numpy()
+        np.testing.assert_allclose(g.value(layer.forward(g, g.constant(x))), theirs, atol=1e-6)
