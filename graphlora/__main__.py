@@ -2,7 +2,8 @@
 
 ``demo`` (the default) shows LoRA recovering a planted low-rank update, or adapting a digits
 classifier with ``--task digits``; ``inspect DIR`` prints an adapter directory's config and
-tensors; ``example`` builds a tiny graph and prints every node's value and gradient next to the
+tensors; ``explain`` walks one tiny LoRA layer through forward and backward formula by formula;
+``example`` builds a tiny graph and prints every node's value and gradient next to the
 same gradients worked out by hand.
 """
 
@@ -16,6 +17,7 @@ import numpy as np
 
 import graphlora as gl
 from graphlora import demo
+from graphlora.explain import explain
 from graphlora.io import read_adapter
 
 __all__ = ["main"]
@@ -217,6 +219,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("example", help="build a tiny graph and print its values and gradients")
+    commands.add_parser(
+        "explain",
+        help="walk one tiny LoRA layer through forward and backward, formula by formula",
+    )
     d = commands.add_parser(
         "demo",
         help="LoRA recovering a planted low-rank update (the default command)",
@@ -255,6 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "example":
         return _example()
+    if args.command == "explain":
+        return 0 if explain() < 1e-12 else 1
     if args.command == "inspect":
         try:
             return _inspect(args.directory)

@@ -53,6 +53,7 @@ class NodeId:
         "_needs",
         "_op",
         "_requires_grad",
+        "_scope",
         "_value",
         "_vjp",
     )
@@ -79,7 +80,8 @@ class NodeId:
         self._name = name
         self._value: Array | None = value
         self._requires_grad = requires_grad
-        self._inputs = inputs  # kept only when the node requires a gradient
+        self._inputs = inputs  # the input nodes (for drawing and backward)
+        self._scope = graph._scope  # the name scope it was made in, e.g. "proj/lora"
         self._needs = needs  # needs[i]: does input i want a gradient?
         self._vjp = vjp
         self._grad: Array | None = None  # accumulated gradient, kept across backward calls
@@ -114,8 +116,13 @@ class NodeId:
 
     @property
     def inputs(self) -> tuple[NodeId, ...]:
-        """The input nodes of an op that requires a gradient (empty for leaves and others)."""
+        """The input nodes of an op (empty for leaves)."""
         return self._inputs
+
+    @property
+    def scope(self) -> str | None:
+        """The ``Graph.scope`` the node was made in (``"proj/lora"``), or ``None``."""
+        return self._scope
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -172,6 +179,7 @@ class Graph:
         self._epoch = 0
         self._next_id = 0
         self._grad_enabled = True
+        self._scope: str | None = None
 
     # --- properties and inspection ------------------------------------------------------------
 
@@ -209,6 +217,28 @@ class Graph:
             f"Graph(dtype={self._dtype}, constants={len(self._leaves) - params}, "
             f"parameters={params}, ops={len(self._tape)})"
         )
+
+    def to_dot(
+        self, root: NodeId | None = None, *, show_values: bool = False, show_grads: bool = False
+    ) -> str:
+        """The graph as Graphviz DOT text: constants, parameters and ops in distinct styles.
+
+        Every node shows its shape; edges run in the direction data flows. With ``root``, only
+        it and its ancestors are drawn. Nodes made in a ``scope`` are grouped in a labelled
+        cluster, so a ``LoraLinear``'s frozen and low-rank paths appear side by side.
+        ``show_values`` and ``show_grads`` add each node's value and gradient (numbers when
+        few, else their range and norm). ``graphlora.viz.render`` turns the text into an image.
+        """
+        from graphlora import viz
+
+        return viz.to_dot(self, root, show_values=show_values, show_grads=show_grads)
+
+    def summary(self) -> str:
+        """A text table of every leaf and recorded op: id, op, name, input ids, shape, dtype,
+        whether it requires a gradient, and the norm of its gradient (``-`` if it has none)."""
+        from graphlora import viz
+
+        return viz.summary(self)
 
     # --- leaves and values --------------------------------------------------------------------
 
@@ -361,6 +391,23 @@ class Graph:
         self._epoch += 1
 
     @contextmanager
+    def scope(self, name: str) -> Iterator[None]:
+        """Label the nodes made inside the block with ``name`` (nested scopes join with ``/``).
+
+        Scopes change no computation; drawings group a scope's nodes (``to_dot``), and
+        ``LoraLinear`` puts its frozen and low-rank paths in ``"<name>/frozen"`` and
+        ``"<name>/lora"``.
+        """
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ValueError(f"scope: name must be a non-empty str without '/', got {name!r}")
+        previous = self._scope
+        self._scope = name if previous is None else f"{previous}/{name}"
+        try:
+            yield
+        finally:
+            self._scope = previous
+
+    @contextmanager
     def no_grad(self) -> Iterator[None]:
         """Within this block ops record values only: no closures, no gradients, no dropout."""
         previous = self._grad_enabled
@@ -394,8 +441,8 @@ class Graph:
         tape = self._tape
         if self._grad_enabled and True in needs:
             node = NodeId(self, self._epoch, len(tape), op, None, out, True, inputs, needs, vjp)
-        else:
-            node = NodeId(self, self._epoch, len(tape), op, None, out, False, (), (), None)
+        else:  # no gradient can flow through it: keep no closure
+            node = NodeId(self, self._epoch, len(tape), op, None, out, False, inputs, needs, None)
         tape.append(node)
         return node
 

@@ -248,6 +248,8 @@ class LoraLinear:
             )
         if not isinstance(name, str):
             raise TypeError(f"{where}: name must be a str, got {type(name).__name__}")
+        if not name or "/" in name:
+            raise ValueError(f"{where}: name must be non-empty and without '/', got {name!r}")
         scaling = config.scaling
         if config.init == "pissa":
             a, b, weight = _pissa(weight.astype(np.float64), rank, scaling)
@@ -259,14 +261,19 @@ class LoraLinear:
                 bound = 1.0 / math.sqrt(in_features)
                 a = rng.uniform(-bound, bound, size=(in_features, rank))
             b = np.zeros((rank, out_features))
-        if weight_node is None:
-            weight_node = graph.constant(weight, name=f"{name}.weight")
-        if bias_node is None and bias is not None:
-            bias_node = graph.constant(bias, name=f"{name}.bias")
+        with graph.scope(name):  # so that drawings group the layer's nodes
+            if weight_node is None:
+                with graph.scope("frozen"):
+                    weight_node = graph.constant(weight, name=f"{name}.weight")
+            if bias_node is None and bias is not None:
+                bias_node = graph.constant(bias, name=f"{name}.bias")
+            with graph.scope("lora"):
+                lora_a = graph.parameter(a, name=f"{name}.lora_A")
+                lora_b = graph.parameter(b, name=f"{name}.lora_B")
         return cls(
             frozen_weight=weight_node,
-            lora_a=graph.parameter(a, name=f"{name}.lora_A"),
-            lora_b=graph.parameter(b, name=f"{name}.lora_B"),
+            lora_a=lora_a,
+            lora_b=lora_b,
             bias=bias_node,
             scaling=scaling,
             in_features=in_features,
@@ -312,13 +319,17 @@ class LoraLinear:
                 f"LoraLinear.forward: {self.name} takes [..., {self.in_features}] but the input "
                 f"has shape {shape}"
             )
-        y = graph.matmul(x, self.frozen_weight)  # (..., out)
-        if not self.merged:
-            h = graph.dropout(x, self.config.dropout, rng=self.rng)  # identity when p = 0
-            low = graph.scale(graph.matmul(h, self.lora_a), self.scaling)  # (..., rank)
-            y = graph.add(y, graph.matmul(low, self.lora_b))  # (..., out)
-        if self.bias is not None:
-            y = graph.add(y, self.bias)
+        with graph.scope(self.name):
+            with graph.scope("frozen"):
+                y = graph.matmul(x, self.frozen_weight)  # (..., out)
+            if not self.merged:
+                with graph.scope("lora"):
+                    h = graph.dropout(x, self.config.dropout, rng=self.rng)  # identity if p = 0
+                    low = graph.scale(graph.matmul(h, self.lora_a), self.scaling)  # (..., rank)
+                    update = graph.matmul(low, self.lora_b)  # (..., out)
+                y = graph.add(y, update)
+            if self.bias is not None:
+                y = graph.add(y, self.bias)
         return y
 
     def trainable_params(self) -> list[NodeId]:

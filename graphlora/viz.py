@@ -1,0 +1,172 @@
+"""Seeing the graph: Graphviz DOT text (``to_dot``), a text table of the tape (``summary``), and
+``render`` to turn DOT text into an image with Graphviz's ``dot`` when it is installed.
+
+Constants are grey boxes, parameters blue boxes, ops ellipses (dashed when no gradient flows
+through them); edges follow the data. Nodes made inside a ``Graph.scope`` are drawn in a labelled
+cluster, so a ``LoraLinear`` shows its frozen path and its low-rank path side by side.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from graphlora.graph import Graph, NodeId
+
+__all__ = ["render", "summary", "to_dot"]
+
+_STYLES = {
+    "constant": 'shape=box, style="filled", fillcolor="#e8e8e8"',
+    "parameter": 'shape=box, style="filled,bold", fillcolor="#cfe2ff"',
+}
+_OP_STYLE = 'shape=ellipse, style="filled", fillcolor="#ffffff"'
+_NO_GRAD_OP_STYLE = 'shape=ellipse, style="filled,dashed", fillcolor="#ffffff"'
+_CLUSTER_NAMES = {"frozen": "frozen path: x @ W", "lora": "low-rank path: ((x @ A) * s) @ B"}
+
+
+def _nodes(graph: Graph, root: NodeId | None) -> list[NodeId]:
+    """Every live node, or ``root`` and its ancestors, in id order."""
+    if root is None:
+        return sorted([*graph.leaves, *graph.tape], key=lambda node: node.id)
+    root = graph._check(root, "to_dot", "root")
+    seen = {root.id: root}
+    stack = [root]
+    while stack:
+        for parent in stack.pop().inputs:
+            if parent.id not in seen:
+                seen[parent.id] = parent
+                stack.append(parent)
+    return [seen[i] for i in sorted(seen)]
+
+
+def _quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def _describe(array: np.ndarray[Any, Any]) -> str:
+    """A short text for a value or gradient: the numbers if few, else their range and norm."""
+    if array.size <= 6:
+        return np.array2string(np.asarray(array), precision=3, separator=", ", suppress_small=True)
+    return f"[{array.min():.3g} .. {array.max():.3g}], |.|={np.linalg.norm(array):.3g}"
+
+
+def _label(graph: Graph, node: NodeId, show_values: bool, show_grads: bool) -> str:
+    title = node.name if node.name is not None else node.op
+    kind = node.op if node.name is not None else ""
+    lines = [title, f"{kind} {node.shape}".strip()]
+    if show_values:
+        lines.append(_describe(graph.value(node)))
+    grad = graph.grad(node)
+    if show_grads and grad is not None:
+        lines.append("grad " + _describe(grad))
+    return "\n".join(lines)
+
+
+def to_dot(
+    graph: Graph,
+    root: NodeId | None = None,
+    *,
+    show_values: bool = False,
+    show_grads: bool = False,
+) -> str:
+    """The graph as Graphviz DOT text (see ``Graph.to_dot``)."""
+    nodes = _nodes(graph, root)
+    lines = [
+        "digraph graphlora {",
+        "  rankdir=LR;",
+        '  node [fontname="Helvetica", fontsize=10];',
+        '  edge [color="#555555"];',
+    ]
+    tree: dict[str, Any] = {"nodes": [], "children": {}}  # scope path -> its nodes, sub-scopes
+    for node in nodes:
+        where = tree
+        for part in (node.scope or "").split("/") if node.scope else []:
+            where = where["children"].setdefault(part, {"nodes": [], "children": {}})
+        where["nodes"].append(node)
+    counter = iter(range(len(nodes) + 1))
+
+    def emit(branch: dict[str, Any], indent: str) -> None:
+        for node in branch["nodes"]:
+            style = _STYLES.get(node.op, _OP_STYLE if node.requires_grad else _NO_GRAD_OP_STYLE)
+            label = _quote(_label(graph, node, show_values, show_grads))
+            lines.append(f"{indent}n{node.id} [label={label}, {style}];")
+        for name, child in branch["children"].items():
+            lines.append(f"{indent}subgraph cluster_{next(counter)} {{")
+            lines.append(f"{indent}  label={_quote(_CLUSTER_NAMES.get(name, name))};")
+            lines.append(f'{indent}  style="rounded"; color="#7a7a7a"; fontname="Helvetica";')
+            emit(child, indent + "  ")
+            lines.append(f"{indent}}}")
+
+    emit(tree, "  ")
+    included = {node.id for node in nodes}
+    for node in nodes:
+        for parent in node.inputs:
+            if parent.id in included:
+                lines.append(f"  n{parent.id} -> n{node.id};")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def summary(graph: Graph) -> str:
+    """A text table of every leaf and recorded op (see ``Graph.summary``)."""
+    header = ("id", "op", "name", "inputs", "shape", "dtype", "requires_grad", "grad_norm")
+    rows = [header]
+    for node in sorted([*graph.leaves, *graph.tape], key=lambda n: n.id):
+        grad = graph.grad(node)
+        rows.append(
+            (
+                str(node.id),
+                node.op,
+                node.name or "",
+                ",".join(str(parent.id) for parent in node.inputs) or "-",
+                str(node.shape),
+                str(graph.dtype),
+                str(node.requires_grad),
+                "-" if grad is None else f"{np.linalg.norm(grad):.4g}",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return (
+        "\n".join(
+            "  ".join(
+                cell.rjust(w) if i == 0 else cell.ljust(w)
+                for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            ).rstrip()
+            for row in rows
+        )
+        + "\n"
+    )
+
+
+def render(dot: str, path: str | Path, *, format: str | None = None) -> Path:
+    """Draw DOT text into an image file with Graphviz's ``dot`` (format from the suffix).
+
+    Raises
+    ------
+    FileNotFoundError
+        When Graphviz is not installed; the message says how to get it. The DOT text itself
+        needs nothing and can be pasted into any Graphviz viewer.
+    subprocess.CalledProcessError
+        When ``dot`` rejects the text.
+    """
+    target = Path(path)
+    kind = format or target.suffix.lstrip(".") or "png"
+    executable = shutil.which("dot")
+    if executable is None:
+        raise FileNotFoundError(
+            "render: Graphviz's 'dot' program is not installed. Install Graphviz (Debian/Ubuntu: "
+            "apt-get install graphviz; macOS: brew install graphviz; conda: conda install "
+            "graphviz), or paste the DOT text into any Graphviz viewer."
+        )
+    subprocess.run(
+        [executable, f"-T{kind}", "-o", str(target)],
+        input=dot.encode(),
+        check=True,
+        capture_output=True,
+    )
+    return target
