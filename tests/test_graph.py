@@ -614,5 +614,4 @@ def test_scopes_label_nodes_and_nest() -> None:
     assert (x.scope, y.scope, z.scope, w.scope) == (None, "block", "block/inner", None)
     for bad in ("", "a/b", 3):
         with pytest.raises(ValueError, match="scope: name must be a non-empty str without '/'"):
-            with g.scope(bad):  # type: ignore[arg-type]
-                pass
+            g.scope(bad).__enter__()  # type: ignore[arg-type]
