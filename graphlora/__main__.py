@@ -85,34 +85,6 @@ def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
     return parse
 
 
-def _plot(path: str, results: list[demo.LowRankResult], planted_rank: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (curves, values) = plt.subplots(1, 2, figsize=(10, 4))
-    for result in results:
-        curves.semilogy(result.losses, label=f"rank {result.rank}")
-    curves.set(xlabel="Adam step", ylabel="training loss (MSE)", title="Loss curves")
-    curves.legend()
-    chosen = next((r for r in results if r.rank == planted_rank), results[-1])
-    planted = chosen.planted_singular_values
-    learned = chosen.learned_singular_values
-    index = np.arange(max(len(planted), len(learned)))
-    values.bar(index - 0.2, np.pad(planted, (0, len(index) - len(planted))), 0.4, label="planted")
-    values.bar(index + 0.2, np.pad(learned, (0, len(index) - len(learned))), 0.4, label="learned")
-    values.set(
-        xlabel="index",
-        ylabel="singular value",
-        title=f"Update's singular values (rank {chosen.rank})",
-    )
-    values.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def _demo_low_rank(args: argparse.Namespace) -> int:
     task = demo.plant_low_rank_task(
         args.in_features, args.out_features, args.planted_rank, args.samples, args.noise, args.seed
@@ -161,7 +133,7 @@ def _demo_low_rank(args: argparse.Namespace) -> int:
             print(f"  {i + 1:>14d}  {p:7.3f}  {q:7.3f}")
         print(f"max |merged - unmerged| output difference: {r.merge_max_difference:.1e}")
     if args.plot:
-        _plot(args.plot, results, args.planted_rank)
+        demo.plot_results(args.plot, results, args.planted_rank)
         print(f"\nwrote {args.plot}")
     if args.save_adapter:
         r = results[0]

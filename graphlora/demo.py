@@ -28,6 +28,7 @@ __all__ = [
     "LowRankResult",
     "LowRankTask",
     "plant_low_rank_task",
+    "plot_results",
     "run_digits",
     "run_low_rank",
 ]
@@ -274,3 +275,32 @@ def run_digits(
     trainable = sum(layer.num_trainable for layer in adapters.values())
     total = sum(layer.num_trainable + layer.num_frozen for layer in adapters.values())
     return DigitsResult(base_accuracy, before, after, base_after, trainable, total, losses)
+
+
+def plot_results(path: str, results: Sequence[LowRankResult], planted_rank: int) -> None:
+    """Save the loss curves by rank and the planted vs learned singular values (matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (curves, values) = plt.subplots(1, 2, figsize=(10, 4))
+    for result in results:
+        curves.semilogy(result.losses, label=f"rank {result.rank}")
+    curves.set(xlabel="Adam step", ylabel="training loss (MSE)", title="Loss curves")
+    curves.legend()
+    chosen = next((r for r in results if r.rank == planted_rank), results[-1])
+    planted = chosen.planted_singular_values
+    learned = chosen.learned_singular_values
+    index = np.arange(max(len(planted), len(learned)))
+    values.bar(index - 0.2, np.pad(planted, (0, len(index) - len(planted))), 0.4, label="planted")
+    values.bar(index + 0.2, np.pad(learned, (0, len(index) - len(learned))), 0.4, label="learned")
+    values.set(
+        xlabel="index",
+        ylabel="singular value",
+        title=f"Update's singular values (rank {chosen.rank})",
+    )
+    values.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

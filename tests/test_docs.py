@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+TUTORIALS = sorted(p for p in (ROOT / "docs").glob("*.md") if p.name != "index.md")
+PAGES = [ROOT / "README.md", *TUTORIALS]
 BLOCK = re.compile(
-    r"^```(\w+)(?: requires=([\w,]+))?\n(.*?)^```\s*$", flags=re.DOTALL | re.MULTILINE
+    r"^```(\w+)(?: requires=([\w,]+))?\n(.*?)^```[ \t]*$", flags=re.DOTALL | re.MULTILINE
 )
 
 
@@ -54,3 +55,13 @@ def test_page_runs_and_shows_real_output(
         elif lang == "text" and follows_python and printed is not None:
             assert printed == code, f"{page.name}: the output shown is not what the code prints"
     assert ran >= 1, f"{page.name} has no python block"
+
+
+def test_the_index_links_every_tutorial_and_every_link_and_figure_exists() -> None:
+    index = (ROOT / "docs" / "index.md").read_text(encoding="utf-8")
+    assert len(TUTORIALS) >= 4
+    for page in TUTORIALS:
+        assert f"]({page.name})" in index, f"docs/index.md does not link {page.name}"
+    for page in [ROOT / "README.md", ROOT / "docs" / "index.md", *TUTORIALS]:
+        for target in re.findall(r"\]\(([^)#:]+)\)", page.read_text(encoding="utf-8")):
+            assert (page.parent / target).exists(), f"{page.name} links {target}, which is missing"
