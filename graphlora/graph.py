@@ -180,6 +180,8 @@ class Graph:
         self._next_id = 0
         self._grad_enabled = True
         self._scope: str | None = None
+        self._one = np.ones((), self._dtype)  # the seed of a scalar loss, shared
+        self._one.flags.writeable = False
 
     # --- properties and inspection ------------------------------------------------------------
 
@@ -437,7 +439,7 @@ class Graph:
         """Append an op's node to the tape; keep its closure only if a gradient can flow."""
         if type(out) is not np.ndarray:  # NumPy gives scalars for 0-d results; keep arrays
             out = np.asarray(out)
-        needs = tuple(node._requires_grad for node in inputs)
+        needs = tuple([node._requires_grad for node in inputs])
         tape = self._tape
         if self._grad_enabled and True in needs:
             node = NodeId(self, self._epoch, len(tape), op, None, out, True, inputs, needs, vjp)
@@ -697,6 +699,62 @@ class Graph:
             )
         return self._push("dropout", (x,), *ops.dropout(vx, p, rng))
 
+    # --- fused ---------------------------------------------------------------------------------
+
+    def lora_linear(
+        self,
+        x: NodeId,
+        w: NodeId,
+        a: NodeId,
+        b: NodeId,
+        bias: NodeId | None = None,
+        *,
+        scaling: Scalar = 1.0,
+        mask: npt.ArrayLike | None = None,
+    ) -> NodeId:
+        """A LoRA linear layer as one op: ``x @ w + ((xd @ a) * scaling) @ b (+ bias)``.
+
+        ``x [..., in]``, ``w [in, out]``, ``a [in, r]``, ``b [r, out]``, ``bias [out]``; ``xd``
+        is ``x * mask`` when a dropout ``mask`` of ``x``'s shape is given. The same maths as the
+        separate ops that ``LoraLinear.forward`` records, in one node: fewer Python calls, and
+        only the ``[..., r]`` bottleneck kept for backward, so it is faster and lighter.
+        """
+        where = "lora_linear"
+        inputs = [self._check(x, where, "x"), self._check(w, where, "w")]
+        inputs += [self._check(a, where, "a"), self._check(b, where, "b")]
+        if bias is not None:
+            inputs.append(self._check(bias, where, "bias"))
+        vx, vw, va, vb = (node._value for node in inputs[:4])
+        assert vx is not None and vw is not None and va is not None and vb is not None
+        if not (
+            vx.ndim >= 1
+            and vw.ndim == va.ndim == vb.ndim == 2
+            and vx.shape[-1] == vw.shape[0] == va.shape[0]
+            and va.shape[1] == vb.shape[0]
+            and vb.shape[1] == vw.shape[1]
+        ):
+            raise ShapeError(
+                f"{where}: shapes do not fit x [..., in], w [in, out], a [in, r], b [r, out]: "
+                f"x {vx.shape}, w {vw.shape}, a {va.shape}, b {vb.shape}"
+            )
+        n_out = vw.shape[1]
+        vbias = None
+        if bias is not None:
+            vbias = inputs[4]._value
+            assert vbias is not None
+            if vbias.shape != (n_out,):
+                raise ShapeError(f"{where}: bias has shape {vbias.shape}, expected ({n_out},)")
+        mask_array = None
+        if mask is not None:
+            mask_array = self._as_array(mask, where, "mask")
+            if mask_array.shape != vx.shape:
+                raise ShapeError(
+                    f"{where}: mask has shape {mask_array.shape}, x has shape {vx.shape}"
+                )
+        s = _real_scalar(where, "scaling", scaling)
+        out, vjp = ops.lora_linear(vx, vw, va, vb, vbias, s, mask_array)
+        return self._push(where, tuple(inputs), out, vjp)
+
     # --- user-defined ops ---------------------------------------------------------------------
 
     def apply(self, op: ops.Op, *nodes: NodeId, **kwargs: Any) -> NodeId:
@@ -758,7 +816,7 @@ class Graph:
                     f"backward: loss {loss!r} has {loss._value.size} elements; reduce it to one "
                     "(sum, mean) or pass grad= with its shape"
                 )
-            seed = np.ones(loss._value.shape, self._dtype)
+            seed = self._one if loss._value.ndim == 0 else np.ones(loss._value.shape, self._dtype)
         else:
             seed = self._as_array(grad, "backward", "grad")
             if seed.shape != loss._value.shape:
@@ -771,7 +829,7 @@ class Graph:
                 f"backward: {loss!r} does not depend on any parameter (or was recorded under "
                 "no_grad()), so there is no gradient to compute"
             )
-        loss._g, loss._g_owned = seed, True
+        loss._g, loss._g_owned = seed, seed is not self._one  # the shared 1 is never written
         reached: list[NodeId] = []  # every node given a gradient in this pass, to commit
         if loss._epoch == _LEAF:
             reached.append(loss)

@@ -32,6 +32,7 @@ __all__ = [
     "gelu",
     "log",
     "log_softmax",
+    "lora_linear",
     "matmul",
     "mean",
     "mse_loss",
@@ -349,7 +350,8 @@ def mse_loss(pred: Array, target: Array) -> tuple[Array, Vjp]:
         g_pred = diff * (2 * g / diff.size)
         return (g_pred if needs[0] else None, -g_pred if needs[1] else None)
 
-    return np.asarray(np.mean(diff * diff)), vjp
+    flat = diff.ravel()
+    return np.asarray(np.dot(flat, flat) / diff.size, dtype=diff.dtype), vjp  # mean of squares
 
 
 def cross_entropy(logits: Array, labels: npt.NDArray[np.integer[Any]]) -> tuple[Array, Vjp]:
@@ -384,6 +386,59 @@ def dropout(x: Array, p: float, rng: np.random.Generator) -> tuple[Array, Vjp]:
     return x * mask, vjp
 
 
+# --- fused ---------------------------------------------------------------------------------------
+
+
+def _rows(v: Array) -> Array:
+    """``v`` as a matrix of rows: the batch axes folded into one."""
+    return v if v.ndim == 2 else v.reshape(-1, v.shape[-1])
+
+
+def lora_linear(
+    x: Array,
+    w: Array,
+    a: Array,
+    b: Array,
+    bias: Array | None = None,
+    scaling: float = 1.0,
+    mask: Array | None = None,
+) -> tuple[Array, Vjp]:
+    """A whole LoRA linear layer in one op: ``x @ w + ((xd @ a) * scaling) @ b (+ bias)``.
+
+    ``x [..., in]``, ``w [in, out]``, ``a [in, r]``, ``b [r, out]``, ``bias [out]``;
+    ``xd = x * mask`` (a dropout mask, scaled) or ``x``. Keeps only ``hs = (xd @ a) * scaling``
+    (``[..., r]``) for backward, never ``a @ b``.
+    VJP: ``(g wᵀ + (g bᵀ s) aᵀ * mask, xᵀ g, xdᵀ (g bᵀ) s, hsᵀ g, sum(g))`` over the batch.
+    """
+    xd = x if mask is None else x * mask
+    hs = (xd @ a) * scaling  # (..., r)
+    out = x @ w + hs @ b  # (..., out)
+    if bias is not None:
+        out += bias
+
+    def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
+        g2 = g if g.ndim == 2 else g.reshape(-1, g.shape[-1])  # (N, out): batch axes folded
+        g_h = (g2 @ b.T) * scaling if needs[0] or needs[2] else None  # (N, r)
+        gx = gw = ga = gb = None
+        if needs[0]:
+            assert g_h is not None
+            low = g_h @ a.T if mask is None else (g_h @ a.T) * _rows(mask)
+            gx = (g2 @ w.T + low).reshape(x.shape)
+        if needs[1]:
+            gw = _rows(x).T @ g2
+        if needs[2]:
+            assert g_h is not None
+            ga = _rows(xd).T @ g_h
+        if needs[3]:
+            gb = _rows(hs).T @ g2
+        grads: Grads = (gx, gw, ga, gb)
+        if bias is not None:
+            grads += (g2.sum(axis=0) if needs[4] else None,)
+        return grads
+
+    return out, vjp
+
+
 OPS: dict[str, Op] = {
     "add": add,
     "sub": sub,
@@ -408,5 +463,6 @@ OPS: dict[str, Op] = {
     "mse_loss": mse_loss,
     "cross_entropy": cross_entropy,
     "dropout": dropout,
+    "lora_linear": lora_linear,
 }
 """Every op in the catalogue, by the name of its ``Graph`` method."""

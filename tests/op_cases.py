@@ -128,6 +128,36 @@ def _cross_entropy_ref(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return -np.mean(logp[np.arange(len(labels)), labels])
 
 
+def _draw_lora_linear(d: st.DrawFn) -> tuple[Arrays, Params]:
+    batch = d(st.sampled_from([(), (3,), (2, 2)]))
+    n_in, n_out, rank = d(st.integers(1, 4)), d(st.integers(1, 4)), d(st.integers(1, 3))
+    shapes = [(*batch, n_in), (n_in, n_out), (n_in, rank), (rank, n_out)]
+    if d(st.booleans()):
+        shapes.append((n_out,))
+    arrays = tuple(d(gst.arrays(shape)) for shape in shapes)
+    params: Params = {"scaling": d(st.sampled_from([0.5, 2.0]))}
+    if d(st.booleans()):
+        keep = np.array(
+            d(st.lists(st.booleans(), min_size=arrays[0].size, max_size=arrays[0].size))
+        )
+        params["mask"] = keep.reshape(arrays[0].shape) * 2.0  # inverted dropout with p = 0.5
+    return arrays, params
+
+
+def _lora_linear_ref(
+    x: np.ndarray,
+    w: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    bias: np.ndarray | None = None,
+    scaling: float = 1.0,
+    mask: np.ndarray | None = None,
+) -> np.ndarray:
+    xd = x if mask is None else x * mask
+    out = x @ w + ((xd @ a) * scaling) @ b
+    return out if bias is None else out + bias
+
+
 CASES: dict[str, Case] = {
     "add": Case(_binary(), lambda g, a, b: g.add(a, b), lambda a, b: a + b),
     "sub": Case(_binary(), lambda g, a, b: g.sub(a, b), lambda a, b: a - b),
@@ -181,6 +211,11 @@ CASES: dict[str, Case] = {
         _draw_cross_entropy,
         lambda g, x, labels: g.cross_entropy(x, labels),
         _cross_entropy_ref,
+    ),
+    "lora_linear": Case(
+        _draw_lora_linear,
+        lambda g, *nodes, **k: g.lora_linear(*nodes, **k),
+        _lora_linear_ref,
     ),
     "dropout": Case(
         _draw_dropout,

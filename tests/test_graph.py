@@ -615,3 +615,41 @@ def test_scopes_label_nodes_and_nest() -> None:
     for bad in ("", "a/b", 3):
         with pytest.raises(ValueError, match="scope: name must be a non-empty str without '/'"):
             g.scope(bad).__enter__()  # type: ignore[arg-type]
+
+
+def test_lora_linear_checks_shapes_first() -> None:
+    g = gl.Graph()
+    x, w = g.constant(np.ones((2, 4))), g.constant(np.ones((4, 3)))
+    a, b = g.parameter(np.ones((4, 2))), g.parameter(np.ones((2, 3)))
+    wrong_b = g.parameter(np.ones((3, 3)))
+    rejected(
+        g,
+        gl.ShapeError,
+        re.escape(
+            "lora_linear: shapes do not fit x [..., in], w [in, out], a [in, r], b [r, out]: x (2, 4), w (4, 3), a (4, 2), b (3, 3)"
+        ),
+        lambda: g.lora_linear(x, w, a, wrong_b),
+    )
+    bias = g.constant(np.ones(4))
+    rejected(
+        g,
+        gl.ShapeError,
+        re.escape("lora_linear: bias has shape (4,), expected (3,)"),
+        lambda: g.lora_linear(x, w, a, b, bias),
+    )
+    rejected(
+        g,
+        gl.ShapeError,
+        re.escape("lora_linear: mask has shape (4,), x has shape (2, 4)"),
+        lambda: g.lora_linear(x, w, a, b, mask=np.ones(4)),
+    )
+    rejected(
+        g,
+        TypeError,
+        r"lora_linear: scaling must be a real scalar",
+        lambda: g.lora_linear(x, w, a, b, scaling="2"),
+    )  # type: ignore[arg-type]
+    out = g.lora_linear(x, w, a, b, scaling=0.5)
+    np.testing.assert_allclose(
+        g.value(out), np.full((2, 3), 4.0 + (4.0 * 0.5) * 2)
+    )  # x W + ((x A) s) B

@@ -560,3 +560,32 @@ def test_matches_the_same_maths_in_torch(
     np.testing.assert_allclose(g.value(y), out.detach().numpy(), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(g.grad(lora.lora_a), a.grad.numpy().T, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(g.grad(lora.lora_b), b.grad.numpy().T, rtol=1e-10, atol=1e-12)
+
+
+@given(layer=gst.lora_layers(config=gst.lora_configs(dropout=True)), data=st.data())
+def test_fused_forward_is_the_same_maths(
+    layer: tuple[gl.Graph, gl.LoraLinear], data: st.DataObject
+) -> None:
+    g, lora = layer
+    x = _x(g, lora, data)
+    seed = data.draw(gst.arrays((*x.shape[:-1], lora.out_features)), label="seed")
+    state = copy.deepcopy(lora.rng)  # both draw the same dropout mask from the same state
+    y = lora.forward(g, x)
+    g.backward(y, grad=seed)
+    grads = [np.array(g.grad(n)) for n in lora.trainable_params()]
+    g.zero_grad()
+    lora.rng = state
+    fused = lora.forward(g, x, fused=True)
+    assert fused.op == "lora_linear"
+    g.backward(fused, grad=seed)
+    np.testing.assert_allclose(g.value(fused), g.value(y), rtol=1e-12, atol=1e-12)
+    for node, expected in zip(lora.trainable_params(), grads, strict=True):
+        np.testing.assert_allclose(g.grad(node), expected, rtol=1e-12, atol=1e-12)
+    assert g.grad(lora.frozen_weight) is None
+    with g.no_grad():
+        np.testing.assert_allclose(
+            g.value(lora.forward(g, x, fused=True)),
+            _numpy_forward(g, lora, g.value(x)),
+            rtol=1e-12,
+            atol=1e-12,
+        )

@@ -163,6 +163,12 @@ def _torch_call(name: str, torch: Any, tensors: list[Any], params: Params) -> An
         return torch.softmax(a, dim=params["axis"])
     if name == "log_softmax":
         return torch.log_softmax(a, dim=params["axis"])
+    if name == "lora_linear":
+        x, w, lora_a, lora_b, *bias = tensors
+        mask = params.get("mask")
+        xd = x if mask is None else x * torch.from_numpy(mask)
+        out = x @ w + ((xd @ lora_a) * params["scaling"]) @ lora_b
+        return out + bias[0] if bias else out
     if name == "cross_entropy":
         return F.cross_entropy(a, torch.from_numpy(params["labels"]).long())
     raise KeyError(name)

@@ -268,6 +268,7 @@ _UNARY_DOMAINS: dict[str, Callable[[np.ndarray[Any, Any]], bool]] = {
     "softmax": lambda v: v.ndim >= 1,
     "log_softmax": lambda v: v.ndim >= 1,
     "cross_entropy": lambda v: v.ndim == 2,
+    "lora_linear": lambda v: v.ndim >= 1,  # its weights are drawn as new inputs
 }
 _BINARY_DOMAINS: dict[str, Callable[[np.ndarray[Any, Any], np.ndarray[Any, Any]], bool]] = {
     "add": _broadcasts,
@@ -303,6 +304,8 @@ def _params(draw: st.DrawFn, op: str, v: np.ndarray[Any, Any]) -> dict[str, Any]
         return {"labels": np.array(labels)}
     if op == "dropout":
         return {"p": draw(st.sampled_from([0.25, 0.5])), "rng": draw(st.integers(0, 999))}
+    if op == "lora_linear":
+        return {"scaling": draw(st.sampled_from([0.5, 2.0]))}
     return {}
 
 
@@ -334,19 +337,32 @@ def expressions(
     kept finite and below 1e3 in magnitude, so that finite differences stay accurate.
     """
     shape = draw(shapes(min_dims=1, max_dims=2, max_side=max_side))
-    inputs = tuple(
+    inputs = [
         draw(arrays(draw(st.sampled_from([shape, shape[-1:]])), min_value=-2.0, max_value=2.0))
         for _ in range(draw(st.integers(1, max_inputs)))
-    )
+    ]
     scratch = Graph()
     nodes: dict[str, NodeId] = {f"x{i}": scratch.constant(a) for i, a in enumerate(inputs)}
     pool: Pool = {name: np.array(scratch.value(node)) for name, node in nodes.items()}
     steps: list[Step] = []
+
+    def new_input(input_shape: Shape) -> str:
+        """Draw a fresh input array (a layer's weight) and return its name."""
+        name = f"x{len(inputs)}"
+        inputs.append(draw(arrays(input_shape, min_value=-1.0, max_value=1.0)))
+        nodes[name] = scratch.constant(inputs[-1])
+        return name
+
     for _ in range(draw(st.integers(1, max_ops))):
         options = _choices(pool)
         op = draw(st.sampled_from(sorted(options)))
         args = draw(st.sampled_from(options[op]))
         params = _params(draw, op, pool[args[0]]) if len(args) == 1 else {}
+        if op == "lora_linear":  # x [..., in] -> [..., out] through new W, A, B (and bias)
+            n_in, n_out, rank = pool[args[0]].shape[-1], draw(st.integers(1, 3)), 1
+            weights: list[Shape] = [(n_in, n_out), (n_in, rank), (rank, n_out)]
+            weights += [(n_out,)] if draw(st.booleans()) else []
+            args = (args[0], *(new_input(w) for w in weights))
         node = getattr(scratch, op)(*(nodes[a] for a in args), **params)
         value = np.array(scratch.value(node))
         if not (np.isfinite(value).all() and np.abs(value).max(initial=0.0) <= 1e3):
@@ -358,4 +374,4 @@ def expressions(
     if pool[result].size != 1:
         steps.append(Step(f"v{len(steps)}", "sum", (result,), ()))
         result = steps[-1].out
-    return Expression(inputs, tuple(steps), result)
+    return Expression(tuple(inputs), tuple(steps), result)

@@ -1,0 +1,471 @@
+"""graphlora's benchmarks: every comparison side by side, in one run.
+
+    python benches/run.py                 # everything; prints tables, writes benches/results.json
+    python benches/run.py --quick         # small sizes and few repeats (a smoke run)
+    python benches/run.py --sections a,c  # some sections only
+
+Shared, noisy machines make absolute times meaningless from one run to the next, so every figure
+is a ratio against hand-written NumPy doing the same maths, measured in the same run with the
+implementations interleaved round by round (medians of the rounds). Sections:
+
+  a  a LoRA training step (forward, MSE, backward, SGD on A and B) at four sizes, float32 and
+     float64; PyTorch eager and HIPS autograd too where they are installed
+  b  per-op recording overhead on tiny arrays, against the bare NumPy call
+  c  tape scaling: backward time per node for chains of 1e3, 1e4 and 1e5 ops
+  d  peak memory of a training step (tracemalloc) against hand-written NumPy
+  e  an MLP with LoRA on every layer, one training step
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import graphlora as gl
+from graphlora.optim import SGD
+
+LR = 1e-3
+SIZES = [(8, 16, 16, 2), (32, 64, 64, 4), (64, 512, 512, 8), (256, 2048, 2048, 16)]
+QUICK_SIZES = [(8, 16, 16, 2), (32, 64, 64, 4)]
+
+
+# --- timing ---------------------------------------------------------------------------------------
+
+
+def compare(
+    fns: dict[str, Callable[[], object]], *, rounds: int, min_batch: float
+) -> dict[str, float]:
+    """Median seconds per call of each function, measured in interleaved rounds."""
+    counts = {}
+    for name, fn in fns.items():
+        fn()  # warm up
+        n, elapsed = 1, 0.0
+        while True:
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_batch or n >= 1 << 20:
+                break
+            n *= 2 if elapsed < min_batch / 4 else 1
+            n = max(n, int(n * min_batch / max(elapsed, 1e-9)))
+        counts[name] = n
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            n = counts[name]
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            samples[name].append((time.perf_counter() - start) / n)
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+# --- (a) a LoRA training step -------------------------------------------------------------------
+
+
+class LoraProblem:
+    """One LoRA layer's data and weights, and a training step in each implementation."""
+
+    def __init__(
+        self, batch: int, n_in: int, n_out: int, rank: int, dtype: Any, seed: int = 0
+    ) -> None:
+        rng = np.random.default_rng(seed)
+        self.dtype = np.dtype(dtype)
+        self.scaling = 2.0
+        self.w = (rng.standard_normal((n_in, n_out)) / math.sqrt(n_in)).astype(dtype)
+        self.a0 = (rng.standard_normal((n_in, rank)) * 0.01).astype(dtype)
+        self.b0 = (rng.standard_normal((rank, n_out)) * 0.01).astype(dtype)
+        self.x = rng.standard_normal((batch, n_in)).astype(dtype)
+        self.t = rng.standard_normal((batch, n_out)).astype(dtype)
+
+    def numpy_step(self) -> tuple[Callable[[], None], Callable[[], tuple[np.ndarray, np.ndarray]]]:
+        a, b = self.a0.copy(), self.b0.copy()
+        x, w, t, s = self.x, self.w, self.t, self.dtype.type(self.scaling)
+        lr = self.dtype.type(LR)
+
+        def step() -> None:
+            hs = (x @ a) * s  # (batch, rank)
+            y = x @ w + hs @ b  # (batch, out)
+            diff = y - t
+            loss = np.mean(diff * diff)
+            del loss
+            g_y = diff * self.dtype.type(2.0 / diff.size)
+            grad_b = hs.T @ g_y  # dL/dB = (x A s)ᵀ g
+            grad_a = x.T @ ((g_y @ b.T) * s)  # dL/dA = xᵀ (g Bᵀ) s
+            a[...] -= lr * grad_a  # in place, as the optimizers do
+            b[...] -= lr * grad_b
+
+        return step, lambda: (a, b)
+
+    def graphlora_step(
+        self, fused: bool = False
+    ) -> tuple[Callable[[], None], Callable[[], tuple[np.ndarray, np.ndarray]]]:
+        g = gl.Graph(self.dtype)
+        config = gl.LoraConfig(rank=self.a0.shape[1], alpha=self.scaling * self.a0.shape[1])
+        layer = gl.LoraLinear.from_linear(g, self.w, None, config)
+        g.set_value(layer.lora_a, self.a0)
+        g.set_value(layer.lora_b, self.b0)
+        x, t = g.constant(self.x), g.constant(self.t)
+        opt = SGD(g, layer.trainable_params(), lr=LR)
+
+        def step() -> None:
+            loss = g.mse_loss(layer.forward(g, x, fused=fused), t)
+            g.backward(loss)
+            opt.step()
+            opt.zero_grad()
+            g.reset()
+
+        return step, lambda: (np.array(g.value(layer.lora_a)), np.array(g.value(layer.lora_b)))
+
+    def torch_step(
+        self, torch: Any
+    ) -> tuple[Callable[[], None], Callable[[], tuple[np.ndarray, np.ndarray]]]:
+        tensor = lambda v: torch.from_numpy(v.copy())  # noqa: E731
+        w, x, t = tensor(self.w), tensor(self.x), tensor(self.t)
+        a, b = tensor(self.a0).requires_grad_(), tensor(self.b0).requires_grad_()
+        s = self.scaling
+
+        def step() -> None:
+            y = x @ w + ((x @ a) * s) @ b
+            loss = ((y - t) ** 2).mean()
+            loss.backward()
+            with torch.no_grad():
+                a.sub_(LR * a.grad)
+                b.sub_(LR * b.grad)
+            a.grad = None
+            b.grad = None
+
+        return step, lambda: (a.detach().numpy().copy(), b.detach().numpy().copy())
+
+    def autograd_step(
+        self, autograd: Any
+    ) -> tuple[Callable[[], None], Callable[[], tuple[np.ndarray, np.ndarray]]]:
+        anp = autograd.numpy
+        x, w, t, s = self.x, self.w, self.t, self.scaling
+        state = {"a": self.a0.copy(), "b": self.b0.copy()}
+
+        def loss(a: Any, b: Any) -> Any:
+            y = anp.dot(x, w) + anp.dot(anp.dot(x, a) * s, b)
+            return anp.mean((y - t) ** 2)
+
+        gradient = autograd.grad(loss, argnum=(0, 1))
+
+        def step() -> None:
+            grad_a, grad_b = gradient(state["a"], state["b"])
+            state["a"] = state["a"] - LR * grad_a
+            state["b"] = state["b"] - LR * grad_b
+
+        return step, lambda: (state["a"], state["b"])
+
+
+def _optional(name: str) -> Any:
+    try:
+        return __import__(name)
+    except ImportError:
+        return None
+
+
+def section_a(
+    sizes: list[tuple[int, int, int, int]], rounds: int, min_batch: float
+) -> list[dict[str, Any]]:
+    torch, autograd = _optional("torch"), _optional("autograd")
+    if autograd is not None:
+        import autograd.numpy
+    rows = []
+    for dtype in (np.float32, np.float64):
+        for size in sizes:
+            problem = LoraProblem(*size, dtype=dtype)
+            makers: dict[str, Any] = {
+                "numpy": problem.numpy_step,
+                "graphlora": problem.graphlora_step,
+                "gl fused": lambda p=problem: p.graphlora_step(fused=True),
+            }
+            if torch is not None:
+                makers["torch"] = lambda p=problem: p.torch_step(torch)
+            if autograd is not None:
+                makers["autograd"] = lambda p=problem: p.autograd_step(autograd)
+            steps, results = {}, {}
+            for name, make in makers.items():
+                steps[name], results[name] = make()
+            for fn in steps.values():  # one step each from the same start: the same maths?
+                fn()
+            a_ref, b_ref = results["numpy"]()
+            tolerance = 1e-4 if dtype == np.float32 else 1e-10
+            for name, read in results.items():
+                a_got, b_got = read()
+                assert np.allclose(a_got, a_ref, rtol=tolerance, atol=tolerance), name
+                assert np.allclose(b_got, b_ref, rtol=tolerance, atol=tolerance), name
+            times = compare(steps, rounds=rounds, min_batch=min_batch)
+            rows.append(
+                {
+                    "size": list(size),
+                    "dtype": np.dtype(dtype).name,
+                    "seconds": times,
+                    "ratio": {k: v / times["numpy"] for k, v in times.items()},
+                }
+            )
+    return rows
+
+
+# --- (b) per-op overhead --------------------------------------------------------------------------
+
+
+def section_b(rounds: int, min_batch: float) -> list[dict[str, Any]]:
+    rng = np.random.default_rng(0)
+    a_np, b_np = rng.standard_normal((4, 4)), rng.standard_normal((4, 4))
+    g = gl.Graph()
+    a, b = g.parameter(a_np), g.parameter(b_np)
+    ops: dict[str, tuple[Callable[[], object], Callable[[], object]]] = {
+        "add": (lambda: g.add(a, b), lambda: a_np + b_np),
+        "mul": (lambda: g.mul(a, b), lambda: a_np * b_np),
+        "matmul": (lambda: g.matmul(a, b), lambda: a_np @ b_np),
+        "tanh": (lambda: g.tanh(a), lambda: np.tanh(a_np)),
+        "sum": (lambda: g.sum(a), lambda: np.sum(a_np)),
+        "relu": (lambda: g.relu(a), lambda: np.maximum(a_np, 0)),
+    }
+    rows = []
+    batch = 1000  # ops recorded between two resets
+    for name, (ours, bare) in ops.items():
+
+        def record(op: Callable[[], object] = ours) -> None:
+            for _ in range(batch):
+                op()
+            g.reset()
+
+        def numpy_batch(op: Callable[[], object] = bare) -> None:
+            for _ in range(batch):
+                op()
+
+        times = compare(
+            {"graphlora": record, "numpy": numpy_batch}, rounds=rounds, min_batch=min_batch
+        )
+        per_op = {k: v / batch for k, v in times.items()}
+        rows.append(
+            {
+                "op": name,
+                "seconds": per_op,
+                "ratio": per_op["graphlora"] / per_op["numpy"],
+                "overhead_us": 1e6 * (per_op["graphlora"] - per_op["numpy"]),
+            }
+        )
+    return rows
+
+
+# --- (c) tape scaling -------------------------------------------------------------------------------
+
+
+def section_c(lengths: list[int], rounds: int, min_batch: float) -> list[dict[str, Any]]:
+    rows = []
+    for n in lengths:
+        g = gl.Graph()
+        x = g.parameter(np.ones(4))
+        y = x
+        for _ in range(n):
+            y = g.scale(y, 1.0)
+        loss = g.sum(y)
+        times = compare(
+            {"backward": lambda loss=loss, g=g: g.backward(loss)},
+            rounds=rounds,
+            min_batch=min_batch,
+        )
+        rows.append(
+            {
+                "nodes": n + 1,
+                "seconds": times["backward"],
+                "per_node_us": 1e6 * times["backward"] / (n + 1),
+            }
+        )
+    return rows
+
+
+# --- (d) peak memory ------------------------------------------------------------------------------
+
+
+def _peak(step: Callable[[], None]) -> int:
+    step()  # warm up: caches, lazily made buffers
+    gc.collect()
+    tracemalloc.start()
+    base, _ = tracemalloc.get_traced_memory()
+    tracemalloc.reset_peak()
+    step()
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return peak - base
+
+
+def section_d(sizes: list[tuple[int, int, int, int]]) -> list[dict[str, Any]]:
+    rows = []
+    for size in sizes:
+        problem = LoraProblem(*size, dtype=np.float64)
+        numpy_step, _ = problem.numpy_step()
+        graph_step, _ = problem.graphlora_step()
+        fused_step, _ = problem.graphlora_step(fused=True)
+        peaks = {
+            "numpy": _peak(numpy_step),
+            "graphlora": _peak(graph_step),
+            "gl fused": _peak(fused_step),
+        }
+        ratios = {k: v / peaks["numpy"] for k, v in peaks.items()}
+        rows.append({"size": list(size), "peak_bytes": peaks, "ratio": ratios})
+    return rows
+
+
+# --- (e) an MLP with LoRA on every layer ----------------------------------------------------------
+
+
+def section_e(rounds: int, min_batch: float, quick: bool) -> dict[str, Any]:
+    sizes, batch, rank = ([32, 32, 10], 16, 2) if quick else ([256, 256, 256, 10], 64, 8)
+    rng = np.random.default_rng(0)
+    g = gl.Graph()
+    model = gl.MLP(g, sizes, activation="relu", rng=1)
+    adapters = gl.apply_lora(model, gl.LoraConfig(rank=rank, alpha=2.0 * rank, seed=0))
+    for layer in adapters.values():
+        g.set_value(layer.lora_b, 0.01 * rng.standard_normal((rank, layer.out_features)))
+    x_np = rng.standard_normal((batch, sizes[0]))
+    labels = rng.integers(0, sizes[-1], size=batch)
+    x = g.constant(x_np)
+    opt = SGD(g, model.parameters(), lr=LR)
+
+    def graph_step() -> None:
+        loss = g.cross_entropy(model.forward(g, x), labels)
+        g.backward(loss)
+        opt.step()
+        opt.zero_grad()
+        g.reset()
+
+    layers = list(adapters.values())
+    ws = [np.array(g.value(layer.frozen_weight)) for layer in layers]
+    bs = [np.array(g.value(layer.bias)) for layer in layers]  # type: ignore[arg-type]
+    a_s = [np.array(g.value(layer.lora_a)) for layer in layers]
+    b_s = [np.array(g.value(layer.lora_b)) for layer in layers]
+    s = layers[0].scaling
+    rows = np.arange(batch)
+
+    def numpy_step() -> None:
+        hs, acts, pre = [], [x_np], []
+        h = x_np
+        for i in range(len(ws)):
+            low = (h @ a_s[i]) * s
+            z = h @ ws[i] + low @ b_s[i] + bs[i]
+            hs.append(low)
+            pre.append(z)
+            h = np.maximum(z, 0) if i < len(ws) - 1 else z
+            acts.append(h)
+        shifted = h - h.max(axis=1, keepdims=True)
+        p = np.exp(shifted)
+        p /= p.sum(axis=1, keepdims=True)
+        grad = p
+        grad[rows, labels] -= 1
+        grad /= batch
+        for i in reversed(range(len(ws))):
+            if i < len(ws) - 1:
+                grad = grad * (pre[i] > 0)
+            grad_b = hs[i].T @ grad
+            g_low = (grad @ b_s[i].T) * s
+            grad_a = acts[i].T @ g_low
+            if i > 0:
+                grad = grad @ ws[i].T + g_low @ a_s[i].T
+            a_s[i] -= LR * grad_a
+            b_s[i] -= LR * grad_b
+
+    times = compare(
+        {"numpy": numpy_step, "graphlora": graph_step}, rounds=rounds, min_batch=min_batch
+    )
+    return {
+        "sizes": sizes,
+        "batch": batch,
+        "rank": rank,
+        "seconds": times,
+        "ratio": times["graphlora"] / times["numpy"],
+    }
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, few rounds")
+    parser.add_argument("--sections", default="a,b,c,d,e")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results.json"))
+    args = parser.parse_args(argv)
+    sections = set(args.sections.split(","))
+    rounds, min_batch = (3, 0.002) if args.quick else (9, 0.02)
+    sizes = QUICK_SIZES if args.quick else SIZES
+    report: dict[str, Any] = {
+        "machine": {
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "cpu": platform.processor() or platform.machine(),
+        },
+        "graphlora": gl.__version__,
+    }
+    if "a" in sections:
+        report["a_lora_step"] = rows = section_a(sizes, rounds, min_batch)
+        others = [k for k in rows[0]["ratio"] if k != "numpy"]
+        print("(a) LoRA training step: time / hand-written NumPy (median of interleaved rounds)")
+        print(
+            f"{'dtype':8} {'batch, in, out, rank':22} {'numpy us':>10} "
+            + " ".join(f"{k:>10}" for k in others)
+        )
+        for row in rows:
+            size = ", ".join(map(str, row["size"]))
+            print(
+                f"{row['dtype']:8} {size:22} {1e6 * row['seconds']['numpy']:10.1f} "
+                + " ".join(f"{row['ratio'][k]:9.2f}x" for k in others)
+            )
+    if "b" in sections:
+        report["b_op_overhead"] = rows = section_b(rounds, min_batch)
+        print("\n(b) per-op recording overhead on (4, 4) arrays")
+        print(f"{'op':8} {'numpy us':>9} {'graphlora us':>13} {'overhead us':>12} {'ratio':>7}")
+        for row in rows:
+            print(
+                f"{row['op']:8} {1e6 * row['seconds']['numpy']:9.2f} {1e6 * row['seconds']['graphlora']:13.2f} {row['overhead_us']:12.2f} {row['ratio']:6.1f}x"
+            )
+    if "c" in sections:
+        lengths = [1000, 10000] if args.quick else [1000, 10000, 100000]
+        report["c_tape_scaling"] = rows = section_c(lengths, max(3, rounds // 2), min_batch)
+        print("\n(c) backward time per node, chains of scale ops")
+        for row in rows:
+            print(f"{row['nodes']:>8} nodes: {row['per_node_us']:.3f} us/node")
+        print(
+            f"flatness: {max(r['per_node_us'] for r in rows) / min(r['per_node_us'] for r in rows):.2f}x between the cheapest and dearest"
+        )
+    if "d" in sections:
+        report["d_peak_memory"] = rows = section_d(sizes)
+        print("\n(d) peak memory of one float64 training step (tracemalloc)")
+        for row in rows:
+            size = ", ".join(map(str, row["size"]))
+            peaks, ratio = row["peak_bytes"], row["ratio"]
+            print(
+                f"{size:22} numpy {peaks['numpy'] / 1024:9.1f} KiB   graphlora {peaks['graphlora'] / 1024:9.1f} KiB ({ratio['graphlora']:.2f}x)   fused {peaks['gl fused'] / 1024:9.1f} KiB ({ratio['gl fused']:.2f}x)"
+            )
+    if "e" in sections:
+        report["e_mlp_step"] = row = section_e(rounds, min_batch, args.quick)
+        print(
+            f"\n(e) MLP {row['sizes']} with LoRA rank {row['rank']} on every layer, batch {row['batch']}, one step"
+        )
+        print(
+            f"numpy {1e6 * row['seconds']['numpy']:.1f} us, graphlora {1e6 * row['seconds']['graphlora']:.1f} us: {row['ratio']:.2f}x"
+        )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
