@@ -1,6 +1,6 @@
 """graphlora's benchmarks: every comparison side by side, in one run.
 
-    python benches/run.py                 # everything; prints tables, writes benches/results.json
+    python benches/run.py                 # everything; prints tables, writes benches/results/latest.json
     python benches/run.py --quick         # small sizes and few repeats (a smoke run)
     python benches/run.py --sections a,c  # some sections only
 
@@ -339,8 +339,8 @@ def section_e(rounds: int, min_batch: float, quick: bool) -> dict[str, Any]:
     x = g.constant(x_np)
     opt = SGD(g, model.parameters(), lr=LR)
 
-    def graph_step() -> None:
-        loss = g.cross_entropy(model.forward(g, x), labels)
+    def graph_step(fused: bool = False) -> None:
+        loss = g.cross_entropy(model.forward(g, x, fused=fused), labels)
         g.backward(loss)
         opt.step()
         opt.zero_grad()
@@ -381,15 +381,14 @@ def section_e(rounds: int, min_batch: float, quick: bool) -> dict[str, Any]:
             a_s[i] -= LR * grad_a
             b_s[i] -= LR * grad_b
 
-    times = compare(
-        {"numpy": numpy_step, "graphlora": graph_step}, rounds=rounds, min_batch=min_batch
-    )
+    fns = {"numpy": numpy_step, "graphlora": graph_step, "gl fused": lambda: graph_step(True)}
+    times = compare(fns, rounds=rounds, min_batch=min_batch)
     return {
         "sizes": sizes,
         "batch": batch,
         "rank": rank,
         "seconds": times,
-        "ratio": times["graphlora"] / times["numpy"],
+        "ratio": {k: v / times["numpy"] for k, v in times.items()},
     }
 
 
@@ -400,7 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, few rounds")
     parser.add_argument("--sections", default="a,b,c,d,e")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results.json"))
+    parser.add_argument(
+        "--out", default=str(Path(__file__).resolve().parent / "results" / "latest.json")
+    )
     args = parser.parse_args(argv)
     sections = set(args.sections.split(","))
     rounds, min_batch = (3, 0.002) if args.quick else (9, 0.02)
@@ -459,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
             f"\n(e) MLP {row['sizes']} with LoRA rank {row['rank']} on every layer, batch {row['batch']}, one step"
         )
         print(
-            f"numpy {1e6 * row['seconds']['numpy']:.1f} us, graphlora {1e6 * row['seconds']['graphlora']:.1f} us: {row['ratio']:.2f}x"
+            f"numpy {1e6 * row['seconds']['numpy']:.1f} us, graphlora {1e6 * row['seconds']['graphlora']:.1f} us ({row['ratio']['graphlora']:.2f}x), fused {1e6 * row['seconds']['gl fused']:.1f} us ({row['ratio']['gl fused']:.2f}x)"
         )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

@@ -128,11 +128,18 @@ class MLP:
             for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes))
         ]
 
-    def forward(self, graph: Graph, x: NodeId) -> NodeId:
-        """Run every layer, with the activation between layers."""
+    def forward(self, graph: Graph, x: NodeId, *, fused: bool = False) -> NodeId:
+        """Run every layer, with the activation between layers.
+
+        ``fused=True`` records each ``LoraLinear`` as one ``lora_linear`` node (see
+        ``LoraLinear.forward``); plain ``Linear`` layers are unaffected.
+        """
         act = ACTIVATIONS[self.activation]
         for i, layer in enumerate(self.layers):
-            x = layer.forward(graph, x)
+            if isinstance(layer, LoraLinear):
+                x = layer.forward(graph, x, fused=fused)
+            else:
+                x = layer.forward(graph, x)
             if i < len(self.layers) - 1:
                 x = act(graph, x)
         return x

@@ -1,0 +1,38 @@
+"""benches/run.py still runs and reports every section (a smoke run; no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_quick_benchmark_run_writes_every_section(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benches" / "run.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    )
+    assert "(a) LoRA training step" in done.stdout
+    report = json.loads(out.read_text())
+    assert {"a_lora_step", "b_op_overhead", "c_tape_scaling", "d_peak_memory", "e_mlp_step"} <= set(
+        report
+    )
+    for row in report["a_lora_step"]:
+        assert {"numpy", "graphlora", "gl fused"} <= set(row["ratio"])
+        assert row["ratio"]["numpy"] == 1.0
+    assert {row["op"] for row in report["b_op_overhead"]} == {
+        "add",
+        "mul",
+        "matmul",
+        "tanh",
+        "sum",
+        "relu",
+    }
+    assert [row["nodes"] for row in report["c_tape_scaling"]] == [1001, 10001]
