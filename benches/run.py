@@ -414,20 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         "graphlora": gl.__version__,
     }
-    if "a" in sections:
-        report["a_lora_step"] = rows = section_a(sizes, rounds, min_batch)
-        others = [k for k in rows[0]["ratio"] if k != "numpy"]
-        print("(a) LoRA training step: time / hand-written NumPy (median of interleaved rounds)")
-        print(
-            f"{'dtype':8} {'batch, in, out, rank':22} {'numpy us':>10} "
-            + " ".join(f"{k:>10}" for k in others)
-        )
-        for row in rows:
-            size = ", ".join(map(str, row["size"]))
-            print(
-                f"{row['dtype']:8} {size:22} {1e6 * row['seconds']['numpy']:10.1f} "
-                + " ".join(f"{row['ratio'][k]:9.2f}x" for k in others)
-            )
+    # b and c first: they time tiny ops, which are the most sensitive to whatever the heavier
+    # sections (and an imported PyTorch) leave for the garbage collector to walk.
     if "b" in sections:
         report["b_op_overhead"] = rows = section_b(rounds, min_batch)
         print("\n(b) per-op recording overhead on (4, 4) arrays")
@@ -445,6 +433,20 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"flatness: {max(r['per_node_us'] for r in rows) / min(r['per_node_us'] for r in rows):.2f}x between the cheapest and dearest"
         )
+    if "a" in sections:
+        report["a_lora_step"] = rows = section_a(sizes, rounds, min_batch)
+        others = [k for k in rows[0]["ratio"] if k != "numpy"]
+        print("(a) LoRA training step: time / hand-written NumPy (median of interleaved rounds)")
+        print(
+            f"{'dtype':8} {'batch, in, out, rank':22} {'numpy us':>10} "
+            + " ".join(f"{k:>10}" for k in others)
+        )
+        for row in rows:
+            size = ", ".join(map(str, row["size"]))
+            print(
+                f"{row['dtype']:8} {size:22} {1e6 * row['seconds']['numpy']:10.1f} "
+                + " ".join(f"{row['ratio'][k]:9.2f}x" for k in others)
+            )
     if "d" in sections:
         report["d_peak_memory"] = rows = section_d(sizes)
         print("\n(d) peak memory of one float64 training step (tracemalloc)")
