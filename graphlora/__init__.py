@@ -10,6 +10,7 @@ from graphlora.errors import (
     ForeignNodeError,
     GradcheckError,
     GraphError,
+    NonFiniteError,
     ShapeError,
     StaleNodeError,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "LoraConfig",
     "LoraLinear",
     "NodeId",
+    "NonFiniteError",
     "ShapeError",
     "StaleNodeError",
     "__version__",

@@ -11,6 +11,7 @@ __all__ = [
     "ForeignNodeError",
     "GradcheckError",
     "GraphError",
+    "NonFiniteError",
     "ShapeError",
     "StaleNodeError",
 ]
@@ -30,6 +31,10 @@ class StaleNodeError(GraphError):
 
 class ForeignNodeError(GraphError):
     """A NodeId that belongs to another Graph was passed to this one."""
+
+
+class NonFiniteError(GraphError, FloatingPointError):
+    """Anomaly mode found NaN or Inf in an op's output or gradient, or a merge would make some."""
 
 
 class GradcheckError(AssertionError):

@@ -21,7 +21,13 @@ import numpy as np
 import numpy.typing as npt
 
 from graphlora import ops
-from graphlora.errors import ForeignNodeError, GraphError, ShapeError, StaleNodeError
+from graphlora.errors import (
+    ForeignNodeError,
+    GraphError,
+    NonFiniteError,
+    ShapeError,
+    StaleNodeError,
+)
 from graphlora.ops import Array, Grads, Vjp
 
 __all__ = ["Graph", "NodeId"]
@@ -148,6 +154,8 @@ class Graph:
     ----------
     dtype
         The floating dtype of every value and gradient: ``np.float64`` (default) or ``np.float32``.
+    check_finite
+        Anomaly mode for the graph's whole life (see ``detect_anomaly``).
 
     Raises
     ------
@@ -166,7 +174,7 @@ class Graph:
     (3, 2)
     """
 
-    def __init__(self, dtype: npt.DTypeLike = np.float64) -> None:
+    def __init__(self, dtype: npt.DTypeLike = np.float64, *, check_finite: bool = False) -> None:
         try:
             resolved = np.dtype(dtype)
         except TypeError:
@@ -179,6 +187,7 @@ class Graph:
         self._epoch = 0
         self._next_id = 0
         self._grad_enabled = True
+        self._check_finite = _flag("Graph", "check_finite", check_finite)
         self._scope: str | None = None
         self._one = np.ones((), self._dtype)  # the seed of a scalar loss, shared
         self._one.flags.writeable = False
@@ -409,6 +418,26 @@ class Graph:
         finally:
             self._scope = previous
 
+    @property
+    def check_finite(self) -> bool:
+        """True while anomaly mode is on (``Graph(check_finite=True)`` or ``detect_anomaly()``)."""
+        return self._check_finite
+
+    @contextmanager
+    def detect_anomaly(self) -> Iterator[None]:
+        """Anomaly mode within the block: the first op whose output, or whose gradient in
+        ``backward``, holds NaN or Inf raises ``NonFiniteError`` naming the op, its inputs and
+        their shapes, and which of them were already non-finite. A refused forward op records
+        nothing; a refused backward changes no gradient. Off by default; when off it costs one
+        flag test per op.
+        """
+        previous = self._check_finite
+        self._check_finite = True
+        try:
+            yield
+        finally:
+            self._check_finite = previous
+
     @contextmanager
     def no_grad(self) -> Iterator[None]:
         """Within this block ops record values only: no closures, no gradients, no dropout."""
@@ -439,6 +468,8 @@ class Graph:
         """Append an op's node to the tape; keep its closure only if a gradient can flow."""
         if type(out) is not np.ndarray:  # NumPy gives scalars for 0-d results; keep arrays
             out = np.asarray(out)
+        if self._check_finite and not np.isfinite(out).all():
+            raise NonFiniteError(_anomaly(op, inputs, out, "forward output"))
         needs = tuple([node._requires_grad for node in inputs])
         tape = self._tape
         if self._grad_enabled and True in needs:
@@ -650,7 +681,10 @@ class Graph:
                 "cross_entropy: labels must be an integer array, not a NodeId (graph values are "
                 "floating point and labels get no gradient)"
             )
-        label_array = np.asarray(labels)
+        try:
+            label_array = np.asarray(labels)
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"cross_entropy: labels must be an integer array: {error}") from None
         if label_array.dtype.kind not in "iu":
             raise TypeError(
                 f"cross_entropy: labels must be integers, got dtype {label_array.dtype}"
@@ -831,6 +865,7 @@ class Graph:
             )
         loss._g, loss._g_owned = seed, seed is not self._one  # the shared 1 is never written
         reached: list[NodeId] = []  # every node given a gradient in this pass, to commit
+        check_finite = self._check_finite
         if loss._epoch == _LEAF:
             reached.append(loss)
         else:
@@ -851,6 +886,10 @@ class Graph:
                             continue
                         if type(gi) is not np.ndarray:  # a 0-d result of NumPy arithmetic
                             gi = np.asarray(gi)
+                        if check_finite and not np.isfinite(gi).all():
+                            raise NonFiniteError(
+                                _anomaly(node._op, node._inputs, gi, "gradient", node, g, source)
+                            )
                         previous = source._g
                         if previous is None:
                             source._g, source._g_owned = gi, False
@@ -868,6 +907,43 @@ class Graph:
                 raise
         for node in reached:
             _commit(node)
+
+
+def _anomaly(
+    op: str,
+    inputs: tuple[NodeId, ...],
+    values: Array,
+    what: str,
+    node: NodeId | None = None,
+    g: Array | None = None,
+    target: NodeId | None = None,
+) -> str:
+    """The message of a ``NonFiniteError``: the op, its inputs' shapes, which were non-finite."""
+    count = int(values.size - np.count_nonzero(np.isfinite(values)))
+    shapes = ", ".join(str(n._value.shape) for n in inputs if n._value is not None)
+    bad = [
+        f"input {i} ({n!r})"
+        for i, n in enumerate(inputs)
+        if n._value is not None and not np.isfinite(n._value).all()
+    ]
+    where = f"op {op!r}" if node is None else f"op {op!r} at {node!r}"
+    message = (
+        f"anomaly: the {what} of {where} holds {count} non-finite value(s) (NaN or Inf); "
+        f"input shapes: {shapes or 'none'}; non-finite inputs: {', '.join(bad) or 'none'}"
+    )
+    if target is not None and g is not None:
+        message += (
+            f"; the gradient flowing to {target!r} is the bad one; the incoming gradient was "
+            f"{'finite' if np.isfinite(g).all() else 'already non-finite'}"
+        )
+    return message
+
+
+def check_graph(where: str, graph: object) -> Graph:
+    """``graph`` if it is a ``Graph``; else a ``TypeError`` naming ``where`` (for module code)."""
+    if not isinstance(graph, Graph):
+        raise TypeError(f"{where}: graph must be a Graph, got {type(graph).__name__}")
+    return graph
 
 
 def _read_only(array: Array) -> Array:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from graphlora.errors import GraphError, ShapeError
-from graphlora.graph import Graph
+from graphlora.graph import Graph, check_graph
 from graphlora.lora import LoraLinear
 from graphlora.ops import Array
 
@@ -221,6 +221,7 @@ def save_adapter(
     ValueError, TypeError
         For bad names or layers PEFT cannot express together; nothing is written.
     """
+    check_graph("save_adapter", graph)
     st = _safetensors()
     config = adapter_config(layers)
     tensors = _tensors(graph, layers)
@@ -249,6 +250,7 @@ def save_merged(
     where = "save_merged"
     if layout not in ("torch", "graphlora"):
         raise ValueError(f"{where}: layout must be 'torch' or 'graphlora', got {layout!r}")
+    check_graph(where, graph)
     st = _safetensors()
     layers = _check_layers(where, layers)
     tensors = {}
@@ -359,6 +361,11 @@ def read_adapter(path: str | os.PathLike[str]) -> AdapterFile:
     for key, kind in (("r", int), ("lora_alpha", (int, float))):
         if isinstance(config.get(key), bool) or not isinstance(config.get(key), kind):
             raise ValueError(f"{where}: {config_file} has no valid {key!r}: {config.get(key)!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise ValueError(f"{where}: {config_file} has a {key} that is not a mapping")
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise ValueError(f"{where}: {config_file} has a use_rslora that is not true/false")
     if config.get("use_dora"):
         raise ValueError(f"{where}: {config_file} is a DoRA adapter; graphlora supports plain LoRA")
     try:
@@ -421,6 +428,7 @@ def load_adapter(
         When a target layer is merged.
     """
     where = "load_adapter"
+    check_graph(where, graph)
     layers = _check_layers(where, layers)
     adapter = read_adapter(path)
     missing = sorted(set(layers) - set(adapter.a))

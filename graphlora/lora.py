@@ -22,8 +22,8 @@ import numpy.typing as npt
 import scipy.linalg
 import scipy.sparse.linalg
 
-from graphlora.errors import GraphError, ShapeError
-from graphlora.graph import Graph, NodeId
+from graphlora.errors import GraphError, NonFiniteError, ShapeError
+from graphlora.graph import Graph, NodeId, check_graph
 from graphlora.ops import Array
 
 __all__ = ["INITS", "LoraConfig", "LoraLinear"]
@@ -163,6 +163,7 @@ class LoraLinear:
                 raise TypeError(f"LoraLinear.new: {arg} must be an int, got {value!r}")
             if value < 1:
                 raise ValueError(f"LoraLinear.new: {arg} must be >= 1, got {value}")
+        check_graph("LoraLinear.new", graph)
         _check_config("LoraLinear.new", config)
         generator = _generator("LoraLinear.new", rng, config)
         bound = 1.0 / math.sqrt(in_features)
@@ -197,6 +198,7 @@ class LoraLinear:
             For ``rank > min(in, out)``.
         """
         where = "LoraLinear.from_linear"
+        check_graph(where, graph)
         config = LoraConfig() if config is None else config
         _check_config(where, config)
         weight_value = _float_matrix(where, graph, weight, "weight")
@@ -290,6 +292,7 @@ class LoraLinear:
         Shares A, B and W with this layer. Refused while merged.
         """
         where = "LoraLinear.with_bias"
+        check_graph(where, graph)
         if self.merged:
             raise GraphError(f"{where}: {self.name} is merged; unmerge_ it first")
         value = _float_array(where, graph, bias, "bias")
@@ -317,8 +320,11 @@ class LoraLinear:
         draw and check. ``fused=True`` records the same maths as one ``Graph.lora_linear`` node:
         faster at small sizes, and it keeps only the ``[..., rank]`` bottleneck for backward.
         """
-        shape = x.shape if isinstance(x, NodeId) else None
-        if shape is not None and (len(shape) == 0 or shape[-1] != self.in_features):
+        check_graph("LoraLinear.forward", graph)
+        if not isinstance(x, NodeId):
+            raise TypeError(f"LoraLinear.forward: x must be a NodeId, got {type(x).__name__}")
+        shape = graph._check(x, "LoraLinear.forward", "x").shape
+        if len(shape) == 0 or shape[-1] != self.in_features:
             raise ShapeError(
                 f"LoraLinear.forward: {self.name} takes [..., {self.in_features}] but the input "
                 f"has shape {shape}"
@@ -326,7 +332,7 @@ class LoraLinear:
         if fused and not self.merged:
             p = self.config.dropout
             mask = None
-            if p > 0.0 and graph.grad_enabled and shape is not None:
+            if p > 0.0 and graph.grad_enabled:
                 # Inverted dropout, drawn exactly as Graph.dropout draws it.
                 mask = (self.rng.random(shape) >= p) * (1.0 / (1.0 - p))
             return graph.lora_linear(
@@ -365,6 +371,7 @@ class LoraLinear:
 
     def delta(self, graph: Graph) -> Array:
         """The update ``A @ B * scaling`` as a new ``[in, out]`` array."""
+        check_graph("LoraLinear.delta", graph)
         return (graph.value(self.lora_a) @ graph.value(self.lora_b)) * self.scaling
 
     def merge(self, graph: Graph) -> Array:
@@ -384,7 +391,7 @@ class LoraLinear:
             merged = weight + self.delta(graph)
         bad = int(np.size(merged) - np.count_nonzero(np.isfinite(merged)))
         if bad:
-            raise GraphError(
+            raise NonFiniteError(
                 f"LoraLinear.merge: merging {self.name} would give {bad} non-finite weights "
                 "(NaN or Inf in W, A or B); nothing was changed"
             )
@@ -422,6 +429,7 @@ class LoraLinear:
 
     def state_dict(self, graph: Graph) -> dict[str, Array]:
         """``{"lora_a": A, "lora_b": B}`` as copies."""
+        check_graph("LoraLinear.state_dict", graph)
         return {
             "lora_a": np.array(graph.value(self.lora_a)),
             "lora_b": np.array(graph.value(self.lora_b)),
@@ -443,6 +451,7 @@ class LoraLinear:
             For wrong shapes, or data that is not floating point.
         """
         where = "LoraLinear.load_state_dict"
+        check_graph(where, graph)
         if self.merged:
             raise GraphError(f"{where}: {self.name} is merged; unmerge_ it before loading")
         if not isinstance(state, Mapping):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from graphlora.errors import ShapeError
-from graphlora.graph import Graph, NodeId
+from graphlora.graph import Graph, NodeId, check_graph
 from graphlora.lora import LoraConfig, LoraLinear
 
 __all__ = ["ACTIVATIONS", "MLP", "Linear", "apply_lora", "trainable_parameters"]
@@ -51,6 +51,7 @@ class Linear:
         name: str = "linear",
     ) -> Linear:
         """A layer initialised like ``torch.nn.Linear``: weight and bias ~ U(-1/√in, 1/√in)."""
+        check_graph("Linear.new", graph)
         for arg, value in (("in_features", in_features), ("out_features", out_features)):
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
                 raise TypeError(f"Linear.new: {arg} must be an int, got {value!r}")
@@ -120,6 +121,7 @@ class MLP:
             raise ValueError(
                 f"MLP: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}"
             )
+        check_graph("MLP", graph)
         generator = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
         self.graph = graph
         self.activation = activation
@@ -211,6 +213,8 @@ def apply_lora(
     ValueError
         For an unknown target or one that already carries an adapter (nothing is changed).
     """
+    if not isinstance(model, MLP):
+        raise TypeError(f"apply_lora: model must be an MLP, got {type(model).__name__}")
     if not isinstance(config, LoraConfig):
         raise TypeError(f"apply_lora: config must be a LoraConfig, got {type(config).__name__}")
     named = model.named_layers()

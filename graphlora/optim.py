@@ -23,7 +23,7 @@ import numpy as np
 import scipy.optimize
 
 from graphlora.errors import GraphError, ShapeError
-from graphlora.graph import Graph, NodeId
+from graphlora.graph import Graph, NodeId, check_graph
 from graphlora.ops import Array
 
 __all__ = ["SGD", "Adam", "AdamW", "Optimizer", "minimize"]
@@ -42,8 +42,7 @@ def _hyper(where: str, name: str, value: object, low: float, high: float | None 
 
 def _parameters(where: str, graph: Graph, params: Sequence[NodeId]) -> list[NodeId]:
     """``params`` as a list, if each is a parameter of ``graph`` and none repeats."""
-    if not isinstance(graph, Graph):
-        raise TypeError(f"{where}: graph must be a Graph, got {type(graph).__name__}")
+    check_graph(where, graph)
     nodes = list(params)
     if not nodes:
         raise ValueError(f"{where}: params is empty; pass the parameters to optimise")
@@ -134,6 +133,12 @@ class Optimizer:
             raise ValueError(
                 f"{where}: this is a {state['optimizer']!r} state, not {type(self).__name__!r}"
             )
+        if not isinstance(state["steps"], (list, tuple)) or not isinstance(
+            state["state"], (list, tuple)
+        ):
+            raise TypeError(f"{where}: 'steps' and 'state' must be lists, one entry a parameter")
+        if not isinstance(state["hyperparameters"], Mapping):
+            raise TypeError(f"{where}: 'hyperparameters' must be a mapping")
         steps, per_param = list(state["steps"]), list(state["state"])
         if len(steps) != len(self.params) or len(per_param) != len(self.params):
             raise ValueError(
@@ -146,6 +151,10 @@ class Optimizer:
         for i, (node, count, entry) in enumerate(zip(self.params, steps, per_param, strict=True)):
             if isinstance(count, bool) or not isinstance(count, int) or count < 0:
                 raise ValueError(f"{where}: steps[{i}] must be an int >= 0, got {count!r}")
+            if not isinstance(entry, Mapping):
+                raise TypeError(
+                    f"{where}: state[{i}] must be a mapping, got {type(entry).__name__}"
+                )
             keys = set(entry)
             if keys and keys != set(self._state_keys):
                 raise ValueError(
