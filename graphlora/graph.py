@@ -898,7 +898,7 @@ class Graph:
                         elif source._g_owned:
                             previous += gi  # a buffer only this node holds: add in place
                         else:
-                            source._g, source._g_owned = previous + gi, True
+                            source._g, source._g_owned = _added(previous, gi), True
             except BaseException:
                 for node in tape[: loss._index + 1]:
                     node._g = None
@@ -953,6 +953,12 @@ def _read_only(array: Array) -> Array:
     return view
 
 
+def _added(a: Array, b: Array) -> Array:
+    """``a + b`` as a new array (NumPy returns a scalar for two 0-d arrays)."""
+    total = a + b
+    return total if type(total) is np.ndarray else np.asarray(total)
+
+
 def _commit(node: NodeId) -> None:
     """Add the gradient of the pass just finished to the node's accumulated gradient."""
     g = node._g
@@ -963,7 +969,7 @@ def _commit(node: NodeId) -> None:
     elif node._grad_owned:
         node._grad += g
     else:
-        node._grad, node._grad_owned = node._grad + g, True
+        node._grad, node._grad_owned = _added(node._grad, g), True
 
 
 def _checked_vjp(name: str, vjp: Vjp, inputs: tuple[NodeId, ...]) -> Vjp:

@@ -653,3 +653,16 @@ def test_lora_linear_checks_shapes_first() -> None:
     np.testing.assert_allclose(
         g.value(out), np.full((2, 3), 4.0 + (4.0 * 0.5) * 2)
     )  # x W + ((x A) s) B
+
+
+def test_scalar_gradients_stay_arrays_when_they_accumulate() -> None:
+    # Found by the state machine: 0-d + 0-d gives a NumPy scalar, not an array.
+    g = gl.Graph()
+    w = g.parameter(0.5)
+    g.backward(w)
+    g.backward(g.exp(w))
+    g.backward(g.exp(w))
+    grad = g.grad(w)
+    assert isinstance(grad, np.ndarray)
+    assert grad.shape == ()
+    np.testing.assert_allclose(grad, 1 + 2 * np.exp(0.5))
