@@ -453,9 +453,7 @@ class Graph:
     def _check(self, node: object, op: str, arg: str) -> NodeId:
         """Return ``node`` if it is a live NodeId of this graph, or raise naming ``op``/``arg``."""
         if type(node) is not NodeId:
-            raise TypeError(
-                f"{op}: {arg} must be a NodeId, got {type(node).__name__}: {node!r:.60}"
-            )
+            raise TypeError(f"{op}: {arg} must be a NodeId, got {_describe(node)}")
         if node._graph is not self:
             raise ForeignNodeError(f"{op}: {arg} {node!r} belongs to another Graph")
         if node._epoch != self._epoch and node._epoch != _LEAF:
@@ -937,6 +935,14 @@ def _anomaly(
             f"{'finite' if np.isfinite(g).all() else 'already non-finite'}"
         )
     return message
+
+
+def _describe(value: object) -> str:
+    """A short description of a wrong argument: its type, and its shape or a short repr."""
+    if isinstance(value, np.ndarray):
+        return f"an ndarray of shape {value.shape} and dtype {value.dtype}"
+    text = repr(value)
+    return f"{type(value).__name__}: {text if len(text) <= 60 else text[:57] + '...'}"
 
 
 def check_graph(where: str, graph: object) -> Graph:
