@@ -384,6 +384,7 @@ class LoraLinear:
         GraphError
             If the merged weight would hold NaN or Inf (nothing is changed).
         """
+        check_graph("LoraLinear.merge", graph)
         weight = graph.value(self.frozen_weight)
         if self.merged:
             return np.array(weight)
@@ -404,6 +405,7 @@ class LoraLinear:
         ``(W + D) - D`` is not always ``W``); this costs one weight's memory while merged.
         Merging a merged layer warns and does nothing, as in PEFT.
         """
+        check_graph("LoraLinear.merge_", graph)
         if self.merged:
             warnings.warn(f"{self.name} is already merged; nothing to do", stacklevel=2)
             return
@@ -417,6 +419,7 @@ class LoraLinear:
 
         Unmerging a layer that is not merged warns and does nothing, as in PEFT.
         """
+        check_graph("LoraLinear.unmerge_", graph)
         if not self.merged:
             warnings.warn(f"{self.name} is not merged; nothing to do", stacklevel=2)
             return

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from graphlora.graph import check_graph
+
 if TYPE_CHECKING:
     from graphlora.graph import Graph, NodeId
 
@@ -75,6 +77,7 @@ def to_dot(
     show_grads: bool = False,
 ) -> str:
     """The graph as Graphviz DOT text (see ``Graph.to_dot``)."""
+    check_graph("to_dot", graph)
     nodes = _nodes(graph, root)
     lines = [
         "digraph graphlora {",
@@ -114,6 +117,7 @@ def to_dot(
 
 def summary(graph: Graph) -> str:
     """A text table of every leaf and recorded op (see ``Graph.summary``)."""
+    check_graph("summary", graph)
     header = ("id", "op", "name", "inputs", "shape", "dtype", "requires_grad", "grad_norm")
     rows = [header]
     for node in sorted([*graph.leaves, *graph.tape], key=lambda n: n.id):
@@ -151,9 +155,11 @@ def render(dot: str, path: str | Path, *, format: str | None = None) -> Path:
     FileNotFoundError
         When Graphviz is not installed; the message says how to get it. The DOT text itself
         needs nothing and can be pasted into any Graphviz viewer.
-    subprocess.CalledProcessError
-        When ``dot`` rejects the text.
+    ValueError
+        When ``dot`` rejects the text or the format, with its reason.
     """
+    if not isinstance(dot, str):
+        raise TypeError(f"render: dot must be DOT text (a str), got {type(dot).__name__}")
     target = Path(path)
     kind = format or target.suffix.lstrip(".") or "png"
     executable = shutil.which("dot")
@@ -163,10 +169,10 @@ def render(dot: str, path: str | Path, *, format: str | None = None) -> Path:
             "apt-get install graphviz; macOS: brew install graphviz; conda: conda install "
             "graphviz), or paste the DOT text into any Graphviz viewer."
         )
-    subprocess.run(
-        [executable, f"-T{kind}", "-o", str(target)],
-        input=dot.encode(),
-        check=True,
-        capture_output=True,
+    done = subprocess.run(
+        [executable, f"-T{kind}", "-o", str(target)], input=dot.encode(), capture_output=True
     )
+    if done.returncode != 0:
+        reason = done.stderr.decode(errors="replace").strip()
+        raise ValueError(f"render: Graphviz's dot refused to draw it as {kind!r}: {reason}")
     return target

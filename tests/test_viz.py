@@ -123,6 +123,12 @@ def test_render_draws_a_png_where_graphviz_is_installed(tmp_path: Path) -> None:
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     svg = viz.render(g.to_dot(loss), tmp_path / "graph.svg")
     assert "<svg" in svg.read_text()
+    with pytest.raises(
+        ValueError, match=r"render: Graphviz's dot refused to draw it as 'png': .*syntax error"
+    ):
+        viz.render("digraph { -> }", tmp_path / "bad.png")
+    with pytest.raises(TypeError, match=r"render: dot must be DOT text \(a str\), got int"):
+        viz.render(3, tmp_path / "bad.png")  # type: ignore[arg-type]
 
 
 def test_render_without_graphviz_says_how_to_get_it(
