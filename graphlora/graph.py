@@ -752,11 +752,10 @@ class Graph:
         only the ``[..., r]`` bottleneck kept for backward, so it is faster and lighter.
         """
         where = "lora_linear"
-        inputs = [self._check(x, where, "x"), self._check(w, where, "w")]
-        inputs += [self._check(a, where, "a"), self._check(b, where, "b")]
-        if bias is not None:
-            inputs.append(self._check(bias, where, "bias"))
-        vx, vw, va, vb = (node._value for node in inputs[:4])
+        check = self._check
+        x, w = check(x, where, "x"), check(w, where, "w")
+        a, b = check(a, where, "a"), check(b, where, "b")
+        vx, vw, va, vb = x._value, w._value, a._value, b._value
         assert vx is not None and vw is not None and va is not None and vb is not None
         if not (
             vx.ndim >= 1
@@ -769,13 +768,17 @@ class Graph:
                 f"{where}: shapes do not fit x [..., in], w [in, out], a [in, r], b [r, out]: "
                 f"x {vx.shape}, w {vw.shape}, a {va.shape}, b {vb.shape}"
             )
-        n_out = vw.shape[1]
+        inputs: tuple[NodeId, ...] = (x, w, a, b)
         vbias = None
         if bias is not None:
-            vbias = inputs[4]._value
+            bias = check(bias, where, "bias")
+            vbias = bias._value
             assert vbias is not None
-            if vbias.shape != (n_out,):
-                raise ShapeError(f"{where}: bias has shape {vbias.shape}, expected ({n_out},)")
+            if vbias.shape != (vw.shape[1],):
+                raise ShapeError(
+                    f"{where}: bias has shape {vbias.shape}, expected ({vw.shape[1]},)"
+                )
+            inputs = (x, w, a, b, bias)
         mask_array = None
         if mask is not None:
             mask_array = self._as_array(mask, where, "mask")
@@ -785,7 +788,7 @@ class Graph:
                 )
         s = _real_scalar(where, "scaling", scaling)
         out, vjp = ops.lora_linear(vx, vw, va, vb, vbias, s, mask_array)
-        return self._push(where, tuple(inputs), out, vjp)
+        return self._push(where, inputs, out, vjp)
 
     # --- user-defined ops ---------------------------------------------------------------------
 
@@ -1011,6 +1014,8 @@ def _checked_vjp(name: str, vjp: Vjp, inputs: tuple[NodeId, ...]) -> Vjp:
 
 def _real_scalar(op: str, arg: str, value: object) -> float:
     """``value`` as a Python float if it is a real scalar (not a bool, array or string)."""
+    if type(value) is float:
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(
             f"{op}: {arg} must be a real scalar (int or float), got {type(value).__name__}: "

@@ -347,7 +347,7 @@ def mse_loss(pred: Array, target: Array) -> tuple[Array, Vjp]:
     diff = pred - target
 
     def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
-        g_pred = diff * (2 * g / diff.size)
+        g_pred = diff * (2.0 * float(g) / diff.size)  # g is the loss's (scalar) gradient
         return (g_pred if needs[0] else None, -g_pred if needs[1] else None)
 
     flat = diff.ravel()
