@@ -21,6 +21,7 @@ from graphlora.ops import Array
 
 __all__ = [
     "init_lora_adapter",
+    "linear_init",
     "lora_delta",
     "lora_linear",
     "lora_scaling",
@@ -30,6 +31,33 @@ __all__ = [
 ]
 
 Adapter = Mapping[str, Array]
+
+
+def linear_init(
+    in_features: int,
+    out_features: int,
+    *,
+    bias: bool = True,
+    rng: np.random.Generator | None = None,
+    where: str = "linear_init",
+) -> tuple[Array, Array | None]:
+    """A weight ``[in, out]`` and bias ``[out]`` drawn as ``torch.nn.Linear`` draws them:
+    uniform in ``±1/sqrt(in)`` (the bias ``None`` when ``bias`` is False).
+
+    Raises
+    ------
+    TypeError, ValueError
+        For sizes that are not ints, or below 1 (``where`` names the caller).
+    """
+    for arg, value in (("in_features", in_features), ("out_features", out_features)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+            raise TypeError(f"{where}: {arg} must be an int, got {value!r}")
+        if value < 1:
+            raise ValueError(f"{where}: {arg} must be >= 1, got {value}")
+    generator = np.random.default_rng() if rng is None else rng
+    bound = 1.0 / math.sqrt(in_features)
+    weight = generator.uniform(-bound, bound, size=(in_features, out_features))
+    return weight, generator.uniform(-bound, bound, size=out_features) if bias else None
 
 
 def lora_scaling(rank: int, alpha: float = 1.0, *, use_rslora: bool = False) -> float:

@@ -23,6 +23,7 @@ import scipy.linalg
 import scipy.sparse.linalg
 
 from graphlora.errors import GraphError, NonFiniteError, ShapeError
+from graphlora.functional import linear_init
 from graphlora.graph import Graph, NodeId, check_graph
 from graphlora.ops import Array
 
@@ -158,18 +159,14 @@ class LoraLinear:
         TypeError, ValueError
             For sizes that are not positive ints, or ``rank > min(in_features, out_features)``.
         """
-        for arg, value in (("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-                raise TypeError(f"LoraLinear.new: {arg} must be an int, got {value!r}")
-            if value < 1:
-                raise ValueError(f"LoraLinear.new: {arg} must be >= 1, got {value}")
-        check_graph("LoraLinear.new", graph)
-        _check_config("LoraLinear.new", config)
-        generator = _generator("LoraLinear.new", rng, config)
-        bound = 1.0 / math.sqrt(in_features)
-        weight = generator.uniform(-bound, bound, size=(in_features, out_features))
-        bias_value = generator.uniform(-bound, bound, size=out_features) if bias else None
-        return cls._build("LoraLinear.new", graph, weight, bias_value, config, generator, name)
+        where = "LoraLinear.new"
+        check_graph(where, graph)
+        _check_config(where, config)
+        generator = _generator(where, rng, config)
+        weight, bias_value = linear_init(
+            in_features, out_features, bias=bias, rng=generator, where=where
+        )
+        return cls._build(where, graph, weight, bias_value, config, generator, name)
 
     @classmethod
     def from_linear(

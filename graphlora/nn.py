@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from graphlora.errors import ShapeError
+from graphlora.functional import linear_init
 from graphlora.graph import Graph, NodeId, check_graph
 from graphlora.lora import LoraConfig, LoraLinear
 
@@ -52,19 +53,13 @@ class Linear:
     ) -> Linear:
         """A layer initialised like ``torch.nn.Linear``: weight and bias ~ U(-1/√in, 1/√in)."""
         check_graph("Linear.new", graph)
-        for arg, value in (("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-                raise TypeError(f"Linear.new: {arg} must be an int, got {value!r}")
-            if value < 1:
-                raise ValueError(f"Linear.new: {arg} must be >= 1, got {value}")
         generator = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-        bound = 1.0 / math.sqrt(in_features)
-        weight = generator.uniform(-bound, bound, size=(in_features, out_features))
+        weight, bias_value = linear_init(
+            in_features, out_features, bias=bias, rng=generator, where="Linear.new"
+        )
         bias_node = None
-        if bias:
-            bias_node = graph.parameter(
-                generator.uniform(-bound, bound, size=out_features), name=f"{name}.bias"
-            )
+        if bias_value is not None:
+            bias_node = graph.parameter(bias_value, name=f"{name}.bias")
         return cls(
             graph.parameter(weight, name=f"{name}.weight"),
             bias_node,

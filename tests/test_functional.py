@@ -170,3 +170,17 @@ def test_tree_lora_delta_over_nested_structures() -> None:
 def test_validation(call: Any, error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         call()
+
+
+def test_linear_init_is_torch_linear_uniform() -> None:
+    weight, bias = F.linear_init(100, 50, rng=np.random.default_rng(0))
+    assert weight.shape == (100, 50)
+    assert bias is not None
+    assert bias.shape == (50,)
+    assert np.abs(weight).max() <= 0.1
+    assert abs(weight.var() / (0.01 / 3) - 1) < 0.05  # U(-1/√100, 1/√100) has variance 0.01/3
+    assert F.linear_init(3, 2, bias=False)[1] is None
+    with pytest.raises(ValueError, match="linear_init: out_features must be >= 1, got 0"):
+        F.linear_init(3, 0)
+    with pytest.raises(TypeError, match="linear_init: in_features must be an int, got 2.5"):
+        F.linear_init(2.5, 3)  # type: ignore[arg-type]
