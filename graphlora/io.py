@@ -444,7 +444,8 @@ def load_adapter(
     for name, layer in layers.items():
         if layer.merged:
             raise GraphError(f"{where}: layer {name!r} is merged; unmerge_ it before loading")
-        graph.value(layer.lora_a), graph.value(layer.lora_b)  # of this graph, live
+        for node in layer.trainable_params():
+            graph._check(node, where, f"layers[{name!r}]")  # of this graph, and live
         checks = [
             ("rank", adapter.rank(name), layer.rank),
             ("alpha", adapter.alpha(name), float(layer.config.alpha)),
