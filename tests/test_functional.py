@@ -182,5 +182,5 @@ def test_linear_init_is_torch_linear_uniform() -> None:
     assert F.linear_init(3, 2, bias=False)[1] is None
     with pytest.raises(ValueError, match="linear_init: out_features must be >= 1, got 0"):
         F.linear_init(3, 0)
-    with pytest.raises(TypeError, match="linear_init: in_features must be an int, got 2.5"):
+    with pytest.raises(TypeError, match=r"linear_init: in_features must be an int, got 2\.5"):
         F.linear_init(2.5, 3)  # type: ignore[arg-type]
