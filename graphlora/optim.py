@@ -75,8 +75,8 @@ class Optimizer:
     def __init__(self, graph: Graph, params: Sequence[NodeId]) -> None:
         self.graph = graph
         self.params = _parameters(type(self).__name__, graph, params)
-        self.steps = [0] * len(params)  # updates applied to each parameter so far
-        self.state: list[dict[str, Array]] = [{} for _ in params]
+        self.steps = [0] * len(self.params)  # updates applied to each parameter so far
+        self.state: list[dict[str, Array]] = [{} for _ in self.params]
 
     def zero_grad(self) -> None:
         """Forget the gradients of this optimizer's parameters."""

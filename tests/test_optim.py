@@ -315,3 +315,11 @@ def test_minimize_restores_the_parameters_when_the_loss_fails() -> None:
     np.testing.assert_array_equal(g.value(w), [1.0, 2.0])
     with pytest.raises(gl.GraphError, match=r"minimize: params\[0\] .* is not a parameter"):
         minimize(g, loss, [g.constant(1.0)])
+
+
+def test_params_may_be_any_iterable() -> None:
+    g = gl.Graph()
+    a, b = g.parameter(1.0), g.parameter(2.0)
+    opt = SGD(g, (p for p in (a, b)), lr=0.5)  # type: ignore[arg-type]
+    assert opt.params == [a, b]
+    assert opt.steps == [0, 0]
