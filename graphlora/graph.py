@@ -411,12 +411,21 @@ class Graph:
         """
         if not isinstance(name, str) or not name or "/" in name:
             raise ValueError(f"scope: name must be a non-empty str without '/', got {name!r}")
-        previous = self._scope
-        self._scope = name if previous is None else f"{previous}/{name}"
+        previous = self._enter_scope(name)
         try:
             yield
         finally:
             self._scope = previous
+
+    def _enter_scope(self, name: str) -> str | None:
+        """Nest ``name`` in the current scope; return the scope to restore on the way out.
+
+        The cheap core of ``scope`` for hot paths (``LoraLinear.forward``), without the checks
+        and the context manager.
+        """
+        previous = self._scope
+        self._scope = name if previous is None else f"{previous}/{name}"
+        return previous
 
     @property
     def check_finite(self) -> bool:

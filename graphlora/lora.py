@@ -342,20 +342,19 @@ class LoraLinear:
                 mask=mask,
             )
         # Label the nodes for drawings, as graph.scope(...) does, without its per-call cost.
-        outer = graph._scope
-        prefix = self.name if outer is None else f"{outer}/{self.name}"
+        outer = graph._enter_scope(self.name)
         try:
-            graph._scope = f"{prefix}/frozen"
+            layer_scope = graph._enter_scope("frozen")
             y = graph.matmul(x, self.frozen_weight)  # (..., out)
+            graph._scope = layer_scope
             if not self.merged:
-                graph._scope = f"{prefix}/lora"
+                graph._enter_scope("lora")
                 p = self.config.dropout
                 h = x if p == 0.0 else graph.dropout(x, p, rng=self.rng)
                 low = graph.scale(graph.matmul(h, self.lora_a), self.scaling)  # (..., rank)
                 update = graph.matmul(low, self.lora_b)  # (..., out)
-                graph._scope = prefix
+                graph._scope = layer_scope
                 y = graph.add(y, update)
-            graph._scope = prefix
             if self.bias is not None:
                 y = graph.add(y, self.bias)
         finally:
