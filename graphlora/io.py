@@ -260,21 +260,22 @@ def save_merged(
         if layer.bias is not None:
             tensors[f"{name}.bias"] = np.array(graph.value(layer.bias))
     target = Path(path)
-    if target.exists() and (not overwrite or target.is_dir()):
+    if target.is_dir():
+        raise FileExistsError(f"{where}: {target} is a directory, not a file to write")
+    if target.exists() and not overwrite:
         raise FileExistsError(
             f"{where}: {target} already exists; pass overwrite=True to replace it"
         )
     target.parent.mkdir(parents=True, exist_ok=True)
     data = st.numpy.save(tensors, metadata={"format": "pt", "layout": layout})
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    handle, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    os.close(handle)
+    temporary = Path(name)
     try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
+        _write_bytes(temporary, data)
         os.replace(temporary, target)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
     return target
 

@@ -378,8 +378,16 @@ def test_save_merged(tmp_path: Path, layout: str) -> None:
         tensors["model.q.weight"], expected.T if layout == "torch" else expected
     )
     np.testing.assert_array_equal(tensors["head.bias"], g.value(biased.bias))  # type: ignore[arg-type]
-    with pytest.raises(FileExistsError):
+    with pytest.raises(
+        FileExistsError, match=r"save_merged: .* already exists; pass overwrite=True"
+    ):
         gl.save_merged(out, g, layers)
+    with pytest.raises(
+        FileExistsError, match=r"save_merged: .* is a directory, not a file to write"
+    ):
+        gl.save_merged(tmp_path, g, layers, overwrite=True)
+    assert gl.save_merged(out, g, layers, overwrite=True) == out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged.safetensors"]  # no leftovers
     with pytest.raises(
         ValueError, match="save_merged: layout must be 'torch' or 'graphlora', got 'tf'"
     ):
