@@ -11,7 +11,7 @@ handwritten digits 0-4 is LoRA-adapted to digits 5-9 (needs scikit-learn).
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -142,15 +142,15 @@ def run_low_rank(
     layer = LoraLinear.from_linear(g, task.base, None, config, name="proj")
     x = g.constant(task.inputs, name="x")
     y = g.constant(task.targets, name="y")
-    optimizer = Adam(g, layer.trainable_params(), lr=lr)
-    losses = []
-    for _ in progress(steps, f"rank {rank}", show_progress):
-        loss = g.mse_loss(layer.forward(g, x), y)
-        g.backward(loss)
-        optimizer.step()
-        losses.append(float(g.value(loss)))
-        optimizer.zero_grad()
-        g.reset()
+    losses = _fit(
+        g,
+        layer.trainable_params(),
+        lambda: g.mse_loss(layer.forward(g, x), y),
+        steps,
+        lr,
+        f"rank {rank}",
+        show_progress,
+    )
 
     learned = layer.delta(g)
     relative_error = np.linalg.norm(learned - task.update) / np.linalg.norm(task.update)
@@ -198,23 +198,20 @@ def _load_digits() -> tuple[Array, Array]:
     return np.asarray(digits.data) / 16.0, np.asarray(digits.target)
 
 
-def _train(
+def _fit(
     g: Graph,
-    model: MLP,
     params: Sequence[NodeId],
-    x: Array,
-    labels: Array,
+    loss_fn: Callable[[], NodeId],
     steps: int,
     lr: float,
     label: str,
     show_progress: bool,
 ) -> list[float]:
-    """Full-batch Adam on the cross-entropy of ``model`` over ``(x, labels)``."""
+    """Full-batch Adam on ``params``: record ``loss_fn()``, backward, step, reset; the losses."""
     optimizer = Adam(g, params, lr=lr)
-    inputs = g.constant(x)
     losses = []
     for _ in progress(steps, label, show_progress):
-        loss = g.cross_entropy(model.forward(g, inputs), labels)
+        loss = loss_fn()
         g.backward(loss)
         optimizer.step()
         losses.append(float(g.value(loss)))
@@ -259,11 +256,28 @@ def run_digits(
     xb, yb, xb_test, yb_test = split(5)
     g = Graph()
     model = MLP(g, [images.shape[1], hidden, 5], activation="relu", rng=rng)
-    _train(g, model, model.parameters(), xa, ya, steps, lr, "base on 0-4", show_progress)
+    inputs_a, inputs_b = g.constant(xa), g.constant(xb)
+    _fit(
+        g,
+        model.parameters(),
+        lambda: g.cross_entropy(model.forward(g, inputs_a), ya),
+        steps,
+        lr,
+        "base on 0-4",
+        show_progress,
+    )
     base_accuracy = _accuracy(g, model, xa_test, ya_test)
     before = _accuracy(g, model, xb_test, yb_test)
     adapters = apply_lora(model, LoraConfig(rank=rank, alpha=2.0 * rank, seed=seed))
-    losses = _train(g, model, model.parameters(), xb, yb, steps, lr, "LoRA on 5-9", show_progress)
+    losses = _fit(
+        g,
+        model.parameters(),
+        lambda: g.cross_entropy(model.forward(g, inputs_b), yb),
+        steps,
+        lr,
+        "LoRA on 5-9",
+        show_progress,
+    )
     after = _accuracy(g, model, xb_test, yb_test)
     # The base is untouched: with the adapters' B zeroed, digits 0-4 score as before.
     saved = {name: layer.state_dict(g) for name, layer in adapters.items()}
