@@ -14,7 +14,7 @@ from graphlora.errors import (
     ShapeError,
     StaleNodeError,
 )
-from graphlora.graph import Graph, NodeId
+from graphlora.graph import Graph, NodeId, Replay
 from graphlora.io import load_adapter, save_adapter, save_merged
 from graphlora.lora import LoraConfig, LoraLinear
 from graphlora.nn import MLP, Linear, apply_lora
@@ -32,6 +32,7 @@ __all__ = [
     "LoraLinear",
     "NodeId",
     "NonFiniteError",
+    "Replay",
     "ShapeError",
     "StaleNodeError",
     "__version__",

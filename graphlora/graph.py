@@ -30,7 +30,7 @@ from graphlora.errors import (
 )
 from graphlora.ops import Array, Grads, Vjp
 
-__all__ = ["Graph", "NodeId"]
+__all__ = ["Graph", "NodeId", "Replay"]
 
 _LEAF = -1  # the epoch of a leaf: leaves survive every reset
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -46,7 +46,9 @@ class NodeId:
     """
 
     __slots__ = (
+        "_args",
         "_epoch",
+        "_fn",
         "_g",
         "_g_owned",
         "_grad",
@@ -76,6 +78,8 @@ class NodeId:
         inputs: tuple[NodeId, ...],
         needs: tuple[bool, ...],
         vjp: Vjp | None,
+        fn: ops.Op | None = None,
+        args: tuple[Any, ...] = (),
     ) -> None:
         self._graph = graph
         self._epoch = epoch  # _LEAF, or the graph's epoch when the op was recorded
@@ -90,6 +94,8 @@ class NodeId:
         self._scope = graph._scope  # the name scope it was made in, e.g. "proj/lora"
         self._needs = needs  # needs[i]: does input i want a gradient?
         self._vjp = vjp
+        self._fn = fn  # the op function and its other arguments, to run it again (compile)
+        self._args = args
         self._grad: Array | None = None  # accumulated gradient, kept across backward calls
         self._grad_owned = False  # True when _grad is a buffer only this node holds
         self._g: Array | None = None  # gradient flowing in during one backward pass
@@ -191,6 +197,7 @@ class Graph:
         self._scope: str | None = None
         self._one = np.ones((), self._dtype)  # the seed of a scalar loss, shared
         self._one.flags.writeable = False
+        self._frozen_version = 0  # counts requires_grad_ changes, which stale a compiled step
 
     # --- properties and inspection ------------------------------------------------------------
 
@@ -369,6 +376,8 @@ class Graph:
                 f"requires_grad_: {leaf!r} is the output of an op; only leaves can be frozen or "
                 "unfrozen"
             )
+        if flag != leaf._requires_grad:
+            self._frozen_version += 1
         leaf._requires_grad = flag
         leaf._op = "parameter" if flag else "constant"
         if not flag:
@@ -397,7 +406,7 @@ class Graph:
         for node in self._tape:  # free the memory even while someone still holds the ids
             node._value = node._grad = node._g = None
             node._vjp = None
-            node._inputs = ()
+            node._inputs = node._args = ()
         self._tape = []
         self._epoch += 1
 
@@ -471,18 +480,42 @@ class Graph:
             )
         return node
 
-    def _push(self, op: str, inputs: tuple[NodeId, ...], out: Array, vjp: Vjp) -> NodeId:
-        """Append an op's node to the tape; keep its closure only if a gradient can flow."""
+    def _push(
+        self,
+        op: str,
+        fn: ops.Op,
+        inputs: tuple[NodeId, ...],
+        values: tuple[Array | None, ...],
+        args: tuple[Any, ...] = (),
+    ) -> NodeId:
+        """Run ``fn(*values, *args)`` and append its node to the tape.
+
+        ``values`` are the inputs' values (checked by the caller) and ``args`` the op's other
+        arguments; the node keeps ``fn`` and ``args``, so ``compile`` can run the op again on new
+        values. The closure is kept only if a gradient can flow.
+        """
+        out, vjp = fn(*values, *args)
         if type(out) is not np.ndarray:  # NumPy gives scalars for 0-d results; keep arrays
             out = np.asarray(out)
         if self._check_finite and not np.isfinite(out).all():
             raise NonFiniteError(_anomaly(op, inputs, out, "forward output"))
         needs = tuple([node._requires_grad for node in inputs])
         tape = self._tape
-        if self._grad_enabled and True in needs:
-            node = NodeId(self, self._epoch, len(tape), op, None, out, True, inputs, needs, vjp)
-        else:  # no gradient can flow through it: keep no closure
-            node = NodeId(self, self._epoch, len(tape), op, None, out, False, inputs, needs, None)
+        kept = vjp if self._grad_enabled and True in needs else None  # None: no gradient flows
+        node = NodeId(
+            self,
+            self._epoch,
+            len(tape),
+            op,
+            None,
+            out,
+            kept is not None,
+            inputs,
+            needs,
+            kept,
+            fn,
+            args,
+        )
         tape.append(node)
         return node
 
@@ -509,37 +542,37 @@ class Graph:
     def add(self, a: NodeId, b: NodeId) -> NodeId:
         """``a + b`` with NumPy broadcasting; gradients are summed back to each input's shape."""
         a, b = self._check(a, "add", "a"), self._check(b, "add", "b")
-        return self._push("add", (a, b), *ops.add(*self._broadcast("add", a, b)))
+        return self._push("add", ops.add, (a, b), self._broadcast("add", a, b))
 
     def sub(self, a: NodeId, b: NodeId) -> NodeId:
         """``a - b`` with NumPy broadcasting."""
         a, b = self._check(a, "sub", "a"), self._check(b, "sub", "b")
-        return self._push("sub", (a, b), *ops.sub(*self._broadcast("sub", a, b)))
+        return self._push("sub", ops.sub, (a, b), self._broadcast("sub", a, b))
 
     def mul(self, a: NodeId, b: NodeId) -> NodeId:
         """Elementwise ``a * b`` with NumPy broadcasting."""
         a, b = self._check(a, "mul", "a"), self._check(b, "mul", "b")
-        return self._push("mul", (a, b), *ops.mul(*self._broadcast("mul", a, b)))
+        return self._push("mul", ops.mul, (a, b), self._broadcast("mul", a, b))
 
     def div(self, a: NodeId, b: NodeId) -> NodeId:
         """Elementwise ``a / b`` with NumPy broadcasting (division by zero follows NumPy)."""
         a, b = self._check(a, "div", "a"), self._check(b, "div", "b")
-        return self._push("div", (a, b), *ops.div(*self._broadcast("div", a, b)))
+        return self._push("div", ops.div, (a, b), self._broadcast("div", a, b))
 
     def scale(self, x: NodeId, c: Scalar) -> NodeId:
         """``c * x`` for a real scalar ``c`` (a Python or NumPy number, not an array)."""
         x, vx = self._unary("scale", x)
-        return self._push("scale", (x,), *ops.scale(vx, _real_scalar("scale", "c", c)))
+        return self._push("scale", ops.scale, (x,), (vx,), (_real_scalar("scale", "c", c),))
 
     def neg(self, x: NodeId) -> NodeId:
         """``-x``."""
         x, vx = self._unary("neg", x)
-        return self._push("neg", (x,), *ops.neg(vx))
+        return self._push("neg", ops.neg, (x,), (vx,))
 
     def pow(self, x: NodeId, p: Scalar) -> NodeId:
         """``x ** p`` for a real scalar exponent ``p``."""
         x, vx = self._unary("pow", x)
-        return self._push("pow", (x,), *ops.pow(vx, _real_scalar("pow", "p", p)))
+        return self._push("pow", ops.pow, (x,), (vx,), (_real_scalar("pow", "p", p),))
 
     # --- linear algebra -----------------------------------------------------------------------
 
@@ -572,7 +605,7 @@ class Graph:
                     f"matmul: cannot multiply {va.shape} by {vb.shape}: batch axes "
                     f"{va.shape[:-2]} and {vb.shape[:-2]} do not broadcast together"
                 ) from None
-        return self._push("matmul", (a, b), *ops.matmul(va, vb))
+        return self._push("matmul", ops.matmul, (a, b), (va, vb))
 
     # --- reductions and shape -----------------------------------------------------------------
 
@@ -582,7 +615,7 @@ class Graph:
         """Sum over ``axis`` (``None``: all axes; an int or a tuple of ints), as ``np.sum``."""
         x, vx = self._unary("sum", x)
         axes = _normalize_axes("sum", axis, vx.shape)
-        return self._push("sum", (x,), *ops.sum(vx, axes, _flag("sum", "keepdims", keepdims)))
+        return self._push("sum", ops.sum, (x,), (vx,), (axes, _flag("sum", "keepdims", keepdims)))
 
     def mean(
         self, x: NodeId, axis: int | Sequence[int] | None = None, keepdims: bool = False
@@ -590,12 +623,14 @@ class Graph:
         """Mean over ``axis`` (``None``: all axes; an int or a tuple of ints), as ``np.mean``."""
         x, vx = self._unary("mean", x)
         axes = _normalize_axes("mean", axis, vx.shape)
-        return self._push("mean", (x,), *ops.mean(vx, axes, _flag("mean", "keepdims", keepdims)))
+        return self._push(
+            "mean", ops.mean, (x,), (vx,), (axes, _flag("mean", "keepdims", keepdims))
+        )
 
     def reshape(self, x: NodeId, shape: int | Sequence[int]) -> NodeId:
         """``x.reshape(shape)``; one entry may be ``-1``."""
         x, vx = self._unary("reshape", x)
-        return self._push("reshape", (x,), *ops.reshape(vx, _resolve_shape(shape, vx.shape)))
+        return self._push("reshape", ops.reshape, (x,), (vx,), (_resolve_shape(shape, vx.shape),))
 
     def transpose(self, x: NodeId, axes: Sequence[int] | None = None) -> NodeId:
         """``np.transpose(x, axes)``; ``axes=None`` reverses the axes."""
@@ -611,52 +646,54 @@ class Graph:
                     f"shape {vx.shape}"
                 )
             perm = tuple(a % vx.ndim for a in perm)
-        return self._push("transpose", (x,), *ops.transpose(vx, perm))
+        return self._push("transpose", ops.transpose, (x,), (vx,), (perm,))
 
     # --- nonlinearities -----------------------------------------------------------------------
 
     def relu(self, x: NodeId) -> NodeId:
         """``max(x, 0)``; the gradient at 0 is 0, as in PyTorch."""
         x, vx = self._unary("relu", x)
-        return self._push("relu", (x,), *ops.relu(vx))
+        return self._push("relu", ops.relu, (x,), (vx,))
 
     def tanh(self, x: NodeId) -> NodeId:
         """Hyperbolic tangent."""
         x, vx = self._unary("tanh", x)
-        return self._push("tanh", (x,), *ops.tanh(vx))
+        return self._push("tanh", ops.tanh, (x,), (vx,))
 
     def sigmoid(self, x: NodeId) -> NodeId:
         """Logistic sigmoid ``1 / (1 + exp(-x))``, without overflow."""
         x, vx = self._unary("sigmoid", x)
-        return self._push("sigmoid", (x,), *ops.sigmoid(vx))
+        return self._push("sigmoid", ops.sigmoid, (x,), (vx,))
 
     def exp(self, x: NodeId) -> NodeId:
         """Elementwise ``exp(x)``."""
         x, vx = self._unary("exp", x)
-        return self._push("exp", (x,), *ops.exp(vx))
+        return self._push("exp", ops.exp, (x,), (vx,))
 
     def log(self, x: NodeId) -> NodeId:
         """Natural logarithm (``x <= 0`` gives NaN or -inf, as in NumPy)."""
         x, vx = self._unary("log", x)
-        return self._push("log", (x,), *ops.log(vx))
+        return self._push("log", ops.log, (x,), (vx,))
 
     def gelu(self, x: NodeId, approximate: str = "none") -> NodeId:
         """GELU: exact ``x * Phi(x)`` (default, as PyTorch) or ``approximate="tanh"``."""
         x, vx = self._unary("gelu", x)
         if approximate not in ("none", "tanh"):
             raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
-        return self._push("gelu", (x,), *ops.gelu(vx, approximate))
+        return self._push("gelu", ops.gelu, (x,), (vx,), (approximate,))
 
     def softmax(self, x: NodeId, axis: int = -1) -> NodeId:
         """Softmax along ``axis``, numerically stable."""
         x, vx = self._unary("softmax", x)
-        return self._push("softmax", (x,), *ops.softmax(vx, _one_axis("softmax", axis, vx.shape)))
+        return self._push(
+            "softmax", ops.softmax, (x,), (vx,), (_one_axis("softmax", axis, vx.shape),)
+        )
 
     def log_softmax(self, x: NodeId, axis: int = -1) -> NodeId:
         """``log(softmax(x))`` along ``axis``, computed stably as ``x - logsumexp(x)``."""
         x, vx = self._unary("log_softmax", x)
         axis = _one_axis("log_softmax", axis, vx.shape)
-        return self._push("log_softmax", (x,), *ops.log_softmax(vx, axis))
+        return self._push("log_softmax", ops.log_softmax, (x,), (vx,), (axis,))
 
     # --- losses and dropout -------------------------------------------------------------------
 
@@ -671,7 +708,7 @@ class Graph:
                 f"mse_loss: pred has shape {vp.shape} but target has shape {vt.shape}; "
                 "they must be equal"
             )
-        return self._push("mse_loss", (pred, target), *ops.mse_loss(vp, vt))
+        return self._push("mse_loss", ops.mse_loss, (pred, target), (vp, vt))
 
     def cross_entropy(self, logits: NodeId, labels: npt.ArrayLike) -> NodeId:
         """Mean cross-entropy of ``logits [N, C]`` against integer class ``labels [N]``.
@@ -708,7 +745,7 @@ class Graph:
                 f"cross_entropy: labels must lie in [0, {classes}) for {classes} classes, got "
                 f"{bad[:5].tolist()}{' ...' if bad.size > 5 else ''}"
             )
-        return self._push("cross_entropy", (logits,), *ops.cross_entropy(vl, label_array))
+        return self._push("cross_entropy", ops.cross_entropy, (logits,), (vl,), (label_array,))
 
     def dropout(self, x: NodeId, p: float, rng: np.random.Generator | int | None = None) -> NodeId:
         """Inverted dropout: zero each element with probability ``p`` and scale the rest by
@@ -731,14 +768,7 @@ class Graph:
             raise ValueError(f"dropout: p must be in [0, 1), got {p}")
         if p == 0.0 or not self._grad_enabled:
             return x
-        if rng is None or (isinstance(rng, (int, np.integer)) and not isinstance(rng, bool)):
-            rng = np.random.default_rng(rng)
-        elif not isinstance(rng, np.random.Generator):
-            raise TypeError(
-                f"dropout: rng must be a np.random.Generator, an int seed or None, got "
-                f"{type(rng).__name__}"
-            )
-        return self._push("dropout", (x,), *ops.dropout(vx, p, rng))
+        return self._push("dropout", _dropout, (x,), (vx,), (p, _rng("dropout", rng)))
 
     # --- fused ---------------------------------------------------------------------------------
 
@@ -752,13 +782,18 @@ class Graph:
         *,
         scaling: Scalar = 1.0,
         mask: npt.ArrayLike | None = None,
+        dropout: float = 0.0,
+        rng: np.random.Generator | int | None = None,
     ) -> NodeId:
         """A LoRA linear layer as one op: ``x @ w + ((xd @ a) * scaling) @ b (+ bias)``.
 
         ``x [..., in]``, ``w [in, out]``, ``a [in, r]``, ``b [r, out]``, ``bias [out]``; ``xd``
-        is ``x * mask`` when a dropout ``mask`` of ``x``'s shape is given. The same maths as the
-        separate ops that ``LoraLinear.forward`` records, in one node: fewer Python calls, and
-        only the ``[..., r]`` bottleneck kept for backward, so it is faster and lighter.
+        is ``x * mask`` when a dropout ``mask`` of ``x``'s shape is given, or ``dropout(x)``
+        when a probability ``dropout`` is given: the mask is then drawn from ``rng`` as
+        ``Graph.dropout`` draws it (and only while gradients are recorded), and drawn again by
+        each run of a ``compile``d step. The same maths as the separate ops that
+        ``LoraLinear.forward`` records, in one node: fewer Python calls, and only the ``[..., r]``
+        bottleneck kept for backward, so it is faster and lighter.
         """
         where = "lora_linear"
         check = self._check
@@ -796,8 +831,18 @@ class Graph:
                     f"{where}: mask has shape {mask_array.shape}, x has shape {vx.shape}"
                 )
         s = _real_scalar(where, "scaling", scaling)
-        out, vjp = ops.lora_linear(vx, vw, va, vb, vbias, s, mask_array)
-        return self._push(where, inputs, out, vjp)
+        p = _real_scalar(where, "dropout", dropout)
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"{where}: dropout must be in [0, 1), got {p}")
+        if p > 0.0 and mask is not None:
+            raise ValueError(f"{where}: give a dropout mask or a dropout probability, not both")
+        generator = _rng(where, rng)
+        values = (vx, vw, va, vb) if vbias is None else (vx, vw, va, vb, vbias)
+        lead = (None,) if vbias is None else ()  # the bias argument, when it is no input
+        if p > 0.0 and self._grad_enabled:
+            args = (*lead, s, p, generator)
+            return self._push(where, _lora_linear_dropout, inputs, values, args)
+        return self._push(where, ops.lora_linear, inputs, values, (*lead, s, mask_array))
 
     # --- user-defined ops ---------------------------------------------------------------------
 
@@ -817,11 +862,44 @@ class Graph:
             raise TypeError(f"apply: op must be callable, got {type(op).__name__}")
         name = getattr(op, "__name__", type(op).__name__)
         checked = tuple(self._check(node, name, f"input {i}") for i, node in enumerate(nodes))
-        result = op(*(node._value for node in checked), **kwargs)
-        if not (isinstance(result, tuple) and len(result) == 2 and callable(result[1])):
-            raise TypeError(f"apply: {name} must return a pair (out, vjp), got {result!r:.80}")
-        out = self._as_array(result[0], f"apply: {name}", "its output")
-        return self._push(name, checked, out, _checked_vjp(name, result[1], checked))
+        shapes = [node.shape for node in checked]
+
+        def run(*values: Array) -> tuple[Array, Vjp]:
+            result = op(*values, **kwargs)
+            if not (isinstance(result, tuple) and len(result) == 2 and callable(result[1])):
+                raise TypeError(f"apply: {name} must return a pair (out, vjp), got {result!r:.80}")
+            out = self._as_array(result[0], f"apply: {name}", "its output")
+            return out, _checked_vjp(name, result[1], shapes)
+
+        return self._push(name, run, checked, tuple(node._value for node in checked))
+
+    # --- replay -------------------------------------------------------------------------------
+
+    def compile(self, loss: NodeId, grad: npt.ArrayLike | None = None) -> Replay:
+        """Make the step recorded so far into a ``Replay`` that runs it again without recording.
+
+        ``step = graph.compile(loss)`` keeps the ops recorded up to and including ``loss``. Each
+        ``step()`` runs the same op functions with the same arguments on the leaves' current
+        values, refreshes every recorded node's value, then runs ``backward(loss, grad)``. The
+        values and gradients are exactly those of recording the same calls again, without the
+        cost of recording them: no checks, no new NodeIds.
+
+        Data that changes from step to step must come in through leaves (``set_value``, or an
+        optimizer's update); other arguments (a ``scale`` factor, ``cross_entropy`` labels, a
+        dropout mask given as an array) are fixed when recorded. Dropout draws a new mask on each
+        run from the Generator it was given, as a new recording would. Ops recorded after
+        ``loss`` are not run again; ``reset`` ends the replay (running it then raises
+        ``StaleNodeError``), and so does freezing or unfreezing a leaf (``GraphError``).
+
+        Raises
+        ------
+        ShapeError
+            As ``backward`` does for ``loss`` and ``grad``.
+        """
+        loss = self._check(loss, "compile", "loss")
+        seed = self._seed("compile", loss, grad)
+        nodes = () if loss._epoch == _LEAF else tuple(self._tape[: loss._index + 1])
+        return Replay(self, loss, seed, nodes)
 
     # --- backward -----------------------------------------------------------------------------
 
@@ -853,27 +931,33 @@ class Graph:
             If ``loss`` does not depend on any parameter (or was recorded under ``no_grad()``).
         """
         loss = self._check(loss, "backward", "loss")
+        seed = self._seed("backward", loss, grad)
+        _needs_grad("backward", loss)
+        self._backward(loss, seed, seed is not self._one, retain_grads)  # the shared 1: not owned
+
+    def _seed(self, where: str, loss: NodeId, grad: npt.ArrayLike | None) -> Array:
+        """The gradient that starts a backward walk from ``loss``, checked against its shape."""
         assert loss._value is not None
         if grad is None:
             if loss._value.size != 1:
                 raise ShapeError(
-                    f"backward: loss {loss!r} has {loss._value.size} elements; reduce it to one "
+                    f"{where}: loss {loss!r} has {loss._value.size} elements; reduce it to one "
                     "(sum, mean) or pass grad= with its shape"
                 )
             seed = self._one if loss._value.ndim == 0 else np.ones(loss._value.shape, self._dtype)
         else:
-            seed = self._as_array(grad, "backward", "grad")
+            seed = self._as_array(grad, where, "grad")
             if seed.shape != loss._value.shape:
                 raise ShapeError(
-                    f"backward: grad has shape {seed.shape} but loss {loss!r} has shape "
+                    f"{where}: grad has shape {seed.shape} but loss {loss!r} has shape "
                     f"{loss._value.shape}"
                 )
-        if not loss._requires_grad:
-            raise GraphError(
-                f"backward: {loss!r} does not depend on any parameter (or was recorded under "
-                "no_grad()), so there is no gradient to compute"
-            )
-        loss._g, loss._g_owned = seed, seed is not self._one  # the shared 1 is never written
+        return seed
+
+    def _backward(self, loss: NodeId, seed: Array, owned: bool, retain_grads: bool) -> None:
+        """The walk of ``backward`` from a checked ``loss`` and ``seed``; ``owned`` tells whether
+        the walk may write into ``seed``."""
+        loss._g, loss._g_owned = seed, owned
         reached: list[NodeId] = []  # every node given a gradient in this pass, to commit
         check_finite = self._check_finite
         if loss._epoch == _LEAF:
@@ -919,6 +1003,100 @@ class Graph:
             _commit(node)
 
 
+class Replay:
+    """A recorded step that runs again: forward over the leaves' current values, then backward.
+
+    Made by ``Graph.compile(loss)``; see there for what it keeps and when it ends.
+
+    Examples
+    --------
+    >>> import numpy as np, graphlora as gl
+    >>> g = gl.Graph()
+    >>> w = g.parameter(np.ones(3))
+    >>> loss = g.sum(g.mul(w, w))
+    >>> step = g.compile(loss)
+    >>> g.set_value(w, [1.0, 2.0, 3.0])
+    >>> float(step())
+    14.0
+    >>> g.grad(w)
+    array([2., 4., 6.])
+    """
+
+    __slots__ = ("_epoch", "_frozen_version", "_graph", "_loss", "_nodes", "_seed")
+
+    def __init__(self, graph: Graph, loss: NodeId, seed: Array, nodes: tuple[NodeId, ...]) -> None:
+        self._graph = graph
+        self._loss = loss
+        self._seed = seed if seed is graph._one else _read_only(seed)  # never written: not owned
+        self._nodes = nodes
+        self._epoch = graph._epoch
+        self._frozen_version = graph._frozen_version
+
+    @property
+    def loss(self) -> NodeId:
+        """The node ``backward`` starts from."""
+        return self._loss
+
+    def __len__(self) -> int:
+        """The number of ops each run computes."""
+        return len(self._nodes)
+
+    def __repr__(self) -> str:
+        return f"Replay({len(self._nodes)} ops, loss={self._loss!r})"
+
+    def __call__(self, *, backward: bool = True) -> Array:
+        """Run the step: every op again, then (unless ``backward=False``) backward from the loss.
+
+        Returns the loss's new value, read-only. If an op raises (in anomaly mode, say), every
+        node keeps its value from before the call and no gradient changes.
+
+        Raises
+        ------
+        StaleNodeError
+            After ``graph.reset()``.
+        GraphError
+            After ``requires_grad_`` changed a leaf, or for ``backward`` when the loss depends on
+            no parameter.
+        """
+        graph, loss, nodes = self._graph, self._loss, self._nodes
+        if graph._epoch != self._epoch:
+            raise StaleNodeError(
+                f"Replay: the step of {loss!r} was recorded before the last reset(); record it "
+                "again and compile that"
+            )
+        if graph._frozen_version != self._frozen_version:
+            raise GraphError(
+                "Replay: a leaf was frozen or unfrozen (requires_grad_) after compile, which "
+                "changes where gradients flow; record the step again and compile that"
+            )
+        if backward:
+            _needs_grad("Replay", loss)
+        values = [node._value for node in nodes]  # to put back if an op raises
+        vjps = [node._vjp for node in nodes]
+        check_finite = graph._check_finite
+        try:
+            for node in nodes:
+                assert node._fn is not None
+                out, vjp = node._fn(*[source._value for source in node._inputs], *node._args)
+                if type(out) is not np.ndarray:
+                    out = np.asarray(out)
+                if check_finite and not np.isfinite(out).all():
+                    raise NonFiniteError(
+                        _anomaly(node._op, node._inputs, out, "forward output", node)
+                    )
+                node._value = out
+                if node._requires_grad:
+                    node._vjp = vjp
+        except BaseException:
+            for node, value, old in zip(nodes, values, vjps, strict=True):
+                node._value, node._vjp = value, old
+            raise
+        if backward:
+            graph._backward(loss, self._seed, False, False)
+        assert loss._value is not None
+        return _read_only(loss._value)
+
+
 def _anomaly(
     op: str,
     inputs: tuple[NodeId, ...],
@@ -947,6 +1125,15 @@ def _anomaly(
             f"{'finite' if np.isfinite(g).all() else 'already non-finite'}"
         )
     return message
+
+
+def _needs_grad(where: str, loss: NodeId) -> None:
+    """Raise unless a gradient can flow back from ``loss``."""
+    if not loss._requires_grad:
+        raise GraphError(
+            f"{where}: {loss!r} does not depend on any parameter (or was recorded under "
+            "no_grad()), so there is no gradient to compute"
+        )
 
 
 def _describe(value: object) -> str:
@@ -990,9 +1177,8 @@ def _commit(node: NodeId) -> None:
         node._grad, node._grad_owned = _added(node._grad, g), True
 
 
-def _checked_vjp(name: str, vjp: Vjp, inputs: tuple[NodeId, ...]) -> Vjp:
+def _checked_vjp(name: str, vjp: Vjp, shapes: list[tuple[int, ...]]) -> Vjp:
     """Wrap a user VJP so that a wrong number, shape or kind of gradients is a clear error."""
-    shapes = [node.shape for node in inputs]
 
     def checked(g: Array, needs: tuple[bool, ...]) -> Grads:
         grads = vjp(g, needs)
@@ -1031,6 +1217,46 @@ def _real_scalar(op: str, arg: str, value: object) -> float:
             f"{value!r:.60}"
         )
     return float(value)
+
+
+def _rng(where: str, rng: object) -> np.random.Generator | int | None:
+    """Check a dropout ``rng`` argument: a Generator, an int seed or None (fresh entropy)."""
+    if rng is None or isinstance(rng, np.random.Generator):
+        return rng
+    if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
+        return int(rng)
+    raise TypeError(
+        f"{where}: rng must be a np.random.Generator, an int seed or None, got {type(rng).__name__}"
+    )
+
+
+def _generator(rng: np.random.Generator | int | None) -> np.random.Generator:
+    """The Generator to draw from: ``rng`` itself, or a new one from a seed (or entropy).
+
+    Made on each run, so that a seed draws the same mask every time, in a recording and in each
+    run of a compiled step alike.
+    """
+    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+
+
+def _dropout(x: Array, p: float, rng: np.random.Generator | int | None) -> tuple[Array, Vjp]:
+    """``ops.dropout`` with ``rng`` as ``Graph.dropout`` takes it."""
+    return ops.dropout(x, p, _generator(rng))
+
+
+def _lora_linear_dropout(
+    x: Array,
+    w: Array,
+    a: Array,
+    b: Array,
+    bias: Array | None,
+    scaling: float,
+    p: float,
+    rng: np.random.Generator | int | None,
+) -> tuple[Array, Vjp]:
+    """``ops.lora_linear`` with a dropout mask drawn as ``ops.dropout`` draws it."""
+    mask = ops.dropout_mask(x.shape, x.dtype, p, _generator(rng))
+    return ops.lora_linear(x, w, a, b, bias, scaling, mask)
 
 
 def _flag(op: str, arg: str, value: object) -> bool:

@@ -327,11 +327,6 @@ class LoraLinear:
                 f"has shape {shape}"
             )
         if fused and not self.merged:
-            p = self.config.dropout
-            mask = None
-            if p > 0.0 and graph.grad_enabled:
-                # Inverted dropout, drawn exactly as Graph.dropout draws it.
-                mask = (self.rng.random(shape) >= p) * (1.0 / (1.0 - p))
             return graph.lora_linear(
                 x,
                 self.frozen_weight,
@@ -339,7 +334,8 @@ class LoraLinear:
                 self.lora_b,
                 self.bias,
                 scaling=self.scaling,
-                mask=mask,
+                dropout=self.config.dropout,
+                rng=self.rng,
             )
         # Label the nodes for drawings, as graph.scope(...) does, without its per-call cost.
         outer = graph._enter_scope(self.name)

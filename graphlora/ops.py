@@ -28,6 +28,7 @@ __all__ = [
     "cross_entropy",
     "div",
     "dropout",
+    "dropout_mask",
     "exp",
     "gelu",
     "log",
@@ -372,13 +373,20 @@ def cross_entropy(logits: Array, labels: npt.NDArray[np.integer[Any]]) -> tuple[
     return np.asarray(-np.mean(logp[rows, labels])), vjp
 
 
+def dropout_mask(
+    shape: tuple[int, ...], dtype: npt.DTypeLike, p: float, rng: np.random.Generator
+) -> Array:
+    """The mask of inverted dropout: ``0`` with probability ``p``, else ``1 / (1 - p)``."""
+    mask: Array = ((rng.random(shape) >= p) * (1.0 / (1.0 - p))).astype(dtype, copy=False)
+    return mask
+
+
 def dropout(x: Array, p: float, rng: np.random.Generator) -> tuple[Array, Vjp]:
     """Inverted dropout: zero each element with probability ``p``, scale the rest by ``1/(1-p)``.
 
     VJP: ``(g * mask / (1 - p),)`` with the same mask.
     """
-    mask = (rng.random(x.shape) >= p) * (1.0 / (1.0 - p))
-    mask = mask.astype(x.dtype, copy=False)
+    mask = dropout_mask(x.shape, x.dtype, p, rng)
 
     def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
         return (g * mask,)
