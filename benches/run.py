@@ -111,7 +111,7 @@ class LoraProblem:
         return step, lambda: (a, b)
 
     def graphlora_step(
-        self, fused: bool = False
+        self, fused: bool = False, replay: bool = False
     ) -> tuple[Callable[[], None], Callable[[], tuple[np.ndarray, np.ndarray]]]:
         g = gl.Graph(self.dtype)
         config = gl.LoraConfig(rank=self.a0.shape[1], alpha=self.scaling * self.a0.shape[1])
@@ -121,14 +121,22 @@ class LoraProblem:
         x, t = g.constant(self.x), g.constant(self.t)
         opt = SGD(g, layer.trainable_params(), lr=LR)
 
-        def step() -> None:
+        def step() -> None:  # record the step, then drop it
             loss = g.mse_loss(layer.forward(g, x, fused=fused), t)
             g.backward(loss)
             opt.step()
             opt.zero_grad()
             g.reset()
 
-        return step, lambda: (np.array(g.value(layer.lora_a)), np.array(g.value(layer.lora_b)))
+        def replayed() -> None:  # run the step recorded once
+            run()
+            opt.step()
+            opt.zero_grad()
+
+        if replay:
+            run = g.compile(g.mse_loss(layer.forward(g, x, fused=fused), t))
+        read = lambda: (np.array(g.value(layer.lora_a)), np.array(g.value(layer.lora_b)))  # noqa: E731
+        return (replayed if replay else step), read
 
     def torch_step(
         self, torch: Any
@@ -192,6 +200,8 @@ def section_a(
                 "numpy": problem.numpy_step,
                 "graphlora": problem.graphlora_step,
                 "gl fused": lambda p=problem: p.graphlora_step(fused=True),
+                "gl replay": lambda p=problem: p.graphlora_step(replay=True),
+                "fused replay": lambda p=problem: p.graphlora_step(fused=True, replay=True),
             }
             if torch is not None:
                 makers["torch"] = lambda p=problem: p.torch_step(torch)
@@ -312,11 +322,12 @@ def section_d(sizes: list[tuple[int, int, int, int]]) -> list[dict[str, Any]]:
         problem = LoraProblem(*size, dtype=np.float64)
         numpy_step, _ = problem.numpy_step()
         graph_step, _ = problem.graphlora_step()
-        fused_step, _ = problem.graphlora_step(fused=True)
         peaks = {
             "numpy": _peak(numpy_step),
             "graphlora": _peak(graph_step),
-            "gl fused": _peak(fused_step),
+            "gl fused": _peak(problem.graphlora_step(fused=True)[0]),
+            "gl replay": _peak(problem.graphlora_step(replay=True)[0]),
+            "fused replay": _peak(problem.graphlora_step(fused=True, replay=True)[0]),
         }
         ratios = {k: v / peaks["numpy"] for k, v in peaks.items()}
         rows.append({"size": list(size), "peak_bytes": peaks, "ratio": ratios})
@@ -329,23 +340,41 @@ def section_d(sizes: list[tuple[int, int, int, int]]) -> list[dict[str, Any]]:
 def section_e(rounds: int, min_batch: float, quick: bool) -> dict[str, Any]:
     sizes, batch, rank = ([32, 32, 10], 16, 2) if quick else ([256, 256, 256, 10], 64, 8)
     rng = np.random.default_rng(0)
-    g = gl.Graph()
-    model = gl.MLP(g, sizes, activation="relu", rng=1)
-    adapters = gl.apply_lora(model, gl.LoraConfig(rank=rank, alpha=2.0 * rank, seed=0))
-    for layer in adapters.values():
-        g.set_value(layer.lora_b, 0.01 * rng.standard_normal((rank, layer.out_features)))
     x_np = rng.standard_normal((batch, sizes[0]))
     labels = rng.integers(0, sizes[-1], size=batch)
-    x = g.constant(x_np)
-    opt = SGD(g, model.parameters(), lr=LR)
+    b_init = [0.01 * rng.standard_normal((rank, n)) for n in sizes[1:]]
 
-    def graph_step(fused: bool = False) -> None:
-        loss = g.cross_entropy(model.forward(g, x, fused=fused), labels)
-        g.backward(loss)
-        opt.step()
-        opt.zero_grad()
-        g.reset()
+    def build() -> tuple[gl.Graph, gl.MLP, dict[str, gl.LoraLinear], gl.NodeId, SGD]:
+        """The same model, adapters and data on a graph of its own (same seeds every time)."""
+        g = gl.Graph()
+        model = gl.MLP(g, sizes, activation="relu", rng=1)
+        adapters = gl.apply_lora(model, gl.LoraConfig(rank=rank, alpha=2.0 * rank, seed=0))
+        for layer, b in zip(adapters.values(), b_init, strict=True):
+            g.set_value(layer.lora_b, b)
+        return g, model, adapters, g.constant(x_np), SGD(g, model.parameters(), lr=LR)
 
+    def variant(fused: bool, replay: bool) -> tuple[Callable[[], None], Callable[[], list[Any]]]:
+        """One training step recorded each time, or recorded once and replayed; and a reader."""
+        g, model, adapters, x, opt = build()
+
+        def record() -> None:
+            loss = g.cross_entropy(model.forward(g, x, fused=fused), labels)
+            g.backward(loss)
+            opt.step()
+            opt.zero_grad()
+            g.reset()
+
+        def replayed() -> None:
+            run()
+            opt.step()
+            opt.zero_grad()
+
+        if replay:
+            run = g.compile(g.cross_entropy(model.forward(g, x, fused=fused), labels))
+        params = [p for layer in adapters.values() for p in layer.trainable_params()]
+        return (replayed if replay else record), lambda: [g.value(p) for p in params]
+
+    g, _, adapters, _, _ = build()
     layers = list(adapters.values())
     ws = [np.array(g.value(layer.frozen_weight)) for layer in layers]
     bs = [np.array(g.value(layer.bias)) for layer in layers]  # type: ignore[arg-type]
@@ -381,7 +410,19 @@ def section_e(rounds: int, min_batch: float, quick: bool) -> dict[str, Any]:
             a_s[i] -= LR * grad_a
             b_s[i] -= LR * grad_b
 
-    fns = {"numpy": numpy_step, "graphlora": graph_step, "gl fused": lambda: graph_step(True)}
+    variants = {
+        "graphlora": variant(fused=False, replay=False),
+        "gl fused": variant(fused=True, replay=False),
+        "gl replay": variant(fused=False, replay=True),
+        "fused replay": variant(fused=True, replay=True),
+    }
+    numpy_step()  # one step each from the same start: the same maths?
+    want = [p for pair in zip(a_s, b_s, strict=True) for p in pair]
+    for name, (step, read) in variants.items():
+        step()
+        for got, expected in zip(read(), want, strict=True):
+            assert np.allclose(got, expected, rtol=1e-10, atol=1e-12), name
+    fns = {"numpy": numpy_step, **{name: step for name, (step, _) in variants.items()}}
     times = compare(fns, rounds=rounds, min_batch=min_batch)
     return {
         "sizes": sizes,
@@ -449,12 +490,16 @@ def main(argv: list[str] | None = None) -> int:
             )
     if "d" in sections:
         report["d_peak_memory"] = rows = section_d(sizes)
-        print("\n(d) peak memory of one float64 training step (tracemalloc)")
+        print("\n(d) peak memory of one float64 training step (tracemalloc), / hand-written NumPy")
+        others = [k for k in rows[0]["ratio"] if k != "numpy"]
+        print(
+            f"{'batch, in, out, rank':22} {'numpy KiB':>10} " + " ".join(f"{k:>12}" for k in others)
+        )
         for row in rows:
             size = ", ".join(map(str, row["size"]))
-            peaks, ratio = row["peak_bytes"], row["ratio"]
             print(
-                f"{size:22} numpy {peaks['numpy'] / 1024:9.1f} KiB   graphlora {peaks['graphlora'] / 1024:9.1f} KiB ({ratio['graphlora']:.2f}x)   fused {peaks['gl fused'] / 1024:9.1f} KiB ({ratio['gl fused']:.2f}x)"
+                f"{size:22} {row['peak_bytes']['numpy'] / 1024:10.1f} "
+                + " ".join(f"{row['ratio'][k]:11.2f}x" for k in others)
             )
     if "e" in sections:
         report["e_mlp_step"] = row = section_e(rounds, min_batch, args.quick)
@@ -462,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
             f"\n(e) MLP {row['sizes']} with LoRA rank {row['rank']} on every layer, batch {row['batch']}, one step"
         )
         print(
-            f"numpy {1e6 * row['seconds']['numpy']:.1f} us, graphlora {1e6 * row['seconds']['graphlora']:.1f} us ({row['ratio']['graphlora']:.2f}x), fused {1e6 * row['seconds']['gl fused']:.1f} us ({row['ratio']['gl fused']:.2f}x)"
+            f"numpy {1e6 * row['seconds']['numpy']:.1f} us; "
+            + ", ".join(f"{k} {v:.2f}x" for k, v in row["ratio"].items() if k != "numpy")
         )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

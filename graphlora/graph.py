@@ -13,8 +13,9 @@ nothing and its message names the op and the offending shapes or values.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -964,9 +965,8 @@ class Graph:
             reached.append(loss)
         else:
             tape = self._tape
-            try:
-                for i in range(loss._index, -1, -1):
-                    node = tape[i]
+            try:  # the tape in reverse from the loss, without copying it
+                for node in islice(reversed(tape), len(tape) - 1 - loss._index, None):
                     g = node._g
                     if g is None:
                         continue
@@ -999,8 +999,15 @@ class Graph:
                 for node in reached:
                     node._g = None
                 raise
-        for node in reached:
-            _commit(node)
+        for node in reached:  # commit: add this pass's gradient to the accumulated one
+            g, node._g = node._g, None
+            assert g is not None
+            if node._grad is None:
+                node._grad, node._grad_owned = g, node._g_owned
+            elif node._grad_owned:
+                node._grad += g
+            else:
+                node._grad, node._grad_owned = _added(node._grad, g), True
 
 
 class Replay:
@@ -1022,13 +1029,14 @@ class Replay:
     array([2., 4., 6.])
     """
 
-    __slots__ = ("_epoch", "_frozen_version", "_graph", "_loss", "_nodes", "_seed")
+    __slots__ = ("_epoch", "_frozen_version", "_graph", "_loss", "_nodes", "_runs", "_seed")
 
     def __init__(self, graph: Graph, loss: NodeId, seed: Array, nodes: tuple[NodeId, ...]) -> None:
         self._graph = graph
         self._loss = loss
         self._seed = seed if seed is graph._one else _read_only(seed)  # never written: not owned
         self._nodes = nodes
+        self._runs = tuple(_rerun(node) for node in nodes)
         self._epoch = graph._epoch
         self._frozen_version = graph._frozen_version
 
@@ -1047,8 +1055,10 @@ class Replay:
     def __call__(self, *, backward: bool = True) -> Array:
         """Run the step: every op again, then (unless ``backward=False``) backward from the loss.
 
-        Returns the loss's new value, read-only. If an op raises (in anomaly mode, say), every
-        node keeps its value from before the call and no gradient changes.
+        Returns the loss's new value, read-only. If an op raises (in anomaly mode, say), no
+        gradient changes and the leaves are untouched; the ops before it hold their new values,
+        it and the ops after it their old ones (each value is replaced as soon as it is computed,
+        so that a run needs no more memory than the recording did).
 
         Raises
         ------
@@ -1071,30 +1081,33 @@ class Replay:
             )
         if backward:
             _needs_grad("Replay", loss)
-        values = [node._value for node in nodes]  # to put back if an op raises
-        vjps = [node._vjp for node in nodes]
         check_finite = graph._check_finite
-        try:
-            for node in nodes:
-                assert node._fn is not None
-                out, vjp = node._fn(*[source._value for source in node._inputs], *node._args)
-                if type(out) is not np.ndarray:
-                    out = np.asarray(out)
-                if check_finite and not np.isfinite(out).all():
-                    raise NonFiniteError(
-                        _anomaly(node._op, node._inputs, out, "forward output", node)
-                    )
-                node._value = out
-                if node._requires_grad:
-                    node._vjp = vjp
-        except BaseException:
-            for node, value, old in zip(nodes, values, vjps, strict=True):
-                node._value, node._vjp = value, old
-            raise
+        for node, run in zip(nodes, self._runs, strict=True):
+            out, vjp = run()
+            if type(out) is not np.ndarray:
+                out = np.asarray(out)
+            if check_finite and not np.isfinite(out).all():
+                raise NonFiniteError(_anomaly(node._op, node._inputs, out, "forward output", node))
+            node._value = out  # the old value goes at once: a run holds one value per node
+            if node._requires_grad:
+                node._vjp = vjp
         if backward:
             graph._backward(loss, self._seed, False, False)
         assert loss._value is not None
         return _read_only(loss._value)
+
+
+def _rerun(node: NodeId) -> Callable[[], tuple[Array, Vjp]]:
+    """A function that runs ``node``'s op again on its inputs' current values."""
+    fn, inputs, args = node._fn, node._inputs, node._args
+    assert fn is not None
+    if len(inputs) == 1 and not args:  # the common shapes of call, without star-unpacking
+        (x,) = inputs
+        return lambda: fn(x._value)
+    if len(inputs) == 2 and not args:
+        a, b = inputs
+        return lambda: fn(a._value, b._value)
+    return lambda: fn(*[source._value for source in inputs], *args)
 
 
 def _anomaly(
@@ -1162,19 +1175,6 @@ def _added(a: Array, b: Array) -> Array:
     """``a + b`` as a new array (NumPy returns a scalar for two 0-d arrays)."""
     total = a + b
     return total if type(total) is np.ndarray else np.asarray(total)
-
-
-def _commit(node: NodeId) -> None:
-    """Add the gradient of the pass just finished to the node's accumulated gradient."""
-    g = node._g
-    assert g is not None
-    node._g = None
-    if node._grad is None:
-        node._grad, node._grad_owned = g, node._g_owned
-    elif node._grad_owned:
-        node._grad += g
-    else:
-        node._grad, node._grad_owned = _added(node._grad, g), True
 
 
 def _checked_vjp(name: str, vjp: Vjp, shapes: list[tuple[int, ...]]) -> Vjp:

@@ -224,10 +224,11 @@ def test_compile_checks_its_arguments() -> None:
         other.compile(g.sum(w))
 
 
-def test_a_failed_run_puts_every_value_back_and_changes_no_gradient() -> None:
+def test_a_failed_run_changes_no_gradient_and_keeps_the_values_it_did_not_reach() -> None:
     g = gl.Graph()
     w = g.parameter([1.0, 2.0])
-    logs = g.log(w)
+    doubled = g.scale(w, 2.0)
+    logs = g.log(doubled)
     loss = g.sum(logs)
     step = g.compile(loss)
     step()
@@ -239,11 +240,12 @@ def test_a_failed_run_puts_every_value_back_and_changes_no_gradient() -> None:
         pytest.raises(gl.NonFiniteError, match="'log'"),
     ):
         step()
-    np.testing.assert_array_equal(g.value(logs), np.log([1.0, 2.0]))
-    np.testing.assert_array_equal(g.value(loss), np.log(2.0))
+    np.testing.assert_array_equal(g.value(doubled), [-2.0, 4.0])  # reached: new
+    np.testing.assert_array_equal(g.value(logs), np.log([2.0, 4.0]))  # refused: old
+    np.testing.assert_array_equal(g.value(loss), np.log(8.0))
     np.testing.assert_array_equal(g.grad(w), grad_before)
     g.set_value(w, [1.0, 4.0])  # and it runs again
-    np.testing.assert_allclose(step(), np.log(4.0))
+    np.testing.assert_allclose(step(), np.log(16.0))
 
 
 def test_repr_and_loss() -> None:
