@@ -330,9 +330,21 @@ def softmax(x: Array, axis: int = -1) -> tuple[Array, Vjp]:
     return out, vjp
 
 
+def _log_softmax(x: Array, axis: int) -> Array:
+    """``scipy.special.log_softmax``'s algorithm to the last bit, without its per-call overhead
+    (about half its time on a ``(64, 10)`` array): ``x - max - log(sum(exp(x - max)))``, with a
+    non-finite max taken as 0."""
+    top = x.max(axis=axis, keepdims=True)
+    if not np.isfinite(top).all():
+        top = np.where(np.isfinite(top), top, 0.0)
+    shifted = x - top
+    out: Array = shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+    return out
+
+
 def log_softmax(x: Array, axis: int = -1) -> tuple[Array, Vjp]:
     """``x - logsumexp(x, axis)`` (stable).  VJP: ``(g - exp(out) * sum(g, axis),)``."""
-    out = scipy.special.log_softmax(x, axis=axis)
+    out = _log_softmax(x, axis)
 
     def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
         return (g - np.exp(out) * np.sum(g, axis=axis, keepdims=True),)
@@ -362,7 +374,7 @@ def cross_entropy(logits: Array, labels: npt.NDArray[np.integer[Any]]) -> tuple[
     """
     n = logits.shape[0]
     rows = np.arange(n)
-    logp = scipy.special.log_softmax(logits, axis=1)
+    logp = _log_softmax(logits, 1)
 
     def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
         grad = np.exp(logp)
@@ -370,7 +382,7 @@ def cross_entropy(logits: Array, labels: npt.NDArray[np.integer[Any]]) -> tuple[
         grad *= g / n
         return (grad,)
 
-    return np.asarray(-np.mean(logp[rows, labels])), vjp
+    return np.asarray(-(logp[rows, labels].sum() / n)), vjp
 
 
 def dropout_mask(

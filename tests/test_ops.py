@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given
+import scipy.special
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from op_cases import CASES, Arrays, Case, Params, draw_case
 
@@ -192,3 +193,22 @@ def test_matches_torch_autograd(name: str, data: st.DataObject) -> None:
     )
     for node, tensor in zip(nodes, tensors, strict=True):
         np.testing.assert_allclose(g.grad(node), tensor.grad.numpy(), rtol=1e-9, atol=1e-12)
+
+
+@settings(max_examples=100)
+@given(
+    x=gst.arrays(gst.shapes(min_dims=1, max_dims=3, max_side=5), min_value=-50.0, max_value=50.0),
+    data=st.data(),
+)
+def test_log_softmax_agrees_with_scipy_to_the_last_bit(x: np.ndarray, data: st.DataObject) -> None:
+    axis = data.draw(st.integers(-x.ndim, x.ndim - 1))
+    out, _ = ops.log_softmax(x, axis)
+    np.testing.assert_array_equal(out, scipy.special.log_softmax(x, axis=axis))
+
+
+def test_log_softmax_handles_infinite_rows_as_scipy_does() -> None:
+    x = np.array([[0.0, -np.inf], [-np.inf, -np.inf], [np.inf, 1.0]])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out, _ = ops.log_softmax(x, 1)
+        want = scipy.special.log_softmax(x, axis=1)
+    np.testing.assert_array_equal(out, want)
