@@ -638,6 +638,24 @@ def test_lora_linear_checks_shapes_first() -> None:
         r"lora_linear: scaling must be a real scalar",
         lambda: g.lora_linear(x, w, a, b, scaling="2"),
     )  # type: ignore[arg-type]
+    rejected(
+        g,
+        ValueError,
+        re.escape("lora_linear: dropout must be in [0, 1), got 1.0"),
+        lambda: g.lora_linear(x, w, a, b, dropout=1.0),
+    )
+    rejected(
+        g,
+        ValueError,
+        "lora_linear: give a dropout mask or a dropout probability, not both",
+        lambda: g.lora_linear(x, w, a, b, mask=np.ones((2, 4)), dropout=0.5),
+    )
+    rejected(
+        g,
+        TypeError,
+        "lora_linear: rng must be a np.random.Generator, an int seed or None, got str",
+        lambda: g.lora_linear(x, w, a, b, dropout=0.5, rng="7"),  # type: ignore[arg-type]
+    )
     out = g.lora_linear(x, w, a, b, scaling=0.5)
     np.testing.assert_allclose(
         g.value(out), np.full((2, 3), 4.0 + (4.0 * 0.5) * 2)
@@ -655,3 +673,15 @@ def test_scalar_gradients_stay_arrays_when_they_accumulate() -> None:
     assert isinstance(grad, np.ndarray)
     assert grad.shape == ()
     np.testing.assert_allclose(grad, 1 + 2 * np.exp(0.5))
+
+
+def test_lora_linear_dropout_draws_as_the_dropout_op_does() -> None:
+    g = gl.Graph()
+    x, w = g.constant(np.ones((3, 4))), g.constant(np.zeros((4, 2)))
+    a, b = g.parameter(np.ones((4, 1))), g.parameter(np.ones((1, 2)))
+    fused = g.lora_linear(x, w, a, b, dropout=0.5, rng=11)
+    separate = g.matmul(g.matmul(g.dropout(x, 0.5, rng=11), a), b)  # the same mask from seed 11
+    np.testing.assert_array_equal(g.value(fused), g.value(separate))
+    assert not np.array_equal(g.value(fused), np.full((3, 2), 4.0))  # 4.0: nothing dropped
+    with g.no_grad():  # no dropout while no gradient is recorded
+        np.testing.assert_array_equal(g.value(g.lora_linear(x, w, a, b, dropout=0.5)), 4.0)
