@@ -198,7 +198,7 @@ class Graph:
         self._scope: str | None = None
         self._one = np.ones((), self._dtype)  # the seed of a scalar loss, shared
         self._one.flags.writeable = False
-        self._frozen_version = 0  # counts requires_grad_ changes, which stale a compiled step
+        self._version = 0  # counts the changes that end every compiled step (_end_replays)
 
     # --- properties and inspection ------------------------------------------------------------
 
@@ -378,7 +378,7 @@ class Graph:
                 "unfrozen"
             )
         if flag != leaf._requires_grad:
-            self._frozen_version += 1
+            self._end_replays()
         leaf._requires_grad = flag
         leaf._op = "parameter" if flag else "constant"
         if not flag:
@@ -436,6 +436,11 @@ class Graph:
         previous = self._scope
         self._scope = name if previous is None else f"{previous}/{name}"
         return previous
+
+    def _end_replays(self) -> None:
+        """End every compiled step: something changed that a replay would silently ignore (where
+        gradients flow, or a Python decision taken while recording, such as a merged layer)."""
+        self._version += 1
 
     @property
     def check_finite(self) -> bool:
@@ -887,10 +892,11 @@ class Graph:
 
         Data that changes from step to step must come in through leaves (``set_value``, or an
         optimizer's update); other arguments (a ``scale`` factor, ``cross_entropy`` labels, a
-        dropout mask given as an array) are fixed when recorded. Dropout draws a new mask on each
-        run from the Generator it was given, as a new recording would. Ops recorded after
-        ``loss`` are not run again; ``reset`` ends the replay (running it then raises
-        ``StaleNodeError``), and so does freezing or unfreezing a leaf (``GraphError``).
+        dropout mask given as an array) are fixed when recorded, and so are the decisions Python
+        took while recording, as in a trace. Dropout draws a new mask on each run from the
+        Generator it was given, as a new recording would. Ops recorded after ``loss`` are not run
+        again. ``reset`` ends the replay (running it then raises ``StaleNodeError``), and so do
+        freezing or unfreezing a leaf and merging or unmerging a LoRA layer (``GraphError``).
 
         Raises
         ------
@@ -1029,7 +1035,7 @@ class Replay:
     array([2., 4., 6.])
     """
 
-    __slots__ = ("_epoch", "_frozen_version", "_graph", "_loss", "_nodes", "_runs", "_seed")
+    __slots__ = ("_epoch", "_graph", "_loss", "_nodes", "_runs", "_seed", "_version")
 
     def __init__(self, graph: Graph, loss: NodeId, seed: Array, nodes: tuple[NodeId, ...]) -> None:
         self._graph = graph
@@ -1038,7 +1044,7 @@ class Replay:
         self._nodes = nodes
         self._runs = tuple(_rerun(node) for node in nodes)
         self._epoch = graph._epoch
-        self._frozen_version = graph._frozen_version
+        self._version = graph._version
 
     @property
     def loss(self) -> NodeId:
@@ -1074,10 +1080,11 @@ class Replay:
                 f"Replay: the step of {loss!r} was recorded before the last reset(); record it "
                 "again and compile that"
             )
-        if graph._frozen_version != self._frozen_version:
+        if graph._version != self._version:
             raise GraphError(
-                "Replay: a leaf was frozen or unfrozen (requires_grad_) after compile, which "
-                "changes where gradients flow; record the step again and compile that"
+                "Replay: a leaf was frozen or unfrozen (requires_grad_), or a LoRA layer merged "
+                "or unmerged, after compile; a replay would not see it: record the step again "
+                "and compile that"
             )
         if backward:
             _needs_grad("Replay", loss)

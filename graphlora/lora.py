@@ -405,6 +405,7 @@ class LoraLinear:
         self._unmerged_weight = np.array(graph.value(self.frozen_weight))
         graph.set_value(self.frozen_weight, merged)
         self.merged = True
+        graph._end_replays()  # a compiled step would still run the low-rank path
 
     def unmerge_(self, graph: Graph) -> None:
         """Restore the exact W from before ``merge_`` (``merged`` becomes False).
@@ -419,6 +420,7 @@ class LoraLinear:
         graph.set_value(self.frozen_weight, self._unmerged_weight)
         self._unmerged_weight = None
         self.merged = False
+        graph._end_replays()
 
     # --- state --------------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """Stateful fuzzing: a Hypothesis state machine drives the public API with valid and invalid calls
 (random ops and arguments, wrong types, stale and foreign ids, resets mid-way, merge/unmerge
-sequences, optimizer steps, state-dict and adapter loads with wrong data) and checks, after every
+sequences, optimizer steps, compiled steps replayed after resets and freezes, state-dict and
+adapter loads with wrong data) and checks, after every
 step, that only documented exceptions escape, each with a message; that a rejected call changes
 nothing; that merged and unmerged agree; and that unmerging gives back W bit for bit."""
 
@@ -81,6 +82,8 @@ class GraphMachine(RuleBasedStateMachine):
         ]
         self.live: list[gl.NodeId] = []
         self.stale: list[gl.NodeId] = []
+        self.replays: list[tuple[gl.Replay, int]] = []  # each with the epoch it was compiled in
+        self.epoch = 0  # counts resets, freezes, merges: each ends every replay made before it
         self.opt = Adam(self.g, [*self.layer.trainable_params(), *self.leaves], lr=1e-2)
         self.directory = Path(tempfile.mkdtemp())
         gl.save_adapter(self.directory / "good", self.g, {"proj": self.layer})
@@ -161,6 +164,34 @@ class GraphMachine(RuleBasedStateMachine):
         self.g.reset()
         self.stale += self.live
         self.live = []
+        self.epoch += 1
+
+    @rule(data=st.data())
+    def compile_a_step(self, data: st.DataObject) -> None:
+        node = data.draw(st.sampled_from([*self.pool(), *GARBAGE[:2]]))
+        if data.draw(st.booleans()) and isinstance(node, gl.NodeId):  # a scalar loss, mostly
+            total = self.attempt(lambda: self.g.sum(node))
+            if total is not None:
+                self.live.append(total)
+                node = total
+        replay = self.attempt(lambda: self.g.compile(node))
+        if replay is not None:
+            self.replays.append((replay, self.epoch))
+
+    @precondition(lambda self: self.replays)
+    @rule(data=st.data())
+    def run_a_replay(self, data: st.DataObject) -> None:
+        replay, epoch = data.draw(st.sampled_from(self.replays))
+        backward = data.draw(st.booleans())
+        self.attempt(lambda: replay(backward=backward), must_fail=epoch != self.epoch)
+
+    @rule(data=st.data())
+    def freeze_or_unfreeze(self, data: st.DataObject) -> None:
+        leaf = data.draw(st.sampled_from(self.leaves))
+        flag = data.draw(st.booleans())
+        if flag != leaf.requires_grad:
+            self.epoch += 1
+        self.g.requires_grad_(leaf, flag)
 
     @rule()
     def zero_grad(self) -> None:
@@ -179,9 +210,12 @@ class GraphMachine(RuleBasedStateMachine):
             self.attempt(lambda: self.layer.merge_(self.g))
         if not was_merged and self.layer.merged:
             self.merged_delta = delta
+            self.epoch += 1  # merging ends every replay
 
     @rule()
     def unmerge(self) -> None:
+        if self.layer.merged:
+            self.epoch += 1  # unmerging ends every replay
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.layer.unmerge_(self.g)

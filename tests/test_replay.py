@@ -255,3 +255,18 @@ def test_repr_and_loss() -> None:
     step = g.compile(loss)
     assert step.loss is loss
     assert repr(step) == f"Replay(2 ops, loss={loss!r})"
+
+
+def test_merging_or_unmerging_a_layer_ends_a_replay() -> None:
+    g = gl.Graph()
+    layer = gl.LoraLinear.new(g, 3, 2, gl.LoraConfig(rank=1, seed=0))
+    g.set_value(layer.lora_b, [[1.0, 1.0]])
+    x = g.constant(np.ones((1, 3)))
+    step = g.compile(g.sum(layer.forward(g, x)))
+    layer.merge_(g)  # the recorded low-rank path would be added twice
+    with pytest.raises(gl.GraphError, match="merged or unmerged, after compile"):
+        step()
+    step = g.compile(g.sum(layer.forward(g, x)))
+    layer.unmerge_(g)
+    with pytest.raises(gl.GraphError, match="merged or unmerged, after compile"):
+        step()
