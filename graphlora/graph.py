@@ -842,11 +842,10 @@ class Graph:
             raise ValueError(f"{where}: dropout must be in [0, 1), got {p}")
         if p > 0.0 and mask is not None:
             raise ValueError(f"{where}: give a dropout mask or a dropout probability, not both")
-        generator = _rng(where, rng)
         values = (vx, vw, va, vb) if vbias is None else (vx, vw, va, vb, vbias)
         lead = (None,) if vbias is None else ()  # the bias argument, when it is no input
-        if p > 0.0 and self._grad_enabled:
-            args = (*lead, s, p, generator)
+        if p > 0.0 and self._grad_enabled:  # rng is checked only where it is used, as in dropout
+            args = (*lead, s, p, _rng(where, rng))
             return self._push(where, _lora_linear_dropout, inputs, values, args)
         return self._push(where, ops.lora_linear, inputs, values, (*lead, s, mask_array))
 

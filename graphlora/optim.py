@@ -80,7 +80,8 @@ class Optimizer:
 
     def zero_grad(self) -> None:
         """Forget the gradients of this optimizer's parameters."""
-        self.graph.zero_grad(self.params)
+        for node in self.params:  # leaves of self.graph, checked when the optimizer was made
+            node._grad = None
 
     def step(self) -> None:
         """Update every parameter that has a gradient, in place."""
