@@ -6,8 +6,10 @@ append-only, so its order is already a topological order: ``backward`` walks it 
 loss, with no search and no recursion. A node requires a gradient iff one of its inputs does; a VJP
 is never called for a node that does not, and it is told which inputs want a gradient, so frozen
 inputs cost nothing. ``reset`` drops the recorded ops (a training loop calls it once per step) and
-keeps the leaves. Every method checks its arguments before NumPy runs, so a rejected call records
-nothing and its message names the op and the offending shapes or values.
+keeps the leaves; or ``compile`` makes the recorded step into a ``Replay``, which runs the same op
+functions again on the leaves' new values without recording them. Every method checks its
+arguments before NumPy runs, so a rejected call records nothing and its message names the op and
+the offending shapes or values.
 """
 
 from __future__ import annotations
@@ -1070,8 +1072,8 @@ class Replay:
         StaleNodeError
             After ``graph.reset()``.
         GraphError
-            After ``requires_grad_`` changed a leaf, or for ``backward`` when the loss depends on
-            no parameter.
+            After ``requires_grad_`` changed a leaf or ``merge_``/``unmerge_`` a LoRA layer, or
+            for ``backward`` when the loss depends on no parameter.
         """
         graph, loss, nodes = self._graph, self._loss, self._nodes
         if graph._epoch != self._epoch:
