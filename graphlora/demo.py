@@ -207,16 +207,16 @@ def _fit(
     label: str,
     show_progress: bool,
 ) -> list[float]:
-    """Full-batch Adam on ``params``: record ``loss_fn()``, backward, step, reset; the losses."""
+    """Full-batch Adam on ``params``: record ``loss_fn()`` once, then replay it (forward and
+    backward) and step, ``steps`` times; the losses."""
     optimizer = Adam(g, params, lr=lr)
+    step = g.compile(loss_fn())
     losses = []
     for _ in progress(steps, label, show_progress):
-        loss = loss_fn()
-        g.backward(loss)
+        losses.append(float(step()))
         optimizer.step()
-        losses.append(float(g.value(loss)))
         optimizer.zero_grad()
-        g.reset()
+    g.reset()
     return losses
 
 
