@@ -25,7 +25,12 @@ __all__ = ["main"]
 
 def _example() -> int:
     """A linear layer ``y = x @ w + b`` with a mean squared error against a target."""
-    np.set_printoptions(precision=4, suppress=True)
+    with np.printoptions(precision=4, suppress=True):  # for this printout only
+        _print_example()
+    return 0
+
+
+def _print_example() -> None:
     g = gl.Graph()
     x = g.constant([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]], name="x")  # (batch 2, in 3)
     w = g.parameter([[0.1, -0.2], [0.3, 0.0], [-0.1, 0.2]], name="w")  # (in 3, out 2)
@@ -53,7 +58,6 @@ def _example() -> int:
     print(f"dL/db by hand:\n{by_hand_b}")
     difference = max(np.abs(by_hand_w - engine_w).max(), np.abs(by_hand_b - engine_b).max())
     print(f"largest difference from the engine: {difference:.1e}")
-    return 0
 
 
 def _ranks(text: str) -> list[int]:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from graphlora.__main__ import main
@@ -162,3 +163,12 @@ def test_help(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "--rank-sweep R1,R2,..." in out
     assert "--plot FILE.png" in out
+
+
+def test_the_example_leaves_numpy_print_options_as_they_were(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    before = np.get_printoptions()
+    assert main(["example"]) == 0
+    assert "largest difference from the engine" in capsys.readouterr().out
+    assert np.get_printoptions() == before
