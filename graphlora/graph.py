@@ -821,7 +821,6 @@ class Graph:
                 f"x {vx.shape}, w {vw.shape}, a {va.shape}, b {vb.shape}"
             )
         inputs: tuple[NodeId, ...] = (x, w, a, b)
-        vbias = None
         if bias is not None:
             bias = check(bias, where, "bias")
             vbias = bias._value
@@ -844,12 +843,28 @@ class Graph:
             raise ValueError(f"{where}: dropout must be in [0, 1), got {p}")
         if p > 0.0 and mask is not None:
             raise ValueError(f"{where}: give a dropout mask or a dropout probability, not both")
-        values = (vx, vw, va, vb) if vbias is None else (vx, vw, va, vb, vbias)
-        lead = (None,) if vbias is None else ()  # the bias argument, when it is no input
         if p > 0.0 and self._grad_enabled:  # rng is checked only where it is used, as in dropout
-            args = (*lead, s, p, _rng(where, rng))
-            return self._push(where, _lora_linear_dropout, inputs, values, args)
-        return self._push(where, ops.lora_linear, inputs, values, (*lead, s, mask_array))
+            rng = _rng(where, rng)
+        return self._lora_linear(inputs, s, p, rng, mask_array)
+
+    def _lora_linear(
+        self,
+        inputs: tuple[NodeId, ...],
+        scaling: float,
+        p: float,
+        rng: np.random.Generator | int | None,
+        mask: Array | None,
+    ) -> NodeId:
+        """Record ``lora_linear`` on checked ``(x, w, a, b)`` or ``(x, w, a, b, bias)`` and
+        checked arguments (``LoraLinear.forward`` comes here directly, its weights being its
+        own)."""
+        values = tuple([node._value for node in inputs])
+        lead = (None,) if len(inputs) == 4 else ()  # the bias argument, when it is no input
+        if p > 0.0 and self._grad_enabled:
+            args = (*lead, scaling, p, rng)
+            return self._push("lora_linear", _lora_linear_dropout, inputs, values, args)
+        args = (*lead, scaling, mask)
+        return self._push("lora_linear", ops.lora_linear, inputs, values, args)
 
     # --- user-defined ops ---------------------------------------------------------------------
 

@@ -327,16 +327,13 @@ class LoraLinear:
                 f"has shape {shape}"
             )
         if fused and not self.merged:
-            return graph.lora_linear(
-                x,
-                self.frozen_weight,
-                self.lora_a,
-                self.lora_b,
-                self.bias,
-                scaling=self.scaling,
-                dropout=self.config.dropout,
-                rng=self.rng,
-            )
+            weights: tuple[NodeId, ...] = (self.frozen_weight, self.lora_a, self.lora_b)
+            if self.bias is not None:
+                weights += (self.bias,)
+            for node in weights:  # leaves: never stale; their shapes fit by construction
+                graph._check(node, "LoraLinear.forward", self.name)
+            p = self.config.dropout
+            return graph._lora_linear((x, *weights), self.scaling, p, self.rng, None)
         # Label the nodes for drawings, as graph.scope(...) does, without its per-call cost.
         outer = graph._enter_scope(self.name)
         try:

@@ -589,3 +589,13 @@ def test_fused_forward_is_the_same_maths(
             rtol=1e-12,
             atol=1e-12,
         )
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_forward_refuses_a_layer_of_another_graph(fused: bool) -> None:
+    g, other = gl.Graph(), gl.Graph()
+    layer = gl.LoraLinear.new(other, 3, 2, gl.LoraConfig(rank=1, seed=0))
+    x = g.constant(np.ones((2, 3)))
+    with pytest.raises(gl.ForeignNodeError, match="belongs to another Graph"):
+        layer.forward(g, x, fused=fused)
+    assert len(g) == 0  # nothing recorded
