@@ -77,6 +77,30 @@ def compare(
 # --- (a) a LoRA training step -------------------------------------------------------------------
 
 
+def training_step(
+    g: gl.Graph, opt: SGD, loss: Callable[[], gl.NodeId], replay: bool
+) -> Callable[[], None]:
+    """One SGD step on ``g``: ``loss()`` recorded on each call and dropped after, or recorded
+    once here and replayed (``Graph.compile``) on each call."""
+    if replay:
+        run = g.compile(loss())
+
+        def replayed() -> None:
+            run()
+            opt.step()
+            opt.zero_grad()
+
+        return replayed
+
+    def recorded() -> None:
+        g.backward(loss())
+        opt.step()
+        opt.zero_grad()
+        g.reset()
+
+    return recorded
+
+
 class LoraProblem:
     """One LoRA layer's data and weights, and a training step in each implementation."""
 
@@ -129,23 +153,11 @@ class LoraProblem:
         g.set_value(layer.lora_b, self.b0)
         x, t = g.constant(self.x), g.constant(self.t)
         opt = SGD(g, layer.trainable_params(), lr=LR)
-
-        def step() -> None:  # record the step, then drop it
-            loss = g.mse_loss(layer.forward(g, x, fused=fused), t)
-            g.backward(loss)
-            opt.step()
-            opt.zero_grad()
-            g.reset()
-
-        def replayed() -> None:  # run the step recorded once
-            run()
-            opt.step()
-            opt.zero_grad()
-
-        if replay:
-            run = g.compile(g.mse_loss(layer.forward(g, x, fused=fused), t))
+        step = training_step(
+            g, opt, lambda: g.mse_loss(layer.forward(g, x, fused=fused), t), replay
+        )
         read = lambda: (np.array(g.value(layer.lora_a)), np.array(g.value(layer.lora_b)))  # noqa: E731
-        return (replayed if replay else step), read
+        return step, read
 
     def torch_step(
         self, torch: Any
@@ -371,23 +383,9 @@ def section_e(rounds: int, min_batch: float, quick: bool) -> dict[str, Any]:
     def variant(fused: bool, replay: bool) -> tuple[Callable[[], None], Callable[[], list[Any]]]:
         """One training step recorded each time, or recorded once and replayed; and a reader."""
         g, model, adapters, x, opt = build()
-
-        def record() -> None:
-            loss = g.cross_entropy(model.forward(g, x, fused=fused), labels)
-            g.backward(loss)
-            opt.step()
-            opt.zero_grad()
-            g.reset()
-
-        def replayed() -> None:
-            run()
-            opt.step()
-            opt.zero_grad()
-
-        if replay:
-            run = g.compile(g.cross_entropy(model.forward(g, x, fused=fused), labels))
+        loss = lambda: g.cross_entropy(model.forward(g, x, fused=fused), labels)  # noqa: E731
         params = [p for layer in adapters.values() for p in layer.trainable_params()]
-        return (replayed if replay else record), lambda: [g.value(p) for p in params]
+        return training_step(g, opt, loss, replay), lambda: [g.value(p) for p in params]
 
     g, _, adapters, _, _ = build()
     layers = list(adapters.values())
