@@ -14,10 +14,11 @@ from graphlora.errors import (
     ShapeError,
     StaleNodeError,
 )
-from graphlora.graph import Graph, NodeId, Replay
+from graphlora.graph import Graph, NodeId
 from graphlora.io import load_adapter, save_adapter, save_merged
 from graphlora.lora import LoraConfig, LoraLinear
 from graphlora.nn import MLP, Linear, apply_lora
+from graphlora.replay import Replay
 
 __version__ = "0.1.0"
 

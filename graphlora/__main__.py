@@ -18,6 +18,7 @@ import numpy as np
 import graphlora as gl
 from graphlora import demo
 from graphlora.explain import explain
+from graphlora.functional import scaled_delta
 from graphlora.io import read_adapter
 
 __all__ = ["main"]
@@ -179,7 +180,9 @@ def _inspect(directory: str) -> int:
     for name in sorted(adapter.a):
         a, b = adapter.a[name], adapter.b[name]
         scaling = adapter.scaling(name)
-        delta = scaling * float(np.linalg.norm(b.astype(np.float64) @ a.astype(np.float64)))
+        delta = np.linalg.norm(
+            scaled_delta(a.T.astype(np.float64), b.T.astype(np.float64), scaling)
+        )
         print(
             f"{name:<{width}}  {a.shape!s:>12}  {b.shape!s:>12}  {a.dtype!s:>7}  "
             f"{np.linalg.norm(a):9.4g}  {np.linalg.norm(b):9.4g}  {scaling:7.4g}  {delta:7.4g}"

@@ -2,9 +2,11 @@
 
 An adapter is a dict ``{"A": [in, rank], "B": [rank, out]}`` (other keys are ignored). Every
 function here computes in the same order as the layer, so the two agree to the last bit: the
-update is ``(A @ B) * scaling`` and the forward pass is ``x @ W + ((x @ A) * scaling) @ B`` with
-``scaling = alpha / rank`` (or ``alpha / sqrt(rank)`` with ``use_rslora``). Note that PEFT's
-``lora_alpha`` defaults to 8 while ``alpha`` here defaults to 1.0, the plain ``A @ B / rank``.
+update is ``(A @ B) * scaling`` and the forward pass is ``x @ W + bias + ((x @ A) * scaling) @ B``
+with ``scaling = alpha / rank`` (or ``alpha / sqrt(rank)`` with ``use_rslora``). These two
+formulas, ``lora_scaling`` and ``scaled_delta``, are the ones the layer, the adapter files and the
+command line use. Note that PEFT's ``lora_alpha`` defaults to 8 while ``alpha`` here defaults to
+1.0, the plain ``A @ B / rank``.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from graphlora import _checks
 from graphlora.errors import ShapeError
-from graphlora.ops import Array
+from graphlora.ops._core import Array
 
 __all__ = [
     "init_lora_adapter",
@@ -26,6 +29,7 @@ __all__ = [
     "lora_linear",
     "lora_scaling",
     "merge_lora_weight",
+    "scaled_delta",
     "tree_lora_delta",
     "unmerge_lora_weight",
 ]
@@ -38,7 +42,7 @@ def linear_init(
     out_features: int,
     *,
     bias: bool = True,
-    rng: np.random.Generator | None = None,
+    rng: _checks.Rng = None,
     where: str = "linear_init",
 ) -> tuple[Array, Array | None]:
     """A weight ``[in, out]`` and bias ``[out]`` drawn as ``torch.nn.Linear`` draws them:
@@ -50,11 +54,8 @@ def linear_init(
         For sizes that are not ints, or below 1 (``where`` names the caller).
     """
     for arg, value in (("in_features", in_features), ("out_features", out_features)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-            raise TypeError(f"{where}: {arg} must be an int, got {value!r}")
-        if value < 1:
-            raise ValueError(f"{where}: {arg} must be >= 1, got {value}")
-    generator = np.random.default_rng() if rng is None else rng
+        _checks.positive_int(where, arg, value)
+    generator = _checks.as_generator(where, rng)
     bound = 1.0 / math.sqrt(in_features)
     weight = generator.uniform(-bound, bound, size=(in_features, out_features))
     return weight, generator.uniform(-bound, bound, size=out_features) if bias else None
@@ -63,6 +64,12 @@ def linear_init(
 def lora_scaling(rank: int, alpha: float = 1.0, *, use_rslora: bool = False) -> float:
     """``alpha / rank``, or ``alpha / sqrt(rank)`` with ``use_rslora``."""
     return alpha / (math.sqrt(rank) if use_rslora else rank)
+
+
+def scaled_delta(a: Array, b: Array, scaling: float) -> Array:
+    """The weight update of an adapter: ``(A @ B) * scaling``, ``[in, out]``."""
+    delta: Array = (a @ b) * scaling
+    return delta
 
 
 def init_lora_adapter(
@@ -93,7 +100,7 @@ def init_lora_adapter(
     out_dtype = w.dtype if dtype is None else np.dtype(dtype)
     if out_dtype.kind != "f":
         raise TypeError(f"{where}: dtype must be floating point, got {out_dtype}")
-    generator = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    generator = _checks.as_generator(where, rng)
     in_features, out_features = w.shape
     return {
         "A": generator.normal(0.0, init_std, size=(in_features, rank)).astype(out_dtype),
@@ -104,7 +111,7 @@ def init_lora_adapter(
 def lora_delta(adapter: Adapter, alpha: float = 1.0, *, use_rslora: bool = False) -> Array:
     """The weight update ``(A @ B) * scaling``, ``[in, out]``."""
     a, b = _adapter("lora_delta", adapter)
-    return (a @ b) * lora_scaling(a.shape[1], alpha, use_rslora=use_rslora)
+    return scaled_delta(a, b, lora_scaling(a.shape[1], alpha, use_rslora=use_rslora))
 
 
 def lora_linear(
@@ -116,7 +123,7 @@ def lora_linear(
     bias: npt.ArrayLike | None = None,
     use_rslora: bool = False,
 ) -> Array:
-    """``x [..., in] -> [..., out]``: ``x @ W + ((x @ A) * scaling) @ B (+ bias)``; no ``A @ B``."""
+    """``x [..., in] -> [..., out]``: ``x @ W (+ bias) + ((x @ A) * scaling) @ B``; no ``A @ B``."""
     where = "lora_linear"
     w = _matrix(where, "frozen_weight", frozen_weight)
     a, b = _adapter(where, adapter, w.shape)
@@ -126,7 +133,7 @@ def lora_linear(
             f"{where}: x has shape {x_array.shape} but W {w.shape} takes [..., {w.shape[0]}]"
         )
     scaling = lora_scaling(a.shape[1], alpha, use_rslora=use_rslora)
-    y: Array = x_array @ w + ((x_array @ a) * scaling) @ b
+    y: Array = x_array @ w
     if bias is not None:
         bias_array = np.asarray(bias)
         if bias_array.shape != (w.shape[1],):
@@ -134,7 +141,7 @@ def lora_linear(
                 f"{where}: bias has shape {bias_array.shape}, expected ({w.shape[1]},)"
             )
         y = y + bias_array
-    return y
+    return y + ((x_array @ a) * scaling) @ b
 
 
 def merge_lora_weight(

@@ -6,24 +6,24 @@ append-only, so its order is already a topological order: ``backward`` walks it 
 loss, with no search and no recursion. A node requires a gradient iff one of its inputs does; a VJP
 is never called for a node that does not, and it is told which inputs want a gradient, so frozen
 inputs cost nothing. ``reset`` drops the recorded ops (a training loop calls it once per step) and
-keeps the leaves; or ``compile`` makes the recorded step into a ``Replay``, which runs the same op
-functions again on the leaves' new values without recording them. Every method checks its
-arguments before NumPy runs, so a rejected call records nothing and its message names the op and
-the offending shapes or values.
+keeps the leaves; ``compile`` makes the recorded step into a ``Replay`` (``graphlora.replay``).
+
+Every op goes through one recording path, ``apply``: the op's own check (``graphlora.ops``) runs
+before NumPy does, so a rejected call records nothing and its message names the op and the
+offending shapes or values. The op methods below are one line each.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import islice
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
-from graphlora import ops
+from graphlora import _checks
 from graphlora.errors import (
     ForeignNodeError,
     GraphError,
@@ -31,13 +31,19 @@ from graphlora.errors import (
     ShapeError,
     StaleNodeError,
 )
-from graphlora.ops import Array, Grads, Vjp
+from graphlora.ops import OpDef, activations, arithmetic, linalg, losses, reductions
+from graphlora.ops import shape as shape_ops
+from graphlora.ops._core import Array, Grads, Op, Vjp, check_kinds
 
-__all__ = ["Graph", "NodeId", "Replay"]
+if TYPE_CHECKING:
+    from graphlora.replay import Replay
+
+__all__ = ["Graph", "NodeId", "check_graph"]
 
 _LEAF = -1  # the epoch of a leaf: leaves survive every reset
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _REAL_KINDS = "biuf"  # bool, signed and unsigned int, float: the kinds that convert to a float
+_DATA_KINDS = "biu"  # what a constant keeps as it is: token ids, labels, masks
 
 
 class NodeId:
@@ -49,7 +55,7 @@ class NodeId:
     """
 
     __slots__ = (
-        "_args",
+        "_casts",
         "_epoch",
         "_fn",
         "_g",
@@ -63,6 +69,7 @@ class NodeId:
         "_name",
         "_needs",
         "_op",
+        "_params",
         "_requires_grad",
         "_scope",
         "_value",
@@ -78,11 +85,12 @@ class NodeId:
         name: str | None,
         value: Array,
         requires_grad: bool,
-        inputs: tuple[NodeId, ...],
-        needs: tuple[bool, ...],
-        vjp: Vjp | None,
-        fn: ops.Op | None = None,
-        args: tuple[Any, ...] = (),
+        inputs: tuple[Input, ...] = (),
+        needs: tuple[bool, ...] = (),
+        vjp: Vjp | None = None,
+        fn: Op | None = None,
+        params: dict[str, Any] | None = None,
+        casts: tuple[int, ...] = (),
     ) -> None:
         self._graph = graph
         self._epoch = epoch  # _LEAF, or the graph's epoch when the op was recorded
@@ -93,16 +101,22 @@ class NodeId:
         self._name = name
         self._value: Array | None = value
         self._requires_grad = requires_grad
-        self._inputs = inputs  # the input nodes (for drawing and backward)
-        self._scope = graph._scope  # the name scope it was made in, e.g. "proj/lora"
+        self._inputs = inputs  # input nodes; data given as arrays; None for an input left out
+        self._scope = graph._scope  # the name scope it was made in, e.g. "block/mlp"
         self._needs = needs  # needs[i]: does input i want a gradient?
         self._vjp = vjp
-        self._fn = fn  # the op function and its other arguments, to run it again (compile)
-        self._args = args
+        self._fn = fn  # the op function and its checked parameters, to run it again (compile)
+        self._params = params
+        self._casts = casts  # inputs of integer/bool data that the op reads as floats
         self._grad: Array | None = None  # accumulated gradient, kept across backward calls
         self._grad_owned = False  # True when _grad is a buffer only this node holds
         self._g: Array | None = None  # gradient flowing in during one backward pass
         self._g_owned = False
+
+    @property
+    def graph(self) -> Graph:
+        """The graph the node belongs to."""
+        return self._graph
 
     @property
     def id(self) -> int:
@@ -132,11 +146,11 @@ class NodeId:
     @property
     def inputs(self) -> tuple[NodeId, ...]:
         """The input nodes of an op (empty for leaves)."""
-        return self._inputs
+        return tuple(node for node in self._inputs if type(node) is NodeId)
 
     @property
     def scope(self) -> str | None:
-        """The ``Graph.scope`` the node was made in (``"proj/lora"``), or ``None``."""
+        """The ``Graph.scope`` the node was made in (``"block/mlp"``), or ``None``."""
         return self._scope
 
     @property
@@ -146,6 +160,13 @@ class NodeId:
             raise StaleNodeError(f"{self!r} was recorded before a reset; its value is gone")
         return self._value.shape
 
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        """The dtype of the node's value: the graph's float dtype, or a data leaf's own."""
+        if self._value is None:
+            raise StaleNodeError(f"{self!r} was recorded before a reset; its value is gone")
+        return self._value.dtype
+
     def __repr__(self) -> str:
         name = f", name={self._name!r}" if self._name is not None else ""
         if self._value is None:
@@ -154,6 +175,32 @@ class NodeId:
 
 
 Scalar = float | int | np.floating[Any] | np.integer[Any]
+Input = NodeId | Array | None
+"""What an op node keeps of each input: its node, data given as a plain array, or ``None``."""
+
+
+class _Scope:
+    """The context manager of ``Graph.scope``: one per name and graph, made once and reused, so
+    that entering a scope on every call of a layer costs little."""
+
+    __slots__ = ("_graph", "_joined", "_name", "_outer")
+
+    def __init__(self, graph: Graph, name: str) -> None:
+        self._graph, self._name = graph, name
+        self._outer: list[str | None] = []  # the scopes to go back to, innermost last
+        self._joined: dict[str | None, str] = {None: name}  # outer scope -> "outer/name"
+
+    def __enter__(self) -> None:
+        graph = self._graph
+        outer = graph._scope
+        self._outer.append(outer)
+        joined = self._joined.get(outer)
+        if joined is None:
+            joined = self._joined[outer] = f"{outer}/{self._name}"
+        graph._scope = joined
+
+    def __exit__(self, *exc: object) -> None:
+        self._graph._scope = self._outer.pop()
 
 
 class Graph:
@@ -196,11 +243,12 @@ class Graph:
         self._epoch = 0
         self._next_id = 0
         self._grad_enabled = True
-        self._check_finite = _flag("Graph", "check_finite", check_finite)
+        self._check_finite = _checks.flag("Graph", "check_finite", check_finite)
         self._scope: str | None = None
+        self._scopes: dict[str, _Scope] = {}  # by name, made on first use
         self._one = np.ones((), self._dtype)  # the seed of a scalar loss, shared
         self._one.flags.writeable = False
-        self._version = 0  # counts the changes that end every compiled step (_end_replays)
+        self._version = 0  # counts the changes that end every compiled step (end_replays)
 
     # --- properties and inspection ------------------------------------------------------------
 
@@ -246,7 +294,7 @@ class Graph:
 
         Every node shows its shape; edges run in the direction data flows. With ``root``, only
         it and its ancestors are drawn. Nodes made in a ``scope`` are grouped in a labelled
-        cluster, so a ``LoraLinear``'s frozen and low-rank paths appear side by side.
+        cluster, so that a layer's parts appear side by side.
         ``show_values`` and ``show_grads`` add each node's value and gradient (numbers when
         few, else their range and norm). ``graphlora.viz.render`` turns the text into an image.
         """
@@ -264,12 +312,14 @@ class Graph:
     # --- leaves and values --------------------------------------------------------------------
 
     def constant(self, value: npt.ArrayLike, name: str | None = None) -> NodeId:
-        """Add a leaf that never receives a gradient (inputs, targets, frozen weights).
+        """Add a leaf that never receives a gradient (inputs, targets, frozen weights, data).
 
         Parameters
         ----------
         value
-            Array-like of real numbers; copied and converted to the graph's dtype.
+            Array-like of real numbers, copied. Floats take the graph's dtype; integer and bool
+            data (token ids, labels, masks) keep their kind, and an op that reads them as
+            numbers computes in the graph's dtype.
         name
             An optional label shown in reprs and drawings.
 
@@ -283,7 +333,8 @@ class Graph:
         return self._leaf("constant", value, name, requires_grad=False)
 
     def parameter(self, value: npt.ArrayLike, name: str | None = None) -> NodeId:
-        """Add a leaf that receives a gradient. Same arguments and errors as ``constant``."""
+        """Add a leaf that receives a gradient, always of the graph's float dtype. Same arguments
+        and errors as ``constant``."""
         return self._leaf("parameter", value, name, requires_grad=True)
 
     def _leaf(
@@ -291,15 +342,14 @@ class Graph:
     ) -> NodeId:
         if name is not None and not isinstance(name, str):
             raise TypeError(f"{kind}: name must be a str or None, got {type(name).__name__}")
-        array = self._as_array(value, kind, "value")
-        node = NodeId(
-            self, _LEAF, len(self._leaves), kind, name, array, requires_grad, (), (), None
-        )
+        array = self._as_array(value, kind, "value", keep_data=not requires_grad)
+        node = NodeId(self, _LEAF, len(self._leaves), kind, name, array, requires_grad)
         self._leaves.append(node)
         return node
 
-    def _as_array(self, value: object, where: str, arg: str) -> Array:
-        """Convert array-like real data to a fresh array of the graph's dtype, or raise."""
+    def _as_array(self, value: object, where: str, arg: str, keep_data: bool = False) -> Array:
+        """Real data as a fresh array of the graph's dtype (integer and bool data kept as they
+        are with ``keep_data``), or raise."""
         if isinstance(value, NodeId):
             raise TypeError(
                 f"{where}: {arg} must be array-like, got {value!r}; read a node with graph.value()"
@@ -315,11 +365,13 @@ class Graph:
                 f"{where}: {arg} must hold real numbers (bool, int or float) to convert to "
                 f"{self._dtype}, got dtype {array.dtype}"
             )
+        if keep_data and array.dtype.kind in _DATA_KINDS:
+            return np.array(array)
         return np.array(array, dtype=self._dtype)
 
     def value(self, node: NodeId) -> Array:
         """The node's value as a read-only view (copy it to modify it)."""
-        node = self._check(node, "value", "node")
+        node = self.check(node, "value", "node")
         assert node._value is not None  # live nodes always hold a value
         return _read_only(node._value)
 
@@ -329,13 +381,30 @@ class Graph:
         Leaves keep their gradients until ``zero_grad()``; recorded ops keep one only when
         ``backward(..., retain_grads=True)`` was used.
         """
-        node = self._check(node, "grad", "node")
+        node = self.check(node, "grad", "node")
         if node._grad is None:
             return None
         return _read_only(node._grad)
 
+    def buffers(self, leaf: NodeId) -> tuple[Array, Array | None]:
+        """A leaf's own value array (writable: update it in place) and its accumulated gradient
+        (``None`` if it has none; always for a constant), without copies: what an optimizer's
+        step works on.
+
+        Raises
+        ------
+        GraphError
+            When ``leaf`` is the output of an op.
+        """
+        if type(leaf) is not NodeId or leaf._graph is not self:
+            self.check(leaf, "buffers", "leaf")
+        if leaf._epoch != _LEAF:
+            raise GraphError(f"buffers: {leaf!r} is the output of an op, not a leaf")
+        return leaf._value, leaf._grad  # type: ignore[return-value]  # a leaf's is never None
+
     def set_value(self, leaf: NodeId, value: npt.ArrayLike) -> None:
-        """Replace a leaf's value with a copy of ``value``, converted to the graph's dtype.
+        """Replace a leaf's value with a copy of ``value``, converted to the graph's dtype (a data
+        leaf keeps its kind: integer data for an integer leaf, bool for bool).
 
         Raises
         ------
@@ -344,20 +413,25 @@ class Graph:
         ShapeError
             When the shape differs from the leaf's; the old value is kept.
         TypeError
-            For data that is not real numbers; the old value is kept.
+            For data that is not real numbers, or not of a data leaf's kind; the old value is kept.
         """
-        leaf = self._check(leaf, "set_value", "leaf")
+        leaf = self.check(leaf, "set_value", "leaf")
         if leaf._epoch != _LEAF:
             raise GraphError(
                 f"set_value: {leaf!r} is the output of an op; only constants and parameters "
                 "can be set"
             )
-        array = self._as_array(value, "set_value", "value")
         assert leaf._value is not None
-        if array.shape != leaf._value.shape:
+        old = leaf._value
+        array = self._as_array(value, "set_value", "value", keep_data=old.dtype.kind != "f")
+        if old.dtype.kind != "f" and array.dtype.kind != old.dtype.kind:
+            raise TypeError(
+                f"set_value: {leaf!r} holds {old.dtype} data; the new value must too, got "
+                f"dtype {array.dtype}"
+            )
+        if array.shape != old.shape:
             raise ShapeError(
-                f"set_value: new value has shape {array.shape} but {leaf!r} has shape "
-                f"{leaf._value.shape}"
+                f"set_value: new value has shape {array.shape} but {leaf!r} has shape {old.shape}"
             )
         leaf._value = array
 
@@ -370,17 +444,22 @@ class Graph:
         Raises
         ------
         GraphError
-            When ``leaf`` is a recorded op.
+            When ``leaf`` is a recorded op, or integer/bool data (which has no gradient).
         """
-        leaf = self._check(leaf, "requires_grad_", "leaf")
-        flag = _flag("requires_grad_", "requires_grad", requires_grad)
+        leaf = self.check(leaf, "requires_grad_", "leaf")
+        flag = _checks.flag("requires_grad_", "requires_grad", requires_grad)
         if leaf._epoch != _LEAF:
             raise GraphError(
                 f"requires_grad_: {leaf!r} is the output of an op; only leaves can be frozen or "
                 "unfrozen"
             )
+        assert leaf._value is not None
+        if flag and leaf._value.dtype.kind != "f":
+            raise GraphError(
+                f"requires_grad_: {leaf!r} holds {leaf._value.dtype} data, which has no gradient"
+            )
         if flag != leaf._requires_grad:
-            self._end_replays()
+            self.end_replays()
         leaf._requires_grad = flag
         leaf._op = "parameter" if flag else "constant"
         if not flag:
@@ -397,7 +476,15 @@ class Graph:
             for node in self._tape:
                 node._grad = None
             return
-        checked = [self._check(node, "zero_grad", "nodes") for node in nodes]
+        checked = nodes if type(nodes) is list else list(nodes)
+        epoch = self._epoch
+        for node in checked:  # check them all before changing any
+            if (
+                type(node) is not NodeId
+                or node._graph is not self
+                or (node._epoch != _LEAF and node._epoch != epoch)
+            ):
+                self.check(node, "zero_grad", "nodes")
         for node in checked:
             node._grad = None
 
@@ -408,40 +495,29 @@ class Graph:
         """
         for node in self._tape:  # free the memory even while someone still holds the ids
             node._value = node._grad = node._g = None
-            node._vjp = None
-            node._inputs = node._args = ()
+            node._vjp = node._fn = node._params = None
+            node._inputs = ()
         self._tape = []
         self._epoch += 1
 
-    @contextmanager
-    def scope(self, name: str) -> Iterator[None]:
-        """Label the nodes made inside the block with ``name`` (nested scopes join with ``/``).
+    def scope(self, name: str) -> _Scope:
+        """``with graph.scope(name):`` labels the nodes made inside (nested scopes join with
+        ``/``).
 
-        Scopes change no computation; drawings group a scope's nodes (``to_dot``), and
-        ``LoraLinear`` puts its frozen and low-rank paths in ``"<name>/frozen"`` and
-        ``"<name>/lora"``.
+        Scopes change no computation; drawings group a scope's nodes (``to_dot``), so that a
+        layer's paths can be drawn side by side. Cheap enough to use on every call of a layer.
         """
-        if not isinstance(name, str) or not name or "/" in name:
-            raise ValueError(f"scope: name must be a non-empty str without '/', got {name!r}")
-        previous = self._enter_scope(name)
-        try:
-            yield
-        finally:
-            self._scope = previous
+        found = self._scopes.get(name) if type(name) is str else None
+        if found is None:
+            if not isinstance(name, str) or not name or "/" in name:
+                raise ValueError(f"scope: name must be a non-empty str without '/', got {name!r}")
+            found = self._scopes[name] = _Scope(self, name)
+        return found
 
-    def _enter_scope(self, name: str) -> str | None:
-        """Nest ``name`` in the current scope; return the scope to restore on the way out.
-
-        The cheap core of ``scope`` for hot paths (``LoraLinear.forward``), without the checks
-        and the context manager.
-        """
-        previous = self._scope
-        self._scope = name if previous is None else f"{previous}/{name}"
-        return previous
-
-    def _end_replays(self) -> None:
-        """End every compiled step: something changed that a replay would silently ignore (where
-        gradients flow, or a Python decision taken while recording, such as a merged layer)."""
+    def end_replays(self) -> None:
+        """End every compiled step (``Replay``) of this graph: running one then raises
+        ``GraphError``. Call it when something changed that a replay would silently ignore:
+        where gradients flow, or a Python decision taken while recording (a merged layer)."""
         self._version += 1
 
     @property
@@ -476,38 +552,153 @@ class Graph:
 
     # --- checking and recording ---------------------------------------------------------------
 
-    def _check(self, node: object, op: str, arg: str) -> NodeId:
-        """Return ``node`` if it is a live NodeId of this graph, or raise naming ``op``/``arg``."""
+    def check(self, node: object, where: str = "check", arg: str = "node") -> NodeId:
+        """``node`` if it is a live NodeId of this graph; else ``TypeError``, ``ForeignNodeError``
+        or ``StaleNodeError`` naming ``where`` and ``arg`` (for code built on the graph)."""
         if type(node) is not NodeId:
-            raise TypeError(f"{op}: {arg} must be a NodeId, got {_describe(node)}")
+            raise TypeError(f"{where}: {arg} must be a NodeId, got {_checks.describe(node)}")
         if node._graph is not self:
-            raise ForeignNodeError(f"{op}: {arg} {node!r} belongs to another Graph")
+            raise ForeignNodeError(f"{where}: {arg} {node!r} belongs to another Graph")
         if node._epoch != self._epoch and node._epoch != _LEAF:
             raise StaleNodeError(
-                f"{op}: {arg} {node!r} was recorded before the last reset() and no longer exists"
+                f"{where}: {arg} {node!r} was recorded before the last reset() and no longer exists"
             )
         return node
+
+    def apply(self, op: OpDef | Op, *nodes: Any, **params: Any) -> NodeId:
+        """Record an op on ``nodes`` (the one path every op takes) and return its output node.
+
+        ``op`` is an ``OpDef`` (``graphlora.ops``' ops, or one made with ``ops.op``): its check
+        runs first, its data inputs take integer/bool NodeIds or plain arrays (kept with the
+        node, and fixed in a replay), and its output and gradients are trusted as the
+        built-ins' are. Or ``op`` is a plain function ``op(*arrays, **params) -> (out, vjp)``;
+        ``vjp(g, needs)`` returns one gradient (or ``None``) per input, each of that input's
+        shape; its output is converted to the graph's dtype and its gradients are checked in
+        ``backward``. Integer and bool nodes given where an op expects floats are read in the
+        graph's dtype.
+
+        Raises
+        ------
+        TypeError
+            If ``op`` is not callable or does not return ``(array, callable)``, or an input is
+            not a NodeId; and whatever the op's check raises (``ShapeError``, ``ValueError``).
+        """
+        if isinstance(op, OpDef):
+            return self._record(op, nodes, params)
+        if not callable(op):
+            raise TypeError(f"apply: op must be callable, got {type(op).__name__}")
+        name = getattr(op, "__name__", type(op).__name__)
+        inputs, values, casts = self._inputs(name, None, nodes)
+        shapes = [value.shape for value in values if value is not None]
+
+        def run(*arrays: Array, **kwargs: Any) -> tuple[Array, Vjp]:
+            result = op(*arrays, **kwargs)
+            if not (isinstance(result, tuple) and len(result) == 2 and callable(result[1])):
+                raise TypeError(f"apply: {name} must return a pair (out, vjp), got {result!r:.80}")
+            out = self._as_array(result[0], f"apply: {name}", "its output")
+            return out, _checked_vjp(name, result[1], shapes)
+
+        needs = tuple([type(node) is NodeId and node._requires_grad for node in inputs])
+        return self._push(name, run, tuple(inputs), values, params, casts, needs)
+
+    def _record(self, op: OpDef, args: tuple[Any, ...], params: dict[str, Any]) -> NodeId:
+        """Check ``args`` and ``params`` against ``op``, then run it and append its node."""
+        if op.floats_only and len(args) == len(op.slots):  # the common case, fast
+            values: list[Array | None] = []
+            needs = []
+            dtype, epoch, optional = self._dtype, self._epoch, op.optional
+            for i, arg in enumerate(args):
+                if (
+                    type(arg) is NodeId
+                    and arg._graph is self
+                    and (arg._epoch == epoch or arg._epoch == _LEAF)
+                    and arg._value.dtype is dtype  # type: ignore[union-attr]
+                ):
+                    values.append(arg._value)
+                    needs.append(arg._requires_grad)
+                elif arg is None and optional[i]:
+                    values.append(None)
+                    needs.append(False)
+                else:
+                    break  # something to refuse or convert: the general path below
+            else:
+                check = op.check
+                if check is not None:
+                    found = check(*values, **params) if params else check(*values)
+                    if found is not None:  # None: the parameters as they are
+                        params = found
+                return self._push(op.name, op.forward, args, values, params, (), tuple(needs))
+        inputs, values, casts = self._inputs(op.name, op, args)
+        if op.data_slots:
+            check_kinds(op, values)
+        params = op.checked(values, params)
+        needs = [type(node) is NodeId and node._requires_grad for node in inputs]
+        return self._push(op.name, op.forward, tuple(inputs), values, params, casts, tuple(needs))
+
+    def _inputs(
+        self, name: str, op: OpDef | None, args: Sequence[Any]
+    ) -> tuple[list[Input], list[Array | None], tuple[int, ...]]:
+        """The checked inputs of a call and their values (read in the graph's dtype where an op
+        takes floats), and which of them were converted."""
+        slots = None if op is None or op.variadic else op.slots
+        if slots is not None and len(args) != len(slots):
+            assert op is not None
+            if len(args) > len(slots) or len(args) < op.required:
+                names = ", ".join(slot.name for slot in slots)
+                raise TypeError(f"{name}: takes the inputs ({names}), got {len(args)} of them")
+            args = (*args, *([None] * (len(slots) - len(args))))
+        inputs: list[Input] = []
+        values: list[Array | None] = []
+        casts: list[int] = []
+        epoch = self._epoch
+        for i, arg in enumerate(args):
+            slot = None if slots is None else slots[i]
+            if type(arg) is NodeId:
+                if arg._graph is not self or (arg._epoch != epoch and arg._epoch != _LEAF):
+                    self.check(arg, name, f"input {i}" if slot is None else slot.name)
+                value = arg._value
+                assert value is not None
+                if value.dtype.kind != "f" and (slot is None or slot.kind == "float"):
+                    value = value.astype(self._dtype)  # data read as numbers: the graph's dtype
+                    casts.append(i)
+                inputs.append(arg)
+                values.append(value)
+            elif arg is None and slot is not None and slot.optional:
+                inputs.append(None)
+                values.append(None)
+            elif slot is not None and slot.kind != "float":  # data as a plain array, kept as is
+                try:
+                    array = np.array(arg)
+                except (TypeError, ValueError) as error:
+                    raise TypeError(f"{name}: {slot.name} must be an array: {error}") from None
+                inputs.append(array)
+                values.append(array)
+            else:
+                label = f"input {i}" if slot is None else slot.name
+                raise TypeError(f"{name}: {label} must be a NodeId, got {_checks.describe(arg)}")
+        return inputs, values, tuple(casts)
 
     def _push(
         self,
         op: str,
-        fn: ops.Op,
-        inputs: tuple[NodeId, ...],
-        values: tuple[Array | None, ...],
-        args: tuple[Any, ...] = (),
+        fn: Op,
+        inputs: tuple[Input, ...],
+        values: Sequence[Array | None],
+        params: dict[str, Any],
+        casts: tuple[int, ...],
+        needs: tuple[bool, ...],
     ) -> NodeId:
-        """Run ``fn(*values, *args)`` and append its node to the tape.
+        """Run ``fn(*values, **params)`` on checked arguments and append its node to the tape.
 
-        ``values`` are the inputs' values (checked by the caller) and ``args`` the op's other
-        arguments; the node keeps ``fn`` and ``args``, so ``compile`` can run the op again on new
-        values. The closure is kept only if a gradient can flow.
+        ``needs[i]`` tells whether input ``i`` wants a gradient. The node keeps ``fn`` and
+        ``params``, so ``compile`` can run the op again on new values; the closure is kept only
+        if a gradient can flow.
         """
-        out, vjp = fn(*values, *args)
+        out, vjp = fn(*values, **params) if params else fn(*values)
         if type(out) is not np.ndarray:  # NumPy gives scalars for 0-d results; keep arrays
             out = np.asarray(out)
         if self._check_finite and not np.isfinite(out).all():
             raise NonFiniteError(_anomaly(op, inputs, out, "forward output"))
-        needs = tuple([node._requires_grad for node in inputs])
         tape = self._tape
         kept = vjp if self._grad_enabled and True in needs else None  # None: no gradient flows
         node = NodeId(
@@ -522,409 +713,162 @@ class Graph:
             needs,
             kept,
             fn,
-            args,
+            params,
+            casts,
         )
         tape.append(node)
         return node
 
-    def _broadcast(self, op: str, a: NodeId, b: NodeId) -> tuple[Array, Array]:
-        """Values of ``a`` and ``b`` after checking that their shapes broadcast together."""
-        va, vb = a._value, b._value
-        assert va is not None and vb is not None
-        if va.shape != vb.shape:
-            try:
-                np.broadcast_shapes(va.shape, vb.shape)
-            except ValueError:
-                raise ShapeError(
-                    f"{op}: shapes {va.shape} and {vb.shape} do not broadcast together"
-                ) from None
-        return va, vb
-
-    def _unary(self, op: str, x: NodeId) -> tuple[NodeId, Array]:
-        x = self._check(x, op, "x")
-        assert x._value is not None
-        return x, x._value
-
-    # --- the op catalogue: elementwise arithmetic ---------------------------------------------
+    # --- the op catalogue (graphlora.ops): one line each --------------------------------------
 
     def add(self, a: NodeId, b: NodeId) -> NodeId:
         """``a + b`` with NumPy broadcasting; gradients are summed back to each input's shape."""
-        a, b = self._check(a, "add", "a"), self._check(b, "add", "b")
-        return self._push("add", ops.add, (a, b), self._broadcast("add", a, b))
+        return self._record(arithmetic.add, (a, b), {})
 
     def sub(self, a: NodeId, b: NodeId) -> NodeId:
         """``a - b`` with NumPy broadcasting."""
-        a, b = self._check(a, "sub", "a"), self._check(b, "sub", "b")
-        return self._push("sub", ops.sub, (a, b), self._broadcast("sub", a, b))
+        return self._record(arithmetic.sub, (a, b), {})
 
     def mul(self, a: NodeId, b: NodeId) -> NodeId:
         """Elementwise ``a * b`` with NumPy broadcasting."""
-        a, b = self._check(a, "mul", "a"), self._check(b, "mul", "b")
-        return self._push("mul", ops.mul, (a, b), self._broadcast("mul", a, b))
+        return self._record(arithmetic.mul, (a, b), {})
 
     def div(self, a: NodeId, b: NodeId) -> NodeId:
         """Elementwise ``a / b`` with NumPy broadcasting (division by zero follows NumPy)."""
-        a, b = self._check(a, "div", "a"), self._check(b, "div", "b")
-        return self._push("div", ops.div, (a, b), self._broadcast("div", a, b))
+        return self._record(arithmetic.div, (a, b), {})
 
     def scale(self, x: NodeId, c: Scalar) -> NodeId:
         """``c * x`` for a real scalar ``c`` (a Python or NumPy number, not an array)."""
-        x, vx = self._unary("scale", x)
-        return self._push("scale", ops.scale, (x,), (vx,), (_real_scalar("scale", "c", c),))
+        return self._record(arithmetic.scale, (x,), {"c": c})
 
     def neg(self, x: NodeId) -> NodeId:
         """``-x``."""
-        x, vx = self._unary("neg", x)
-        return self._push("neg", ops.neg, (x,), (vx,))
+        return self._record(arithmetic.neg, (x,), {})
 
     def pow(self, x: NodeId, p: Scalar) -> NodeId:
         """``x ** p`` for a real scalar exponent ``p``."""
-        x, vx = self._unary("pow", x)
-        return self._push("pow", ops.pow, (x,), (vx,), (_real_scalar("pow", "p", p),))
-
-    # --- linear algebra -----------------------------------------------------------------------
+        return self._record(arithmetic.pow, (x,), {"p": p})
 
     def matmul(self, a: NodeId, b: NodeId) -> NodeId:
-        """Matrix product ``a @ b`` with NumPy's rules.
-
-        ``[n, k] @ [k, m] -> [n, m]``; batched ``[..., n, k] @ [k, m]`` or ``[..., n, k] @
-        [..., k, m]`` with batch axes broadcast on both sides; a 1-D operand is promoted as in
-        NumPy. Scalars (0-D) are refused: use ``scale`` or ``mul``.
-        """
-        a, b = self._check(a, "matmul", "a"), self._check(b, "matmul", "b")
-        va, vb = a._value, b._value
-        assert va is not None and vb is not None
-        if va.ndim == 0 or vb.ndim == 0:
-            raise ShapeError(
-                f"matmul: cannot multiply {va.shape} by {vb.shape}: operands must have at least "
-                "one axis (use scale or mul for scalars)"
-            )
-        inner_b = vb.shape[0] if vb.ndim == 1 else vb.shape[-2]
-        if va.shape[-1] != inner_b:
-            raise ShapeError(
-                f"matmul: cannot multiply {va.shape} by {vb.shape}: inner dimensions "
-                f"{va.shape[-1]} != {inner_b}"
-            )
-        if va.ndim > 2 and vb.ndim > 2:
-            try:
-                np.broadcast_shapes(va.shape[:-2], vb.shape[:-2])
-            except ValueError:
-                raise ShapeError(
-                    f"matmul: cannot multiply {va.shape} by {vb.shape}: batch axes "
-                    f"{va.shape[:-2]} and {vb.shape[:-2]} do not broadcast together"
-                ) from None
-        return self._push("matmul", ops.matmul, (a, b), (va, vb))
-
-    # --- reductions and shape -----------------------------------------------------------------
+        """Matrix product ``a @ b`` with NumPy's rules: ``[n, k] @ [k, m]``, batched
+        ``[..., n, k] @ [..., k, m]`` with batch axes broadcast, 1-D operands promoted. Scalars
+        (0-D) are refused: use ``scale`` or ``mul``."""
+        return self._record(linalg.matmul, (a, b), {})
 
     def sum(
         self, x: NodeId, axis: int | Sequence[int] | None = None, keepdims: bool = False
     ) -> NodeId:
         """Sum over ``axis`` (``None``: all axes; an int or a tuple of ints), as ``np.sum``."""
-        x, vx = self._unary("sum", x)
-        axes = _normalize_axes("sum", axis, vx.shape)
-        return self._push("sum", ops.sum, (x,), (vx,), (axes, _flag("sum", "keepdims", keepdims)))
+        return self._record(reductions.sum, (x,), {"axis": axis, "keepdims": keepdims})
 
     def mean(
         self, x: NodeId, axis: int | Sequence[int] | None = None, keepdims: bool = False
     ) -> NodeId:
         """Mean over ``axis`` (``None``: all axes; an int or a tuple of ints), as ``np.mean``."""
-        x, vx = self._unary("mean", x)
-        axes = _normalize_axes("mean", axis, vx.shape)
-        return self._push(
-            "mean", ops.mean, (x,), (vx,), (axes, _flag("mean", "keepdims", keepdims))
-        )
+        return self._record(reductions.mean, (x,), {"axis": axis, "keepdims": keepdims})
 
     def reshape(self, x: NodeId, shape: int | Sequence[int]) -> NodeId:
         """``x.reshape(shape)``; one entry may be ``-1``."""
-        x, vx = self._unary("reshape", x)
-        return self._push("reshape", ops.reshape, (x,), (vx,), (_resolve_shape(shape, vx.shape),))
+        return self._record(shape_ops.reshape, (x,), {"shape": shape})
 
     def transpose(self, x: NodeId, axes: Sequence[int] | None = None) -> NodeId:
         """``np.transpose(x, axes)``; ``axes=None`` reverses the axes."""
-        x, vx = self._unary("transpose", x)
-        perm = None
-        if axes is not None:
-            perm = _int_tuple("transpose", "axes", axes)
-            if sorted(a % vx.ndim if -vx.ndim <= a < vx.ndim else a for a in perm) != list(
-                range(vx.ndim)
-            ):
-                raise ShapeError(
-                    f"transpose: axes {perm} is not a permutation of the {vx.ndim} axes of "
-                    f"shape {vx.shape}"
-                )
-            perm = tuple(a % vx.ndim for a in perm)
-        return self._push("transpose", ops.transpose, (x,), (vx,), (perm,))
-
-    # --- nonlinearities -----------------------------------------------------------------------
+        return self._record(shape_ops.transpose, (x,), {"axes": axes})
 
     def relu(self, x: NodeId) -> NodeId:
         """``max(x, 0)``; the gradient at 0 is 0, as in PyTorch."""
-        x, vx = self._unary("relu", x)
-        return self._push("relu", ops.relu, (x,), (vx,))
+        return self._record(activations.relu, (x,), {})
 
     def tanh(self, x: NodeId) -> NodeId:
         """Hyperbolic tangent."""
-        x, vx = self._unary("tanh", x)
-        return self._push("tanh", ops.tanh, (x,), (vx,))
+        return self._record(activations.tanh, (x,), {})
 
     def sigmoid(self, x: NodeId) -> NodeId:
         """Logistic sigmoid ``1 / (1 + exp(-x))``, without overflow."""
-        x, vx = self._unary("sigmoid", x)
-        return self._push("sigmoid", ops.sigmoid, (x,), (vx,))
+        return self._record(activations.sigmoid, (x,), {})
 
     def exp(self, x: NodeId) -> NodeId:
         """Elementwise ``exp(x)``."""
-        x, vx = self._unary("exp", x)
-        return self._push("exp", ops.exp, (x,), (vx,))
+        return self._record(activations.exp, (x,), {})
 
     def log(self, x: NodeId) -> NodeId:
         """Natural logarithm (``x <= 0`` gives NaN or -inf, as in NumPy)."""
-        x, vx = self._unary("log", x)
-        return self._push("log", ops.log, (x,), (vx,))
+        return self._record(activations.log, (x,), {})
 
     def gelu(self, x: NodeId, approximate: str = "none") -> NodeId:
         """GELU: exact ``x * Phi(x)`` (default, as PyTorch) or ``approximate="tanh"``."""
-        x, vx = self._unary("gelu", x)
-        if approximate not in ("none", "tanh"):
-            raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
-        return self._push("gelu", ops.gelu, (x,), (vx,), (approximate,))
+        return self._record(activations.gelu, (x,), {"approximate": approximate})
 
     def softmax(self, x: NodeId, axis: int = -1) -> NodeId:
         """Softmax along ``axis``, numerically stable."""
-        x, vx = self._unary("softmax", x)
-        return self._push(
-            "softmax", ops.softmax, (x,), (vx,), (_one_axis("softmax", axis, vx.shape),)
-        )
+        return self._record(activations.softmax, (x,), {"axis": axis})
 
     def log_softmax(self, x: NodeId, axis: int = -1) -> NodeId:
         """``log(softmax(x))`` along ``axis``, computed stably as ``x - logsumexp(x)``."""
-        x, vx = self._unary("log_softmax", x)
-        axis = _one_axis("log_softmax", axis, vx.shape)
-        return self._push("log_softmax", ops.log_softmax, (x,), (vx,), (axis,))
-
-    # --- losses and dropout -------------------------------------------------------------------
+        return self._record(activations.log_softmax, (x,), {"axis": axis})
 
     def mse_loss(self, pred: NodeId, target: NodeId) -> NodeId:
         """Mean squared error ``mean((pred - target)**2)``; the shapes must be equal."""
-        pred = self._check(pred, "mse_loss", "pred")
-        target = self._check(target, "mse_loss", "target")
-        vp, vt = pred._value, target._value
-        assert vp is not None and vt is not None
-        if vp.shape != vt.shape:
-            raise ShapeError(
-                f"mse_loss: pred has shape {vp.shape} but target has shape {vt.shape}; "
-                "they must be equal"
-            )
-        return self._push("mse_loss", ops.mse_loss, (pred, target), (vp, vt))
+        return self._record(losses.mse_loss, (pred, target), {})
 
-    def cross_entropy(self, logits: NodeId, labels: npt.ArrayLike) -> NodeId:
-        """Mean cross-entropy of ``logits [N, C]`` against integer class ``labels [N]``.
+    def cross_entropy(
+        self,
+        logits: NodeId,
+        labels: NodeId | npt.ArrayLike,
+        *,
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+    ) -> NodeId:
+        """Mean cross-entropy of ``logits [..., C]`` (classes LAST) against integer ``labels
+        [...]``: a NodeId of integer data (fed by ``set_value`` to a compiled step) or an array.
+        ``ignore_index`` and ``label_smoothing`` as in PyTorch."""
+        params = {"ignore_index": ignore_index, "label_smoothing": label_smoothing}
+        return self._record(losses.cross_entropy, (logits, labels), params)
 
-        ``labels`` is an integer array (not a node: labels get no gradient), each in ``[0, C)``.
-        """
-        logits, vl = self._unary("cross_entropy", logits)
-        if vl.ndim != 2 or vl.shape[0] == 0 or vl.shape[1] == 0:
-            raise ShapeError(
-                f"cross_entropy: logits must have shape (N, C) with N, C >= 1, got {vl.shape}"
-            )
-        if isinstance(labels, NodeId):
-            raise TypeError(
-                "cross_entropy: labels must be an integer array, not a NodeId (graph values are "
-                "floating point and labels get no gradient)"
-            )
-        try:
-            label_array = np.asarray(labels)
-        except (TypeError, ValueError) as error:
-            raise TypeError(f"cross_entropy: labels must be an integer array: {error}") from None
-        if label_array.dtype.kind not in "iu":
-            raise TypeError(
-                f"cross_entropy: labels must be integers, got dtype {label_array.dtype}"
-            )
-        n, classes = vl.shape
-        if label_array.shape != (n,):
-            raise ShapeError(
-                f"cross_entropy: labels must have shape ({n},) to match logits {vl.shape}, "
-                f"got {label_array.shape}"
-            )
-        bad = label_array[(label_array < 0) | (label_array >= classes)]
-        if bad.size:
-            raise ValueError(
-                f"cross_entropy: labels must lie in [0, {classes}) for {classes} classes, got "
-                f"{bad[:5].tolist()}{' ...' if bad.size > 5 else ''}"
-            )
-        return self._push("cross_entropy", ops.cross_entropy, (logits,), (vl,), (label_array,))
-
-    def dropout(self, x: NodeId, p: float, rng: np.random.Generator | int | None = None) -> NodeId:
+    def dropout(self, x: NodeId, p: float, rng: _checks.Rng = None) -> NodeId:
         """Inverted dropout: zero each element with probability ``p`` and scale the rest by
         ``1 / (1 - p)``, so the expected value is unchanged.
 
         The rule: dropout acts only while gradients are recorded (training). With ``p == 0`` or
         inside ``no_grad()`` it is the identity and returns ``x`` itself, recording nothing.
-
-        Parameters
-        ----------
-        p
-            Drop probability in ``[0, 1)``.
-        rng
-            A ``np.random.Generator``, an int seed (the same seed draws the same mask), or
-            ``None`` for fresh entropy. The global NumPy random state is never used.
+        ``rng``: a ``np.random.Generator``, an int seed (the same seed draws the same mask) or
+        ``None`` for fresh entropy; the global NumPy random state is never used.
         """
-        x, vx = self._unary("dropout", x)
-        p = _real_scalar("dropout", "p", p)
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout: p must be in [0, 1), got {p}")
-        if p == 0.0 or not self._grad_enabled:
-            return x
-        return self._push("dropout", _dropout, (x,), (vx,), (p, _rng("dropout", rng)))
+        if _checks.probability("dropout", "p", p) == 0.0 or not self._grad_enabled:
+            return self.check(x, "dropout", "x")
+        return self._record(losses.dropout, (x,), {"p": p, "rng": rng})
 
-    # --- fused ---------------------------------------------------------------------------------
-
-    def lora_linear(
-        self,
-        x: NodeId,
-        w: NodeId,
-        a: NodeId,
-        b: NodeId,
-        bias: NodeId | None = None,
-        *,
-        scaling: Scalar = 1.0,
-        mask: npt.ArrayLike | None = None,
-        dropout: float = 0.0,
-        rng: np.random.Generator | int | None = None,
-    ) -> NodeId:
-        """A LoRA linear layer as one op: ``x @ w + ((xd @ a) * scaling) @ b (+ bias)``.
-
-        ``x [..., in]``, ``w [in, out]``, ``a [in, r]``, ``b [r, out]``, ``bias [out]``; ``xd``
-        is ``x * mask`` when a dropout ``mask`` of ``x``'s shape is given, or ``dropout(x)``
-        when a probability ``dropout`` is given: the mask is then drawn from ``rng`` as
-        ``Graph.dropout`` draws it (and only while gradients are recorded), and drawn again by
-        each run of a ``compile``d step. The same maths as the separate ops that
-        ``LoraLinear.forward`` records, in one node: fewer Python calls, and only the ``[..., r]``
-        bottleneck kept for backward, so it is faster and lighter.
-        """
-        where = "lora_linear"
-        check = self._check
-        x, w = check(x, where, "x"), check(w, where, "w")
-        a, b = check(a, where, "a"), check(b, where, "b")
-        vx, vw, va, vb = x._value, w._value, a._value, b._value
-        assert vx is not None and vw is not None and va is not None and vb is not None
-        if not (
-            vx.ndim >= 1
-            and vw.ndim == va.ndim == vb.ndim == 2
-            and vx.shape[-1] == vw.shape[0] == va.shape[0]
-            and va.shape[1] == vb.shape[0]
-            and vb.shape[1] == vw.shape[1]
-        ):
-            raise ShapeError(
-                f"{where}: shapes do not fit x [..., in], w [in, out], a [in, r], b [r, out]: "
-                f"x {vx.shape}, w {vw.shape}, a {va.shape}, b {vb.shape}"
-            )
-        inputs: tuple[NodeId, ...] = (x, w, a, b)
-        if bias is not None:
-            bias = check(bias, where, "bias")
-            vbias = bias._value
-            assert vbias is not None
-            if vbias.shape != (vw.shape[1],):
-                raise ShapeError(
-                    f"{where}: bias has shape {vbias.shape}, expected ({vw.shape[1]},)"
-                )
-            inputs = (x, w, a, b, bias)
-        mask_array = None
-        if mask is not None:
-            mask_array = self._as_array(mask, where, "mask")
-            if mask_array.shape != vx.shape:
-                raise ShapeError(
-                    f"{where}: mask has shape {mask_array.shape}, x has shape {vx.shape}"
-                )
-        s = _real_scalar(where, "scaling", scaling)
-        p = _real_scalar(where, "dropout", dropout)
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"{where}: dropout must be in [0, 1), got {p}")
-        if p > 0.0 and mask is not None:
-            raise ValueError(f"{where}: give a dropout mask or a dropout probability, not both")
-        if p > 0.0 and self._grad_enabled:  # rng is checked only where it is used, as in dropout
-            rng = _rng(where, rng)
-        return self._lora_linear(inputs, s, p, rng, mask_array)
-
-    def _lora_linear(
-        self,
-        inputs: tuple[NodeId, ...],
-        scaling: float,
-        p: float,
-        rng: np.random.Generator | int | None,
-        mask: Array | None,
-    ) -> NodeId:
-        """Record ``lora_linear`` on checked ``(x, w, a, b)`` or ``(x, w, a, b, bias)`` and
-        checked arguments (``LoraLinear.forward`` comes here directly, its weights being its
-        own)."""
-        values = tuple([node._value for node in inputs])
-        lead = (None,) if len(inputs) == 4 else ()  # the bias argument, when it is no input
-        if p > 0.0 and self._grad_enabled:
-            args = (*lead, scaling, p, rng)
-            return self._push("lora_linear", _lora_linear_dropout, inputs, values, args)
-        args = (*lead, scaling, mask)
-        return self._push("lora_linear", ops.lora_linear, inputs, values, args)
-
-    # --- user-defined ops ---------------------------------------------------------------------
-
-    def apply(self, op: ops.Op, *nodes: NodeId, **kwargs: Any) -> NodeId:
-        """Record a user-defined op.
-
-        ``op(*arrays, **kwargs)`` receives the nodes' values and returns ``(out, vjp)``;
-        ``vjp(g, needs)`` returns one gradient (or ``None``) per input, each of that input's shape.
-        The output is converted to the graph's dtype; the gradients are checked in ``backward``.
-
-        Raises
-        ------
-        TypeError
-            If ``op`` is not callable or does not return ``(array, callable)``.
-        """
-        if not callable(op):
-            raise TypeError(f"apply: op must be callable, got {type(op).__name__}")
-        name = getattr(op, "__name__", type(op).__name__)
-        checked = tuple(self._check(node, name, f"input {i}") for i, node in enumerate(nodes))
-        shapes = [node.shape for node in checked]
-
-        def run(*values: Array) -> tuple[Array, Vjp]:
-            result = op(*values, **kwargs)
-            if not (isinstance(result, tuple) and len(result) == 2 and callable(result[1])):
-                raise TypeError(f"apply: {name} must return a pair (out, vjp), got {result!r:.80}")
-            out = self._as_array(result[0], f"apply: {name}", "its output")
-            return out, _checked_vjp(name, result[1], shapes)
-
-        return self._push(name, run, checked, tuple(node._value for node in checked))
-
-    # --- replay -------------------------------------------------------------------------------
+    # --- replay and backward ------------------------------------------------------------------
 
     def compile(self, loss: NodeId, grad: npt.ArrayLike | None = None) -> Replay:
         """Make the step recorded so far into a ``Replay`` that runs it again without recording.
 
         ``step = graph.compile(loss)`` keeps the ops recorded up to and including ``loss``. Each
-        ``step()`` runs the same op functions with the same arguments on the leaves' current
+        ``step()`` runs the same op functions with the same parameters on the leaves' current
         values, refreshes every recorded node's value, then runs ``backward(loss, grad)``. The
         values and gradients are exactly those of recording the same calls again, without the
         cost of recording them: no checks, no new NodeIds.
 
-        Data that changes from step to step must come in through leaves (``set_value``, or an
-        optimizer's update); other arguments (a ``scale`` factor, ``cross_entropy`` labels, a
+        Data that changes from step to step must come in through leaves (``set_value``: a data
+        leaf of labels or token ids feeds each step its batch, an optimizer updates the
+        parameters); other arguments (a ``scale`` factor, labels given as a plain array, a
         dropout mask given as an array) are fixed when recorded, and so are the decisions Python
         took while recording, as in a trace. Dropout draws a new mask on each run from the
         Generator it was given, as a new recording would. Ops recorded after ``loss`` are not run
         again. ``reset`` ends the replay (running it then raises ``StaleNodeError``), and so do
-        freezing or unfreezing a leaf and merging or unmerging a LoRA layer (``GraphError``).
+        ``requires_grad_`` and ``end_replays`` (``GraphError``).
 
         Raises
         ------
         ShapeError
             As ``backward`` does for ``loss`` and ``grad``.
         """
-        loss = self._check(loss, "compile", "loss")
+        from graphlora.replay import Replay
+
+        loss = self.check(loss, "compile", "loss")
         seed = self._seed("compile", loss, grad)
         nodes = () if loss._epoch == _LEAF else tuple(self._tape[: loss._index + 1])
         return Replay(self, loss, seed, nodes)
-
-    # --- backward -----------------------------------------------------------------------------
 
     def backward(
         self, loss: NodeId, grad: npt.ArrayLike | None = None, *, retain_grads: bool = False
@@ -953,9 +897,9 @@ class Graph:
         GraphError
             If ``loss`` does not depend on any parameter (or was recorded under ``no_grad()``).
         """
-        loss = self._check(loss, "backward", "loss")
+        loss = self.check(loss, "backward", "loss")
         seed = self._seed("backward", loss, grad)
-        _needs_grad("backward", loss)
+        needs_grad("backward", loss)
         self._backward(loss, seed, seed is not self._one, retain_grads)  # the shared 1: not owned
 
     def _seed(self, where: str, loss: NodeId, grad: npt.ArrayLike | None) -> Array:
@@ -998,23 +942,24 @@ class Graph:
                         node._g = None
                     assert node._vjp is not None
                     for source, gi in zip(node._inputs, node._vjp(g, node._needs), strict=True):
-                        if gi is None:
+                        if gi is None:  # every input that is not a node gets None
                             continue
                         if type(gi) is not np.ndarray:  # a 0-d result of NumPy arithmetic
                             gi = np.asarray(gi)
+                        sink: NodeId = source  # type: ignore[assignment]  # only nodes get one
                         if check_finite and not np.isfinite(gi).all():
                             raise NonFiniteError(
-                                _anomaly(node._op, node._inputs, gi, "gradient", node, g, source)
+                                _anomaly(node._op, node._inputs, gi, "gradient", node, g, sink)
                             )
-                        previous = source._g
+                        previous = sink._g
                         if previous is None:
-                            source._g, source._g_owned = gi, False
-                            if source._epoch == _LEAF:
-                                reached.append(source)
-                        elif source._g_owned:
+                            sink._g, sink._g_owned = gi, False
+                            if sink._epoch == _LEAF:
+                                reached.append(sink)
+                        elif sink._g_owned:
                             previous += gi  # a buffer only this node holds: add in place
                         else:
-                            source._g, source._g_owned = _added(previous, gi), True
+                            sink._g, sink._g_owned = _added(previous, gi), True
             except BaseException:
                 for node in tape[: loss._index + 1]:
                     node._g = None
@@ -1032,110 +977,9 @@ class Graph:
                 node._grad, node._grad_owned = _added(node._grad, g), True
 
 
-class Replay:
-    """A recorded step that runs again: forward over the leaves' current values, then backward.
-
-    Made by ``Graph.compile(loss)``; see there for what it keeps and when it ends.
-
-    Examples
-    --------
-    >>> import numpy as np, graphlora as gl
-    >>> g = gl.Graph()
-    >>> w = g.parameter(np.ones(3))
-    >>> loss = g.sum(g.mul(w, w))
-    >>> step = g.compile(loss)
-    >>> g.set_value(w, [1.0, 2.0, 3.0])
-    >>> float(step())
-    14.0
-    >>> g.grad(w)
-    array([2., 4., 6.])
-    """
-
-    __slots__ = ("_epoch", "_graph", "_loss", "_nodes", "_runs", "_seed", "_version")
-
-    def __init__(self, graph: Graph, loss: NodeId, seed: Array, nodes: tuple[NodeId, ...]) -> None:
-        self._graph = graph
-        self._loss = loss
-        self._seed = seed if seed is graph._one else _read_only(seed)  # never written: not owned
-        self._nodes = nodes
-        self._runs = tuple(_rerun(node) for node in nodes)
-        self._epoch = graph._epoch
-        self._version = graph._version
-
-    @property
-    def loss(self) -> NodeId:
-        """The node ``backward`` starts from."""
-        return self._loss
-
-    def __len__(self) -> int:
-        """The number of ops each run computes."""
-        return len(self._nodes)
-
-    def __repr__(self) -> str:
-        return f"Replay({len(self._nodes)} ops, loss={self._loss!r})"
-
-    def __call__(self, *, backward: bool = True) -> Array:
-        """Run the step: every op again, then (unless ``backward=False``) backward from the loss.
-
-        Returns the loss's new value, read-only. If an op raises (in anomaly mode, say), no
-        gradient changes and the leaves are untouched; the ops before it hold their new values,
-        it and the ops after it their old ones (each value is replaced as soon as it is computed,
-        so that a run needs no more memory than the recording did).
-
-        Raises
-        ------
-        StaleNodeError
-            After ``graph.reset()``.
-        GraphError
-            After ``requires_grad_`` changed a leaf or ``merge_``/``unmerge_`` a LoRA layer, or
-            for ``backward`` when the loss depends on no parameter.
-        """
-        graph, loss, nodes = self._graph, self._loss, self._nodes
-        if graph._epoch != self._epoch:
-            raise StaleNodeError(
-                f"Replay: the step of {loss!r} was recorded before the last reset(); record it "
-                "again and compile that"
-            )
-        if graph._version != self._version:
-            raise GraphError(
-                "Replay: a leaf was frozen or unfrozen (requires_grad_), or a LoRA layer merged "
-                "or unmerged, after compile; a replay would not see it: record the step again "
-                "and compile that"
-            )
-        if backward:
-            _needs_grad("Replay", loss)
-        check_finite = graph._check_finite
-        for node, run in zip(nodes, self._runs, strict=True):
-            out, vjp = run()
-            if type(out) is not np.ndarray:
-                out = np.asarray(out)
-            if check_finite and not np.isfinite(out).all():
-                raise NonFiniteError(_anomaly(node._op, node._inputs, out, "forward output", node))
-            node._value = out  # the old value goes at once: a run holds one value per node
-            if node._requires_grad:
-                node._vjp = vjp
-        if backward:
-            graph._backward(loss, self._seed, False, False)
-        assert loss._value is not None
-        return _read_only(loss._value)
-
-
-def _rerun(node: NodeId) -> Callable[[], tuple[Array, Vjp]]:
-    """A function that runs ``node``'s op again on its inputs' current values."""
-    fn, inputs, args = node._fn, node._inputs, node._args
-    assert fn is not None
-    if len(inputs) == 1 and not args:  # the common shapes of call, without star-unpacking
-        (x,) = inputs
-        return lambda: fn(x._value)
-    if len(inputs) == 2 and not args:
-        a, b = inputs
-        return lambda: fn(a._value, b._value)
-    return lambda: fn(*[source._value for source in inputs], *args)
-
-
 def _anomaly(
     op: str,
-    inputs: tuple[NodeId, ...],
+    inputs: tuple[Input, ...],
     values: Array,
     what: str,
     node: NodeId | None = None,
@@ -1144,12 +988,9 @@ def _anomaly(
 ) -> str:
     """The message of a ``NonFiniteError``: the op, its inputs' shapes, which were non-finite."""
     count = int(values.size - np.count_nonzero(np.isfinite(values)))
-    shapes = ", ".join(str(n._value.shape) for n in inputs if n._value is not None)
-    bad = [
-        f"input {i} ({n!r})"
-        for i, n in enumerate(inputs)
-        if n._value is not None and not np.isfinite(n._value).all()
-    ]
+    live = [(i, n) for i, n in enumerate(inputs) if type(n) is NodeId and n._value is not None]
+    shapes = ", ".join(str(n.shape) for _, n in live)
+    bad = [f"input {i} ({n!r})" for i, n in live if not np.isfinite(np.asarray(n._value)).all()]
     where = f"op {op!r}" if node is None else f"op {op!r} at {node!r}"
     message = (
         f"anomaly: the {what} of {where} holds {count} non-finite value(s) (NaN or Inf); "
@@ -1163,21 +1004,13 @@ def _anomaly(
     return message
 
 
-def _needs_grad(where: str, loss: NodeId) -> None:
+def needs_grad(where: str, loss: NodeId) -> None:
     """Raise unless a gradient can flow back from ``loss``."""
     if not loss._requires_grad:
         raise GraphError(
             f"{where}: {loss!r} does not depend on any parameter (or was recorded under "
             "no_grad()), so there is no gradient to compute"
         )
-
-
-def _describe(value: object) -> str:
-    """A short description of a wrong argument: its type, and its shape or a short repr."""
-    if isinstance(value, np.ndarray):
-        return f"an ndarray of shape {value.shape} and dtype {value.dtype}"
-    text = repr(value)
-    return f"{type(value).__name__}: {text if len(text) <= 60 else text[:57] + '...'}"
 
 
 def check_graph(where: str, graph: object) -> Graph:
@@ -1225,114 +1058,3 @@ def _checked_vjp(name: str, vjp: Vjp, shapes: list[tuple[int, ...]]) -> Vjp:
         return tuple(result)
 
     return checked
-
-
-# --- argument checks shared by the op methods -------------------------------------------------
-
-
-def _real_scalar(op: str, arg: str, value: object) -> float:
-    """``value`` as a Python float if it is a real scalar (not a bool, array or string)."""
-    if type(value) is float:
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(
-            f"{op}: {arg} must be a real scalar (int or float), got {type(value).__name__}: "
-            f"{value!r:.60}"
-        )
-    return float(value)
-
-
-def _rng(where: str, rng: object) -> np.random.Generator | int | None:
-    """Check a dropout ``rng`` argument: a Generator, an int seed or None (fresh entropy)."""
-    if rng is None or isinstance(rng, np.random.Generator):
-        return rng
-    if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
-        return int(rng)
-    raise TypeError(
-        f"{where}: rng must be a np.random.Generator, an int seed or None, got {type(rng).__name__}"
-    )
-
-
-def _generator(rng: np.random.Generator | int | None) -> np.random.Generator:
-    """The Generator to draw from: ``rng`` itself, or a new one from a seed (or entropy).
-
-    Made on each run, so that a seed draws the same mask every time, in a recording and in each
-    run of a compiled step alike.
-    """
-    return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-
-
-def _dropout(x: Array, p: float, rng: np.random.Generator | int | None) -> tuple[Array, Vjp]:
-    """``ops.dropout`` with ``rng`` as ``Graph.dropout`` takes it."""
-    return ops.dropout(x, p, _generator(rng))
-
-
-def _lora_linear_dropout(
-    x: Array,
-    w: Array,
-    a: Array,
-    b: Array,
-    bias: Array | None,
-    scaling: float,
-    p: float,
-    rng: np.random.Generator | int | None,
-) -> tuple[Array, Vjp]:
-    """``ops.lora_linear`` with a dropout mask drawn as ``ops.dropout`` draws it."""
-    mask = ops.dropout_mask(x.shape, x.dtype, p, _generator(rng))
-    return ops.lora_linear(x, w, a, b, bias, scaling, mask)
-
-
-def _flag(op: str, arg: str, value: object) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{op}: {arg} must be a bool, got {type(value).__name__}")
-    return bool(value)
-
-
-def _int_tuple(op: str, arg: str, value: object) -> tuple[int, ...]:
-    """``value`` (an int or a sequence of ints) as a tuple of Python ints."""
-    items = (value,) if isinstance(value, (int, np.integer)) else value
-    if not isinstance(items, (tuple, list)) or not all(
-        isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in items
-    ):
-        raise TypeError(f"{op}: {arg} must be an int or a tuple of ints, got {value!r:.60}")
-    return tuple(int(i) for i in items)
-
-
-def _one_axis(op: str, axis: object, shape: tuple[int, ...]) -> int:
-    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
-        raise TypeError(f"{op}: axis must be an int, got {type(axis).__name__}")
-    if not -len(shape) <= axis < len(shape):
-        raise ShapeError(f"{op}: axis {axis} is out of range for shape {shape}")
-    return int(axis) % len(shape)
-
-
-def _normalize_axes(op: str, axis: object, shape: tuple[int, ...]) -> tuple[int, ...] | None:
-    """``axis`` as a sorted tuple of non-negative axes, or ``None`` for all axes."""
-    if axis is None:
-        return None
-    axes = _int_tuple(op, "axis", axis)
-    ndim = len(shape)
-    for a in axes:
-        if not -ndim <= a < ndim:
-            raise ShapeError(f"{op}: axis {a} is out of range for shape {shape}")
-    normalized = tuple(sorted(a % ndim for a in axes))
-    if len(set(normalized)) != len(normalized):
-        raise ShapeError(f"{op}: axis {axes} repeats an axis")
-    return normalized
-
-
-def _resolve_shape(shape: object, old: tuple[int, ...]) -> tuple[int, ...]:
-    """The target of a reshape, with a ``-1`` entry worked out; refuses impossible shapes."""
-    new = _int_tuple("reshape", "shape", shape)
-    size = math.prod(old)
-    unknown = [i for i, n in enumerate(new) if n == -1]
-    if len(unknown) > 1 or any(n < -1 for n in new):
-        raise ShapeError(f"reshape: shape {new} may hold at most one -1 and no other negatives")
-    known = math.prod(n for n in new if n != -1)
-    if unknown:
-        if known == 0 or size % known:
-            raise ShapeError(f"reshape: cannot reshape {old} ({size} elements) into {new}")
-        new = (*new[: unknown[0]], size // known, *new[unknown[0] + 1 :])
-    elif known != size:
-        raise ShapeError(f"reshape: cannot reshape {old} ({size} elements) into {new}")
-    return new

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
 import shutil
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from graphlora.errors import GraphError, ShapeError
+from graphlora.functional import lora_scaling
 from graphlora.graph import Graph, check_graph
 from graphlora.lora import LoraLinear
 from graphlora.ops import Array
@@ -309,8 +309,8 @@ class AdapterFile:
 
     def scaling(self, name: str) -> float:
         """``alpha / rank``, or ``alpha / sqrt(rank)`` with ``use_rslora``."""
-        rank = self.rank(name)
-        return self.alpha(name) / (math.sqrt(rank) if self.config.get("use_rslora") else rank)
+        rslora = bool(self.config.get("use_rslora"))
+        return lora_scaling(self.rank(name), self.alpha(name), use_rslora=rslora)
 
 
 def _pattern_value(pattern: Mapping[str, Any], name: str, default: Any) -> Any:
@@ -446,7 +446,7 @@ def load_adapter(
         if layer.merged:
             raise GraphError(f"{where}: layer {name!r} is merged; unmerge_ it before loading")
         for node in layer.trainable_params():
-            graph._check(node, where, f"layers[{name!r}]")  # of this graph, and live
+            graph.check(node, where, f"layers[{name!r}]")  # of this graph, and live
         checks = [
             ("rank", adapter.rank(name), layer.rank),
             ("alpha", adapter.alpha(name), float(layer.config.alpha)),

@@ -1,11 +1,14 @@
-"""LoRA layers made of graph nodes: ``LoraConfig`` and ``LoraLinear``, weight layout ``[in, out]``.
+"""LoRA layers made of graph nodes: ``LoraConfig``, ``LoraLinear`` and its fused op, ``[in, out]``.
 
-A LoRA layer keeps a pretrained weight ``W [in, out]`` frozen and learns a low-rank update:
-``y = x @ W + ((drop(x) @ A) * scaling) @ B + bias`` with ``A [in, rank]`` and ``B [rank, out]``.
-``B`` starts at zero, so a new layer computes exactly what the base layer does. ``A @ B`` (a full
-``[in, out]`` matrix) is never built in forward or backward: the low-rank path goes through the
-``[..., rank]`` bottleneck, which is what makes LoRA cheap. ``merge_`` folds the update into ``W``
-for inference and ``unmerge_`` restores ``W`` bit for bit.
+A LoRA layer keeps a pretrained weight ``W [in, out]`` frozen and learns a low-rank update: it
+computes ``base(x) + update(x)``, with ``base(x) = x @ W + bias`` and, for plain LoRA,
+``update(x) = ((drop(x) @ A) * scaling) @ B`` (``A [in, rank]``, ``B [rank, out]``). ``B`` starts
+at zero, so a new layer computes exactly what the base layer does. ``A @ B`` (a full ``[in, out]``
+matrix) is never built in forward or backward: the low-rank path goes through the ``[..., rank]``
+bottleneck, which is what makes LoRA cheap. The update is an object of its own (``LoraUpdate``),
+the seam where LoRA's variants plug in. ``merge_`` folds the update into ``W`` for inference and
+``unmerge_`` restores ``W`` bit for bit. ``lora_linear`` is the whole layer as one op, recorded
+with ``graph.apply`` like any user op: the engine knows nothing of LoRA.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,23 +25,19 @@ import numpy.typing as npt
 import scipy.linalg
 import scipy.sparse.linalg
 
+from graphlora import _checks
 from graphlora.errors import GraphError, NonFiniteError, ShapeError
-from graphlora.functional import linear_init
+from graphlora.functional import linear_init, lora_scaling, scaled_delta
 from graphlora.graph import Graph, NodeId, check_graph
-from graphlora.ops import Array
+from graphlora.ops import Array, Draw, Grads, Params, Sample, Vjp, dropout_mask, op
+from graphlora.ops.linalg import rows
 
-__all__ = ["INITS", "LoraConfig", "LoraLinear"]
+__all__ = ["INITS", "LoraConfig", "LoraLinear", "LoraUpdate", "lora_linear"]
 
 INITS = ("gaussian", "kaiming", "pissa")
 """The accepted values of ``LoraConfig.init``."""
 
 _DENSE_SVD_LIMIT = 1024  # above this min(in, out), PiSSA uses a truncated SVD (scipy svds)
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
-        value, (bool, np.bool_)
-    )
 
 
 @dataclass(frozen=True)
@@ -71,7 +70,9 @@ class LoraConfig:
             raise ValueError(f"LoraConfig: rank must be a positive int, got {self.rank}")
         for name in ("alpha", "dropout", "init_std"):
             value = getattr(self, name)
-            if not _is_real(value):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(
+                value, (int, float, np.integer, np.floating)
+            ):
                 raise TypeError(f"LoraConfig: {name} must be a real number, got {value!r}")
         if not (math.isfinite(self.alpha) and self.alpha > 0):
             raise ValueError(f"LoraConfig: alpha must be finite and > 0, got {self.alpha}")
@@ -95,16 +96,213 @@ class LoraConfig:
     @property
     def scaling(self) -> float:
         """``alpha / rank``, or ``alpha / sqrt(rank)`` with ``use_rslora``."""
-        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+        return lora_scaling(self.rank, self.alpha, use_rslora=self.use_rslora)
+
+
+# --- the whole layer as one op ----------------------------------------------------------------
+
+
+def _check_lora_linear(
+    x: Array,
+    w: Array,
+    a: Array,
+    b: Array,
+    bias: Array | None = None,
+    *,
+    scaling: object = 1.0,
+    mask: object = None,
+    dropout: object = 0.0,
+    rng: object = None,
+) -> Params | None:
+    where = "lora_linear"
+    try:
+        (n_in, n_out), (a_in, rank), (b_rank, b_out) = w.shape, a.shape, b.shape
+        fits = x.shape[-1] == n_in == a_in and rank == b_rank and b_out == n_out
+    except (ValueError, IndexError):  # not matrices, or a 0-d x
+        fits = False
+    if not fits:
+        raise ShapeError(
+            f"{where}: shapes do not fit x [..., in], w [in, out], a [in, r], b [r, out]: "
+            f"x {x.shape}, w {w.shape}, a {a.shape}, b {b.shape}"
+        )
+    if bias is not None and bias.shape != (n_out,):
+        raise ShapeError(f"{where}: bias has shape {bias.shape}, expected ({n_out},)")
+    if type(scaling) is float and dropout == 0.0 and mask is None:
+        return None  # the layer's usual call: nothing to convert
+    p = _checks.probability(where, "dropout", dropout)
+    if p > 0.0 and mask is not None:
+        raise ValueError(f"{where}: give a dropout mask or a dropout probability, not both")
+    mask_array = None
+    if mask is not None:
+        mask_array = np.asarray(mask, dtype=x.dtype)
+        if mask_array.shape != x.shape:
+            raise ShapeError(f"{where}: mask has shape {mask_array.shape}, x has shape {x.shape}")
+    return {
+        "scaling": _checks.real_scalar(where, "scaling", scaling),
+        "mask": mask_array,
+        "dropout": p,
+        "rng": _checks.check_rng(where, rng) if p > 0.0 else None,
+    }
+
+
+def _lora_linear_inputs(draw: Draw) -> tuple[Array | None, ...]:
+    batch = draw.choice([(), (3,), (2, 2)])
+    n_in, n_out, rank = draw.shape(min_dims=3, max_dims=3, min_side=1, max_side=4)
+    bias = draw.floats((n_out,)) if draw.choice([False, True]) else None
+    shapes = [(*batch, n_in), (n_in, n_out), (n_in, rank), (rank, n_out)]
+    return (*(draw.floats(shape) for shape in shapes), bias)
+
+
+def _lora_linear_params(draw: Draw, x: Array, *weights: Array | None) -> Params:
+    params: Params = {"scaling": draw.choice([0.5, 2.0])}
+    if draw.choice([False, True]):
+        params["mask"] = draw.bools(x.shape) * 2.0  # inverted dropout with p = 0.5
+    return params
+
+
+def _torch_lora_linear(
+    t: Any, x: Any, w: Any, a: Any, b: Any, bias: Any = None, *, scaling: float, mask: Any = None
+) -> Any:
+    xd = x if mask is None else x * t.from_numpy(mask)
+    out = x @ w if bias is None else x @ w + bias
+    return out + ((xd @ a) * scaling) @ b
+
+
+@op(
+    check=_check_lora_linear,
+    sample=Sample(_lora_linear_inputs, _lora_linear_params),
+    torch=_torch_lora_linear,
+)
+def lora_linear(
+    x: Array,
+    w: Array,
+    a: Array,
+    b: Array,
+    bias: Array | None = None,
+    *,
+    scaling: float = 1.0,
+    mask: Array | None = None,
+    dropout: float = 0.0,
+    rng: _checks.Rng = None,
+) -> tuple[Array, Vjp]:
+    """A LoRA linear layer as one op: ``x @ w (+ bias) + ((xd @ a) * scaling) @ b``.
+
+    ``x [..., in]``, ``w [in, out]``, ``a [in, r]``, ``b [r, out]``, ``bias [out]``; ``xd`` is
+    ``x * mask`` (a scaled dropout mask of ``x``'s shape), or ``x`` with a fresh dropout mask
+    drawn from ``rng`` when ``dropout > 0`` (drawn again on each run of a compiled step; the
+    caller decides whether to pass a ``dropout``: ``LoraLinear`` passes none under ``no_grad``).
+    The same maths as ``LoraLinear.forward``'s separate ops, in one node: fewer Python calls, and
+    only the ``[..., r]`` bottleneck ``hs = (xd @ a) * scaling`` kept for backward, never ``a @ b``.
+    Record it with ``graph.apply(lora_linear, x, w, a, b, bias, scaling=...)``.
+    VJP: ``(g wᵀ + (g bᵀ s) aᵀ * mask, xᵀ g, xdᵀ (g bᵀ) s, hsᵀ g, sum(g))`` over the batch.
+    """
+    if dropout > 0.0:
+        mask = dropout_mask(x.shape, x.dtype, dropout, _checks.as_generator("lora_linear", rng))
+    xd = x if mask is None else x * mask
+    hs = (xd @ a) * scaling  # (..., r)
+    out = x @ w  # (..., out)
+    if bias is not None:
+        out += bias
+    out += hs @ b
+
+    def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
+        g2 = g if g.ndim == 2 else rows(g)  # (N, out): the batch axes folded
+        g_h = (g2 @ b.T) * scaling if needs[0] or needs[2] else None  # (N, r)
+        gx = gw = ga = gb = gbias = None
+        if needs[0]:
+            assert g_h is not None
+            low = g_h @ a.T if mask is None else (g_h @ a.T) * rows(mask)
+            gx = (g2 @ w.T + low).reshape(x.shape)
+        if needs[1]:
+            gw = rows(x).T @ g2
+        if needs[2]:
+            assert g_h is not None
+            ga = (xd if xd.ndim == 2 else rows(xd)).T @ g_h
+        if needs[3]:
+            gb = (hs if hs.ndim == 2 else rows(hs)).T @ g2
+        if needs[4]:  # False when there is no bias
+            gbias = g2.sum(axis=0)
+        return gx, gw, ga, gb, gbias
+
+    return out, vjp
+
+
+# --- the update: the seam for LoRA's variants ---------------------------------------------------
+
+
+@dataclass(eq=False)
+class LoraUpdate:
+    """The update of plain LoRA and rsLoRA: ``((drop(x) @ A) * scaling) @ B``.
+
+    A LoRA layer computes ``base(x) + update(x)``; the update is an object with these methods, so
+    that a variant is one class beside this one and touches neither ``LoraLinear.forward`` nor the
+    engine. ``forward`` records the update op by op (to read, draw and check); ``fused`` records
+    the whole layer as one op; ``delta`` is the update as a weight ``[in, out]``, for merging.
+    """
+
+    lora_a: NodeId
+    """``A [in, rank]``, a parameter."""
+    lora_b: NodeId
+    """``B [rank, out]``, a parameter (zero at init, except PiSSA)."""
+    scaling: float
+    """``alpha / rank`` (or ``alpha / sqrt(rank)`` with rsLoRA)."""
+    dropout: float
+    """Dropout probability on the update's input."""
+    rng: np.random.Generator
+    """The generator of the dropout masks."""
+
+    def params(self) -> list[NodeId]:
+        """``[lora_a, lora_b]``: what an optimizer should update."""
+        return [self.lora_a, self.lora_b]
+
+    def forward(self, graph: Graph, x: NodeId, layer: LoraLinear) -> NodeId:
+        """``((drop(x) @ A) * scaling) @ B``, op by op (dropout only while gradients are
+        recorded)."""
+        h = x if self.dropout == 0.0 else graph.dropout(x, self.dropout, rng=self.rng)
+        low = graph.scale(graph.matmul(h, self.lora_a), self.scaling)  # (..., rank)
+        return graph.matmul(low, self.lora_b)  # (..., out)
+
+    def fused(self, graph: Graph, x: NodeId, layer: LoraLinear) -> NodeId:
+        """The whole layer, ``base(x) + update(x)``, as one ``lora_linear`` node."""
+        if self.dropout and graph.grad_enabled:
+            return graph.apply(
+                lora_linear,
+                x,
+                layer.frozen_weight,
+                self.lora_a,
+                self.lora_b,
+                layer.bias,
+                scaling=self.scaling,
+                dropout=self.dropout,
+                rng=self.rng,
+            )
+        return graph.apply(
+            lora_linear,
+            x,
+            layer.frozen_weight,
+            self.lora_a,
+            self.lora_b,
+            layer.bias,
+            scaling=self.scaling,
+        )
+
+    def delta(self, graph: Graph) -> Array:
+        """The update as a weight: ``(A @ B) * scaling``, ``[in, out]``."""
+        return scaled_delta(graph.value(self.lora_a), graph.value(self.lora_b), self.scaling)
+
+
+# --- the layer --------------------------------------------------------------------------------
 
 
 @dataclass(eq=False)
 class LoraLinear:
-    """A linear layer ``y = x @ W + ((drop(x) @ A) * scaling) @ B + bias`` with a frozen ``W``.
+    """A linear layer ``y = base(x) + update(x)``: ``x @ W + bias`` with a frozen ``W``, plus
+    ``((drop(x) @ A) * scaling) @ B``.
 
     Build it with ``LoraLinear.new`` (from dimensions) or ``LoraLinear.from_linear`` (from existing
     weights), never with the constructor. Its fields are NodeIds of one ``Graph`` plus sizes;
-    every method takes that graph.
+    every method takes that graph. ``lora_a``, ``lora_b``, ``scaling`` and ``rng`` are those of
+    its update (``update``).
 
     Inits (``config.init``): ``"gaussian"``: A ~ N(0, init_std²); ``"kaiming"``: A ~ U(±1/√in),
     PyTorch's ``nn.Linear`` default as used by PEFT; ``"pissa"`` (Meng et al. 2024): A and B from
@@ -114,14 +312,10 @@ class LoraLinear:
 
     frozen_weight: NodeId
     """``W [in, out]``, a constant."""
-    lora_a: NodeId
-    """``A [in, rank]``, a parameter."""
-    lora_b: NodeId
-    """``B [rank, out]``, a parameter (zero at init, except PiSSA)."""
     bias: NodeId | None
     """``[out]``, a constant, or ``None``."""
-    scaling: float
-    """``alpha / rank`` (or ``alpha / sqrt(rank)`` with rsLoRA)."""
+    update: LoraUpdate
+    """The low-rank update: A, B, scaling, dropout."""
     in_features: int
     out_features: int
     rank: int
@@ -130,9 +324,31 @@ class LoraLinear:
     """True between ``merge_`` and ``unmerge_``: W then holds ``W + A @ B * scaling``."""
     name: str = "lora"
     """A label, used as the prefix of the leaves' names."""
-    rng: np.random.Generator = field(default_factory=np.random.default_rng, repr=False)
-    """The generator of the dropout masks."""
-    _unmerged_weight: Array | None = field(default=None, repr=False)
+    _unmerged_weight: Array | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def lora_a(self) -> NodeId:
+        """``A [in, rank]``, a parameter."""
+        return self.update.lora_a
+
+    @property
+    def lora_b(self) -> NodeId:
+        """``B [rank, out]``, a parameter (zero at init, except PiSSA)."""
+        return self.update.lora_b
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / rank`` (or ``alpha / sqrt(rank)`` with rsLoRA)."""
+        return self.update.scaling
+
+    @property
+    def rng(self) -> np.random.Generator:
+        """The generator of the dropout masks."""
+        return self.update.rng
+
+    @rng.setter
+    def rng(self, generator: np.random.Generator) -> None:
+        self.update.rng = generator
 
     # --- construction -------------------------------------------------------------------------
 
@@ -145,13 +361,13 @@ class LoraLinear:
         config: LoraConfig,
         *,
         bias: bool = True,
-        rng: np.random.Generator | None = None,
+        rng: _checks.Rng = None,
         name: str = "lora",
     ) -> LoraLinear:
         """A layer with a fresh frozen weight, initialised like ``torch.nn.Linear``.
 
         ``W`` and ``bias`` are drawn from U(-1/√in, 1/√in), then A and B by ``config.init``.
-        ``rng`` (default: ``np.random.default_rng(config.seed)``) draws all of them and then
+        ``rng`` (a Generator or a seed; default: ``config.seed``) draws all of them and then
         the dropout masks.
 
         Raises
@@ -176,7 +392,7 @@ class LoraLinear:
         bias: NodeId | npt.ArrayLike | None = None,
         config: LoraConfig | None = None,
         *,
-        rng: np.random.Generator | None = None,
+        rng: _checks.Rng = None,
         name: str = "lora",
     ) -> LoraLinear:
         """A layer over existing weights ``weight [in, out]`` and ``bias [out]``.
@@ -184,6 +400,7 @@ class LoraLinear:
         Arrays become new constants; a NodeId is used as it is and frozen (``requires_grad_``) if
         it was a parameter, as PEFT freezes the base model. With ``init="pissa"`` the layer uses a
         new constant holding the residual and leaves a given weight node's value as it was.
+        ``config`` defaults to ``LoraConfig()``; ``rng`` as in ``new``.
 
         Raises
         ------
@@ -271,16 +488,13 @@ class LoraLinear:
                 lora_b = graph.parameter(b, name=f"{name}.lora_B")
         return cls(
             frozen_weight=weight_node,
-            lora_a=lora_a,
-            lora_b=lora_b,
             bias=bias_node,
-            scaling=scaling,
+            update=LoraUpdate(lora_a, lora_b, scaling, config.dropout, rng),
             in_features=in_features,
             out_features=out_features,
             rank=rank,
             config=config,
             name=name,
-            rng=rng,
         )
 
     def with_bias(self, graph: Graph, bias: NodeId | npt.ArrayLike) -> LoraLinear:
@@ -308,60 +522,50 @@ class LoraLinear:
     # --- computing ----------------------------------------------------------------------------
 
     def forward(self, graph: Graph, x: NodeId, *, fused: bool = False) -> NodeId:
-        """``x [..., in] -> [..., out]``: ``x @ W + ((drop(x) @ A) * scaling) @ B + bias``.
+        """``x [..., in] -> [..., out]``: ``base(x) + update(x)``, that is
+        ``x @ W + bias + ((drop(x) @ A) * scaling) @ B``.
 
         Dropout acts on the LoRA input only and only while gradients are recorded. After
-        ``merge_`` it is just ``x @ W_merged + bias``. A wrong input width records nothing.
+        ``merge_`` it is just ``base(x)``, with the merged W. A wrong input width records nothing.
 
         By default every step is its own node (``matmul``, ``scale``, ``add``, ...), to read,
-        draw and check. ``fused=True`` records the same maths as one ``Graph.lora_linear`` node:
+        draw and check. ``fused=True`` records the same maths as one ``lora_linear`` node:
         faster at small sizes, and it keeps only the ``[..., rank]`` bottleneck for backward.
         """
-        check_graph("LoraLinear.forward", graph)
-        if not isinstance(x, NodeId):
-            raise TypeError(f"LoraLinear.forward: x must be a NodeId, got {type(x).__name__}")
-        shape = graph._check(x, "LoraLinear.forward", "x").shape
+        where = "LoraLinear.forward"
+        if type(graph) is not Graph:
+            check_graph(where, graph)
+        shape = graph.check(x, where, "x").shape
         if len(shape) == 0 or shape[-1] != self.in_features:
             raise ShapeError(
-                f"LoraLinear.forward: {self.name} takes [..., {self.in_features}] but the input "
+                f"{where}: {self.name} takes [..., {self.in_features}] but the input "
                 f"has shape {shape}"
             )
-        if fused and not self.merged:
-            weights: tuple[NodeId, ...] = (self.frozen_weight, self.lora_a, self.lora_b)
-            if self.bias is not None:
-                weights += (self.bias,)
-            for node in weights:  # leaves: never stale; their shapes fit by construction
-                graph._check(node, "LoraLinear.forward", self.name)
-            p = self.config.dropout
-            return graph._lora_linear((x, *weights), self.scaling, p, self.rng, None)
-        # Label the nodes for drawings, as graph.scope(...) does, without its per-call cost.
-        outer = graph._enter_scope(self.name)
-        try:
-            layer_scope = graph._enter_scope("frozen")
+        if self.merged:
+            with graph.scope(self.name):
+                return self.base(graph, x)
+        if fused:
+            return self.update.fused(graph, x, self)
+        with graph.scope(self.name):  # drawings show the two paths side by side
+            y = self.base(graph, x)  # (..., out)
+            with graph.scope("lora"):
+                update = self.update.forward(graph, x, self)  # (..., out)
+            return graph.add(y, update)
+
+    def base(self, graph: Graph, x: NodeId) -> NodeId:
+        """The frozen path, ``x @ W + bias`` (in the scope ``"frozen"``)."""
+        with graph.scope("frozen"):
             y = graph.matmul(x, self.frozen_weight)  # (..., out)
-            graph._scope = layer_scope
-            if not self.merged:
-                graph._enter_scope("lora")
-                p = self.config.dropout
-                h = x if p == 0.0 else graph.dropout(x, p, rng=self.rng)
-                low = graph.scale(graph.matmul(h, self.lora_a), self.scaling)  # (..., rank)
-                update = graph.matmul(low, self.lora_b)  # (..., out)
-                graph._scope = layer_scope
-                y = graph.add(y, update)
-            if self.bias is not None:
-                y = graph.add(y, self.bias)
-        finally:
-            graph._scope = outer
-        return y
+            return y if self.bias is None else graph.add(y, self.bias)
 
     def trainable_params(self) -> list[NodeId]:
         """``[lora_a, lora_b]``: what an optimizer should update."""
-        return [self.lora_a, self.lora_b]
+        return self.update.params()
 
     def delta(self, graph: Graph) -> Array:
         """The update ``A @ B * scaling`` as a new ``[in, out]`` array."""
         check_graph("LoraLinear.delta", graph)
-        return (graph.value(self.lora_a) @ graph.value(self.lora_b)) * self.scaling
+        return self.update.delta(graph)
 
     def merge(self, graph: Graph) -> Array:
         """The merged weight ``W + A @ B * scaling`` as a new array; changes nothing.
@@ -378,7 +582,7 @@ class LoraLinear:
         if self.merged:
             return np.array(weight)
         with np.errstate(over="ignore", invalid="ignore"):  # reported below, as one error
-            merged = weight + self.delta(graph)
+            merged = weight + self.update.delta(graph)
         bad = int(np.size(merged) - np.count_nonzero(np.isfinite(merged)))
         if bad:
             raise NonFiniteError(
@@ -402,7 +606,7 @@ class LoraLinear:
         self._unmerged_weight = np.array(graph.value(self.frozen_weight))
         graph.set_value(self.frozen_weight, merged)
         self.merged = True
-        graph._end_replays()  # a compiled step would still run the low-rank path
+        graph.end_replays()  # a compiled step would still run the low-rank path
 
     def unmerge_(self, graph: Graph) -> None:
         """Restore the exact W from before ``merge_`` (``merged`` becomes False).
@@ -417,7 +621,7 @@ class LoraLinear:
         graph.set_value(self.frozen_weight, self._unmerged_weight)
         self._unmerged_weight = None
         self.merged = False
-        graph._end_replays()
+        graph.end_replays()
 
     # --- state --------------------------------------------------------------------------------
 
@@ -506,24 +710,15 @@ def _check_config(where: str, config: object) -> None:
 
 
 def _generator(where: str, rng: object, config: LoraConfig) -> np.random.Generator:
-    if rng is None:
-        return np.random.default_rng(config.seed)
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"{where}: rng must be a np.random.Generator or None, got {rng!r}")
-    return rng
+    """``rng`` (a Generator or a seed), or a Generator seeded with ``config.seed``."""
+    return _checks.as_generator(where, config.seed if rng is None else rng)
 
 
 def _float_array(where: str, graph: Graph, value: object, arg: str) -> Array:
     """The floating-point data of a NodeId of ``graph`` or of an array, or a clear error."""
     if isinstance(value, NodeId):
         return np.asarray(graph.value(value))
-    try:
-        array = np.asarray(value)
-    except (TypeError, ValueError) as exc:
-        raise ShapeError(f"{where}: {arg} is not a regular array: {exc}") from None
-    if array.dtype.kind != "f":
-        raise TypeError(f"{where}: {arg} must hold floating-point data, got dtype {array.dtype}")
-    return array
+    return _checks.float_array(where, arg, value)
 
 
 def _float_matrix(where: str, graph: Graph, value: object, arg: str) -> Array:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from graphlora import _checks
 from graphlora.errors import ShapeError
 from graphlora.functional import linear_init
 from graphlora.graph import Graph, NodeId, check_graph
@@ -53,7 +54,7 @@ class Linear:
     ) -> Linear:
         """A layer initialised like ``torch.nn.Linear``: weight and bias ~ U(-1/√in, 1/√in)."""
         check_graph("Linear.new", graph)
-        generator = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        generator = _checks.as_generator("Linear.new", rng)
         weight, bias_value = linear_init(
             in_features, out_features, bias=bias, rng=generator, where="Linear.new"
         )
@@ -117,7 +118,7 @@ class MLP:
                 f"MLP: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}"
             )
         check_graph("MLP", graph)
-        generator = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        generator = _checks.as_generator("MLP", rng)
         self.graph = graph
         self.activation = activation
         self.layers: list[Layer] = [
@@ -231,7 +232,7 @@ def apply_lora(
             f"apply_lora: rank {config.rank} exceeds min(in, out) of layer(s) {too_small}"
         )
     graph = model.graph
-    generator = np.random.default_rng(config.seed) if rng is None else rng
+    generator = _checks.as_generator("apply_lora", config.seed if rng is None else rng)
     adapters: dict[str, LoraLinear] = {}
     for i, (name, layer) in enumerate(named.items()):
         if name in names:

@@ -47,7 +47,7 @@ def _parameters(where: str, graph: Graph, params: Sequence[NodeId]) -> list[Node
     if not nodes:
         raise ValueError(f"{where}: params is empty; pass the parameters to optimise")
     for i, node in enumerate(nodes):
-        graph._check(node, where, f"params[{i}]")
+        graph.check(node, where, f"params[{i}]")
         if not node.is_leaf or not node.requires_grad:
             raise GraphError(
                 f"{where}: params[{i}] {node!r} is not a parameter (a leaf that requires a "
@@ -80,17 +80,14 @@ class Optimizer:
 
     def zero_grad(self) -> None:
         """Forget the gradients of this optimizer's parameters."""
-        for node in self.params:  # leaves of self.graph, checked when the optimizer was made
-            node._grad = None
+        self.graph.zero_grad(self.params)
 
     def step(self) -> None:
         """Update every parameter that has a gradient, in place."""
         for i, node in enumerate(self.params):
-            grad = node._grad  # the engine's own buffers: no copies in the update
+            value, grad = self.graph.buffers(node)  # the engine's own arrays: no copies
             if grad is None:
                 continue  # no gradient this step: skipped, as in PyTorch
-            value = node._value
-            assert value is not None
             self.steps[i] += 1
             self._update(value, grad, self.state[i], self.steps[i])
 

@@ -35,7 +35,7 @@ def _nodes(graph: Graph, root: NodeId | None) -> list[NodeId]:
     """Every live node, or ``root`` and its ancestors, in id order."""
     if root is None:
         return sorted([*graph.leaves, *graph.tape], key=lambda node: node.id)
-    root = graph._check(root, "to_dot", "root")
+    root = graph.check(root, "to_dot", "root")
     seen = {root.id: root}
     stack = [root]
     while stack:

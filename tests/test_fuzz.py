@@ -21,12 +21,13 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 import graphlora as gl
 from graphlora import ops
+from graphlora.lora import lora_linear
 from graphlora.optim import Adam
 
 pytest.importorskip("safetensors")
 
 DOCUMENTED = (gl.GraphError, ValueError, TypeError)  # ShapeError, StaleNodeError, ... included
-OP_NAMES = sorted(ops.OPS)
+OP_NAMES = [*sorted(ops.OPS), "lora_linear"]  # the catalogue, and the fused LoRA op
 PARAMS: dict[str, st.SearchStrategy[dict[str, Any]]] = {
     "scale": st.fixed_dictionaries({"c": st.sampled_from([2.0, -0.5, "x", None, np.ones(2)])}),
     "pow": st.fixed_dictionaries({"p": st.sampled_from([2, 0.5, True, "2"])}),
@@ -47,7 +48,12 @@ PARAMS: dict[str, st.SearchStrategy[dict[str, Any]]] = {
     "softmax": st.fixed_dictionaries({"axis": st.sampled_from([-1, 0, 3, None])}),
     "log_softmax": st.fixed_dictionaries({"axis": st.sampled_from([-1, 1, -5])}),
     "cross_entropy": st.fixed_dictionaries(
-        {"labels": st.sampled_from([[0, 1], [0, 9], [0.5, 1.0], [[0], [1, 2]], np.array([1, 0])])}
+        {
+            "labels": st.sampled_from(
+                [[0, 1], [0, 9], [0.5, 1.0], [[0], [1, 2]], np.array([1, 0])]
+            ),
+            "label_smoothing": st.sampled_from([0.0, 0.1, 2.0, "x"]),
+        }
     ),
     "dropout": st.fixed_dictionaries(
         {"p": st.sampled_from([0.0, 0.5, 1.0, -1.0]), "rng": st.sampled_from([0, None, "seed"])}
@@ -141,7 +147,10 @@ class GraphMachine(RuleBasedStateMachine):
         name = data.draw(st.sampled_from(OP_NAMES))
         operands = [data.draw(st.sampled_from(self.pool())) for _ in range(ARITY.get(name, 1))]
         params = data.draw(PARAMS.get(name, st.just({})))
-        node = self.attempt(lambda: getattr(self.g, name)(*operands, **params))
+        if name == "lora_linear":  # not a Graph method: recorded as any user op is
+            node = self.attempt(lambda: self.g.apply(lora_linear, *operands, **params))
+        else:
+            node = self.attempt(lambda: getattr(self.g, name)(*operands, **params))
         if isinstance(node, gl.NodeId) and not node.is_leaf and node not in self.live:
             self.live.append(node)
 

@@ -41,21 +41,60 @@ def test_dtypes() -> None:
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_leaves_convert_ints_and_bools_and_copy(dtype: Any) -> None:
+def test_float_data_takes_the_graph_dtype_and_integer_data_keeps_its_kind(dtype: Any) -> None:
     g = gl.Graph(dtype)
     source = np.array([[1, 2], [3, 4]])
-    c = g.constant(source)
-    p = g.parameter([True, False], name="mask")
+    ids = g.constant(source)  # token ids, labels: integer data stays integer
+    mask = g.constant([True, False])  # bool data stays bool
+    p = g.parameter([True, False], name="mask")  # parameters are always float
+    floats = g.constant(np.array([0.5, 1.5], dtype=np.float64))
     source[0, 0] = 100  # the graph holds its own copy
-    assert g.value(c).dtype == dtype
-    np.testing.assert_array_equal(g.value(c), [[1, 2], [3, 4]])
+    assert g.value(ids).dtype == np.int64
+    assert ids.dtype == np.int64
+    np.testing.assert_array_equal(g.value(ids), [[1, 2], [3, 4]])
+    assert g.value(mask).dtype == np.bool_
+    assert g.value(p).dtype == dtype
     np.testing.assert_array_equal(g.value(p), [1.0, 0.0])
+    assert g.value(floats).dtype == dtype
     assert g.value(g.constant(2.5)).shape == ()
     assert p.name == "mask"
     assert p.requires_grad
-    assert not c.requires_grad
-    assert c.is_leaf
-    assert len(g) == 3
+    assert not ids.requires_grad
+    assert ids.is_leaf
+    assert len(g) == 5
+
+
+def test_a_float_op_reads_integer_and_bool_data_in_the_graph_dtype() -> None:
+    g = gl.Graph(np.float32)
+    ids = g.constant(np.array([1, 2, 3]))
+    mask = g.constant(np.array([True, False, True]))
+    w = g.parameter(np.full(3, 0.5))
+    y = g.mul(g.add(ids, mask), w)  # (ids + mask) * w, all in float32
+    assert g.value(y).dtype == np.float32
+    np.testing.assert_array_equal(g.value(y), [1.0, 1.0, 2.0])
+    g.backward(g.sum(y))
+    np.testing.assert_array_equal(g.grad(w), [2.0, 2.0, 4.0])
+    assert g.grad(ids) is None
+
+
+def test_data_leaves_take_only_data_of_their_kind_and_never_a_gradient() -> None:
+    g = gl.Graph()
+    ids = g.constant(np.array([1, 2]))
+    g.set_value(ids, np.array([3, 4]))
+    np.testing.assert_array_equal(g.value(ids), [3, 4])
+    rejected(
+        g,
+        TypeError,
+        r"set_value: NodeId\(0, op='constant'.* holds int64 data; the new value must too, got dtype float64",
+        lambda: g.set_value(ids, [0.5, 1.5]),
+    )
+    rejected(
+        g,
+        gl.GraphError,
+        r"requires_grad_: NodeId\(0, .* holds int64 data, which has no gradient",
+        lambda: g.requires_grad_(ids),
+    )
+    np.testing.assert_array_equal(g.value(ids), [3, 4])
 
 
 @pytest.mark.parametrize(
@@ -543,12 +582,12 @@ def test_scalar_and_option_errors() -> None:
 def test_cross_entropy_errors() -> None:
     g = gl.Graph()
     logits = g.constant(np.zeros((3, 4)))
-    flat = g.constant(np.zeros(4))
+    empty_classes = g.constant(np.zeros((3, 0)))
     rejected(
         g,
         gl.ShapeError,
-        r"cross_entropy: logits must have shape \(N, C\) with N, C >= 1, got \(4,\)",
-        lambda: g.cross_entropy(flat, [0]),
+        r"cross_entropy: logits must be \[\.\.\., C\] with the C >= 1 classes on the last axis, got shape \(3, 0\)",
+        lambda: g.cross_entropy(empty_classes, [0, 0, 0]),
     )
     rejected(
         g,
@@ -565,16 +604,45 @@ def test_cross_entropy_errors() -> None:
     rejected(
         g,
         ValueError,
-        r"cross_entropy: labels must lie in \[0, 4\) for 4 classes, got \[4, -1\]",
+        r"cross_entropy: labels must lie in \[0, 4\) for 4 classes \(or equal ignore_index -100\), got \[4, -1\]",
         lambda: g.cross_entropy(logits, [0, 4, -1]),
     )
     rejected(
         g,
         TypeError,
-        r"cross_entropy: labels must be an integer array, not a NodeId",
+        r"cross_entropy: labels must be integers, got dtype float64",
         lambda: g.cross_entropy(logits, logits),
-    )  # type: ignore[arg-type]
+    )
+    rejected(
+        g,
+        ValueError,
+        r"cross_entropy: label_smoothing must be in \[0, 1",
+        lambda: g.cross_entropy(logits, [0, 1, 3], label_smoothing=-0.5),
+    )
     assert float(g.value(g.cross_entropy(logits, [0, 1, 3]))) == pytest.approx(np.log(4))
+    labels = g.constant(np.array([0, 1, 3]))  # labels as a data leaf
+    assert float(g.value(g.cross_entropy(logits, labels))) == pytest.approx(np.log(4))
+    row = g.constant(np.array([[0.0, 1.0, -1.0]]))  # a one-row batch
+    expected = -np.log(np.exp(1.0) / np.exp([0.0, 1.0, -1.0]).sum())
+    assert float(g.value(g.cross_entropy(row, [1]))) == pytest.approx(expected)
+
+
+def test_cross_entropy_ignores_rows_and_smooths_labels_as_torch_documents() -> None:
+    g = gl.Graph()
+    x = np.array([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0], [1.0, -2.0, 0.0]])
+    logits = g.parameter(x)
+    logp = x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+    loss = g.cross_entropy(logits, [0, -100, 2])  # the middle row is ignored
+    assert float(g.value(loss)) == pytest.approx(-(logp[0, 0] + logp[2, 2]) / 2, rel=1e-14)
+    g.backward(loss)
+    grad = g.grad(logits)
+    assert grad is not None
+    np.testing.assert_array_equal(grad[1], 0.0)
+    smoothed = g.cross_entropy(logits, [0, 1, 2], label_smoothing=0.3)
+    target = 0.7 * np.eye(3) + 0.1  # (1 - e) on the label, e / C on every class
+    assert float(g.value(smoothed)) == pytest.approx(-(target * logp).sum() / 3, rel=1e-14)
+    nothing = g.cross_entropy(logits, [-100, -100, -100])  # every row ignored: NaN, as torch
+    assert np.isnan(g.value(nothing))
 
 
 @given(x=gst.arrays((200, 50)), p=st.sampled_from([0.1, 0.5, 0.8]), seed=st.integers(0, 1000))
@@ -606,62 +674,6 @@ def test_scopes_label_nodes_and_nest() -> None:
             g.scope(bad).__enter__()  # type: ignore[arg-type]
 
 
-def test_lora_linear_checks_shapes_first() -> None:
-    g = gl.Graph()
-    x, w = g.constant(np.ones((2, 4))), g.constant(np.ones((4, 3)))
-    a, b = g.parameter(np.ones((4, 2))), g.parameter(np.ones((2, 3)))
-    wrong_b = g.parameter(np.ones((3, 3)))
-    rejected(
-        g,
-        gl.ShapeError,
-        re.escape(
-            "lora_linear: shapes do not fit x [..., in], w [in, out], a [in, r], b [r, out]: x (2, 4), w (4, 3), a (4, 2), b (3, 3)"
-        ),
-        lambda: g.lora_linear(x, w, a, wrong_b),
-    )
-    bias = g.constant(np.ones(4))
-    rejected(
-        g,
-        gl.ShapeError,
-        re.escape("lora_linear: bias has shape (4,), expected (3,)"),
-        lambda: g.lora_linear(x, w, a, b, bias),
-    )
-    rejected(
-        g,
-        gl.ShapeError,
-        re.escape("lora_linear: mask has shape (4,), x has shape (2, 4)"),
-        lambda: g.lora_linear(x, w, a, b, mask=np.ones(4)),
-    )
-    rejected(
-        g,
-        TypeError,
-        r"lora_linear: scaling must be a real scalar",
-        lambda: g.lora_linear(x, w, a, b, scaling="2"),
-    )  # type: ignore[arg-type]
-    rejected(
-        g,
-        ValueError,
-        re.escape("lora_linear: dropout must be in [0, 1), got 1.0"),
-        lambda: g.lora_linear(x, w, a, b, dropout=1.0),
-    )
-    rejected(
-        g,
-        ValueError,
-        "lora_linear: give a dropout mask or a dropout probability, not both",
-        lambda: g.lora_linear(x, w, a, b, mask=np.ones((2, 4)), dropout=0.5),
-    )
-    rejected(
-        g,
-        TypeError,
-        "lora_linear: rng must be a np.random.Generator, an int seed or None, got str",
-        lambda: g.lora_linear(x, w, a, b, dropout=0.5, rng="7"),  # type: ignore[arg-type]
-    )
-    out = g.lora_linear(x, w, a, b, scaling=0.5)
-    np.testing.assert_allclose(
-        g.value(out), np.full((2, 3), 4.0 + (4.0 * 0.5) * 2)
-    )  # x W + ((x A) s) B
-
-
 def test_scalar_gradients_stay_arrays_when_they_accumulate() -> None:
     # Found by the state machine: 0-d + 0-d gives a NumPy scalar, not an array.
     g = gl.Graph()
@@ -673,15 +685,3 @@ def test_scalar_gradients_stay_arrays_when_they_accumulate() -> None:
     assert isinstance(grad, np.ndarray)
     assert grad.shape == ()
     np.testing.assert_allclose(grad, 1 + 2 * np.exp(0.5))
-
-
-def test_lora_linear_dropout_draws_as_the_dropout_op_does() -> None:
-    g = gl.Graph()
-    x, w = g.constant(np.ones((3, 4))), g.constant(np.zeros((4, 2)))
-    a, b = g.parameter(np.ones((4, 1))), g.parameter(np.ones((1, 2)))
-    fused = g.lora_linear(x, w, a, b, dropout=0.5, rng=11)
-    separate = g.matmul(g.matmul(g.dropout(x, 0.5, rng=11), a), b)  # the same mask from seed 11
-    np.testing.assert_array_equal(g.value(fused), g.value(separate))
-    assert not np.array_equal(g.value(fused), np.full((3, 2), 4.0))  # 4.0: nothing dropped
-    with g.no_grad():  # no dropout while no gradient is recorded
-        np.testing.assert_array_equal(g.value(g.lora_linear(x, w, a, b, dropout=0.5)), 4.0)

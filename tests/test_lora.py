@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import math
 import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import graphlora as gl
+from graphlora.lora import lora_linear
 from graphlora.testing import gradcheck
 from graphlora.testing import strategies as gst
 
@@ -157,7 +159,9 @@ def test_gradcheck_wrt_a_b_and_x(
 
     def fn(g: gl.Graph, x: gl.NodeId, a: gl.NodeId, b: gl.NodeId) -> gl.NodeId:
         base = gl.LoraLinear.from_linear(g, weight, bias, lora.config)
-        layer = dataclasses.replace(base, lora_a=a, lora_b=b)
+        layer = dataclasses.replace(
+            base, update=dataclasses.replace(base.update, lora_a=a, lora_b=b)
+        )
         y = layer.forward(g, x)
         return g.sum(g.mul(y, y))
 
@@ -474,10 +478,14 @@ def test_new_validation() -> None:
     with pytest.raises(ValueError, match=r"LoraLinear.new: rank 8 exceeds min"):
         gl.LoraLinear.new(g, 4, 16, gl.LoraConfig())
     with pytest.raises(
-        TypeError, match=r"LoraLinear.new: rng must be a np.random.Generator or None"
+        TypeError,
+        match=r"LoraLinear.new: rng must be a np.random.Generator, an int seed or None, got str",
     ):
-        gl.LoraLinear.new(g, 4, 4, gl.LoraConfig(rank=1), rng=3)  # type: ignore[arg-type]
+        gl.LoraLinear.new(g, 4, 4, gl.LoraConfig(rank=1), rng="3")  # type: ignore[arg-type]
     assert len(g) == 0
+    seeded = gl.LoraLinear.new(g, 4, 4, gl.LoraConfig(rank=1), rng=3)  # a seed is a generator
+    again = gl.LoraLinear.new(g, 4, 4, gl.LoraConfig(rank=1), rng=np.random.default_rng(3))
+    np.testing.assert_array_equal(g.value(seeded.lora_a), g.value(again.lora_a))
 
 
 def test_forward_rejects_a_wrong_width_and_records_nothing() -> None:
@@ -599,3 +607,82 @@ def test_forward_refuses_a_layer_of_another_graph(fused: bool) -> None:
     with pytest.raises(gl.ForeignNodeError, match="belongs to another Graph"):
         layer.forward(g, x, fused=fused)
     assert g.tape == ()  # nothing recorded
+
+
+# --- the fused op, beside the layer ---------------------------------------------------------------
+
+
+def test_lora_linear_checks_shapes_first() -> None:
+    g = gl.Graph()
+    x, w = g.constant(np.ones((2, 4))), g.constant(np.ones((4, 3)))
+    a, b = g.parameter(np.ones((4, 2))), g.parameter(np.ones((2, 3)))
+    wrong_b = g.parameter(np.ones((3, 3)))
+
+    def refused(error: type[Exception], match: str, **kwargs: Any) -> None:
+        before = len(g)
+        args = kwargs.pop("args", (x, w, a, b))
+        with pytest.raises(error, match=match):
+            g.apply(lora_linear, *args, **kwargs)
+        assert len(g) == before
+
+    refused(
+        gl.ShapeError,
+        re.escape(
+            "lora_linear: shapes do not fit x [..., in], w [in, out], a [in, r], b [r, out]: x (2, 4), w (4, 3), a (4, 2), b (3, 3)"
+        ),
+        args=(x, w, a, wrong_b),
+    )
+    refused(
+        gl.ShapeError,
+        re.escape("lora_linear: bias has shape (4,), expected (3,)"),
+        args=(x, w, a, b, g.constant(np.ones(4))),
+    )
+    refused(
+        gl.ShapeError,
+        re.escape("lora_linear: mask has shape (4,), x has shape (2, 4)"),
+        mask=np.ones(4),
+    )
+    refused(TypeError, r"lora_linear: scaling must be a real scalar", scaling="2")
+    refused(ValueError, re.escape("lora_linear: dropout must be in [0, 1), got 1.0"), dropout=1.0)
+    refused(
+        ValueError,
+        "lora_linear: give a dropout mask or a dropout probability, not both",
+        mask=np.ones((2, 4)),
+        dropout=0.5,
+    )
+    refused(
+        TypeError,
+        "lora_linear: rng must be a np.random.Generator, an int seed or None, got str",
+        dropout=0.5,
+        rng="7",
+    )
+    refused(
+        TypeError,
+        r"lora_linear: b must be a NodeId, got an ndarray",
+        args=(x, w, a, np.ones((2, 3))),
+    )
+    out = g.apply(lora_linear, x, w, a, b, scaling=0.5)
+    assert out.op == "lora_linear"
+    np.testing.assert_allclose(
+        g.value(out), np.full((2, 3), 4.0 + (4.0 * 0.5) * 2)
+    )  # x W + ((x A) s) B
+    masked = g.apply(
+        lora_linear, x, w, a, b, scaling=0.5, mask=np.array([[2.0, 0, 0, 0], [0, 0, 0, 0]])
+    )
+    np.testing.assert_allclose(g.value(masked), [[6.0] * 3, [4.0] * 3])  # the mask applied
+
+
+def test_lora_linear_dropout_draws_as_the_dropout_op_does() -> None:
+    g = gl.Graph()
+    x, w = g.constant(np.ones((3, 4))), g.constant(np.zeros((4, 2)))
+    a, b = g.parameter(np.ones((4, 1))), g.parameter(np.ones((1, 2)))
+    fused = g.apply(lora_linear, x, w, a, b, dropout=0.5, rng=11)
+    separate = g.matmul(g.matmul(g.dropout(x, 0.5, rng=11), a), b)  # the same mask from seed 11
+    np.testing.assert_array_equal(g.value(fused), g.value(separate))
+    assert not np.array_equal(g.value(fused), np.full((3, 2), 4.0))  # 4.0: nothing dropped
+
+
+def test_the_engine_knows_nothing_of_lora() -> None:
+    source = Path(gl.graph.__file__).read_text(encoding="utf-8")
+    assert re.search(r"(?<!graph)lora", source, flags=re.IGNORECASE) is None
+    assert not hasattr(gl.Graph, "lora_linear")

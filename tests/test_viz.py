@@ -53,7 +53,9 @@ def test_dot_shows_kinds_shapes_edges_and_the_lora_clusters() -> None:
     assert 'fillcolor="#e8e8e8"' in lines[f"n{layer.frozen_weight.id}"]  # a constant
     assert "shape=ellipse" in lines[f"n{loss.id}"]  # an op
     assert "(4, 2)" in lines[f"n{layer.lora_a.id}"]  # shapes on every node
-    assert (f"n{layer.lora_b.id}", f"n{g.tape[3].id}") in edges  # B flows into (x A s) @ B
+    update = next(n for n in g.tape if n.op == "matmul" and layer.lora_b in n.inputs)
+    assert update.scope == "proj/lora"
+    assert (f"n{layer.lora_b.id}", f"n{update.id}") in edges  # B flows into (x A s) @ B
     assert 'label="proj";' in dot
     frozen = dot.split('label="frozen path: x @ W";')[1].split("}")[0]
     low_rank = dot.split('label="low-rank path: ((x @ A) * s) @ B";')[1].split("}")[0]

@@ -21,7 +21,7 @@ import numpy.typing as npt
 
 from graphlora.errors import GradcheckError
 from graphlora.graph import Graph, NodeId
-from graphlora.ops import Op
+from graphlora.ops import Op, OpDef
 
 __all__ = ["check_vjp", "gradcheck", "jacobian", "numeric_jacobian"]
 
@@ -245,8 +245,8 @@ def _compare_directions(
 
 
 def check_vjp(
-    op: Op,
-    *arrays: npt.ArrayLike,
+    op: Op | OpDef,
+    *arrays: npt.ArrayLike | None,
     eps: float = 1e-6,
     atol: float = 1e-5,
     rtol: float = 1e-3,
@@ -254,13 +254,15 @@ def check_vjp(
     seed: int = 0,
     **kwargs: Any,
 ) -> bool:
-    """Check a bare op function ``op(*arrays, **kwargs) -> (out, vjp)`` without writing a graph.
+    """Check a bare op ``op(*arrays, **kwargs) -> (out, vjp)`` without writing a graph.
 
     Draws a random cotangent ``u`` of the output's shape and runs ``gradcheck`` on
     ``sum(op(*arrays) * u)``, so every output element counts. Then checks the VJP's contract:
     it returns one entry per input, each ``None`` or of that input's shape; asked for one input
     at a time (``needs`` with a single True), it returns ``None`` for the others (no wasted work)
-    and the same gradient as when asked for all.
+    and the same gradient as when asked for all. For an ``OpDef`` (``ops.op``), its integer/bool
+    data inputs (labels, masks) and optional inputs given as ``None`` are passed as they are and
+    must get no gradient; every other input is checked in float64.
 
     Raises
     ------
@@ -270,23 +272,32 @@ def check_vjp(
     if not callable(op):
         raise TypeError(f"check_vjp: op must be callable, got {type(op).__name__}")
     name = getattr(op, "__name__", type(op).__name__)
-    points = [np.array(a, dtype=np.float64) for a in arrays]
+    data = set(op.data_slots) if isinstance(op, OpDef) else set()
+    checked = [i for i, a in enumerate(arrays) if a is not None and i not in data]
+    points: list[Any] = [
+        np.array(a, dtype=np.float64) if i in checked else a for i, a in enumerate(arrays)
+    ]
     out, _ = op(*points, **kwargs)
     cotangent = np.random.default_rng(seed).standard_normal(np.shape(out))
 
     def fn(g: Graph, *nodes: NodeId) -> NodeId:
-        return g.sum(g.mul(g.apply(op, *nodes, **kwargs), g.constant(cotangent)))
+        inputs = list(points)
+        for i, node in zip(checked, nodes, strict=True):
+            inputs[i] = node
+        return g.sum(g.mul(g.apply(op, *inputs, **kwargs), g.constant(cotangent)))
 
-    gradcheck(fn, *points, eps=eps, atol=atol, rtol=rtol, mode=mode, seed=seed)
+    gradcheck(
+        fn, *(points[i] for i in checked), eps=eps, atol=atol, rtol=rtol, mode=mode, seed=seed
+    )
     count = len(points)
     _, vjp = op(*points, **kwargs)
-    all_grads = vjp(cotangent, (True,) * count)
+    all_grads = vjp(cotangent, tuple(i in checked for i in range(count)))
     if not isinstance(all_grads, tuple) or len(all_grads) != count:
         raise GradcheckError(
             f"check_vjp: {name}'s VJP must return a tuple of {count} gradients, got "
             f"{all_grads!r:.80}"
         )
-    for i in range(count):
+    for i in checked:
         needs = tuple(j == i for j in range(count))
         grads = vjp(cotangent, needs)
         for j, grad in enumerate(grads):

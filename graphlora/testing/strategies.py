@@ -1,22 +1,26 @@
-"""Hypothesis strategies for property-testing gradients: shapes, arrays, LoRA layers, expressions.
+"""Hypothesis strategies for property-testing gradients: shapes, arrays, LoRA layers, op
+examples, expressions.
 
 Every strategy draws small, finite data so that a failing example is short to read. They are
-the ones graphlora's own test suite uses. ``expressions()`` draws whole random programs over the
-op catalogue, kept inside each op's safe domain, and prints them as code. Needs Hypothesis:
-``pip install 'graphlora[test]'``.
+the ones graphlora's own test suite uses. ``op_examples(op)`` draws valid inputs for any op from
+the op's own ``Sample`` (its registry entry), zero-size arrays included on request;
+``expressions()`` draws whole random programs over the op catalogue, kept inside each op's safe
+domain, and prints them as code. Needs Hypothesis: ``pip install 'graphlora[test]'``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from itertools import product
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from graphlora.graph import Graph, NodeId
 from graphlora.lora import INITS, LoraConfig, LoraLinear
+from graphlora.ops import OPS, Array, OpDef, Params
 
 try:
     from hypothesis import strategies as st
@@ -28,6 +32,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without Hypothes
     ) from exc
 
 __all__ = [
+    "Example",
     "Expression",
     "arrays",
     "broadcastable_shapes",
@@ -35,10 +40,12 @@ __all__ = [
     "lora_configs",
     "lora_layers",
     "matmul_shapes",
+    "op_examples",
     "shapes",
 ]
 
 Shape = tuple[int, ...]
+T = TypeVar("T")
 
 
 def shapes(
@@ -168,6 +175,122 @@ def lora_layers(
     return graph, layer
 
 
+# --- examples of any op, from its own Sample --------------------------------------------------
+
+
+def _away_from_zero(low: float, high: float, away: float) -> st.SearchStrategy[float]:
+    """Floats in ``[low, high]`` with ``|x| >= away``."""
+    magnitude = st.floats(away, max(abs(low), abs(high)), allow_nan=False, allow_infinity=False)
+    signed = st.tuples(magnitude, st.booleans()).map(lambda t: -t[0] if t[1] else t[0])
+    return signed.filter(lambda v: low <= v <= high)
+
+
+class _Drawer:
+    """``graphlora.ops.Draw`` over Hypothesis: every choice shrinks towards the simplest."""
+
+    def __init__(self, draw: st.DrawFn, empty: bool) -> None:
+        self._draw = draw
+        self._least = 0 if empty else 1
+
+    def choice(self, options: Sequence[T]) -> T:
+        return self._draw(st.sampled_from(list(options)))
+
+    def shape(
+        self,
+        *,
+        min_dims: int = 0,
+        max_dims: int = 3,
+        min_side: int | None = None,
+        max_side: int = 4,
+    ) -> Shape:
+        least = self._least if min_side is None else min_side
+        side = st.integers(least, max(max_side, least))
+        if least == 0:  # zero-size arrays asked for: a side of 0 half the time
+            side = st.just(0) | side
+        count = self._draw(st.integers(min_dims, max_dims))
+        return tuple(self._draw(side) for _ in range(count))
+
+    def broadcastable(self, count: int = 2, *, min_dims: int = 0, max_dims: int = 3) -> list[Shape]:
+        drawn = self._draw(
+            hnp.mutually_broadcastable_shapes(
+                num_shapes=count,
+                min_dims=min_dims,
+                max_dims=max_dims,
+                min_side=self._least,
+                max_side=3,
+            )
+        )
+        found = [list(shape) for shape in drawn.input_shapes]
+        if self._least == 0 and any(found) and self._draw(st.booleans()):
+            # Empty one aligned axis in every shape that has it stretched (a 1 still broadcasts).
+            ndim = max(len(shape) for shape in found)
+            axis = self._draw(st.integers(1, ndim))  # counted from the right
+            for shape in found:
+                if len(shape) >= axis and shape[-axis] != 1:
+                    shape[-axis] = 0
+            max(found, key=len)[-axis] = 0
+        return [tuple(shape) for shape in found]
+
+    def floats(
+        self, shape: Shape, low: float = -3.0, high: float = 3.0, away: float = 0.0
+    ) -> Array:
+        elements = _away_from_zero(low, high, away) if away > 0 else None
+        return self._draw(arrays(shape, elements=elements, min_value=low, max_value=high))
+
+    def ints(self, shape: Shape, low: int, high: int) -> Array:
+        return self._draw(hnp.arrays(np.int64, shape, elements=st.integers(low, high - 1)))
+
+    def bools(self, shape: Shape) -> Array:
+        return self._draw(hnp.arrays(np.bool_, shape))
+
+
+@dataclass(frozen=True)
+class Example:
+    """Inputs for one call of an op: ``op(*inputs, **params)``, or on a graph
+    ``graph.apply(op, *nodes, **params)`` with a node for each array of ``inputs``."""
+
+    inputs: tuple[Array | None, ...]
+    """Every positional input, in order: float arrays, integer/bool data, ``None`` for an
+    optional input left out."""
+    params: Params
+    """The keyword parameters."""
+    floats: tuple[int, ...]
+    """The positions in ``inputs`` of the float arrays (the ones gradients flow to)."""
+
+
+@st.composite
+def op_examples(draw: st.DrawFn, op: OpDef, *, empty: bool = False) -> Example:
+    """Valid inputs for ``op``, drawn from its ``Sample`` (its registry entry).
+
+    With ``empty``, sides of size 0 are drawn too (where the op accepts them), so that zero-size
+    arrays are part of the property tests.
+
+    Raises
+    ------
+    ValueError
+        For an op with no ``Sample``.
+    """
+    if op.sample is None:
+        raise ValueError(f"op_examples: {op.name} has no Sample to draw from")
+    drawer = _Drawer(draw, empty)
+    floats = op.sample.inputs(drawer)
+    params = dict(op.sample.params(drawer, *floats))
+    if op.variadic:
+        return Example(tuple(floats), params, tuple(range(len(floats))))
+    float_values = iter(floats)
+    inputs: list[Array | None] = []
+    positions = []
+    for i, slot in enumerate(op.slots):
+        if slot.kind == "float":
+            value = next(float_values)
+            if value is not None:
+                positions.append(i)
+            inputs.append(value)
+        else:
+            inputs.append(params.pop(slot.name, None))
+    return Example(tuple(inputs), params, tuple(positions))
+
+
 # --- random expressions over the op catalogue --------------------------------------------------
 
 
@@ -187,7 +310,9 @@ class Step:
 
 
 def _literal(value: Any) -> str:
-    return repr(value.tolist()) if isinstance(value, np.ndarray) else repr(value)
+    if isinstance(value, np.ndarray):
+        return f"np.array({value.tolist()!r}, dtype=np.{value.dtype})"
+    return repr(value)
 
 
 class Expression:
@@ -233,95 +358,32 @@ class Expression:
 Pool = dict[str, np.ndarray[Any, Any]]
 
 
-def _broadcasts(a: np.ndarray[Any, Any], b: np.ndarray[Any, Any]) -> bool:
-    try:
-        np.broadcast_shapes(a.shape, b.shape)
-    except ValueError:
+def _chainable(op: OpDef) -> bool:
+    """Ops an expression can draw: a ``fits`` rule, one or two float inputs, all before any data
+    input (so that a step reads ``g.op(v1, v2, labels=...)``)."""
+    if op.sample is None or op.sample.fits is None or op.variadic:
         return False
-    return True
-
-
-def _matmul_fits(a: np.ndarray[Any, Any], b: np.ndarray[Any, Any]) -> bool:
-    if not (1 <= a.ndim <= 2 and 1 <= b.ndim <= 2):
-        return False
-    return bool(a.shape[-1] == (b.shape[0] if b.ndim == 1 else b.shape[-2]))
-
-
-# Each rule: which variables (or pairs) an op may take, judged on their current values so that
-# every op stays in its safe domain: positive for log and fractional powers, away from zero for
-# div, away from relu's kink, bounded for exp.
-_UNARY_DOMAINS: dict[str, Callable[[np.ndarray[Any, Any]], bool]] = {
-    "neg": lambda v: True,
-    "scale": lambda v: True,
-    "tanh": lambda v: True,
-    "sigmoid": lambda v: True,
-    "gelu": lambda v: True,
-    "dropout": lambda v: True,
-    "sum": lambda v: True,
-    "mean": lambda v: True,
-    "pow": lambda v: True,
-    "exp": lambda v: bool(v.max() <= 3.0),
-    "log": lambda v: bool(v.min() >= 0.25),
-    "relu": lambda v: bool(np.abs(v).min() >= 0.05),
-    "reshape": lambda v: v.size > 1,
-    "transpose": lambda v: v.ndim >= 2,
-    "softmax": lambda v: v.ndim >= 1,
-    "log_softmax": lambda v: v.ndim >= 1,
-    "cross_entropy": lambda v: v.ndim == 2,
-    "lora_linear": lambda v: v.ndim >= 1,  # its weights are drawn as new inputs
-}
-_BINARY_DOMAINS: dict[str, Callable[[np.ndarray[Any, Any], np.ndarray[Any, Any]], bool]] = {
-    "add": _broadcasts,
-    "sub": _broadcasts,
-    "mul": _broadcasts,
-    "div": lambda a, b: _broadcasts(a, b) and bool(np.abs(b).min() >= 0.25),
-    "matmul": _matmul_fits,
-    "mse_loss": lambda a, b: a.shape == b.shape,
-}
-
-
-def _params(draw: st.DrawFn, op: str, v: np.ndarray[Any, Any]) -> dict[str, Any]:
-    """Draw the non-array arguments of a unary op applied to a value ``v``."""
-    if op == "scale":
-        return {"c": draw(st.sampled_from([-1.5, -0.5, 0.5, 2.0]))}
-    if op == "pow":
-        fractional = bool(v.min() >= 0.25)
-        return {"p": draw(st.sampled_from([2, 3, 0.5, -1.0, 1.5] if fractional else [2, 3]))}
-    if op in ("sum", "mean"):
-        axis = draw(st.none() | st.integers(-v.ndim, v.ndim - 1)) if v.ndim else None
-        return {"axis": axis, "keepdims": draw(st.booleans())}
-    if op == "reshape":
-        return {"shape": draw(st.sampled_from([(-1,), (v.size, 1), tuple(reversed(v.shape))]))}
-    if op == "transpose":
-        return {"axes": draw(st.none() | st.permutations(range(v.ndim)).map(tuple))}
-    if op in ("softmax", "log_softmax"):
-        return {"axis": draw(st.integers(-v.ndim, v.ndim - 1))}
-    if op == "gelu":
-        return {"approximate": draw(st.sampled_from(["none", "tanh"]))}
-    if op == "cross_entropy":
-        n, classes = v.shape
-        labels = draw(st.lists(st.integers(0, classes - 1), min_size=n, max_size=n))
-        return {"labels": np.array(labels)}
-    if op == "dropout":
-        return {"p": draw(st.sampled_from([0.25, 0.5])), "rng": draw(st.integers(0, 999))}
-    if op == "lora_linear":
-        return {"scaling": draw(st.sampled_from([0.5, 2.0]))}
-    return {}
+    kinds = [slot.kind for slot in op.slots if not slot.optional or slot.kind != "float"]
+    floats = kinds.count("float")
+    return 1 <= floats <= 2 and kinds[:floats] == ["float"] * floats
 
 
 def _choices(pool: Pool) -> dict[str, list[tuple[str, ...]]]:
-    """For every op, the argument tuples from ``pool`` that keep it in its safe domain."""
+    """For every chainable op, the argument tuples from ``pool`` that keep it in its safe
+    domain."""
     found: dict[str, list[tuple[str, ...]]] = {}
-    for op, ok in _UNARY_DOMAINS.items():
-        args: list[tuple[str, ...]] = [(name,) for name, v in pool.items() if ok(v)]
-        if args:
-            found[op] = args
-    for op, ok2 in _BINARY_DOMAINS.items():
-        pairs: list[tuple[str, ...]] = [
-            (a, b) for a, va in pool.items() for b, vb in pool.items() if ok2(va, vb)
+    for name, op in OPS.items():
+        if not _chainable(op):
+            continue
+        assert op.sample is not None and op.sample.fits is not None
+        arity = sum(1 for slot in op.slots if slot.kind == "float" and not slot.optional)
+        args = [
+            names
+            for names in product(pool, repeat=arity)
+            if op.sample.fits(*(pool[n] for n in names))
         ]
-        if pairs:
-            found[op] = pairs
+        if args:
+            found[name] = args
     return found
 
 
@@ -333,8 +395,9 @@ def expressions(
 
     Draws 1..``max_inputs`` input arrays (of one shape, or its last axis, so that broadcasting
     happens), then 1..``max_ops`` steps, each an op applied to earlier values where they lie in
-    that op's safe domain, and finally a ``sum`` if the last value is not a scalar. Values are
-    kept finite and below 1e3 in magnitude, so that finite differences stay accurate.
+    that op's safe domain (its ``Sample.fits``), with its other arguments drawn by its
+    ``Sample.params``; and finally a ``sum`` if the last value is not a scalar. Values are kept
+    finite and below 1e3 in magnitude, so that finite differences stay accurate.
     """
     shape = draw(shapes(min_dims=1, max_dims=2, max_side=max_side))
     inputs = [
@@ -345,24 +408,13 @@ def expressions(
     nodes: dict[str, NodeId] = {f"x{i}": scratch.constant(a) for i, a in enumerate(inputs)}
     pool: Pool = {name: np.array(scratch.value(node)) for name, node in nodes.items()}
     steps: list[Step] = []
-
-    def new_input(input_shape: Shape) -> str:
-        """Draw a fresh input array (a layer's weight) and return its name."""
-        name = f"x{len(inputs)}"
-        inputs.append(draw(arrays(input_shape, min_value=-1.0, max_value=1.0)))
-        nodes[name] = scratch.constant(inputs[-1])
-        return name
-
+    drawer = _Drawer(draw, empty=False)
     for _ in range(draw(st.integers(1, max_ops))):
         options = _choices(pool)
         op = draw(st.sampled_from(sorted(options)))
         args = draw(st.sampled_from(options[op]))
-        params = _params(draw, op, pool[args[0]]) if len(args) == 1 else {}
-        if op == "lora_linear":  # x [..., in] -> [..., out] through new W, A, B (and bias)
-            n_in, n_out, rank = pool[args[0]].shape[-1], draw(st.integers(1, 3)), 1
-            weights: list[Shape] = [(n_in, n_out), (n_in, rank), (rank, n_out)]
-            weights += [(n_out,)] if draw(st.booleans()) else []
-            args = (args[0], *(new_input(w) for w in weights))
+        assert OPS[op].sample is not None
+        params = OPS[op].sample.params(drawer, *(pool[a] for a in args))  # type: ignore[union-attr]
         node = getattr(scratch, op)(*(nodes[a] for a in args), **params)
         value = np.array(scratch.value(node))
         if not (np.isfinite(value).all() and np.abs(value).max(initial=0.0) <= 1e3):

@@ -1,0 +1,87 @@
+"""Linear algebra: ``matmul`` (2-D, batched with broadcast batch axes, 1-D promoted as NumPy)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from graphlora.errors import ShapeError
+from graphlora.ops._core import Array, Draw, Grads, Sample, Vjp, builtin, swap, unbroadcast
+
+
+def rows(v: Array) -> Array:
+    """``v`` as a matrix of rows: every axis but the last folded into one (sizes may be 0)."""
+    return v if v.ndim == 2 else v.reshape(math.prod(v.shape[:-1]), v.shape[-1])
+
+
+def _check_matmul(a: Array, b: Array) -> None:
+    if a.ndim == 0 or b.ndim == 0:
+        raise ShapeError(
+            f"matmul: cannot multiply {a.shape} by {b.shape}: operands must have at least "
+            "one axis (use scale or mul for scalars)"
+        )
+    inner_b = b.shape[0] if b.ndim == 1 else b.shape[-2]
+    if a.shape[-1] != inner_b:
+        raise ShapeError(
+            f"matmul: cannot multiply {a.shape} by {b.shape}: inner dimensions "
+            f"{a.shape[-1]} != {inner_b}"
+        )
+    if a.ndim > 2 and b.ndim > 2:
+        try:
+            np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        except ValueError:
+            raise ShapeError(
+                f"matmul: cannot multiply {a.shape} by {b.shape}: batch axes "
+                f"{a.shape[:-2]} and {b.shape[:-2]} do not broadcast together"
+            ) from None
+
+
+def _matmul_inputs(draw: Draw) -> tuple[Array | None, ...]:
+    n, k, m = draw.shape(min_dims=3, max_dims=3)
+    batch_a, batch_b = draw.broadcastable(2, max_dims=2)
+    a_shape: tuple[int, ...] = (*batch_a, n, k)
+    b_shape: tuple[int, ...] = (*batch_b, k, m)
+    form = draw.choice(["matrices", "vector @ matrix", "matrix @ vector"])
+    if form == "vector @ matrix":
+        a_shape = (k,)
+    elif form == "matrix @ vector":
+        b_shape = (k,)
+    return draw.floats(a_shape), draw.floats(b_shape)
+
+
+def _matmul_fits(a: Array, b: Array) -> bool:
+    return 1 <= a.ndim <= 2 and 1 <= b.ndim <= 2 and a.shape[-1] == b.shape[-2 if b.ndim > 1 else 0]
+
+
+@builtin(
+    check=_check_matmul,
+    sample=Sample(_matmul_inputs, fits=_matmul_fits),
+    torch=lambda t, a, b: t.matmul(a, b),
+)
+def matmul(a: Array, b: Array) -> tuple[Array, Vjp]:
+    """Matrix product ``a @ b`` (NumPy rules: batched, broadcast, 1-D promoted).
+
+    VJP: ``(g @ b.T, a.T @ g)`` over the last two axes, un-broadcast over the batch axes.
+    """
+
+    def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
+        if a.ndim == 2 and b.ndim == 2:  # the common case: (n, k) @ (k, m) -> (n, m)
+            return (g @ b.T if needs[0] else None, a.T @ g if needs[1] else None)
+        # Promote 1-D operands as NumPy does, so one formula covers every case.
+        a2 = a[np.newaxis, :] if a.ndim == 1 else a  # (..., n, k)
+        b2 = b[:, np.newaxis] if b.ndim == 1 else b  # (..., k, m)
+        g2 = g[..., np.newaxis] if b.ndim == 1 else g
+        g2 = g2[..., np.newaxis, :] if a.ndim == 1 else g2  # (..., n, m)
+        ga = gb = None
+        if needs[0]:
+            ga = unbroadcast(g2 @ swap(b2), a2.shape).reshape(a.shape)
+        if needs[1]:
+            if b2.ndim == 2:
+                # Fold the batch axes into one matrix product: (k, B*n) @ (B*n, m) -> (k, m).
+                gb = (rows(a2).T @ rows(g2)).reshape(b.shape)  # b has no batch axes: all are a's
+            else:
+                gb = unbroadcast(swap(a2) @ g2, b2.shape).reshape(b.shape)
+        return ga, gb
+
+    return np.asarray(a @ b), vjp

@@ -1,0 +1,192 @@
+"""Losses and dropout: ``mse_loss``, ``cross_entropy`` (integer labels, ``ignore_index``,
+``label_smoothing``), ``dropout`` (inverted)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from graphlora._checks import Rng, as_generator, check_rng, probability, real
+from graphlora.errors import ShapeError
+from graphlora.ops._core import Array, Draw, Grads, Params, Sample, Vjp, builtin, elementwise
+from graphlora.ops.activations import stable_log_softmax
+
+
+def _check_mse_loss(pred: Array, target: Array) -> None:
+    if pred.shape != target.shape:
+        raise ShapeError(
+            f"mse_loss: pred has shape {pred.shape} but target has shape {target.shape}; "
+            "they must be equal"
+        )
+
+
+def _same_shape_inputs(draw: Draw) -> tuple[Array | None, ...]:
+    shape = draw.shape()
+    return draw.floats(shape), draw.floats(shape)
+
+
+@builtin(
+    check=_check_mse_loss,
+    sample=Sample(_same_shape_inputs, fits=lambda a, b: a.shape == b.shape),
+    torch=lambda t, pred, target: t.nn.functional.mse_loss(pred, target),
+)
+def mse_loss(pred: Array, target: Array) -> tuple[Array, Vjp]:
+    """``mean((pred - target)**2)`` (NaN for empty arrays, as PyTorch).
+    VJP: ``(2 g d / n, -2 g d / n)``, ``d = pred - target``."""
+    diff = pred - target
+
+    def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
+        if diff.size == 0:
+            return (
+                np.zeros_like(diff) if needs[0] else None,
+                np.zeros_like(diff) if needs[1] else None,
+            )
+        g_pred = diff * (2.0 * float(g) / diff.size)  # g is the loss's (scalar) gradient
+        return (g_pred if needs[0] else None, -g_pred if needs[1] else None)
+
+    flat = diff.ravel()
+    loss = np.dot(flat, flat) / diff.size if diff.size else np.nan  # no elements: NaN
+    return np.asarray(loss, dtype=diff.dtype), vjp  # the mean of squares, as one dot product
+
+
+def _check_cross_entropy(
+    logits: Array,
+    labels: npt.NDArray[np.integer[Any]],
+    *,
+    ignore_index: object = -100,
+    label_smoothing: object = 0.0,
+) -> Params:
+    where = "cross_entropy"
+    if logits.ndim == 0 or logits.shape[-1] == 0:
+        raise ShapeError(
+            f"{where}: logits must be [..., C] with the C >= 1 classes on the last axis, got "
+            f"shape {logits.shape}"
+        )
+    if labels.shape != logits.shape[:-1]:
+        raise ShapeError(
+            f"{where}: labels must have shape {logits.shape[:-1]} to match logits "
+            f"{logits.shape}, got {labels.shape}"
+        )
+    if isinstance(ignore_index, (bool, np.bool_)) or not isinstance(
+        ignore_index, (int, np.integer)
+    ):
+        raise TypeError(f"{where}: ignore_index must be an int, got {ignore_index!r}")
+    classes = logits.shape[-1]
+    bad = labels[((labels < 0) | (labels >= classes)) & (labels != ignore_index)]
+    if bad.size:
+        raise ValueError(
+            f"{where}: labels must lie in [0, {classes}) for {classes} classes (or equal "
+            f"ignore_index {ignore_index}), got {bad[:5].tolist()}{' ...' if bad.size > 5 else ''}"
+        )
+    smoothing = real(where, "label_smoothing", label_smoothing, 0.0, 1.0 + 1e-12)
+    return {"ignore_index": int(ignore_index), "label_smoothing": min(smoothing, 1.0)}
+
+
+def _logits_inputs(draw: Draw) -> tuple[Array | None, ...]:
+    batch = draw.shape(max_dims=2)
+    classes = draw.shape(min_dims=1, max_dims=1, min_side=1)
+    return (draw.floats(batch + classes),)
+
+
+def _cross_entropy_params(draw: Draw, logits: Array) -> Params:
+    *batch, classes = logits.shape
+    labels = draw.ints(tuple(batch), 0, classes)
+    if labels.size > 1 and draw.choice([False, True]):
+        labels.flat[draw.choice(range(1, labels.size))] = -100  # one ignored, never all
+    return {"labels": labels, "label_smoothing": draw.choice([0.0, 0.0, 0.1])}
+
+
+def _torch_cross_entropy(
+    t: Any, logits: Any, labels: Any, ignore_index: int = -100, label_smoothing: float = 0.0
+) -> Any:
+    classes = logits.shape[-1]
+    return t.nn.functional.cross_entropy(
+        logits.reshape(-1, classes),
+        labels.reshape(-1),
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+    )
+
+
+@builtin(
+    check=_check_cross_entropy,
+    data={"labels": "int"},
+    sample=Sample(
+        _logits_inputs, _cross_entropy_params, fits=lambda x: x.ndim >= 1 and x.shape[-1] > 0
+    ),
+    torch=_torch_cross_entropy,
+)
+def cross_entropy(
+    logits: Array,
+    labels: npt.NDArray[np.integer[Any]],
+    *,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> tuple[Array, Vjp]:
+    """Mean cross-entropy of ``logits [..., C]`` (classes on the LAST axis, unlike PyTorch's
+    N-d form, which puts them on axis 1) against integer ``labels [...]``.
+
+    Rows whose label is ``ignore_index`` count for nothing; the mean is over the others (NaN if
+    there are none, as PyTorch). With ``label_smoothing = e`` the target is ``(1 - e)`` on the
+    label plus ``e / C`` on every class, as in PyTorch.
+    VJP: ``(g * (softmax(logits) - (1 - e) onehot(labels) - e / C) / n,)`` on the kept rows.
+    """
+    classes = logits.shape[-1]
+    logp = stable_log_softmax(logits, -1).reshape(-1, classes)  # (N, C)
+    flat = labels.reshape(-1)  # (N,)
+    kept = np.flatnonzero(flat != ignore_index)
+    every_row = kept.size == flat.size
+    rows = np.arange(flat.size) if every_row else kept
+    picked = flat[rows]
+    n = rows.size
+    e = label_smoothing
+    with np.errstate(invalid="ignore"):  # no rows kept: 0 / 0, NaN, as PyTorch
+        loss = -(logp[rows, picked].sum() / n)
+        if e:
+            loss = (1 - e) * loss - e / classes * (logp[rows].sum() / n)
+
+    def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
+        grad = np.exp(logp)
+        if not every_row:
+            dropped = np.ones(flat.size, dtype=bool)
+            dropped[rows] = False
+            grad[dropped] = 0.0
+        grad[rows, picked] -= 1.0 - e
+        if e:
+            grad[rows] -= e / classes
+        if n:
+            grad *= g / n
+        return grad.reshape(logits.shape), None  # labels get no gradient
+
+    return np.asarray(loss, dtype=logits.dtype), vjp
+
+
+def dropout_mask(
+    shape: tuple[int, ...], dtype: npt.DTypeLike, p: float, rng: np.random.Generator
+) -> Array:
+    """The mask of inverted dropout: ``0`` with probability ``p``, else ``1 / (1 - p)``."""
+    mask: Array = ((rng.random(shape) >= p) * (1.0 / (1.0 - p))).astype(dtype, copy=False)
+    return mask
+
+
+def _check_dropout(x: Array, *, p: object, rng: object = None) -> Params:
+    return {"p": probability("dropout", "p", p), "rng": check_rng("dropout", rng)}
+
+
+def _dropout_params(draw: Draw, x: Array) -> Params:
+    return {"p": draw.choice([0.25, 0.5, 0.9]), "rng": draw.choice(range(1000))}
+
+
+@builtin(check=_check_dropout, sample=elementwise(params=_dropout_params), smooth=False)
+def dropout(x: Array, *, p: float, rng: Rng = None) -> tuple[Array, Vjp]:
+    """Inverted dropout: zero each element with probability ``p``, scale the rest by
+    ``1/(1-p)``. ``rng``: a Generator (each call draws the next mask), an int seed (the same
+    mask every call) or ``None``.  VJP: ``(g * mask,)`` with the same mask."""
+    mask = dropout_mask(x.shape, x.dtype, p, as_generator("dropout", rng))
+
+    def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
+        return (g * mask,)
+
+    return x * mask, vjp

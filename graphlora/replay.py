@@ -1,0 +1,136 @@
+"""``Graph.compile``'s ``Replay``: a recorded step that runs again, without recording it again.
+
+Each recorded node keeps its op function and its checked parameters, so a replay calls the same
+functions in tape order on the leaves' current values (replacing each node's value as it goes),
+then runs the same backward walk as ``Graph.backward``. Exact by construction: a replay gives the
+values and gradients a new recording of the same calls would give, to the last bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from graphlora.errors import GraphError, NonFiniteError, StaleNodeError
+from graphlora.graph import Graph, NodeId, _anomaly, _read_only, needs_grad
+from graphlora.ops import Array, Vjp
+
+__all__ = ["Replay"]
+
+
+class Replay:
+    """A recorded step that runs again: forward over the leaves' current values, then backward.
+
+    Made by ``Graph.compile(loss)``; see there for what it keeps and when it ends.
+
+    Examples
+    --------
+    >>> import numpy as np, graphlora as gl
+    >>> g = gl.Graph()
+    >>> w = g.parameter(np.ones(3))
+    >>> loss = g.sum(g.mul(w, w))
+    >>> step = g.compile(loss)
+    >>> g.set_value(w, [1.0, 2.0, 3.0])
+    >>> float(step())
+    14.0
+    >>> g.grad(w)
+    array([2., 4., 6.])
+    """
+
+    __slots__ = ("_epoch", "_graph", "_loss", "_nodes", "_runs", "_seed", "_version")
+
+    def __init__(self, graph: Graph, loss: NodeId, seed: Array, nodes: tuple[NodeId, ...]) -> None:
+        self._graph = graph
+        self._loss = loss
+        self._seed = seed if seed is graph._one else _read_only(seed)  # never written: not owned
+        self._nodes = nodes
+        self._runs = tuple(_rerun(node, graph.dtype) for node in self._nodes)
+        self._epoch = graph._epoch
+        self._version = graph._version
+
+    @property
+    def loss(self) -> NodeId:
+        """The node ``backward`` starts from."""
+        return self._loss
+
+    def __len__(self) -> int:
+        """The number of ops each run computes."""
+        return len(self._nodes)
+
+    def __repr__(self) -> str:
+        return f"Replay({len(self._nodes)} ops, loss={self._loss!r})"
+
+    def __call__(self, *, backward: bool = True) -> Array:
+        """Run the step: every op again, then (unless ``backward=False``) backward from the loss.
+
+        Returns the loss's new value, read-only. If an op raises (in anomaly mode, say), no
+        gradient changes and the leaves are untouched; the ops before it hold their new values,
+        it and the ops after it their old ones (each value is replaced as soon as it is computed,
+        so that a run needs no more memory than the recording did).
+
+        Raises
+        ------
+        StaleNodeError
+            After ``graph.reset()``.
+        GraphError
+            After ``requires_grad_`` changed a leaf or ``end_replays`` was called (by a layer that
+            merged its weights, say), or for ``backward`` when the loss depends on no parameter.
+        """
+        graph, loss, nodes = self._graph, self._loss, self._nodes
+        if graph._epoch != self._epoch:
+            raise StaleNodeError(
+                f"Replay: the step of {loss!r} was recorded before the last reset(); record it "
+                "again and compile that"
+            )
+        if graph._version != self._version:
+            raise GraphError(
+                "Replay: a leaf was frozen or unfrozen (requires_grad_), or end_replays was called "
+                "(a layer merged or unmerged its weights), after compile; a replay would not see "
+                "it: record the step again and compile that"
+            )
+        if backward:
+            needs_grad("Replay", loss)
+        check_finite = graph._check_finite
+        for node, run in zip(nodes, self._runs, strict=True):
+            out, vjp = run()
+            if type(out) is not np.ndarray:
+                out = np.asarray(out)
+            if check_finite and not np.isfinite(out).all():
+                raise NonFiniteError(_anomaly(node._op, node._inputs, out, "forward output", node))
+            node._value = out  # the old value goes at once: a run holds one value per node
+            if node._requires_grad:
+                node._vjp = vjp
+        if backward:
+            graph._backward(loss, self._seed, False, False)
+        assert loss._value is not None
+        return _read_only(loss._value)
+
+
+def _rerun(node: NodeId, dtype: np.dtype[np.floating]) -> Callable[[], tuple[Array, Vjp]]:
+    """A function that runs ``node``'s op again on its inputs' current values."""
+    fn, inputs, params, casts = node._fn, node._inputs, node._params or {}, node._casts
+    assert fn is not None
+    if all(type(n) is NodeId for n in inputs) and not params and not casts:  # the common calls
+        if len(inputs) == 1:
+            (x,) = inputs
+            assert isinstance(x, NodeId)
+            return lambda: fn(x._value)
+        if len(inputs) == 2:
+            a, b = inputs
+            assert isinstance(a, NodeId) and isinstance(b, NodeId)
+            return lambda: fn(a._value, b._value)
+
+    if not casts:
+        return lambda: fn(*[n._value if type(n) is NodeId else n for n in inputs], **params)
+
+    def values() -> list[Any]:
+        """Nodes' current values, data given as arrays and left-out inputs as recorded, and
+        integer/bool data that the op reads as floats converted as when recorded."""
+        found: list[Any] = [n._value if type(n) is NodeId else n for n in inputs]
+        for i in casts:
+            found[i] = np.asarray(found[i]).astype(dtype)
+        return found
+
+    return lambda: fn(*values(), **params)
