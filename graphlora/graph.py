@@ -795,6 +795,10 @@ class Graph:
         """Natural logarithm (``x <= 0`` gives NaN or -inf, as in NumPy)."""
         return self._record(activations.log, (x,), {})
 
+    def softplus(self, x: NodeId) -> NodeId:
+        """``log(1 + exp(x))``, computed stably."""
+        return self._record(activations.softplus, (x,), {})
+
     def gelu(self, x: NodeId, approximate: str = "none") -> NodeId:
         """GELU: exact ``x * Phi(x)`` (default, as PyTorch) or ``approximate="tanh"``."""
         return self._record(activations.gelu, (x,), {"approximate": approximate})

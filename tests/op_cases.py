@@ -96,6 +96,7 @@ REFERENCES: dict[str, Reference] = {
     "sigmoid": lambda x: 1 / (1 + np.exp(-x)),
     "exp": np.exp,
     "log": np.log,
+    "softplus": lambda x: np.log(1 + np.exp(x)),
     "gelu": _gelu,
     "softmax": lambda x, axis=-1: _softmax(x, axis),
     "log_softmax": lambda x, axis=-1: _log_softmax(x, axis),
