@@ -24,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from graphlora import _checks
+from graphlora.catalogue import OpMethods
 from graphlora.errors import (
     ForeignNodeError,
     GraphError,
@@ -31,9 +32,8 @@ from graphlora.errors import (
     ShapeError,
     StaleNodeError,
 )
-from graphlora.ops import OpDef, activations, arithmetic, linalg, losses, reductions
-from graphlora.ops import shape as shape_ops
-from graphlora.ops._core import Array, Grads, Op, Vjp, check_kinds
+from graphlora.ops import OpDef
+from graphlora.ops._core import Array, Op, Vjp, check_kinds, wrap_function
 
 if TYPE_CHECKING:
     from graphlora.replay import Replay
@@ -174,7 +174,6 @@ class NodeId:
         return f"NodeId({self._id}, op={self._op!r}, shape={self._value.shape}{name})"
 
 
-Scalar = float | int | np.floating[Any] | np.integer[Any]
 Input = NodeId | Array | None
 """What an op node keeps of each input: its node, data given as a plain array, or ``None``."""
 
@@ -203,7 +202,7 @@ class _Scope:
         self._graph._scope = self._outer.pop()
 
 
-class Graph:
+class Graph(OpMethods):
     """A tape-based reverse-mode autograd graph over NumPy arrays.
 
     Parameters
@@ -590,14 +589,9 @@ class Graph:
         name = getattr(op, "__name__", type(op).__name__)
         inputs, values, casts = self._inputs(name, None, nodes)
         shapes = [value.shape for value in values if value is not None]
-
-        def run(*arrays: Array, **kwargs: Any) -> tuple[Array, Vjp]:
-            result = op(*arrays, **kwargs)
-            if not (isinstance(result, tuple) and len(result) == 2 and callable(result[1])):
-                raise TypeError(f"apply: {name} must return a pair (out, vjp), got {result!r:.80}")
-            out = self._as_array(result[0], f"apply: {name}", "its output")
-            return out, _checked_vjp(name, result[1], shapes)
-
+        run = wrap_function(
+            op, name, shapes, lambda out: self._as_array(out, f"apply: {name}", "its output")
+        )
         needs = tuple([type(node) is NodeId and node._requires_grad for node in inputs])
         return self._push(name, run, tuple(inputs), values, params, casts, needs)
 
@@ -719,148 +713,14 @@ class Graph:
         tape.append(node)
         return node
 
-    # --- the op catalogue (graphlora.ops): one line each --------------------------------------
-
-    def add(self, a: NodeId, b: NodeId) -> NodeId:
-        """``a + b`` with NumPy broadcasting; gradients are summed back to each input's shape."""
-        return self._record(arithmetic.add, (a, b), {})
-
-    def sub(self, a: NodeId, b: NodeId) -> NodeId:
-        """``a - b`` with NumPy broadcasting."""
-        return self._record(arithmetic.sub, (a, b), {})
-
-    def mul(self, a: NodeId, b: NodeId) -> NodeId:
-        """Elementwise ``a * b`` with NumPy broadcasting."""
-        return self._record(arithmetic.mul, (a, b), {})
-
-    def div(self, a: NodeId, b: NodeId) -> NodeId:
-        """Elementwise ``a / b`` with NumPy broadcasting (division by zero follows NumPy)."""
-        return self._record(arithmetic.div, (a, b), {})
-
-    def scale(self, x: NodeId, c: Scalar) -> NodeId:
-        """``c * x`` for a real scalar ``c`` (a Python or NumPy number, not an array)."""
-        return self._record(arithmetic.scale, (x,), {"c": c})
-
-    def neg(self, x: NodeId) -> NodeId:
-        """``-x``."""
-        return self._record(arithmetic.neg, (x,), {})
-
-    def pow(self, x: NodeId, p: Scalar) -> NodeId:
-        """``x ** p`` for a real scalar exponent ``p``."""
-        return self._record(arithmetic.pow, (x,), {"p": p})
-
-    def matmul(self, a: NodeId, b: NodeId) -> NodeId:
-        """Matrix product ``a @ b`` with NumPy's rules: ``[n, k] @ [k, m]``, batched
-        ``[..., n, k] @ [..., k, m]`` with batch axes broadcast, 1-D operands promoted. Scalars
-        (0-D) are refused: use ``scale`` or ``mul``."""
-        return self._record(linalg.matmul, (a, b), {})
-
-    def sum(
-        self, x: NodeId, axis: int | Sequence[int] | None = None, keepdims: bool = False
-    ) -> NodeId:
-        """Sum over ``axis`` (``None``: all axes; an int or a tuple of ints), as ``np.sum``."""
-        return self._record(reductions.sum, (x,), {"axis": axis, "keepdims": keepdims})
-
-    def mean(
-        self, x: NodeId, axis: int | Sequence[int] | None = None, keepdims: bool = False
-    ) -> NodeId:
-        """Mean over ``axis`` (``None``: all axes; an int or a tuple of ints), as ``np.mean``."""
-        return self._record(reductions.mean, (x,), {"axis": axis, "keepdims": keepdims})
-
-    def reshape(self, x: NodeId, shape: int | Sequence[int]) -> NodeId:
-        """``x.reshape(shape)``; one entry may be ``-1``."""
-        return self._record(shape_ops.reshape, (x,), {"shape": shape})
-
-    def transpose(self, x: NodeId, axes: Sequence[int] | None = None) -> NodeId:
-        """``np.transpose(x, axes)``; ``axes=None`` reverses the axes."""
-        return self._record(shape_ops.transpose, (x,), {"axes": axes})
-
-    def relu(self, x: NodeId) -> NodeId:
-        """``max(x, 0)``; the gradient at 0 is 0, as in PyTorch."""
-        return self._record(activations.relu, (x,), {})
-
-    def tanh(self, x: NodeId) -> NodeId:
-        """Hyperbolic tangent."""
-        return self._record(activations.tanh, (x,), {})
-
-    def sigmoid(self, x: NodeId) -> NodeId:
-        """Logistic sigmoid ``1 / (1 + exp(-x))``, without overflow."""
-        return self._record(activations.sigmoid, (x,), {})
-
-    def exp(self, x: NodeId) -> NodeId:
-        """Elementwise ``exp(x)``."""
-        return self._record(activations.exp, (x,), {})
-
-    def log(self, x: NodeId) -> NodeId:
-        """Natural logarithm (``x <= 0`` gives NaN or -inf, as in NumPy)."""
-        return self._record(activations.log, (x,), {})
-
-    def softplus(self, x: NodeId) -> NodeId:
-        """``log(1 + exp(x))``, computed stably."""
-        return self._record(activations.softplus, (x,), {})
-
-    def gelu(self, x: NodeId, approximate: str = "none") -> NodeId:
-        """GELU: exact ``x * Phi(x)`` (default, as PyTorch) or ``approximate="tanh"``."""
-        return self._record(activations.gelu, (x,), {"approximate": approximate})
-
-    def softmax(self, x: NodeId, axis: int = -1) -> NodeId:
-        """Softmax along ``axis``, numerically stable."""
-        return self._record(activations.softmax, (x,), {"axis": axis})
-
-    def log_softmax(self, x: NodeId, axis: int = -1) -> NodeId:
-        """``log(softmax(x))`` along ``axis``, computed stably as ``x - logsumexp(x)``."""
-        return self._record(activations.log_softmax, (x,), {"axis": axis})
-
-    def mse_loss(self, pred: NodeId, target: NodeId) -> NodeId:
-        """Mean squared error ``mean((pred - target)**2)``; the shapes must be equal."""
-        return self._record(losses.mse_loss, (pred, target), {})
-
-    def cross_entropy(
-        self,
-        logits: NodeId,
-        labels: NodeId | npt.ArrayLike,
-        *,
-        ignore_index: int = -100,
-        label_smoothing: float = 0.0,
-    ) -> NodeId:
-        """Mean cross-entropy of ``logits [..., C]`` (classes LAST) against integer ``labels
-        [...]``: a NodeId of integer data (fed by ``set_value`` to a compiled step) or an array.
-        ``ignore_index`` and ``label_smoothing`` as in PyTorch."""
-        params = {"ignore_index": ignore_index, "label_smoothing": label_smoothing}
-        return self._record(losses.cross_entropy, (logits, labels), params)
-
-    def dropout(self, x: NodeId, p: float, rng: _checks.Rng = None) -> NodeId:
-        """Inverted dropout: zero each element with probability ``p`` and scale the rest by
-        ``1 / (1 - p)``, so the expected value is unchanged.
-
-        The rule: dropout acts only while gradients are recorded (training). With ``p == 0`` or
-        inside ``no_grad()`` it is the identity and returns ``x`` itself, recording nothing.
-        ``rng``: a ``np.random.Generator``, an int seed (the same seed draws the same mask) or
-        ``None`` for fresh entropy; the global NumPy random state is never used.
-        """
-        if _checks.probability("dropout", "p", p) == 0.0 or not self._grad_enabled:
-            return self.check(x, "dropout", "x")
-        return self._record(losses.dropout, (x,), {"p": p, "rng": rng})
-
     # --- replay and backward ------------------------------------------------------------------
 
     def compile(self, loss: NodeId, grad: npt.ArrayLike | None = None) -> Replay:
-        """Make the step recorded so far into a ``Replay`` that runs it again without recording.
-
-        ``step = graph.compile(loss)`` keeps the ops recorded up to and including ``loss``. Each
-        ``step()`` runs the same op functions with the same parameters on the leaves' current
-        values, refreshes every recorded node's value, then runs ``backward(loss, grad)``. The
-        values and gradients are exactly those of recording the same calls again, without the
-        cost of recording them: no checks, no new NodeIds.
-
-        Data that changes from step to step must come in through leaves (``set_value``: a data
-        leaf of labels or token ids feeds each step its batch, an optimizer updates the
-        parameters); other arguments (a ``scale`` factor, labels given as a plain array, a
-        dropout mask given as an array) are fixed when recorded, and so are the decisions Python
-        took while recording, as in a trace. Dropout draws a new mask on each run from the
-        Generator it was given, as a new recording would. Ops recorded after ``loss`` are not run
-        again. ``reset`` ends the replay (running it then raises ``StaleNodeError``), and so do
-        ``requires_grad_`` and ``end_replays`` (``GraphError``).
+        """Make the step recorded so far into a ``Replay``: ``step()`` runs the ops recorded up to
+        and including ``loss`` again on the leaves' current values, then ``backward(loss, grad)``,
+        without recording them again; the values and gradients are exactly those of a new
+        recording. See ``Replay`` for what stays fixed (non-node arguments, Python's decisions)
+        and what ends a replay (``reset``, ``requires_grad_``, ``end_replays``).
 
         Raises
         ------
@@ -1035,30 +895,3 @@ def _added(a: Array, b: Array) -> Array:
     """``a + b`` as a new array (NumPy returns a scalar for two 0-d arrays)."""
     total = a + b
     return total if type(total) is np.ndarray else np.asarray(total)
-
-
-def _checked_vjp(name: str, vjp: Vjp, shapes: list[tuple[int, ...]]) -> Vjp:
-    """Wrap a user VJP so that a wrong number, shape or kind of gradients is a clear error."""
-
-    def checked(g: Array, needs: tuple[bool, ...]) -> Grads:
-        grads = vjp(g, needs)
-        if not isinstance(grads, (tuple, list)) or len(grads) != len(shapes):
-            raise GraphError(
-                f"{name}: its VJP must return a tuple of {len(shapes)} gradients (one per input, "
-                f"None allowed), got {grads!r:.80}"
-            )
-        result: list[Array | None] = []
-        for i, (gi, shape, need) in enumerate(zip(grads, shapes, needs, strict=True)):
-            if gi is None or not need:
-                result.append(None)
-                continue
-            array = np.asarray(gi, dtype=g.dtype)
-            if array.shape != shape:
-                raise ShapeError(
-                    f"{name}: its VJP returned a gradient of shape {array.shape} for input {i} "
-                    f"of shape {shape}"
-                )
-            result.append(array)
-        return tuple(result)
-
-    return checked

@@ -23,7 +23,19 @@ __all__ = ["Replay"]
 class Replay:
     """A recorded step that runs again: forward over the leaves' current values, then backward.
 
-    Made by ``Graph.compile(loss)``; see there for what it keeps and when it ends.
+    Made by ``Graph.compile(loss)``. Each call runs the ops recorded up to and including the loss
+    with the same op functions and the same checked parameters, on the leaves' current values,
+    refreshes every recorded node's value, then runs ``backward(loss, grad)``: exactly what
+    recording the same calls again gives, without the cost of recording (no checks, no new
+    NodeIds). Ops recorded after the loss are not run again.
+
+    Data that changes from step to step must come in through leaves (``set_value``: a data leaf
+    of labels or token ids feeds each step its batch; an optimizer updates the parameters in
+    place). Other arguments (a ``scale`` factor, labels or a dropout mask given as plain arrays)
+    are fixed when recorded, and so are the decisions Python took while recording, as in a trace.
+    Dropout draws a new mask on each run from the Generator it was given, as a new recording
+    would. ``reset`` ends the replay (running it then raises ``StaleNodeError``), and so do
+    ``requires_grad_`` and ``Graph.end_replays`` (``GraphError``).
 
     Examples
     --------

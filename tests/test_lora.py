@@ -683,6 +683,15 @@ def test_lora_linear_dropout_draws_as_the_dropout_op_does() -> None:
 
 
 def test_the_engine_knows_nothing_of_lora() -> None:
-    source = Path(gl.graph.__file__).read_text(encoding="utf-8")
-    assert re.search(r"(?<!graph)lora", source, flags=re.IGNORECASE) is None
+    package = Path(gl.__file__).parent
+    engine = [
+        "graph.py",
+        "catalogue.py",
+        "replay.py",
+        "_checks.py",
+        *[f"ops/{p.name}" for p in (package / "ops").glob("*.py")],
+    ]
+    for name in engine:
+        source = (package / name).read_text(encoding="utf-8")
+        assert re.search(r"(?<!graph)lora", source, flags=re.IGNORECASE) is None, name
     assert not hasattr(gl.Graph, "lora_linear")

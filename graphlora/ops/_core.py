@@ -19,7 +19,7 @@ from typing import Any, Protocol, TypeAlias, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from graphlora.errors import ShapeError
+from graphlora.errors import GraphError, ShapeError
 
 __all__ = [
     "OPS",
@@ -40,6 +40,7 @@ __all__ = [
     "op",
     "swap",
     "unbroadcast",
+    "wrap_function",
 ]
 
 Array: TypeAlias = npt.NDArray[Any]
@@ -399,3 +400,46 @@ def broadcast_check(name: str) -> Callable[..., None]:
                 ) from None
 
     return check
+
+
+def wrap_function(
+    fn: Op, name: str, shapes: Sequence[tuple[int, ...]], as_output: Callable[[object], Array]
+) -> Op:
+    """A plain user function ``fn(*arrays, **params) -> (out, vjp)`` made safe to record: its
+    output goes through ``as_output`` (to the graph's dtype), and its VJP's gradients are checked
+    against ``shapes``, the inputs' shapes, so that a wrong number or shape is a clear error."""
+
+    def run(*arrays: Array, **params: Any) -> tuple[Array, Vjp]:
+        result = fn(*arrays, **params)
+        if not (isinstance(result, tuple) and len(result) == 2 and callable(result[1])):
+            raise TypeError(f"apply: {name} must return a pair (out, vjp), got {result!r:.80}")
+        return as_output(result[0]), _checked_vjp(name, result[1], shapes)
+
+    return run
+
+
+def _checked_vjp(name: str, vjp: Vjp, shapes: Sequence[tuple[int, ...]]) -> Vjp:
+    """Wrap a user VJP so that a wrong number, shape or kind of gradients is a clear error."""
+
+    def checked(g: Array, needs: tuple[bool, ...]) -> Grads:
+        grads = vjp(g, needs)
+        if not isinstance(grads, (tuple, list)) or len(grads) != len(shapes):
+            raise GraphError(
+                f"{name}: its VJP must return a tuple of {len(shapes)} gradients (one per input, "
+                f"None allowed), got {grads!r:.80}"
+            )
+        result: list[Array | None] = []
+        for i, (gi, shape, need) in enumerate(zip(grads, shapes, needs, strict=True)):
+            if gi is None or not need:
+                result.append(None)
+                continue
+            array = np.asarray(gi, dtype=g.dtype)
+            if array.shape != shape:
+                raise ShapeError(
+                    f"{name}: its VJP returned a gradient of shape {array.shape} for input {i} "
+                    f"of shape {shape}"
+                )
+            result.append(array)
+        return tuple(result)
+
+    return checked
