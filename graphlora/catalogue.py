@@ -7,6 +7,7 @@ check and VJP live with the op, so a method here is only its signature and a one
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +15,16 @@ import numpy as np
 import numpy.typing as npt
 
 from graphlora import _checks
-from graphlora.ops import OpDef, activations, arithmetic, linalg, losses, reductions
+from graphlora.ops import (
+    OpDef,
+    activations,
+    arithmetic,
+    attention,
+    linalg,
+    losses,
+    normalization,
+    reductions,
+)
 from graphlora.ops import shape as shape_ops
 
 if TYPE_CHECKING:
@@ -64,6 +74,26 @@ class OpMethods:
         """``x ** p`` for a real scalar exponent ``p``."""
         return self._record(arithmetic.pow, (x,), {"p": p})
 
+    def maximum(self, a: NodeId, b: NodeId) -> NodeId:
+        """Elementwise ``max(a, b)`` with broadcasting; ties share the gradient, as PyTorch."""
+        return self._record(arithmetic.maximum, (a, b), {})
+
+    def minimum(self, a: NodeId, b: NodeId) -> NodeId:
+        """Elementwise ``min(a, b)`` with broadcasting; ties share the gradient, as PyTorch."""
+        return self._record(arithmetic.minimum, (a, b), {})
+
+    def where(self, cond: NodeId | npt.ArrayLike, a: NodeId, b: NodeId) -> NodeId:
+        """``a`` where the bool ``cond`` (a data node or an array) is True, else ``b``."""
+        return self._record(arithmetic.where, (cond, a, b), {})
+
+    def abs(self, x: NodeId) -> NodeId:
+        """``|x|``; the gradient at 0 is 0, as in PyTorch."""
+        return self._record(arithmetic.abs, (x,), {})
+
+    def sqrt(self, x: NodeId) -> NodeId:
+        """Elementwise square root."""
+        return self._record(arithmetic.sqrt, (x,), {})
+
     def matmul(self, a: NodeId, b: NodeId) -> NodeId:
         """Matrix product ``a @ b`` with NumPy's rules: ``[n, k] @ [k, m]``, batched
         ``[..., n, k] @ [..., k, m]`` with batch axes broadcast, 1-D operands promoted. Scalars
@@ -82,6 +112,35 @@ class OpMethods:
         """Mean over ``axis`` (``None``: all axes; an int or a tuple of ints), as ``np.mean``."""
         return self._record(reductions.mean, (x,), {"axis": axis, "keepdims": keepdims})
 
+    def max(
+        self, x: NodeId, axis: int | Sequence[int] | None = None, keepdims: bool = False
+    ) -> NodeId:
+        """The largest element over ``axis``, as ``np.max``; ties share the gradient."""
+        return self._record(reductions.max, (x,), {"axis": axis, "keepdims": keepdims})
+
+    def min(
+        self, x: NodeId, axis: int | Sequence[int] | None = None, keepdims: bool = False
+    ) -> NodeId:
+        """The smallest element over ``axis``, as ``np.min``; ties share the gradient."""
+        return self._record(reductions.min, (x,), {"axis": axis, "keepdims": keepdims})
+
+    def logsumexp(
+        self, x: NodeId, axis: int | Sequence[int] | None = -1, keepdims: bool = False
+    ) -> NodeId:
+        """``log(sum(exp(x)))`` over ``axis`` (default the last), computed stably."""
+        return self._record(reductions.logsumexp, (x,), {"axis": axis, "keepdims": keepdims})
+
+    def var(
+        self,
+        x: NodeId,
+        axis: int | Sequence[int] | None = None,
+        keepdims: bool = False,
+        ddof: int = 0,
+    ) -> NodeId:
+        """Variance over ``axis``, as ``np.var`` (``ddof=1``: the unbiased one)."""
+        params = {"axis": axis, "keepdims": keepdims, "ddof": ddof}
+        return self._record(reductions.var, (x,), params)
+
     def reshape(self, x: NodeId, shape: int | Sequence[int]) -> NodeId:
         """``x.reshape(shape)``; one entry may be ``-1``."""
         return self._record(shape_ops.reshape, (x,), {"shape": shape})
@@ -89,6 +148,51 @@ class OpMethods:
     def transpose(self, x: NodeId, axes: Sequence[int] | None = None) -> NodeId:
         """``np.transpose(x, axes)``; ``axes=None`` reverses the axes."""
         return self._record(shape_ops.transpose, (x,), {"axes": axes})
+
+    def getitem(self, x: NodeId, index: Any) -> NodeId:
+        """``x[index]``: NumPy's basic and integer-array (or bool) indexing."""
+        return self._record(shape_ops.getitem, (x,), {"index": index})
+
+    def concat(self, nodes: Sequence[NodeId], axis: int = 0) -> NodeId:
+        """Join ``nodes`` along ``axis``, as ``np.concatenate``."""
+        return self._record(shape_ops.concat, tuple(nodes), {"axis": axis})
+
+    def stack(self, nodes: Sequence[NodeId], axis: int = 0) -> NodeId:
+        """Stack ``nodes`` along a new ``axis``, as ``np.stack``."""
+        return self._record(shape_ops.stack, tuple(nodes), {"axis": axis})
+
+    def split(
+        self, x: NodeId, indices_or_sections: int | Sequence[int], axis: int = 0
+    ) -> tuple[NodeId, ...]:
+        """``np.split``: ``x`` cut along ``axis`` into equal sections (an int) or at indices;
+        a tuple of nodes, each a ``getitem`` slice of ``x``."""
+        where = "split"
+        shape = self.check(x, where, "x").shape
+        axis = _checks.one_axis(where, axis, shape)
+        size = shape[axis]
+        if isinstance(indices_or_sections, (int, np.integer)) and not isinstance(
+            indices_or_sections, bool
+        ):
+            sections = int(indices_or_sections)
+            if sections < 1 or size % sections:
+                raise ValueError(
+                    f"{where}: {size} along axis {axis} does not split into {sections} equal "
+                    "sections; give the indices to cut at instead"
+                )
+            cuts = [size // sections * i for i in range(1, sections)]
+        else:
+            cuts = list(_checks.int_tuple(where, "indices_or_sections", indices_or_sections))
+        bounds = [0, *cuts, size]
+        lead = (slice(None),) * axis
+        return tuple(
+            self._record(shape_ops.getitem, (x,), {"index": (*lead, slice(start, stop))})
+            for start, stop in itertools.pairwise(bounds)
+        )
+
+    def embedding(self, weight: NodeId, ids: NodeId | npt.ArrayLike) -> NodeId:
+        """Rows of ``weight [V, D]`` picked by integer ``ids [...]`` (a data node or an array):
+        ``[..., D]``; ids outside ``[0, V)`` are refused."""
+        return self._record(shape_ops.embedding, (weight, ids), {})
 
     def relu(self, x: NodeId) -> NodeId:
         """``max(x, 0)``; the gradient at 0 is 0, as in PyTorch."""
@@ -114,6 +218,14 @@ class OpMethods:
         """``log(1 + exp(x))``, computed stably."""
         return self._record(activations.softplus, (x,), {})
 
+    def silu(self, x: NodeId) -> NodeId:
+        """SiLU (swish): ``x * sigmoid(x)``."""
+        return self._record(activations.silu, (x,), {})
+
+    def erf(self, x: NodeId) -> NodeId:
+        """The error function."""
+        return self._record(activations.erf, (x,), {})
+
     def gelu(self, x: NodeId, approximate: str = "none") -> NodeId:
         """GELU: exact ``x * Phi(x)`` (default, as PyTorch) or ``approximate="tanh"``."""
         return self._record(activations.gelu, (x,), {"approximate": approximate})
@@ -125,6 +237,34 @@ class OpMethods:
     def log_softmax(self, x: NodeId, axis: int = -1) -> NodeId:
         """``log(softmax(x))`` along ``axis``, computed stably as ``x - logsumexp(x)``."""
         return self._record(activations.log_softmax, (x,), {"axis": axis})
+
+    def layer_norm(
+        self,
+        x: NodeId,
+        weight: NodeId | None = None,
+        bias: NodeId | None = None,
+        eps: float = 1e-5,
+    ) -> NodeId:
+        """Layer norm over the last axis, ``(x - mean) / sqrt(var + eps) * weight + bias``."""
+        return self._record(normalization.layer_norm, (x, weight, bias), {"eps": eps})
+
+    def rms_norm(self, x: NodeId, weight: NodeId | None = None, eps: float = 1e-6) -> NodeId:
+        """RMS norm over the last axis, ``x / sqrt(mean(x**2) + eps) * weight``."""
+        return self._record(normalization.rms_norm, (x, weight), {"eps": eps})
+
+    def scaled_dot_product_attention(
+        self,
+        q: NodeId,
+        k: NodeId,
+        v: NodeId,
+        mask: NodeId | npt.ArrayLike | None = None,
+        causal: bool = False,
+        scale: float | None = None,
+    ) -> NodeId:
+        """``softmax(q kᵀ * scale) v`` over ``[..., T, d]`` inputs, as one op; ``mask`` (bool,
+        True keeps) and ``causal`` hide scores; ``scale`` defaults to ``1 / sqrt(d)``."""
+        params = {"causal": causal, "scale": scale}
+        return self._record(attention.scaled_dot_product_attention, (q, k, v, mask), params)
 
     def mse_loss(self, pred: NodeId, target: NodeId) -> NodeId:
         """Mean squared error ``mean((pred - target)**2)``; the shapes must be equal."""

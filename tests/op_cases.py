@@ -63,6 +63,79 @@ def _reduce(fn: Callable[..., np.ndarray]) -> Reference:
     return reference
 
 
+def _axes(x: np.ndarray, axis: Any) -> tuple[int, ...]:
+    """``axis`` (None, an int or a tuple) as a sorted tuple of non-negative axes."""
+    if axis is None:
+        return tuple(range(x.ndim))
+    return tuple(sorted(int(a) % x.ndim for a in ((axis,) if np.ndim(axis) == 0 else axis)))
+
+
+def _extreme(pick: Callable[..., np.ndarray]) -> Reference:
+    """max or min, complex-safe: the element at the arg-max (arg-min) of the real part."""
+
+    def reference(x: np.ndarray, axis: Any = None, keepdims: bool = False) -> np.ndarray:
+        axes = _axes(x, axis)
+        if not axes:
+            return x.copy()
+        kept = [a for a in range(x.ndim) if a not in axes]
+        moved = np.transpose(x, kept + list(axes))
+        moved = moved.reshape([x.shape[a] for a in kept] + [int(np.prod(moved.shape[len(kept) :]))])
+        out = np.take_along_axis(moved, pick(moved.real, axis=-1)[..., None], axis=-1)[..., 0]
+        if keepdims:
+            out = out.reshape([1 if a in axes else x.shape[a] for a in range(x.ndim)])
+        return out
+
+    return reference
+
+
+def _logsumexp(x: np.ndarray, axis: Any = -1, keepdims: bool = False) -> np.ndarray:
+    axes = _axes(x, axis)
+    top = np.max(x.real, axis=axes, keepdims=True, initial=-np.inf)
+    out = np.log(np.sum(np.exp(x - top), axis=axes, keepdims=True)) + top
+    return out if keepdims else np.squeeze(out, axis=axes)
+
+
+def _var(x: np.ndarray, axis: Any = None, keepdims: bool = False, ddof: int = 0) -> np.ndarray:
+    axes = _axes(x, axis)
+    count = int(np.prod([x.shape[a] for a in axes]))
+    centred = x - np.sum(x, axis=axes, keepdims=True) / count
+    return np.sum(centred * centred, axis=axes, keepdims=keepdims) / (count - ddof)
+
+
+def _layer_norm(
+    x: np.ndarray, weight: Any = None, bias: Any = None, eps: float = 1e-5
+) -> np.ndarray:
+    centred = x - x.mean(axis=-1, keepdims=True)
+    y = centred / np.sqrt((centred * centred).mean(axis=-1, keepdims=True) + eps)
+    y = y if weight is None else y * weight
+    return y if bias is None else y + bias
+
+
+def _rms_norm(x: np.ndarray, weight: Any = None, eps: float = 1e-6) -> np.ndarray:
+    y = x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)
+    return y if weight is None else y * weight
+
+
+def _attention(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    mask: Any = None,
+    causal: bool = False,
+    scale: Any = None,
+) -> np.ndarray:
+    s = (1 / np.sqrt(q.shape[-1]) if q.shape[-1] else 1.0) if scale is None else scale
+    scores = (q @ np.swapaxes(k, -1, -2)) * s
+    keep = np.ones(scores.shape[-2:], dtype=bool) if mask is None else mask
+    if causal:
+        keep = keep & np.tri(q.shape[-2], k.shape[-2], dtype=bool)
+    top = np.max(np.where(keep, scores.real, -np.inf), axis=-1, keepdims=True, initial=-np.inf)
+    top = np.where(np.isfinite(top), top, 0.0)
+    weights = np.where(keep, np.exp(scores - top), 0.0)
+    total = weights.sum(axis=-1, keepdims=True)
+    return (weights / np.where(total.real > 0, total, 1.0)) @ v
+
+
 def _lora_linear(
     x: np.ndarray,
     w: np.ndarray,
@@ -97,6 +170,24 @@ REFERENCES: dict[str, Reference] = {
     "exp": np.exp,
     "log": np.log,
     "softplus": lambda x: np.log(1 + np.exp(x)),
+    "silu": lambda x: x / (1 + np.exp(-x)),
+    "erf": scipy.special.erf,
+    "sqrt": np.sqrt,
+    "abs": lambda x: np.where(x.real >= 0, x, -x),
+    "maximum": lambda a, b: np.where(a.real > b.real, a, b),
+    "minimum": lambda a, b: np.where(a.real < b.real, a, b),
+    "where": lambda cond, a, b: np.where(cond, a, b),
+    "max": _extreme(np.argmax),
+    "min": _extreme(np.argmin),
+    "logsumexp": _logsumexp,
+    "var": _var,
+    "getitem": lambda x, index: x[index],
+    "concat": lambda *xs, axis=0: np.concatenate(xs, axis=axis),
+    "stack": lambda *xs, axis=0: np.stack(xs, axis=axis),
+    "embedding": lambda weight, ids: weight[ids],
+    "layer_norm": _layer_norm,
+    "rms_norm": _rms_norm,
+    "scaled_dot_product_attention": _attention,
     "gelu": _gelu,
     "softmax": lambda x, axis=-1: _softmax(x, axis),
     "log_softmax": lambda x, axis=-1: _log_softmax(x, axis),

@@ -8,14 +8,24 @@ docstring of each op states its VJP in one line. Beside each op, in the same pla
 argument check (run before NumPy, so that errors name the op and the shapes) and its registry
 entry: the kinds of its inputs, where they are safe to test, and the same op in PyTorch.
 
-The ops live in families: ``arithmetic``, ``linalg``, ``reductions``, ``shape``,
-``activations``, ``losses``. ``OPS`` lists them all by name, and each is also an attribute of
-this module (``ops.matmul``); calling one checks its arguments and runs it.
+The ops live in families: ``arithmetic``, ``linalg``, ``reductions``, ``shape`` (and indexing),
+``activations``, ``normalization``, ``attention``, ``losses``. ``OPS`` lists them all by name,
+and each is also an attribute of this module (``ops.matmul``); calling one checks its arguments
+and runs it.
 """
 
 from __future__ import annotations
 
-from graphlora.ops import activations, arithmetic, linalg, losses, reductions, shape
+from graphlora.ops import (
+    activations,
+    arithmetic,
+    attention,
+    linalg,
+    losses,
+    normalization,
+    reductions,
+    shape,
+)
 from graphlora.ops._core import (
     OPS,
     Array,
@@ -49,12 +59,14 @@ __all__ = [
     "Vjp",
     "activations",
     "arithmetic",
+    "attention",
     "broadcasting",
     "builtin",
     "dropout_mask",
     "elementwise",
     "linalg",
     "losses",
+    "normalization",
     "op",
     "reductions",
     "shape",

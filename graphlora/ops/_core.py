@@ -106,6 +106,10 @@ class Draw(Protocol):
         """Finite floats in ``[low, high]`` with ``|x| >= away``."""
         ...
 
+    def distinct(self, shape: Shape, low: float = -3.0, high: float = 3.0) -> Array:
+        """Floats in ``[low, high]``, no two closer than 0.01: no ties (for max, maximum)."""
+        ...
+
     def ints(self, shape: Shape, low: int, high: int) -> Array:
         """Integers in ``[low, high)``."""
         ...

@@ -1,5 +1,5 @@
 """Elementwise nonlinearities and normalised exponentials: ``relu tanh sigmoid exp log softplus
-gelu``, ``softmax log_softmax`` (along one axis, numerically stable)."""
+silu erf gelu``, ``softmax log_softmax`` (along one axis, numerically stable)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from graphlora.ops._core import Array, Draw, Grads, Params, Vjp, builtin, elemen
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
 
 
 @builtin(sample=elementwise(away=0.05), torch=lambda t, x: t.relu(x), smooth=False)
@@ -78,6 +79,28 @@ def softplus(x: Array) -> tuple[Array, Vjp]:
         return (g * scipy.special.expit(x),)
 
     return np.logaddexp(0.0, x), vjp
+
+
+@builtin(sample=elementwise(), torch=lambda t, x: t.nn.functional.silu(x))
+def silu(x: Array) -> tuple[Array, Vjp]:
+    """SiLU (swish), ``x * sigmoid(x)``.
+    VJP: ``(g * s * (1 + x (1 - s)),)`` with ``s = sigmoid(x)``."""
+    s = scipy.special.expit(x)
+
+    def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
+        return (g * (s * (1 + x * (1 - s))),)
+
+    return x * s, vjp
+
+
+@builtin(sample=elementwise(), torch=lambda t, x: t.erf(x))
+def erf(x: Array) -> tuple[Array, Vjp]:
+    """The error function.  VJP: ``(g * 2 / sqrt(pi) * exp(-x**2),)``."""
+
+    def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
+        return (g * (_TWO_OVER_SQRT_PI * np.exp(-(x * x))),)
+
+    return scipy.special.erf(x), vjp
 
 
 def _check_gelu(x: Array, *, approximate: object = "none") -> None:

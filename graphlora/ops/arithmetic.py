@@ -1,11 +1,12 @@
-"""Elementwise arithmetic: ``add sub mul div`` (NumPy broadcasting, gradients un-broadcast),
-``scale neg pow``."""
+"""Elementwise arithmetic: ``add sub mul div maximum minimum`` (NumPy broadcasting, gradients
+un-broadcast), ``where``, ``scale neg pow abs sqrt``."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from graphlora._checks import real_scalar
+from graphlora.errors import ShapeError
 from graphlora.ops._core import (
     Array,
     Draw,
@@ -131,3 +132,116 @@ def pow(x: Array, *, p: float) -> tuple[Array, Vjp]:
         return (g * (p * x ** (p - 1)),)
 
     return x**p, vjp
+
+
+def _distinct_pair(draw: Draw) -> tuple[Array | None, ...]:
+    """Two broadcasting inputs with no ties between them (a tie is a kink of max/min)."""
+    shape_a, shape_b = draw.broadcastable(2)
+    size_a = int(np.prod(shape_a))
+    values = draw.distinct((size_a + int(np.prod(shape_b)),))
+    return values[:size_a].reshape(shape_a), values[size_a:].reshape(shape_b)
+
+
+def _no_ties(a: Array, b: Array) -> bool:
+    try:
+        return bool(np.all(np.abs(a - b) >= 0.01))
+    except ValueError:  # shapes that do not broadcast
+        return False
+
+
+@builtin(
+    check=broadcast_check("maximum"),
+    sample=Sample(_distinct_pair, fits=_no_ties),
+    torch=lambda t, a, b: t.maximum(a, b),
+)
+def maximum(a: Array, b: Array) -> tuple[Array, Vjp]:
+    """Elementwise ``max(a, b)`` with NumPy broadcasting; where ``a == b`` each gets half the
+    gradient, as PyTorch.  VJP: ``(g * ([a > b] + [a == b] / 2), g * ([b > a] + [a == b] / 2))``,
+    un-broadcast."""
+    out = np.maximum(a, b)
+
+    def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
+        share = (a > b) + g.dtype.type(0.5) * (a == b)  # a's share of the gradient
+        return (
+            unbroadcast(g * share, a.shape) if needs[0] else None,
+            unbroadcast(g * (1.0 - share), b.shape) if needs[1] else None,
+        )
+
+    return out, vjp
+
+
+@builtin(
+    check=broadcast_check("minimum"),
+    sample=Sample(_distinct_pair, fits=_no_ties),
+    torch=lambda t, a, b: t.minimum(a, b),
+)
+def minimum(a: Array, b: Array) -> tuple[Array, Vjp]:
+    """Elementwise ``min(a, b)`` with NumPy broadcasting; ties share the gradient, as PyTorch.
+    VJP: ``(g * ([a < b] + [a == b] / 2), g * ([b < a] + [a == b] / 2))``, un-broadcast."""
+    out = np.minimum(a, b)
+
+    def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
+        share = (a < b) + g.dtype.type(0.5) * (a == b)
+        return (
+            unbroadcast(g * share, a.shape) if needs[0] else None,
+            unbroadcast(g * (1.0 - share), b.shape) if needs[1] else None,
+        )
+
+    return out, vjp
+
+
+def _check_where(cond: Array, a: Array, b: Array) -> None:
+    try:
+        np.broadcast_shapes(cond.shape, a.shape, b.shape)
+    except ValueError:
+        raise ShapeError(
+            f"where: shapes cond {cond.shape}, a {a.shape} and b {b.shape} do not broadcast "
+            "together"
+        ) from None
+
+
+def _where_params(draw: Draw, a: Array, b: Array) -> Params:
+    return {"cond": draw.bools(np.broadcast_shapes(a.shape, b.shape))}
+
+
+@builtin(
+    check=_check_where,
+    data={"cond": "bool"},
+    sample=Sample(broadcasting().inputs, _where_params, broadcasting().fits),
+    torch=lambda t, cond, a, b: t.where(cond, a, b),
+)
+def where(cond: Array, a: Array, b: Array) -> tuple[Array, Vjp]:
+    """``a`` where ``cond`` (a bool mask) is True, else ``b``, all three broadcast together.
+    VJP: ``(None, g * cond, g * ~cond)``, un-broadcast."""
+
+    def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
+        zero = np.zeros((), dtype=g.dtype)
+        return (
+            None,
+            unbroadcast(np.where(cond, g, zero), a.shape) if needs[1] else None,
+            unbroadcast(np.where(cond, zero, g), b.shape) if needs[2] else None,
+        )
+
+    return np.where(cond, a, b), vjp
+
+
+@builtin(sample=elementwise(away=0.05), torch=lambda t, x: t.abs(x), smooth=False)
+def abs(x: Array) -> tuple[Array, Vjp]:
+    """``|x|``.  VJP: ``(g * sign(x),)`` (0 at 0, as PyTorch)."""
+
+    def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
+        return (g * np.sign(x),)
+
+    return np.abs(x), vjp
+
+
+@builtin(sample=elementwise(low=0.25), torch=lambda t, x: t.sqrt(x))
+def sqrt(x: Array) -> tuple[Array, Vjp]:
+    """``sqrt(x)`` (NaN below 0, as NumPy).  VJP: ``(g / (2 out),)`` (inf at 0, as PyTorch)."""
+    out = np.sqrt(x)
+
+    def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
+        with np.errstate(divide="ignore"):
+            return (g / (2 * out),)
+
+    return out, vjp

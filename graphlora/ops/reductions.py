@@ -1,4 +1,5 @@
-"""Reductions over axes: ``sum mean`` (``axis`` None, an int or a tuple; ``keepdims``)."""
+"""Reductions over axes: ``sum mean max min logsumexp var`` (``axis`` None, an int or a tuple;
+``keepdims``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from typing import Any
 import numpy as np
 
 from graphlora._checks import axes, flag
-from graphlora.ops._core import Array, Draw, Grads, Params, Vjp, builtin, elementwise
+from graphlora.errors import ShapeError
+from graphlora.ops._core import Array, Draw, Grads, Params, Sample, Vjp, builtin, elementwise
 
 
 def expand_reduced(g: Array, shape: tuple[int, ...], axis: tuple[int, ...] | None) -> Array:
@@ -87,3 +89,179 @@ def mean(
 
     with np.errstate(invalid="ignore"):  # 0 / 0 over no elements: NaN, without np.mean's warning
         return np.asarray(np.sum(x, axis=axis, keepdims=keepdims) / count), vjp
+
+
+def _check_extreme(name: str) -> Callable[..., Params | None]:
+    """The check of ``max``/``min``: a reduction, over no axis of size 0 (NumPy and PyTorch
+    refuse those: there is nothing to take the largest of)."""
+    normalise = reduction_check(name)
+
+    def check(x: Array, *, axis: object = None, keepdims: object = False) -> Params | None:
+        params = normalise(x, axis=axis, keepdims=keepdims)
+        reduced = range(x.ndim) if params is None or params["axis"] is None else params["axis"]
+        empty = [a for a in reduced if x.shape[a] == 0]
+        if empty or (x.size == 0 and (params is None or params["axis"] is None)):
+            raise ShapeError(
+                f"{name}: cannot reduce over an axis of size 0 (axis {empty or 'all'} of shape "
+                f"{x.shape}); there is no {name} of nothing"
+            )
+        return params
+
+    return check
+
+
+def _distinct_inputs(draw: Draw) -> tuple[Array | None, ...]:
+    return (draw.distinct(draw.shape()),)
+
+
+def _spread(x: Array) -> bool:
+    """No two elements within 0.01 of each other: far from the ties where max has a kink."""
+    return x.size > 0 and (x.size == 1 or bool(np.diff(np.sort(x, axis=None)).min() >= 0.01))
+
+
+def _extreme_params(draw: Draw, x: Array) -> Params:
+    """As ``reduction_params``, over no axis of size 0."""
+    if x.size:
+        return reduction_params(draw, x)
+    nonempty = tuple(a for a in range(x.ndim) if x.shape[a])
+    return {
+        "axis": draw.choice([nonempty, *((a,) for a in nonempty)]),
+        "keepdims": draw.choice([False, True]),
+    }
+
+
+def _extreme(x: Array, out: Array, axis: tuple[int, ...] | None, keepdims: bool) -> Vjp:
+    """The VJP of max and min: ``g`` to the elements equal to the result, shared evenly among
+    ties (as ``torch.amax``)."""
+
+    def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
+        kept_out = out if keepdims or axis is None else np.expand_dims(out, axis)
+        hit = x == kept_out
+        count = np.sum(hit, axis=axis, keepdims=True).astype(g.dtype)
+        return (expand_reduced(g, x.shape, axis) * hit / count,)
+
+    return vjp
+
+
+@builtin(
+    check=_check_extreme("max"),
+    sample=Sample(
+        _distinct_inputs, _extreme_params, fits=_spread
+    ),
+    torch=lambda t, x, axis=None, keepdims=False: torch_reduce(t.amax, x, axis, keepdims),
+)
+def max(
+    x: Array, *, axis: tuple[int, ...] | None = None, keepdims: bool = False
+) -> tuple[Array, Vjp]:
+    """The largest element over ``axis``.  VJP: ``g`` to the elements equal to the result,
+    shared evenly among ties (as ``torch.amax``)."""
+    out = np.asarray(np.max(x, axis=axis, keepdims=keepdims))
+    return out, _extreme(x, out, axis, keepdims)
+
+
+@builtin(
+    check=_check_extreme("min"),
+    sample=Sample(
+        _distinct_inputs, _extreme_params, fits=_spread
+    ),
+    torch=lambda t, x, axis=None, keepdims=False: torch_reduce(t.amin, x, axis, keepdims),
+)
+def min(
+    x: Array, *, axis: tuple[int, ...] | None = None, keepdims: bool = False
+) -> tuple[Array, Vjp]:
+    """The smallest element over ``axis``.  VJP: ``g`` to the elements equal to the result,
+    shared evenly among ties (as ``torch.amin``)."""
+    out = np.asarray(np.min(x, axis=axis, keepdims=keepdims))
+    return out, _extreme(x, out, axis, keepdims)
+
+
+def _check_logsumexp(x: Array, *, axis: object = -1, keepdims: object = False) -> Params:
+    return {
+        "axis": axes("logsumexp", axis, x.shape),
+        "keepdims": flag("logsumexp", "keepdims", keepdims),
+    }
+
+
+def _torch_logsumexp(t: Any, x: Any, axis: Any = -1, keepdims: bool = False) -> Any:
+    dims = tuple(range(x.ndim)) if axis is None else axis
+    if dims == ():
+        return x * 1
+    return t.logsumexp(x, dim=dims, keepdim=keepdims)
+
+
+@builtin(
+    check=_check_logsumexp,
+    sample=elementwise(params=reduction_params),
+    torch=_torch_logsumexp,
+)
+def logsumexp(
+    x: Array, *, axis: tuple[int, ...] | None = (-1,), keepdims: bool = False
+) -> tuple[Array, Vjp]:
+    """``log(sum(exp(x)))`` over ``axis`` (default the last), computed stably; -inf over no
+    elements, as PyTorch.  VJP: ``g * exp(x - out)`` (the softmax), broadcast back."""
+    reduced = range(x.ndim) if axis is None else axis
+    if x.size == 0 or any(x.shape[a] == 0 for a in reduced):
+        out = np.full(np.sum(x, axis=axis, keepdims=keepdims).shape, -np.inf, dtype=x.dtype)
+    else:
+        top = np.max(x, axis=axis, keepdims=True)
+        top = np.where(np.isfinite(top), top, 0.0)  # a row of -inf (or +inf) is its own answer
+        with np.errstate(divide="ignore"):
+            kept = np.log(np.sum(np.exp(x - top), axis=axis, keepdims=True)) + top
+        out = kept if keepdims else np.asarray(np.squeeze(kept, axis=axis))
+
+    def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
+        if x.size == 0:
+            return (np.zeros_like(x),)
+        kept_out = out if keepdims or axis is None else np.expand_dims(out, axis)
+        return (expand_reduced(g, x.shape, axis) * np.exp(x - kept_out),)
+
+    return out, vjp
+
+
+def _check_var(
+    x: Array, *, axis: object = None, keepdims: object = False, ddof: object = 0
+) -> Params:
+    if isinstance(ddof, bool) or not isinstance(ddof, (int, np.integer)) or ddof < 0:
+        raise ValueError(f"var: ddof must be an int >= 0, got {ddof!r}")
+    return {
+        "axis": axes("var", axis, x.shape),
+        "keepdims": flag("var", "keepdims", keepdims),
+        "ddof": int(ddof),
+    }
+
+
+def _var_params(draw: Draw, x: Array) -> Params:
+    params = reduction_params(draw, x)
+    reduced = range(x.ndim) if params["axis"] is None else np.atleast_1d(params["axis"])
+    count = math.prod(x.shape[a] for a in reduced)
+    params["ddof"] = draw.choice([0, 1] if count >= 2 else [0])
+    return params
+
+
+def _torch_var(t: Any, x: Any, axis: Any = None, keepdims: bool = False, ddof: int = 0) -> Any:
+    if axis is None:
+        out = t.var(x, correction=ddof)
+        return out.reshape((1,) * x.ndim) if keepdims else out
+    if axis == ():
+        return x * 0
+    return t.var(x, dim=axis, correction=ddof, keepdim=keepdims)
+
+
+@builtin(check=_check_var, sample=elementwise(params=_var_params), torch=_torch_var)
+def var(
+    x: Array, *, axis: tuple[int, ...] | None = None, keepdims: bool = False, ddof: int = 0
+) -> tuple[Array, Vjp]:
+    """Variance over ``axis``: ``sum((x - mean)**2) / (n - ddof)`` (NaN where ``n <= ddof``, as
+    NumPy and PyTorch).  VJP: ``g * 2 (x - mean) / (n - ddof)``, broadcast back."""
+    count = x.size if axis is None else math.prod(x.shape[a] for a in axis)
+    centred = x - np.mean(x, axis=axis, keepdims=True) if count else x
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.asarray(np.sum(centred * centred, axis=axis, keepdims=keepdims) / (count - ddof))
+
+    def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
+        if count == 0:
+            return (np.zeros_like(x),)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (expand_reduced(g, x.shape, axis) * (centred * (2.0 / (count - ddof))),)
+
+    return out, vjp

@@ -13,7 +13,7 @@ numeric values and the tolerances.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -252,9 +252,13 @@ def check_vjp(
     rtol: float = 1e-3,
     mode: str = "full",
     seed: int = 0,
+    params: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> bool:
     """Check a bare op ``op(*arrays, **kwargs) -> (out, vjp)`` without writing a graph.
+
+    The op's keyword parameters come as ``**kwargs``, or in ``params`` (a mapping) when their
+    names are check_vjp's own (a layer norm's ``eps``, say).
 
     Draws a random cotangent ``u`` of the output's shape and runs ``gradcheck`` on
     ``sum(op(*arrays) * u)``, so every output element counts. Then checks the VJP's contract:
@@ -271,6 +275,7 @@ def check_vjp(
     """
     if not callable(op):
         raise TypeError(f"check_vjp: op must be callable, got {type(op).__name__}")
+    kwargs = {**kwargs, **(params or {})}
     name = getattr(op, "__name__", type(op).__name__)
     data = set(op.data_slots) if isinstance(op, OpDef) else set()
     checked = [i for i, a in enumerate(arrays) if a is not None and i not in data]

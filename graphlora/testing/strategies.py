@@ -237,6 +237,14 @@ class _Drawer:
         elements = _away_from_zero(low, high, away) if away > 0 else None
         return self._draw(arrays(shape, elements=elements, min_value=low, max_value=high))
 
+    def distinct(self, shape: Shape, low: float = -3.0, high: float = 3.0) -> Array:
+        steps = int((high - low) / 0.01)
+        size = int(np.prod(shape))
+        picked = self._draw(
+            st.lists(st.integers(0, steps), min_size=size, max_size=size, unique=True)
+        )
+        return (low + 0.01 * np.array(picked, dtype=np.float64)).reshape(shape)
+
     def ints(self, shape: Shape, low: int, high: int) -> Array:
         return self._draw(hnp.arrays(np.int64, shape, elements=st.integers(low, high - 1)))
 
@@ -296,17 +304,38 @@ def op_examples(draw: st.DrawFn, op: OpDef, *, empty: bool = False) -> Example:
 
 @dataclass(frozen=True)
 class Step:
-    """One line of an expression: ``out = g.op(*args, **params)``."""
+    """One line of an expression: ``out = g.op(*args, **params)``; with ``names``, the inputs go
+    by name (``g.where(cond=..., a=x0, b=x1)``); with ``listed``, as one list
+    (``g.concat([x0, x1], axis=0)``)."""
 
     out: str
     op: str
     args: tuple[str, ...]
     params: tuple[tuple[str, Any], ...]
+    names: tuple[str, ...] = ()
+    listed: bool = False
 
     def code(self) -> str:
         """The line as Python source."""
+        if self.listed:
+            inputs = [f"[{', '.join(self.args)}]"]
+        elif self.names:
+            inputs = [f"{n}={a}" for n, a in zip(self.names, self.args, strict=True)]
+        else:
+            inputs = list(self.args)
         params = [f"{key}={_literal(value)}" for key, value in self.params]
-        return f"{self.out} = g.{self.op}({', '.join([*self.args, *params])})"
+        return f"{self.out} = g.{self.op}({', '.join([*inputs, *params])})"
+
+    def call(self, g: Graph, env: dict[str, NodeId]) -> NodeId:
+        """Record the line on ``g``, its inputs looked up in ``env``."""
+        method: Callable[..., NodeId] = getattr(g, self.op)
+        nodes = [env[a] for a in self.args]
+        params = dict(self.params)
+        if self.listed:
+            return method(nodes, **params)
+        if self.names:
+            return method(**dict(zip(self.names, nodes, strict=True)), **params)
+        return method(*nodes, **params)
 
 
 def _literal(value: Any) -> str:
@@ -341,8 +370,7 @@ class Expression:
         """Record the expression on ``g`` with ``nodes`` as ``x0, x1, ...``."""
         env = {f"x{i}": node for i, node in enumerate(nodes)}
         for step in self.steps:
-            method: Callable[..., NodeId] = getattr(g, step.op)
-            env[step.out] = method(*(env[a] for a in step.args), **dict(step.params))
+            env[step.out] = step.call(g, env)
         return env[self.result]
 
     def __repr__(self) -> str:
@@ -358,25 +386,22 @@ class Expression:
 Pool = dict[str, np.ndarray[Any, Any]]
 
 
-def _chainable(op: OpDef) -> bool:
-    """Ops an expression can draw: a ``fits`` rule, one or two float inputs, all before any data
-    input (so that a step reads ``g.op(v1, v2, labels=...)``)."""
-    if op.sample is None or op.sample.fits is None or op.variadic:
-        return False
-    kinds = [slot.kind for slot in op.slots if not slot.optional or slot.kind != "float"]
-    floats = kinds.count("float")
-    return 1 <= floats <= 2 and kinds[:floats] == ["float"] * floats
+def _float_inputs(op: OpDef) -> list[str]:
+    """The names of the float inputs an expression fills from earlier values (two for a
+    variadic op); optional ones are left out."""
+    if op.variadic:
+        return ["", ""]
+    return [slot.name for slot in op.slots if slot.kind == "float" and not slot.optional]
 
 
 def _choices(pool: Pool) -> dict[str, list[tuple[str, ...]]]:
-    """For every chainable op, the argument tuples from ``pool`` that keep it in its safe
-    domain."""
+    """For every op with a ``fits`` rule, the argument tuples from ``pool`` that keep it in its
+    safe domain."""
     found: dict[str, list[tuple[str, ...]]] = {}
     for name, op in OPS.items():
-        if not _chainable(op):
+        if op.sample is None or op.sample.fits is None:
             continue
-        assert op.sample is not None and op.sample.fits is not None
-        arity = sum(1 for slot in op.slots if slot.kind == "float" and not slot.optional)
+        arity = len(_float_inputs(op))
         args = [
             names
             for names in product(pool, repeat=arity)
@@ -385,6 +410,18 @@ def _choices(pool: Pool) -> dict[str, list[tuple[str, ...]]]:
         if args:
             found[name] = args
     return found
+
+
+def _step(name: str, out: str, args: tuple[str, ...], params: dict[str, Any]) -> Step:
+    """The line that applies op ``name``: inputs by position, as a list, or by name when a data
+    input (a mask, say) comes before them."""
+    op = OPS[name]
+    if op.variadic:
+        return Step(out, name, args, tuple(params.items()), listed=True)
+    floats = _float_inputs(op)
+    first_data = next((i for i, slot in enumerate(op.slots) if slot.kind != "float"), None)
+    by_name = first_data is not None and first_data < len(floats)
+    return Step(out, name, args, tuple(params.items()), tuple(floats) if by_name else ())
 
 
 @st.composite
@@ -413,15 +450,15 @@ def expressions(
         options = _choices(pool)
         op = draw(st.sampled_from(sorted(options)))
         args = draw(st.sampled_from(options[op]))
-        assert OPS[op].sample is not None
-        params = OPS[op].sample.params(drawer, *(pool[a] for a in args))  # type: ignore[union-attr]
-        node = getattr(scratch, op)(*(nodes[a] for a in args), **params)
+        sample = OPS[op].sample
+        assert sample is not None
+        step = _step(op, f"v{len(steps)}", args, sample.params(drawer, *(pool[a] for a in args)))
+        node = step.call(scratch, nodes)
         value = np.array(scratch.value(node))
         if not (np.isfinite(value).all() and np.abs(value).max(initial=0.0) <= 1e3):
             continue  # out of the safe range: leave this step out
-        name = f"v{len(steps)}"
-        steps.append(Step(name, op, args, tuple(params.items())))
-        nodes[name], pool[name] = node, value
+        steps.append(step)
+        nodes[step.out], pool[step.out] = node, value
     result = steps[-1].out if steps else "x0"
     if pool[result].size != 1:
         steps.append(Step(f"v{len(steps)}", "sum", (result,), ()))

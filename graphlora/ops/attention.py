@@ -1,0 +1,144 @@
+"""Attention as one fused op: ``scaled_dot_product_attention``."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from graphlora._checks import flag, real_scalar
+from graphlora.errors import ShapeError
+from graphlora.ops._core import Array, Draw, Grads, Params, Sample, Vjp, builtin, swap, unbroadcast
+
+
+def _check_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    mask: Array | None = None,
+    *,
+    causal: object = False,
+    scale: object = None,
+) -> Params:
+    where = "scaled_dot_product_attention"
+    shapes = f"q {q.shape}, k {k.shape}, v {v.shape}"
+    if q.ndim < 2 or k.ndim < 2 or v.ndim < 2:
+        raise ShapeError(f"{where}: q, k and v must be [..., T, d], got {shapes}")
+    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+        raise ShapeError(
+            f"{where}: shapes do not fit q [..., Tq, d], k [..., Tk, d], v [..., Tk, dv]: {shapes}"
+        )
+    try:
+        batch = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    except ValueError:
+        raise ShapeError(f"{where}: the batch axes do not broadcast together: {shapes}") from None
+    if mask is not None:
+        try:
+            np.broadcast_shapes(mask.shape, (*batch, q.shape[-2], k.shape[-2]))
+        except ValueError:
+            raise ShapeError(
+                f"{where}: mask of shape {mask.shape} does not broadcast to [..., Tq, Tk] = "
+                f"{(*batch, q.shape[-2], k.shape[-2])}"
+            ) from None
+    if scale is not None:
+        scale = real_scalar(where, "scale", scale)
+    return {"causal": flag(where, "causal", causal), "scale": scale}
+
+
+def _attention_inputs(draw: Draw) -> tuple[Array | None, ...]:
+    batch = draw.shape(max_dims=2, max_side=2)
+    tq, tk, d, dv = draw.shape(min_dims=4, max_dims=4, max_side=3)
+    return (
+        draw.floats((*batch, tq, d)),
+        draw.floats((*batch, tk, d)),
+        draw.floats((*batch, tk, dv)),
+    )
+
+
+def _attention_fits(q: Array, k: Array, v: Array) -> bool:
+    if min(q.ndim, k.ndim, v.ndim) < 2 or q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+        return False
+    try:
+        np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    except ValueError:
+        return False
+    return True
+
+
+def _attention_params(draw: Draw, q: Array, k: Array, v: Array) -> Params:
+    params: Params = {
+        "causal": draw.choice([False, True]),
+        "scale": draw.choice([None, 0.5]),
+    }
+    if draw.choice([False, True]):
+        params["mask"] = draw.bools((q.shape[-2], k.shape[-2]))
+    return params
+
+
+def _torch_attention(
+    t: Any, q: Any, k: Any, v: Any, mask: Any = None, causal: bool = False, scale: Any = None
+) -> Any:
+    if causal:  # PyTorch takes a mask or is_causal, not both: fold the causal part in
+        tril = t.ones(q.shape[-2], k.shape[-2], dtype=t.bool).tril()
+        mask = tril if mask is None else mask & tril
+    return t.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+@builtin(
+    check=_check_attention,
+    data={"mask": "bool"},
+    sample=Sample(_attention_inputs, _attention_params, fits=_attention_fits),
+    torch=_torch_attention,
+)
+def scaled_dot_product_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    mask: Array | None = None,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+) -> tuple[Array, Vjp]:
+    """Attention ``softmax(q kᵀ * scale + masked) v`` for ``q [..., Tq, d]``, ``k [..., Tk, d]``,
+    ``v [..., Tk, dv]`` (batch axes broadcast): ``[..., Tq, dv]``.
+
+    ``scale`` defaults to ``1 / sqrt(d)``. ``mask`` (bool, broadcast to ``[..., Tq, Tk]``) keeps
+    the scores where it is True; ``causal`` keeps key ``j`` for query ``i`` only if ``j <= i``
+    (top-left aligned, as PyTorch's ``is_causal``); both may be given. A query that keeps no key
+    gets zeros, and no gradient, as in PyTorch. Keeps only the attention weights ``P`` for
+    backward.
+    VJP: ``gv = Pᵀ g``; ``gS = P (g vᵀ - rowsum(P g vᵀ))``; ``gq = gS k s``; ``gk = gSᵀ q s``.
+    """
+    s = (1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0) if scale is None else scale
+    scores = (q @ swap(k)) * s  # (..., Tq, Tk)
+    keep = mask
+    if causal:
+        tril = np.tri(q.shape[-2], k.shape[-2], dtype=bool)
+        keep = tril if keep is None else keep & tril
+    if keep is not None:
+        scores = np.where(keep, scores, -np.inf)
+    if scores.shape[-1]:
+        top = scores.max(axis=-1, keepdims=True)
+        top = np.where(np.isfinite(top), top, 0.0)  # a row that keeps nothing: all -inf
+        weights = np.exp(scores - top)
+        total = weights.sum(axis=-1, keepdims=True)
+        weights /= np.where(total > 0, total, 1.0)  # such a row stays all zeros
+    else:
+        weights = scores  # no keys at all: an empty row, and zeros out
+    out = weights @ v  # (..., Tq, dv)
+
+    def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
+        gq = gk = gv = None
+        if needs[2]:
+            gv = unbroadcast(swap(weights) @ g, v.shape)
+        if needs[0] or needs[1]:
+            gp = g @ swap(v)  # (..., Tq, Tk)
+            gs = weights * (gp - (gp * weights).sum(axis=-1, keepdims=True)) * s
+            if needs[0]:
+                gq = unbroadcast(gs @ k, q.shape)
+            if needs[1]:
+                gk = unbroadcast(swap(gs) @ q, k.shape)
+        return gq, gk, gv, None
+
+    return out, vjp

@@ -1,0 +1,126 @@
+"""Normalisation over the last axis, each one fused op: ``layer_norm rms_norm``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from graphlora._checks import real
+from graphlora.errors import ShapeError
+from graphlora.ops._core import Array, Draw, Grads, Params, Sample, Vjp, builtin
+
+
+def _last_axis_mean(v: Array) -> Array:
+    """The mean over the last axis, kept (NaN over no elements, without NumPy's warning)."""
+    total: Array = np.sum(v, axis=-1, keepdims=True)
+    return total / v.shape[-1] if v.shape[-1] else total * np.nan
+
+
+def _check_norm(name: str, x: Array, weights: tuple[Array | None, ...], eps: object) -> Params:
+    if x.ndim == 0:
+        raise ShapeError(f"{name}: x must have at least one axis (normalised: the last), got ()")
+    for label, value in zip(("weight", "bias"), weights, strict=False):
+        if value is not None and value.shape != x.shape[-1:]:
+            raise ShapeError(
+                f"{name}: {label} has shape {value.shape}; x {x.shape} needs {x.shape[-1:]}"
+            )
+    return {"eps": real(name, "eps", eps, 0.0)}
+
+
+def _check_layer_norm(
+    x: Array, weight: Array | None = None, bias: Array | None = None, *, eps: object = 1e-5
+) -> Params:
+    return _check_norm("layer_norm", x, (weight, bias), eps)
+
+
+def _norm_inputs(draw: Draw) -> tuple[Array | None, ...]:
+    shape = draw.shape(min_dims=1)
+    optional = [draw.floats(shape[-1:]) if draw.choice([False, True]) else None for _ in "wb"]
+    return (draw.floats(shape), *optional)
+
+
+def _eps(draw: Draw, *inputs: Array | None) -> Params:
+    return {"eps": draw.choice([1e-5, 0.1])}
+
+
+def _torch_layer_norm(
+    t: Any, x: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5
+) -> Any:
+    return t.nn.functional.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+@builtin(
+    check=_check_layer_norm,
+    sample=Sample(_norm_inputs, _eps, fits=lambda x: x.ndim >= 1),
+    torch=_torch_layer_norm,
+)
+def layer_norm(
+    x: Array, weight: Array | None = None, bias: Array | None = None, *, eps: float = 1e-5
+) -> tuple[Array, Vjp]:
+    """Layer norm over the last axis: ``xhat * weight + bias``, ``xhat = (x - mean) / sqrt(var +
+    eps)`` (biased variance, as PyTorch). Keeps ``xhat`` and ``1 / sqrt(var + eps)`` for backward.
+    VJP: ``gx = r (gh - mean(gh) - xhat mean(gh xhat))`` with ``gh = g * weight``;
+    ``gweight = sum(g xhat)``, ``gbias = sum(g)`` over the other axes."""
+    mean = _last_axis_mean
+    with np.errstate(invalid="ignore", divide="ignore"):  # no features: NaN, as PyTorch
+        centred = x - mean(x)
+        rstd = 1.0 / np.sqrt(mean(centred * centred) + eps)
+    xhat = centred * rstd  # (..., D)
+    out = xhat if weight is None else xhat * weight
+    if bias is not None:
+        out = out + bias
+
+    def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
+        batch = tuple(range(g.ndim - 1))
+        gx = gw = gb = None
+        if needs[0]:
+            gh = g if weight is None else g * weight
+            with np.errstate(invalid="ignore", divide="ignore"):
+                gx = rstd * (gh - mean(gh) - xhat * mean(gh * xhat))
+        if needs[1]:
+            gw = np.sum(g * xhat, axis=batch)
+        if needs[2]:
+            gb = np.sum(g, axis=batch)
+        return gx, gw, gb
+
+    return out, vjp
+
+
+def _check_rms_norm(x: Array, weight: Array | None = None, *, eps: object = 1e-6) -> Params:
+    return _check_norm("rms_norm", x, (weight,), eps)
+
+
+def _rms_inputs(draw: Draw) -> tuple[Array | None, ...]:
+    shape = draw.shape(min_dims=1)
+    return draw.floats(shape), draw.floats(shape[-1:]) if draw.choice([False, True]) else None
+
+
+@builtin(
+    check=_check_rms_norm,
+    sample=Sample(_rms_inputs, _eps, fits=lambda x: x.ndim >= 1),
+    torch=lambda t, x, weight=None, eps=1e-6: t.nn.functional.rms_norm(
+        x, x.shape[-1:], weight, eps
+    ),
+)
+def rms_norm(x: Array, weight: Array | None = None, *, eps: float = 1e-6) -> tuple[Array, Vjp]:
+    """RMS norm over the last axis: ``x / sqrt(mean(x**2) + eps) * weight``.
+    VJP: ``gx = r (gh - xhat mean(gh xhat))`` with ``gh = g * weight``, ``xhat = x r``;
+    ``gweight = sum(g xhat)`` over the other axes."""
+    mean = _last_axis_mean
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rrms = 1.0 / np.sqrt(mean(x * x) + eps)
+    xhat = x * rrms
+    out = xhat if weight is None else xhat * weight
+
+    def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
+        gx = gw = None
+        if needs[0]:
+            gh = g if weight is None else g * weight
+            with np.errstate(invalid="ignore", divide="ignore"):
+                gx = rrms * (gh - xhat * mean(gh * xhat))
+        if needs[1]:
+            gw = np.sum(g * xhat, axis=tuple(range(g.ndim - 1)))
+        return gx, gw
+
+    return out, vjp
