@@ -145,9 +145,7 @@ def _extreme(x: Array, out: Array, axis: tuple[int, ...] | None, keepdims: bool)
 
 @builtin(
     check=_check_extreme("max"),
-    sample=Sample(
-        _distinct_inputs, _extreme_params, fits=_spread
-    ),
+    sample=Sample(_distinct_inputs, _extreme_params, fits=_spread),
     torch=lambda t, x, axis=None, keepdims=False: torch_reduce(t.amax, x, axis, keepdims),
 )
 def max(
@@ -161,9 +159,7 @@ def max(
 
 @builtin(
     check=_check_extreme("min"),
-    sample=Sample(
-        _distinct_inputs, _extreme_params, fits=_spread
-    ),
+    sample=Sample(_distinct_inputs, _extreme_params, fits=_spread),
     torch=lambda t, x, axis=None, keepdims=False: torch_reduce(t.amin, x, axis, keepdims),
 )
 def min(
