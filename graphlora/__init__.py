@@ -17,17 +17,21 @@ from graphlora.errors import (
 from graphlora.graph import Graph, NodeId
 from graphlora.io import load_adapter, save_adapter, save_merged
 from graphlora.lora import LoraConfig, LoraLinear
-from graphlora.nn import MLP, Linear, apply_lora
+from graphlora.nn import GPT, MLP, Embedding, GPTConfig, LayerNorm, Linear, apply_lora
 from graphlora.replay import Replay
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GPT",
     "MLP",
+    "Embedding",
     "ForeignNodeError",
+    "GPTConfig",
     "GradcheckError",
     "Graph",
     "GraphError",
+    "LayerNorm",
     "Linear",
     "LoraConfig",
     "LoraLinear",

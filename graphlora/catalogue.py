@@ -260,10 +260,14 @@ class OpMethods:
         mask: NodeId | npt.ArrayLike | None = None,
         causal: bool = False,
         scale: float | None = None,
+        dropout: float = 0.0,
+        rng: _checks.Rng = None,
     ) -> NodeId:
         """``softmax(q kᵀ * scale) v`` over ``[..., T, d]`` inputs, as one op; ``mask`` (bool,
-        True keeps) and ``causal`` hide scores; ``scale`` defaults to ``1 / sqrt(d)``."""
-        params = {"causal": causal, "scale": scale}
+        True keeps) and ``causal`` hide scores; ``scale`` defaults to ``1 / sqrt(d)``;
+        ``dropout`` on the attention weights acts only while gradients are recorded."""
+        p = dropout if self._grad_enabled else 0.0
+        params = {"causal": causal, "scale": scale, "dropout": p, "rng": rng}
         return self._record(attention.scaled_dot_product_attention, (q, k, v, mask), params)
 
     def mse_loss(self, pred: NodeId, target: NodeId) -> NodeId:

@@ -365,8 +365,8 @@ class Graph(OpMethods):
                 f"{self._dtype}, got dtype {array.dtype}"
             )
         if keep_data and array.dtype.kind in _DATA_KINDS:
-            return np.array(array)
-        return np.array(array, dtype=self._dtype)
+            return np.array(array, order="C")
+        return np.array(array, dtype=self._dtype, order="C")  # C order: the same rounding
 
     def value(self, node: NodeId) -> Array:
         """The node's value as a read-only view (copy it to modify it)."""

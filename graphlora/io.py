@@ -51,12 +51,15 @@ _KEY = re.compile(
 _NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 
 
-def _safetensors() -> Any:
+def safetensors_module(where: str = "adapter files") -> Any:
+    """The ``safetensors`` package (with its NumPy API), or an ImportError that says how to get
+    it."""
     try:
         import safetensors.numpy
     except ImportError:
         raise ImportError(
-            "adapter files need the safetensors package: pip install 'graphlora[adapters]'"
+            f"{where} needs the safetensors package: pip install 'graphlora[adapters]' "
+            "(from a clone: pip install -e '.[adapters]')"
         ) from None
     return safetensors
 
@@ -71,8 +74,19 @@ def _most_common(values: list[Any]) -> Any:
 
 
 def _check_layers(where: str, layers: object) -> dict[str, LoraLinear]:
+    """``layers`` as ``{name: LoraLinear}``: a mapping as given, or a model's LoRA layers."""
+    if not isinstance(layers, Mapping):
+        from graphlora.nn import is_module, lora_layers
+
+        if is_module(layers):
+            layers = lora_layers(layers)
+            if not layers:
+                raise ValueError(f"{where}: the model has no LoRA layer (apply_lora first)")
     if not isinstance(layers, Mapping) or not layers:
-        raise TypeError(f"{where}: layers must be a non-empty mapping of names to LoraLinear")
+        raise TypeError(
+            f"{where}: layers must be a model with LoRA layers or a non-empty mapping of names to "
+            "LoraLinear"
+        )
     for name, layer in layers.items():
         if not isinstance(name, str) or not _NAME.match(name):
             raise ValueError(
@@ -90,7 +104,9 @@ def adapter_config(layers: Mapping[str, LoraLinear]) -> dict[str, Any]:
     """The ``adapter_config.json`` content PEFT expects for ``layers`` (a ``LoraConfig``'s fields).
 
     ``r`` and ``lora_alpha`` are the most common rank and alpha; layers that differ are listed in
-    ``rank_pattern`` and ``alpha_pattern`` by their full names.
+    ``rank_pattern`` and ``alpha_pattern`` by their full names. ``fan_in_fan_out`` is true for
+    layers over weights stored ``[in, out]`` in the source framework (GPT-2's ``Conv1D``), so
+    that PEFT merges them the right way round.
 
     Raises
     ------
@@ -109,6 +125,12 @@ def adapter_config(layers: Mapping[str, LoraLinear]) -> dict[str, Any]:
     pissa = {layer.config.init == "pissa" for layer in layers.values()}
     if len(pissa) > 1:
         raise ValueError(f"{where}: some layers use init='pissa' and some do not; PEFT has one")
+    layouts = {layer.fan_in_fan_out for layer in layers.values()}
+    if len(layouts) > 1:
+        raise ValueError(
+            f"{where}: some layers come from [in, out] weights (GPT-2's Conv1D) and some do not; "
+            "PEFT's fan_in_fan_out is one flag for all: save them separately"
+        )
     ranks = [layers[n].rank for n in names]
     alphas = [float(layers[n].config.alpha) for n in names]
     r, alpha = _most_common(ranks), _most_common(alphas)
@@ -122,7 +144,7 @@ def adapter_config(layers: Mapping[str, LoraLinear]) -> dict[str, Any]:
         "lora_dropout": first.dropout,
         "use_rslora": first.use_rslora,
         "target_modules": sorted(names),
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": True in layouts,
         "bias": "none",
         # PEFT inits A and B on load and then overwrites them, except PiSSA, which also
         # rewrites the base weight into the residual that the saved A and B expect.
@@ -191,7 +213,7 @@ def _write_bytes(target: Path, data: bytes) -> None:
 def save_adapter(
     path: str | os.PathLike[str],
     graph: Graph,
-    layers: Mapping[str, LoraLinear],
+    layers: Mapping[str, LoraLinear] | object,
     *,
     overwrite: bool = False,
 ) -> Path:
@@ -204,8 +226,9 @@ def save_adapter(
     graph
         The graph holding the layers.
     layers
-        ``{module name: LoraLinear}``; the names are the PyTorch module names the adapters belong
-        to (``"layers.0"``, ``"model.layers.3.self_attn.q_proj"``, ...).
+        A model (its LoRA layers are saved under their dotted names), or ``{module name:
+        LoraLinear}``; the names are the PyTorch module names the adapters belong to
+        (``"layers.0"``, ``"transformer.h.0.attn.c_attn"``, ...).
     overwrite
         Replace an existing directory (atomically). Without it, an existing path is an error.
 
@@ -221,8 +244,10 @@ def save_adapter(
     ValueError, TypeError
         For bad names or layers PEFT cannot express together; nothing is written.
     """
-    check_graph("save_adapter", graph)
-    st = _safetensors()
+    where = "save_adapter"
+    check_graph(where, graph)
+    st = safetensors_module(where)
+    layers = _check_layers(where, layers)
     config = adapter_config(layers)
     tensors = _tensors(graph, layers)
     target = Path(path)
@@ -235,7 +260,7 @@ def save_adapter(
 def save_merged(
     path: str | os.PathLike[str],
     graph: Graph,
-    layers: Mapping[str, LoraLinear],
+    layers: Mapping[str, LoraLinear] | object,
     *,
     layout: str = "torch",
     overwrite: bool = False,
@@ -251,7 +276,7 @@ def save_merged(
     if layout not in ("torch", "graphlora"):
         raise ValueError(f"{where}: layout must be 'torch' or 'graphlora', got {layout!r}")
     check_graph(where, graph)
-    st = _safetensors()
+    st = safetensors_module(where)
     layers = _check_layers(where, layers)
     tensors = {}
     for name, layer in layers.items():
@@ -336,7 +361,7 @@ def read_adapter(path: str | os.PathLike[str]) -> AdapterFile:
         that is not a LoRA config, and keys that are not LoRA A/B weights.
     """
     where = "read_adapter"
-    st = _safetensors()
+    st = safetensors_module(where)
     directory = Path(path)
     if not directory.is_dir():
         raise FileNotFoundError(f"{where}: {directory} is not a directory")
@@ -405,9 +430,10 @@ def read_adapter(path: str | os.PathLike[str]) -> AdapterFile:
 
 
 def load_adapter(
-    path: str | os.PathLike[str], graph: Graph, layers: Mapping[str, LoraLinear]
+    path: str | os.PathLike[str], graph: Graph, layers: Mapping[str, LoraLinear] | object
 ) -> AdapterFile:
-    """Load an adapter directory (graphlora's or PEFT's) into ``layers``, all or nothing.
+    """Load an adapter directory (graphlora's or PEFT's) into ``layers`` (a model's LoRA layers,
+    or ``{name: LoraLinear}``), all or nothing.
 
     Every name, shape, dtype, rank, alpha and ``use_rslora`` is checked against the layers, and
     the values must be finite, before any layer changes. The file's ``[rank, in]`` / ``[out, rank]``

@@ -236,7 +236,7 @@ class LoraUpdate:
 
     A LoRA layer computes ``base(x) + update(x)``; the update is an object with these methods, so
     that a variant is one class beside this one and touches neither ``LoraLinear.forward`` nor the
-    engine. ``forward`` records the update op by op (to read, draw and check); ``fused`` records
+    engine. ``record`` records the update op by op (to read, draw and check); ``fused`` records
     the whole layer as one op; ``delta`` is the update as a weight ``[in, out]``, for merging.
     """
 
@@ -255,7 +255,7 @@ class LoraUpdate:
         """``[lora_a, lora_b]``: what an optimizer should update."""
         return [self.lora_a, self.lora_b]
 
-    def forward(self, graph: Graph, x: NodeId, layer: LoraLinear) -> NodeId:
+    def record(self, graph: Graph, x: NodeId, layer: LoraLinear) -> NodeId:
         """``((drop(x) @ A) * scaling) @ B``, op by op (dropout only while gradients are
         recorded)."""
         h = x if self.dropout == 0.0 else graph.dropout(x, self.dropout, rng=self.rng)
@@ -324,6 +324,9 @@ class LoraLinear:
     """True between ``merge_`` and ``unmerge_``: W then holds ``W + A @ B * scaling``."""
     name: str = "lora"
     """A label, used as the prefix of the leaves' names."""
+    fan_in_fan_out: bool = False
+    """True when the base weight comes from a framework that stores it ``[in, out]`` too (GPT-2's
+    ``Conv1D``): adapter files then say ``fan_in_fan_out: true``, as PEFT needs."""
     _unmerged_weight: Array | None = dataclasses.field(default=None, repr=False)
 
     @property
@@ -394,6 +397,7 @@ class LoraLinear:
         *,
         rng: _checks.Rng = None,
         name: str = "lora",
+        fan_in_fan_out: bool = False,
     ) -> LoraLinear:
         """A layer over existing weights ``weight [in, out]`` and ``bias [out]``.
 
@@ -436,6 +440,7 @@ class LoraLinear:
             weight_node=weight if isinstance(weight, NodeId) else None,
             bias_node=bias if isinstance(bias, NodeId) else None,
         )
+        layer.fan_in_fan_out = _checks.flag(where, "fan_in_fan_out", fan_in_fan_out)
         for node in (weight, bias):  # freeze the base layer, as PEFT does
             if isinstance(node, NodeId) and node.requires_grad:
                 graph.requires_grad_(node, False)
@@ -549,7 +554,7 @@ class LoraLinear:
         with graph.scope(self.name):  # drawings show the two paths side by side
             y = self.base(graph, x)  # (..., out)
             with graph.scope("lora"):
-                update = self.update.forward(graph, x, self)  # (..., out)
+                update = self.update.record(graph, x, self)  # (..., out)
             return graph.add(y, update)
 
     def base(self, graph: Graph, x: NodeId) -> NodeId:
@@ -561,6 +566,15 @@ class LoraLinear:
     def trainable_params(self) -> list[NodeId]:
         """``[lora_a, lora_b]``: what an optimizer should update."""
         return self.update.params()
+
+    def named_leaves(self) -> list[tuple[str, NodeId]]:
+        """The layer's leaves by name, for ``graphlora.nn.state_dict``: the frozen ``weight``
+        and ``bias`` under the base layer's names, then ``lora_A.default`` and ``lora_B.default``
+        (PEFT's names, with the adapter's name)."""
+        leaves = [("weight", self.frozen_weight)]
+        if self.bias is not None:
+            leaves.append(("bias", self.bias))
+        return [*leaves, ("lora_A.default", self.lora_a), ("lora_B.default", self.lora_b)]
 
     def delta(self, graph: Graph) -> Array:
         """The update ``A @ B * scaling`` as a new ``[in, out]`` array."""

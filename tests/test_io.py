@@ -351,7 +351,10 @@ def test_save_refuses_what_peft_cannot_express(tmp_path: Path) -> None:
         ValueError, match=r"save_adapter: layer name 'bad name' must be dotted identifiers"
     ):
         gl.save_adapter(tmp_path / "x", g, {"bad name": a})
-    with pytest.raises(TypeError, match=r"save_adapter: layers must be a non-empty mapping"):
+    with pytest.raises(
+        TypeError,
+        match=r"save_adapter: layers must be a model with LoRA layers or a non-empty mapping",
+    ):
         gl.save_adapter(tmp_path / "x", g, {})
     assert not (tmp_path / "x").exists()
 

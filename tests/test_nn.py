@@ -99,7 +99,7 @@ def test_apply_lora_leaves_only_lora_parameters_trainable() -> None:
 def test_apply_lora_to_chosen_targets_freezes_the_rest(capsys: pytest.CaptureFixture[str]) -> None:
     g = gl.Graph()
     model = gl.MLP(g, [6, 6, 6, 3], rng=0)
-    adapters = gl.apply_lora(model, gl.LoraConfig(rank=2, seed=0), targets=["layers.1"])
+    adapters = gl.apply_lora(model, gl.LoraConfig(rank=2, seed=0), target_modules=["layers.1"])
     assert list(adapters) == ["layers.1"]
     assert isinstance(model.layers[0], gl.Linear)
     assert not model.layers[0].weight.requires_grad
@@ -116,9 +116,10 @@ def test_apply_lora_validation_changes_nothing() -> None:
         (
             ["layers.9"],
             ValueError,
-            r"apply_lora: unknown target\(s\) \['layers.9'\]; the model has \['layers.0', 'layers.1'\]",
+            r"apply_lora: unknown target\(s\) \['layers.9'\]; the model has the Linear layers \['layers.0', 'layers.1'\]",
         ),
-        ("layers.0", TypeError, r"apply_lora: targets must be a list of layer names"),
+        (3, TypeError, r"apply_lora: target_modules must be a list of layer names or one regular"),
+        ("layers\\.[2-9]", ValueError, r"apply_lora: unknown target\(s\) \['layers\\\\.\[2-9\]'\]"),
         (
             None,
             ValueError,
@@ -127,11 +128,11 @@ def test_apply_lora_validation_changes_nothing() -> None:
     ]
     for targets, error, match in cases:
         with pytest.raises(error, match=match):
-            gl.apply_lora(model, gl.LoraConfig(rank=3), targets=targets)
+            gl.apply_lora(model, gl.LoraConfig(rank=3), target_modules=targets)
         assert len(model.parameters()) == 4
         assert len(g) == 4
-    gl.apply_lora(model, gl.LoraConfig(rank=1), targets=["layers.0"])
+    gl.apply_lora(model, gl.LoraConfig(rank=1), target_modules=["layers.0"])
     with pytest.raises(
         ValueError, match=r"apply_lora: \['layers.0'\] already carry a LoRA adapter"
     ):
-        gl.apply_lora(model, gl.LoraConfig(rank=1), targets=["layers.0"])
+        gl.apply_lora(model, gl.LoraConfig(rank=1), target_modules=["layers.0"])

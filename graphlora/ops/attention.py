@@ -7,9 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from graphlora._checks import flag, real_scalar
+from graphlora._checks import Rng, as_generator, check_rng, flag, probability, real_scalar
 from graphlora.errors import ShapeError
 from graphlora.ops._core import Array, Draw, Grads, Params, Sample, Vjp, builtin, swap, unbroadcast
+from graphlora.ops.losses import dropout_mask
 
 
 def _check_attention(
@@ -20,6 +21,8 @@ def _check_attention(
     *,
     causal: object = False,
     scale: object = None,
+    dropout: object = 0.0,
+    rng: object = None,
 ) -> Params:
     where = "scaled_dot_product_attention"
     shapes = f"q {q.shape}, k {k.shape}, v {v.shape}"
@@ -43,7 +46,13 @@ def _check_attention(
             ) from None
     if scale is not None:
         scale = real_scalar(where, "scale", scale)
-    return {"causal": flag(where, "causal", causal), "scale": scale}
+    p = probability(where, "dropout", dropout)
+    return {
+        "causal": flag(where, "causal", causal),
+        "scale": scale,
+        "dropout": p,
+        "rng": check_rng(where, rng) if p > 0.0 else None,
+    }
 
 
 def _attention_inputs(draw: Draw) -> tuple[Array | None, ...]:
@@ -99,6 +108,8 @@ def scaled_dot_product_attention(
     *,
     causal: bool = False,
     scale: float | None = None,
+    dropout: float = 0.0,
+    rng: Rng = None,
 ) -> tuple[Array, Vjp]:
     """Attention ``softmax(q kᵀ * scale + masked) v`` for ``q [..., Tq, d]``, ``k [..., Tk, d]``,
     ``v [..., Tk, dv]`` (batch axes broadcast): ``[..., Tq, dv]``.
@@ -106,8 +117,9 @@ def scaled_dot_product_attention(
     ``scale`` defaults to ``1 / sqrt(d)``. ``mask`` (bool, broadcast to ``[..., Tq, Tk]``) keeps
     the scores where it is True; ``causal`` keeps key ``j`` for query ``i`` only if ``j <= i``
     (top-left aligned, as PyTorch's ``is_causal``); both may be given. A query that keeps no key
-    gets zeros, and no gradient, as in PyTorch. Keeps only the attention weights ``P`` for
-    backward.
+    gets zeros, and no gradient, as in PyTorch. With ``dropout``, the attention weights are
+    dropped out (inverted, a mask drawn from ``rng`` as ``dropout`` draws it), as PyTorch's
+    ``dropout_p``. Keeps only the attention weights ``P`` (and the mask) for backward.
     VJP: ``gv = Pᵀ g``; ``gS = P (g vᵀ - rowsum(P g vᵀ))``; ``gq = gS k s``; ``gk = gSᵀ q s``.
     """
     s = (1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0) if scale is None else scale
@@ -126,14 +138,20 @@ def scaled_dot_product_attention(
         weights /= np.where(total > 0, total, 1.0)  # such a row stays all zeros
     else:
         weights = scores  # no keys at all: an empty row, and zeros out
-    out = weights @ v  # (..., Tq, dv)
+    drop = None
+    if dropout > 0.0:
+        drop = dropout_mask(weights.shape, weights.dtype, dropout, as_generator("attention", rng))
+    used = weights if drop is None else weights * drop
+    out = used @ v  # (..., Tq, dv)
 
     def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
         gq = gk = gv = None
         if needs[2]:
-            gv = unbroadcast(swap(weights) @ g, v.shape)
+            gv = unbroadcast(swap(used) @ g, v.shape)
         if needs[0] or needs[1]:
             gp = g @ swap(v)  # (..., Tq, Tk)
+            if drop is not None:
+                gp *= drop
             gs = weights * (gp - (gp * weights).sum(axis=-1, keepdims=True)) * s
             if needs[0]:
                 gq = unbroadcast(gs @ k, q.shape)

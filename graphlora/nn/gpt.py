@@ -1,0 +1,409 @@
+"""A GPT-2-architecture language model, with transformers' attribute names and maths, that reads
+the checkpoints transformers' ``save_pretrained`` writes for GPT-2.
+
+The tree (``named_modules``) is transformers' ``GPT2LMHeadModel``'s: ``transformer.wte``,
+``transformer.wpe``, ``transformer.h.N.ln_1``, ``.attn.c_attn``, ``.attn.c_proj``, ``.ln_2``,
+``.mlp.c_fc``, ``.mlp.c_proj``, ``transformer.ln_f`` and ``lm_head``, tied to ``wte``. Each
+block is pre-norm: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``, with causal attention and
+GELU in its tanh form, as GPT-2. Weights are ``[in, out]``, as GPT-2's ``Conv1D`` stores them, so
+a checkpoint loads without transposes and adapter files say ``fan_in_fan_out: true``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from graphlora import _checks
+from graphlora.graph import Graph, NodeId, check_graph
+from graphlora.nn.layers import Embedding, LayerNorm, Linear, call
+
+__all__ = ["GPT", "GPTConfig"]
+
+Weights = Callable[[str, tuple[int, ...]], npt.NDArray[Any]]
+"""``weights(name, shape)``: the array for the leaf ``name`` (``transformer.wte.weight``, ...)."""
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """The sizes of a GPT (GPT-2's names where nanoGPT's differ: ``layer_norm_epsilon``).
+
+    Every field is checked at construction; a bad one raises ``TypeError`` or ``ValueError``.
+    """
+
+    vocab_size: int = 50257
+    """Tokens: the rows of ``wte`` and the logits' last axis."""
+    block_size: int = 1024
+    """The longest sequence, the rows of ``wpe`` (transformers: ``n_positions``)."""
+    n_layer: int = 12
+    """Transformer blocks."""
+    n_head: int = 12
+    """Attention heads; ``n_embd`` must divide by it."""
+    n_embd: int = 768
+    """The width of the residual stream."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention weights and residual branches, while training."""
+    bias: bool = True
+    """Biases in the Linear and LayerNorm layers (GPT-2 has them)."""
+    layer_norm_epsilon: float = 1e-5
+    """The ``eps`` of every layer norm."""
+
+    def __post_init__(self) -> None:
+        where = "GPTConfig"
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            _checks.positive_int(where, name, getattr(self, name))
+        if self.n_embd % self.n_head:
+            raise ValueError(f"{where}: n_embd {self.n_embd} must divide by n_head {self.n_head}")
+        _checks.probability(where, "dropout", self.dropout)
+        _checks.flag(where, "bias", self.bias)
+        _checks.real(where, "layer_norm_epsilon", self.layer_norm_epsilon, 0.0)
+
+    @property
+    def head_dim(self) -> int:
+        """The width of one attention head, ``n_embd // n_head``."""
+        return self.n_embd // self.n_head
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every leaf's dotted name and shape, in the order they are made (and saved)."""
+        c = self.n_embd
+        shapes: dict[str, tuple[int, ...]] = {
+            "transformer.wte.weight": (self.vocab_size, c),
+            "transformer.wpe.weight": (self.block_size, c),
+        }
+        bias = {"bias": (c,)} if self.bias else {}
+        for i in range(self.n_layer):
+            layer = f"transformer.h.{i}"
+            for name, (n_in, n_out) in {
+                "ln_1": (c, c),
+                "attn.c_attn": (c, 3 * c),
+                "attn.c_proj": (c, c),
+                "ln_2": (c, c),
+                "mlp.c_fc": (c, 4 * c),
+                "mlp.c_proj": (4 * c, c),
+            }.items():
+                if name.startswith("ln"):
+                    shapes[f"{layer}.{name}.weight"] = (c,)
+                    shapes.update({f"{layer}.{name}.{k}": v for k, v in bias.items()})
+                else:
+                    shapes[f"{layer}.{name}.weight"] = (n_in, n_out)
+                    if self.bias:
+                        shapes[f"{layer}.{name}.bias"] = (n_out,)
+        shapes["transformer.ln_f.weight"] = (c,)
+        shapes.update({f"transformer.ln_f.{k}": v for k, v in bias.items()})
+        return shapes
+
+
+# --- the modules, under transformers' names ------------------------------------------------------
+
+
+def _linear(
+    graph: Graph, weights: Weights, name: str, shape: tuple[int, int], bias: bool
+) -> Linear:
+    b = weights(f"{name}.bias", shape[1:]) if bias else None
+    return Linear.from_arrays(
+        graph, weights(f"{name}.weight", shape), b, name=name, fan_in_fan_out=True
+    )
+
+
+def _norm(graph: Graph, weights: Weights, name: str, dim: int, config: GPTConfig) -> LayerNorm:
+    weight = graph.parameter(weights(f"{name}.weight", (dim,)), f"{name}.weight")
+    bias = graph.parameter(weights(f"{name}.bias", (dim,)), f"{name}.bias") if config.bias else None
+    return LayerNorm(weight, bias, config.layer_norm_epsilon, name)
+
+
+class CausalSelfAttention:
+    """Multi-head causal self-attention: ``c_attn`` makes q, k and v at once, ``c_proj`` mixes
+    the heads back."""
+
+    def __init__(self, graph: Graph, weights: Weights, name: str, config: GPTConfig) -> None:
+        c = config.n_embd
+        self.c_attn: Any = _linear(graph, weights, f"{name}.c_attn", (c, 3 * c), config.bias)
+        self.c_proj: Any = _linear(graph, weights, f"{name}.c_proj", (c, c), config.bias)
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+
+    def forward(self, graph: Graph, x: NodeId, *, fused: bool = False) -> NodeId:
+        """``x [..., T, C] -> [..., T, C]``."""
+        *lead, t, c = x.shape
+        heads, width = self.n_head, c // self.n_head
+        q, k, v = graph.split(call(self.c_attn, graph, x, fused), 3, axis=-1)  # (..., T, C) each
+
+        def split_heads(y: NodeId) -> NodeId:  # (..., T, C) -> (..., H, T, C / H)
+            order = (*range(len(lead)), len(lead) + 1, len(lead), len(lead) + 2)
+            return graph.transpose(graph.reshape(y, (*lead, t, heads, width)), order)
+
+        y = graph.scaled_dot_product_attention(
+            split_heads(q), split_heads(k), split_heads(v), causal=True, dropout=self.dropout
+        )  # (..., H, T, C / H)
+        order = (*range(len(lead)), len(lead) + 1, len(lead), len(lead) + 2)
+        y = graph.reshape(graph.transpose(y, order), (*lead, t, c))  # heads side by side again
+        return graph.dropout(call(self.c_proj, graph, y, fused), self.dropout)
+
+
+class GPTMLP:
+    """The feed-forward half of a block: ``c_proj(gelu_tanh(c_fc(x)))``, 4x wide inside."""
+
+    def __init__(self, graph: Graph, weights: Weights, name: str, config: GPTConfig) -> None:
+        c = config.n_embd
+        self.c_fc: Any = _linear(graph, weights, f"{name}.c_fc", (c, 4 * c), config.bias)
+        self.c_proj: Any = _linear(graph, weights, f"{name}.c_proj", (4 * c, c), config.bias)
+        self.dropout = config.dropout
+
+    def forward(self, graph: Graph, x: NodeId, *, fused: bool = False) -> NodeId:
+        """``x [..., C] -> [..., C]``."""
+        h = graph.gelu(call(self.c_fc, graph, x, fused), approximate="tanh")  # GPT-2's gelu_new
+        return graph.dropout(call(self.c_proj, graph, h, fused), self.dropout)
+
+
+class Block:
+    """A pre-norm transformer block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
+
+    def __init__(self, graph: Graph, weights: Weights, name: str, config: GPTConfig) -> None:
+        c = config.n_embd
+        self.ln_1 = _norm(graph, weights, f"{name}.ln_1", c, config)
+        self.attn = CausalSelfAttention(graph, weights, f"{name}.attn", config)
+        self.ln_2 = _norm(graph, weights, f"{name}.ln_2", c, config)
+        self.mlp = GPTMLP(graph, weights, f"{name}.mlp", config)
+
+    def forward(self, graph: Graph, x: NodeId, *, fused: bool = False) -> NodeId:
+        """``x [..., T, C] -> [..., T, C]``."""
+        x = graph.add(x, self.attn.forward(graph, self.ln_1.forward(graph, x), fused=fused))
+        return graph.add(x, self.mlp.forward(graph, self.ln_2.forward(graph, x), fused=fused))
+
+
+class GPTModel:
+    """The transformer without its head: embeddings, blocks, the final layer norm (transformers:
+    ``GPT2Model``)."""
+
+    def __init__(self, graph: Graph, weights: Weights, config: GPTConfig) -> None:
+        c = config.n_embd
+        self.wte = _embedding(graph, weights, "transformer.wte", (config.vocab_size, c))
+        self.wpe = _embedding(graph, weights, "transformer.wpe", (config.block_size, c))
+        self.h = [
+            Block(graph, weights, f"transformer.h.{i}", config) for i in range(config.n_layer)
+        ]
+        self.ln_f = _norm(graph, weights, "transformer.ln_f", c, config)
+        self.dropout = config.dropout
+
+    def forward(self, graph: Graph, ids: NodeId | npt.ArrayLike, *, fused: bool = False) -> NodeId:
+        """Token ids ``[..., T]`` -> hidden states ``[..., T, C]``."""
+        tokens = self.wte.forward(graph, ids)  # (..., T, C)
+        t = tokens.shape[-2]
+        positions = graph.getitem(self.wpe.weight, slice(0, t))  # (T, C): rows 0..T-1
+        x = graph.dropout(graph.add(tokens, positions), self.dropout)
+        for block in self.h:
+            x = block.forward(graph, x, fused=fused)
+        return self.ln_f.forward(graph, x)
+
+
+def _embedding(graph: Graph, weights: Weights, name: str, shape: tuple[int, int]) -> Embedding:
+    return Embedding(
+        graph.parameter(weights(f"{name}.weight", shape), f"{name}.weight"), *shape, name
+    )
+
+
+class TiedHead:
+    """The language-model head, tied to the token embedding: ``logits = x @ wte.weightᵀ``."""
+
+    def __init__(self, embedding: Embedding) -> None:
+        self._embedding = embedding  # not a child: the weight is the embedding's
+
+    def forward(self, graph: Graph, x: NodeId) -> NodeId:
+        """``x [..., C] -> [..., vocab]``."""
+        return graph.matmul(x, graph.transpose(self._embedding.weight))
+
+    def named_leaves(self) -> list[tuple[str, NodeId]]:
+        """None of its own: its weight is ``transformer.wte.weight``."""
+        return []
+
+
+class GPT:
+    """A GPT-2-architecture language model (transformers' ``GPT2LMHeadModel``).
+
+    Build one with ``GPT.new(graph, config)`` (fresh weights, initialised as GPT-2) or
+    ``GPT.from_pretrained(graph, path)`` (a checkpoint written by transformers'
+    ``save_pretrained``). ``forward(graph, ids)`` returns logits ``[..., T, vocab]``.
+    ``apply_lora`` puts adapters on ``c_attn`` by default, as PEFT does for GPT-2.
+    """
+
+    default_lora_targets = ("c_attn",)
+    """The layers ``apply_lora`` adapts when given no ``target_modules`` (PEFT's for GPT-2)."""
+
+    def __init__(self, graph: Graph, config: GPTConfig, weights: Weights) -> None:
+        check_graph("GPT", graph)
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"GPT: config must be a GPTConfig, got {type(config).__name__}")
+        self.config = config
+        self.transformer = GPTModel(graph, weights, config)
+        self.lm_head = TiedHead(self.transformer.wte)
+
+    @classmethod
+    def new(cls, graph: Graph, config: GPTConfig, *, rng: _checks.Rng = None) -> GPT:
+        """A model with fresh weights, drawn as GPT-2 draws them: N(0, 0.02) for embeddings and
+        Linear weights, N(0, 0.02 / sqrt(2 n_layer)) for the projections into the residual
+        stream, zero biases, unit layer-norm weights."""
+        generator = _checks.as_generator("GPT.new", rng)
+        residual = 0.02 / math.sqrt(2 * config.n_layer) if isinstance(config, GPTConfig) else 0.0
+
+        def weights(name: str, shape: tuple[int, ...]) -> npt.NDArray[Any]:
+            if name.endswith(".bias"):
+                return np.zeros(shape)
+            if ".ln_" in name or name.startswith("transformer.ln_f"):
+                return np.ones(shape)
+            std = residual if name.endswith("c_proj.weight") else 0.02
+            return generator.normal(0.0, std, size=shape)
+
+        return cls(graph, config, weights)
+
+    @classmethod
+    def from_pretrained(cls, graph: Graph, path: str | os.PathLike[str]) -> GPT:
+        """Read a GPT-2 checkpoint written by transformers' ``save_pretrained``: ``config.json``
+        and ``model.safetensors`` in the directory ``path``, with safetensors' NumPy API.
+
+        Everything is checked before anything is made: the model type, the config fields
+        graphlora's GPT does not have (other activations, cross-attention, untied heads, ...),
+        and every tensor's name and shape. Then the tensors are read one at a time into the
+        graph's dtype, so that loading holds one copy of the weights (and one tensor in flight).
+        Keys may carry transformers' ``transformer.`` prefix or not (``GPT2Model``); its
+        attention-mask buffers (``attn.bias``, ``attn.masked_bias``) and a saved ``lm_head``
+        (tied) are skipped. The base weights come as parameters; ``apply_lora`` freezes them.
+
+        Raises
+        ------
+        FileNotFoundError
+            For a missing directory or file.
+        ValueError
+            For another model type, a config graphlora cannot honour, a pickle checkpoint
+            (refused unopened), missing, unexpected or mis-shaped tensors.
+        """
+        where = "GPT.from_pretrained"
+        check_graph(where, graph)
+        directory = Path(path)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"{where}: {directory} is not a directory")
+        config = _read_config(where, directory)
+        weights_file = directory / "model.safetensors"
+        if not weights_file.is_file():
+            pickled = [n for n in ("pytorch_model.bin", "model.bin") if (directory / n).exists()]
+            if pickled:
+                raise ValueError(
+                    f"{where}: {directory / pickled[0]} is a pickle file, which can run code when "
+                    "loaded; graphlora never unpickles: save it with safe_serialization=True"
+                )
+            raise FileNotFoundError(f"{where}: {directory} has no model.safetensors")
+        from graphlora.io import safetensors_module
+
+        st = safetensors_module(where)
+        expected = config.shapes()
+        with st.safe_open(str(weights_file), framework="numpy") as handle:
+            stored = {_strip(key): key for key in handle.keys()}  # noqa: SIM118
+            skipped = {k for k in stored if k.endswith((".attn.bias", ".attn.masked_bias"))}
+            skipped |= {"lm_head.weight"} & set(stored)
+            found = set(stored) - skipped
+            missing = sorted(set(expected) - found)
+            unexpected = sorted(found - set(expected))
+            shapes = {name: tuple(handle.get_slice(stored[name]).get_shape()) for name in found}
+            wrong = [
+                f"{n} {shapes[n]} (needs {expected[n]})"
+                for n in sorted(found & set(expected))
+                if shapes[n] != expected[n]
+            ]
+            if missing or unexpected or wrong:
+                raise ValueError(
+                    f"{where}: {weights_file} does not fit its config {config}: missing "
+                    f"{missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}"
+                )
+
+            def weights(name: str, shape: tuple[int, ...]) -> npt.NDArray[Any]:
+                array = handle.get_tensor(stored[name])
+                if array.dtype.kind != "f":
+                    raise ValueError(f"{where}: {name} holds {array.dtype}, not floating point")
+                return array  # type: ignore[no-any-return]
+
+            return cls(graph, config, weights)
+
+    def forward(self, graph: Graph, ids: NodeId | npt.ArrayLike, *, fused: bool = False) -> NodeId:
+        """Token ids ``[..., T]`` (an integer data node or array; ``T <= block_size``) -> logits
+        ``[..., T, vocab_size]``. ``fused=True`` records each LoRA layer as one op.
+
+        Raises
+        ------
+        ValueError
+            For a sequence longer than ``block_size``, or ids outside ``[0, vocab_size)``.
+        """
+        length = (ids.shape if isinstance(ids, NodeId) else np.shape(ids))[-1:]
+        if length and length[0] > self.config.block_size:
+            raise ValueError(
+                f"GPT.forward: a sequence of {length[0]} tokens is longer than block_size "
+                f"{self.config.block_size}"
+            )
+        return self.lm_head.forward(graph, self.transformer.forward(graph, ids, fused=fused))
+
+    def __repr__(self) -> str:
+        return f"GPT({self.config})"
+
+
+def _strip(key: str) -> str:
+    """A checkpoint key under graphlora's names: with transformers' ``transformer.`` prefix."""
+    return key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
+
+
+_SUPPORTED = {
+    "activation_function": ("gelu_new", "gelu_pytorch_tanh"),
+    "add_cross_attention": (False, None),
+    "scale_attn_weights": (True, None),
+    "scale_attn_by_inverse_layer_idx": (False, None),
+    "tie_word_embeddings": (True, None),
+}
+
+
+def _read_config(where: str, directory: Path) -> GPTConfig:
+    """The GPTConfig of a transformers ``config.json``, refusing what graphlora cannot honour."""
+    file = directory / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{where}: {directory} has no config.json")
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{where}: {file} is not valid JSON: {error}") from None
+    if not isinstance(raw, dict) or raw.get("model_type") != "gpt2":
+        kind = raw.get("model_type") if isinstance(raw, dict) else None
+        raise ValueError(f"{where}: {file} is a {kind!r} model; graphlora reads GPT-2 ('gpt2')")
+    for key, accepted in _SUPPORTED.items():
+        if raw.get(key, accepted[0]) not in accepted:
+            raise ValueError(
+                f"{where}: {file} has {key}={raw[key]!r}; graphlora's GPT supports {accepted[0]!r}"
+            )
+    inner = raw.get("n_inner")
+    if inner not in (None, 4 * raw.get("n_embd", 768)):
+        raise ValueError(
+            f"{where}: {file} has n_inner={inner!r}; graphlora's GPT is 4 x n_embd wide"
+        )
+    drops = {raw.get(k, 0.1) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
+    if len(drops) > 1:
+        raise ValueError(
+            f"{where}: {file} has different resid_pdrop, embd_pdrop and attn_pdrop {sorted(drops)};"
+            " graphlora's GPT has one dropout"
+        )
+    names = {f.name for f in fields(GPTConfig)}
+    values = {
+        "vocab_size": raw.get("vocab_size"),
+        "block_size": raw.get("n_positions"),
+        "n_layer": raw.get("n_layer"),
+        "n_head": raw.get("n_head"),
+        "n_embd": raw.get("n_embd"),
+        "dropout": drops.pop(),
+        "layer_norm_epsilon": raw.get("layer_norm_epsilon", 1e-5),
+    }
+    try:
+        return GPTConfig(**{k: v for k, v in values.items() if k in names})
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where}: {file}: {error}") from None

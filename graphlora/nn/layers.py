@@ -1,0 +1,249 @@
+"""Layers: ``Linear``, ``Embedding``, ``LayerNorm``, and ``MLP`` made of them.
+
+Each layer is a plain dataclass of NodeIds of one ``Graph`` with a ``forward(graph, x)`` that
+records its ops; ``new`` builds one with fresh weights initialised as PyTorch initialises the
+same layer. Weights are laid out the way the maths reads: ``Linear.weight`` is ``[in, out]``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from graphlora import _checks
+from graphlora.errors import ShapeError
+from graphlora.functional import linear_init
+from graphlora.graph import Graph, NodeId, check_graph
+from graphlora.lora import LoraLinear
+from graphlora.nn.tree import named_modules, parameters, trainable_parameters
+
+__all__ = ["ACTIVATIONS", "MLP", "Embedding", "LayerNorm", "Linear", "call"]
+
+ACTIVATIONS: dict[str, Callable[[Graph, NodeId], NodeId]] = {
+    "relu": Graph.relu,
+    "tanh": Graph.tanh,
+    "sigmoid": Graph.sigmoid,
+    "gelu": lambda graph, x: graph.gelu(x),
+}
+"""The activations ``MLP`` accepts, by name."""
+
+
+@dataclass(eq=False)
+class Linear:
+    """``y = x @ weight + bias``: a trainable ``weight [in, out]``, an optional ``bias [out]``."""
+
+    weight: NodeId
+    bias: NodeId | None
+    in_features: int
+    out_features: int
+    name: str = "linear"
+    fan_in_fan_out: bool = False
+    """True when the framework the weights come from stores them ``[in, out]`` too (GPT-2's
+    ``Conv1D``); adapter files then say so, as PEFT's ``fan_in_fan_out``."""
+
+    @classmethod
+    def new(
+        cls,
+        graph: Graph,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool = True,
+        rng: _checks.Rng = None,
+        name: str = "linear",
+    ) -> Linear:
+        """A layer initialised like ``torch.nn.Linear``: weight and bias ~ U(-1/√in, 1/√in)."""
+        check_graph("Linear.new", graph)
+        generator = _checks.as_generator("Linear.new", rng)
+        weight, bias_value = linear_init(
+            in_features, out_features, bias=bias, rng=generator, where="Linear.new"
+        )
+        return cls.from_arrays(graph, weight, bias_value, name=name)
+
+    @classmethod
+    def from_arrays(
+        cls,
+        graph: Graph,
+        weight: npt.ArrayLike,
+        bias: npt.ArrayLike | None = None,
+        *,
+        name: str = "linear",
+        fan_in_fan_out: bool = False,
+    ) -> Linear:
+        """A layer over given ``weight [in, out]`` and ``bias [out]`` (copied into parameters).
+
+        Raises
+        ------
+        ShapeError
+            For a weight that is not 2-D, or a bias that is not ``[out]``.
+        """
+        where = "Linear.from_arrays"
+        check_graph(where, graph)
+        weight_node = graph.parameter(
+            _checks.float_array(where, "weight", weight), f"{name}.weight"
+        )
+        if len(weight_node.shape) != 2:
+            raise ShapeError(f"{where}: weight must be [in, out], got shape {weight_node.shape}")
+        in_features, out_features = weight_node.shape
+        bias_node = None
+        if bias is not None:
+            bias_array = _checks.float_array(where, "bias", bias)
+            if bias_array.shape != (out_features,):
+                raise ShapeError(
+                    f"{where}: bias has shape {bias_array.shape}, weight {weight_node.shape} "
+                    f"needs ({out_features},)"
+                )
+            bias_node = graph.parameter(bias_array, f"{name}.bias")
+        return cls(weight_node, bias_node, in_features, out_features, name, fan_in_fan_out)
+
+    def forward(self, graph: Graph, x: NodeId) -> NodeId:
+        """``x [..., in] -> [..., out]``."""
+        if isinstance(x, NodeId) and (x.shape[-1:] != (self.in_features,)):
+            raise ShapeError(
+                f"Linear.forward: {self.name} takes [..., {self.in_features}] but the input has "
+                f"shape {x.shape}"
+            )
+        y = graph.matmul(x, self.weight)
+        return y if self.bias is None else graph.add(y, self.bias)
+
+    def nodes(self) -> list[NodeId]:
+        """Every leaf of the layer."""
+        return [self.weight] if self.bias is None else [self.weight, self.bias]
+
+
+@dataclass(eq=False)
+class Embedding:
+    """A lookup table: ``weight [V, D]``; ``forward(graph, ids)`` picks rows by integer ids."""
+
+    weight: NodeId
+    num_embeddings: int
+    embedding_dim: int
+    name: str = "embedding"
+
+    @classmethod
+    def new(
+        cls,
+        graph: Graph,
+        num_embeddings: int,
+        embedding_dim: int,
+        *,
+        rng: _checks.Rng = None,
+        name: str = "embedding",
+    ) -> Embedding:
+        """A table initialised like ``torch.nn.Embedding``: N(0, 1)."""
+        where = "Embedding.new"
+        check_graph(where, graph)
+        rows = _checks.positive_int(where, "num_embeddings", num_embeddings)
+        width = _checks.positive_int(where, "embedding_dim", embedding_dim)
+        weight = _checks.as_generator(where, rng).standard_normal((rows, width))
+        return cls(graph.parameter(weight, f"{name}.weight"), rows, width, name)
+
+    def forward(self, graph: Graph, ids: NodeId | npt.ArrayLike) -> NodeId:
+        """``ids [...] -> [..., D]`` (ids: an integer data node or array, each in ``[0, V)``)."""
+        return graph.embedding(self.weight, ids)
+
+
+@dataclass(eq=False)
+class LayerNorm:
+    """Layer norm over the last axis with a ``weight`` (ones) and optional ``bias`` (zeros)."""
+
+    weight: NodeId
+    bias: NodeId | None
+    eps: float = 1e-5
+    name: str = "ln"
+
+    @classmethod
+    def new(
+        cls, graph: Graph, dim: int, *, eps: float = 1e-5, bias: bool = True, name: str = "ln"
+    ) -> LayerNorm:
+        """A fresh layer norm over ``dim`` features, as ``torch.nn.LayerNorm``."""
+        where = "LayerNorm.new"
+        check_graph(where, graph)
+        width = _checks.positive_int(where, "dim", dim)
+        eps = _checks.real(where, "eps", eps, 0.0)
+        bias_node = graph.parameter(np.zeros(width), f"{name}.bias") if bias else None
+        return cls(graph.parameter(np.ones(width), f"{name}.weight"), bias_node, eps, name)
+
+    def forward(self, graph: Graph, x: NodeId) -> NodeId:
+        """``x [..., dim]``, normalised over the last axis."""
+        return graph.layer_norm(x, self.weight, self.bias, eps=self.eps)
+
+
+def call(layer: object, graph: Graph, x: NodeId, fused: bool = False) -> NodeId:
+    """``layer.forward(graph, x)``, passing ``fused`` to a LoRA layer (one op instead of six)."""
+    if isinstance(layer, LoraLinear):
+        return layer.forward(graph, x, fused=fused)
+    return layer.forward(graph, x)  # type: ignore[attr-defined, no-any-return]
+
+
+class MLP:
+    """A multilayer perceptron: ``Linear`` layers, an activation between them (not after the last).
+
+    Parameters
+    ----------
+    graph
+        The graph that holds the weights.
+    sizes
+        Layer widths, input first: ``(64, 32, 10)`` makes two layers, ``layers.0`` and ``layers.1``.
+    activation
+        A name from ``ACTIVATIONS``.
+    rng
+        Generator or seed for the weights.
+    """
+
+    def __init__(
+        self,
+        graph: Graph,
+        sizes: Sequence[int],
+        activation: str = "relu",
+        rng: _checks.Rng = None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        if not isinstance(sizes, Sequence) or len(sizes) < 2:
+            raise ValueError(f"MLP: sizes needs at least two widths (in, out), got {sizes!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"MLP: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}"
+            )
+        check_graph("MLP", graph)
+        generator = _checks.as_generator("MLP", rng)
+        self.graph = graph
+        self.activation = activation
+        self.layers: list[Linear | LoraLinear] = [
+            Linear.new(graph, n_in, n_out, bias=bias, rng=generator, name=f"layers.{i}")
+            for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes))
+        ]
+
+    def forward(self, graph: Graph, x: NodeId, *, fused: bool = False) -> NodeId:
+        """Run every layer, with the activation between layers.
+
+        ``fused=True`` records each ``LoraLinear`` as one ``lora_linear`` node (see
+        ``LoraLinear.forward``); plain ``Linear`` layers are unaffected.
+        """
+        act = ACTIVATIONS[self.activation]
+        for i, layer in enumerate(self.layers):
+            x = call(layer, graph, x, fused)
+            if i < len(self.layers) - 1:
+                x = act(graph, x)
+        return x
+
+    def named_layers(self) -> dict[str, Linear | LoraLinear]:
+        """``{"layers.0": ..., ...}``: a ``Linear`` or, after ``apply_lora``, a ``LoraLinear``."""
+        return {name: layer for name, layer in named_modules(self) if name}  # type: ignore[misc]
+
+    def parameters(self) -> list[NodeId]:
+        """The leaves that currently receive gradients (after ``apply_lora``: only A and B)."""
+        return parameters(self)
+
+    def print_trainable_parameters(self) -> None:
+        """Print PEFT's one-line report: trainable, all, and the trainable percentage."""
+        print(trainable_parameters(self))
+
+    def __repr__(self) -> str:
+        inner = ",\n".join(f"  ({name}): {layer!r}" for name, layer in self.named_layers().items())
+        return f"MLP(activation={self.activation!r},\n{inner}\n)"

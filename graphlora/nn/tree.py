@@ -1,0 +1,231 @@
+"""A model is a tree of plain objects: walk it, list its leaves, save and load its state.
+
+No base class is needed. A *module* is any object with a ``forward`` method (a layer, a block, a
+whole model); its children are the modules held by its public attributes, directly or in lists,
+tuples and dicts, in attribute order, so names come out as PyTorch's do:
+``transformer.h.0.attn.c_attn``. A module's own *leaves* are the NodeIds among its public
+attributes (``weight``, ``bias``), or what its ``named_leaves()`` method lists when it has one
+(a LoRA layer lists its frozen weight and its adapters). A module or leaf reached twice (tied
+weights) is listed once, under the first name.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from graphlora.errors import GraphError, ShapeError
+from graphlora.graph import Graph, NodeId, check_graph
+from graphlora.ops import Array
+
+__all__ = [
+    "LoadResult",
+    "is_module",
+    "load_state_dict",
+    "named_leaves",
+    "named_modules",
+    "parameters",
+    "state_dict",
+    "trainable_parameters",
+]
+
+
+def is_module(value: object) -> bool:
+    """True for a layer or model: an object (not a class) with a ``forward`` method."""
+    return not isinstance(value, type) and callable(getattr(value, "forward", None))
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a module sits in its parent, so that it can be replaced (``apply_lora``)."""
+
+    parent: Any
+    key: str | int
+    kind: str  # "attribute", "list" or "dict"; "tuple" cannot be replaced
+
+    def replace(self, new: object) -> None:
+        """Put ``new`` where the module was."""
+        if self.kind == "attribute":
+            setattr(self.parent, str(self.key), new)
+        elif self.kind in ("list", "dict"):
+            self.parent[self.key] = new
+        else:
+            raise TypeError(f"a module held in a tuple cannot be replaced (at {self.key!r})")
+
+
+def _children(module: object) -> Iterator[tuple[str, object, Place]]:
+    """The modules held by ``module``'s public attributes, with their relative names."""
+    attributes = getattr(module, "__dict__", {})
+    for attr, value in attributes.items():
+        if attr.startswith("_"):
+            continue
+        yield from _collect(attr, value, Place(module, attr, "attribute"))
+
+
+def _collect(name: str, value: object, place: Place) -> Iterator[tuple[str, object, Place]]:
+    if is_module(value):
+        yield name, value, place
+    elif isinstance(value, (list, tuple)):
+        kind = "list" if isinstance(value, list) else "tuple"
+        for i, item in enumerate(value):
+            yield from _collect(f"{name}.{i}", item, Place(value, i, kind))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _collect(f"{name}.{key}", item, Place(value, key, "dict"))
+
+
+def walk(model: object) -> Iterator[tuple[str, object, Place | None]]:
+    """``(name, module, place)`` for the model and every module under it, each once."""
+    seen: set[int] = set()
+    stack: list[tuple[str, object, Place | None]] = [("", model, None)]
+    while stack:
+        name, module, place = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield name, module, place
+        children = [
+            (f"{name}.{child}" if name else child, value, where)
+            for child, value, where in _children(module)
+        ]
+        stack.extend(reversed(children))  # depth first, in attribute order
+
+
+def named_modules(model: object) -> Iterator[tuple[str, object]]:
+    """``(dotted name, module)`` for ``model`` (named ``""``) and every module under it, in
+    attribute order, depth first, each once: as ``torch.nn.Module.named_modules``.
+
+    Raises
+    ------
+    TypeError
+        When ``model`` is not a module (an object with a ``forward`` method).
+    """
+    if not is_module(model):
+        raise TypeError(
+            f"named_modules: model must be a layer or model (an object with a forward method), "
+            f"got {type(model).__name__}"
+        )
+    for name, module, _ in walk(model):
+        yield name, module
+
+
+def _own_leaves(module: object) -> Iterator[tuple[str, NodeId]]:
+    listed = getattr(module, "named_leaves", None)
+    if callable(listed):
+        yield from listed()
+        return
+    for attr, value in getattr(module, "__dict__", {}).items():
+        if not attr.startswith("_") and isinstance(value, NodeId):
+            yield attr, value
+
+
+def named_leaves(model: object) -> Iterator[tuple[str, NodeId]]:
+    """``(dotted name, leaf)`` for every leaf of every module: ``layers.0.weight``, ... A leaf
+    reached twice (tied weights) is listed once."""
+    seen: set[NodeId] = set()
+    for name, module in named_modules(model):
+        for leaf_name, leaf in _own_leaves(module):
+            if leaf in seen:
+                continue
+            seen.add(leaf)
+            yield (f"{name}.{leaf_name}" if name else leaf_name), leaf
+
+
+def parameters(model: object) -> list[NodeId]:
+    """The leaves of ``model`` that receive gradients (after ``apply_lora``: the adapters), in
+    order: what an optimizer should update."""
+    return [leaf for _, leaf in named_leaves(model) if leaf.requires_grad]
+
+
+def trainable_parameters(model: object) -> str:
+    """``"trainable params: 1,234 || all params: 5,678 || trainable%: 21.7328"``, as PEFT."""
+    leaves = [leaf for _, leaf in named_leaves(model)]
+    total = sum(math.prod(node.shape) for node in leaves)
+    trainable = sum(math.prod(node.shape) for node in leaves if node.requires_grad)
+    percent = 100.0 * trainable / total if total else 0.0
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {percent:.4f}"
+
+
+def state_dict(graph: Graph, model: object) -> dict[str, Array]:
+    """``{dotted name: a copy of the leaf's value}`` for every leaf of ``model``."""
+    check_graph("state_dict", graph)
+    return {name: np.array(graph.value(leaf)) for name, leaf in named_leaves(model)}
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """What ``load_state_dict`` left out: names the model has and the state lacks, and names the
+    state has and the model lacks (both empty with ``strict=True``)."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def load_state_dict(
+    graph: Graph, model: object, state: Mapping[str, Any], *, strict: bool = True
+) -> LoadResult:
+    """Set ``model``'s leaves from ``state`` (as ``state_dict`` returns it), all or nothing.
+
+    Every name, shape and kind of data is checked before any leaf changes: float leaves take
+    floating-point arrays (converted to the graph's dtype), integer and bool leaves their own
+    kind. With ``strict`` (the default), the names must match exactly; without, names on one
+    side only are left alone and returned.
+
+    Raises
+    ------
+    ValueError
+        For missing or unexpected names (``strict``).
+    ShapeError, TypeError
+        For an array of the wrong shape or kind.
+    GraphError
+        When a merged LoRA layer's weight would be overwritten (unmerge it first).
+    """
+    where = "load_state_dict"
+    check_graph(where, graph)
+    if not isinstance(state, Mapping):
+        raise TypeError(f"{where}: state must be a mapping of names to arrays")
+    leaves = dict(named_leaves(model))
+    missing = sorted(set(leaves) - set(state))
+    unexpected = sorted(str(key) for key in set(state) - set(leaves))
+    if strict and (missing or unexpected):
+        raise ValueError(
+            f"{where}: names differ; missing {missing[:10]}, unexpected {unexpected[:10]}"
+        )
+    merged = _merged_leaves(model)
+    values: list[tuple[NodeId, Array]] = []
+    for name, leaf in leaves.items():
+        if name not in state:
+            continue
+        if leaf in merged:
+            raise GraphError(f"{where}: {name} belongs to a merged LoRA layer; unmerge_ it first")
+        array = np.asarray(state[name])
+        if array.shape != leaf.shape:
+            raise ShapeError(f"{where}: {name} has shape {array.shape}, the model's {leaf.shape}")
+        kind = leaf.dtype.kind
+        if (kind == "f" and array.dtype.kind != "f") or (kind != "f" and array.dtype.kind != kind):
+            raise TypeError(f"{where}: {name} holds {array.dtype} data; the leaf is {leaf.dtype}")
+        values.append((leaf, array))
+    for leaf, array in values:
+        graph.set_value(leaf, array)
+    return LoadResult(missing, unexpected)
+
+
+def _merged_leaves(model: object) -> set[NodeId]:
+    """The frozen weights of merged LoRA layers: loading into them would be undone by unmerge."""
+    found: set[NodeId] = set()
+    for _, module in named_modules(model):
+        weight = getattr(module, "frozen_weight", None)
+        if getattr(module, "merged", False) and isinstance(weight, NodeId):
+            found.add(weight)
+    return found
+
+
+def find_modules(model: object, kinds: tuple[type, ...]) -> list[tuple[str, Any, Place | None]]:
+    """``(name, module, place)`` for the modules of ``model`` that are instances of ``kinds``."""
+    return [
+        (name, module, place) for name, module, place in walk(model) if isinstance(module, kinds)
+    ]
