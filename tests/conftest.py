@@ -1,13 +1,20 @@
-"""Hypothesis profiles shared by the whole suite.
+"""Hypothesis profiles shared by the whole suite, and the rule that cross-checks never skip in CI.
 
 ``ci`` (the default) is derandomized with no deadline, so a run is repeatable and never flaky on a
 loaded machine; ``explore`` draws many more, random examples: ``HYPOTHESIS_PROFILE=explore pytest``.
+
+Tests marked ``crosscheck`` compare graphlora with PyTorch, PEFT or transformers and skip where
+those are not installed. With ``GRAPHLORA_CROSSCHECK=1`` (set by ``.ci/run`` after installing the
+``crosscheck`` extra) such a skip is a failure, so the cross-checks cannot silently not run.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -20,3 +27,16 @@ settings.register_profile(
 )
 settings.register_profile("explore", deadline=None, max_examples=1000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+CROSSCHECK_REQUIRED = os.environ.get("GRAPHLORA_CROSSCHECK") == "1"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if CROSSCHECK_REQUIRED and report.skipped and item.get_closest_marker("crosscheck"):
+        report.outcome = "failed"
+        report.longrepr = (
+            f"a cross-check skipped, which GRAPHLORA_CROSSCHECK=1 forbids: {report.longrepr}"
+        )

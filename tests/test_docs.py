@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import os
 import re
 from pathlib import Path
 
@@ -34,7 +35,15 @@ def blocks(text: str) -> list[tuple[str, str, bool, list[str]]]:
     return found
 
 
-@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
+CROSSCHECKED = [
+    pytest.param(page, marks=pytest.mark.crosscheck)
+    if " requires=" in page.read_text(encoding="utf-8")
+    else page
+    for page in PAGES
+]
+
+
+@pytest.mark.parametrize("page", CROSSCHECKED, ids=[p.name for p in PAGES])
 def test_page_runs_and_shows_real_output(
     page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -43,7 +52,12 @@ def test_page_runs_and_shows_real_output(
     printed: str | None = ""
     ran = 0
     for lang, code, follows_python, requires in blocks(page.read_text(encoding="utf-8")):
-        if any(importlib.util.find_spec(name) is None for name in requires):
+        absent = [name for name in requires if importlib.util.find_spec(name) is None]
+        if absent:
+            if os.environ.get("GRAPHLORA_CROSSCHECK") == "1":
+                pytest.fail(
+                    f"{page.name}: a block needs {absent}, which GRAPHLORA_CROSSCHECK=1 requires"
+                )
             printed = None  # skipped: its output cannot be compared
             continue
         if lang == "python":

@@ -475,6 +475,7 @@ def _torch_model(torch: Any, g: gl.Graph, layers: dict[str, gl.LoraLinear]) -> A
     return root
 
 
+@pytest.mark.crosscheck
 def test_peft_loads_a_graphlora_adapter_and_the_reverse(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")

@@ -543,6 +543,7 @@ def test_float32_layer() -> None:
 # --- PyTorch cross-check ------------------------------------------------------------------------
 
 
+@pytest.mark.crosscheck
 @given(layer=gst.lora_layers(), data=st.data())
 def test_matches_the_same_maths_in_torch(
     layer: tuple[gl.Graph, gl.LoraLinear], data: st.DataObject

@@ -235,6 +235,7 @@ def _torch_tensor(torch: Any, value: Any, grad: bool) -> Any:
     return torch.tensor(array, dtype=torch.float64, requires_grad=grad)
 
 
+@pytest.mark.crosscheck
 @pytest.mark.parametrize("name", [n for n in NAMES if TESTED[n].torch is not None])
 @pytest.mark.parametrize("empty", [False, True])
 @given(data=st.data())
@@ -422,6 +423,7 @@ def test_where_takes_a_bool_mask_and_refuses_others() -> None:
     )
 
 
+@pytest.mark.crosscheck
 @pytest.mark.parametrize("name", ["maximum", "max"])
 def test_ties_share_the_gradient_as_torch_does(name: str) -> None:
     torch = pytest.importorskip("torch")

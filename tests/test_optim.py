@@ -102,6 +102,7 @@ def test_adamw_default_weight_decay_is_pytorchs() -> None:
         ("AdamW", {"lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-6, "weight_decay": 0.1}),
     ],
 )
+@pytest.mark.crosscheck
 def test_matches_torch_optim(name: str, kwargs: dict[str, Any]) -> None:
     torch = pytest.importorskip("torch")
     ours = _run(lambda g, ps: getattr(gl.optim, name)(g, ps, **kwargs))
