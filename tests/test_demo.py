@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from graphlora import demo
+from graphlora import demo, demo_gpt
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +73,43 @@ def test_digits_on_supplied_data_without_scikit_learn() -> None:
     images = np.clip(centres[labels] + 0.05 * rng.normal(size=(300, 64)), 0, 1)
     result = demo.run_digits(rank=2, steps=100, data=(images, labels))
     assert result.after_accuracy > 0.9
+
+
+# --- the GPT demo --------------------------------------------------------------------------------
+
+
+def test_the_stdlib_texts_and_the_character_codec() -> None:
+    prose, code = demo_gpt.stdlib_texts()
+    assert len(prose) > 100_000 and "assert" in prose
+    assert len(code) > 50_000 and "def dedent(" in code  # textwrap's source
+    ids = demo_gpt.encode("def f():\n\treturn 'é'")
+    assert ids.dtype == np.int64 and ids.max() < len(demo_gpt.CHARS)
+    assert demo_gpt.decode(ids) == "def f():\n    return '?'"
+
+
+@pytest.fixture(scope="module")
+def gpt_result() -> demo_gpt.GptResult:
+    prose, code = demo_gpt.stdlib_texts()
+    return demo_gpt.run_gpt(
+        steps=300, lora_steps=200, seed=0, texts=(prose[:60_000], code[:40_000])
+    )
+
+
+def test_lora_adapts_the_gpt_to_code_and_leaves_the_base_as_it_was(
+    gpt_result: demo_gpt.GptResult,
+) -> None:
+    r = gpt_result
+    assert np.mean(r.pretrain_losses[-20:]) < np.mean(r.pretrain_losses[:20]) - 1.0  # it learned
+    assert r.adapted_loss["code"] < r.base_loss["code"] - 0.2  # the adapters learned the code
+    assert r.removed_loss == r.base_loss  # the base weights never moved
+    assert r.trainable == "trainable params: 16,384 || all params: 126,720 || trainable%: 12.9293"
+    assert r.samples["base"].startswith("def ") and len(r.samples["adapted"]) == 4 + 120
+
+
+def test_the_gpt_demo_is_deterministic_for_a_seed(gpt_result: demo_gpt.GptResult) -> None:
+    prose, code = demo_gpt.stdlib_texts()
+    again = demo_gpt.run_gpt(
+        steps=300, lora_steps=200, seed=0, texts=(prose[:60_000], code[:40_000])
+    )
+    assert again.base_loss == gpt_result.base_loss
+    assert again.samples == gpt_result.samples

@@ -172,3 +172,20 @@ def test_the_example_leaves_numpy_print_options_as_they_were(
     assert main(["example"]) == 0
     assert "largest difference from the engine" in capsys.readouterr().out
     assert np.get_printoptions() == before
+
+
+def test_the_gpt_demo_reports_both_texts(capsys: pytest.CaptureFixture[str]) -> None:
+    assert (
+        main(["demo", "--task", "gpt", "--steps", "40", "--lora-steps", "20", "--no-progress"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "graphlora demo: a character-level GPT, pretrained on prose, LoRA-adapted to code" in out
+    assert "trainable params: 16,384 || all params: 126,720" in out
+    rows = {
+        line.split("  ")[1].strip(): line
+        for line in out.splitlines()
+        if line.startswith("  base model") or line.startswith("  adapters zeroed")
+    }
+    assert len(rows) == 2
+    assert rows["base model"].split()[-4:] == rows["adapters zeroed again"].split()[-4:]
+    assert "sample, adapted (prompt 'def ', temperature 0.8):\n  | def " in out

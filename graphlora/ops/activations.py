@@ -124,11 +124,12 @@ def gelu(x: Array, *, approximate: str = "none") -> tuple[Array, Vjp]:
     ``0.5 x (1 + tanh(u))``, ``u = sqrt(2/pi) (x + 0.044715 x**3)``.
     """
     if approximate == "tanh":
-        t = np.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x**3))
+        squared = x * x  # x**3 as x * x * x: NumPy's power is ~50x slower in float32
+        t = np.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * (squared * x)))
         out = 0.5 * x * (1 + t)
 
         def vjp_tanh(g: Array, needs: tuple[bool, ...]) -> Grads:
-            du = _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)
+            du = _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * squared)
             return (g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * du),)
 
         return out, vjp_tanh

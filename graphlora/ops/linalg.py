@@ -65,9 +65,17 @@ def matmul(a: Array, b: Array) -> tuple[Array, Vjp]:
     VJP: ``(g @ b.T, a.T @ g)`` over the last two axes, un-broadcast over the batch axes.
     """
 
+    folded = a.ndim > 2 and b.ndim == 2  # (..., n, k) @ (k, m): one matrix product of rows
+
     def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
         if a.ndim == 2 and b.ndim == 2:  # the common case: (n, k) @ (k, m) -> (n, m)
             return (g @ b.T if needs[0] else None, a.T @ g if needs[1] else None)
+        if folded:  # the batch axes folded into the rows: one BLAS call each, not one a batch
+            g_rows = rows(g)  # (N, m)
+            return (
+                (g_rows @ b.T).reshape(a.shape) if needs[0] else None,
+                rows(a).T @ g_rows if needs[1] else None,
+            )
         # Promote 1-D operands as NumPy does, so one formula covers every case.
         a2 = a[np.newaxis, :] if a.ndim == 1 else a  # (..., n, k)
         b2 = b[:, np.newaxis] if b.ndim == 1 else b  # (..., k, m)
@@ -84,4 +92,6 @@ def matmul(a: Array, b: Array) -> tuple[Array, Vjp]:
                 gb = unbroadcast(swap(a2) @ g2, b2.shape).reshape(b.shape)
         return ga, gb
 
+    if folded:
+        return (rows(a) @ b).reshape(*a.shape[:-1], b.shape[1]), vjp
     return np.asarray(a @ b), vjp
