@@ -15,6 +15,8 @@ implementations interleaved round by round (medians of the rounds). Sections:
   c  tape scaling: backward time per node for chains of 1e3, 1e4 and 1e5 ops
   d  peak memory of a training step (tracemalloc) against hand-written NumPy
   e  an MLP with LoRA on every layer, one training step
+  f  a GPT LoRA fine-tuning step against transformers + PEFT on PyTorch (benches/gpt_step.py),
+     where those are installed, at two sizes; and each side's peak memory
 """
 
 from __future__ import annotations
@@ -452,7 +454,7 @@ def section_e(rounds: int, min_batch: float, quick: bool) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, few rounds")
-    parser.add_argument("--sections", default="a,b,c,d,e")
+    parser.add_argument("--sections", default="a,b,c,d,e,f")
     parser.add_argument(
         "--out", default=str(Path(__file__).resolve().parent / "results" / "latest.json")
     )
@@ -524,6 +526,11 @@ def main(argv: list[str] | None = None) -> int:
             f"numpy {1e6 * row['seconds']['numpy']:.1f} us; "
             + ", ".join(f"{k} {v:.2f}x" for k, v in row["ratio"].items() if k != "numpy")
         )
+    if "f" in sections:
+        import gpt_step
+
+        report["f_gpt_step"] = rows = gpt_step.section_f(compare, rounds, min_batch * 2, args.quick)
+        gpt_step.report(rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {args.out}")

@@ -21,9 +21,14 @@ def test_quick_benchmark_run_writes_every_section(tmp_path: Path) -> None:
     )
     assert "(a) LoRA training step" in done.stdout
     report = json.loads(out.read_text())
-    assert {"a_lora_step", "b_op_overhead", "c_tape_scaling", "d_peak_memory", "e_mlp_step"} <= set(
-        report
-    )
+    assert {
+        "a_lora_step",
+        "b_op_overhead",
+        "c_tape_scaling",
+        "d_peak_memory",
+        "e_mlp_step",
+        "f_gpt_step",
+    } <= set(report)
     for row in report["a_lora_step"]:
         assert {
             "numpy",
@@ -43,3 +48,6 @@ def test_quick_benchmark_run_writes_every_section(tmp_path: Path) -> None:
         "relu",
     }
     assert [row["nodes"] for row in report["c_tape_scaling"]] == [1001, 10001]
+    (gpt,) = report["f_gpt_step"]  # the small size only, in a quick run
+    assert {"graphlora", "gl replay"} <= set(gpt["seconds"])
+    assert gpt["peak_bytes"]["graphlora"] > 0

@@ -91,6 +91,17 @@ def test_plot_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert f"wrote {target}" in capsys.readouterr().out
 
 
+def test_the_gpt_demo_plots_its_two_curves(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("matplotlib")
+    target = tmp_path / "gpt.png"
+    argv = ["demo", "--task", "gpt", "--steps", "10", "--lora-steps", "5", "--no-progress"]
+    assert main([*argv, "--plot", str(target)]) == 0
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"wrote {target}" in capsys.readouterr().out
+
+
 def test_plot_without_matplotlib_says_what_to_install(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
