@@ -23,6 +23,7 @@ from graphlora.errors import ShapeError
 from graphlora.ops._core import Array
 
 __all__ = [
+    "column_norms",
     "init_lora_adapter",
     "linear_init",
     "lora_delta",
@@ -70,6 +71,13 @@ def scaled_delta(a: Array, b: Array, scaling: float) -> Array:
     """The weight update of an adapter: ``(A @ B) * scaling``, ``[in, out]``."""
     delta: Array = (a @ b) * scaling
     return delta
+
+
+def column_norms(weight: Array) -> Array:
+    """The length of each column of ``weight [in, out]``, ``[out]``: DoRA's norm of each output's
+    weights (PEFT's ``torch.linalg.norm(W, dim=1)`` on its ``[out, in]`` layout)."""
+    norms: Array = np.sqrt(np.sum(weight * weight, axis=0))
+    return norms
 
 
 def init_lora_adapter(

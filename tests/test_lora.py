@@ -159,9 +159,8 @@ def test_gradcheck_wrt_a_b_and_x(
 
     def fn(g: gl.Graph, x: gl.NodeId, a: gl.NodeId, b: gl.NodeId) -> gl.NodeId:
         base = gl.LoraLinear.from_linear(g, weight, bias, lora.config)
-        layer = dataclasses.replace(
-            base, update=dataclasses.replace(base.update, lora_a=a, lora_b=b)
-        )
+        update = dataclasses.replace(base.update, lora_a=a, lora_b=b)
+        layer = dataclasses.replace(base, adapters={"default": update})
         y = layer.forward(g, x)
         return g.sum(g.mul(y, y))
 
@@ -526,9 +525,9 @@ def test_repr_reports_sizes_and_parameter_counts() -> None:
     g = gl.Graph()
     lora = gl.LoraLinear.new(g, 64, 32, gl.LoraConfig(rank=4, alpha=8.0, seed=0), name="fc")
     assert repr(lora) == (
-        "LoraLinear(name='fc', in_features=64, out_features=32, rank=4, scaling=2, bias=True, "
-        "dropout=0, merged=False, trainable=384, frozen=2,080)"
-    )
+        "LoraLinear(name='fc', in_features=64, out_features=32, rank=4, scaling=2, dropout=0, "
+        "bias=True, merged=False, trainable=384, frozen=2,080)"
+    )  # trainable = 4 * (64 + 32), frozen = 64 * 32 + 32
 
 
 def test_float32_layer() -> None:

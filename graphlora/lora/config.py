@@ -1,0 +1,78 @@
+"""``LoraConfig``: how to build one LoRA adapter, with PEFT's names and defaults."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from graphlora.functional import lora_scaling
+
+__all__ = ["INITS", "LoraConfig"]
+
+INITS = ("gaussian", "kaiming", "pissa")
+"""The accepted values of ``LoraConfig.init``."""
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """How to build a LoRA adapter. Names and defaults follow PEFT where PEFT has them.
+
+    Every field is checked at construction; a bad one raises ``TypeError`` or ``ValueError`` naming
+    the field, the value and what is accepted.
+    """
+
+    rank: int = 8
+    """The adapter's rank ``r`` (PEFT: ``r``): A is ``[in, r]``, B is ``[r, out]``. An int >= 1."""
+    alpha: float = 8.0
+    """The scale numerator (PEFT: ``lora_alpha``): the update is ``A @ B * alpha / r``. > 0."""
+    dropout: float = 0.0
+    """Dropout probability on the LoRA input only (PEFT: ``lora_dropout``), in ``[0, 1)``."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``."""
+    init: str = "gaussian"
+    """How to start A and B: ``"gaussian"``, ``"kaiming"`` or ``"pissa"`` (see ``LoraLinear``)."""
+    init_std: float = 0.01
+    """Standard deviation of A under ``init="gaussian"``. > 0."""
+    seed: int | None = None
+    """Seed of the generator for A's init and the dropout masks; ``None`` draws fresh entropy."""
+    use_dora: bool = False
+    """DoRA (Liu et al. 2024): also learn a magnitude per output, ``[out]`` (see ``DoraUpdate``).
+    Linear layers only."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, (int, np.integer)) or isinstance(self.rank, bool):
+            raise TypeError(f"LoraConfig: rank must be an int, got {self.rank!r}")
+        if self.rank < 1:
+            raise ValueError(f"LoraConfig: rank must be a positive int, got {self.rank}")
+        for name in ("alpha", "dropout", "init_std"):
+            value = getattr(self, name)
+            if isinstance(value, (bool, np.bool_)) or not isinstance(
+                value, (int, float, np.integer, np.floating)
+            ):
+                raise TypeError(f"LoraConfig: {name} must be a real number, got {value!r}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"LoraConfig: alpha must be finite and > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraConfig: dropout must be in [0, 1), got {self.dropout}")
+        for name in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise TypeError(f"LoraConfig: {name} must be a bool, got {getattr(self, name)!r}")
+        if self.init not in INITS:
+            raise ValueError(
+                f"LoraConfig: init must be one of {', '.join(map(repr, INITS))}, got {self.init!r}"
+            )
+        if not (math.isfinite(self.init_std) and self.init_std > 0):
+            raise ValueError(f"LoraConfig: init_std must be finite and > 0, got {self.init_std}")
+        if self.seed is not None and (
+            not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool)
+        ):
+            raise TypeError(f"LoraConfig: seed must be an int or None, got {self.seed!r}")
+        if self.seed is not None and self.seed < 0:
+            raise ValueError(f"LoraConfig: seed must be >= 0, got {self.seed}")
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / rank``, or ``alpha / sqrt(rank)`` with ``use_rslora``."""
+        return lora_scaling(self.rank, self.alpha, use_rslora=self.use_rslora)

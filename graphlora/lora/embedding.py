@@ -1,0 +1,134 @@
+"""``LoraEmbedding``: LoRA on an embedding table, ``y = W[ids] + (A[ids] * scaling) @ B``.
+
+An embedding lookup ``W[ids]`` is ``one_hot(ids) @ W``, a linear layer whose input is one-hot, so
+LoRA applies unchanged: ``A [V, rank]``, ``B [rank, D]`` and the delta ``(A @ B) * scaling``
+``[V, D]``; looking rows up in A replaces the product ``x @ A``. PEFT names the two
+``lora_embedding_A`` (stored ``[rank, V]``) and ``lora_embedding_B`` (stored ``[D, rank]``),
+starts A at zero and B from N(0, 1), and puts no dropout on this update; so does this layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import numpy.typing as npt
+
+from graphlora import _checks
+from graphlora.errors import ShapeError
+from graphlora.graph import Graph, NodeId, check_graph
+from graphlora.lora.config import LoraConfig
+from graphlora.lora.layer import LoraLayer, check_adapter_name, float_array
+from graphlora.lora.updates import EmbeddingUpdate, LoraUpdate, draw_adapter, make_update
+from graphlora.ops import Array
+
+__all__ = ["LoraEmbedding"]
+
+
+@dataclass(eq=False, repr=False)
+class LoraEmbedding(LoraLayer):
+    """An embedding ``ids [...] -> [..., D]`` with LoRA adapters: ``W[ids] + (A[ids] * s) @ B``.
+
+    Build it with ``LoraEmbedding.from_embedding`` (or ``apply_lora`` on a model's
+    ``Embedding``). Several adapters, merging and state work as for ``LoraLinear``; DoRA and
+    ``init="pissa"`` are for linear layers only.
+    """
+
+    frozen_weight: NodeId
+    """``W [V, D]``, a constant."""
+    num_embeddings: int
+    embedding_dim: int
+    adapters: dict[str, LoraUpdate]
+    """The adapters by name, in the order they were added."""
+    name: str = "lora"
+    """A label, used as the prefix of the leaves' names."""
+    merged_adapters: list[str] = dataclasses.field(default_factory=list)
+    """The adapters folded into ``W`` by ``merge_`` (empty when not merged)."""
+    disabled: bool = False
+    """True inside ``graphlora.disable_adapters``: ``forward`` looks up ``W`` alone."""
+    _active: tuple[str, ...] = ()
+    _unmerged_weight: Array | None = None
+    _embedding: ClassVar[bool] = True
+
+    @classmethod
+    def from_embedding(
+        cls,
+        graph: Graph,
+        weight: NodeId | npt.ArrayLike,
+        config: LoraConfig | None = None,
+        *,
+        rng: _checks.Rng = None,
+        name: str = "lora",
+        adapter_name: str = "default",
+    ) -> LoraEmbedding:
+        """A LoRA embedding over the table ``weight [V, D]`` (a NodeId, used as it is and
+        frozen, or an array, copied into a new constant), with one active adapter.
+
+        Raises
+        ------
+        ShapeError
+            For a table that is not 2-D and non-empty.
+        TypeError, ValueError
+            For a bad config, a rank above ``min(V, D)``, DoRA or ``init="pissa"``.
+        """
+        where = "LoraEmbedding.from_embedding"
+        check_graph(where, graph)
+        config = LoraConfig() if config is None else config
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"{where}: config must be a LoraConfig, got {type(config).__name__}")
+        table = float_array(where, graph, weight, "weight")
+        if table.ndim != 2 or table.size == 0:
+            raise ShapeError(f"{where}: weight must be a non-empty [V, D] table, got {table.shape}")
+        if config.rank > min(table.shape):
+            raise ValueError(
+                f"{where}: rank {config.rank} exceeds min(num_embeddings, embedding_dim) = "
+                f"{min(table.shape)} for weight {table.shape}"
+            )
+        if config.use_dora or config.init == "pissa":
+            raise ValueError(f"{where}: DoRA and init='pissa' are for linear layers only")
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ValueError(f"{where}: name must be a non-empty str without '/', got {name!r}")
+        adapter_name = check_adapter_name(where, adapter_name)
+        generator = _checks.as_generator(where, config.seed if rng is None else rng)
+        a, b, _ = draw_adapter(config, table, generator, embedding=True)
+        if isinstance(weight, NodeId):
+            node = weight
+            if node.requires_grad:  # freeze the base layer, as PEFT does
+                graph.requires_grad_(node, False)
+        else:
+            with graph.scope(name), graph.scope("frozen"):
+                node = graph.constant(table, name=f"{name}.weight")
+        update = make_update(
+            graph, config, a, b, node, generator, name=name, adapter=adapter_name, embedding=True
+        )
+        rows, width = table.shape
+        return cls(node, rows, width, {adapter_name: update}, name, _active=(adapter_name,))
+
+    def forward(self, graph: Graph, ids: NodeId | npt.ArrayLike) -> NodeId:
+        """``ids [...] -> [..., D]``: ``W[ids]`` plus each active adapter's ``(A[ids] * s) @ B``
+        (ids: an integer data node or array, each in ``[0, V)``)."""
+        if not isinstance(ids, NodeId):
+            ids = np.asarray(ids)
+        with graph.scope(self.name):
+            with graph.scope("frozen"):
+                y = graph.embedding(self.frozen_weight, ids)  # (..., D)
+            for update in self.running():
+                assert isinstance(update, EmbeddingUpdate)
+                with graph.scope("lora"):
+                    low_rank = update.record(graph, ids, self, y)  # (..., D)
+                y = graph.add(y, low_rank)
+            return y
+
+    @property
+    def num_frozen(self) -> int:
+        """Frozen parameters: ``V * D``."""
+        return self.num_embeddings * self.embedding_dim
+
+    def __repr__(self) -> str:
+        return (
+            f"LoraEmbedding(name={self.name!r}, num_embeddings={self.num_embeddings}, "
+            f"embedding_dim={self.embedding_dim}, {self._adapters_repr()}, "
+            f"merged={self.merged}, trainable={self.num_trainable:,}, frozen={self.num_frozen:,})"
+        )

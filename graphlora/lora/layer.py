@@ -1,0 +1,485 @@
+"""``LoraLayer``: what every LoRA layer does with its adapters, whatever its base layer.
+
+A LoRA layer holds a frozen weight and one or more named adapters (``adapters``: name ->
+update), of which some are *active*: they run in ``forward``, their leaves require gradients,
+``merge_`` folds them into the weight. The first adapter added is active; ``set_adapter`` picks
+others (several: their updates add), ``delete_adapter`` removes one, ``disabled`` runs the base
+layer alone. Names and behaviour follow PEFT's ``LoraLayer``. ``LoraLinear`` and ``LoraEmbedding``
+add their base computation and construction.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+
+from graphlora import _checks
+from graphlora.errors import GraphError, NonFiniteError, ShapeError
+from graphlora.graph import Graph, NodeId, check_graph
+from graphlora.lora.config import LoraConfig
+from graphlora.lora.updates import DoraUpdate, LoraUpdate, draw_adapter, make_update
+from graphlora.ops import Array
+
+__all__ = ["LoraLayer", "check_adapter_name"]
+
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def check_adapter_name(where: str, name: object) -> str:
+    """``name`` if it can name an adapter (letters, digits, ``_`` and ``-``: it becomes part of
+    PEFT's tensor keys and a folder name), else ``TypeError``/``ValueError``."""
+    if not isinstance(name, str):
+        raise TypeError(f"{where}: adapter_name must be a str, got {_checks.describe(name)}")
+    if not _ADAPTER_NAME.match(name):
+        raise ValueError(
+            f"{where}: adapter_name {name!r} must be letters, digits, '_' and '-' (no dots)"
+        )
+    return name
+
+
+class LoraLayer:
+    """The adapter set of a LoRA layer: several named adapters, which of them run, merging and
+    state. Subclasses are dataclasses that provide the fields below and ``forward``."""
+
+    frozen_weight: NodeId
+    adapters: dict[str, LoraUpdate]
+    name: str
+    merged_adapters: list[str]
+    disabled: bool
+    _active: tuple[str, ...]
+    _unmerged_weight: Array | None
+    _embedding: ClassVar[bool] = False
+
+    # --- which adapters run -------------------------------------------------------------------
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The names of the active adapters, in the order their updates are added."""
+        return list(self._active)
+
+    @property
+    def active_adapter(self) -> str | None:
+        """The first active adapter this layer holds, or None."""
+        return next((name for name in self._active if name in self.adapters), None)
+
+    def running(self) -> list[LoraUpdate]:
+        """The updates ``forward`` adds: the active ones, none while merged or disabled."""
+        if self.merged_adapters or self.disabled:
+            return []
+        return [self.adapters[name] for name in self._active if name in self.adapters]
+
+    @property
+    def update(self) -> LoraUpdate:
+        """The update of the active adapter (with several: of the first)."""
+        name = self.active_adapter
+        if name is None:
+            known = sorted(self.adapters)
+            raise GraphError(
+                f"{self.name}: no active adapter (it holds {known}); call set_adapter first"
+            )
+        return self.adapters[name]
+
+    @property
+    def lora_a(self) -> NodeId:
+        """``A [in, rank]`` of the active adapter, a parameter."""
+        return self.update.lora_a
+
+    @property
+    def lora_b(self) -> NodeId:
+        """``B [rank, out]`` of the active adapter, a parameter."""
+        return self.update.lora_b
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / rank`` (or ``alpha / sqrt(rank)`` with rsLoRA) of the active adapter."""
+        return self.update.scaling
+
+    @property
+    def rank(self) -> int:
+        """The rank of the active adapter."""
+        return self.update.rank
+
+    @property
+    def config(self) -> LoraConfig:
+        """The config of the active adapter."""
+        return self.update.config
+
+    @property
+    def rng(self) -> np.random.Generator:
+        """The generator of the active adapter's dropout masks."""
+        return self.update.rng
+
+    @rng.setter
+    def rng(self, generator: np.random.Generator) -> None:
+        self.update.rng = generator
+
+    @property
+    def merged(self) -> bool:
+        """True between ``merge_`` and ``unmerge_``: the weight then holds the merged adapters."""
+        return bool(self.merged_adapters)
+
+    # --- adding, choosing and deleting adapters -----------------------------------------------
+
+    def add_adapter(
+        self,
+        graph: Graph,
+        adapter_name: str,
+        config: LoraConfig,
+        *,
+        rng: _checks.Rng = None,
+    ) -> LoraUpdate:
+        """Add a new adapter ``adapter_name``, inactive (as PEFT's ``add_adapter``; the first
+        adapter of a layer is active), its leaves not requiring gradients until ``set_adapter``.
+
+        Raises
+        ------
+        ValueError
+            For a name the layer already holds, a rank above ``min(in, out)``, ``init="pissa"``
+            (PiSSA rewrites the base weight, which the adapters share: it is for a new layer's
+            first adapter), or DoRA on an embedding. Nothing is changed.
+        """
+        where = f"{type(self).__name__}.add_adapter"
+        check_graph(where, graph)
+        adapter_name = check_adapter_name(where, adapter_name)
+        self._check_new_adapter(where, adapter_name, config)
+        generator = _checks.as_generator(where, config.seed if rng is None else rng)
+        weight = np.asarray(graph.value(self.frozen_weight))
+        a, b, _ = draw_adapter(config, weight, generator, embedding=self._embedding)
+        update = make_update(
+            graph,
+            config,
+            a,
+            b,
+            self.frozen_weight,
+            generator,
+            name=self.name,
+            adapter=adapter_name,
+            embedding=self._embedding,
+        )
+        self._attach(graph, adapter_name, update)
+        return update
+
+    def _check_new_adapter(self, where: str, adapter_name: str, config: object) -> None:
+        """Refuse an adapter this layer cannot take (nothing is changed)."""
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"{where}: config must be a LoraConfig, got {type(config).__name__}")
+        if adapter_name in self.adapters:
+            raise ValueError(
+                f"{where}: {self.name} already holds an adapter {adapter_name!r} "
+                f"(it holds {sorted(self.adapters)})"
+            )
+        shape = self.frozen_weight.shape
+        if config.rank > min(shape):
+            raise ValueError(
+                f"{where}: rank {config.rank} exceeds min(in_features, out_features) = "
+                f"{min(shape)} for weight {shape}"
+            )
+        if config.init == "pissa":
+            raise ValueError(
+                f"{where}: init='pissa' replaces the base weight by a residual, which every "
+                f"adapter of {self.name} shares; use it for a layer's first adapter only "
+                "(LoraLinear.from_linear, or apply_lora on a plain Linear)"
+            )
+        if config.use_dora and self._embedding:
+            raise ValueError(f"{where}: DoRA is for linear layers; {self.name} is an embedding")
+
+    def _attach(self, graph: Graph, adapter_name: str, update: LoraUpdate) -> None:
+        """Add ``update`` under ``adapter_name``: active if it is the layer's first adapter."""
+        first = not self.adapters and not self._active
+        self.adapters[adapter_name] = update
+        if first:
+            self._active = (adapter_name,)
+        self._activate(graph, self._active)
+
+    def set_adapter(self, graph: Graph, adapter_names: str | Sequence[str]) -> None:
+        """Make ``adapter_names`` (one name or several, whose updates then add) the active ones:
+        only their leaves require gradients. As PEFT's ``set_adapter``.
+
+        Raises
+        ------
+        ValueError
+            For a name the layer does not hold (the message lists those it holds).
+        GraphError
+            While merged: the weight holds the merged adapters; unmerge_ first.
+        """
+        where = f"{type(self).__name__}.set_adapter"
+        check_graph(where, graph)
+        names = adapter_list(where, adapter_names)
+        unknown = [name for name in names if name not in self.adapters]
+        if unknown:
+            raise ValueError(
+                f"{where}: {self.name} has no adapter {unknown}; it holds {sorted(self.adapters)}"
+            )
+        self._refuse_merged(where)
+        self._activate(graph, names)
+
+    def _activate(self, graph: Graph, names: Sequence[str]) -> None:
+        """Make ``names`` active (names this layer lacks are kept, as PEFT does, and skipped)."""
+        self._active = tuple(names)
+        for name, update in self.adapters.items():
+            wanted = name in self._active
+            for leaf in update.params():
+                if leaf.requires_grad != wanted:
+                    graph.requires_grad_(leaf, wanted)
+        graph.end_replays()  # a compiled step would still run the adapters it recorded
+
+    def delete_adapter(self, graph: Graph, adapter_name: str) -> None:
+        """Remove adapter ``adapter_name``. If it was active, the other active ones stay active;
+        if it was the only one, none is active until ``set_adapter``. Its leaves stay in the
+        graph (leaves live as long as the graph) but no longer belong to the layer.
+
+        Raises
+        ------
+        ValueError
+            For a name the layer does not hold.
+        GraphError
+            While merged.
+        """
+        where = f"{type(self).__name__}.delete_adapter"
+        check_graph(where, graph)
+        if adapter_name not in self.adapters:
+            raise ValueError(
+                f"{where}: {self.name} has no adapter {adapter_name!r}; it holds "
+                f"{sorted(self.adapters)}"
+            )
+        self._refuse_merged(where)
+        update = self.adapters.pop(adapter_name)
+        for leaf in update.params():
+            if leaf.requires_grad:
+                graph.requires_grad_(leaf, False)
+        self._active = tuple(name for name in self._active if name != adapter_name)
+        graph.end_replays()
+
+    def _refuse_merged(self, where: str) -> None:
+        if self.merged_adapters:
+            raise GraphError(
+                f"{where}: {self.name} is merged (adapters {self.merged_adapters}); unmerge_ it "
+                "first"
+            )
+
+    # --- leaves -------------------------------------------------------------------------------
+
+    def trainable_params(self) -> list[NodeId]:
+        """The leaves of the active adapters: ``[lora_a, lora_b]`` each (DoRA: and its
+        ``magnitude``). What an optimizer should update."""
+        return [
+            leaf
+            for name in self._active
+            if name in self.adapters
+            for leaf in self.adapters[name].params()
+        ]
+
+    def base_leaves(self) -> list[tuple[str, NodeId]]:
+        """The frozen base layer's leaves by name."""
+        return [("weight", self.frozen_weight)]
+
+    def named_leaves(self) -> list[tuple[str, NodeId]]:
+        """The layer's leaves by name, for ``graphlora.nn.state_dict``: the base layer's under
+        its names (``weight``, ``bias``), then every adapter's under PEFT's names
+        (``lora_A.default``, ``lora_B.default``, ...)."""
+        leaves = self.base_leaves()
+        for name, update in self.adapters.items():
+            leaves.extend(update.named_leaves(name))
+        return leaves
+
+    # --- merging ------------------------------------------------------------------------------
+
+    def delta(self, graph: Graph, adapter_name: str | None = None) -> Array:
+        """An adapter's update as a weight, ``(A @ B) * scaling`` (default: the active one's)."""
+        check_graph(f"{type(self).__name__}.delta", graph)
+        return self._adapter(f"{type(self).__name__}.delta", adapter_name).delta(graph)
+
+    def merge(self, graph: Graph) -> Array:
+        """The weight with the active adapters folded in, as a new array; changes nothing.
+
+        Plain LoRA adds ``A @ B * scaling``; DoRA rescales the columns (see ``DoraUpdate``).
+        When already merged, the weight holds the merged adapters and a copy of it is returned.
+
+        Raises
+        ------
+        NonFiniteError
+            If the merged weight would hold NaN or Inf (nothing is changed).
+        """
+        where = f"{type(self).__name__}.merge"
+        check_graph(where, graph)
+        weight = np.asarray(graph.value(self.frozen_weight))
+        if self.merged_adapters:
+            return np.array(weight)
+        merged = weight
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # reported below
+            for update in self.running():
+                merged = update.merged_weight(graph, merged, weight)
+        if merged is weight:
+            return np.array(weight)
+        bad = int(np.size(merged) - np.count_nonzero(np.isfinite(merged)))
+        if bad:
+            raise NonFiniteError(
+                f"{where}: merging {self.name} would give {bad} non-finite weights "
+                "(NaN or Inf in the weight or the adapters); nothing was changed"
+            )
+        return merged
+
+    def merge_(self, graph: Graph) -> None:
+        """Fold the active adapters into the weight in place (``merged`` becomes True), for fast
+        inference; ``forward`` then runs the base layer alone.
+
+        The unmerged weight is kept aside so that ``unmerge_`` restores it bit for bit
+        (floating-point ``(W + D) - D`` is not always ``W``); this costs one weight's memory
+        while merged. Merging a merged layer, or one with no active adapter, warns and does
+        nothing, as in PEFT.
+        """
+        check_graph(f"{type(self).__name__}.merge_", graph)
+        if self.merged_adapters:
+            warnings.warn(f"{self.name} is already merged; nothing to do", stacklevel=2)
+            return
+        names = [name for name in self._active if name in self.adapters]
+        if self.disabled or not names:
+            warnings.warn(f"{self.name} has no adapter running; nothing to merge", stacklevel=2)
+            return
+        merged = self.merge(graph)
+        self._unmerged_weight = np.array(graph.value(self.frozen_weight))
+        graph.set_value(self.frozen_weight, merged)
+        self.merged_adapters = names
+        graph.end_replays()  # a compiled step would still run the low-rank path
+
+    def unmerge_(self, graph: Graph) -> None:
+        """Restore the exact weight from before ``merge_`` (``merged`` becomes False).
+
+        Unmerging a layer that is not merged warns and does nothing, as in PEFT.
+        """
+        check_graph(f"{type(self).__name__}.unmerge_", graph)
+        if not self.merged_adapters:
+            warnings.warn(f"{self.name} is not merged; nothing to do", stacklevel=2)
+            return
+        assert self._unmerged_weight is not None
+        graph.set_value(self.frozen_weight, self._unmerged_weight)
+        self._unmerged_weight = None
+        self.merged_adapters = []
+        graph.end_replays()
+
+    # --- state --------------------------------------------------------------------------------
+
+    def _adapter(self, where: str, adapter_name: str | None) -> LoraUpdate:
+        if adapter_name is None:
+            return self.update
+        if adapter_name not in self.adapters:
+            raise ValueError(
+                f"{where}: {self.name} has no adapter {adapter_name!r}; it holds "
+                f"{sorted(self.adapters)}"
+            )
+        return self.adapters[adapter_name]
+
+    def state_dict(self, graph: Graph, adapter_name: str | None = None) -> dict[str, Array]:
+        """An adapter's ``{"lora_a": A, "lora_b": B}`` (DoRA: and ``"magnitude"``) as copies
+        (default: the active adapter's)."""
+        where = f"{type(self).__name__}.state_dict"
+        check_graph(where, graph)
+        update = self._adapter(where, adapter_name)
+        state = {"lora_a": np.array(graph.value(update.lora_a))}
+        state["lora_b"] = np.array(graph.value(update.lora_b))
+        if isinstance(update, DoraUpdate):
+            state["magnitude"] = np.array(graph.value(update.magnitude))
+        return state
+
+    def load_state_dict(
+        self, graph: Graph, state: Mapping[str, Any], adapter_name: str | None = None
+    ) -> None:
+        """Load an adapter (default: the active one) from what ``state_dict`` gives, all or
+        nothing.
+
+        Checks keys, shapes, dtypes (floating point; converted to the graph's dtype) and
+        finiteness of everything before assigning anything.
+
+        Raises
+        ------
+        GraphError
+            While merged: the weight holds the old update, so unmerge_ first.
+        ValueError
+            For missing or unexpected keys, or NaN/Inf values.
+        ShapeError, TypeError
+            For wrong shapes, or data that is not floating point.
+        """
+        where = f"{type(self).__name__}.load_state_dict"
+        check_graph(where, graph)
+        if self.merged_adapters:
+            raise GraphError(f"{where}: {self.name} is merged; unmerge_ it before loading")
+        if not isinstance(state, Mapping):
+            raise TypeError(f"{where}: state must be a mapping, got {type(state).__name__}")
+        update = self._adapter(where, adapter_name)
+        expected = {"lora_a": update.lora_a, "lora_b": update.lora_b}
+        if isinstance(update, DoraUpdate):
+            expected["magnitude"] = update.magnitude
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(map(str, set(state) - set(expected)))
+        if missing or unexpected:
+            raise ValueError(
+                f"{where}: keys must be exactly {_listing(sorted(expected))}; missing {missing}, "
+                f"unexpected {unexpected}"
+            )
+        values = {}
+        for key, leaf in expected.items():
+            if isinstance(state[key], NodeId):
+                raise TypeError(f"{where}: {key} must be an array, got {state[key]!r}")
+            array = _checks.float_array(where, key, state[key])
+            if array.shape != leaf.shape:
+                raise ShapeError(f"{where}: {key} has shape {array.shape}, expected {leaf.shape}")
+            if not np.isfinite(array).all():
+                raise ValueError(f"{where}: {key} holds NaN or Inf")
+            values[key] = array
+        for key, leaf in expected.items():
+            graph.set_value(leaf, values[key])
+
+    # --- reporting ----------------------------------------------------------------------------
+
+    @property
+    def num_trainable(self) -> int:
+        """Trainable parameters: those of the active adapters (``rank * (in + out)`` each,
+        DoRA ``+ out``)."""
+        return sum(int(np.prod(leaf.shape)) for leaf in self.trainable_params())
+
+    def _adapters_repr(self) -> str:
+        """The active adapter's rank, scaling and dropout, and the adapter set when it is more
+        than one plain adapter named ``default``."""
+        name = self.active_adapter
+        if name is None:
+            text = "active=None"
+        else:
+            update = self.adapters[name]
+            text = f"rank={update.rank}, scaling={update.scaling:g}"
+            text += f", dropout={update.dropout:g}" if not self._embedding else ""
+            text += ", dora=True" if isinstance(update, DoraUpdate) else ""
+        if list(self.adapters) != ["default"] or self._active != ("default",):
+            text += f", adapters={list(self.adapters)}, active={list(self._active)}"
+        return text
+
+
+def adapter_list(where: str, adapter_names: object) -> list[str]:
+    """One adapter name or a sequence of them, as a list of checked names."""
+    if isinstance(adapter_names, str):
+        return [check_adapter_name(where, adapter_names)]
+    if not isinstance(adapter_names, Sequence):
+        raise TypeError(
+            f"{where}: adapter_names must be a name or a list of names, got "
+            f"{_checks.describe(adapter_names)}"
+        )
+    names = [check_adapter_name(where, name) for name in adapter_names]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{where}: adapter names repeat: {names}")
+    return names
+
+
+def float_array(where: str, graph: Graph, value: object, arg: str) -> Array:
+    """The floating-point data of a NodeId of ``graph`` or of an array, or a clear error."""
+    if isinstance(value, NodeId):
+        return np.asarray(graph.value(value))
+    return _checks.float_array(where, arg, value)
+
+
+def _listing(names: Sequence[str]) -> str:
+    """``'a' and 'b'``, ``'a', 'b' and 'c'``."""
+    quoted = [repr(name) for name in names]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} and {quoted[-1]}"

@@ -1,0 +1,328 @@
+"""``LoraLinear``: a linear layer with LoRA adapters, ``y = base(x) + update(x)``, ``[in, out]``.
+
+A LoRA layer keeps a pretrained weight ``W [in, out]`` frozen and learns a low-rank update: it
+computes ``base(x) + update(x)``, with ``base(x) = x @ W + bias`` and, for plain LoRA,
+``update(x) = ((drop(x) @ A) * scaling) @ B`` (``A [in, rank]``, ``B [rank, out]``). ``B`` starts
+at zero, so a new layer computes exactly what the base layer does. ``A @ B`` (a full ``[in, out]``
+matrix) is never built in forward or backward: the low-rank path goes through the ``[..., rank]``
+bottleneck, which is what makes LoRA cheap. The update is an object of its own (``LoraUpdate``,
+``DoraUpdate``), the seam where LoRA's variants plug in; a layer may hold several named ones
+(``LoraLayer``). ``merge_`` folds the active ones into ``W`` for inference and ``unmerge_``
+restores ``W`` bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from graphlora import _checks
+from graphlora.errors import GraphError, ShapeError
+from graphlora.functional import linear_init
+from graphlora.graph import Graph, NodeId, check_graph
+from graphlora.lora.config import LoraConfig
+from graphlora.lora.layer import LoraLayer, check_adapter_name, float_array
+from graphlora.lora.updates import LoraUpdate, draw_adapter, make_update
+from graphlora.ops import Array
+
+__all__ = ["LoraLinear"]
+
+
+@dataclass(eq=False, repr=False)
+class LoraLinear(LoraLayer):
+    """A linear layer ``y = base(x) + update(x)``: ``x @ W + bias`` with a frozen ``W``, plus, for
+    each active adapter, ``((drop(x) @ A) * scaling) @ B`` (DoRA: see ``DoraUpdate``).
+
+    Build it with ``LoraLinear.new`` (from dimensions) or ``LoraLinear.from_linear`` (from existing
+    weights), never with the constructor. Its fields are NodeIds of one ``Graph`` plus sizes;
+    every method takes that graph. ``lora_a``, ``lora_b``, ``rank``, ``scaling``, ``config`` and
+    ``rng`` are those of its active adapter (with several active: of the first).
+
+    Inits (``config.init``): ``"gaussian"``: A ~ N(0, init_std²); ``"kaiming"``: A ~ U(±1/√in),
+    PyTorch's ``nn.Linear`` default as used by PEFT; ``"pissa"`` (Meng et al. 2024): A and B from
+    the top-``rank`` singular triplets of W, and W replaced by the residual, so the output at init
+    is unchanged. B = 0 for gaussian and kaiming.
+    """
+
+    frozen_weight: NodeId
+    """``W [in, out]``, a constant."""
+    bias: NodeId | None
+    """``[out]``, a constant, or ``None``."""
+    in_features: int
+    out_features: int
+    adapters: dict[str, LoraUpdate]
+    """The adapters by name (PEFT's: ``"default"`` unless named), in the order they were added."""
+    name: str = "lora"
+    """A label, used as the prefix of the leaves' names."""
+    fan_in_fan_out: bool = False
+    """True when the base weight comes from a framework that stores it ``[in, out]`` too (GPT-2's
+    ``Conv1D``): adapter files then say ``fan_in_fan_out: true``, as PEFT needs."""
+    merged_adapters: list[str] = dataclasses.field(default_factory=list)
+    """The adapters folded into ``W`` by ``merge_`` (empty when not merged)."""
+    disabled: bool = False
+    """True inside ``graphlora.disable_adapters``: ``forward`` runs the base layer alone."""
+    _active: tuple[str, ...] = ()
+    _unmerged_weight: Array | None = None
+
+    # --- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def new(
+        cls,
+        graph: Graph,
+        in_features: int,
+        out_features: int,
+        config: LoraConfig,
+        *,
+        bias: bool = True,
+        rng: _checks.Rng = None,
+        name: str = "lora",
+        adapter_name: str = "default",
+    ) -> LoraLinear:
+        """A layer with a fresh frozen weight, initialised like ``torch.nn.Linear``.
+
+        ``W`` and ``bias`` are drawn from U(-1/√in, 1/√in), then A and B by ``config.init``.
+        ``rng`` (a Generator or a seed; default: ``config.seed``) draws all of them and then
+        the dropout masks.
+
+        Raises
+        ------
+        TypeError, ValueError
+            For sizes that are not positive ints, or ``rank > min(in_features, out_features)``.
+        """
+        where = "LoraLinear.new"
+        check_graph(where, graph)
+        _check_config(where, config)
+        generator = _generator(where, rng, config)
+        weight, bias_value = linear_init(
+            in_features, out_features, bias=bias, rng=generator, where=where
+        )
+        return cls._build(where, graph, weight, bias_value, config, generator, name, adapter_name)
+
+    @classmethod
+    def from_linear(
+        cls,
+        graph: Graph,
+        weight: NodeId | npt.ArrayLike,
+        bias: NodeId | npt.ArrayLike | None = None,
+        config: LoraConfig | None = None,
+        *,
+        rng: _checks.Rng = None,
+        name: str = "lora",
+        fan_in_fan_out: bool = False,
+        adapter_name: str = "default",
+    ) -> LoraLinear:
+        """A layer over existing weights ``weight [in, out]`` and ``bias [out]``.
+
+        Arrays become new constants; a NodeId is used as it is and frozen (``requires_grad_``) if
+        it was a parameter, as PEFT freezes the base model. With ``init="pissa"`` the layer uses a
+        new constant holding the residual and leaves a given weight node's value as it was.
+        ``config`` defaults to ``LoraConfig()``; ``rng`` as in ``new``. The adapter is named
+        ``adapter_name`` and active.
+
+        Raises
+        ------
+        ShapeError
+            For a weight that is not 2-D or is empty, or a bias that is not ``[out]``.
+        TypeError
+            For data that is not floating point, or a config that is not a LoraConfig.
+        ValueError
+            For ``rank > min(in, out)``.
+        """
+        where = "LoraLinear.from_linear"
+        check_graph(where, graph)
+        config = LoraConfig() if config is None else config
+        _check_config(where, config)
+        weight_value = _float_matrix(where, graph, weight, "weight")
+        bias_value = None
+        if bias is not None:
+            bias_value = float_array(where, graph, bias, "bias")
+            if bias_value.shape != (weight_value.shape[1],):
+                raise ShapeError(
+                    f"{where}: bias has shape {bias_value.shape} but weight {weight_value.shape} "
+                    f"needs ({weight_value.shape[1]},)"
+                )
+        generator = _generator(where, rng, config)
+        layer = cls._build(
+            where,
+            graph,
+            weight_value,
+            bias_value,
+            config,
+            generator,
+            name,
+            adapter_name,
+            weight_node=weight if isinstance(weight, NodeId) else None,
+            bias_node=bias if isinstance(bias, NodeId) else None,
+        )
+        layer.fan_in_fan_out = _checks.flag(where, "fan_in_fan_out", fan_in_fan_out)
+        for node in (weight, bias):  # freeze the base layer, as PEFT does
+            if isinstance(node, NodeId) and node.requires_grad:
+                graph.requires_grad_(node, False)
+        return layer
+
+    @classmethod
+    def _build(
+        cls,
+        where: str,
+        graph: Graph,
+        weight: Array,
+        bias: Array | None,
+        config: LoraConfig,
+        rng: np.random.Generator,
+        name: str,
+        adapter_name: str,
+        weight_node: NodeId | None = None,
+        bias_node: NodeId | None = None,
+    ) -> LoraLinear:
+        """Draw the adapter, make the leaves, and assemble the layer (arguments already
+        checked)."""
+        in_features, out_features = weight.shape
+        if config.rank > min(in_features, out_features):
+            raise ValueError(
+                f"{where}: rank {config.rank} exceeds min(in_features, out_features) = "
+                f"{min(in_features, out_features)} for weight {weight.shape}"
+            )
+        _check_name(where, name)
+        adapter_name = check_adapter_name(where, adapter_name)
+        a, b, residual = draw_adapter(config, weight, rng)
+        with graph.scope(name):  # so that drawings group the layer's nodes
+            if residual is not None:
+                weight, weight_node = residual, None  # PiSSA: the layer holds the residual
+            if weight_node is None:
+                with graph.scope("frozen"):
+                    weight_node = graph.constant(weight, name=f"{name}.weight")
+            if bias_node is None and bias is not None:
+                bias_node = graph.constant(bias, name=f"{name}.bias")
+        update = make_update(graph, config, a, b, weight_node, rng, name=name, adapter=adapter_name)
+        return cls(
+            frozen_weight=weight_node,
+            bias=bias_node,
+            in_features=in_features,
+            out_features=out_features,
+            adapters={adapter_name: update},
+            name=name,
+            _active=(adapter_name,),
+        )
+
+    def with_bias(self, graph: Graph, bias: NodeId | npt.ArrayLike) -> LoraLinear:
+        """This layer with a frozen bias ``[out]`` (a new constant, or a given NodeId frozen).
+
+        Shares the adapters and W with this layer. Refused while merged.
+        """
+        where = "LoraLinear.with_bias"
+        check_graph(where, graph)
+        if self.merged:
+            raise GraphError(f"{where}: {self.name} is merged; unmerge_ it first")
+        value = float_array(where, graph, bias, "bias")
+        if value.shape != (self.out_features,):
+            raise ShapeError(
+                f"{where}: bias has shape {value.shape} but the layer needs ({self.out_features},)"
+            )
+        if isinstance(bias, NodeId):
+            if bias.requires_grad:
+                graph.requires_grad_(bias, False)
+            node = bias
+        else:
+            node = graph.constant(value, name=f"{self.name}.bias")
+        return dataclasses.replace(self, bias=node, adapters=dict(self.adapters))
+
+    # --- computing ----------------------------------------------------------------------------
+
+    def forward(self, graph: Graph, x: NodeId, *, fused: bool = False) -> NodeId:
+        """``x [..., in] -> [..., out]``: ``base(x) + update(x)``, that is
+        ``x @ W + bias + ((drop(x) @ A) * scaling) @ B``, with one update per active adapter.
+
+        Dropout acts on the LoRA input only and only while gradients are recorded. After
+        ``merge_``, with adapters disabled or none active, it is just ``base(x)``. A wrong input
+        width records nothing.
+
+        By default every step is its own node (``matmul``, ``scale``, ``add``, ...), to read,
+        draw and check. ``fused=True`` records the same maths as one ``lora_linear`` node:
+        faster at small sizes, and it keeps only the ``[..., rank]`` bottleneck for backward. It
+        applies to one active plain-LoRA adapter; DoRA and several active adapters are always
+        recorded op by op.
+        """
+        where = "LoraLinear.forward"
+        if type(graph) is not Graph:
+            check_graph(where, graph)
+        shape = graph.check(x, where, "x").shape
+        if len(shape) == 0 or shape[-1] != self.in_features:
+            raise ShapeError(
+                f"{where}: {self.name} takes [..., {self.in_features}] but the input "
+                f"has shape {shape}"
+            )
+        updates = self.running()
+        if fused and len(updates) == 1:
+            node = updates[0].fused(graph, x, self)
+            if node is not None:
+                return node
+        with graph.scope(self.name):  # drawings show the two paths side by side
+            with graph.scope("frozen"):
+                xw = graph.matmul(x, self.frozen_weight)  # (..., out)
+                y = xw if self.bias is None else graph.add(xw, self.bias)
+            for update in updates:
+                with graph.scope("lora"):
+                    low_rank = update.record(graph, x, self, xw)  # (..., out)
+                y = graph.add(y, low_rank)
+            return y
+
+    def base(self, graph: Graph, x: NodeId) -> NodeId:
+        """The frozen path, ``x @ W + bias`` (in the scope ``"frozen"``)."""
+        with graph.scope("frozen"):
+            y = graph.matmul(x, self.frozen_weight)  # (..., out)
+            return y if self.bias is None else graph.add(y, self.bias)
+
+    def base_leaves(self) -> list[tuple[str, NodeId]]:
+        """The frozen ``weight`` and ``bias`` under the base layer's names."""
+        leaves = [("weight", self.frozen_weight)]
+        return leaves if self.bias is None else [*leaves, ("bias", self.bias)]
+
+    # --- reporting ----------------------------------------------------------------------------
+
+    @property
+    def num_frozen(self) -> int:
+        """Frozen parameters: ``in * out`` (+ ``out`` with a bias)."""
+        return self.in_features * self.out_features + (
+            0 if self.bias is None else self.out_features
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"LoraLinear(name={self.name!r}, in_features={self.in_features}, "
+            f"out_features={self.out_features}, {self._adapters_repr()}, "
+            f"bias={self.bias is not None}, merged={self.merged}, "
+            f"trainable={self.num_trainable:,}, frozen={self.num_frozen:,})"
+        )
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _check_config(where: str, config: object) -> None:
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"{where}: config must be a LoraConfig, got {type(config).__name__}")
+
+
+def _check_name(where: str, name: object) -> None:
+    if not isinstance(name, str):
+        raise TypeError(f"{where}: name must be a str, got {type(name).__name__}")
+    if not name or "/" in name:
+        raise ValueError(f"{where}: name must be non-empty and without '/', got {name!r}")
+
+
+def _generator(where: str, rng: object, config: LoraConfig) -> np.random.Generator:
+    """``rng`` (a Generator or a seed), or a Generator seeded with ``config.seed``."""
+    return _checks.as_generator(where, config.seed if rng is None else rng)
+
+
+def _float_matrix(where: str, graph: Graph, value: object, arg: str) -> Array:
+    array = float_array(where, graph, value, arg)
+    if array.ndim != 2 or array.size == 0:
+        raise ShapeError(
+            f"{where}: {arg} must be a non-empty 2-D [in, out] matrix, got shape {array.shape}"
+        )
+    return array

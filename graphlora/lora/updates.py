@@ -1,0 +1,262 @@
+"""The update of a LoRA layer, ``update(x)`` in ``base(x) + update(x)``: one class per variant.
+
+``LoraUpdate`` is plain LoRA and rsLoRA (rsLoRA is only a scaling), ``DoraUpdate`` is DoRA,
+``EmbeddingUpdate`` is LoRA on an embedding table. Each records its forward op by op (``record``),
+lists its leaves under PEFT's names (``named_leaves``) and gives what merging needs (``delta``,
+``merged_weight``). The layers (``LoraLinear``, ``LoraEmbedding``) hold one update per named
+adapter and never look inside one; a new variant is a new class here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+import scipy.linalg
+import scipy.sparse.linalg
+
+from graphlora.functional import column_norms, scaled_delta
+from graphlora.graph import Graph, NodeId
+from graphlora.lora.config import LoraConfig
+from graphlora.lora.fused import lora_linear
+from graphlora.ops import Array
+
+if TYPE_CHECKING:
+    from graphlora.lora.layer import LoraLayer
+
+__all__ = ["DoraUpdate", "EmbeddingUpdate", "LoraUpdate", "draw_adapter", "make_update"]
+
+_DENSE_SVD_LIMIT = 1024  # above this min(in, out), PiSSA uses a truncated SVD (scipy svds)
+
+
+@dataclass(eq=False)
+class LoraUpdate:
+    """Plain LoRA and rsLoRA: ``update(x) = ((drop(x) @ A) * scaling) @ B``.
+
+    ``record`` records it op by op (to read, draw and check); ``fused`` records the whole layer as
+    one ``lora_linear`` node; ``delta`` is the update as a weight ``[in, out]``.
+    """
+
+    lora_a: NodeId
+    """``A [in, rank]``, a parameter."""
+    lora_b: NodeId
+    """``B [rank, out]``, a parameter (zero at init, except PiSSA)."""
+    config: LoraConfig
+    """The adapter's config: its rank, alpha, dropout, rsLoRA, init."""
+    rng: np.random.Generator
+    """The generator of the dropout masks."""
+    scaling: float = dataclasses.field(init=False)
+    """``alpha / rank`` (or ``alpha / sqrt(rank)`` with rsLoRA), from ``config``."""
+    dropout: float = dataclasses.field(init=False)
+    """Dropout probability on the update's input, from ``config``."""
+
+    def __post_init__(self) -> None:
+        self.scaling = self.config.scaling
+        self.dropout = self.config.dropout
+
+    @property
+    def rank(self) -> int:
+        """The adapter's rank ``r``."""
+        return self.config.rank
+
+    def params(self) -> list[NodeId]:
+        """``[lora_a, lora_b]``: what an optimizer should update."""
+        return [self.lora_a, self.lora_b]
+
+    def named_leaves(self, adapter: str) -> list[tuple[str, NodeId]]:
+        """The leaves under PEFT's names: ``lora_A.<adapter>``, ``lora_B.<adapter>``."""
+        return [(f"lora_A.{adapter}", self.lora_a), (f"lora_B.{adapter}", self.lora_b)]
+
+    def record(self, graph: Graph, x: NodeId, layer: LoraLayer, base: NodeId) -> NodeId:
+        """``((drop(x) @ A) * scaling) @ B``, op by op (dropout only while gradients are
+        recorded). ``base`` is the layer's ``x @ W``, which plain LoRA does not need."""
+        h = graph.dropout(x, self.dropout, rng=self.rng) if self.dropout else x
+        low = graph.scale(graph.matmul(h, self.lora_a), self.scaling)  # (..., rank)
+        return graph.matmul(low, self.lora_b)  # (..., out)
+
+    def fused(self, graph: Graph, x: NodeId, layer: LoraLayer) -> NodeId | None:
+        """The whole layer, ``base(x) + update(x)``, as one ``lora_linear`` node."""
+        weight, bias = layer.frozen_weight, getattr(layer, "bias", None)
+        if self.dropout and graph.grad_enabled:
+            return graph.apply(
+                lora_linear,
+                x,
+                weight,
+                self.lora_a,
+                self.lora_b,
+                bias,
+                scaling=self.scaling,
+                dropout=self.dropout,
+                rng=self.rng,
+            )
+        return graph.apply(
+            lora_linear, x, weight, self.lora_a, self.lora_b, bias, scaling=self.scaling
+        )
+
+    def delta(self, graph: Graph) -> Array:
+        """The update as a weight: ``(A @ B) * scaling``, ``[in, out]``."""
+        return scaled_delta(graph.value(self.lora_a), graph.value(self.lora_b), self.scaling)
+
+    def merged_weight(self, graph: Graph, weight: Array, base: Array) -> Array:
+        """``weight`` with this update folded in: ``weight + (A @ B) * scaling``. ``base`` is the
+        layer's weight before any adapter was merged (plain LoRA does not need it)."""
+        merged: Array = weight + self.delta(graph)
+        return merged
+
+
+@dataclass(eq=False)
+class DoraUpdate(LoraUpdate):
+    """DoRA (Liu et al. 2024), as PEFT computes it: the adapted weight ``W' = W + s A B`` is split
+    into a direction, each output's column ``W'[:, j] / ||W'[:, j]||``, and a trainable magnitude
+    ``m [out]`` (at init the norms themselves, so the layer starts equal to the base):
+
+        layer(x) = x @ (W' * m / ||W'||) + bias
+        update(x) = (m / ||W'||) * (x @ W + s (x @ A) @ B) - x @ W
+
+    ``||W'||`` holds the column norms and, as in PEFT, is *detached*: it scales the output but no
+    gradient flows through it, so A and B learn the direction and ``m`` the magnitude. With
+    dropout, ``x`` is the dropped input in both terms of the update (PEFT's ``base_result``).
+    """
+
+    magnitude: NodeId = dataclasses.field(kw_only=True)
+    """``m [out]``, a parameter: each output's length (PEFT: ``lora_magnitude_vector``)."""
+
+    def params(self) -> list[NodeId]:
+        """``[lora_a, lora_b, magnitude]``."""
+        return [self.lora_a, self.lora_b, self.magnitude]
+
+    def named_leaves(self, adapter: str) -> list[tuple[str, NodeId]]:
+        """Plain LoRA's leaves and ``lora_magnitude_vector.<adapter>``."""
+        return [
+            *super().named_leaves(adapter),
+            (f"lora_magnitude_vector.{adapter}", self.magnitude),
+        ]
+
+    def record(self, graph: Graph, x: NodeId, layer: LoraLayer, base: NodeId) -> NodeId:
+        """``(m / ||W + s A B||) * (h @ W + s (h @ A) @ B) - h @ W``, op by op, ``h = drop(x)``."""
+        h = graph.dropout(x, self.dropout, rng=self.rng) if self.dropout else x
+        low = graph.scale(graph.matmul(h, self.lora_a), self.scaling)  # (..., rank)
+        lora = graph.matmul(low, self.lora_b)  # (..., out)
+        with graph.no_grad():  # PEFT detaches the norm: no gradient flows through it
+            weight = layer.frozen_weight
+            adapted = graph.add(
+                weight, graph.scale(graph.matmul(self.lora_a, self.lora_b), self.scaling)
+            )
+            norm = graph.sqrt(graph.sum(graph.mul(adapted, adapted), axis=0))  # (out,)
+        ratio = graph.div(self.magnitude, norm)  # (out,): m / ||W'||
+        hw = base if h is x else graph.matmul(h, layer.frozen_weight)  # (..., out)
+        return graph.sub(graph.mul(ratio, graph.add(hw, lora)), hw)
+
+    def fused(self, graph: Graph, x: NodeId, layer: LoraLayer) -> NodeId | None:
+        """None: DoRA is recorded op by op only."""
+        return None
+
+    def merged_weight(self, graph: Graph, weight: Array, base: Array) -> Array:
+        """``(weight + s A B) * m / ||base + s A B||``: the norm from the unmerged weight, as
+        ``forward`` computes it (and as PEFT merges several DoRA adapters in turn)."""
+        delta = self.delta(graph)
+        ratio = graph.value(self.magnitude) / column_norms(base + delta)
+        merged: Array = (weight + delta) * ratio
+        return merged
+
+
+@dataclass(eq=False)
+class EmbeddingUpdate(LoraUpdate):
+    """LoRA on an embedding table ``W [V, D]``: ``update(ids) = (A[ids] * scaling) @ B``, with
+    ``A [V, rank]`` (PEFT: ``lora_embedding_A``, stored ``[rank, V]``) and ``B [rank, D]`` (PEFT:
+    ``lora_embedding_B``, stored ``[D, rank]``). Looking rows up in A is ``one_hot(ids) @ A``, so
+    the delta is ``(A @ B) * scaling`` as for a linear layer. As in PEFT, A starts at zero and B
+    from N(0, 1), and there is no dropout on an embedding's update."""
+
+    def named_leaves(self, adapter: str) -> list[tuple[str, NodeId]]:
+        """``lora_embedding_A.<adapter>``, ``lora_embedding_B.<adapter>``."""
+        return [
+            (f"lora_embedding_A.{adapter}", self.lora_a),
+            (f"lora_embedding_B.{adapter}", self.lora_b),
+        ]
+
+    def record(
+        self, graph: Graph, x: NodeId | npt.ArrayLike, layer: LoraLayer, base: NodeId
+    ) -> NodeId:
+        """``(A[ids] * scaling) @ B``, op by op: ``x`` is the integer ids."""
+        low = graph.scale(graph.embedding(self.lora_a, x), self.scaling)  # (..., rank)
+        return graph.matmul(low, self.lora_b)  # (..., D)
+
+    def fused(self, graph: Graph, x: NodeId, layer: LoraLayer) -> NodeId | None:
+        """None: an embedding's update is recorded op by op."""
+        return None
+
+
+def draw_adapter(
+    config: LoraConfig, weight: Array, rng: np.random.Generator, *, embedding: bool = False
+) -> tuple[Array, Array, Array | None]:
+    """A and B drawn by ``config`` for the frozen ``weight``, and for PiSSA the residual weight
+    the layer must hold instead of ``weight`` (else None)."""
+    in_features, out_features = weight.shape
+    rank = config.rank
+    if embedding:  # PEFT's init for embeddings: A = 0, B ~ N(0, 1)
+        return np.zeros((in_features, rank)), rng.standard_normal((rank, out_features)), None
+    if config.init == "pissa":
+        return _pissa(weight.astype(np.float64), rank, config.scaling)
+    if config.init == "gaussian":
+        a = rng.normal(0.0, config.init_std, size=(in_features, rank))
+    else:  # kaiming: U(-1/sqrt(in), 1/sqrt(in)), torch's kaiming_uniform_(a=sqrt(5))
+        bound = 1.0 / math.sqrt(in_features)
+        a = rng.uniform(-bound, bound, size=(in_features, rank))
+    return a, np.zeros((rank, out_features)), None
+
+
+def make_update(
+    graph: Graph,
+    config: LoraConfig,
+    a: Array,
+    b: Array,
+    weight: NodeId,
+    rng: np.random.Generator,
+    *,
+    name: str,
+    adapter: str,
+    embedding: bool = False,
+) -> LoraUpdate:
+    """The update of an adapter with A and B, its leaves made as parameters named after the layer
+    ``name`` and the adapter; for DoRA, the magnitude starts as ``||W + s A B||`` per output
+    (``weight`` is the layer's frozen weight)."""
+    suffix = "" if adapter == "default" else f".{adapter}"
+    with graph.scope(name), graph.scope("lora"):
+        lora_a = graph.parameter(a, name=f"{name}.lora_A{suffix}")
+        lora_b = graph.parameter(b, name=f"{name}.lora_B{suffix}")
+        if embedding:
+            return EmbeddingUpdate(lora_a, lora_b, config, rng)
+        if not config.use_dora:
+            return LoraUpdate(lora_a, lora_b, config, rng)
+        delta = scaled_delta(graph.value(lora_a), graph.value(lora_b), config.scaling)
+        magnitude = graph.parameter(
+            column_norms(graph.value(weight) + delta),
+            name=f"{name}.lora_magnitude_vector{suffix}",
+        )
+    return DoraUpdate(lora_a, lora_b, config, rng, magnitude=magnitude)
+
+
+def _top_singular_triplets(weight: Array, rank: int) -> tuple[Array, Array, Array]:
+    """``U_r [in, r]``, ``S_r [r]`` (descending) and ``Vh_r [r, out]`` of ``weight``."""
+    if min(weight.shape) <= _DENSE_SVD_LIMIT or rank >= min(weight.shape) - 1:
+        u, s, vh = scipy.linalg.svd(weight, full_matrices=False)
+        return u[:, :rank], s[:rank], vh[:rank]
+    # A large matrix: compute only the top `rank` triplets (svds returns them ascending).
+    u_k, s_k, vh_k = scipy.sparse.linalg.svds(weight, k=rank, random_state=0)
+    order = np.argsort(s_k)[::-1]
+    return u_k[:, order], s_k[order], vh_k[order]
+
+
+def _pissa(weight: Array, rank: int, scaling: float) -> tuple[Array, Array, Array]:
+    """PiSSA: ``A = U_r sqrt(S_r/s)``, ``B = sqrt(S_r/s) Vh_r``, residual ``W - U_r S_r Vh_r``."""
+    u, s, vh = _top_singular_triplets(weight, rank)
+    root = np.sqrt(s / scaling)  # so that (A @ B) * scaling = U_r S_r Vh_r
+    a = u * root  # (in, r)
+    b = root[:, np.newaxis] * vh  # (r, out)
+    residual = weight - (a @ b) * scaling
+    return a, b, residual
