@@ -16,8 +16,20 @@ from graphlora.errors import (
 )
 from graphlora.graph import Graph, NodeId
 from graphlora.io import load_adapter, save_adapter, save_merged
-from graphlora.lora import LoraConfig, LoraLinear
-from graphlora.nn import GPT, MLP, Embedding, GPTConfig, LayerNorm, Linear, apply_lora
+from graphlora.lora import LoraConfig, LoraEmbedding, LoraLinear
+from graphlora.nn import (
+    GPT,
+    MLP,
+    Embedding,
+    GPTConfig,
+    LayerNorm,
+    Linear,
+    add_weighted_adapter,
+    apply_lora,
+    delete_adapter,
+    disable_adapters,
+    set_adapter,
+)
 from graphlora.replay import Replay
 
 __version__ = "0.1.0"
@@ -34,6 +46,7 @@ __all__ = [
     "LayerNorm",
     "Linear",
     "LoraConfig",
+    "LoraEmbedding",
     "LoraLinear",
     "NodeId",
     "NonFiniteError",
@@ -41,7 +54,10 @@ __all__ = [
     "ShapeError",
     "StaleNodeError",
     "__version__",
+    "add_weighted_adapter",
     "apply_lora",
+    "delete_adapter",
+    "disable_adapters",
     "functional",
     "load_adapter",
     "nn",
@@ -49,4 +65,5 @@ __all__ = [
     "optim",
     "save_adapter",
     "save_merged",
+    "set_adapter",
 ]

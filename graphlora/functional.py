@@ -12,7 +12,7 @@ command line use. Note that PEFT's ``lora_alpha`` defaults to 8 while ``alpha`` 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -24,6 +24,7 @@ from graphlora.ops._core import Array
 
 __all__ = [
     "column_norms",
+    "combine_adapters",
     "init_lora_adapter",
     "linear_init",
     "lora_delta",
@@ -172,6 +173,78 @@ def unmerge_lora_weight(
     w = _matrix("unmerge_lora_weight", "merged", merged)
     _adapter("unmerge_lora_weight", adapter, w.shape)
     return w - lora_delta(adapter, alpha, use_rslora=use_rslora)
+
+
+def combine_adapters(
+    adapters: Sequence[Adapter],
+    weights: Sequence[float],
+    combination_type: str = "svd",
+    *,
+    scalings: Sequence[float] | None = None,
+    rank: int | None = None,
+) -> dict[str, Array]:
+    """One adapter ``{"A", "B"}`` (scaling 1) from several, weighted: PEFT's
+    ``add_weighted_adapter`` maths. ``scalings`` are the adapters' own (default 1 each).
+
+    - ``"linear"``: ``A = sum sign(w s) sqrt(|w s|) A_i``, ``B = sum sqrt(|w s|) B_i``; equal
+      ranks only. ``A @ B`` has cross terms ``A_i B_j``: it is not ``sum w s A_i B_i`` unless
+      there is one adapter.
+    - ``"cat"``: ``A = [w_1 s_1 A_1, w_2 s_2 A_2, ...]`` along the rank, ``B = [B_1; B_2; ...]``:
+      ``A @ B = sum w_i s_i A_i B_i`` exactly, rank the sum of the ranks (``rank`` pads it with
+      zeros).
+    - ``"svd"``: ``D = sum w_i s_i A_i B_i``, then its top ``rank`` singular triplets (default:
+      the largest rank), as PEFT on PyTorch's ``[out, in]`` layout: ``B = (U_r S_r)ᵀ``,
+      ``A = Vh_rᵀ``. The best rank-``rank`` approximation of ``D``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown type, lengths that differ, ``"linear"`` over unequal ranks, or a rank
+        out of range.
+    """
+    where = "combine_adapters"
+    pairs = [_adapter(where, adapter) for adapter in adapters]
+    scales = [1.0] * len(pairs) if scalings is None else [float(s) for s in scalings]
+    if not pairs or not len(pairs) == len(weights) == len(scales):
+        raise ValueError(
+            f"{where}: need one weight and one scaling per adapter, got {len(pairs)} adapters, "
+            f"{len(weights)} weights and {len(scales)} scalings"
+        )
+    ranks = [a.shape[1] for a, _ in pairs]
+    ws = [float(w) * s for w, s in zip(weights, scales, strict=True)]  # w s, as PEFT
+    if combination_type == "linear":
+        if len(set(ranks)) > 1:
+            raise ValueError(f"{where}: 'linear' needs adapters of one rank, got ranks {ranks}")
+        roots = [math.sqrt(abs(x)) for x in ws]
+        a = np.sum(
+            [r * (1 if x >= 0 else -1) * a for r, x, (a, _) in zip(roots, ws, pairs, strict=True)],
+            0,
+        )
+        b = np.sum([r * b for r, (_, b) in zip(roots, pairs, strict=True)], axis=0)
+        return {"A": a, "B": b}
+    if combination_type == "cat":
+        total = sum(ranks) if rank is None else rank
+        if total < sum(ranks):
+            raise ValueError(f"{where}: rank {total} is below the sum of the ranks {ranks}")
+        a = np.zeros((pairs[0][0].shape[0], total), dtype=np.result_type(*pairs[0]))
+        b = np.zeros((total, pairs[0][1].shape[1]), dtype=a.dtype)
+        start = 0
+        for (a_i, b_i), w, s in zip(pairs, weights, scales, strict=True):
+            a[:, start : start + a_i.shape[1]] = a_i * float(w) * s  # PEFT: A * weight * scaling
+            b[start : start + a_i.shape[1]] = b_i
+            start += a_i.shape[1]
+        return {"A": a, "B": b}
+    if combination_type != "svd":
+        raise ValueError(
+            f"{where}: combination_type must be 'svd', 'linear' or 'cat', got {combination_type!r}"
+        )
+    deltas = [scaled_delta(a, b, s) for s, (a, b) in zip(scales, pairs, strict=True)]
+    delta = np.sum([float(w) * d for w, d in zip(weights, deltas, strict=True)], axis=0)
+    new_rank = max(ranks) if rank is None else rank
+    if not 1 <= new_rank <= min(delta.shape):
+        raise ValueError(f"{where}: rank must be in [1, {min(delta.shape)}], got {new_rank}")
+    u, sigma, vh = np.linalg.svd(delta.T, full_matrices=False)  # PyTorch's [out, in] layout
+    return {"A": vh[:new_rank].T.copy(), "B": (u[:, :new_rank] * sigma[:new_rank]).T.copy()}
 
 
 def _is_adapter(node: object) -> bool:

@@ -1,13 +1,16 @@
 """Adapter files in PEFT's layout: save graphlora adapters that PEFT loads as they are, and load
-adapters saved by PEFT (or by graphlora) into ``LoraLinear`` layers.
+adapters saved by PEFT (or by graphlora) into LoRA layers (``LoraLinear``, ``LoraEmbedding``).
 
 An adapter directory holds ``adapter_model.safetensors`` and ``adapter_config.json``. Tensor keys
 are ``base_model.model.<name>.lora_A.weight`` (shape ``[rank, in]``: our A transposed, as PyTorch's
 ``nn.Linear`` stores ``[out, in]``) and ``base_model.model.<name>.lora_B.weight`` (``[out, rank]``);
-PEFT may also spell them with an adapter name, ``.lora_A.default.weight``. The frozen base weights
-are never saved. Writes are atomic: files go to a temporary directory that replaces the target only
-once complete, so an interrupted save leaves any earlier adapter intact. Loading checks everything
-before assigning anything, and nothing is ever unpickled.
+PEFT may also spell them with an adapter name, ``.lora_A.default.weight``. DoRA adds
+``<name>.lora_magnitude_vector`` (``[out]``); an embedding has ``<name>.lora_embedding_A``
+(``[rank, V]``) and ``<name>.lora_embedding_B`` (``[D, rank]``). As PEFT's ``save_pretrained``,
+the adapter ``default`` is written in the directory itself and any other in a subfolder named after
+it. The frozen base weights are never saved. Writes are atomic: files go to a temporary directory
+that replaces the target only once complete, so an interrupted save leaves any earlier adapter
+intact. Loading checks everything before assigning anything, and nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ import numpy as np
 
 from graphlora.errors import GraphError, ShapeError
 from graphlora.functional import lora_scaling
-from graphlora.graph import Graph, check_graph
-from graphlora.lora import LoraLinear
+from graphlora.graph import Graph, NodeId, check_graph
+from graphlora.lora import DoraUpdate, LoraEmbedding, LoraLayer, LoraLinear
+from graphlora.lora.layer import adapter_list, check_adapter_name
 from graphlora.ops import Array
 
 __all__ = [
@@ -45,9 +49,17 @@ __all__ = [
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 _PICKLE_NAMES = ("adapter_model.bin", "pytorch_model.bin", "adapter_model.pt")
-_KEY = re.compile(
-    r"^base_model\.model\.(?P<name>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$"
+_LINEAR_KEY = re.compile(
+    r"^base_model\.model\.(?P<name>.+)\.lora_(?P<kind>[AB])(\.(?P<adapter>[^.]+))?\.weight$"
 )
+_EMBEDDING_KEY = re.compile(
+    r"^base_model\.model\.(?P<name>.+)\.lora_embedding_(?P<kind>[AB])(\.(?P<adapter>[^.]+))?$"
+)
+_MAGNITUDE_KEY = re.compile(
+    r"^base_model\.model\.(?P<name>.+)\.lora_(?P<kind>magnitude)_vector"
+    r"(\.(?P<adapter>(?!weight$)[^.]+))?(\.weight)?$"
+)
+_KEYS = (_LINEAR_KEY, _EMBEDDING_KEY, _MAGNITUDE_KEY)  # the adapter's name may be spelled out
 _NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 
 
@@ -73,8 +85,8 @@ def _most_common(values: list[Any]) -> Any:
     return max(counts, key=lambda v: (counts[v], -values.index(v)))
 
 
-def _check_layers(where: str, layers: object) -> dict[str, LoraLinear]:
-    """``layers`` as ``{name: LoraLinear}``: a mapping as given, or a model's LoRA layers."""
+def _check_layers(where: str, layers: object) -> dict[str, LoraLayer]:
+    """``layers`` as ``{name: LoRA layer}``: a mapping as given, or a model's LoRA layers."""
     if not isinstance(layers, Mapping):
         from graphlora.nn import is_module, lora_layers
 
@@ -85,7 +97,7 @@ def _check_layers(where: str, layers: object) -> dict[str, LoraLinear]:
     if not isinstance(layers, Mapping) or not layers:
         raise TypeError(
             f"{where}: layers must be a model with LoRA layers or a non-empty mapping of names to "
-            "LoraLinear"
+            "LoraLinear or LoraEmbedding layers"
         )
     for name, layer in layers.items():
         if not isinstance(name, str) or not _NAME.match(name):
@@ -93,48 +105,72 @@ def _check_layers(where: str, layers: object) -> dict[str, LoraLinear]:
                 f"{where}: layer name {name!r} must be dotted identifiers such as 'layers.0' or "
                 "'model.q_proj'"
             )
-        if not isinstance(layer, LoraLinear):
+        if not isinstance(layer, LoraLayer):
             raise TypeError(
-                f"{where}: layers[{name!r}] must be a LoraLinear, got {type(layer).__name__}"
+                f"{where}: layers[{name!r}] must be a LoraLinear or LoraEmbedding, got "
+                f"{type(layer).__name__}"
             )
     return dict(layers)
 
 
-def adapter_config(layers: Mapping[str, LoraLinear]) -> dict[str, Any]:
-    """The ``adapter_config.json`` content PEFT expects for ``layers`` (a ``LoraConfig``'s fields).
+def _holding(where: str, layers: Mapping[str, LoraLayer], adapter_name: str) -> dict[str, Any]:
+    """The layers that hold adapter ``adapter_name`` and its update in each, or a ValueError
+    listing the adapters the layers hold."""
+    holders = {
+        n: layer.adapters[adapter_name]
+        for n, layer in layers.items()
+        if adapter_name in layer.adapters
+    }
+    if not holders:
+        known = list(dict.fromkeys(a for layer in layers.values() for a in layer.adapters))
+        raise ValueError(f"{where}: no layer holds an adapter {adapter_name!r}; they hold {known}")
+    return holders
+
+
+def adapter_config(
+    layers: Mapping[str, LoraLayer] | object, adapter_name: str = "default"
+) -> dict[str, Any]:
+    """The ``adapter_config.json`` content PEFT expects for adapter ``adapter_name`` of
+    ``layers`` (a model, or ``{name: LoRA layer}``): its ``LoraConfig``'s fields.
 
     ``r`` and ``lora_alpha`` are the most common rank and alpha; layers that differ are listed in
     ``rank_pattern`` and ``alpha_pattern`` by their full names. ``fan_in_fan_out`` is true for
     layers over weights stored ``[in, out]`` in the source framework (GPT-2's ``Conv1D``), so
-    that PEFT merges them the right way round.
+    that PEFT merges them the right way round. ``use_dora`` says whether the adapter is DoRA.
 
     Raises
     ------
     ValueError
-        When the layers differ in ``use_rslora``, dropout or init kind (PEFT has one of each).
+        When the layers differ in ``use_rslora``, dropout, DoRA or init kind (PEFT has one of
+        each), or none holds ``adapter_name``.
     """
     where = "save_adapter"
     layers = _check_layers(where, layers)
-    names = list(layers)
-    for field in ("use_rslora", "dropout"):
-        seen = {getattr(layer.config, field) for layer in layers.values()}
+    updates = _holding(where, layers, adapter_name)
+    names = list(updates)
+    for field in ("use_rslora", "dropout", "use_dora"):
+        seen = {getattr(update.config, field) for update in updates.values()}
         if len(seen) > 1:
             raise ValueError(
                 f"{where}: the layers differ in {field} ({sorted(seen)}); PEFT has one"
             )
-    pissa = {layer.config.init == "pissa" for layer in layers.values()}
+    pissa = {update.config.init == "pissa" for update in updates.values()}
     if len(pissa) > 1:
         raise ValueError(f"{where}: some layers use init='pissa' and some do not; PEFT has one")
-    layouts = {layer.fan_in_fan_out for layer in layers.values()}
+    layouts = {
+        layer.fan_in_fan_out
+        for n, layer in layers.items()
+        if n in updates and isinstance(layer, LoraLinear)
+    }
     if len(layouts) > 1:
         raise ValueError(
             f"{where}: some layers come from [in, out] weights (GPT-2's Conv1D) and some do not; "
             "PEFT's fan_in_fan_out is one flag for all: save them separately"
         )
-    ranks = [layers[n].rank for n in names]
-    alphas = [float(layers[n].config.alpha) for n in names]
+    ranks = [updates[n].rank for n in names]
+    alphas = [float(updates[n].config.alpha) for n in names]
     r, alpha = _most_common(ranks), _most_common(alphas)
-    first = next(iter(layers.values())).config
+    first = next(iter(updates.values())).config
     return {
         "peft_type": "LORA",
         "task_type": None,
@@ -151,7 +187,7 @@ def adapter_config(layers: Mapping[str, LoraLinear]) -> dict[str, Any]:
         "init_lora_weights": "pissa" if True in pissa else True,
         "inference_mode": True,
         "modules_to_save": None,
-        "use_dora": False,
+        "use_dora": first.use_dora,
         "rank_pattern": {n: int(k) for n, k in zip(names, ranks, strict=True) if k != r},
         "alpha_pattern": {
             n: _json_number(a) for n, a in zip(names, alphas, strict=True) if a != alpha
@@ -164,12 +200,22 @@ def _json_number(value: float) -> float | int:
     return int(value) if float(value).is_integer() else float(value)
 
 
-def _tensors(graph: Graph, layers: Mapping[str, LoraLinear]) -> dict[str, Array]:
+def _tensors(graph: Graph, layers: Mapping[str, LoraLayer], adapter_name: str) -> dict[str, Array]:
+    """PEFT's tensors of adapter ``adapter_name``, in PyTorch's layout (our A and B transposed)."""
     tensors = {}
     for name, layer in layers.items():
+        if adapter_name not in layer.adapters:
+            continue
+        update = layer.adapters[adapter_name]
+        a = np.ascontiguousarray(graph.value(update.lora_a).T)
+        b = np.ascontiguousarray(graph.value(update.lora_b).T)
         prefix = f"base_model.model.{name}"
-        tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(graph.value(layer.lora_a).T)
-        tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(graph.value(layer.lora_b).T)
+        if isinstance(layer, LoraEmbedding):
+            tensors[f"{prefix}.lora_embedding_A"], tensors[f"{prefix}.lora_embedding_B"] = a, b
+        else:
+            tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = a, b
+        if isinstance(update, DoraUpdate):
+            tensors[f"{prefix}.lora_magnitude_vector"] = np.array(graph.value(update.magnitude))
     return tensors
 
 
@@ -213,11 +259,16 @@ def _write_bytes(target: Path, data: bytes) -> None:
 def save_adapter(
     path: str | os.PathLike[str],
     graph: Graph,
-    layers: Mapping[str, LoraLinear] | object,
+    layers: Mapping[str, LoraLayer] | object,
     *,
+    adapter_name: str | list[str] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write ``layers``' adapters to the directory ``path``, in the layout PEFT loads.
+
+    As PEFT's ``save_pretrained``: the adapter ``default`` goes in ``path`` itself, any other in
+    the subfolder ``path/<adapter name>``, each as ``adapter_model.safetensors`` and
+    ``adapter_config.json``.
 
     Parameters
     ----------
@@ -227,8 +278,10 @@ def save_adapter(
         The graph holding the layers.
     layers
         A model (its LoRA layers are saved under their dotted names), or ``{module name:
-        LoraLinear}``; the names are the PyTorch module names the adapters belong to
+        layer}``; the names are the PyTorch module names the adapters belong to
         (``"layers.0"``, ``"transformer.h.0.attn.c_attn"``, ...).
+    adapter_name
+        The adapter (or list of adapters) to save; ``None``: every adapter the layers hold.
     overwrite
         Replace an existing directory (atomically). Without it, an existing path is an error.
 
@@ -242,35 +295,51 @@ def save_adapter(
     FileExistsError
         If ``path`` exists and ``overwrite`` is False.
     ValueError, TypeError
-        For bad names or layers PEFT cannot express together; nothing is written.
+        For bad names, an adapter no layer holds, or layers PEFT cannot express together;
+        nothing is written.
     """
     where = "save_adapter"
     check_graph(where, graph)
     st = safetensors_module(where)
     layers = _check_layers(where, layers)
-    config = adapter_config(layers)
-    tensors = _tensors(graph, layers)
+    if adapter_name is None:
+        names = list(dict.fromkeys(a for layer in layers.values() for a in layer.adapters))
+    else:
+        names = adapter_list(where, adapter_name)
+    if not names:
+        raise ValueError(f"{where}: the layers hold no adapter")
+    files = {}
+    for name in names:
+        config = adapter_config(layers, name)
+        data = st.numpy.save(_tensors(graph, layers, name), metadata={"format": "pt"})
+        files[name] = (data, (json.dumps(config, indent=2) + "\n").encode())
     target = Path(path)
-    with _staging(target, overwrite, "save_adapter") as staging:
-        _write_bytes(staging / WEIGHTS_NAME, st.numpy.save(tensors, metadata={"format": "pt"}))
-        _write_bytes(staging / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
+    with _staging(target, overwrite, where) as staging:
+        for name, (weights, config_bytes) in files.items():
+            folder = staging if name == "default" else staging / name
+            folder.mkdir(exist_ok=True)
+            _write_bytes(folder / WEIGHTS_NAME, weights)
+            _write_bytes(folder / CONFIG_NAME, config_bytes)
     return target
 
 
 def save_merged(
     path: str | os.PathLike[str],
     graph: Graph,
-    layers: Mapping[str, LoraLinear] | object,
+    layers: Mapping[str, LoraLayer] | object,
     *,
     layout: str = "torch",
     overwrite: bool = False,
 ) -> Path:
-    """Write the merged weights ``W + A @ B * scaling`` (and biases) as one safetensors file.
+    """Write the merged weights (``W + A @ B * scaling`` for each active adapter, DoRA's rescaled
+    weight) and biases as one safetensors file.
 
     For deployment without LoRA. Keys are ``<name>.weight`` and ``<name>.bias``, as in a PyTorch
-    ``state_dict``. ``layout="torch"`` stores weights ``[out, in]`` (load them into ``nn.Linear``);
-    ``layout="graphlora"`` keeps ``[in, out]``. The file is written to a temporary file and
-    renamed into place. Merged layers contribute their current (merged) weight.
+    ``state_dict``. ``layout="torch"`` stores each weight as its PyTorch module does: ``[out, in]``
+    for ``nn.Linear``, ``[in, out]`` for a layer with ``fan_in_fan_out`` (GPT-2's ``Conv1D``),
+    ``[V, D]`` for an embedding; ``layout="graphlora"`` keeps ``[in, out]``. The file is written
+    to a temporary file and renamed into place. Merged layers contribute their current (merged)
+    weight.
     """
     where = "save_merged"
     if layout not in ("torch", "graphlora"):
@@ -281,9 +350,11 @@ def save_merged(
     tensors = {}
     for name, layer in layers.items():
         weight = layer.merge(graph)
-        tensors[f"{name}.weight"] = np.ascontiguousarray(weight.T if layout == "torch" else weight)
-        if layer.bias is not None:
-            tensors[f"{name}.bias"] = np.array(graph.value(layer.bias))
+        transpose = layout == "torch" and isinstance(layer, LoraLinear) and not layer.fan_in_fan_out
+        tensors[f"{name}.weight"] = np.ascontiguousarray(weight.T if transpose else weight)
+        bias = getattr(layer, "bias", None)
+        if bias is not None:
+            tensors[f"{name}.bias"] = np.array(graph.value(bias))
     target = Path(path)
     if target.is_dir():
         raise FileExistsError(f"{where}: {target} is a directory, not a file to write")
@@ -309,18 +380,34 @@ def save_merged(
 
 
 class AdapterFile:
-    """An adapter directory read into memory: its config and, per module name, A and B.
+    """An adapter directory read into memory: its config and, per module name, A and B (and
+    DoRA's magnitude).
 
-    ``a[name]`` is ``[rank, in]`` and ``b[name]`` is ``[out, rank]``, as stored (PyTorch layout).
+    ``a[name]`` is ``[rank, in]`` and ``b[name]`` is ``[out, rank]``, as stored (PyTorch layout;
+    for an embedding ``[rank, V]`` and ``[D, rank]``); ``magnitude[name]`` is ``[out]``;
+    ``embeddings`` names the modules stored as embeddings (``lora_embedding_A``/``_B``).
     """
 
     def __init__(
-        self, path: Path, config: dict[str, Any], a: dict[str, Array], b: dict[str, Array]
+        self,
+        path: Path,
+        config: dict[str, Any],
+        a: dict[str, Array],
+        b: dict[str, Array],
+        magnitude: dict[str, Array] | None = None,
+        embeddings: frozenset[str] = frozenset(),
     ) -> None:
         self.path = path
         self.config = config
         self.a = a
         self.b = b
+        self.magnitude = {} if magnitude is None else magnitude
+        self.embeddings = embeddings
+
+    @property
+    def use_dora(self) -> bool:
+        """Whether the adapter is DoRA (the config's ``use_dora``)."""
+        return bool(self.config.get("use_dora"))
 
     def rank(self, name: str) -> int:
         """The rank the config gives module ``name`` (``rank_pattern``, else ``r``)."""
@@ -358,7 +445,8 @@ def read_adapter(path: str | os.PathLike[str]) -> AdapterFile:
         For a missing directory or missing files.
     ValueError
         For pickle-based weights (refused, never opened), corrupted or truncated files, a config
-        that is not a LoRA config, and keys that are not LoRA A/B weights.
+        that is not a LoRA config, keys that are not LoRA weights, and DoRA magnitudes that the
+        config's ``use_dora`` does not announce (or the reverse).
     """
     where = "read_adapter"
     st = safetensors_module(where)
@@ -390,10 +478,9 @@ def read_adapter(path: str | os.PathLike[str]) -> AdapterFile:
     for key in ("rank_pattern", "alpha_pattern"):
         if config.get(key) is not None and not isinstance(config[key], dict):
             raise ValueError(f"{where}: {config_file} has a {key} that is not a mapping")
-    if not isinstance(config.get("use_rslora", False), bool):
-        raise ValueError(f"{where}: {config_file} has a use_rslora that is not true/false")
-    if config.get("use_dora"):
-        raise ValueError(f"{where}: {config_file} is a DoRA adapter; graphlora supports plain LoRA")
+    for key in ("use_rslora", "use_dora"):
+        if not isinstance(config.get(key, False), bool):
+            raise ValueError(f"{where}: {config_file} has a {key} that is not true/false")
     try:
         tensors = st.numpy.load_file(str(weights))
     except Exception as error:  # safetensors raises its own error type, or others on bad dtypes
@@ -401,44 +488,61 @@ def read_adapter(path: str | os.PathLike[str]) -> AdapterFile:
             f"{where}: {weights} is not a readable safetensors file (corrupted, truncated or of a "
             f"dtype NumPy lacks, such as bfloat16): {error}"
         ) from None
-    a: dict[str, Array] = {}
-    b: dict[str, Array] = {}
+    found: dict[str, dict[str, Array]] = {"A": {}, "B": {}, "magnitude": {}}
+    embeddings: set[str] = set()
     adapters: set[str] = set()
     unexpected = []
     for key, tensor in tensors.items():
-        match = _KEY.match(key)
-        if match is None:
+        matched = [(k, m) for k, m in ((k, k.match(key)) for k in _KEYS) if m is not None]
+        if not matched:
             unexpected.append(key)
             continue
+        pattern, match = matched[0]
         if match["adapter"] is not None:
             adapters.add(match["adapter"])
-        (a if match["ab"] == "A" else b)[match["name"]] = tensor
+        found[match["kind"]][match["name"]] = tensor
+        if pattern is _EMBEDDING_KEY:
+            embeddings.add(match["name"])
     if unexpected:
         raise ValueError(
-            f"{where}: {weights} holds keys that are not LoRA A/B weights: {sorted(unexpected)[:5]}"
+            f"{where}: {weights} holds keys that are not LoRA weights: {sorted(unexpected)[:5]}"
         )
     if len(adapters) > 1:
         raise ValueError(
             f"{where}: {weights} mixes adapters {sorted(adapters)}; save one per directory"
         )
+    a, b, magnitude = found["A"], found["B"], found["magnitude"]
     if set(a) != set(b):
         raise ValueError(
             f"{where}: {weights} has lora_A without lora_B (or the reverse) for "
             f"{sorted(set(a) ^ set(b))}"
         )
-    return AdapterFile(directory, config, a, b)
+    dora = bool(config.get("use_dora"))
+    expected = set(a) - embeddings if dora else set()
+    if set(magnitude) != expected:
+        raise ValueError(
+            f"{where}: {config_file} says use_dora {str(dora).lower()} but {weights} has DoRA "
+            f"magnitudes for {sorted(magnitude)} (expected them for {sorted(expected)})"
+        )
+    return AdapterFile(directory, config, a, b, magnitude, frozenset(embeddings))
 
 
 def load_adapter(
-    path: str | os.PathLike[str], graph: Graph, layers: Mapping[str, LoraLinear] | object
+    path: str | os.PathLike[str],
+    graph: Graph,
+    layers: Mapping[str, LoraLayer] | object,
+    *,
+    adapter_name: str = "default",
 ) -> AdapterFile:
-    """Load an adapter directory (graphlora's or PEFT's) into ``layers`` (a model's LoRA layers,
-    or ``{name: LoraLinear}``), all or nothing.
+    """Load an adapter directory (graphlora's or PEFT's) into adapter ``adapter_name`` of
+    ``layers`` (a model's LoRA layers, or ``{name: LoRA layer}``), all or nothing.
 
-    Every name, shape, dtype, rank, alpha and ``use_rslora`` is checked against the layers, and
-    the values must be finite, before any layer changes. The file's ``[rank, in]`` / ``[out, rank]``
-    tensors are transposed into A ``[in, rank]`` and B ``[rank, out]`` and converted to the graph's
-    dtype.
+    For an adapter other than ``default``, ``path/<adapter_name>`` is read when it holds an
+    adapter (the layout ``save_adapter`` and PEFT's ``save_pretrained`` write), else ``path``.
+    Every name, shape, dtype, rank, alpha, ``use_rslora`` and DoRA flag is checked against the
+    layers holding that adapter, and the values must be finite, before any layer changes. The
+    file's ``[rank, in]`` / ``[out, rank]`` tensors are transposed into A ``[in, rank]`` and B
+    ``[rank, out]`` and converted to the graph's dtype.
 
     Returns
     -------
@@ -448,7 +552,9 @@ def load_adapter(
     Raises
     ------
     FileNotFoundError, ValueError
-        As ``read_adapter``; and for missing or unexpected names or a config that does not match.
+        As ``read_adapter``; for an adapter no layer holds (the message lists those they hold),
+        missing or unexpected names, a config that does not match (a DoRA file into a plain
+        adapter, or the reverse), or an embedding's tensors for a linear layer.
     ShapeError, TypeError
         For tensors of the wrong shape or not floating point.
     GraphError
@@ -457,27 +563,35 @@ def load_adapter(
     where = "load_adapter"
     check_graph(where, graph)
     layers = _check_layers(where, layers)
-    adapter = read_adapter(path)
-    missing = sorted(set(layers) - set(adapter.a))
-    unexpected = sorted(set(adapter.a) - set(layers))
+    adapter_name = check_adapter_name(where, adapter_name)
+    updates = _holding(where, layers, adapter_name)
+    directory = Path(path)
+    if adapter_name != "default" and (directory / adapter_name / CONFIG_NAME).is_file():
+        directory = directory / adapter_name
+    adapter = read_adapter(directory)
+    missing = sorted(set(updates) - set(adapter.a))
+    unexpected = sorted(set(adapter.a) - set(updates))
     if missing or unexpected:
         raise ValueError(
-            f"{where}: {adapter.path} does not match the layers: missing {missing}, "
-            f"unexpected {unexpected}"
+            f"{where}: {adapter.path} does not match the layers holding adapter "
+            f"{adapter_name!r}: missing {missing}, unexpected {unexpected}"
         )
     rslora = bool(adapter.config.get("use_rslora", False))
     pissa = adapter.config.get("init_lora_weights") == "pissa"
-    values: list[tuple[LoraLinear, Array, Array]] = []
-    for name, layer in layers.items():
+    values: list[tuple[NodeId, Array]] = []
+    for name, update in updates.items():
+        layer = layers[name]
         if layer.merged:
             raise GraphError(f"{where}: layer {name!r} is merged; unmerge_ it before loading")
-        for node in layer.trainable_params():
+        for node in update.params():
             graph.check(node, where, f"layers[{name!r}]")  # of this graph, and live
         checks = [
-            ("rank", adapter.rank(name), layer.rank),
-            ("alpha", adapter.alpha(name), float(layer.config.alpha)),
-            ("use_rslora", rslora, layer.config.use_rslora),
-            ("pissa init", pissa, layer.config.init == "pissa"),
+            ("rank", adapter.rank(name), update.rank),
+            ("alpha", adapter.alpha(name), float(update.config.alpha)),
+            ("use_rslora", rslora, update.config.use_rslora),
+            ("pissa init", pissa, update.config.init == "pissa"),
+            ("use_dora", adapter.use_dora, isinstance(update, DoraUpdate)),
+            ("embedding", name in adapter.embeddings, isinstance(layer, LoraEmbedding)),
         ]
         for field, in_file, in_layer in checks:
             if in_file != in_layer:
@@ -485,11 +599,21 @@ def load_adapter(
                     f"{where}: layer {name!r}: the file has {field} {in_file!r}, the layer "
                     f"{in_layer!r}"
                 )
-        a, b = adapter.a[name], adapter.b[name]
-        for label, tensor, shape in (
-            ("lora_A", a, (layer.rank, layer.in_features)),
-            ("lora_B", b, (layer.out_features, layer.rank)),
-        ):
+        in_features, out_features = update.lora_a.shape[0], update.lora_b.shape[1]
+        tensors: list[tuple[str, Array, tuple[int, ...], NodeId]] = [
+            ("lora_A", adapter.a[name], (update.rank, in_features), update.lora_a),
+            ("lora_B", adapter.b[name], (out_features, update.rank), update.lora_b),
+        ]
+        if isinstance(update, DoraUpdate):
+            tensors.append(
+                (
+                    "lora_magnitude_vector",
+                    adapter.magnitude[name],
+                    (out_features,),
+                    update.magnitude,
+                )
+            )
+        for label, tensor, shape, node in tensors:
             if tensor.dtype.kind != "f":
                 raise TypeError(f"{where}: {name}.{label} has dtype {tensor.dtype}, not floating")
             if tensor.shape != shape:
@@ -498,8 +622,7 @@ def load_adapter(
                 )
             if not np.isfinite(tensor).all():
                 raise ValueError(f"{where}: {name}.{label} holds NaN or Inf")
-        values.append((layer, a.T, b.T))
-    for layer, a_value, b_value in values:
-        graph.set_value(layer.lora_a, a_value)
-        graph.set_value(layer.lora_b, b_value)
+            values.append((node, tensor.T))
+    for node, value in values:
+        graph.set_value(node, value)
     return adapter

@@ -99,8 +99,8 @@ class Replay:
         if graph._version != self._version:
             raise GraphError(
                 "Replay: a leaf was frozen or unfrozen (requires_grad_), or end_replays was called "
-                "(a layer merged or unmerged its weights), after compile; a replay would not see "
-                "it: record the step again and compile that"
+                "(a layer merged or unmerged its weights or changed its adapters), after "
+                "compile; a replay would not see it: record the step again and compile that"
             )
         if backward:
             needs_grad("Replay", loss)

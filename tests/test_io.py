@@ -160,7 +160,7 @@ def test_mismatches_are_refused_and_change_nothing(tmp_path: Path) -> None:
         (
             {"model.q": twin["model.q"]},
             ValueError,
-            r"does not match the layers: missing \[\], unexpected \['model.v'\]",
+            r"does not match the layers holding adapter 'default': missing \[\], unexpected \['model.v'\]",
         )
     )
     cases.append(({**twin, "model.k": twin["model.q"]}, ValueError, r"missing \['model.k'\]"))
@@ -234,7 +234,7 @@ def test_mismatches_are_refused_and_change_nothing(tmp_path: Path) -> None:
         ),
         (
             lambda f: st_numpy.save_file({"model.q.weight": np.ones((4, 16))}, str(f)),
-            r"holds keys that are not LoRA A/B weights: \['model.q.weight'\]",
+            r"holds keys that are not LoRA weights: \['model.q.weight'\]",
         ),
     ],
 )

@@ -121,11 +121,6 @@ class LoraEmbedding(LoraLayer):
                 y = graph.add(y, low_rank)
             return y
 
-    @property
-    def num_frozen(self) -> int:
-        """Frozen parameters: ``V * D``."""
-        return self.num_embeddings * self.embedding_dim
-
     def __repr__(self) -> str:
         return (
             f"LoraEmbedding(name={self.name!r}, num_embeddings={self.num_embeddings}, "

@@ -441,6 +441,11 @@ class LoraLayer:
         DoRA ``+ out``)."""
         return sum(int(np.prod(leaf.shape)) for leaf in self.trainable_params())
 
+    @property
+    def num_frozen(self) -> int:
+        """Frozen parameters: those of the base layer (``in * out``, ``+ out`` with a bias)."""
+        return sum(int(np.prod(leaf.shape)) for _, leaf in self.base_leaves())
+
     def _adapters_repr(self) -> str:
         """The active adapter's rank, scaling and dropout, and the adapter set when it is more
         than one plain adapter named ``default``."""

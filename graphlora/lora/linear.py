@@ -264,10 +264,13 @@ class LoraLinear(LoraLayer):
             with graph.scope("frozen"):
                 xw = graph.matmul(x, self.frozen_weight)  # (..., out)
                 y = xw if self.bias is None else graph.add(xw, self.bias)
-            for update in updates:
+            partial = xw  # the output so far without the bias, which DoRA rescales
+            for i, update in enumerate(updates):
                 with graph.scope("lora"):
-                    low_rank = update.record(graph, x, self, xw)  # (..., out)
+                    low_rank = update.record(graph, x, self, partial)  # (..., out)
                 y = graph.add(y, low_rank)
+                if any(later.reads_output for later in updates[i + 1 :]):
+                    partial = graph.add(partial, low_rank)
             return y
 
     def base(self, graph: Graph, x: NodeId) -> NodeId:
@@ -282,13 +285,6 @@ class LoraLinear(LoraLayer):
         return leaves if self.bias is None else [*leaves, ("bias", self.bias)]
 
     # --- reporting ----------------------------------------------------------------------------
-
-    @property
-    def num_frozen(self) -> int:
-        """Frozen parameters: ``in * out`` (+ ``out`` with a bias)."""
-        return self.in_features * self.out_features + (
-            0 if self.bias is None else self.out_features
-        )
 
     def __repr__(self) -> str:
         return (

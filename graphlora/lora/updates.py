@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -49,6 +49,8 @@ class LoraUpdate:
     """The adapter's config: its rank, alpha, dropout, rsLoRA, init."""
     rng: np.random.Generator
     """The generator of the dropout masks."""
+    reads_output: ClassVar[bool] = False
+    """Whether ``record`` reads ``base``, the layer's output so far (DoRA does)."""
     scaling: float = dataclasses.field(init=False)
     """``alpha / rank`` (or ``alpha / sqrt(rank)`` with rsLoRA), from ``config``."""
     dropout: float = dataclasses.field(init=False)
@@ -73,7 +75,8 @@ class LoraUpdate:
 
     def record(self, graph: Graph, x: NodeId, layer: LoraLayer, base: NodeId) -> NodeId:
         """``((drop(x) @ A) * scaling) @ B``, op by op (dropout only while gradients are
-        recorded). ``base`` is the layer's ``x @ W``, which plain LoRA does not need."""
+        recorded). ``base`` is the layer's output so far without its bias (``x @ W`` plus the
+        updates of the adapters before this one), which plain LoRA does not need."""
         h = graph.dropout(x, self.dropout, rng=self.rng) if self.dropout else x
         low = graph.scale(graph.matmul(h, self.lora_a), self.scaling)  # (..., rank)
         return graph.matmul(low, self.lora_b)  # (..., out)
@@ -120,8 +123,11 @@ class DoraUpdate(LoraUpdate):
     ``||W'||`` holds the column norms and, as in PEFT, is *detached*: it scales the output but no
     gradient flows through it, so A and B learn the direction and ``m`` the magnitude. With
     dropout, ``x`` is the dropped input in both terms of the update (PEFT's ``base_result``).
+    After other active adapters, ``x @ W`` is the output so far (PEFT's ``result``, without the
+    bias): DoRA rescales their updates too, which is what merging them in turn gives.
     """
 
+    reads_output: ClassVar[bool] = True
     magnitude: NodeId = dataclasses.field(kw_only=True)
     """``m [out]``, a parameter: each output's length (PEFT: ``lora_magnitude_vector``)."""
 
@@ -137,7 +143,8 @@ class DoraUpdate(LoraUpdate):
         ]
 
     def record(self, graph: Graph, x: NodeId, layer: LoraLayer, base: NodeId) -> NodeId:
-        """``(m / ||W + s A B||) * (h @ W + s (h @ A) @ B) - h @ W``, op by op, ``h = drop(x)``."""
+        """``(m / ||W + s A B||) * (base + s (x @ A) @ B) - base``, op by op; with dropout,
+        ``base`` is ``drop(x) @ W`` and ``x`` is ``drop(x)``."""
         h = graph.dropout(x, self.dropout, rng=self.rng) if self.dropout else x
         low = graph.scale(graph.matmul(h, self.lora_a), self.scaling)  # (..., rank)
         lora = graph.matmul(low, self.lora_b)  # (..., out)

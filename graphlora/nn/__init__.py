@@ -1,12 +1,23 @@
 """Models as trees of plain objects: layers (``Linear``, ``Embedding``, ``LayerNorm``, ``MLP``),
 a GPT-2-architecture ``GPT`` that reads transformers' checkpoints, the tree functions that work
 on any model (``named_modules``, ``parameters``, ``state_dict``, ``load_state_dict``), and
-``apply_lora``, which puts LoRA adapters on any model's ``Linear`` layers.
+``apply_lora``, which puts LoRA adapters on any model's ``Linear`` and ``Embedding`` layers, with
+the functions that manage several adapters (``set_adapter``, ``disable_adapters``,
+``delete_adapter``, ``add_weighted_adapter``).
 """
 
 from __future__ import annotations
 
-from graphlora.nn.adapters import apply_lora, lora_layers, matches
+from graphlora.nn.adapters import (
+    COMBINATION_TYPES,
+    add_weighted_adapter,
+    apply_lora,
+    delete_adapter,
+    disable_adapters,
+    lora_layers,
+    matches,
+    set_adapter,
+)
 from graphlora.nn.gpt import GPT, GPTConfig
 from graphlora.nn.layers import ACTIVATIONS, MLP, Embedding, LayerNorm, Linear, call
 from graphlora.nn.tree import (
@@ -22,6 +33,7 @@ from graphlora.nn.tree import (
 
 __all__ = [
     "ACTIVATIONS",
+    "COMBINATION_TYPES",
     "GPT",
     "MLP",
     "Embedding",
@@ -29,8 +41,11 @@ __all__ = [
     "LayerNorm",
     "Linear",
     "LoadResult",
+    "add_weighted_adapter",
     "apply_lora",
     "call",
+    "delete_adapter",
+    "disable_adapters",
     "is_module",
     "load_state_dict",
     "lora_layers",
@@ -38,6 +53,7 @@ __all__ = [
     "named_leaves",
     "named_modules",
     "parameters",
+    "set_adapter",
     "state_dict",
     "trainable_parameters",
 ]

@@ -1,19 +1,44 @@
-"""Putting LoRA on a model: ``apply_lora`` finds the targeted layers with PEFT's matching rule,
-freezes every other leaf and swaps each target for a ``LoraLinear`` over the same weights."""
+"""Putting LoRA on a model and managing its adapters, as PEFT does on a PyTorch model.
+
+``apply_lora`` finds the targeted layers with PEFT's matching rule, freezes every other leaf and
+swaps each target for a LoRA layer over the same weights (``Linear`` -> ``LoraLinear``,
+``Embedding`` -> ``LoraEmbedding``), or adds a named adapter to a layer that already has one.
+``set_adapter``, ``disable_adapters``, ``delete_adapter`` and ``add_weighted_adapter`` work on
+every LoRA layer of a model at once.
+"""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
+
 from graphlora import _checks
-from graphlora.graph import Graph
-from graphlora.lora import LoraConfig, LoraLinear
-from graphlora.nn.layers import Linear
+from graphlora.errors import GraphError
+from graphlora.functional import combine_adapters
+from graphlora.graph import Graph, check_graph
+from graphlora.lora import DoraUpdate, LoraConfig, LoraEmbedding, LoraLayer, LoraLinear
+from graphlora.lora.layer import adapter_list, check_adapter_name
+from graphlora.lora.updates import make_update
+from graphlora.nn.layers import Embedding, Linear
 from graphlora.nn.tree import find_modules, is_module, named_leaves
 
-__all__ = ["apply_lora", "lora_layers", "matches"]
+__all__ = [
+    "COMBINATION_TYPES",
+    "add_weighted_adapter",
+    "apply_lora",
+    "delete_adapter",
+    "disable_adapters",
+    "lora_layers",
+    "matches",
+    "set_adapter",
+]
+
+COMBINATION_TYPES = ("svd", "linear", "cat")
+"""The ``combination_type`` values ``add_weighted_adapter`` accepts."""
 
 
 def matches(name: str, targets: str | Sequence[str]) -> bool:
@@ -24,9 +49,10 @@ def matches(name: str, targets: str | Sequence[str]) -> bool:
     return any(name == target or name.endswith(f".{target}") for target in targets)
 
 
-def lora_layers(model: object) -> dict[str, LoraLinear]:
-    """``{dotted name: LoraLinear}`` for every LoRA layer in ``model``."""
-    return {name: layer for name, layer, _ in find_modules(model, (LoraLinear,))}
+def lora_layers(model: object) -> dict[str, LoraLayer]:
+    """``{dotted name: LoRA layer}`` for every ``LoraLinear`` and ``LoraEmbedding`` in
+    ``model``."""
+    return {name: layer for name, layer, _ in find_modules(model, (LoraLinear, LoraEmbedding))}
 
 
 def apply_lora(
@@ -34,15 +60,20 @@ def apply_lora(
     config: LoraConfig,
     target_modules: str | Sequence[str] | None = None,
     *,
+    adapter_name: str = "default",
     rng: _checks.Rng = None,
-) -> dict[str, LoraLinear]:
-    """Freeze ``model``'s leaves and put a LoRA adapter on the targeted ``Linear`` layers.
+) -> dict[str, LoraLayer]:
+    """Freeze ``model``'s leaves and put a LoRA adapter on the targeted layers.
+
+    The first adapter of a model is active. Applying another ``adapter_name`` adds it, inactive,
+    beside the existing ones (PEFT's ``add_adapter``); ``set_adapter`` switches.
 
     Parameters
     ----------
     model
         Any model: an object whose attributes, lists and dicts hold layers (``MLP``, ``GPT``,
-        your own). Its targeted layers are replaced in place.
+        your own). Its targeted ``Linear`` and ``Embedding`` layers are replaced in place by
+        ``LoraLinear`` and ``LoraEmbedding``; targeted LoRA layers get the new adapter.
     config
         The adapters' config.
     target_modules
@@ -50,20 +81,24 @@ def apply_lora(
         equals it or ends with ``"." + name`` (``"c_attn"`` matches every
         ``transformer.h.N.attn.c_attn``), or one string, a regular expression that must match
         a whole name. ``None``: the model's ``default_lora_targets`` if it has them (``GPT``:
-        ``c_attn``, as PEFT), else every ``Linear`` layer.
+        ``c_attn``, as PEFT), else every linear layer.
+    adapter_name
+        The adapter's name (PEFT's ``"default"`` unless given).
     rng
         Generator or seed for the adapters' init, in layer order (default: ``config.seed``).
 
     Returns
     -------
     dict
-        ``{dotted name: LoraLinear}`` for the new adapters. The model's forward now uses them.
+        ``{dotted name: layer}`` for the layers that got the adapter. The model's forward now
+        uses them.
 
     Raises
     ------
     ValueError
-        For a target that matches no ``Linear`` layer (the message lists them), a layer that
-        already carries an adapter, or a rank above a layer's ``min(in, out)``. Nothing is changed.
+        For a target that matches no layer (the message lists them), a layer that already holds
+        an adapter of that name, a rank above a layer's ``min(in, out)``, DoRA on an embedding,
+        or ``init="pissa"`` for a second adapter. Nothing is changed.
     """
     where = "apply_lora"
     if not is_module(model):
@@ -73,11 +108,13 @@ def apply_lora(
         )
     if not isinstance(config, LoraConfig):
         raise TypeError(f"{where}: config must be a LoraConfig, got {type(config).__name__}")
-    linears = find_modules(model, (Linear,))
-    names = [name for name, _, _ in linears]
+    adapter_name = check_adapter_name(where, adapter_name)
+    layers = find_modules(model, (Linear, Embedding, LoraLinear, LoraEmbedding))
+    names = [name for name, _, _ in layers]
+    linear_names = [n for n, layer, _ in layers if isinstance(layer, (Linear, LoraLinear))]
     targets: Any = target_modules
     if targets is None:
-        targets = list(getattr(model, "default_lora_targets", names))
+        targets = list(getattr(model, "default_lora_targets", linear_names))
     elif not isinstance(targets, str) and not (
         isinstance(targets, Sequence) and all(isinstance(t, str) for t in targets)
     ):
@@ -93,44 +130,329 @@ def apply_lora(
         unmatched = [] if any(matches(n, targets) for n in names) else [targets]
     else:
         unmatched = [t for t in targets if not any(matches(n, [t]) for n in names)]
-    if not names:
+    if not linear_names and target_modules is None:
         raise ValueError(f"{where}: the model has no Linear layer to put an adapter on")
     if unmatched:
-        adapted = [t for t in unmatched if any(matches(n, [t]) for n in lora_layers(model))]
-        if adapted:
-            raise ValueError(f"{where}: {adapted} already carry a LoRA adapter")
+        kinds = "Linear" if len(linear_names) == len(names) else "Linear and Embedding"
         raise ValueError(
-            f"{where}: unknown target(s) {unmatched}; the model has the Linear layers {names}"
+            f"{where}: unknown target(s) {unmatched}; the model has the {kinds} layers {names}"
         )
-    chosen = [(name, layer, place) for name, layer, place in linears if matches(name, targets)]
-    too_small = [
-        n for n, layer, _ in chosen if config.rank > min(layer.in_features, layer.out_features)
-    ]
+    chosen = [(name, layer, place) for name, layer, place in layers if matches(name, targets)]
+    _check_targets(where, chosen, config, adapter_name)
+    existing = lora_layers(model)
+    active = next(iter(existing.values()))._active if existing else (adapter_name,)
+    graph: Graph = _weight(chosen[0][1]).graph
+    generator = _checks.as_generator(where, config.seed if rng is None else rng)
+    adapted: dict[str, LoraLayer] = {}
+    for name, layer, place in chosen:
+        if isinstance(layer, LoraLayer):
+            layer.add_adapter(graph, adapter_name, config, rng=generator)
+            adapted[name] = layer
+            continue
+        assert place is not None
+        lora: LoraLayer
+        if isinstance(layer, Embedding):
+            lora = LoraEmbedding.from_embedding(
+                graph, layer.weight, config, rng=generator, name=name, adapter_name=adapter_name
+            )
+        else:
+            lora = LoraLinear.from_linear(
+                graph,
+                layer.weight,
+                layer.bias,
+                config,
+                rng=generator,
+                name=name,
+                fan_in_fan_out=layer.fan_in_fan_out,
+                adapter_name=adapter_name,
+            )
+        lora._activate(graph, active)  # the model's active adapters, as PEFT
+        place.replace(lora)
+        adapted[name] = lora
+    trained = {leaf for layer in lora_layers(model).values() for leaf in layer.trainable_params()}
+    for _, leaf in named_leaves(model):
+        if leaf not in trained and leaf.requires_grad:
+            graph.requires_grad_(leaf, False)
+    return adapted
+
+
+def _weight(layer: Any) -> Any:
+    """The frozen or trainable weight of a base or LoRA layer."""
+    return layer.frozen_weight if isinstance(layer, LoraLayer) else layer.weight
+
+
+def _check_targets(
+    where: str, chosen: list[tuple[str, Any, Any]], config: LoraConfig, adapter_name: str
+) -> None:
+    """Refuse, before anything changes, a target that cannot take this adapter."""
+    holding = [n for n, layer, _ in chosen if adapter_name in getattr(layer, "adapters", {})]
+    if holding:
+        raise ValueError(
+            f"{where}: {holding} already carry a LoRA adapter named {adapter_name!r}; give "
+            "another adapter_name to add a second one"
+        )
+    too_small = [n for n, layer, _ in chosen if config.rank > min(_weight(layer).shape)]
     if too_small:
         raise ValueError(
             f"{where}: rank {config.rank} exceeds min(in, out) of layer(s) {too_small}"
         )
-    in_tuples = [name for name, _, place in chosen if place is None or place.kind == "tuple"]
+    embeddings = [n for n, layer, _ in chosen if isinstance(layer, (Embedding, LoraEmbedding))]
+    if embeddings and (config.use_dora or config.init == "pissa"):
+        raise ValueError(
+            f"{where}: DoRA and init='pissa' are for linear layers; {embeddings} are embeddings"
+        )
+    adapted = [n for n, layer, _ in chosen if isinstance(layer, LoraLayer)]
+    if adapted and config.init == "pissa":
+        raise ValueError(
+            f"{where}: init='pissa' replaces the base weight, which the adapters of {adapted} "
+            "share; use it for a layer's first adapter only"
+        )
+    in_tuples = [
+        n
+        for n, layer, place in chosen
+        if not isinstance(layer, LoraLayer) and (place is None or place.kind == "tuple")
+    ]
     if in_tuples:
         raise TypeError(f"{where}: {in_tuples} sit in tuples, which cannot be changed; use lists")
-    graph: Graph = chosen[0][1].weight.graph
-    generator = _checks.as_generator(where, config.seed if rng is None else rng)
-    adapters: dict[str, LoraLinear] = {}
-    for name, layer, place in chosen:
-        assert place is not None
-        lora = LoraLinear.from_linear(
-            graph,
-            layer.weight,
-            layer.bias,
-            config,
-            rng=generator,
-            name=name,
-            fan_in_fan_out=layer.fan_in_fan_out,
+
+
+def _lora_layers_of(where: str, model: object) -> dict[str, LoraLayer]:
+    if not is_module(model):
+        raise TypeError(
+            f"{where}: model must be a layer or model (an object with a forward method), got "
+            f"{type(model).__name__}"
         )
-        place.replace(lora)
-        adapters[name] = lora
-    trained = {leaf for lora in adapters.values() for leaf in lora.trainable_params()}
-    for _, leaf in named_leaves(model):
-        if leaf not in trained and leaf.requires_grad:
-            graph.requires_grad_(leaf, False)
-    return adapters
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError(f"{where}: the model has no LoRA layer (apply_lora first)")
+    return layers
+
+
+def _known(layers: dict[str, LoraLayer]) -> list[str]:
+    """Every adapter name held by some layer, in the order first seen."""
+    return list(dict.fromkeys(name for layer in layers.values() for name in layer.adapters))
+
+
+def _refuse_merged(where: str, layers: dict[str, LoraLayer]) -> None:
+    merged = [name for name, layer in layers.items() if layer.merged]
+    if merged:
+        raise GraphError(f"{where}: {merged} are merged; unmerge_ them first")
+
+
+def set_adapter(model: object, adapter_name: str | Sequence[str]) -> None:
+    """Make ``adapter_name`` (one name, or several whose updates then add) the active adapters of
+    every LoRA layer of ``model``: they run in ``forward`` and only their leaves require
+    gradients. As PEFT's ``set_adapter``; a layer without one of the names runs the others.
+
+    Raises
+    ------
+    ValueError
+        For a name no layer holds (the message lists the model's adapters).
+    GraphError
+        While a layer is merged (PEFT would unmerge it silently; here nothing changes).
+    """
+    where = "set_adapter"
+    layers = _lora_layers_of(where, model)
+    names = adapter_list(where, adapter_name)
+    known = _known(layers)
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"{where}: unknown adapter(s) {unknown}; the model has {known}")
+    _refuse_merged(where, layers)
+    for layer in layers.values():
+        layer._activate(layer.frozen_weight.graph, names)
+
+
+@contextmanager
+def disable_adapters(model: object) -> Iterator[None]:
+    """``with disable_adapters(model):`` runs every LoRA layer of ``model`` as its base layer
+    alone; on leaving, the adapters run again. Compiled steps (``Replay``) end on entering and
+    on leaving, since they would run what they recorded.
+
+    Raises
+    ------
+    GraphError
+        While a layer is merged: its weight holds the adapters.
+    """
+    where = "disable_adapters"
+    layers = _lora_layers_of(where, model)
+    _refuse_merged(where, layers)
+    previous = [(layer, layer.disabled) for layer in layers.values()]
+    graphs = {id(g): g for g in (layer.frozen_weight.graph for layer in layers.values())}
+    for layer in layers.values():
+        layer.disabled = True
+    for graph in graphs.values():
+        graph.end_replays()
+    try:
+        yield
+    finally:
+        for layer, disabled in previous:
+            layer.disabled = disabled
+        for graph in graphs.values():
+            graph.end_replays()
+
+
+def delete_adapter(model: object, adapter_name: str) -> None:
+    """Remove adapter ``adapter_name`` from every LoRA layer of ``model``. The other active
+    adapters stay active; if it was the only active one, none is active until ``set_adapter``
+    (PEFT would activate the first remaining one).
+
+    Raises
+    ------
+    ValueError
+        For a name no layer holds (the message lists the model's adapters).
+    GraphError
+        While a layer is merged.
+    """
+    where = "delete_adapter"
+    layers = _lora_layers_of(where, model)
+    adapter_name = check_adapter_name(where, adapter_name)
+    known = _known(layers)
+    if adapter_name not in known:
+        raise ValueError(f"{where}: unknown adapter {adapter_name!r}; the model has {known}")
+    _refuse_merged(where, layers)
+    for layer in layers.values():
+        graph = layer.frozen_weight.graph
+        if adapter_name in layer.adapters:
+            layer.delete_adapter(graph, adapter_name)
+        else:
+            layer._active = tuple(name for name in layer._active if name != adapter_name)
+
+
+def add_weighted_adapter(
+    graph: Graph,
+    model: object,
+    adapters: Sequence[str],
+    weights: Sequence[float],
+    adapter_name: str,
+    combination_type: str = "svd",
+    svd_rank: int | None = None,
+) -> dict[str, LoraLayer]:
+    """Add a new adapter ``adapter_name`` that combines ``adapters`` with ``weights``, as PEFT's
+    ``add_weighted_adapter``, on every LoRA layer holding at least one of them. The new adapter
+    is inactive and frozen; ``set_adapter`` runs it.
+
+    ``combination_type`` (see ``graphlora.functional.combine_adapters`` for the maths):
+
+    - ``"linear"``: A and B are weighted sums, each adapter's A weighted by
+      ``sign(w s) sqrt(|w s|)`` and B by ``sqrt(|w s|)`` (``s`` its scaling). The ranks must be
+      equal; the product is *not* the weighted sum of the updates (cross terms remain).
+    - ``"cat"``: A and B concatenated along the rank, A weighted by ``w s``: exactly
+      ``sum w_i s_i A_i B_i``, with rank the sum of the ranks.
+    - ``"svd"``: the weighted sum of the updates, cut to rank ``svd_rank`` (default: the largest
+      rank) by a singular value decomposition: the best approximation of that rank.
+
+    The new adapter has ``rank = alpha = new rank`` (scaling 1), the first adapter's dropout and
+    no rsLoRA. One adapter is always combined linearly, as in PEFT. The weights are used exactly,
+    in the graph's dtype; PEFT rounds them to float32 for ``"linear"`` and ``"svd"``, and keeps
+    the first adapter's ``use_rslora``, which then scales its result by ``sqrt(new rank)``.
+
+    Returns
+    -------
+    dict
+        ``{dotted name: layer}`` for the layers that got the new adapter.
+
+    Raises
+    ------
+    ValueError
+        For unknown adapters (the message lists the model's), an existing ``adapter_name``,
+        weights that are not one finite number per adapter, an unknown ``combination_type``,
+        ``"linear"`` over unequal ranks (both given), DoRA or PiSSA adapters, or an SVD rank
+        above a layer's ``min(in, out)``. Nothing is changed.
+    GraphError
+        While a layer is merged.
+    """
+    where = "add_weighted_adapter"
+    check_graph(where, graph)
+    layers = _lora_layers_of(where, model)
+    names = adapter_list(where, adapters)
+    adapter_name = check_adapter_name(where, adapter_name)
+    known = _known(layers)
+    unknown = [name for name in names if name not in known]
+    if not names or unknown:
+        raise ValueError(f"{where}: unknown adapter(s) {unknown or names}; the model has {known}")
+    if adapter_name in known:
+        raise ValueError(f"{where}: the model already has an adapter {adapter_name!r}")
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+        raise TypeError(f"{where}: weights must be a list of numbers, got {weights!r}")
+    if len(weights) != len(names):
+        raise ValueError(
+            f"{where}: {len(names)} adapters {names} but {len(weights)} weights {list(weights)}"
+        )
+    values = [_checks.real_scalar(where, "weights", w) for w in weights]
+    if not all(np.isfinite(values)):
+        raise ValueError(f"{where}: weights must be finite, got {values}")
+    if combination_type not in COMBINATION_TYPES:
+        raise ValueError(
+            f"{where}: combination_type must be one of {list(COMBINATION_TYPES)}, got "
+            f"{combination_type!r}"
+        )
+    if svd_rank is not None:
+        svd_rank = _checks.positive_int(where, "svd_rank", svd_rank)
+    if len(names) == 1:
+        combination_type = "linear"  # as PEFT: one adapter is only re-weighted
+    holders = {n: layer for n, layer in layers.items() if any(a in layer.adapters for a in names)}
+    _refuse_merged(where, holders)
+    updates = {(n, a): layer.adapters[a] for n, layer in holders.items() for a in layer.adapters}
+    odd = sorted(
+        {a for (_, a), u in updates.items() if a in names and isinstance(u, DoraUpdate)}
+        | {a for (_, a), u in updates.items() if a in names and u.config.init == "pissa"}
+    )
+    if odd:
+        raise ValueError(
+            f"{where}: adapters {odd} use DoRA or init='pissa', whose weights do not combine "
+            "linearly (a magnitude; a base weight that depends on the rank)"
+        )
+    ranks = {a: max(u.rank for (_, b), u in updates.items() if b == a) for a in names}
+    if combination_type == "linear" and len(set(ranks.values())) > 1:
+        raise ValueError(f"{where}: 'linear' needs adapters of one rank; they have ranks {ranks}")
+    if combination_type == "linear":
+        new_rank = next(iter(ranks.values()))
+    elif combination_type == "cat":
+        new_rank = sum(ranks.values())
+    else:
+        new_rank = svd_rank or max(ranks.values())
+        too_small = [n for n, layer in holders.items() if new_rank > min(layer.frozen_weight.shape)]
+        if too_small:
+            raise ValueError(
+                f"{where}: svd rank {new_rank} exceeds min(in, out) of layer(s) {too_small}"
+            )
+    first = next(u for (_, a), u in updates.items() if a == names[0])
+    config = LoraConfig(
+        rank=new_rank,
+        alpha=float(new_rank),
+        dropout=first.config.dropout,
+        init=first.config.init,
+        init_std=first.config.init_std,
+        seed=first.config.seed,
+    )
+    combined = {}
+    for n, layer in holders.items():
+        present = [
+            (layer.adapters[a], w)
+            for a, w in zip(names, values, strict=True)
+            if a in layer.adapters
+        ]
+        adapter = combine_adapters(
+            [{"A": graph.value(u.lora_a), "B": graph.value(u.lora_b)} for u, _ in present],
+            [w for _, w in present],
+            combination_type,
+            scalings=[u.scaling for u, _ in present],
+            rank=new_rank,
+        )
+        combined[n] = (adapter["A"], adapter["B"], present[0][0])
+    for n, layer in holders.items():
+        a_value, b_value, source = combined[n]
+        update = make_update(
+            graph,
+            config,
+            a_value,
+            b_value,
+            layer.frozen_weight,
+            source.rng,
+            name=layer.name,
+            adapter=adapter_name,
+            embedding=isinstance(layer, LoraEmbedding),
+        )
+        layer._attach(graph, adapter_name, update)
+    return holders

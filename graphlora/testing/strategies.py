@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from graphlora.graph import Graph, NodeId
-from graphlora.lora import INITS, LoraConfig, LoraLinear
+from graphlora.lora import INITS, DoraUpdate, LoraConfig, LoraLinear
 from graphlora.ops import OPS, Array, OpDef, Params
 
 try:
@@ -129,10 +129,12 @@ def lora_configs(
     max_rank: int = 4,
     inits: tuple[str, ...] = INITS,
     dropout: bool = False,
+    dora: bool | None = False,
 ) -> LoraConfig:
     """Valid ``LoraConfig``s: rank ``1..max_rank``, any alpha, rsLoRA or not, a seed.
 
     ``dropout=True`` also draws a dropout probability (otherwise it is 0, so outputs are exact).
+    ``dora``: DoRA or not (``None``: either).
     """
     return LoraConfig(
         rank=draw(st.integers(1, max_rank)),
@@ -142,6 +144,7 @@ def lora_configs(
         init=draw(st.sampled_from(inits)),
         init_std=draw(st.floats(0.01, 1.0)),
         seed=draw(st.integers(0, 2**32 - 1)),
+        use_dora=draw(st.booleans()) if dora is None else dora,
     )
 
 
@@ -158,13 +161,17 @@ def lora_layers(
     """A new ``Graph`` and a ``LoraLinear`` in it, built ``from_linear`` over drawn weights.
 
     With ``trained`` (the default) B is set to drawn values, as after some training, so the
-    low-rank path contributes to the output; otherwise B keeps its init.
+    low-rank path contributes to the output (and a DoRA magnitude to its norms times drawn factors
+    in ``[0.5, 2]``); otherwise B keeps its init. A DoRA layer's weight has a first row of 2s
+    added, so that no column norm is near zero (DoRA divides by them).
     """
     cfg = draw(lora_configs() if config is None else config)
     side = st.integers(cfg.rank, max(max_features, cfg.rank))
     in_features, out_features = draw(side), draw(side)
     graph = Graph(dtype)
     weight = draw(arrays((in_features, out_features), min_value=-1.0, max_value=1.0))
+    if cfg.use_dora:
+        weight[0] += 2.0
     with_bias = draw(st.booleans()) if bias is None else bias
     bias_value = draw(arrays((out_features,))) if with_bias else None
     layer = LoraLinear.from_linear(graph, weight, bias_value, cfg)
@@ -172,6 +179,9 @@ def lora_layers(
         graph.set_value(
             layer.lora_b, draw(arrays((cfg.rank, out_features), min_value=-1.0, max_value=1.0))
         )
+        if isinstance(layer.update, DoraUpdate):
+            factors = draw(arrays((out_features,), min_value=0.5, max_value=2.0))
+            graph.set_value(layer.update.magnitude, graph.value(layer.update.magnitude) * factors)
     return graph, layer
 
 
