@@ -212,7 +212,15 @@ def _inspect(directory: str) -> int:
     adapter = read_adapter(directory)
     config = adapter.config
     print(f"adapter: {adapter.path}")
-    shown = ("peft_type", "r", "lora_alpha", "use_rslora", "lora_dropout", "init_lora_weights")
+    shown = (
+        "peft_type",
+        "r",
+        "lora_alpha",
+        "use_rslora",
+        "use_dora",
+        "lora_dropout",
+        "init_lora_weights",
+    )
     print("  " + ", ".join(f"{key} {config.get(key)!r}" for key in shown))
     for key in ("rank_pattern", "alpha_pattern"):
         if config.get(key):

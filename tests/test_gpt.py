@@ -328,3 +328,46 @@ def test_graphlora_loads_a_peft_gpt2_adapter(tmp_path: Path) -> None:
     with g.no_grad():
         logits = g.value(ours.forward(g, ids))
     np.testing.assert_allclose(logits, expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.crosscheck
+def test_dora_on_conv1d_and_lora_on_the_token_embedding_both_ways_with_peft(
+    tmp_path: Path,
+) -> None:
+    """GPT-2's Conv1D stores [in, out] (fan_in_fan_out): DoRA's norms must run over the right
+    axis; wte is tied to the head, which keeps the base table as in PEFT."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    model = _hf_model(HF_TINY)
+    model.save_pretrained(tmp_path / "hf")
+    g = gl.Graph()
+    ours = gl.GPT.from_pretrained(g, tmp_path / "hf")
+    gl.apply_lora(ours, gl.LoraConfig(rank=2, alpha=4.0, use_dora=True, seed=0), ["c_attn"])
+    gl.apply_lora(ours, gl.LoraConfig(rank=2, alpha=4.0, seed=1), ["wte"], adapter_name="emb")
+    gl.set_adapter(ours, ["default", "emb"])
+    rng = np.random.default_rng(1)
+    for layer in gl.nn.lora_layers(ours).values():
+        for update in layer.adapters.values():
+            for leaf in update.params():
+                g.set_value(leaf, g.value(leaf) + rng.normal(0, 0.3, size=leaf.shape))
+    gl.save_adapter(tmp_path / "adapter", g, ours)
+    ids = np.array([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with g.no_grad():
+        logits = g.value(ours.forward(g, ids))
+    peft_model = peft.PeftModel.from_pretrained(model.double(), tmp_path / "adapter")
+    peft_model.load_adapter(tmp_path / "adapter" / "emb", adapter_name="emb")
+    peft_model.base_model.set_adapter(["default", "emb"])
+    with torch.no_grad():
+        expected = peft_model.eval()(torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(logits, expected, rtol=1e-9, atol=1e-12)
+    # and back: PEFT's files into a fresh GPT with the same adapters
+    peft_model.save_pretrained(tmp_path / "peft")
+    g2 = gl.Graph()
+    twin = gl.GPT.from_pretrained(g2, tmp_path / "hf")
+    gl.apply_lora(twin, gl.LoraConfig(rank=2, alpha=4.0, use_dora=True), ["c_attn"])
+    gl.apply_lora(twin, gl.LoraConfig(rank=2, alpha=4.0), ["wte"], adapter_name="emb")
+    gl.set_adapter(twin, ["default", "emb"])
+    gl.load_adapter(tmp_path / "peft", g2, twin)
+    gl.load_adapter(tmp_path / "peft", g2, twin, adapter_name="emb")
+    with g2.no_grad():
+        np.testing.assert_allclose(g2.value(twin.forward(g2, ids)), expected, rtol=1e-9, atol=1e-12)

@@ -507,3 +507,181 @@ def test_peft_loads_a_graphlora_adapter_and_the_reverse(tmp_path: Path) -> None:
         module = peft_model.base_model.model.get_submodule(name)
         theirs = module(torch.tensor(x)).detach().numpy()
         np.testing.assert_allclose(g.value(layer.forward(g, g.constant(x))), theirs, atol=1e-6)
+
+
+# --- DoRA, embeddings and several adapters ----------------------------------------------------------
+
+
+class _Model:
+    """An embedding ``emb`` (7 x 6) and a linear ``fc`` (6 -> 5), for adapter sets."""
+
+    def __init__(self, g: gl.Graph) -> None:
+        rng = np.random.default_rng(0)
+        self.emb = gl.Embedding.new(g, 7, 6, rng=rng, name="emb")
+        self.fc = gl.Linear.new(g, 6, 5, rng=rng, name="fc")
+
+    def forward(self, g: gl.Graph, ids: Any) -> gl.NodeId:
+        return self.fc.forward(g, self.emb.forward(g, ids))
+
+
+def _adapted(g: gl.Graph, seed: int = 1) -> _Model:
+    """``default``: LoRA on emb and fc; ``second``: DoRA on fc; every value drawn."""
+    model = _Model(g)
+    gl.apply_lora(model, gl.LoraConfig(rank=2, alpha=4.0), ["emb", "fc"])
+    dora = gl.LoraConfig(rank=3, alpha=3.0, use_dora=True)
+    gl.apply_lora(model, dora, ["fc"], adapter_name="second")
+    rng = np.random.default_rng(seed)
+    for layer in gl.nn.lora_layers(model).values():
+        for update in layer.adapters.values():
+            for leaf in update.params():
+                g.set_value(leaf, rng.uniform(0.5, 1.5, size=leaf.shape))
+    return model
+
+
+def _values(g: gl.Graph, model: _Model) -> dict[str, np.ndarray]:
+    return {k: np.array(g.value(v)) for k, v in gl.nn.named_leaves(model) if "lora" in k}
+
+
+def test_dora_embeddings_and_several_adapters_round_trip_in_peft_layout(tmp_path: Path) -> None:
+    g = gl.Graph()
+    model = _adapted(g)
+    out = gl.save_adapter(tmp_path / "a", g, model)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "second",
+    ]
+    tensors = st_numpy.load_file(str(out / "adapter_model.safetensors"))
+    assert {k: v.shape for k, v in tensors.items()} == {
+        "base_model.model.emb.lora_embedding_A": (2, 7),
+        "base_model.model.emb.lora_embedding_B": (6, 2),
+        "base_model.model.fc.lora_A.weight": (2, 6),
+        "base_model.model.fc.lora_B.weight": (5, 2),
+    }
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["use_dora"] is False and config["target_modules"] == ["emb", "fc"]
+    second = json.loads((out / "second" / "adapter_config.json").read_text())
+    assert (second["use_dora"], second["r"], second["target_modules"]) == (True, 3, ["fc"])
+    tensors = st_numpy.load_file(str(out / "second" / "adapter_model.safetensors"))
+    assert {k: v.shape for k, v in tensors.items()} == {
+        "base_model.model.fc.lora_A.weight": (3, 6),
+        "base_model.model.fc.lora_B.weight": (5, 3),
+        "base_model.model.fc.lora_magnitude_vector": (5,),
+    }
+    g2 = gl.Graph()
+    twin = _adapted(g2, seed=2)
+    gl.load_adapter(out, g2, twin)
+    gl.load_adapter(out, g2, twin, adapter_name="second")
+    for key, value in _values(g, model).items():
+        np.testing.assert_array_equal(_values(g2, twin)[key], value, err_msg=key)
+    only = gl.save_adapter(tmp_path / "b", g, model, adapter_name="second")
+    assert sorted(p.name for p in only.iterdir()) == ["second"]
+
+
+def test_dora_and_embedding_mismatches_are_refused_and_change_nothing(tmp_path: Path) -> None:
+    g = gl.Graph()
+    gl.save_adapter(tmp_path / "a", g, _adapted(g))
+    plain = _Model(g)  # second without DoRA
+    gl.apply_lora(plain, gl.LoraConfig(rank=2, alpha=4.0), ["emb", "fc"])
+    gl.apply_lora(plain, gl.LoraConfig(rank=3, alpha=3.0), ["fc"], adapter_name="second")
+    before = _values(g, plain)
+    with pytest.raises(ValueError, match="layer 'fc': the file has use_dora True, the layer False"):
+        gl.load_adapter(tmp_path / "a", g, plain, adapter_name="second")
+    with pytest.raises(
+        ValueError, match=r"no layer holds an adapter 'third'; they hold \['default', 'second'\]"
+    ):
+        gl.load_adapter(tmp_path / "a", g, plain, adapter_name="third")
+    gl.save_adapter(tmp_path / "plain", g, plain)
+    dora = _adapted(g, seed=3)
+    with pytest.raises(ValueError, match="layer 'fc': the file has use_dora False, the layer True"):
+        gl.load_adapter(tmp_path / "plain", g, dora, adapter_name="second")
+    as_linear = {
+        "emb": gl.LoraLinear.new(g, 7, 6, gl.LoraConfig(rank=2, alpha=4.0)),
+        "fc": plain.fc,
+    }
+    with pytest.raises(
+        ValueError, match="layer 'emb': the file has embedding True, the layer False"
+    ):
+        gl.load_adapter(tmp_path / "plain", g, as_linear)
+    for key, value in before.items():
+        np.testing.assert_array_equal(_values(g, plain)[key], value)
+    gl.apply_lora(dora, gl.LoraConfig(rank=2, use_dora=True), ["fc"], adapter_name="mixed")
+    gl.apply_lora(dora, gl.LoraConfig(rank=2), ["emb"], adapter_name="mixed")
+    with pytest.raises(ValueError, match=r"the layers differ in use_dora \(\[False, True\]\)"):
+        gl.save_adapter(tmp_path / "mixed", g, dora)
+    assert not (tmp_path / "mixed").exists()
+    # a DoRA config without its magnitudes, or magnitudes without DoRA, is a damaged file
+    weights = tmp_path / "a" / "second" / "adapter_model.safetensors"
+    tensors = st_numpy.load_file(str(weights))
+    del tensors["base_model.model.fc.lora_magnitude_vector"]
+    weights.write_bytes(st_numpy.save(tensors))
+    with pytest.raises(ValueError, match=r"says use_dora true but .* has DoRA magnitudes for \[\]"):
+        glio.read_adapter(tmp_path / "a" / "second")
+
+
+@pytest.mark.crosscheck
+def test_peft_reads_our_dora_embedding_and_second_adapters_and_the_reverse(
+    tmp_path: Path,
+) -> None:
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    g = gl.Graph()
+    model = _adapted(g)
+    gl.save_adapter(tmp_path / "ours", g, model)
+
+    def torch_model() -> Any:
+        root = torch.nn.Module()
+        root.add_module("emb", torch.nn.Embedding(7, 6).double())
+        root.add_module("fc", torch.nn.Linear(6, 5).double())
+        with torch.no_grad():
+            root.emb.weight.copy_(torch.tensor(np.array(g.value(model.emb.frozen_weight))))
+            root.fc.weight.copy_(torch.tensor(np.array(g.value(model.fc.frozen_weight)).T))
+            root.fc.bias.copy_(torch.tensor(np.array(g.value(model.fc.bias))))
+        return root
+
+    ids = np.array([[0, 6, 2], [3, 3, 1]])
+
+    def run_peft(peft_model: Any) -> np.ndarray:
+        base = peft_model.base_model.model
+        with torch.no_grad():
+            return base.fc(base.emb(torch.tensor(ids))).numpy()
+
+    def run_ours(graph: gl.Graph, ours: _Model) -> np.ndarray:
+        with graph.no_grad():
+            return np.array(graph.value(ours.forward(graph, ids)))
+
+    theirs = peft.PeftModel.from_pretrained(torch_model(), str(tmp_path / "ours"))
+    theirs.load_adapter(str(tmp_path / "ours" / "second"), adapter_name="second")
+    np.testing.assert_allclose(run_peft(theirs), run_ours(g, model), rtol=1e-10)
+    theirs.base_model.set_adapter(["default", "second"])
+    gl.set_adapter(model, ["default", "second"])
+    np.testing.assert_allclose(run_peft(theirs), run_ours(g, model), rtol=1e-10)
+
+    # PEFT -> graphlora: PEFT's own save_pretrained of two adapters, one in a subfolder
+    fresh = peft.get_peft_model(
+        torch_model(),
+        peft.LoraConfig(r=2, lora_alpha=4, target_modules=["emb", "fc"], init_lora_weights=False),
+    )
+    dora = peft.LoraConfig(
+        r=3, lora_alpha=3, target_modules=["fc"], use_dora=True, init_lora_weights=False
+    )
+    fresh.add_adapter("second", dora)
+    fresh.save_pretrained(str(tmp_path / "theirs"))
+    assert (tmp_path / "theirs" / "second" / "adapter_model.safetensors").is_file()
+    g2 = gl.Graph()
+    twin = _Model(g2)
+    twin.emb.weight, twin.fc.weight, twin.fc.bias = (
+        g2.parameter(g.value(model.emb.frozen_weight)),
+        g2.parameter(g.value(model.fc.frozen_weight)),
+        g2.parameter(g.value(model.fc.bias)),
+    )
+    gl.apply_lora(twin, gl.LoraConfig(rank=2, alpha=4.0), ["emb", "fc"])
+    gl.apply_lora(
+        twin, gl.LoraConfig(rank=3, alpha=3.0, use_dora=True), ["fc"], adapter_name="second"
+    )
+    gl.load_adapter(tmp_path / "theirs", g2, twin)
+    gl.load_adapter(tmp_path / "theirs", g2, twin, adapter_name="second")
+    np.testing.assert_allclose(run_ours(g2, twin), run_peft(fresh), rtol=1e-10)
+    fresh.base_model.set_adapter(["default", "second"])
+    gl.set_adapter(twin, ["default", "second"])
+    np.testing.assert_allclose(run_ours(g2, twin), run_peft(fresh), rtol=1e-10)

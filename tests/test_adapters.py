@@ -1,0 +1,381 @@
+"""A model's adapter set: apply_lora(adapter_name=), set_adapter, disable_adapters,
+delete_adapter and add_weighted_adapter, against PEFT on the same model and against their maths."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import hypothesis.strategies as st
+import numpy as np
+import pytest
+from hypothesis import given
+
+import graphlora as gl
+from graphlora.functional import combine_adapters, scaled_delta
+from graphlora.testing import strategies as gst
+
+
+class Toy:
+    """An embedding and two linear layers, named as the PyTorch twin below."""
+
+    def __init__(self, g: gl.Graph, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.emb = gl.Embedding.new(g, 7, 6, rng=rng, name="emb")
+        self.fc1 = gl.Linear.new(g, 6, 5, rng=rng, name="fc1")
+        self.fc2 = gl.Linear.new(g, 5, 4, rng=rng, name="fc2")
+
+    def forward(self, g: gl.Graph, ids: Any) -> gl.NodeId:
+        return self.fc2.forward(g, g.tanh(self.fc1.forward(g, self.emb.forward(g, ids))))
+
+
+IDS = np.array([[0, 6, 3], [2, 2, 1]])
+
+
+def _run(g: gl.Graph, model: Toy) -> np.ndarray:
+    with g.no_grad():
+        return np.array(g.value(model.forward(g, IDS)))
+
+
+def _base_output() -> np.ndarray:
+    """What the model computes without LoRA (the same seed draws the same weights)."""
+    g = gl.Graph()
+    return _run(g, Toy(g))
+
+
+def _model_with_two_adapters() -> tuple[gl.Graph, Toy]:
+    """``default`` (rank 2) on emb and fc1; ``other`` (rank 2) on fc1 and fc2; B drawn."""
+    g = gl.Graph()
+    model = Toy(g)
+    gl.apply_lora(model, gl.LoraConfig(rank=2, alpha=4.0, seed=1), ["emb", "fc1"])
+    gl.apply_lora(
+        model, gl.LoraConfig(rank=2, alpha=2.0, seed=2), ["fc1", "fc2"], adapter_name="other"
+    )
+    rng = np.random.default_rng(3)
+    for layer in gl.nn.lora_layers(model).values():
+        for update in layer.adapters.values():
+            g.set_value(update.lora_a, rng.normal(size=update.lora_a.shape))
+            g.set_value(update.lora_b, rng.normal(size=update.lora_b.shape))
+    return g, model
+
+
+def test_a_second_adapter_is_added_inactive_and_frozen() -> None:
+    g = gl.Graph()
+    model = Toy(g)
+    first = gl.apply_lora(model, gl.LoraConfig(rank=2, seed=1), ["fc1"])
+    base = _run(g, model)
+    added = gl.apply_lora(
+        model, gl.LoraConfig(rank=3, seed=2), ["fc1", "fc2"], adapter_name="other"
+    )
+    assert list(added) == ["fc1", "fc2"] and added["fc1"] is first["fc1"]
+    assert isinstance(model.fc2, gl.LoraLinear)
+    assert model.fc1.active_adapters == ["default"] and list(model.fc1.adapters) == [
+        "default",
+        "other",
+    ]
+    assert model.fc2.active_adapters == ["default"]  # the model's active set, which fc2 lacks
+    np.testing.assert_array_equal(_run(g, model), base)  # other's B is 0, and it is inactive
+    trainable = gl.nn.parameters(model)
+    assert trainable == model.fc1.adapters["default"].params()
+    gl.set_adapter(model, "other")
+    assert gl.nn.parameters(model) == [
+        *model.fc1.adapters["other"].params(),
+        *model.fc2.adapters["other"].params(),
+    ]
+    assert not any(leaf.requires_grad for leaf in model.fc1.adapters["default"].params())
+
+
+def test_several_active_adapters_add_up_across_the_model() -> None:
+    g, model = _model_with_two_adapters()
+    gl.set_adapter(model, ["default", "other"])
+    both = _run(g, model)
+    # by hand: each layer adds the updates of the adapters it holds
+    ids = IDS
+    emb, fc1, fc2 = model.emb, model.fc1, model.fc2
+    assert isinstance(emb, gl.LoraEmbedding) and isinstance(fc1, gl.LoraLinear)
+    assert isinstance(fc2, gl.LoraLinear)
+    h = g.value(emb.frozen_weight)[ids] + emb.merge(g)[ids] - g.value(emb.frozen_weight)[ids]
+    h = np.tanh(h @ fc1.merge(g) + g.value(fc1.bias))
+    np.testing.assert_allclose(both, h @ fc2.merge(g) + g.value(fc2.bias), rtol=1e-12)
+
+
+def test_disable_adapters_runs_the_base_and_restores_on_leaving() -> None:
+    g, model = _model_with_two_adapters()
+    with_adapters = _run(g, model)
+    step = g.compile(g.sum(model.forward(g, IDS)))
+    with gl.disable_adapters(model):
+        bare = _run(g, model)
+        with pytest.raises(gl.GraphError, match="end_replays was called"):
+            step()
+    np.testing.assert_array_equal(bare, _base_output())
+    np.testing.assert_array_equal(_run(g, model), with_adapters)
+    model.fc1.merge_(g)
+    with pytest.raises(gl.GraphError, match=r"disable_adapters: \['fc1'\] are merged; unmerge_"):
+        gl.disable_adapters(model).__enter__()
+    assert not model.fc2.disabled
+
+
+def test_delete_adapter_removes_it_everywhere_and_leaves_none_active() -> None:
+    g, model = _model_with_two_adapters()
+    gl.delete_adapter(model, "default")
+    assert "default" not in model.emb.adapters and list(model.fc1.adapters) == ["other"]
+    assert model.fc1.active_adapters == [] and model.fc2.active_adapters == []
+    assert gl.nn.parameters(model) == []
+    np.testing.assert_array_equal(_run(g, model), _base_output())
+    gl.set_adapter(model, "other")
+    assert model.fc2.active_adapter == "other" and model.emb.active_adapter is None
+
+
+def test_model_level_refusals_name_the_adapters_and_change_nothing() -> None:
+    g, model = _model_with_two_adapters()
+    before = _run(g, model)
+    cases: list[tuple[Any, type[Exception], str]] = [
+        (
+            lambda: gl.set_adapter(model, ["other", "x"]),
+            ValueError,
+            r"set_adapter: unknown adapter\(s\) \['x'\]; the model has \['default', 'other'\]",
+        ),
+        (
+            lambda: gl.delete_adapter(model, "x"),
+            ValueError,
+            r"delete_adapter: unknown adapter 'x'; the model has \['default', 'other'\]",
+        ),
+        (
+            lambda: gl.apply_lora(model, gl.LoraConfig(rank=2), ["fc1"], adapter_name="other"),
+            ValueError,
+            r"apply_lora: \['fc1'\] already carry a LoRA adapter named 'other'",
+        ),
+        (
+            lambda: gl.apply_lora(
+                model, gl.LoraConfig(rank=2, init="pissa"), ["fc1"], adapter_name="p"
+            ),
+            ValueError,
+            r"apply_lora: init='pissa' replaces the base weight, which the adapters of \['fc1'\]",
+        ),
+        (
+            lambda: gl.apply_lora(
+                model, gl.LoraConfig(rank=2, use_dora=True), ["emb"], adapter_name="d"
+            ),
+            ValueError,
+            r"apply_lora: DoRA and init='pissa' are for linear layers; \['emb'\] are embeddings",
+        ),
+        (
+            lambda: gl.set_adapter(object(), "x"),
+            TypeError,
+            "set_adapter: model must be a layer or model",
+        ),
+    ]
+    for call, error, match in cases:
+        with pytest.raises(error, match=match):
+            call()
+    model.fc1.merge_(g)
+    with pytest.raises(gl.GraphError, match=r"set_adapter: \['fc1'\] are merged"):
+        gl.set_adapter(model, "other")
+    with pytest.raises(gl.GraphError, match=r"delete_adapter: \['fc1'\] are merged"):
+        gl.delete_adapter(model, "other")
+    model.fc1.unmerge_(g)
+    np.testing.assert_array_equal(_run(g, model), before)
+    assert model.fc1.active_adapters == ["default"] and list(model.fc2.adapters) == ["other"]
+
+
+# --- weighted combinations ------------------------------------------------------------------------
+
+
+@given(data=st.data())
+def test_combine_adapters_cat_is_the_exact_weighted_sum_and_svd_the_best_of_its_rank(
+    data: st.DataObject,
+) -> None:
+    n_in, n_out = (
+        data.draw(st.integers(2, 6), label="in"),
+        data.draw(st.integers(2, 6), label="out"),
+    )
+    ranks = data.draw(st.lists(st.integers(1, 2), min_size=1, max_size=3), label="ranks")
+    adapters = [
+        {"A": data.draw(gst.arrays((n_in, r))), "B": data.draw(gst.arrays((r, n_out)))}
+        for r in ranks
+    ]
+    weights = data.draw(
+        st.lists(st.floats(-2, 2), min_size=len(ranks), max_size=len(ranks)), label="w"
+    )
+    scalings = data.draw(
+        st.lists(st.floats(0.1, 4), min_size=len(ranks), max_size=len(ranks)), label="s"
+    )
+    target = sum(
+        w * scaled_delta(a["A"], a["B"], s)
+        for a, w, s in zip(adapters, weights, scalings, strict=True)
+    )
+    cat = combine_adapters(adapters, weights, "cat", scalings=scalings)
+    assert cat["A"].shape == (n_in, sum(ranks))
+    np.testing.assert_allclose(cat["A"] @ cat["B"], target, rtol=1e-10, atol=1e-10)
+    rank = data.draw(st.integers(1, min(n_in, n_out)), label="svd rank")
+    svd = combine_adapters(adapters, weights, "svd", scalings=scalings, rank=rank)
+    sigma = np.linalg.svd(target, compute_uv=False)
+    error = np.linalg.norm(svd["A"] @ svd["B"] - target)  # Eckart-Young: the discarded part
+    np.testing.assert_allclose(error, np.sqrt(np.sum(sigma[rank:] ** 2)), rtol=1e-6, atol=1e-9)
+
+
+def test_combine_adapters_linear_weights_a_by_the_signed_root_and_keeps_cross_terms() -> None:
+    rng = np.random.default_rng(0)
+    one = {"A": rng.normal(size=(4, 2)), "B": rng.normal(size=(2, 3))}
+    two = {"A": rng.normal(size=(4, 2)), "B": rng.normal(size=(2, 3))}
+    w, s = [0.3, -0.7], [2.0, 0.5]
+    out = combine_adapters([one, two], w, "linear", scalings=s)
+    r1, r2 = np.sqrt(0.3 * 2.0), np.sqrt(0.7 * 0.5)  # exactly, not rounded to float32 as PEFT
+    np.testing.assert_array_equal(out["A"], np.sum([r1 * one["A"], -r2 * two["A"]], axis=0))
+    np.testing.assert_array_equal(out["B"], np.sum([r1 * one["B"], r2 * two["B"]], axis=0))
+    product = r1 * r1 * one["A"] @ one["B"] - r2 * r2 * two["A"] @ two["B"]
+    cross = r1 * r2 * (one["A"] @ two["B"]) - r2 * r1 * (two["A"] @ one["B"])
+    np.testing.assert_allclose(out["A"] @ out["B"], product + cross, rtol=1e-12)
+    with pytest.raises(
+        ValueError,
+        match=r"combine_adapters: 'linear' needs adapters of one rank, got ranks \[2, 1\]",
+    ):
+        combine_adapters([one, {"A": one["A"][:, :1], "B": one["B"][:1]}], w, "linear")
+
+
+def test_add_weighted_adapter_adds_an_inactive_frozen_adapter_of_scaling_1() -> None:
+    g, model = _model_with_two_adapters()
+    before = _run(g, model)
+    added = gl.add_weighted_adapter(g, model, ["default", "other"], [0.5, 2.0], "mix", "cat")
+    assert list(added) == ["emb", "fc1", "fc2"]
+    fc1 = model.fc1
+    assert isinstance(fc1, gl.LoraLinear)
+    mix = fc1.adapters["mix"]
+    assert (mix.rank, mix.scaling, mix.config.alpha) == (4, 1.0, 4.0)
+    assert model.emb.adapters["mix"].rank == 4  # padded: emb holds only default (rank 2)
+    assert not any(leaf.requires_grad for leaf in mix.params())
+    np.testing.assert_array_equal(_run(g, model), before)
+    expected = 0.5 * fc1.delta(g, "default") + 2.0 * fc1.delta(g, "other")
+    np.testing.assert_allclose(fc1.delta(g, "mix"), expected, rtol=1e-12)
+
+
+def test_add_weighted_adapter_refusals_change_nothing() -> None:
+    g, model = _model_with_two_adapters()
+    gl.apply_lora(model, gl.LoraConfig(rank=3, seed=4), ["fc2"], adapter_name="r3")
+    gl.apply_lora(model, gl.LoraConfig(rank=2, use_dora=True, seed=5), ["fc2"], adapter_name="dora")
+    known = r"\['default', 'other', 'r3', 'dora'\]"
+    cases: list[tuple[tuple[Any, ...], dict[str, Any], type[Exception], str]] = [
+        (
+            (["default", "x"], [1, 1], "new"),
+            {},
+            ValueError,
+            rf"unknown adapter\(s\) \['x'\]; the model has {known}",
+        ),
+        ((["default"], [1], "other"), {}, ValueError, "the model already has an adapter 'other'"),
+        (
+            (["default", "other"], [1], "new"),
+            {},
+            ValueError,
+            r"2 adapters \['default', 'other'\] but 1 weights \[1\]",
+        ),
+        (
+            (["default", "other"], [1, float("nan")], "new"),
+            {},
+            ValueError,
+            "weights must be finite",
+        ),
+        (
+            (["default", "other"], [1, 1], "new", "ties"),
+            {},
+            ValueError,
+            r"combination_type must be one of \['svd', 'linear', 'cat'\], got 'ties'",
+        ),
+        (
+            (["default", "r3"], [1, 1], "new", "linear"),
+            {},
+            ValueError,
+            r"'linear' needs adapters of one rank; they have ranks \{'default': 2, 'r3': 3\}",
+        ),
+        (
+            (["default", "dora"], [1, 1], "new"),
+            {},
+            ValueError,
+            r"adapters \['dora'\] use DoRA or init='pissa'",
+        ),
+        (
+            (["default", "other"], [1, 1], "new"),
+            {"svd_rank": 5},
+            ValueError,
+            r"svd rank 5 exceeds min\(in, out\) of layer\(s\) \['fc2'\]",
+        ),
+    ]
+    before = {name: list(layer.adapters) for name, layer in gl.nn.lora_layers(model).items()}
+    for args, kwargs, error, match in cases:
+        with pytest.raises(error, match="add_weighted_adapter: " + match):
+            gl.add_weighted_adapter(g, model, *args, **kwargs)
+    assert {
+        name: list(layer.adapters) for name, layer in gl.nn.lora_layers(model).items()
+    } == before
+
+
+@pytest.mark.crosscheck
+def test_adapter_sets_and_weighted_adapters_equal_peft() -> None:
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    g, model = _model_with_two_adapters()
+
+    class TorchToy(torch.nn.Module):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(7, 6)
+            self.fc1 = torch.nn.Linear(6, 5)
+            self.fc2 = torch.nn.Linear(5, 4)
+
+        def forward(self, ids: Any) -> Any:
+            return self.fc2(torch.tanh(self.fc1(self.emb(ids))))
+
+    base = TorchToy().double()
+    base_of = {"emb": model.emb, "fc1": model.fc1, "fc2": model.fc2}
+    with torch.no_grad():
+        for name, layer in base_of.items():
+            module = getattr(base, name)
+            weight = np.array(g.value(layer.frozen_weight))
+            module.weight.copy_(torch.tensor(weight if name == "emb" else weight.T))
+            if name != "emb":
+                module.bias.copy_(torch.tensor(np.array(g.value(layer.bias))))
+    theirs = peft.get_peft_model(
+        base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["emb", "fc1"])
+    )
+    theirs.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=2, target_modules=["fc1", "fc2"]))
+    with torch.no_grad():  # our values into PEFT's adapters
+        for name, layer in gl.nn.lora_layers(model).items():
+            module = theirs.base_model.model.get_submodule(name)
+            for adapter, update in layer.adapters.items():
+                a, b = (
+                    torch.tensor(np.array(g.value(n)).T) for n in (update.lora_a, update.lora_b)
+                )
+                if name == "emb":
+                    module.lora_embedding_A[adapter].copy_(a)
+                    module.lora_embedding_B[adapter].copy_(b)
+                else:
+                    module.lora_A[adapter].weight.copy_(a)
+                    module.lora_B[adapter].weight.copy_(b)
+
+    def compare() -> None:
+        with torch.no_grad():
+            expected = theirs(torch.tensor(IDS)).numpy()
+        np.testing.assert_allclose(_run(g, model), expected, rtol=1e-10, atol=1e-12)
+
+    compare()
+    for names in ("other", ["default", "other"]):
+        theirs.base_model.set_adapter(names)
+        gl.set_adapter(model, names)
+        compare()
+    with theirs.disable_adapter(), gl.disable_adapters(model):
+        compare()
+    # weights whose w * scaling has a float32-exact root, since PEFT rounds those to float32
+    for combination, kwargs in [("linear", {}), ("cat", {}), ("svd", {}), ("svd", {"svd_rank": 1})]:
+        name = f"{combination}{kwargs.get('svd_rank', '')}"
+        theirs.base_model.add_weighted_adapter(
+            ["default", "other"], [0.125, -4.0], name, combination, **kwargs
+        )
+        gl.add_weighted_adapter(
+            g, model, ["default", "other"], [0.125, -4.0], name, combination, **kwargs
+        )
+        theirs.base_model.set_adapter(name)
+        gl.set_adapter(model, name)
+        compare()
+    theirs.base_model.delete_adapter("other")
+    gl.delete_adapter(model, "other")
+    theirs.base_model.set_adapter("default")
+    gl.set_adapter(model, "default")
+    compare()
