@@ -379,3 +379,33 @@ def test_adapter_sets_and_weighted_adapters_equal_peft() -> None:
     theirs.base_model.set_adapter("default")
     gl.set_adapter(model, "default")
     compare()
+
+
+def test_the_model_state_dict_names_every_adapter_as_peft_and_loads_back() -> None:
+    g, model = _model_with_two_adapters()
+    gl.apply_lora(model, gl.LoraConfig(rank=2, use_dora=True, seed=4), ["fc2"], adapter_name="d")
+    state = gl.nn.state_dict(g, model)
+    lora_keys = sorted(k for k in state if "lora" in k)
+    assert lora_keys == [
+        "emb.lora_embedding_A.default",
+        "emb.lora_embedding_B.default",
+        "fc1.lora_A.default",
+        "fc1.lora_A.other",
+        "fc1.lora_B.default",
+        "fc1.lora_B.other",
+        "fc2.lora_A.d",
+        "fc2.lora_A.other",
+        "fc2.lora_B.d",
+        "fc2.lora_B.other",
+        "fc2.lora_magnitude_vector.d",
+    ]
+    g2 = gl.Graph()
+    twin = Toy(g2, seed=9)
+    gl.apply_lora(twin, gl.LoraConfig(rank=2, alpha=4.0), ["emb", "fc1"])
+    gl.apply_lora(twin, gl.LoraConfig(rank=2, alpha=2.0), ["fc1", "fc2"], adapter_name="other")
+    gl.apply_lora(twin, gl.LoraConfig(rank=2, use_dora=True), ["fc2"], adapter_name="d")
+    gl.nn.load_state_dict(g2, twin, state)
+    for names in ("default", "other", "d", ["default", "other", "d"]):
+        gl.set_adapter(model, names)
+        gl.set_adapter(twin, names)
+        np.testing.assert_array_equal(_run(g2, twin), _run(g, model))

@@ -271,9 +271,15 @@ def test_merging_or_unmerging_a_layer_ends_a_replay() -> None:
     x = g.constant(np.ones((1, 3)))
     step = g.compile(g.sum(layer.forward(g, x)))
     layer.merge_(g)  # the recorded low-rank path would be added twice
-    with pytest.raises(gl.GraphError, match=r"merged or unmerged its weights or changed its adapters\), after compile"):
+    with pytest.raises(
+        gl.GraphError,
+        match=r"merged or unmerged its weights or changed its adapters\), after compile",
+    ):
         step()
     step = g.compile(g.sum(layer.forward(g, x)))
     layer.unmerge_(g)
-    with pytest.raises(gl.GraphError, match=r"merged or unmerged its weights or changed its adapters\), after compile"):
+    with pytest.raises(
+        gl.GraphError,
+        match=r"merged or unmerged its weights or changed its adapters\), after compile",
+    ):
         step()
