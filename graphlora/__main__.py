@@ -10,6 +10,7 @@ same gradients worked out by hand.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
@@ -17,10 +18,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 import graphlora as gl
-from graphlora import demo, demo_gpt
+from graphlora import _checks, demo, demo_gpt
 from graphlora.explain import explain
 from graphlora.functional import scaled_delta
-from graphlora.io import read_adapter
+from graphlora.io import read_adapter, safetensors_module
 
 __all__ = ["main"]
 
@@ -89,6 +90,28 @@ def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
 
     parse.__name__ = kind.__name__
     return parse
+
+
+_TASK_OPTIONS = {  # the demo options each task reads; the others are refused, not ignored
+    "lowrank": {
+        "rank",
+        "rank_sweep",
+        "planted_rank",
+        "in_features",
+        "out_features",
+        "samples",
+        "noise",
+        "steps",
+        "lr",
+        "seed",
+        "plot",
+        "progress",
+        "save_adapter",
+        "overwrite",
+    },
+    "digits": {"rank", "steps", "lr", "seed", "progress"},
+    "gpt": {"rank", "steps", "lora_steps", "seed", "plot", "progress"},
+}
 
 
 def _demo_low_rank(args: argparse.Namespace) -> int:
@@ -268,12 +291,22 @@ def _parser() -> argparse.ArgumentParser:
         "pretrain a character-level GPT on prose and LoRA-adapt it to code (default lowrank)",
     )
     d.add_argument("--rank", type=positive_int, default=None, help="LoRA rank (default 4; gpt: 8)")
-    d.add_argument("--rank-sweep", type=_ranks, metavar="R1,R2,...", help="train at each rank")
+    d.add_argument(
+        "--rank-sweep", type=_ranks, metavar="R1,R2,...", help="train at each rank (default: no)"
+    )
     d.add_argument("--planted-rank", type=positive_int, default=4, help="rank of dW* (default 4)")
-    d.add_argument("--in-features", type=positive_int, default=64)
-    d.add_argument("--out-features", type=positive_int, default=32)
-    d.add_argument("--samples", type=positive_int, default=512)
-    d.add_argument("--noise", type=float, default=0.01, help="std of the target noise")
+    d.add_argument(
+        "--in-features", type=positive_int, default=64, help="width of W0's input (default 64)"
+    )
+    d.add_argument(
+        "--out-features", type=positive_int, default=32, help="width of W0's output (default 32)"
+    )
+    d.add_argument(
+        "--samples", type=positive_int, default=512, help="training samples (default 512)"
+    )
+    d.add_argument(
+        "--noise", type=float, default=0.01, help="std of the target noise (default 0.01)"
+    )
     d.add_argument(
         "--steps",
         type=positive_int,
@@ -292,11 +325,22 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="Adam learning rate (default 0.02 for lowrank, 0.01 for digits)",
     )
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--plot", metavar="FILE.png", help="save loss curves and singular values")
-    d.add_argument("--no-progress", dest="progress", action="store_false")
-    d.add_argument("--save-adapter", metavar="DIR", help="save the trained adapter (PEFT layout)")
-    d.add_argument("--overwrite", action="store_true", help="let --save-adapter replace DIR")
+    d.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
+    d.add_argument(
+        "--plot", metavar="FILE.png", help="save loss curves and singular values (default: no)"
+    )
+    d.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no progress bar (default: a bar, when tqdm is installed)",
+    )
+    d.add_argument(
+        "--save-adapter", metavar="DIR", help="save the trained adapter, PEFT layout (default: no)"
+    )
+    d.add_argument(
+        "--overwrite", action="store_true", help="let --save-adapter replace DIR (default: no)"
+    )
     i = commands.add_parser(
         "inspect",
         help="print an adapter directory's config and tensors",
@@ -308,7 +352,23 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
+    """Run the command line; returns the exit status.
+
+    A closed output pipe (``graphlora demo | head -1``) ends the command quietly with status 0,
+    as Unix tools do.
+    """
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+    except BrokenPipeError:
+        # Python would try to flush stdout again on exit: point it at /dev/null first.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    return status
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "example":
@@ -323,13 +383,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
     if args.command is None:  # the main job is the default
         args = parser.parse_args(["demo"])
+    defaults = parser.parse_args(["demo"])
+    ignored = [
+        "--" + name.replace("_", "-").replace("progress", "no-progress")
+        for name, value in vars(args).items()
+        if name not in _TASK_OPTIONS[args.task] | {"command", "task"}
+        and value != getattr(defaults, name)
+    ]
+    if ignored:
+        listed = " and ".join([", ".join(ignored[:-1]), ignored[-1]] if ignored[:-1] else ignored)
+        verb = "do" if len(ignored) > 1 else "does"
+        parser.error(f"{listed} {verb} not apply to --task {args.task}")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            parser.error("--plot needs matplotlib: pip install 'graphlora[plot]'")
+            parser.error(f"--plot needs matplotlib: {_checks.install_hint('plot')}")
     if args.save_adapter and (args.task != "lowrank" or args.rank_sweep):
         parser.error("--save-adapter goes with the lowrank task and a single --rank")
+    if args.save_adapter:
+        try:
+            safetensors_module("--save-adapter")  # before training, not after
+        except ImportError as error:
+            parser.error(str(error))
     if args.lr is None:
         args.lr = 0.02 if args.task == "lowrank" else 0.01
     if args.task == "gpt":

@@ -184,3 +184,8 @@ def as_generator(where: str, rng: object) -> np.random.Generator:
     if isinstance(rng, np.random.Generator):
         return rng
     return np.random.default_rng(check_rng(where, rng))
+
+
+def install_hint(extra: str) -> str:
+    """How to install an optional extra, from PyPI and from a clone (as the README says)."""
+    return f"pip install 'graphlora[{extra}]' (from a clone: pip install -e '.[{extra}]')"

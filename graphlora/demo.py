@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.linalg
 
+from graphlora import _checks
 from graphlora.graph import Graph, NodeId
 from graphlora.lora import LoraConfig, LoraLinear
 from graphlora.nn import MLP, apply_lora
@@ -192,7 +193,7 @@ def _load_digits() -> tuple[Array, Array]:
         from sklearn.datasets import load_digits
     except ImportError:
         raise ImportError(
-            "the digits task needs scikit-learn: pip install 'graphlora[digits]'"
+            f"the digits task needs scikit-learn: {_checks.install_hint('digits')}"
         ) from None
     digits = load_digits()
     return np.asarray(digits.data) / 16.0, np.asarray(digits.target)

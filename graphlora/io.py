@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from graphlora import _checks
 from graphlora.errors import GraphError, ShapeError
 from graphlora.functional import lora_scaling
 from graphlora.graph import Graph, NodeId, check_graph
@@ -70,8 +71,7 @@ def safetensors_module(where: str = "adapter files") -> Any:
         import safetensors.numpy
     except ImportError:
         raise ImportError(
-            f"{where} needs the safetensors package: pip install 'graphlora[adapters]' "
-            "(from a clone: pip install -e '.[adapters]')"
+            f"{where} needs the safetensors package: {_checks.install_hint('adapters')}"
         ) from None
     return safetensors
 

@@ -109,7 +109,9 @@ def test_plot_without_matplotlib_says_what_to_install(
     with pytest.raises(SystemExit) as info:
         main(["demo", "--plot", "x.png"])
     assert info.value.code == 2
-    assert "--plot needs matplotlib: pip install 'graphlora[plot]'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--plot needs matplotlib: pip install 'graphlora[plot]'" in err
+    assert "(from a clone: pip install -e '.[plot]')" in err
 
 
 def test_progress_falls_back_to_plain_lines_without_tqdm(
@@ -174,6 +176,81 @@ def test_help(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "--rank-sweep R1,R2,..." in out
     assert "--plot FILE.png" in out
+
+
+def test_help_shows_every_default() -> None:
+    from graphlora.__main__ import _parser
+
+    parser = _parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command")
+    demo_parser = subparsers.choices["demo"]  # type: ignore[attr-defined]
+    for action in demo_parser._actions:
+        if action.dest == "help":
+            continue
+        assert action.help and "default" in action.help, action.option_strings
+        if action.default not in (None, False, True):
+            assert str(action.default) in action.help, (action.option_strings, action.help)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--task", "gpt", "--lr", "0.1"], "--lr does not apply to --task gpt"),
+        (
+            ["--task", "digits", "--plot", "x.png", "--rank-sweep", "1,2"],
+            "--rank-sweep and --plot do not apply to --task digits",
+        ),
+        (["--lora-steps", "5"], "--lora-steps does not apply to --task lowrank"),
+        (["--task", "gpt", "--no-progress", "--noise", "0.5"], "--noise does not apply"),
+    ],
+)
+def test_options_a_task_does_not_read_are_refused_not_ignored(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["demo", *argv])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_save_adapter_without_safetensors_fails_before_training(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import graphlora.__main__ as cli
+    from graphlora import demo
+
+    monkeypatch.setitem(sys.modules, "safetensors", None)
+    monkeypatch.setitem(sys.modules, "safetensors.numpy", None)
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("trained before finding safetensors missing")
+
+    monkeypatch.setattr(demo, "run_low_rank", no_training)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["demo", "--save-adapter", str(tmp_path / "a")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--save-adapter needs the safetensors package: pip install 'graphlora[adapters]'" in err
+    assert "(from a clone: pip install -e '.[adapters]')" in err
+
+
+@pytest.mark.parametrize("command", [["demo", "--steps", "50", "--no-progress"], ["example"]])
+def test_a_closed_pipe_ends_quietly_with_status_0(command: list[str]) -> None:
+    """As ``graphlora demo | head -1``: the reader goes away after the first line."""
+    process = subprocess.Popen(
+        [sys.executable, "-u", "-m", "graphlora", *command],  # -u: each line written at once
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        bufsize=0,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    first = process.stdout.readline()
+    process.stdout.close()
+    status = process.wait(timeout=120)
+    err = process.stderr.read().decode()
+    process.stderr.close()
+    assert first.startswith(b"graphlora")
+    assert status == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
 
 
 def test_the_example_leaves_numpy_print_options_as_they_were(

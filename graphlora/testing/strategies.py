@@ -28,7 +28,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without Hypothesis
     raise ImportError(
         "graphlora.testing.strategies needs Hypothesis; install the test extra: "
-        "pip install 'graphlora[test]'"
+        "pip install 'graphlora[test]' (from a clone: pip install -e '.[test]')"
     ) from exc
 
 __all__ = [
