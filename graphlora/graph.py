@@ -4,8 +4,8 @@ A ``Graph`` owns every node. Leaves (``constant``, ``parameter``) live as long a
 call runs NumPy forward at once and appends a node with its VJP closure to the tape. The tape is
 append-only, so its order is already a topological order: ``backward`` walks it in reverse from the
 loss, with no search and no recursion. A node requires a gradient iff one of its inputs does; a VJP
-is never called for a node that does not, and it is told which inputs want a gradient, so frozen
-inputs cost nothing. ``reset`` drops the recorded ops (a training loop calls it once per step) and
+is never called for a node that does not, and it is told which inputs want a gradient, so no work
+is done for a frozen input's own gradient. ``reset`` drops the recorded ops (a training loop calls it once per step) and
 keeps the leaves; ``compile`` makes the recorded step into a ``Replay`` (``graphlora.replay``).
 
 Every op goes through one recording path, ``apply``: the op's own check (``graphlora.ops``) runs

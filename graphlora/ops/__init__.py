@@ -3,7 +3,7 @@
 Each op computes its forward value and returns it with its VJP (vector-Jacobian product)
 closure, ``(out, vjp)``. ``vjp(g, needs)`` takes the gradient ``g`` of the loss with respect to
 ``out`` and a tuple ``needs`` saying which inputs want a gradient; it returns one gradient per
-input, ``None`` for every input that does not want one, so a frozen input costs nothing. The
+input, ``None`` for every input that does not want one, and computes nothing for those. The
 docstring of each op states its VJP in one line. Beside each op, in the same place, sit its
 argument check (run before NumPy, so that errors name the op and the shapes) and its registry
 entry: the kinds of its inputs, where they are safe to test, and the same op in PyTorch.
