@@ -5,8 +5,9 @@ call runs NumPy forward at once and appends a node with its VJP closure to the t
 append-only, so its order is already a topological order: ``backward`` walks it in reverse from the
 loss, with no search and no recursion. A node requires a gradient iff one of its inputs does; a VJP
 is never called for a node that does not, and it is told which inputs want a gradient, so no work
-is done for a frozen input's own gradient. ``reset`` drops the recorded ops (a training loop calls it once per step) and
-keeps the leaves; ``compile`` makes the recorded step into a ``Replay`` (``graphlora.replay``).
+is done for a frozen input's own gradient. ``reset`` drops the recorded ops (a training loop calls
+it once per step) and keeps the leaves; ``compile`` makes the recorded step into a ``Replay``
+(``graphlora.replay``).
 
 Every op goes through one recording path, ``apply``: the op's own check (``graphlora.ops``) runs
 before NumPy does, so a rejected call records nothing and its message names the op and the
