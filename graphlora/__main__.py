@@ -22,6 +22,7 @@ from graphlora import _checks, demo, demo_gpt
 from graphlora.explain import explain
 from graphlora.functional import scaled_delta
 from graphlora.io import read_adapter, safetensors_module
+from graphlora.lora import INITS
 
 __all__ = ["main"]
 
@@ -103,6 +104,9 @@ _TASK_OPTIONS = {  # the demo options each task reads; the others are refused, n
         "noise",
         "steps",
         "lr",
+        "alpha",
+        "rslora",
+        "init",
         "seed",
         "plot",
         "progress",
@@ -131,19 +135,34 @@ def _demo_low_rank(args: argparse.Namespace) -> int:
         f"{args.planted_rank} (singular values {planted}); {args.samples} samples, "
         f"noise {args.noise:g}"
     )
-    print(f"  training A, B only: Adam, lr {args.lr:g}, {args.steps} full-batch steps\n")
+    print(f"  training A, B only: Adam, lr {args.lr:g}, {args.steps} full-batch steps")
+    alpha = "the rank" if args.alpha is None else f"{args.alpha:g}"
+    scaling = "alpha / sqrt(r)" if args.rslora else "alpha / r"
+    print(f"  LoRA: init {args.init}, alpha {alpha}, scaling {scaling}\n")
     results = [
-        demo.run_low_rank(task, r, args.steps, args.lr, args.seed, args.progress) for r in ranks
+        demo.run_low_rank(
+            task,
+            r,
+            args.steps,
+            args.lr,
+            args.seed,
+            args.progress,
+            alpha=args.alpha,
+            use_rslora=args.rslora,
+            init=args.init,
+        )
+        for r in ranks
     ]
     if len(results) > 1:
-        print("rank  trainable  final loss  relative error")
+        print("rank  trainable  final loss  relative error  best possible at this rank")
         for r in results:
             mark = "   <- the planted rank" if r.rank == args.planted_rank else ""
             row = f"{r.rank:4d}  {r.trainable:9,d}  {r.final_loss:10.2e}  {r.relative_error:14.4f}"
-            print(row + mark)
+            print(f"{row}  {r.best_error:26.4f}{mark}")
         print(
-            f"\nnoise floor (noise²): {args.noise**2:.2e}. Below the planted rank the update "
-            "cannot fit; at and above it, LoRA recovers dW*."
+            f"\nnoise floor (noise²): {args.noise**2:.2e}. 'best possible' is the least relative "
+            "error of any update of that rank (Eckart-Young): above 0 below the planted rank, "
+            "whatever the training."
         )
     else:
         r = results[0]
@@ -154,6 +173,7 @@ def _demo_low_rank(args: argparse.Namespace) -> int:
         )
         print(f"final loss (MSE): {r.final_loss:.3e}   (noise floor noise² = {args.noise**2:.1e})")
         print(f"relative error ||A B s - dW*||_F / ||dW*||_F: {r.relative_error:.4f}")
+        print(f"  (the best any rank-{r.rank} update can do, Eckart-Young: {r.best_error:.4f})")
         print("singular values  planted  learned")
         count = max(len(r.planted_singular_values), len(r.learned_singular_values))
         for i in range(count):
@@ -162,7 +182,7 @@ def _demo_low_rank(args: argparse.Namespace) -> int:
             print(f"  {i + 1:>14d}  {p:7.3f}  {q:7.3f}")
         print(f"max |merged - unmerged| output difference: {r.merge_max_difference:.1e}")
     if args.plot:
-        demo.plot_results(args.plot, results, args.planted_rank)
+        demo.plot_results(args.plot, results, args.planted_rank, args.noise)
         print(f"\nwrote {args.plot}")
     if args.save_adapter:
         r = results[0]
@@ -324,6 +344,23 @@ def _parser() -> argparse.ArgumentParser:
         type=positive_float,
         default=None,
         help="Adam learning rate (default 0.02 for lowrank, 0.01 for digits)",
+    )
+    d.add_argument(
+        "--alpha",
+        type=positive_float,
+        default=None,
+        help="LoRA alpha: the update is A B alpha / r (default: the rank, so scaling 1)",
+    )
+    d.add_argument(
+        "--rslora",
+        action="store_true",
+        help="scale by alpha / sqrt(r) instead of alpha / r (default: no)",
+    )
+    d.add_argument(
+        "--init",
+        choices=INITS,
+        default="kaiming",
+        help="how A and B start (default kaiming); pissa starts from W0's top singular vectors",
     )
     d.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
     d.add_argument(

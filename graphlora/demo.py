@@ -113,6 +113,7 @@ class LowRankResult:
     rank: int
     losses: list[float]  # the training loss at every step
     relative_error: float  # ||learned update - dW*||_F / ||dW*||_F
+    best_error: float  # the least relative error of any rank-r update (Eckart-Young)
     learned_singular_values: Array  # of the learned update A @ B * scaling, descending
     planted_singular_values: Array
     merge_max_difference: float  # max |merged forward - unmerged forward|
@@ -134,12 +135,25 @@ def run_low_rank(
     lr: float = 0.02,
     seed: int = 0,
     show_progress: bool = False,
+    *,
+    alpha: float | None = None,
+    use_rslora: bool = False,
+    init: str = "kaiming",
 ) -> LowRankResult:
-    """Fit ``LoraLinear.from_linear(W0, rank)`` to the task's data with Adam (full batch, MSE)."""
+    """Fit ``LoraLinear.from_linear(W0, rank)`` to the task's data with Adam (full batch, MSE).
+
+    ``alpha`` defaults to the rank (scaling 1); ``use_rslora`` and ``init`` as in ``LoraConfig``.
+    """
     if steps < 1:
         raise ValueError(f"run_low_rank: steps must be >= 1, got {steps}")
     g = Graph()
-    config = LoraConfig(rank=rank, alpha=float(rank), init="kaiming", seed=seed)
+    config = LoraConfig(
+        rank=rank,
+        alpha=float(rank) if alpha is None else alpha,
+        use_rslora=use_rslora,
+        init=init,
+        seed=seed,
+    )
     layer = LoraLinear.from_linear(g, task.base, None, config, name="proj")
     x = g.constant(task.inputs, name="x")
     y = g.constant(task.targets, name="y")
@@ -153,7 +167,7 @@ def run_low_rank(
         show_progress,
     )
 
-    learned = layer.delta(g)
+    learned = layer.merge(g) - task.base  # what the layer adds to W0 (PiSSA also moves W0's part)
     relative_error = np.linalg.norm(learned - task.update) / np.linalg.norm(task.update)
     with g.no_grad():
         unmerged = np.array(g.value(layer.forward(g, x)))
@@ -161,10 +175,14 @@ def run_low_rank(
         merged = np.array(g.value(layer.forward(g, x)))
         layer.unmerge_(g)
     planted = len(task.singular_values)
+    # Eckart-Young: the best rank-r approximation keeps the top r singular values; what is left is
+    # the root of the sum of the squares of the others.
+    best = np.sqrt(np.sum(task.singular_values[rank:] ** 2)) / np.linalg.norm(task.update)
     return LowRankResult(
         rank=rank,
         losses=losses,
         relative_error=float(relative_error),
+        best_error=float(best),
         learned_singular_values=scipy.linalg.svdvals(learned)[: max(rank, planted)],
         planted_singular_values=task.singular_values,
         merge_max_difference=float(np.abs(merged - unmerged).max()),
@@ -292,30 +310,57 @@ def run_digits(
     return DigitsResult(base_accuracy, before, after, base_after, trainable, total, losses)
 
 
-def plot_results(path: str, results: Sequence[LowRankResult], planted_rank: int) -> None:
-    """Save the loss curves by rank and the planted vs learned singular values (matplotlib)."""
+def plot_results(
+    path: str, results: Sequence[LowRankResult], planted_rank: int, noise: float | None = None
+) -> None:
+    """Save the loss curves by adapter rank (with the noise floor ``noise²``), the planted vs
+    learned singular values (numbered from 1, as the printed table) and, for several ranks, the
+    relative error against the trainable parameters beside the least error of each rank
+    (matplotlib)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (curves, values) = plt.subplots(1, 2, figsize=(10, 4))
+    panels = 3 if len(results) > 1 else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
+    curves, values = axes[0], axes[1]
     for result in results:
-        curves.semilogy(result.losses, label=f"rank {result.rank}")
-    curves.set(xlabel="Adam step", ylabel="training loss (MSE)", title="Loss curves")
+        curves.semilogy(result.losses, label=f"adapter rank {result.rank}")
+    if noise is not None and noise > 0:
+        curves.axhline(noise**2, color="grey", linestyle="--", label="noise floor (noise²)")
+    curves.set(
+        xlabel="Adam step",
+        ylabel="training loss (MSE)",
+        title=f"Loss curves (planted rank {planted_rank})",
+    )
     curves.legend()
     chosen = next((r for r in results if r.rank == planted_rank), results[-1])
     planted = chosen.planted_singular_values
     learned = chosen.learned_singular_values
-    index = np.arange(max(len(planted), len(learned)))
+    index = np.arange(1, max(len(planted), len(learned)) + 1)
     values.bar(index - 0.2, np.pad(planted, (0, len(index) - len(planted))), 0.4, label="planted")
     values.bar(index + 0.2, np.pad(learned, (0, len(index) - len(learned))), 0.4, label="learned")
+    values.set_xticks(index)
     values.set(
-        xlabel="index",
+        xlabel="singular value number",
         ylabel="singular value",
-        title=f"Update's singular values (rank {chosen.rank})",
+        title=f"Singular values: planted rank {planted_rank}, adapter rank {chosen.rank}",
     )
     values.legend()
+    if panels == 3:
+        errors = axes[2]
+        params = [r.trainable for r in results]
+        errors.plot(params, [r.relative_error for r in results], "o-", label="learned")
+        errors.plot(params, [r.best_error for r in results], "s--", label="best of that rank")
+        for r in results:
+            errors.annotate(f"r={r.rank}", (r.trainable, r.relative_error))
+        errors.set(
+            xlabel="trainable parameters",
+            ylabel="relative error ||A B s - dW*|| / ||dW*||",
+            title="Error against adapter size",
+        )
+        errors.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

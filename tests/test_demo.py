@@ -34,6 +34,35 @@ def test_lora_recovers_the_update_at_the_planted_rank_and_not_below(task: demo.L
     assert (at_rank.trainable, at_rank.total) == (3 * 40, 24 * 16 + 3 * 40)
 
 
+def test_the_best_possible_error_is_eckart_young_and_no_fit_beats_it(
+    task: demo.LowRankTask,
+) -> None:
+    for rank in (1, 2):
+        result = demo.run_low_rank(task, rank=rank, steps=200)
+        u, sigma, vh = np.linalg.svd(task.update)
+        best = (u[:, :rank] * sigma[:rank]) @ vh[:rank]  # the truncated SVD
+        expected = np.linalg.norm(best - task.update) / np.linalg.norm(task.update)
+        assert abs(result.best_error - expected) < 1e-12
+        assert result.relative_error >= result.best_error - 1e-12
+
+
+@pytest.mark.parametrize(
+    ("options", "scaling"),
+    [({"init": "pissa"}, 1.0), ({"alpha": 8.0, "use_rslora": True}, 8.0 / np.sqrt(2))],
+)
+def test_alpha_rslora_and_init_reach_the_layer(
+    task: demo.LowRankTask, options: dict[str, object], scaling: float
+) -> None:
+    result = demo.run_low_rank(task, rank=2, steps=5, **options)  # type: ignore[arg-type]
+    assert result.layer.scaling == pytest.approx(scaling)
+    assert result.layer.config.init == options.get("init", "kaiming")
+    # the learned update is the merged weight minus W0, also for PiSSA, which moves W0's part
+    np.testing.assert_allclose(
+        np.linalg.svd(result.layer.merge(result.graph) - task.base, compute_uv=False)[:2],
+        result.learned_singular_values[:2],
+    )
+
+
 def test_runs_are_deterministic_for_a_seed(task: demo.LowRankTask) -> None:
     first = demo.run_low_rank(task, rank=2, steps=20, seed=5)
     second = demo.run_low_rank(task, rank=2, steps=20, seed=5)

@@ -178,6 +178,17 @@ def test_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--plot FILE.png" in out
 
 
+def test_the_demo_takes_alpha_rslora_and_init(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["demo", "--steps", "5", "--no-progress", "--alpha", "8", "--rslora", "--init", "pissa"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "LoRA: init pissa, alpha 8, scaling alpha / sqrt(r)" in out
+    assert "(the best any rank-4 update can do, Eckart-Young: 0.0000)" in out
+    with pytest.raises(SystemExit):
+        main(["demo", "--init", "xavier"])
+    assert "invalid choice: 'xavier'" in capsys.readouterr().err
+
+
 def test_help_shows_every_default() -> None:
     from graphlora.__main__ import _parser
 
