@@ -1,6 +1,7 @@
 """Make the figures of the tutorials from the library: ``python docs/make_figures.py``.
 
-``figures/lora-graph.png``: a LoRA layer's graph, drawn by ``Graph.to_dot`` and Graphviz.
+``figures/lora-graph.png``: a LoRA layer's graph with its gradients (B = 0, so dL/dA = 0) and a
+legend, drawn by ``Graph.to_dot`` and Graphviz.
 ``figures/demo-curves.png``: the demo's loss curves by rank with the noise floor, the recovered
 singular values, and the error against adapter size beside the best of each rank.
 Needs matplotlib, and Graphviz's ``dot`` for the first figure (skipped with a note without it).
@@ -25,7 +26,8 @@ def lora_graph(target: Path) -> None:
     layer = gl.LoraLinear.new(g, 4, 3, gl.LoraConfig(rank=2, seed=0), name="proj")
     x = g.constant(np.ones((2, 4)), name="x")
     loss = g.mse_loss(layer.forward(g, x), g.constant(np.zeros((2, 3)), name="target"))
-    viz.render(g.to_dot(loss), target)
+    g.backward(loss)
+    viz.render(g.to_dot(loss, show_grads=True, legend=True), target)
 
 
 def demo_curves(target: Path) -> None:

@@ -155,6 +155,12 @@ class NodeId:
         return self._scope
 
     @property
+    def params(self) -> dict[str, Any]:
+        """The op's non-node arguments as recorded (``{"c": 2.0}`` for ``scale``), as a new dict;
+        empty for leaves and after a reset."""
+        return dict(self._params or {})
+
+    @property
     def shape(self) -> tuple[int, ...]:
         """The shape of the node's value."""
         if self._value is None:
@@ -288,19 +294,28 @@ class Graph(OpMethods):
         )
 
     def to_dot(
-        self, root: NodeId | None = None, *, show_values: bool = False, show_grads: bool = False
+        self,
+        root: NodeId | None = None,
+        *,
+        show_values: bool = False,
+        show_grads: bool = False,
+        legend: bool = False,
     ) -> str:
         """The graph as Graphviz DOT text: constants, parameters and ops in distinct styles.
 
-        Every node shows its shape; edges run in the direction data flows. With ``root``, only
-        it and its ancestors are drawn. Nodes made in a ``scope`` are grouped in a labelled
-        cluster, so that a layer's parts appear side by side.
-        ``show_values`` and ``show_grads`` add each node's value and gradient (numbers when
-        few, else their range and norm). ``graphlora.viz.render`` turns the text into an image.
+        Every node shows its shape, and an op its scalar arguments (``c=2`` on a ``scale``);
+        edges run in the direction data flows. With ``root``, only it and its ancestors are
+        drawn. Nodes made in a ``scope`` are grouped in a labelled cluster, so that a layer's
+        parts appear side by side (a LoRA layer: its frozen and low-rank paths, or its merged
+        path once merged). ``show_values`` and ``show_grads`` add each node's value and gradient
+        (numbers when few, else their range and norm: a gradient of zeros shows as zeros, and a
+        node that got none shows none). ``legend`` adds a key to the styles: grey boxes are
+        constants, blue boxes parameters, ellipses ops, dashed ellipses ops no gradient flows
+        through. ``graphlora.viz.render`` turns the text into an image.
         """
         from graphlora import viz
 
-        return viz.to_dot(self, root, show_values=show_values, show_grads=show_grads)
+        return viz.to_dot(self, root, show_values=show_values, show_grads=show_grads, legend=legend)
 
     def summary(self) -> str:
         """A text table of every leaf and recorded op: id, op, name, input ids, shape, dtype,

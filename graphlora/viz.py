@@ -28,7 +28,20 @@ _STYLES = {
 }
 _OP_STYLE = 'shape=ellipse, style="filled", fillcolor="#ffffff"'
 _NO_GRAD_OP_STYLE = 'shape=ellipse, style="filled,dashed", fillcolor="#ffffff"'
-_CLUSTER_NAMES = {"frozen": "frozen path: x @ W", "lora": "low-rank path: ((x @ A) * s) @ B"}
+_CLUSTER_NAMES = {
+    "frozen": "frozen path: x @ W",
+    "lora": "low-rank path: ((x @ A) * s) @ B",
+    "merged": "merged: x @ (W + A @ B * s)",
+}
+_LEGEND = [  # (label, style) of the legend's sample nodes
+    ("constant\n(never learns)", 'shape=box, style="filled", fillcolor="#e8e8e8"'),
+    ("parameter\n(learns)", 'shape=box, style="filled,bold", fillcolor="#cfe2ff"'),
+    ("op\n(gradient flows)", 'shape=ellipse, style="filled", fillcolor="#ffffff"'),
+    (
+        "op, dashed\n(no gradient flows)",
+        'shape=ellipse, style="filled,dashed", fillcolor="#ffffff"',
+    ),
+]
 
 
 def _nodes(graph: Graph, root: NodeId | None) -> list[NodeId]:
@@ -46,6 +59,18 @@ def _nodes(graph: Graph, root: NodeId | None) -> list[NodeId]:
     return [seen[i] for i in sorted(seen)]
 
 
+def _fold_frozen_into_merged(branch: dict[str, Any]) -> None:
+    """A merged LoRA layer runs its weight in the ``merged`` scope, but the weight leaf was made
+    in ``frozen``: draw it with the merged path it now feeds."""
+    children = branch["children"]
+    if "frozen" in children and "merged" in children:
+        frozen = children.pop("frozen")
+        children["merged"]["nodes"][:0] = frozen["nodes"]
+        children["merged"]["children"].update(frozen["children"])
+    for child in children.values():
+        _fold_frozen_into_merged(child)
+
+
 def _quote(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
@@ -57,10 +82,31 @@ def _describe(array: np.ndarray[Any, Any]) -> str:
     return f"[{array.min():.3g} .. {array.max():.3g}], |.|={np.linalg.norm(array):.3g}"
 
 
+def _arguments(node: NodeId) -> str:
+    """An op's scalar arguments, as ``c=2`` or ``axis=(0,) keepdims=False``; arrays, generators
+    and ``None`` are left out."""
+    parts = []
+    for key, value in node.params.items():
+        if isinstance(value, (bool, np.bool_, str)):
+            parts.append(f"{key}={value}")
+        elif isinstance(value, (int, float, np.integer, np.floating)):
+            parts.append(
+                f"{key}={float(value):g}" if isinstance(value, float) else f"{key}={value}"
+            )
+        elif (
+            isinstance(value, tuple) and len(value) <= 4 and all(isinstance(v, int) for v in value)
+        ):
+            parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
 def _label(graph: Graph, node: NodeId, show_values: bool, show_grads: bool) -> str:
     title = node.name if node.name is not None else node.op
     kind = node.op if node.name is not None else ""
     lines = [title, f"{kind} {node.shape}".strip()]
+    arguments = _arguments(node)
+    if arguments:
+        lines.append(arguments)
     if show_values:
         lines.append(_describe(graph.value(node)))
     grad = graph.grad(node)
@@ -75,6 +121,7 @@ def to_dot(
     *,
     show_values: bool = False,
     show_grads: bool = False,
+    legend: bool = False,
 ) -> str:
     """The graph as Graphviz DOT text (see ``Graph.to_dot``)."""
     check_graph("to_dot", graph)
@@ -91,6 +138,7 @@ def to_dot(
         for part in (node.scope or "").split("/") if node.scope else []:
             where = where["children"].setdefault(part, {"nodes": [], "children": {}})
         where["nodes"].append(node)
+    _fold_frozen_into_merged(tree)
     counter = iter(range(len(nodes) + 1))
 
     def emit(branch: dict[str, Any], indent: str) -> None:
@@ -106,6 +154,12 @@ def to_dot(
             lines.append(f"{indent}}}")
 
     emit(tree, "  ")
+    if legend:
+        lines.append("  subgraph cluster_legend {")
+        lines.append('    label="legend"; style="dotted"; fontname="Helvetica";')
+        for i, (text, style) in enumerate(_LEGEND):
+            lines.append(f"    legend{i} [label={_quote(text)}, {style}];")
+        lines.append("  }")
     included = {node.id for node in nodes}
     for node in nodes:
         for parent in node.inputs:

@@ -142,3 +142,32 @@ def test_render_without_graphviz_says_how_to_get_it(
         match=r"render: Graphviz's 'dot' program is not installed. Install Graphviz \(Debian/Ubuntu: apt-get install graphviz",
     ):
         viz.render("digraph {}", tmp_path / "g.png")
+
+
+def test_drawings_show_scalar_arguments_a_legend_and_a_merged_layer_as_merged() -> None:
+    g = gl.Graph()
+    layer = gl.LoraLinear.new(g, 4, 3, gl.LoraConfig(rank=2, alpha=6.0, seed=0), name="proj")
+    x = g.constant(np.ones((2, 4)))
+    y = layer.forward(g, x)
+    dot = g.to_dot(y, legend=True)
+    assert 'label="scale\\n(2, 2)\\nc=3"' in dot  # s = alpha / rank
+    assert 'label="low-rank path: ((x @ A) * s) @ B"' in dot and "cluster_legend" in dot
+    assert "(no gradient flows)" in dot
+    assert "cluster_legend" not in g.to_dot(y)
+    scale = next(node for node in g.tape if node.op == "scale")
+    assert scale.params == {"c": 3.0}
+    g.reset()
+    layer.merge_(g)
+    merged = g.to_dot(layer.forward(g, x))
+    assert 'label="merged: x @ (W + A @ B * s)"' in merged
+    assert "low-rank path" not in merged and "frozen path" not in merged
+
+
+def test_show_grads_shows_the_zero_gradient_of_a_when_b_is_zero() -> None:
+    g = gl.Graph()
+    layer = gl.LoraLinear.new(g, 2, 2, gl.LoraConfig(rank=1, seed=0), name="proj")
+    loss = g.mean(layer.forward(g, g.constant(np.ones((1, 2)))))
+    g.backward(loss)
+    dot = g.to_dot(loss, show_grads=True)
+    line = next(x for x in dot.splitlines() if "proj.lora_A" in x)
+    assert "grad [[0.],\\n [0.]]" in line

@@ -261,7 +261,7 @@ class LoraLinear(LoraLayer):
             if node is not None:
                 return node
         with graph.scope(self.name):  # drawings show the two paths side by side
-            with graph.scope("frozen"):
+            with graph.scope("merged" if self.merged_adapters else "frozen"):
                 xw = graph.matmul(x, self.frozen_weight)  # (..., out)
                 y = xw if self.bias is None else graph.add(xw, self.bias)
             partial = xw  # the output so far without the bias, which DoRA rescales
