@@ -4,7 +4,7 @@
 classifier with ``--task digits``; ``inspect DIR`` prints an adapter directory's config and
 tensors; ``explain`` walks one tiny LoRA layer through forward and backward formula by formula;
 ``example`` builds a tiny graph and prints every node's value and gradient next to the
-same gradients worked out by hand.
+same gradients worked out by hand; ``check FILE`` grades an exercise from ``docs/exercises/``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import graphlora as gl
 from graphlora import _checks, demo, demo_gpt
 from graphlora.explain import explain
 from graphlora.functional import scaled_delta
+from graphlora.grading import check_file
 from graphlora.io import read_adapter, safetensors_module
 from graphlora.lora import INITS
 
@@ -385,6 +386,13 @@ def _parser() -> argparse.ArgumentParser:
         "by PEFT's save_pretrained.",
     )
     i.add_argument("directory", metavar="DIR")
+    c = commands.add_parser(
+        "check",
+        help="grade an exercise from docs/exercises/",
+        description="Grade a filled-in exercise: its values against the engine, its gradients "
+        "against finite differences (gradcheck), naming the input and element that disagree.",
+    )
+    c.add_argument("file", metavar="FILE")
     return parser
 
 
@@ -412,6 +420,14 @@ def _main(argv: Sequence[str] | None) -> int:
         return _example()
     if args.command == "explain":
         return 0 if explain() < 1e-12 else 1
+    if args.command == "check":
+        try:
+            report = check_file(args.file)
+        except (OSError, ValueError) as error:
+            print(f"graphlora check: error: {error}", file=sys.stderr)
+            return 2
+        print(report.text(), end="")
+        return 0 if report.passed else 1
     if args.command == "inspect":
         try:
             return _inspect(args.directory)

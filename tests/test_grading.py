@@ -1,0 +1,118 @@
+"""``python -m graphlora check``: the exercise stubs report what is not done, the reference
+solutions pass, and planted mistakes fail with the input and element that disagree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from graphlora.__main__ import main
+from graphlora.grading import EXERCISES, check_file
+
+ROOT = Path(__file__).resolve().parent.parent
+STUBS = sorted((ROOT / "docs" / "exercises").glob("*.py"))
+SOLUTIONS = Path(__file__).resolve().parent / "exercise_solutions"
+
+
+def test_there_are_five_exercises_each_with_a_solution() -> None:
+    assert [p.name for p in STUBS] == [
+        "01_broadcasting.py",
+        "02_softmax.py",
+        "03_lora_layer.py",
+        "04_merge.py",
+        "05_dora.py",
+    ]
+    assert sorted(p.name for p in SOLUTIONS.glob("*.py")) == [p.name for p in STUBS]
+    assert len(EXERCISES) == 5
+
+
+@pytest.mark.parametrize("stub", STUBS, ids=[p.stem for p in STUBS])
+def test_a_stub_says_what_is_not_done(stub: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", str(stub)]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "not done yet: " in out
+    assert out.rstrip().endswith("some checks failed")
+
+
+@pytest.mark.parametrize("stub", STUBS, ids=[p.stem for p in STUBS])
+def test_the_reference_solution_passes(stub: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", str(SOLUTIONS / stub.name)]) == 0
+    out = capsys.readouterr().out
+    assert "FAILED" not in out and out.rstrip().endswith("all checks passed")
+
+
+MISTAKES = [
+    (  # the broadcast sum forgets the stretched axes
+        "01_broadcasting.py",
+        " + stretched",
+        "",
+        "ValueError: cannot reshape array of size 30 into shape (2,1,3) (in 01_broadcasting.py",
+    ),
+    (  # softmax's VJP forgets the subtraction
+        "02_softmax.py",
+        "out * (g - np.sum(g * out, axis=axis, keepdims=True))",
+        "out * g",
+        "gradient of input 0 (x) (shape (5,)) disagrees at element",
+    ),
+    (  # dL/dx without the low-rank path: the mistake `explain` once printed
+        "03_lora_layer.py",
+        "grad_x = g @ w.T + (grad_h * s) @ a.T",
+        "grad_x = g @ w.T",
+        "gradient of input 0 (x) (shape (4, 5)) disagrees at element",
+    ),
+    (  # dL/dA without the scaling
+        "03_lora_layer.py",
+        "grad_a = x.T @ (grad_h * s)",
+        "grad_a = x.T @ grad_h",
+        "gradient of input 1 (A) (shape (5, 2)) disagrees at element",
+    ),
+    (  # merging without the scaling
+        "04_merge.py",
+        "return w + (a @ b) * s",
+        "return w + a @ b",
+        "x @ merge(W, A, B, s): element",
+    ),
+    (  # dL/dm forgets to divide by the norm
+        "05_dora.py",
+        "axis=0) / norm",
+        "axis=0)",
+        "gradient of input 1 (m) (shape (3,)) disagrees at element",
+    ),
+    (  # the gradient of A through the norm, which PEFT detaches, is not DoRA's
+        "05_dora.py",
+        "grad_a = s * grad_adapted @ b.T",
+        "grad_a = s * grad_adapted @ b.T + 1.0",
+        "dL/dA (with the norm detached): element (",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "old", "new", "message"), MISTAKES)
+def test_a_planted_mistake_fails_naming_where(
+    name: str, old: str, new: str, message: str, tmp_path: Path
+) -> None:
+    source = (SOLUTIONS / name).read_text(encoding="utf-8")
+    assert old in source
+    wrong = tmp_path / name
+    wrong.write_text(source.replace(old, new), encoding="utf-8")
+    report = check_file(wrong)
+    assert not report.passed
+    assert message in report.text(), report.text()
+    if "gradient of input" in message:
+        assert "yours" in report.text() and "finite difference" in report.text()
+
+
+def test_a_file_that_is_no_exercise_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = tmp_path / "mine.py"
+    other.write_text("x = 1\n", encoding="utf-8")
+    assert main(["check", str(other)]) == 2
+    assert "names no exercise; it needs a line EXERCISE = " in capsys.readouterr().err
+    assert main(["check", str(tmp_path / "missing.py")]) == 2
+    assert "is not a file" in capsys.readouterr().err
+    broken = tmp_path / "broken.py"
+    broken.write_text('EXERCISE = "merge"\n1 / 0\n', encoding="utf-8")
+    assert main(["check", str(broken)]) == 1
+    assert "ZeroDivisionError: division by zero (line 2)" in capsys.readouterr().out
