@@ -306,8 +306,8 @@ class Graph(OpMethods):
         Every node shows its shape, and an op its scalar arguments (``c=2`` on a ``scale``);
         edges run in the direction data flows. With ``root``, only it and its ancestors are
         drawn. Nodes made in a ``scope`` are grouped in a labelled cluster, so that a layer's
-        parts appear side by side (a LoRA layer: its frozen and low-rank paths, or its merged
-        path once merged). ``show_values`` and ``show_grads`` add each node's value and gradient
+        parts appear side by side (``graphlora.viz`` titles the scopes layers use, such as
+        ``frozen``). ``show_values`` and ``show_grads`` add each node's value and gradient
         (numbers when few, else their range and norm: a gradient of zeros shows as zeros, and a
         node that got none shows none). ``legend`` adds a key to the styles: grey boxes are
         constants, blue boxes parameters, ellipses ops, dashed ellipses ops no gradient flows
