@@ -685,3 +685,60 @@ def test_scalar_gradients_stay_arrays_when_they_accumulate() -> None:
     assert isinstance(grad, np.ndarray)
     assert grad.shape == ()
     np.testing.assert_allclose(grad, 1 + 2 * np.exp(0.5))
+
+
+# --- behaviours a mutation of the engine would change (mutation testing found them unchecked) ---
+
+
+def test_a_second_reset_makes_the_nodes_between_stale_and_backward_still_works() -> None:
+    g = gl.Graph()
+    w = g.parameter([1.0, 2.0])
+    g.reset()
+    between = g.scale(w, 3.0)
+    g.reset()
+    with pytest.raises(gl.StaleNodeError):
+        g.value(between)
+    g.backward(g.sum(g.scale(w, 3.0)))
+    np.testing.assert_array_equal(g.grad(w), [3.0, 3.0])
+
+
+def test_a_float32_size_1_loss_keeps_its_gradient_shape_and_dtype() -> None:
+    g = gl.Graph(np.float32)
+    w = g.parameter([[1.0, 2.0]])
+    loss = g.matmul(w, g.constant([[1.0], [1.0]]))  # shape (1, 1)
+    g.backward(loss, retain_grads=True)
+    assert g.grad(loss).shape == (1, 1) and g.grad(loss).dtype == np.float32
+    assert g.grad(w).dtype == np.float32
+    np.testing.assert_array_equal(g.grad(w), [[1.0, 1.0]])
+
+
+def test_zero_grad_of_some_nodes_clears_only_those() -> None:
+    g = gl.Graph()
+    x, y = g.parameter([1.0]), g.parameter([2.0])
+    g.backward(g.sum(g.mul(x, y)))
+    g.zero_grad([x])
+    assert g.grad(x) is None
+    np.testing.assert_array_equal(g.grad(y), [1.0])
+
+
+def test_after_a_vjp_raises_mid_backward_a_second_backward_gives_clean_gradients() -> None:
+    calls = {"n": 0}
+
+    @gl.ops.op()
+    def flaky(x: np.ndarray) -> tuple[np.ndarray, Any]:
+        def vjp(g: np.ndarray, needs: tuple[bool, ...]) -> tuple[np.ndarray]:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("the first backward fails")
+            return (g * 2.0,)
+
+        return x * 2.0, vjp
+
+    g = gl.Graph()
+    w = g.parameter([1.0, 2.0])
+    loss = g.sum(g.add(g.apply(flaky, w), w))  # w gets a gradient from two paths
+    with pytest.raises(RuntimeError, match="the first backward fails"):
+        g.backward(loss)
+    assert g.grad(w) is None  # nothing was committed
+    g.backward(loss)
+    np.testing.assert_array_equal(g.grad(w), [3.0, 3.0])

@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -695,3 +696,69 @@ def test_the_engine_knows_nothing_of_lora() -> None:
         source = (package / name).read_text(encoding="utf-8")
         assert re.search(r"(?<!graph)lora", source, flags=re.IGNORECASE) is None, name
     assert not hasattr(gl.Graph, "lora_linear")
+
+
+# --- behaviours a mutation of the layer would change (mutation testing found them unchecked) ---
+
+
+def test_from_linear_uses_an_array_bias_the_default_config_and_the_given_generator() -> None:
+    g = gl.Graph()
+    w, bias = np.arange(16.0).reshape(4, 4) / 10, np.array([10.0, -10.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match=r"rank 8 exceeds min\(in_features, out_features\) = 4"):
+        gl.LoraLinear.from_linear(g, w, bias)  # the default config is LoraConfig(): rank 8
+    big = gl.LoraLinear.from_linear(g, np.ones((8, 8)))
+    assert big.config == gl.LoraConfig() and big.rank == 8 and big.bias is None
+    config = gl.LoraConfig(rank=2, init="gaussian", init_std=0.5)
+    layer = gl.LoraLinear.from_linear(g, w, bias, config, rng=np.random.default_rng(7))
+    expected_a = np.random.default_rng(7).normal(0.0, 0.5, size=(4, 2))
+    np.testing.assert_array_equal(g.value(layer.lora_a), expected_a)  # drawn by that generator
+    x = np.ones((3, 4))
+    np.testing.assert_array_equal(g.value(layer.forward(g, g.constant(x))), x @ w + bias)
+
+
+def test_with_bias_uses_a_given_parameter_node_and_freezes_it() -> None:
+    g = gl.Graph()
+    layer = gl.LoraLinear.new(g, 3, 2, gl.LoraConfig(rank=1, seed=0), bias=False)
+    node = g.parameter([1.0, -1.0])
+    biased = layer.with_bias(g, node)
+    assert biased.bias is node and not node.requires_grad
+    x = g.constant(np.ones((1, 3)))
+    np.testing.assert_array_equal(
+        g.value(biased.forward(g, x)), g.value(layer.forward(g, x)) + np.array([1.0, -1.0])
+    )
+
+
+def test_forward_takes_1d_input_refuses_0d_and_leaves_the_outer_scope_as_it_was() -> None:
+    g = gl.Graph()
+    layer = gl.LoraLinear.new(g, 3, 2, gl.LoraConfig(rank=1, seed=0), name="q")
+    assert layer.forward(g, g.constant([1.0, 2.0, 3.0])).shape == (2,)
+    with pytest.raises(gl.ShapeError, match=r"q takes \[\.\.\., 3\] but the input has shape \(\)"):
+        layer.forward(g, g.constant(1.0))
+    with g.scope("model"):
+        inner = layer.forward(g, g.constant(np.ones((2, 3))))
+        after = g.scale(inner, 1.0)
+    assert inner.scope == "model/q" and after.scope == "model"
+    assert g.scale(inner, 1.0).scope is None
+
+
+def test_merging_an_overflowing_update_raises_without_a_runtime_warning() -> None:
+    g = gl.Graph()
+    layer = gl.LoraLinear.new(g, 2, 2, gl.LoraConfig(rank=1, seed=0), name="q")
+    g.set_value(layer.lora_a, [[1e200], [1e200]])
+    g.set_value(layer.lora_b, [[1e200, 1e200]])
+    before = np.array(g.value(layer.frozen_weight))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a RuntimeWarning would fail here
+        with pytest.raises(gl.NonFiniteError, match="merging q would give 4 non-finite weights"):
+            layer.merge_(g)
+    np.testing.assert_array_equal(g.value(layer.frozen_weight), before)
+    assert not layer.merged
+
+
+def test_the_lora_linear_op_applies_a_given_mask() -> None:
+    rng = np.random.default_rng(0)
+    x, w = rng.normal(size=(2, 3)), rng.normal(size=(3, 2))
+    a, b = rng.normal(size=(3, 1)), rng.normal(size=(1, 2))
+    mask = np.array([[2.0, 0.0, 2.0], [0.0, 2.0, 0.0]])
+    out, _ = lora_linear(x, w, a, b, scaling=0.5, mask=mask)
+    np.testing.assert_allclose(out, x @ w + (((x * mask) @ a) * 0.5) @ b, rtol=1e-15)

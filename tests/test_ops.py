@@ -514,3 +514,67 @@ def test_layer_norm_checks_its_weights() -> None:
         re.escape("rms_norm: eps must be >= 0, got -1.0"),
         lambda: g.rms_norm(x, eps=-1.0),
     )
+
+
+# --- behaviours a mutation of the ops would change (mutation testing found them unchecked) ------
+
+
+def test_relu_gradient_at_exactly_zero_is_zero_as_pytorch() -> None:
+    g = gl.Graph()
+    x = g.parameter([0.0, 1.0, -1.0])
+    g.backward(g.sum(g.relu(x)))
+    np.testing.assert_array_equal(g.grad(x), [0.0, 1.0, 0.0])
+
+
+def test_log_softmax_of_a_large_row_beside_an_all_minus_inf_row_is_scipys() -> None:
+    x = np.array([[1000.0, 0.0], [-np.inf, -np.inf]])
+    g = gl.Graph()
+    with np.errstate(invalid="ignore", divide="ignore"):  # the -inf row is NaN on both sides
+        ours = g.value(g.log_softmax(g.constant(x)))
+        theirs = scipy.special.log_softmax(x, axis=-1)
+    np.testing.assert_array_equal(ours, theirs)
+    assert ours[0, 0] == 0.0 and ours[0, 1] == -1000.0
+
+
+def test_matmul_with_1d_operands_as_numpy_and_its_refusals() -> None:
+    g = gl.Graph()
+    v, m = g.parameter([1.0, 2.0]), g.parameter([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    np.testing.assert_array_equal(g.value(g.matmul(v, m)), [9.0, 12.0, 15.0])
+    np.testing.assert_array_equal(g.value(g.matmul(v, v)), 5.0)
+    g.backward(g.sum(g.matmul(v, m)))
+    np.testing.assert_array_equal(g.grad(v), [6.0, 15.0])
+    np.testing.assert_array_equal(g.grad(m), [[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]])
+    with pytest.raises(gl.ShapeError, match=r"matmul: cannot multiply \(3,\) by \(2,\)"):
+        g.matmul(g.constant([1.0, 2.0, 3.0]), v)
+
+
+def test_cross_entropy_of_a_one_row_batch() -> None:
+    g = gl.Graph()
+    logits = g.parameter([[2.0, 0.0, -1.0]])
+    loss = g.cross_entropy(logits, np.array([0]))
+    expected = -(2.0 - np.log(np.exp(2.0) + 1.0 + np.exp(-1.0)))
+    np.testing.assert_allclose(g.value(loss), expected, rtol=1e-15)
+    g.backward(loss)
+    soft = np.exp([2.0, 0.0, -1.0]) / np.exp([2.0, 0.0, -1.0]).sum()
+    np.testing.assert_allclose(g.grad(logits), [soft - [1.0, 0.0, 0.0]], rtol=1e-14)
+
+
+def test_every_graph_method_records_a_node_named_after_its_op() -> None:
+    g = gl.Graph()
+    x = g.parameter([[0.5, -1.0], [2.0, 0.25]])
+    named = {
+        "neg": g.neg(x),
+        "abs": g.abs(x),
+        "exp": g.exp(x),
+        "tanh": g.tanh(x),
+        "sigmoid": g.sigmoid(x),
+        "relu": g.relu(x),
+        "scale": g.scale(x, 2.0),
+        "sum": g.sum(x),
+        "mean": g.mean(x),
+        "transpose": g.transpose(x),
+        "reshape": g.reshape(x, (4,)),
+        "softmax": g.softmax(x),
+        "matmul": g.matmul(x, x),
+    }
+    assert {name: node.op for name, node in named.items()} == {name: name for name in named}
