@@ -100,6 +100,11 @@ class OpMethods:
         (0-D) are refused: use ``scale`` or ``mul``."""
         return self._record(linalg.matmul, (a, b), {})
 
+    def linear(self, x: NodeId, weight: NodeId, bias: NodeId | None = None) -> NodeId:
+        """A dense layer in one node, ``x @ weight + bias``: ``x [..., in]``, ``weight [in, out]``,
+        ``bias [out]`` (``Linear.forward(..., fused=True)``)."""
+        return self._record(linalg.linear, (x, weight, bias), {})
+
     def sum(
         self, x: NodeId, axis: int | Sequence[int] | None = None, keepdims: bool = False
     ) -> NodeId:

@@ -160,6 +160,7 @@ REFERENCES: dict[str, Reference] = {
     "neg": lambda x: -x,
     "pow": lambda x, p: x**p,
     "matmul": lambda a, b: a @ b,
+    "linear": lambda x, weight, bias=None: x @ weight if bias is None else x @ weight + bias,
     "sum": _reduce(np.sum),
     "mean": _reduce(np.mean),
     "reshape": lambda x, shape: x.reshape(shape),

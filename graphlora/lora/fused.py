@@ -128,8 +128,12 @@ def lora_linear(
         gx = gw = ga = gb = gbias = None
         if needs[0]:
             assert g_h is not None
-            low = g_h @ a.T if mask is None else (g_h @ a.T) * rows(mask)
-            gx = (g2 @ w.T + low).reshape(x.shape)
+            low = g_h @ a.T
+            if mask is not None:
+                low *= rows(mask)
+            gx = g2 @ w.T
+            gx += low
+            gx = gx.reshape(x.shape)
         if needs[1]:
             gw = rows(x).T @ g2
         if needs[2]:

@@ -332,7 +332,7 @@ class GPT:
 
     def forward(self, graph: Graph, ids: NodeId | npt.ArrayLike, *, fused: bool = False) -> NodeId:
         """Token ids ``[..., T]`` (an integer data node or array; ``T <= block_size``) -> logits
-        ``[..., T, vocab_size]``. ``fused=True`` records each LoRA layer as one op.
+        ``[..., T, vocab_size]``. ``fused=True`` records each Linear and LoRA layer as one op.
 
         Raises
         ------

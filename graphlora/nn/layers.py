@@ -100,13 +100,17 @@ class Linear:
             bias_node = graph.parameter(bias_array, f"{name}.bias")
         return cls(weight_node, bias_node, in_features, out_features, name, fan_in_fan_out)
 
-    def forward(self, graph: Graph, x: NodeId) -> NodeId:
-        """``x [..., in] -> [..., out]``."""
+    def forward(self, graph: Graph, x: NodeId, *, fused: bool = False) -> NodeId:
+        """``x [..., in] -> [..., out]``: ``matmul`` then ``add`` (the bias), or with
+        ``fused=True`` one ``linear`` node, which saves a pass and an array of the output's size.
+        """
         if isinstance(x, NodeId) and (x.shape[-1:] != (self.in_features,)):
             raise ShapeError(
                 f"Linear.forward: {self.name} takes [..., {self.in_features}] but the input has "
                 f"shape {x.shape}"
             )
+        if fused:
+            return graph.linear(x, self.weight, self.bias)
         y = graph.matmul(x, self.weight)
         return y if self.bias is None else graph.add(y, self.bias)
 
@@ -174,8 +178,9 @@ class LayerNorm:
 
 
 def call(layer: object, graph: Graph, x: NodeId, fused: bool = False) -> NodeId:
-    """``layer.forward(graph, x)``, passing ``fused`` to a LoRA layer (one op instead of six)."""
-    if isinstance(layer, LoraLinear):
+    """``layer.forward(graph, x)``, passing ``fused`` to a ``Linear`` or LoRA layer (one op
+    instead of two, or of six)."""
+    if isinstance(layer, (Linear, LoraLinear)):
         return layer.forward(graph, x, fused=fused)
     return layer.forward(graph, x)  # type: ignore[attr-defined, no-any-return]
 
@@ -223,7 +228,7 @@ class MLP:
         """Run every layer, with the activation between layers.
 
         ``fused=True`` records each ``LoraLinear`` as one ``lora_linear`` node (see
-        ``LoraLinear.forward``); plain ``Linear`` layers are unaffected.
+        ``LoraLinear.forward``) and each plain ``Linear`` as one ``linear`` node.
         """
         act = ACTIVATIONS[self.activation]
         for i, layer in enumerate(self.layers):

@@ -119,23 +119,28 @@ def scaled_dot_product_attention(
     (top-left aligned, as PyTorch's ``is_causal``); both may be given. A query that keeps no key
     gets zeros, and no gradient, as in PyTorch. With ``dropout``, the attention weights are
     dropped out (inverted, a mask drawn from ``rng`` as ``dropout`` draws it), as PyTorch's
-    ``dropout_p``. Keeps only the attention weights ``P`` (and the mask) for backward.
-    VJP: ``gv = Pᵀ g``; ``gS = P (g vᵀ - rowsum(P g vᵀ))``; ``gq = gS k s``; ``gk = gSᵀ q s``.
+    ``dropout_p``. Keeps only the attention weights ``P`` (and the mask) for backward, besides
+    the output, which the graph holds anyway.
+    VJP: ``gv = Pᵀ g``; ``gS = P (g vᵀ - rowsum(P g vᵀ))``, where ``rowsum(P g vᵀ) =
+    rowsum(g out)`` is computed the cheaper way; ``gq = gS k s``; ``gk = gSᵀ q s``.
     """
     s = (1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0) if scale is None else scale
-    scores = (q @ swap(k)) * s  # (..., Tq, Tk)
+    scores = q @ swap(k)  # (..., Tq, Tk); then worked on in place, one buffer throughout
+    scores *= s
     keep = mask
     if causal:
         tril = np.tri(q.shape[-2], k.shape[-2], dtype=bool)
         keep = tril if keep is None else keep & tril
     if keep is not None:
-        scores = np.where(keep, scores, -np.inf)
+        np.copyto(scores, -np.inf, where=~keep)
     if scores.shape[-1]:
         top = scores.max(axis=-1, keepdims=True)
-        top = np.where(np.isfinite(top), top, 0.0)  # a row that keeps nothing: all -inf
-        weights = np.exp(scores - top)
+        top[~np.isfinite(top)] = 0.0  # a row that keeps nothing: all -inf
+        scores -= top
+        weights = np.exp(scores, out=scores)
         total = weights.sum(axis=-1, keepdims=True)
-        weights /= np.where(total > 0, total, 1.0)  # such a row stays all zeros
+        total[~(total > 0)] = 1.0  # such a row stays all zeros
+        weights /= total
     else:
         weights = scores  # no keys at all: an empty row, and zeros out
     drop = None
@@ -149,10 +154,13 @@ def scaled_dot_product_attention(
         if needs[2]:
             gv = unbroadcast(swap(used) @ g, v.shape)
         if needs[0] or needs[1]:
-            gp = g @ swap(v)  # (..., Tq, Tk)
+            gs = g @ swap(v)  # (..., Tq, Tk): dL/d(used), then dL/d(scores) in place
             if drop is not None:
-                gp *= drop
-            gs = weights * (gp - (gp * weights).sum(axis=-1, keepdims=True)) * s
+                gs *= drop
+            # rowsum(P * gs) = rowsum(g * out): a [Tq, dv] product instead of a [Tq, Tk] one
+            gs -= np.sum(g * out, axis=-1, keepdims=True)
+            gs *= weights
+            gs *= s
             if needs[0]:
                 gq = unbroadcast(gs @ k, q.shape)
             if needs[1]:

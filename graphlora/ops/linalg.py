@@ -1,4 +1,5 @@
-"""Linear algebra: ``matmul`` (2-D, batched with broadcast batch axes, 1-D promoted as NumPy)."""
+"""Linear algebra: ``matmul`` (2-D, batched with broadcast batch axes, 1-D promoted as NumPy) and
+``linear`` (a dense layer, ``x @ weight + bias``, as one op)."""
 
 from __future__ import annotations
 
@@ -95,3 +96,48 @@ def matmul(a: Array, b: Array) -> tuple[Array, Vjp]:
     if folded:
         return (rows(a) @ b).reshape(*a.shape[:-1], b.shape[1]), vjp
     return np.asarray(a @ b), vjp
+
+
+def _check_linear(x: Array, weight: Array, bias: Array | None = None) -> None:
+    if x.ndim == 0 or weight.ndim != 2 or x.shape[-1] != weight.shape[0]:
+        raise ShapeError(
+            f"linear: x {x.shape} needs a weight [in, out] with in = x's last axis, got "
+            f"{weight.shape}"
+        )
+    if bias is not None and bias.shape != weight.shape[1:]:
+        raise ShapeError(
+            f"linear: bias has shape {bias.shape}; the weight {weight.shape} needs "
+            f"{weight.shape[1:]}"
+        )
+
+
+def _linear_inputs(draw: Draw) -> tuple[Array | None, ...]:
+    *batch, n_in, n_out = draw.shape(min_dims=2, max_dims=4)
+    bias = draw.floats((n_out,)) if draw.choice([False, True]) else None
+    return draw.floats((*batch, n_in)), draw.floats((n_in, n_out)), bias
+
+
+@builtin(
+    check=_check_linear,
+    sample=Sample(_linear_inputs),
+    torch=lambda t, x, weight, bias=None: t.nn.functional.linear(x, weight.T, bias),
+)
+def linear(x: Array, weight: Array, bias: Array | None = None) -> tuple[Array, Vjp]:
+    """A dense layer as one op, ``x @ weight + bias``: ``x [..., in]``, ``weight [in, out]``
+    (graphlora's layout; PyTorch's ``F.linear`` takes ``[out, in]``), ``bias [out]``. One
+    matrix product over every row at once, the bias added in place.
+
+    VJP: ``(g weightᵀ, xᵀ g, sum(g))``, the batch axes folded into the rows.
+    """
+    out = rows(x) @ weight  # (N, out)
+    if bias is not None:
+        out += bias
+
+    def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
+        g2 = rows(g)  # (N, out)
+        gx = (g2 @ weight.T).reshape(x.shape) if needs[0] else None
+        gw = rows(x).T @ g2 if needs[1] else None
+        gb = g2.sum(axis=0) if needs[2] else None
+        return gx, gw, gb
+
+    return out.reshape(*x.shape[:-1], weight.shape[1]), vjp

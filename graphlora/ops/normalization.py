@@ -64,12 +64,12 @@ def layer_norm(
     ``gweight = sum(g xhat)``, ``gbias = sum(g)`` over the other axes."""
     mean = _last_axis_mean
     with np.errstate(invalid="ignore", divide="ignore"):  # no features: NaN, as PyTorch
-        centred = x - mean(x)
-        rstd = 1.0 / np.sqrt(mean(centred * centred) + eps)
-    xhat = centred * rstd  # (..., D)
+        xhat = np.subtract(x, mean(x), out=np.empty_like(x))  # centred, then scaled in place
+        rstd = 1.0 / np.sqrt(mean(np.square(xhat)) + eps)
+    xhat *= rstd  # (..., D)
     out = xhat if weight is None else xhat * weight
     if bias is not None:
-        out = out + bias
+        out = out + bias if out is xhat else np.add(out, bias, out=out)
 
     def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
         batch = tuple(range(g.ndim - 1))
@@ -77,7 +77,10 @@ def layer_norm(
         if needs[0]:
             gh = g if weight is None else g * weight
             with np.errstate(invalid="ignore", divide="ignore"):
-                gx = rstd * (gh - mean(gh) - xhat * mean(gh * xhat))
+                gx = xhat * -mean(gh * xhat)  # then + gh - mean(gh), times rstd, in place
+                gx += gh
+                gx -= mean(gh)
+                gx *= rstd
         if needs[1]:
             gw = np.sum(g * xhat, axis=batch)
         if needs[2]:
