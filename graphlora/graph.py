@@ -163,21 +163,28 @@ class NodeId:
     @property
     def shape(self) -> tuple[int, ...]:
         """The shape of the node's value."""
-        if self._value is None:
+        if self._stale():
             raise StaleNodeError(f"{self!r} was recorded before a reset; its value is gone")
+        assert self._value is not None
         return self._value.shape
 
     @property
     def dtype(self) -> np.dtype[Any]:
         """The dtype of the node's value: the graph's float dtype, or a data leaf's own."""
-        if self._value is None:
+        if self._stale():
             raise StaleNodeError(f"{self!r} was recorded before a reset; its value is gone")
+        assert self._value is not None
         return self._value.dtype
+
+    def _stale(self) -> bool:
+        """Recorded before the last ``reset`` (its value may linger a while: see ``reset``)."""
+        return self._epoch != _LEAF and self._epoch != self._graph._epoch
 
     def __repr__(self) -> str:
         name = f", name={self._name!r}" if self._name is not None else ""
-        if self._value is None:
+        if self._stale():
             return f"NodeId({self._id}, op={self._op!r}{name}, stale)"
+        assert self._value is not None
         return f"NodeId({self._id}, op={self._op!r}, shape={self._value.shape}{name})"
 
 
@@ -246,6 +253,7 @@ class Graph(OpMethods):
         self._dtype: np.dtype[Any] = resolved
         self._leaves: list[NodeId] = []
         self._tape: list[NodeId] = []
+        self._retired: list[NodeId] = []  # the ops of the last reset, oldest last
         self._epoch = 0
         self._next_id = 0
         self._grad_enabled = True
@@ -506,12 +514,19 @@ class Graph(OpMethods):
     def reset(self) -> None:
         """Drop every recorded op and keep every leaf with its value, gradient and id.
 
-        NodeIds of the dropped ops become stale: using one raises ``StaleNodeError``.
+        NodeIds of the dropped ops become stale: using one raises ``StaleNodeError``. Their
+        arrays are freed as the next recording goes, one per op it makes, oldest first: a
+        training loop that records a step, resets and records the next then reuses the same
+        memory, where freeing it all at once would hand it back to the system and take it again
+        page by page (on Linux, most of a step's time at transformer sizes; see the README's
+        performance section). A second ``reset()`` frees whatever is left at once.
         """
-        for node in self._tape:  # free the memory even while someone still holds the ids
-            node._value = node._grad = node._g = None
-            node._vjp = node._fn = node._params = None
+        for node in self._retired:  # what the last recording did not release
+            _release(node)
+        for node in self._tape:
+            node._grad = node._g = node._params = None
             node._inputs = ()
+        self._retired = self._tape[::-1]  # the values: released one per op the next records
         self._tape = []
         self._epoch += 1
 
@@ -727,6 +742,8 @@ class Graph(OpMethods):
             casts,
         )
         tape.append(node)
+        if self._retired:
+            _release(self._retired.pop())
         return node
 
     # --- replay and backward ------------------------------------------------------------------
@@ -898,6 +915,13 @@ def check_graph(where: str, graph: object) -> Graph:
     if not isinstance(graph, Graph):
         raise TypeError(f"{where}: graph must be a Graph, got {type(graph).__name__}")
     return graph
+
+
+def _release(node: NodeId) -> None:
+    """Free the arrays a dropped op holds (its value and backward's), even while someone still
+    holds its id."""
+    node._value = None
+    node._vjp = node._fn = None
 
 
 def _read_only(array: Array) -> Array:

@@ -193,6 +193,33 @@ def test_reset_drops_ops_keeps_leaves_and_makes_old_ids_stale() -> None:
     np.testing.assert_array_equal(g.value(z), np.ones((2, 2)))
 
 
+def test_reset_frees_the_dropped_ops_arrays_as_the_next_recording_goes() -> None:
+    tracemalloc = pytest.importorskip("tracemalloc")
+    g = gl.Graph()
+    w = g.parameter(np.ones(1_000_000), name="w")  # 8 MB; each op's value is as big
+    size = 8_000_000
+
+    def held() -> int:
+        return tracemalloc.get_traced_memory()[0]
+
+    tracemalloc.start()
+    try:
+        start = held()
+        first = [g.exp(w), g.tanh(w)]
+        assert held() - start >= 2 * size
+        g.reset()
+        assert "stale" in repr(first[0])
+        assert held() - start >= 2 * size  # kept for the next recording to reuse
+        g.neg(w)  # one op made: the oldest dropped one freed
+        assert 2 * size <= held() - start < 3 * size
+        g.reset()  # the rest of the first recording goes now; the neg waits
+        assert size <= held() - start < 2 * size
+        g.reset()  # a second reset frees whatever is left at once
+        assert held() - start < size
+    finally:
+        tracemalloc.stop()
+
+
 def test_foreign_ids_are_refused() -> None:
     g, other = gl.Graph(), gl.Graph()
     a = g.constant(1.0)

@@ -111,6 +111,10 @@ def _check_linear(x: Array, weight: Array, bias: Array | None = None) -> None:
         )
 
 
+def _linear_fits(x: Array, weight: Array) -> bool:
+    return x.ndim >= 1 and weight.ndim == 2 and weight.shape[0] == x.shape[-1]
+
+
 def _linear_inputs(draw: Draw) -> tuple[Array | None, ...]:
     *batch, n_in, n_out = draw.shape(min_dims=2, max_dims=4)
     bias = draw.floats((n_out,)) if draw.choice([False, True]) else None
@@ -119,7 +123,7 @@ def _linear_inputs(draw: Draw) -> tuple[Array | None, ...]:
 
 @builtin(
     check=_check_linear,
-    sample=Sample(_linear_inputs),
+    sample=Sample(_linear_inputs, fits=_linear_fits),
     torch=lambda t, x, weight, bias=None: t.nn.functional.linear(x, weight.T, bias),
 )
 def linear(x: Array, weight: Array, bias: Array | None = None) -> tuple[Array, Vjp]:
