@@ -213,6 +213,7 @@ def section_a(
     sizes: list[tuple[int, int, int, int]], rounds: int, min_batch: float
 ) -> list[dict[str, Any]]:
     torch, autograd = _optional("torch"), _optional("autograd")
+    default_threads = torch.get_num_threads() if torch is not None else 0
     if torch is not None:
         # PyTorch's own thread pool keeps spinning between ops and fights NumPy's BLAS threads
         # in the interleaved rounds; with one thread it is fastest here (about 2x against 6x
@@ -256,6 +257,8 @@ def section_a(
                     "ratio": {k: v / times["numpy"] for k, v in times.items()},
                 }
             )
+    if torch is not None:  # section f times PyTorch at its default too
+        torch.set_num_threads(default_threads)
     return rows
 
 

@@ -163,18 +163,18 @@ class NodeId:
     @property
     def shape(self) -> tuple[int, ...]:
         """The shape of the node's value."""
-        if self._stale():
+        value, epoch = self._value, self._epoch
+        if value is None or (epoch != _LEAF and epoch != self._graph._epoch):  # not _stale(): hot
             raise StaleNodeError(f"{self!r} was recorded before a reset; its value is gone")
-        assert self._value is not None
-        return self._value.shape
+        return value.shape
 
     @property
     def dtype(self) -> np.dtype[Any]:
         """The dtype of the node's value: the graph's float dtype, or a data leaf's own."""
-        if self._stale():
+        value, epoch = self._value, self._epoch
+        if value is None or (epoch != _LEAF and epoch != self._graph._epoch):  # not _stale(): hot
             raise StaleNodeError(f"{self!r} was recorded before a reset; its value is gone")
-        assert self._value is not None
-        return self._value.dtype
+        return value.dtype
 
     def _stale(self) -> bool:
         """Recorded before the last ``reset`` (its value may linger a while: see ``reset``)."""
@@ -254,6 +254,7 @@ class Graph(OpMethods):
         self._leaves: list[NodeId] = []
         self._tape: list[NodeId] = []
         self._retired: list[NodeId] = []  # the ops of the last reset, oldest last
+        self._held = 0  # bytes of the recorded ops' values
         self._epoch = 0
         self._next_id = 0
         self._grad_enabled = True
@@ -515,19 +516,27 @@ class Graph(OpMethods):
         """Drop every recorded op and keep every leaf with its value, gradient and id.
 
         NodeIds of the dropped ops become stale: using one raises ``StaleNodeError``. Their
-        arrays are freed as the next recording goes, one per op it makes, oldest first: a
-        training loop that records a step, resets and records the next then reuses the same
-        memory, where freeing it all at once would hand it back to the system and take it again
-        page by page (on Linux, most of a step's time at transformer sizes; see the README's
-        performance section). A second ``reset()`` frees whatever is left at once.
+        arrays are freed at once if they take less than 4 MiB; larger ones are freed as the next
+        recording goes, one per op it makes, oldest first. A training loop that records a step,
+        resets and records the next then reuses the same memory, where freeing it all at once
+        would hand it back to the system and take it again page by page (a third of a GPT step's
+        time in the README's performance section). A second ``reset()`` frees what is left.
         """
-        for node in self._retired:  # what the last recording did not release
+        retired = self._retired
+        for node in retired:  # what the last recording did not release
             _release(node)
-        for node in self._tape:
-            node._grad = node._g = node._params = None
-            node._inputs = ()
-        self._retired = self._tape[::-1]  # the values: released one per op the next records
-        self._tape = []
+        retired.clear()
+        if self._held < _REUSE_BYTES:
+            for node in self._tape:  # free it all now (written out: small graphs reset often)
+                node._value = node._grad = node._g = None
+                node._vjp = node._fn = node._params = None
+                node._inputs = ()
+        else:
+            for node in self._tape:
+                node._grad = node._g = node._params = None
+                node._inputs = ()
+            self._retired = self._tape[::-1]  # the values: released one per op the next records
+        self._tape, self._held = [], 0
         self._epoch += 1
 
     def scope(self, name: str) -> _Scope:
@@ -742,8 +751,11 @@ class Graph(OpMethods):
             casts,
         )
         tape.append(node)
-        if self._retired:
-            _release(self._retired.pop())
+        self._held += out.nbytes
+        retired = self._retired
+        if retired:  # free one op of the last reset (see reset); inline: this runs per op
+            old = retired.pop()
+            old._value = old._vjp = old._fn = None
         return node
 
     # --- replay and backward ------------------------------------------------------------------
@@ -917,11 +929,17 @@ def check_graph(where: str, graph: object) -> Graph:
     return graph
 
 
+_REUSE_BYTES = 1 << 22
+"""From this many bytes of recorded values on (4 MiB), ``reset`` leaves them for the next
+recording to free op by op; below it glibc keeps freed memory anyway, and freeing at once is
+cheaper."""
+
+
 def _release(node: NodeId) -> None:
-    """Free the arrays a dropped op holds (its value and backward's), even while someone still
-    holds its id."""
-    node._value = None
-    node._vjp = node._fn = None
+    """Free what a dropped op holds, even while someone still holds its id."""
+    node._value = node._grad = node._g = None
+    node._vjp = node._fn = node._params = None
+    node._inputs = ()
 
 
 def _read_only(array: Array) -> Array:

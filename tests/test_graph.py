@@ -196,7 +196,8 @@ def test_reset_drops_ops_keeps_leaves_and_makes_old_ids_stale() -> None:
 def test_reset_frees_the_dropped_ops_arrays_as_the_next_recording_goes() -> None:
     tracemalloc = pytest.importorskip("tracemalloc")
     g = gl.Graph()
-    w = g.parameter(np.ones(1_000_000), name="w")  # 8 MB; each op's value is as big
+    w = g.parameter(np.ones(1_000_000), name="w")  # 8 MB an op: over the 4 MiB from which
+    # the next recording frees them
     size = 8_000_000
 
     def held() -> int:
@@ -216,6 +217,22 @@ def test_reset_frees_the_dropped_ops_arrays_as_the_next_recording_goes() -> None
         assert size <= held() - start < 2 * size
         g.reset()  # a second reset frees whatever is left at once
         assert held() - start < size
+    finally:
+        tracemalloc.stop()
+
+
+def test_reset_frees_a_small_recording_at_once() -> None:
+    tracemalloc = pytest.importorskip("tracemalloc")
+    g = gl.Graph()
+    w = g.parameter(np.ones(100_000), name="w")  # 0.8 MB an op: 1.6 MB in all, under 4 MiB
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        g.exp(w)
+        g.tanh(w)
+        assert tracemalloc.get_traced_memory()[0] - start >= 1_600_000
+        g.reset()
+        assert tracemalloc.get_traced_memory()[0] - start < 800_000
     finally:
         tracemalloc.stop()
 
