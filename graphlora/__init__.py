@@ -5,7 +5,7 @@ Start with ``Graph``: add constants and parameters, call ops, then ``backward``.
 
 from __future__ import annotations
 
-from graphlora import functional, nn, ops, optim
+from graphlora import functional, nf4, nn, ops, optim
 from graphlora.errors import (
     ForeignNodeError,
     GradcheckError,
@@ -60,6 +60,7 @@ __all__ = [
     "disable_adapters",
     "functional",
     "load_adapter",
+    "nf4",
     "nn",
     "ops",
     "optim",

@@ -15,12 +15,13 @@ from hypothesis import strategies as st
 import graphlora as gl
 from graphlora import ops
 from graphlora.lora import lora_linear
+from graphlora.nf4 import nf4_matmul
 from graphlora.testing import strategies as gst
 
 Reference = Callable[..., np.ndarray]  # reference(*inputs, **params), complex-safe
 
 # Every op under test: the catalogue, and the fused LoRA op that lives beside the LoRA layer.
-TESTED: dict[str, ops.OpDef] = {**ops.OPS, "lora_linear": lora_linear}
+TESTED: dict[str, ops.OpDef] = {**ops.OPS, "lora_linear": lora_linear, "nf4_matmul": nf4_matmul}
 
 
 def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
@@ -196,6 +197,7 @@ REFERENCES: dict[str, Reference] = {
     "cross_entropy": _cross_entropy,
     "dropout": _dropout,
     "lora_linear": _lora_linear,
+    "nf4_matmul": lambda x, weight: x @ weight.dequantize(np.float64),
 }
 
 
