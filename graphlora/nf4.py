@@ -157,8 +157,7 @@ def _nf4_params(draw: Draw, x: Array) -> Params:
     return {"weight": NF4Weight.quantize(w, block_size=draw.choice([2, 4, 64]))}
 
 
-@op(check=_check_nf4_matmul, sample=Sample(_nf4_inputs, _nf4_params))
-def nf4_matmul(x: Array, *, weight: Any) -> tuple[Array, Vjp]:
+def _nf4_matmul(x: Array, *, weight: Any) -> tuple[Array, Vjp]:
     """``x @ W`` with ``W = weight.dequantize()``, an ``NF4Weight`` ``[in, out]``, in ``x``'s
     dtype: a frozen 4-bit base weight, as in QLoRA. Record it with
     ``graph.apply(nf4_matmul, x, weight=weight)``.
@@ -171,3 +170,6 @@ def nf4_matmul(x: Array, *, weight: Any) -> tuple[Array, Vjp]:
         return (g @ weight.dequantize(g.dtype).T,)
 
     return out, vjp
+
+
+nf4_matmul = op(_nf4_matmul, check=_check_nf4_matmul, sample=Sample(_nf4_inputs, _nf4_params))

@@ -85,12 +85,7 @@ def _torch_lora_linear(
     return out + ((xd @ a) * scaling) @ b
 
 
-@op(
-    check=_check_lora_linear,
-    sample=Sample(_lora_linear_inputs, _lora_linear_params),
-    torch=_torch_lora_linear,
-)
-def lora_linear(
+def _lora_linear(
     x: Array,
     w: Array,
     a: Array,
@@ -146,3 +141,11 @@ def lora_linear(
         return gx, gw, ga, gb, gbias
 
     return out, vjp
+
+
+lora_linear = op(
+    _lora_linear,
+    check=_check_lora_linear,
+    sample=Sample(_lora_linear_inputs, _lora_linear_params),
+    torch=_torch_lora_linear,
+)

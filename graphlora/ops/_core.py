@@ -14,7 +14,7 @@ import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeAlias, TypeVar
+from typing import Any, Protocol, TypeAlias, TypeVar, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -329,7 +329,9 @@ def check_kinds(op: OpDef, values: Sequence[Any]) -> None:
             )
 
 
+@overload
 def op(
+    forward: Op,
     *,
     check: Callable[..., Params | None] | None = None,
     data: Mapping[str, str] | None = None,
@@ -337,8 +339,35 @@ def op(
     torch: Callable[..., Any] | None = None,
     smooth: bool = True,
     name: str | None = None,
-) -> Callable[[Op], OpDef]:
-    """Make a function ``f(*arrays, **params) -> (out, vjp)`` into an ``OpDef``.
+) -> OpDef: ...
+
+
+@overload
+def op(
+    forward: None = None,
+    *,
+    check: Callable[..., Params | None] | None = None,
+    data: Mapping[str, str] | None = None,
+    sample: Sample | None = None,
+    torch: Callable[..., Any] | None = None,
+    smooth: bool = True,
+    name: str | None = None,
+) -> Callable[[Op], OpDef]: ...
+
+
+def op(
+    forward: Op | None = None,
+    *,
+    check: Callable[..., Params | None] | None = None,
+    data: Mapping[str, str] | None = None,
+    sample: Sample | None = None,
+    torch: Callable[..., Any] | None = None,
+    smooth: bool = True,
+    name: str | None = None,
+) -> OpDef | Callable[[Op], OpDef]:
+    """Make a function ``f(*arrays, **params) -> (out, vjp)`` into an ``OpDef``: as a decorator,
+    ``@op(...)``, or called on the function, ``cube = op(_cube, ...)``. The op is named after
+    the function, without a leading underscore, unless ``name`` says otherwise.
 
     Inputs are ``f``'s parameters before ``*`` (a default of ``None`` makes one optional);
     ``data`` names the inputs that hold integer or bool data (``{"labels": "int"}``), which take
@@ -359,12 +388,18 @@ def op(
     array([1., 8.])
     """
 
-    def define(forward: Op) -> OpDef:
+    def define(f: Op) -> OpDef:
         return OpDef(
-            forward, name=name, check=check, data=data, sample=sample, torch=torch, smooth=smooth
+            f,
+            name=name or f.__name__.removeprefix("_"),
+            check=check,
+            data=data,
+            sample=sample,
+            torch=torch,
+            smooth=smooth,
         )
 
-    return define
+    return define if forward is None else define(forward)
 
 
 OPS: dict[str, OpDef] = {}
@@ -372,23 +407,25 @@ OPS: dict[str, OpDef] = {}
 
 
 def builtin(
+    forward: Op,
     *,
     check: Callable[..., Params | None] | None = None,
     data: Mapping[str, str] | None = None,
     sample: Sample | None = None,
     torch: Callable[..., Any] | None = None,
     smooth: bool = True,
-) -> Callable[[Op], OpDef]:
-    """``op`` for graphlora's own ops: also adds the op to ``OPS``."""
+) -> OpDef:
+    """``op(forward, ...)`` for graphlora's own ops, which also adds the op to ``OPS``.
 
-    def define(forward: Op) -> OpDef:
-        definition = op(check=check, data=data, sample=sample, torch=torch, smooth=smooth)(forward)
-        if definition.name in OPS:
-            raise ValueError(f"builtin: {definition.name!r} is already in the catalogue")
-        OPS[definition.name] = definition
-        return definition
-
-    return define
+    Built-in ops are registered by a call after their function (``relu = builtin(_relu,
+    ...)``), as HIPS autograd registers its VJPs, rather than by a decorator: mutation testing
+    (mutmut) leaves decorated functions out, and an op's forward and VJP are what it must reach.
+    """
+    definition = op(forward, check=check, data=data, sample=sample, torch=torch, smooth=smooth)
+    if definition.name in OPS:
+        raise ValueError(f"builtin: {definition.name!r} is already in the catalogue")
+    OPS[definition.name] = definition
+    return definition
 
 
 def broadcast_check(name: str) -> Callable[..., None]:

@@ -17,8 +17,7 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
 
 
-@builtin(sample=elementwise(away=0.05), torch=lambda t, x: t.relu(x), smooth=False)
-def relu(x: Array) -> tuple[Array, Vjp]:
+def _relu(x: Array) -> tuple[Array, Vjp]:
     """``max(x, 0)``.  VJP: ``(g * (x > 0),)`` (the kink at 0 gets gradient 0, as in PyTorch)."""
 
     def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
@@ -27,8 +26,10 @@ def relu(x: Array) -> tuple[Array, Vjp]:
     return np.maximum(x, 0), vjp
 
 
-@builtin(sample=elementwise(), torch=lambda t, x: t.tanh(x))
-def tanh(x: Array) -> tuple[Array, Vjp]:
+relu = builtin(_relu, sample=elementwise(away=0.05), torch=lambda t, x: t.relu(x), smooth=False)
+
+
+def _tanh(x: Array) -> tuple[Array, Vjp]:
     """``tanh(x)``.  VJP: ``(g * (1 - out**2),)``."""
     out = np.tanh(x)
 
@@ -38,8 +39,10 @@ def tanh(x: Array) -> tuple[Array, Vjp]:
     return out, vjp
 
 
-@builtin(sample=elementwise(), torch=lambda t, x: t.sigmoid(x))
-def sigmoid(x: Array) -> tuple[Array, Vjp]:
+tanh = builtin(_tanh, sample=elementwise(), torch=lambda t, x: t.tanh(x))
+
+
+def _sigmoid(x: Array) -> tuple[Array, Vjp]:
     """``1 / (1 + exp(-x))``, overflow-free.  VJP: ``(g * out * (1 - out),)``."""
     out = scipy.special.expit(x)
 
@@ -49,8 +52,10 @@ def sigmoid(x: Array) -> tuple[Array, Vjp]:
     return out, vjp
 
 
-@builtin(sample=elementwise(high=3.0), torch=lambda t, x: t.exp(x))
-def exp(x: Array) -> tuple[Array, Vjp]:
+sigmoid = builtin(_sigmoid, sample=elementwise(), torch=lambda t, x: t.sigmoid(x))
+
+
+def _exp(x: Array) -> tuple[Array, Vjp]:
     """``exp(x)``.  VJP: ``(g * out,)``."""
     out = np.exp(x)
 
@@ -60,8 +65,10 @@ def exp(x: Array) -> tuple[Array, Vjp]:
     return out, vjp
 
 
-@builtin(sample=elementwise(low=0.25), torch=lambda t, x: t.log(x))
-def log(x: Array) -> tuple[Array, Vjp]:
+exp = builtin(_exp, sample=elementwise(high=3.0), torch=lambda t, x: t.exp(x))
+
+
+def _log(x: Array) -> tuple[Array, Vjp]:
     """Natural logarithm (``x <= 0`` gives NaN or -inf, as in NumPy).  VJP: ``(g / x,)``."""
 
     def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
@@ -70,8 +77,10 @@ def log(x: Array) -> tuple[Array, Vjp]:
     return np.log(x), vjp
 
 
-@builtin(sample=elementwise(), torch=lambda t, x: t.nn.functional.softplus(x))
-def softplus(x: Array) -> tuple[Array, Vjp]:
+log = builtin(_log, sample=elementwise(low=0.25), torch=lambda t, x: t.log(x))
+
+
+def _softplus(x: Array) -> tuple[Array, Vjp]:
     """``log(1 + exp(x))``, computed stably (PyTorch returns ``x`` itself above 20, which
     differs by under 2.1e-9).  VJP: ``(g * sigmoid(x),)``."""
 
@@ -81,8 +90,10 @@ def softplus(x: Array) -> tuple[Array, Vjp]:
     return np.logaddexp(0.0, x), vjp
 
 
-@builtin(sample=elementwise(), torch=lambda t, x: t.nn.functional.silu(x))
-def silu(x: Array) -> tuple[Array, Vjp]:
+softplus = builtin(_softplus, sample=elementwise(), torch=lambda t, x: t.nn.functional.softplus(x))
+
+
+def _silu(x: Array) -> tuple[Array, Vjp]:
     """SiLU (swish), ``x * sigmoid(x)``.
     VJP: ``(g * s * (1 + x (1 - s)),)`` with ``s = sigmoid(x)``."""
     s = scipy.special.expit(x)
@@ -93,14 +104,19 @@ def silu(x: Array) -> tuple[Array, Vjp]:
     return x * s, vjp
 
 
-@builtin(sample=elementwise(), torch=lambda t, x: t.erf(x))
-def erf(x: Array) -> tuple[Array, Vjp]:
+silu = builtin(_silu, sample=elementwise(), torch=lambda t, x: t.nn.functional.silu(x))
+
+
+def _erf(x: Array) -> tuple[Array, Vjp]:
     """The error function.  VJP: ``(g * 2 / sqrt(pi) * exp(-x**2),)``."""
 
     def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
         return (g * (_TWO_OVER_SQRT_PI * np.exp(-(x * x))),)
 
     return scipy.special.erf(x), vjp
+
+
+erf = builtin(_erf, sample=elementwise(), torch=lambda t, x: t.erf(x))
 
 
 def _check_gelu(x: Array, *, approximate: object = "none") -> None:
@@ -112,12 +128,7 @@ def _gelu_params(draw: Draw, x: Array) -> Params:
     return {"approximate": draw.choice(["none", "tanh"])}
 
 
-@builtin(
-    check=_check_gelu,
-    sample=elementwise(params=_gelu_params),
-    torch=lambda t, x, approximate: t.nn.functional.gelu(x, approximate=approximate),
-)
-def gelu(x: Array, *, approximate: str = "none") -> tuple[Array, Vjp]:
+def _gelu(x: Array, *, approximate: str = "none") -> tuple[Array, Vjp]:
     """GELU, ``x * Phi(x)`` (exact erf form) or its ``"tanh"`` approximation, as in PyTorch.
 
     VJP (exact): ``(g * (Phi(x) + x * phi(x)),)``; (tanh): the derivative of
@@ -166,6 +177,14 @@ def gelu(x: Array, *, approximate: str = "none") -> tuple[Array, Vjp]:
     return x * cdf, vjp
 
 
+gelu = builtin(
+    _gelu,
+    check=_check_gelu,
+    sample=elementwise(params=_gelu_params),
+    torch=lambda t, x, approximate: t.nn.functional.gelu(x, approximate=approximate),
+)
+
+
 def _check_axis(name: str) -> Callable[..., None]:
     def check(x: Array, *, axis: object = -1) -> None:
         one_axis(name, axis, x.shape)  # a valid axis; negative ones are NumPy's to read
@@ -177,12 +196,7 @@ def _axis_params(draw: Draw, x: Array) -> Params:
     return {"axis": draw.choice(list(range(-x.ndim, x.ndim)))}
 
 
-@builtin(
-    check=_check_axis("softmax"),
-    sample=elementwise(min_dims=1, params=_axis_params),
-    torch=lambda t, x, axis: t.softmax(x, dim=axis),
-)
-def softmax(x: Array, *, axis: int = -1) -> tuple[Array, Vjp]:
+def _softmax(x: Array, *, axis: int = -1) -> tuple[Array, Vjp]:
     """Softmax along ``axis`` (stable).  VJP: ``(out * (g - sum(g * out, axis)),)``."""
     if x.shape[axis] == 0:
         out = x.copy()
@@ -194,6 +208,14 @@ def softmax(x: Array, *, axis: int = -1) -> tuple[Array, Vjp]:
         return (out * (g - np.sum(g * out, axis=axis, keepdims=True)),)
 
     return out, vjp
+
+
+softmax = builtin(
+    _softmax,
+    check=_check_axis("softmax"),
+    sample=elementwise(min_dims=1, params=_axis_params),
+    torch=lambda t, x, axis: t.softmax(x, dim=axis),
+)
 
 
 def stable_log_softmax(x: Array, axis: int) -> Array:
@@ -211,12 +233,7 @@ def stable_log_softmax(x: Array, axis: int) -> Array:
     return out
 
 
-@builtin(
-    check=_check_axis("log_softmax"),
-    sample=elementwise(min_dims=1, params=_axis_params),
-    torch=lambda t, x, axis: t.log_softmax(x, dim=axis),
-)
-def log_softmax(x: Array, *, axis: int = -1) -> tuple[Array, Vjp]:
+def _log_softmax(x: Array, *, axis: int = -1) -> tuple[Array, Vjp]:
     """``x - logsumexp(x, axis)`` (stable).  VJP: ``(g - exp(out) * sum(g, axis),)``."""
     out = stable_log_softmax(x, axis)
 
@@ -224,3 +241,11 @@ def log_softmax(x: Array, *, axis: int = -1) -> tuple[Array, Vjp]:
         return (g - np.exp(out) * np.sum(g, axis=axis, keepdims=True),)
 
     return out, vjp
+
+
+log_softmax = builtin(
+    _log_softmax,
+    check=_check_axis("log_softmax"),
+    sample=elementwise(min_dims=1, params=_axis_params),
+    torch=lambda t, x, axis: t.log_softmax(x, dim=axis),
+)

@@ -22,8 +22,7 @@ from graphlora.ops._core import (
 )
 
 
-@builtin(check=broadcast_check("add"), sample=broadcasting(), torch=lambda t, a, b: a + b)
-def add(a: Array, b: Array) -> tuple[Array, Vjp]:
+def _add(a: Array, b: Array) -> tuple[Array, Vjp]:
     """Elementwise ``a + b``.  VJP: ``(g, g)``, each un-broadcast to its input's shape."""
 
     def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
@@ -35,8 +34,12 @@ def add(a: Array, b: Array) -> tuple[Array, Vjp]:
     return a + b, vjp
 
 
-@builtin(check=broadcast_check("sub"), sample=broadcasting(), torch=lambda t, a, b: a - b)
-def sub(a: Array, b: Array) -> tuple[Array, Vjp]:
+add = builtin(
+    _add, check=broadcast_check("add"), sample=broadcasting(), torch=lambda t, a, b: a + b
+)
+
+
+def _sub(a: Array, b: Array) -> tuple[Array, Vjp]:
     """Elementwise ``a - b``.  VJP: ``(g, -g)``, un-broadcast."""
 
     def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
@@ -48,8 +51,12 @@ def sub(a: Array, b: Array) -> tuple[Array, Vjp]:
     return a - b, vjp
 
 
-@builtin(check=broadcast_check("mul"), sample=broadcasting(), torch=lambda t, a, b: a * b)
-def mul(a: Array, b: Array) -> tuple[Array, Vjp]:
+sub = builtin(
+    _sub, check=broadcast_check("sub"), sample=broadcasting(), torch=lambda t, a, b: a - b
+)
+
+
+def _mul(a: Array, b: Array) -> tuple[Array, Vjp]:
     """Elementwise ``a * b``.  VJP: ``(g * b, g * a)``, un-broadcast."""
 
     def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
@@ -61,8 +68,12 @@ def mul(a: Array, b: Array) -> tuple[Array, Vjp]:
     return a * b, vjp
 
 
-@builtin(check=broadcast_check("div"), sample=broadcasting(away_b=0.5), torch=lambda t, a, b: a / b)
-def div(a: Array, b: Array) -> tuple[Array, Vjp]:
+mul = builtin(
+    _mul, check=broadcast_check("mul"), sample=broadcasting(), torch=lambda t, a, b: a * b
+)
+
+
+def _div(a: Array, b: Array) -> tuple[Array, Vjp]:
     """Elementwise ``a / b`` (division by zero follows NumPy).  VJP: ``(g / b, -g a / b²)``,
     un-broadcast."""
     out = a / b
@@ -77,6 +88,11 @@ def div(a: Array, b: Array) -> tuple[Array, Vjp]:
     return out, vjp
 
 
+div = builtin(
+    _div, check=broadcast_check("div"), sample=broadcasting(away_b=0.5), torch=lambda t, a, b: a / b
+)
+
+
 def _check_scale(x: Array, *, c: object) -> Params | None:
     return None if type(c) is float else {"c": real_scalar("scale", "c", c)}
 
@@ -85,8 +101,7 @@ def _scale_params(draw: Draw, x: Array) -> Params:
     return {"c": draw.choice([-1.5, -0.5, 0.5, 2.0])}
 
 
-@builtin(check=_check_scale, sample=elementwise(params=_scale_params), torch=lambda t, x, c: x * c)
-def scale(x: Array, *, c: float) -> tuple[Array, Vjp]:
+def _scale(x: Array, *, c: float) -> tuple[Array, Vjp]:
     """``c * x`` for a real scalar ``c``.  VJP: ``(c * g,)``."""
 
     def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
@@ -95,14 +110,24 @@ def scale(x: Array, *, c: float) -> tuple[Array, Vjp]:
     return x * c, vjp
 
 
-@builtin(sample=elementwise(), torch=lambda t, x: -x)
-def neg(x: Array) -> tuple[Array, Vjp]:
+scale = builtin(
+    _scale,
+    check=_check_scale,
+    sample=elementwise(params=_scale_params),
+    torch=lambda t, x, c: x * c,
+)
+
+
+def _neg(x: Array) -> tuple[Array, Vjp]:
     """``-x``.  VJP: ``(-g,)``."""
 
     def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
         return (-g,)
 
     return -x, vjp
+
+
+neg = builtin(_neg, sample=elementwise(), torch=lambda t, x: -x)
 
 
 def _check_pow(x: Array, *, p: object) -> Params | None:
@@ -118,12 +143,7 @@ def _pow_inputs(draw: Draw) -> tuple[Array | None, ...]:
     return (draw.floats(draw.shape(), 0.5, 2.0),)
 
 
-@builtin(
-    check=_check_pow,
-    sample=Sample(_pow_inputs, _pow_params, fits=lambda x: True),
-    torch=lambda t, x, p: x**p,
-)
-def pow(x: Array, *, p: float) -> tuple[Array, Vjp]:
+def _pow(x: Array, *, p: float) -> tuple[Array, Vjp]:
     """``x ** p`` for a real scalar exponent ``p``.  VJP: ``(g * p * x ** (p - 1),)``."""
 
     def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
@@ -132,6 +152,14 @@ def pow(x: Array, *, p: float) -> tuple[Array, Vjp]:
         return (g * (p * x ** (p - 1)),)
 
     return x**p, vjp
+
+
+pow = builtin(
+    _pow,
+    check=_check_pow,
+    sample=Sample(_pow_inputs, _pow_params, fits=lambda x: True),
+    torch=lambda t, x, p: x**p,
+)
 
 
 def _distinct_pair(draw: Draw) -> tuple[Array | None, ...]:
@@ -149,12 +177,7 @@ def _no_ties(a: Array, b: Array) -> bool:
         return False
 
 
-@builtin(
-    check=broadcast_check("maximum"),
-    sample=Sample(_distinct_pair, fits=_no_ties),
-    torch=lambda t, a, b: t.maximum(a, b),
-)
-def maximum(a: Array, b: Array) -> tuple[Array, Vjp]:
+def _maximum(a: Array, b: Array) -> tuple[Array, Vjp]:
     """Elementwise ``max(a, b)`` with NumPy broadcasting; where ``a == b`` each gets half the
     gradient, as PyTorch.  VJP: ``(g * ([a > b] + [a == b] / 2), g * ([b > a] + [a == b] / 2))``,
     un-broadcast."""
@@ -170,12 +193,15 @@ def maximum(a: Array, b: Array) -> tuple[Array, Vjp]:
     return out, vjp
 
 
-@builtin(
-    check=broadcast_check("minimum"),
+maximum = builtin(
+    _maximum,
+    check=broadcast_check("maximum"),
     sample=Sample(_distinct_pair, fits=_no_ties),
-    torch=lambda t, a, b: t.minimum(a, b),
+    torch=lambda t, a, b: t.maximum(a, b),
 )
-def minimum(a: Array, b: Array) -> tuple[Array, Vjp]:
+
+
+def _minimum(a: Array, b: Array) -> tuple[Array, Vjp]:
     """Elementwise ``min(a, b)`` with NumPy broadcasting; ties share the gradient, as PyTorch.
     VJP: ``(g * ([a < b] + [a == b] / 2), g * ([b < a] + [a == b] / 2))``, un-broadcast."""
     out = np.minimum(a, b)
@@ -188,6 +214,14 @@ def minimum(a: Array, b: Array) -> tuple[Array, Vjp]:
         )
 
     return out, vjp
+
+
+minimum = builtin(
+    _minimum,
+    check=broadcast_check("minimum"),
+    sample=Sample(_distinct_pair, fits=_no_ties),
+    torch=lambda t, a, b: t.minimum(a, b),
+)
 
 
 def _check_where(cond: Array, a: Array, b: Array) -> None:
@@ -204,13 +238,7 @@ def _where_params(draw: Draw, a: Array, b: Array) -> Params:
     return {"cond": draw.bools(np.broadcast_shapes(a.shape, b.shape))}
 
 
-@builtin(
-    check=_check_where,
-    data={"cond": "bool"},
-    sample=Sample(broadcasting().inputs, _where_params, broadcasting().fits),
-    torch=lambda t, cond, a, b: t.where(cond, a, b),
-)
-def where(cond: Array, a: Array, b: Array) -> tuple[Array, Vjp]:
+def _where(cond: Array, a: Array, b: Array) -> tuple[Array, Vjp]:
     """``a`` where ``cond`` (a bool mask) is True, else ``b``, all three broadcast together.
     VJP: ``(None, g * cond, g * ~cond)``, un-broadcast."""
 
@@ -225,8 +253,16 @@ def where(cond: Array, a: Array, b: Array) -> tuple[Array, Vjp]:
     return np.where(cond, a, b), vjp
 
 
-@builtin(sample=elementwise(away=0.05), torch=lambda t, x: t.abs(x), smooth=False)
-def abs(x: Array) -> tuple[Array, Vjp]:
+where = builtin(
+    _where,
+    check=_check_where,
+    data={"cond": "bool"},
+    sample=Sample(broadcasting().inputs, _where_params, broadcasting().fits),
+    torch=lambda t, cond, a, b: t.where(cond, a, b),
+)
+
+
+def _abs(x: Array) -> tuple[Array, Vjp]:
     """``|x|``.  VJP: ``(g * sign(x),)`` (0 at 0, as PyTorch)."""
 
     def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
@@ -235,8 +271,10 @@ def abs(x: Array) -> tuple[Array, Vjp]:
     return np.abs(x), vjp
 
 
-@builtin(sample=elementwise(low=0.25), torch=lambda t, x: t.sqrt(x))
-def sqrt(x: Array) -> tuple[Array, Vjp]:
+abs = builtin(_abs, sample=elementwise(away=0.05), torch=lambda t, x: t.abs(x), smooth=False)
+
+
+def _sqrt(x: Array) -> tuple[Array, Vjp]:
     """``sqrt(x)`` (NaN below 0, as NumPy).  VJP: ``(g / (2 out),)`` (inf at 0, as PyTorch)."""
     out = np.sqrt(x)
 
@@ -245,3 +283,6 @@ def sqrt(x: Array) -> tuple[Array, Vjp]:
             return (g / (2 * out),)
 
     return out, vjp
+
+
+sqrt = builtin(_sqrt, sample=elementwise(low=0.25), torch=lambda t, x: t.sqrt(x))

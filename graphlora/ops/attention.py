@@ -94,13 +94,7 @@ def _torch_attention(
     return t.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-@builtin(
-    check=_check_attention,
-    data={"mask": "bool"},
-    sample=Sample(_attention_inputs, _attention_params, fits=_attention_fits),
-    torch=_torch_attention,
-)
-def scaled_dot_product_attention(
+def _scaled_dot_product_attention(
     q: Array,
     k: Array,
     v: Array,
@@ -168,3 +162,12 @@ def scaled_dot_product_attention(
         return gq, gk, gv, None
 
     return out, vjp
+
+
+scaled_dot_product_attention = builtin(
+    _scaled_dot_product_attention,
+    check=_check_attention,
+    data={"mask": "bool"},
+    sample=Sample(_attention_inputs, _attention_params, fits=_attention_fits),
+    torch=_torch_attention,
+)

@@ -55,12 +55,7 @@ def _matmul_fits(a: Array, b: Array) -> bool:
     return 1 <= a.ndim <= 2 and 1 <= b.ndim <= 2 and a.shape[-1] == b.shape[-2 if b.ndim > 1 else 0]
 
 
-@builtin(
-    check=_check_matmul,
-    sample=Sample(_matmul_inputs, fits=_matmul_fits),
-    torch=lambda t, a, b: t.matmul(a, b),
-)
-def matmul(a: Array, b: Array) -> tuple[Array, Vjp]:
+def _matmul(a: Array, b: Array) -> tuple[Array, Vjp]:
     """Matrix product ``a @ b`` (NumPy rules: batched, broadcast, 1-D promoted).
 
     VJP: ``(g @ b.T, a.T @ g)`` over the last two axes, un-broadcast over the batch axes.
@@ -98,6 +93,14 @@ def matmul(a: Array, b: Array) -> tuple[Array, Vjp]:
     return np.asarray(a @ b), vjp
 
 
+matmul = builtin(
+    _matmul,
+    check=_check_matmul,
+    sample=Sample(_matmul_inputs, fits=_matmul_fits),
+    torch=lambda t, a, b: t.matmul(a, b),
+)
+
+
 def _check_linear(x: Array, weight: Array, bias: Array | None = None) -> None:
     if x.ndim == 0 or weight.ndim != 2 or x.shape[-1] != weight.shape[0]:
         raise ShapeError(
@@ -121,12 +124,7 @@ def _linear_inputs(draw: Draw) -> tuple[Array | None, ...]:
     return draw.floats((*batch, n_in)), draw.floats((n_in, n_out)), bias
 
 
-@builtin(
-    check=_check_linear,
-    sample=Sample(_linear_inputs, fits=_linear_fits),
-    torch=lambda t, x, weight, bias=None: t.nn.functional.linear(x, weight.T, bias),
-)
-def linear(x: Array, weight: Array, bias: Array | None = None) -> tuple[Array, Vjp]:
+def _linear(x: Array, weight: Array, bias: Array | None = None) -> tuple[Array, Vjp]:
     """A dense layer as one op, ``x @ weight + bias``: ``x [..., in]``, ``weight [in, out]``
     (graphlora's layout; PyTorch's ``F.linear`` takes ``[out, in]``), ``bias [out]``. One
     matrix product over every row at once, the bias added in place.
@@ -145,3 +143,11 @@ def linear(x: Array, weight: Array, bias: Array | None = None) -> tuple[Array, V
         return gx, gw, gb
 
     return out.reshape(*x.shape[:-1], weight.shape[1]), vjp
+
+
+linear = builtin(
+    _linear,
+    check=_check_linear,
+    sample=Sample(_linear_inputs, fits=_linear_fits),
+    torch=lambda t, x, weight, bias=None: t.nn.functional.linear(x, weight.T, bias),
+)

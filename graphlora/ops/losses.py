@@ -27,12 +27,7 @@ def _same_shape_inputs(draw: Draw) -> tuple[Array | None, ...]:
     return draw.floats(shape), draw.floats(shape)
 
 
-@builtin(
-    check=_check_mse_loss,
-    sample=Sample(_same_shape_inputs, fits=lambda a, b: a.shape == b.shape),
-    torch=lambda t, pred, target: t.nn.functional.mse_loss(pred, target),
-)
-def mse_loss(pred: Array, target: Array) -> tuple[Array, Vjp]:
+def _mse_loss(pred: Array, target: Array) -> tuple[Array, Vjp]:
     """``mean((pred - target)**2)`` (NaN for empty arrays, as PyTorch).
     VJP: ``(2 g d / n, -2 g d / n)``, ``d = pred - target``."""
     diff = pred - target
@@ -49,6 +44,14 @@ def mse_loss(pred: Array, target: Array) -> tuple[Array, Vjp]:
     flat = diff.ravel()
     loss = np.dot(flat, flat) / diff.size if diff.size else np.nan  # no elements: NaN
     return np.asarray(loss, dtype=diff.dtype), vjp  # the mean of squares, as one dot product
+
+
+mse_loss = builtin(
+    _mse_loss,
+    check=_check_mse_loss,
+    sample=Sample(_same_shape_inputs, fits=lambda a, b: a.shape == b.shape),
+    torch=lambda t, pred, target: t.nn.functional.mse_loss(pred, target),
+)
 
 
 def _check_cross_entropy(
@@ -110,15 +113,7 @@ def _torch_cross_entropy(
     )
 
 
-@builtin(
-    check=_check_cross_entropy,
-    data={"labels": "int"},
-    sample=Sample(
-        _logits_inputs, _cross_entropy_params, fits=lambda x: x.ndim >= 1 and x.shape[-1] > 0
-    ),
-    torch=_torch_cross_entropy,
-)
-def cross_entropy(
+def _cross_entropy(
     logits: Array,
     labels: npt.NDArray[np.integer[Any]],
     *,
@@ -163,6 +158,17 @@ def cross_entropy(
     return np.asarray(loss, dtype=logits.dtype), vjp
 
 
+cross_entropy = builtin(
+    _cross_entropy,
+    check=_check_cross_entropy,
+    data={"labels": "int"},
+    sample=Sample(
+        _logits_inputs, _cross_entropy_params, fits=lambda x: x.ndim >= 1 and x.shape[-1] > 0
+    ),
+    torch=_torch_cross_entropy,
+)
+
+
 def dropout_mask(
     shape: tuple[int, ...], dtype: npt.DTypeLike, p: float, rng: np.random.Generator
 ) -> Array:
@@ -179,8 +185,7 @@ def _dropout_params(draw: Draw, x: Array) -> Params:
     return {"p": draw.choice([0.25, 0.5, 0.9]), "rng": draw.choice(range(1000))}
 
 
-@builtin(check=_check_dropout, sample=elementwise(params=_dropout_params), smooth=False)
-def dropout(x: Array, *, p: float, rng: Rng = None) -> tuple[Array, Vjp]:
+def _dropout(x: Array, *, p: float, rng: Rng = None) -> tuple[Array, Vjp]:
     """Inverted dropout: zero each element with probability ``p``, scale the rest by
     ``1/(1-p)``. ``rng``: a Generator (each call draws the next mask), an int seed (the same
     mask every call) or ``None``.  VJP: ``(g * mask,)`` with the same mask."""
@@ -190,3 +195,8 @@ def dropout(x: Array, *, p: float, rng: Rng = None) -> tuple[Array, Vjp]:
         return (g * mask,)
 
     return x * mask, vjp
+
+
+dropout = builtin(
+    _dropout, check=_check_dropout, sample=elementwise(params=_dropout_params), smooth=False
+)

@@ -50,12 +50,7 @@ def _torch_layer_norm(
     return t.nn.functional.layer_norm(x, x.shape[-1:], weight, bias, eps)
 
 
-@builtin(
-    check=_check_layer_norm,
-    sample=Sample(_norm_inputs, _eps, fits=lambda x: x.ndim >= 1),
-    torch=_torch_layer_norm,
-)
-def layer_norm(
+def _layer_norm(
     x: Array, weight: Array | None = None, bias: Array | None = None, *, eps: float = 1e-5
 ) -> tuple[Array, Vjp]:
     """Layer norm over the last axis: ``xhat * weight + bias``, ``xhat = (x - mean) / sqrt(var +
@@ -90,6 +85,14 @@ def layer_norm(
     return out, vjp
 
 
+layer_norm = builtin(
+    _layer_norm,
+    check=_check_layer_norm,
+    sample=Sample(_norm_inputs, _eps, fits=lambda x: x.ndim >= 1),
+    torch=_torch_layer_norm,
+)
+
+
 def _check_rms_norm(x: Array, weight: Array | None = None, *, eps: object = 1e-6) -> Params:
     return _check_norm("rms_norm", x, (weight,), eps)
 
@@ -99,14 +102,7 @@ def _rms_inputs(draw: Draw) -> tuple[Array | None, ...]:
     return draw.floats(shape), draw.floats(shape[-1:]) if draw.choice([False, True]) else None
 
 
-@builtin(
-    check=_check_rms_norm,
-    sample=Sample(_rms_inputs, _eps, fits=lambda x: x.ndim >= 1),
-    torch=lambda t, x, weight=None, eps=1e-6: t.nn.functional.rms_norm(
-        x, x.shape[-1:], weight, eps
-    ),
-)
-def rms_norm(x: Array, weight: Array | None = None, *, eps: float = 1e-6) -> tuple[Array, Vjp]:
+def _rms_norm(x: Array, weight: Array | None = None, *, eps: float = 1e-6) -> tuple[Array, Vjp]:
     """RMS norm over the last axis: ``x / sqrt(mean(x**2) + eps) * weight``.
     VJP: ``gx = r (gh - xhat mean(gh xhat))`` with ``gh = g * weight``, ``xhat = x r``;
     ``gweight = sum(g xhat)`` over the other axes."""
@@ -127,3 +123,13 @@ def rms_norm(x: Array, weight: Array | None = None, *, eps: float = 1e-6) -> tup
         return gx, gw
 
     return out, vjp
+
+
+rms_norm = builtin(
+    _rms_norm,
+    check=_check_rms_norm,
+    sample=Sample(_rms_inputs, _eps, fits=lambda x: x.ndim >= 1),
+    torch=lambda t, x, weight=None, eps=1e-6: t.nn.functional.rms_norm(
+        x, x.shape[-1:], weight, eps
+    ),
+)

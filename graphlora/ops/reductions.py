@@ -54,12 +54,7 @@ def torch_reduce(reduce: Any, x: Any, axis: tuple[int, ...] | None, keepdims: bo
     return reduce(x, dim=axis, keepdim=keepdims)
 
 
-@builtin(
-    check=reduction_check("sum"),
-    sample=elementwise(params=reduction_params),
-    torch=lambda t, x, axis, keepdims: torch_reduce(t.sum, x, axis, keepdims),
-)
-def sum(
+def _sum(
     x: Array, *, axis: tuple[int, ...] | None = None, keepdims: bool = False
 ) -> tuple[Array, Vjp]:
     """Sum over ``axis`` (a sorted tuple, or ``None`` for all).  VJP: ``g`` broadcast back."""
@@ -70,12 +65,15 @@ def sum(
     return np.asarray(np.sum(x, axis=axis, keepdims=keepdims)), vjp
 
 
-@builtin(
-    check=reduction_check("mean"),
+sum = builtin(
+    _sum,
+    check=reduction_check("sum"),
     sample=elementwise(params=reduction_params),
-    torch=lambda t, x, axis, keepdims: torch_reduce(t.mean, x, axis, keepdims),
+    torch=lambda t, x, axis, keepdims: torch_reduce(t.sum, x, axis, keepdims),
 )
-def mean(
+
+
+def _mean(
     x: Array, *, axis: tuple[int, ...] | None = None, keepdims: bool = False
 ) -> tuple[Array, Vjp]:
     """Mean over ``axis`` (NaN over no elements, as NumPy and PyTorch).  VJP: ``g / n``
@@ -89,6 +87,14 @@ def mean(
 
     with np.errstate(invalid="ignore"):  # 0 / 0 over no elements: NaN, without np.mean's warning
         return np.asarray(np.sum(x, axis=axis, keepdims=keepdims) / count), vjp
+
+
+mean = builtin(
+    _mean,
+    check=reduction_check("mean"),
+    sample=elementwise(params=reduction_params),
+    torch=lambda t, x, axis, keepdims: torch_reduce(t.mean, x, axis, keepdims),
+)
 
 
 def _check_extreme(name: str) -> Callable[..., Params | None]:
@@ -143,12 +149,7 @@ def _extreme(x: Array, out: Array, axis: tuple[int, ...] | None, keepdims: bool)
     return vjp
 
 
-@builtin(
-    check=_check_extreme("max"),
-    sample=Sample(_distinct_inputs, _extreme_params, fits=_spread),
-    torch=lambda t, x, axis=None, keepdims=False: torch_reduce(t.amax, x, axis, keepdims),
-)
-def max(
+def _max(
     x: Array, *, axis: tuple[int, ...] | None = None, keepdims: bool = False
 ) -> tuple[Array, Vjp]:
     """The largest element over ``axis``.  VJP: ``g`` to the elements equal to the result,
@@ -157,18 +158,29 @@ def max(
     return out, _extreme(x, out, axis, keepdims)
 
 
-@builtin(
-    check=_check_extreme("min"),
+max = builtin(
+    _max,
+    check=_check_extreme("max"),
     sample=Sample(_distinct_inputs, _extreme_params, fits=_spread),
-    torch=lambda t, x, axis=None, keepdims=False: torch_reduce(t.amin, x, axis, keepdims),
+    torch=lambda t, x, axis=None, keepdims=False: torch_reduce(t.amax, x, axis, keepdims),
 )
-def min(
+
+
+def _min(
     x: Array, *, axis: tuple[int, ...] | None = None, keepdims: bool = False
 ) -> tuple[Array, Vjp]:
     """The smallest element over ``axis``.  VJP: ``g`` to the elements equal to the result,
     shared evenly among ties (as ``torch.amin``)."""
     out = np.asarray(np.min(x, axis=axis, keepdims=keepdims))
     return out, _extreme(x, out, axis, keepdims)
+
+
+min = builtin(
+    _min,
+    check=_check_extreme("min"),
+    sample=Sample(_distinct_inputs, _extreme_params, fits=_spread),
+    torch=lambda t, x, axis=None, keepdims=False: torch_reduce(t.amin, x, axis, keepdims),
+)
 
 
 def _check_logsumexp(x: Array, *, axis: object = -1, keepdims: object = False) -> Params:
@@ -185,12 +197,7 @@ def _torch_logsumexp(t: Any, x: Any, axis: Any = -1, keepdims: bool = False) -> 
     return t.logsumexp(x, dim=dims, keepdim=keepdims)
 
 
-@builtin(
-    check=_check_logsumexp,
-    sample=elementwise(params=reduction_params),
-    torch=_torch_logsumexp,
-)
-def logsumexp(
+def _logsumexp(
     x: Array, *, axis: tuple[int, ...] | None = (-1,), keepdims: bool = False
 ) -> tuple[Array, Vjp]:
     """``log(sum(exp(x)))`` over ``axis`` (default the last), computed stably; -inf over no
@@ -212,6 +219,14 @@ def logsumexp(
         return (expand_reduced(g, x.shape, axis) * np.exp(x - kept_out),)
 
     return out, vjp
+
+
+logsumexp = builtin(
+    _logsumexp,
+    check=_check_logsumexp,
+    sample=elementwise(params=reduction_params),
+    torch=_torch_logsumexp,
+)
 
 
 def _check_var(
@@ -243,8 +258,7 @@ def _torch_var(t: Any, x: Any, axis: Any = None, keepdims: bool = False, ddof: i
     return t.var(x, dim=axis, correction=ddof, keepdim=keepdims)
 
 
-@builtin(check=_check_var, sample=elementwise(params=_var_params), torch=_torch_var)
-def var(
+def _var(
     x: Array, *, axis: tuple[int, ...] | None = None, keepdims: bool = False, ddof: int = 0
 ) -> tuple[Array, Vjp]:
     """Variance over ``axis``: ``sum((x - mean)**2) / (n - ddof)`` (NaN where ``n <= ddof``, as
@@ -261,3 +275,6 @@ def var(
             return (expand_reduced(g, x.shape, axis) * (centred * (2.0 / (count - ddof))),)
 
     return out, vjp
+
+
+var = builtin(_var, check=_check_var, sample=elementwise(params=_var_params), torch=_torch_var)

@@ -23,18 +23,21 @@ def _reshape_params(draw: Draw, x: Array) -> Params:
     return {"shape": draw.choice(targets)}
 
 
-@builtin(
-    check=_check_reshape,
-    sample=elementwise(params=_reshape_params),
-    torch=lambda t, x, shape: x.reshape(shape),
-)
-def reshape(x: Array, *, shape: tuple[int, ...]) -> tuple[Array, Vjp]:
+def _reshape(x: Array, *, shape: tuple[int, ...]) -> tuple[Array, Vjp]:
     """``x.reshape(shape)`` (one entry may be ``-1``).  VJP: ``(g.reshape(x.shape),)``."""
 
     def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
         return (g.reshape(x.shape),)
 
     return x.reshape(shape), vjp
+
+
+reshape = builtin(
+    _reshape,
+    check=_check_reshape,
+    sample=elementwise(params=_reshape_params),
+    torch=lambda t, x, shape: x.reshape(shape),
+)
 
 
 def _check_transpose(x: Array, *, axes: object = None) -> Params:
@@ -59,12 +62,7 @@ def _torch_transpose(t: Any, x: Any, axes: tuple[int, ...] | None) -> Any:
     return x.permute(tuple(reversed(range(x.ndim))) if axes is None else axes)
 
 
-@builtin(
-    check=_check_transpose,
-    sample=elementwise(params=_transpose_params),
-    torch=_torch_transpose,
-)
-def transpose(x: Array, *, axes: tuple[int, ...] | None = None) -> tuple[Array, Vjp]:
+def _transpose(x: Array, *, axes: tuple[int, ...] | None = None) -> tuple[Array, Vjp]:
     """``np.transpose(x, axes)`` (``None`` reverses the axes).
     VJP: ``(np.transpose(g, argsort(axes)),)``."""
     inverse = None if axes is None else tuple(int(i) for i in np.argsort(axes))
@@ -73,6 +71,14 @@ def transpose(x: Array, *, axes: tuple[int, ...] | None = None) -> tuple[Array, 
         return (np.transpose(g, inverse),)
 
     return np.transpose(x, axes), vjp
+
+
+transpose = builtin(
+    _transpose,
+    check=_check_transpose,
+    sample=elementwise(params=_transpose_params),
+    torch=_torch_transpose,
+)
 
 
 # --- indexing -------------------------------------------------------------------------------------
@@ -135,12 +141,7 @@ def _torch_getitem(t: Any, x: Any, index: Any) -> Any:
     return x.reshape(-1)[t.from_numpy(np.array(positions))]  # a copy: no negative strides
 
 
-@builtin(
-    check=_check_getitem,
-    sample=elementwise(params=_getitem_params),
-    torch=_torch_getitem,
-)
-def getitem(x: Array, *, index: Any) -> tuple[Array, Vjp]:
+def _getitem(x: Array, *, index: Any) -> tuple[Array, Vjp]:
     """``x[index]``, NumPy's basic and integer-array (and bool) indexing.
     VJP: ``g`` put back at ``index`` in zeros of ``x``'s shape, repeated indices adding up."""
     parts = index if isinstance(index, tuple) else (index,)
@@ -155,6 +156,14 @@ def getitem(x: Array, *, index: Any) -> tuple[Array, Vjp]:
         return (grad,)
 
     return np.asarray(x[index]), vjp
+
+
+getitem = builtin(
+    _getitem,
+    check=_check_getitem,
+    sample=elementwise(params=_getitem_params),
+    torch=_torch_getitem,
+)
 
 
 def _check_concat(*xs: Array, axis: object = 0) -> Params:
@@ -209,12 +218,7 @@ def _concat_params(draw: Draw, *xs: Array) -> Params:
     return {"axis": draw.choice(_concat_axes(*xs))}
 
 
-@builtin(
-    check=_check_concat,
-    sample=Sample(_concat_inputs, _concat_params, fits=_concat_fits),
-    torch=lambda t, *xs, axis=0: t.cat(xs, dim=axis),
-)
-def concat(*xs: Array, axis: int = 0) -> tuple[Array, Vjp]:
+def _concat(*xs: Array, axis: int = 0) -> tuple[Array, Vjp]:
     """Join along ``axis`` (``np.concatenate``).  VJP: ``g`` cut back into the inputs' pieces."""
     cuts = np.cumsum([x.shape[axis] for x in xs])[:-1]
 
@@ -223,6 +227,14 @@ def concat(*xs: Array, axis: int = 0) -> tuple[Array, Vjp]:
         return tuple(piece if need else None for piece, need in zip(pieces, needs, strict=True))
 
     return np.concatenate(xs, axis=axis), vjp
+
+
+concat = builtin(
+    _concat,
+    check=_check_concat,
+    sample=Sample(_concat_inputs, _concat_params, fits=_concat_fits),
+    torch=lambda t, *xs, axis=0: t.cat(xs, dim=axis),
+)
 
 
 def _check_stack(*xs: Array, axis: object = 0) -> Params:
@@ -244,18 +256,21 @@ def _stack_params(draw: Draw, *xs: Array) -> Params:
     return {"axis": draw.choice(range(-xs[0].ndim - 1, xs[0].ndim + 1))}
 
 
-@builtin(
-    check=_check_stack,
-    sample=Sample(_stack_inputs, _stack_params, fits=lambda *xs: len({x.shape for x in xs}) == 1),
-    torch=lambda t, *xs, axis=0: t.stack(xs, dim=axis),
-)
-def stack(*xs: Array, axis: int = 0) -> tuple[Array, Vjp]:
+def _stack(*xs: Array, axis: int = 0) -> tuple[Array, Vjp]:
     """Stack along a new ``axis`` (``np.stack``).  VJP: ``g`` taken apart along that axis."""
 
     def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
         return tuple(np.take(g, i, axis=axis) if need else None for i, need in enumerate(needs))
 
     return np.stack(xs, axis=axis), vjp
+
+
+stack = builtin(
+    _stack,
+    check=_check_stack,
+    sample=Sample(_stack_inputs, _stack_params, fits=lambda *xs: len({x.shape for x in xs}) == 1),
+    torch=lambda t, *xs, axis=0: t.stack(xs, dim=axis),
+)
 
 
 def _check_embedding(weight: Array, ids: Array) -> None:
@@ -282,15 +297,7 @@ def _embedding_params(draw: Draw, weight: Array) -> Params:
     return {"ids": draw.ints(draw.shape(max_dims=2), 0, weight.shape[0])}
 
 
-@builtin(
-    check=_check_embedding,
-    data={"ids": "int"},
-    sample=Sample(
-        _embedding_inputs, _embedding_params, fits=lambda w: w.ndim == 2 and w.shape[0] > 0
-    ),
-    torch=lambda t, weight, ids: t.nn.functional.embedding(ids, weight),
-)
-def embedding(weight: Array, ids: Array) -> tuple[Array, Vjp]:
+def _embedding(weight: Array, ids: Array) -> tuple[Array, Vjp]:
     """Rows of ``weight [V, D]`` picked by integer ``ids [...]``: ``[..., D]``.
     VJP: ``(g scatter-added into the rows of ids, None)``: a row picked twice gets both."""
 
@@ -300,3 +307,14 @@ def embedding(weight: Array, ids: Array) -> tuple[Array, Vjp]:
         return grad, None
 
     return np.take(weight, ids, axis=0), vjp
+
+
+embedding = builtin(
+    _embedding,
+    check=_check_embedding,
+    data={"ids": "int"},
+    sample=Sample(
+        _embedding_inputs, _embedding_params, fits=lambda w: w.ndim == 2 and w.shape[0] > 0
+    ),
+    torch=lambda t, weight, ids: t.nn.functional.embedding(ids, weight),
+)
