@@ -578,3 +578,17 @@ def test_every_graph_method_records_a_node_named_after_its_op() -> None:
         "matmul": g.matmul(x, x),
     }
     assert {name: node.op for name, node in named.items()} == {name: name for name in named}
+
+
+def test_gelu_defaults_to_the_exact_form_and_names_a_bad_approximation() -> None:
+    x = np.array([-2.0, -0.5, 0.0, 1.5])
+    exact, _ = ops.gelu(x)  # the op called directly, with its default
+    np.testing.assert_allclose(exact, x * scipy.special.ndtr(x), rtol=1e-15)
+    tanh, _ = ops.gelu(x, approximate="tanh")
+    assert not np.array_equal(exact, tanh)
+    g = gl.Graph()
+    with pytest.raises(
+        ValueError, match=r"^gelu: approximate must be 'none' or 'tanh', got 'erf'$"
+    ):
+        g.gelu(g.constant(x), approximate="erf")
+    assert len(g) == 1  # the constant only: nothing recorded

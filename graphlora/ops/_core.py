@@ -14,6 +14,7 @@ import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol, TypeAlias, TypeVar, overload
 
 import numpy as np
@@ -430,17 +431,20 @@ def builtin(
 
 def broadcast_check(name: str) -> Callable[..., None]:
     """The check of a binary op with NumPy broadcasting: the two shapes must broadcast."""
+    return partial(_broadcast_check, name)  # the work in a plain function
 
-    def check(a: Array, b: Array) -> None:
-        if a.shape != b.shape:
-            try:
-                np.broadcast_shapes(a.shape, b.shape)
-            except ValueError:
-                raise ShapeError(
-                    f"{name}: shapes {a.shape} and {b.shape} do not broadcast together"
-                ) from None
 
-    return check
+def _broadcast_check(name: str, a: Array, b: Array) -> None:
+    # Checks are module-level functions bound to their op's name with partial, not closures
+    # made at import, so that mutation testing (which swaps functions as they are called)
+    # reaches their bodies.
+    if a.shape != b.shape:
+        try:
+            np.broadcast_shapes(a.shape, b.shape)
+        except ValueError:
+            raise ShapeError(
+                f"{name}: shapes {a.shape} and {b.shape} do not broadcast together"
+            ) from None
 
 
 def wrap_function(

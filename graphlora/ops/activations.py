@@ -4,7 +4,7 @@ silu erf gelu``, ``softmax log_softmax`` (along one axis, numerically stable).""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import scipy.special
@@ -142,12 +142,12 @@ def _gelu(x: Array, *, approximate: str = "none") -> tuple[Array, Vjp]:
         t += _SQRT_2_OVER_PI
         t *= x
         np.tanh(t, out=t)
-        out = np.add(t, 1.0, out=np.empty_like(x))
+        out = t + 1.0
         out *= 0.5
         out *= x
 
         def vjp_tanh(g: Array, needs: tuple[bool, ...]) -> Grads:
-            du = np.square(x, out=np.empty_like(x))  # du/dx = sqrt(2/pi) (1 + 3 0.044715 x**2)
+            du = np.square(x)  # becomes du/dx = sqrt(2/pi) (1 + 3 0.044715 x**2)
             du *= _SQRT_2_OVER_PI * 3 * 0.044715
             du += _SQRT_2_OVER_PI
             grad = np.square(t, out=np.empty_like(x))  # 0.5 (1 + t + x (1 - t**2) du)
@@ -185,11 +185,8 @@ gelu = builtin(
 )
 
 
-def _check_axis(name: str) -> Callable[..., None]:
-    def check(x: Array, *, axis: object = -1) -> None:
-        one_axis(name, axis, x.shape)  # a valid axis; negative ones are NumPy's to read
-
-    return check
+def _check_axis(name: str, x: Array, *, axis: object = -1) -> None:
+    one_axis(name, axis, x.shape)  # a valid axis; negative ones are NumPy's to read
 
 
 def _axis_params(draw: Draw, x: Array) -> Params:
@@ -212,7 +209,7 @@ def _softmax(x: Array, *, axis: int = -1) -> tuple[Array, Vjp]:
 
 softmax = builtin(
     _softmax,
-    check=_check_axis("softmax"),
+    check=partial(_check_axis, "softmax"),
     sample=elementwise(min_dims=1, params=_axis_params),
     torch=lambda t, x, axis: t.softmax(x, dim=axis),
 )
@@ -245,7 +242,7 @@ def _log_softmax(x: Array, *, axis: int = -1) -> tuple[Array, Vjp]:
 
 log_softmax = builtin(
     _log_softmax,
-    check=_check_axis("log_softmax"),
+    check=partial(_check_axis, "log_softmax"),
     sample=elementwise(min_dims=1, params=_axis_params),
     torch=lambda t, x, axis: t.log_softmax(x, dim=axis),
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -24,13 +25,15 @@ def expand_reduced(g: Array, shape: tuple[int, ...], axis: tuple[int, ...] | Non
 def reduction_check(name: str) -> Callable[..., Params | None]:
     """The check of a reduction: ``axis`` normalised to a sorted tuple (or None), a bool
     ``keepdims``."""
+    return partial(_reduction_check, name)  # a plain function, which mutation testing reaches
 
-    def check(x: Array, *, axis: object = None, keepdims: object = False) -> Params | None:
-        if axis is None and keepdims is False:
-            return None  # over every axis: nothing to normalise
-        return {"axis": axes(name, axis, x.shape), "keepdims": flag(name, "keepdims", keepdims)}
 
-    return check
+def _reduction_check(
+    name: str, x: Array, *, axis: object = None, keepdims: object = False
+) -> Params | None:
+    if axis is None and keepdims is False:
+        return None  # over every axis: nothing to normalise
+    return {"axis": axes(name, axis, x.shape), "keepdims": flag(name, "keepdims", keepdims)}
 
 
 def reduction_params(draw: Draw, x: Array) -> Params:
@@ -97,23 +100,20 @@ mean = builtin(
 )
 
 
-def _check_extreme(name: str) -> Callable[..., Params | None]:
-    """The check of ``max``/``min``: a reduction, over no axis of size 0 (NumPy and PyTorch
-    refuse those: there is nothing to take the largest of)."""
-    normalise = reduction_check(name)
-
-    def check(x: Array, *, axis: object = None, keepdims: object = False) -> Params | None:
-        params = normalise(x, axis=axis, keepdims=keepdims)
-        reduced = range(x.ndim) if params is None or params["axis"] is None else params["axis"]
-        empty = [a for a in reduced if x.shape[a] == 0]
-        if empty or (x.size == 0 and (params is None or params["axis"] is None)):
-            raise ShapeError(
-                f"{name}: cannot reduce over an axis of size 0 (axis {empty or 'all'} of shape "
-                f"{x.shape}); there is no {name} of nothing"
-            )
-        return params
-
-    return check
+def _check_extreme(
+    name: str, x: Array, *, axis: object = None, keepdims: object = False
+) -> Params | None:
+    """The check of ``max``/``min`` (bound to the name with ``partial``): a reduction, over no
+    axis of size 0 (NumPy and PyTorch refuse those: there is nothing to take the largest of)."""
+    params = _reduction_check(name, x, axis=axis, keepdims=keepdims)
+    reduced = range(x.ndim) if params is None or params["axis"] is None else params["axis"]
+    empty = [a for a in reduced if x.shape[a] == 0]
+    if empty or (x.size == 0 and (params is None or params["axis"] is None)):
+        raise ShapeError(
+            f"{name}: cannot reduce over an axis of size 0 (axis {empty or 'all'} of shape "
+            f"{x.shape}); there is no {name} of nothing"
+        )
+    return params
 
 
 def _distinct_inputs(draw: Draw) -> tuple[Array | None, ...]:
@@ -160,7 +160,7 @@ def _max(
 
 max = builtin(
     _max,
-    check=_check_extreme("max"),
+    check=partial(_check_extreme, "max"),
     sample=Sample(_distinct_inputs, _extreme_params, fits=_spread),
     torch=lambda t, x, axis=None, keepdims=False: torch_reduce(t.amax, x, axis, keepdims),
 )
@@ -177,7 +177,7 @@ def _min(
 
 min = builtin(
     _min,
-    check=_check_extreme("min"),
+    check=partial(_check_extreme, "min"),
     sample=Sample(_distinct_inputs, _extreme_params, fits=_spread),
     torch=lambda t, x, axis=None, keepdims=False: torch_reduce(t.amin, x, axis, keepdims),
 )
