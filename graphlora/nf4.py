@@ -172,4 +172,4 @@ def _nf4_matmul(x: Array, *, weight: Any) -> tuple[Array, Vjp]:
     return out, vjp
 
 
-nf4_matmul = op(_nf4_matmul, check=_check_nf4_matmul, sample=Sample(_nf4_inputs, _nf4_params))
+nf4_matmul = op(check=_check_nf4_matmul, sample=Sample(_nf4_inputs, _nf4_params))(_nf4_matmul)

@@ -144,8 +144,7 @@ def _lora_linear(
 
 
 lora_linear = op(
-    _lora_linear,
     check=_check_lora_linear,
     sample=Sample(_lora_linear_inputs, _lora_linear_params),
     torch=_torch_lora_linear,
-)
+)(_lora_linear)

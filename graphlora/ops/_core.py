@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol, TypeAlias, TypeVar, overload
+from typing import Any, Protocol, TypeAlias, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -330,9 +330,7 @@ def check_kinds(op: OpDef, values: Sequence[Any]) -> None:
             )
 
 
-@overload
 def op(
-    forward: Op,
     *,
     check: Callable[..., Params | None] | None = None,
     data: Mapping[str, str] | None = None,
@@ -340,34 +338,9 @@ def op(
     torch: Callable[..., Any] | None = None,
     smooth: bool = True,
     name: str | None = None,
-) -> OpDef: ...
-
-
-@overload
-def op(
-    forward: None = None,
-    *,
-    check: Callable[..., Params | None] | None = None,
-    data: Mapping[str, str] | None = None,
-    sample: Sample | None = None,
-    torch: Callable[..., Any] | None = None,
-    smooth: bool = True,
-    name: str | None = None,
-) -> Callable[[Op], OpDef]: ...
-
-
-def op(
-    forward: Op | None = None,
-    *,
-    check: Callable[..., Params | None] | None = None,
-    data: Mapping[str, str] | None = None,
-    sample: Sample | None = None,
-    torch: Callable[..., Any] | None = None,
-    smooth: bool = True,
-    name: str | None = None,
-) -> OpDef | Callable[[Op], OpDef]:
+) -> Callable[[Op], OpDef]:
     """Make a function ``f(*arrays, **params) -> (out, vjp)`` into an ``OpDef``: as a decorator,
-    ``@op(...)``, or called on the function, ``cube = op(_cube, ...)``. The op is named after
+    ``@op(...)``, or applied after the function, ``cube = op(...)(_cube)``. The op is named after
     the function, without a leading underscore, unless ``name`` says otherwise.
 
     Inputs are ``f``'s parameters before ``*`` (a default of ``None`` makes one optional);
@@ -400,7 +373,7 @@ def op(
             smooth=smooth,
         )
 
-    return define if forward is None else define(forward)
+    return define
 
 
 OPS: dict[str, OpDef] = {}
@@ -416,13 +389,13 @@ def builtin(
     torch: Callable[..., Any] | None = None,
     smooth: bool = True,
 ) -> OpDef:
-    """``op(forward, ...)`` for graphlora's own ops, which also adds the op to ``OPS``.
+    """``op(...)(forward)`` for graphlora's own ops, which also adds the op to ``OPS``.
 
     Built-in ops are registered by a call after their function (``relu = builtin(_relu,
     ...)``), as HIPS autograd registers its VJPs, rather than by a decorator: mutation testing
     (mutmut) leaves decorated functions out, and an op's forward and VJP are what it must reach.
     """
-    definition = op(forward, check=check, data=data, sample=sample, torch=torch, smooth=smooth)
+    definition = op(check=check, data=data, sample=sample, torch=torch, smooth=smooth)(forward)
     if definition.name in OPS:
         raise ValueError(f"builtin: {definition.name!r} is already in the catalogue")
     OPS[definition.name] = definition
