@@ -23,8 +23,8 @@ import numpy.typing as npt
 import scipy.stats
 
 from graphlora import _checks
-from graphlora.errors import ShapeError
 from graphlora.ops import Array, Draw, Grads, Params, Sample, Vjp, op
+from graphlora.ops.linalg import check_dense
 
 __all__ = ["NF4_LEVELS", "NF4Weight", "nf4_matmul", "normal_float_levels"]
 
@@ -139,11 +139,7 @@ def _check_nf4_matmul(x: Array, *, weight: object) -> None:
     where = "nf4_matmul"
     if not isinstance(weight, NF4Weight):
         raise TypeError(f"{where}: weight must be an NF4Weight, got {type(weight).__name__}")
-    if x.ndim == 0 or len(weight.shape) != 2 or x.shape[-1] != weight.shape[0]:
-        raise ShapeError(
-            f"{where}: x {x.shape} needs a weight [in, out] with in = x's last axis, got "
-            f"{weight.shape}"
-        )
+    check_dense(where, x, weight.shape)
 
 
 def _nf4_inputs(draw: Draw) -> tuple[Array | None, ...]:

@@ -101,12 +101,18 @@ matmul = builtin(
 )
 
 
-def _check_linear(x: Array, weight: Array, bias: Array | None = None) -> None:
-    if x.ndim == 0 or weight.ndim != 2 or x.shape[-1] != weight.shape[0]:
+def check_dense(name: str, x: Array, weight_shape: tuple[int, ...]) -> None:
+    """Refuse a weight that is not ``[in, out]`` with ``in`` = ``x``'s last axis (or a 0-d x),
+    naming the op ``name`` and both shapes: the check of ``linear`` and of other dense ops."""
+    if x.ndim == 0 or len(weight_shape) != 2 or x.shape[-1] != weight_shape[0]:
         raise ShapeError(
-            f"linear: x {x.shape} needs a weight [in, out] with in = x's last axis, got "
-            f"{weight.shape}"
+            f"{name}: x {x.shape} needs a weight [in, out] with in = x's last axis, got "
+            f"{weight_shape}"
         )
+
+
+def _check_linear(x: Array, weight: Array, bias: Array | None = None) -> None:
+    check_dense("linear", x, weight.shape)
     if bias is not None and bias.shape != weight.shape[1:]:
         raise ShapeError(
             f"linear: bias has shape {bias.shape}; the weight {weight.shape} needs "
