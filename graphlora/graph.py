@@ -163,22 +163,23 @@ class NodeId:
     @property
     def shape(self) -> tuple[int, ...]:
         """The shape of the node's value."""
-        value, epoch = self._value, self._epoch
-        if value is None or (epoch != _LEAF and epoch != self._graph._epoch):  # not _stale(): hot
-            raise StaleNodeError(f"{self!r} was recorded before a reset; its value is gone")
-        return value.shape
+        return self._live().shape
 
     @property
     def dtype(self) -> np.dtype[Any]:
         """The dtype of the node's value: the graph's float dtype, or a data leaf's own."""
-        value, epoch = self._value, self._epoch
-        if value is None or (epoch != _LEAF and epoch != self._graph._epoch):  # not _stale(): hot
-            raise StaleNodeError(f"{self!r} was recorded before a reset; its value is gone")
-        return value.dtype
+        return self._live().dtype
 
     def _stale(self) -> bool:
         """Recorded before the last ``reset`` (its value may linger a while: see ``reset``)."""
         return self._epoch != _LEAF and self._epoch != self._graph._epoch
+
+    def _live(self) -> Array:
+        """The node's value, or a ``StaleNodeError`` if it was recorded before a reset."""
+        if self._stale():
+            raise StaleNodeError(f"{self!r} was recorded before a reset; its value is gone")
+        assert self._value is not None  # live nodes always hold one
+        return self._value
 
     def __repr__(self) -> str:
         name = f", name={self._name!r}" if self._name is not None else ""
@@ -527,10 +528,8 @@ class Graph(OpMethods):
             _release(node)
         retired.clear()
         if self._held < _REUSE_BYTES:
-            for node in self._tape:  # free it all now (written out: small graphs reset often)
-                node._value = node._grad = node._g = None
-                node._vjp = node._fn = node._params = None
-                node._inputs = ()
+            for node in self._tape:  # free it all now
+                _release(node)
         else:
             for node in self._tape:
                 node._grad = node._g = node._params = None
@@ -753,9 +752,8 @@ class Graph(OpMethods):
         tape.append(node)
         self._held += out.nbytes
         retired = self._retired
-        if retired:  # free one op of the last reset (see reset); inline: this runs per op
-            old = retired.pop()
-            old._value = old._vjp = old._fn = None
+        if retired:  # free one op of the last reset (see reset)
+            _release(retired.pop())
         return node
 
     # --- replay and backward ------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
@@ -194,7 +195,6 @@ def test_reset_drops_ops_keeps_leaves_and_makes_old_ids_stale() -> None:
 
 
 def test_reset_frees_the_dropped_ops_arrays_as_the_next_recording_goes() -> None:
-    tracemalloc = pytest.importorskip("tracemalloc")
     g = gl.Graph()
     w = g.parameter(np.ones(1_000_000), name="w")  # 8 MB an op: over the 4 MiB from which
     # the next recording frees them
@@ -222,7 +222,6 @@ def test_reset_frees_the_dropped_ops_arrays_as_the_next_recording_goes() -> None
 
 
 def test_reset_frees_a_small_recording_at_once() -> None:
-    tracemalloc = pytest.importorskip("tracemalloc")
     g = gl.Graph()
     w = g.parameter(np.ones(100_000), name="w")  # 0.8 MB an op: 1.6 MB in all, under 4 MiB
     tracemalloc.start()
