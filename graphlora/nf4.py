@@ -59,9 +59,18 @@ def normal_float_levels(offset: float = 0.9677083) -> npt.NDArray[np.float64]:
     N(0, 1), between probability ``offset`` and 1/2, with an exact 0, scaled to ``[-1, 1]``.
 
     The default ``offset`` is QLoRA's; ``NF4_LEVELS`` holds the result as published.
+
+    Raises
+    ------
+    ValueError
+        For an ``offset`` outside ``(0.5, 1)``, where the quantiles are not finite and distinct.
     """
-    positive = scipy.stats.norm.ppf(np.linspace(offset, 0.5, 9)[:-1])
-    negative = -scipy.stats.norm.ppf(np.linspace(offset, 0.5, 8)[:-1])
+    where = "normal_float_levels"
+    top = _checks.real_scalar(where, "offset", offset)
+    if not 0.5 < top < 1.0:
+        raise ValueError(f"{where}: offset must be in (0.5, 1), got {offset!r}")
+    positive = scipy.stats.norm.ppf(np.linspace(top, 0.5, 9)[:-1])
+    negative = -scipy.stats.norm.ppf(np.linspace(top, 0.5, 8)[:-1])
     levels = np.sort(np.concatenate([negative, [0.0], positive]))
     scaled: npt.NDArray[np.float64] = levels / levels.max()
     return scaled

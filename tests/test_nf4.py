@@ -28,6 +28,11 @@ def test_the_published_levels_are_the_normal_quantiles_of_the_paper() -> None:
     np.testing.assert_allclose(derived, NF4_LEVELS, rtol=0, atol=1e-6)
     assert NF4_LEVELS[0] == -1.0 and NF4_LEVELS[7] == 0.0 and NF4_LEVELS[15] == 1.0
     assert np.all(np.diff(NF4_LEVELS) > 0)
+    for offset in (0.5, 1.0, 1.2):
+        with pytest.raises(
+            ValueError, match=re.escape(f"offset must be in (0.5, 1), got {offset}")
+        ):
+            normal_float_levels(offset)
 
 
 @given(w=weights, block_size=st.sampled_from([2, 4, 6, 64]))

@@ -592,3 +592,21 @@ def test_gelu_defaults_to_the_exact_form_and_names_a_bad_approximation() -> None
     ):
         g.gelu(g.constant(x), approximate="erf")
     assert len(g) == 1  # the constant only: nothing recorded
+
+
+def test_linear_refuses_shapes_that_do_not_fit_and_records_nothing() -> None:
+    g = gl.Graph()
+    x, w = g.constant(np.ones((2, 3))), g.constant(np.ones((3, 4)))
+    cases = [
+        (
+            g.constant(np.ones((4, 3))),
+            None,
+            "linear: x (2, 3) needs a weight [in, out] with in = x's last axis, got (4, 3)",
+        ),
+        (w, g.constant(np.ones(3)), "linear: bias has shape (3,); the weight (3, 4) needs (4,)"),
+    ]
+    for weight, bias, message in cases:
+        before = len(g)
+        with pytest.raises(gl.ShapeError, match=re.escape(message)):
+            g.linear(x, weight, bias)
+        assert len(g) == before
