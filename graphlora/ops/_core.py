@@ -75,7 +75,7 @@ def swap(a: Array) -> Array:
 # --- drawing safe inputs, for tests and strategies ----------------------------------------------
 
 
-class Draw(Protocol):
+class Draw(Protocol):  # pragma: no mutate block
     """What a ``Sample`` draws with: small choices, shapes and arrays.
 
     ``graphlora.testing.strategies.op_examples`` gives one backed by Hypothesis, so that failing
@@ -120,7 +120,7 @@ class Draw(Protocol):
         ...
 
 
-def _no_params(draw: Draw, *inputs: Array | None) -> Params:
+def _no_params(draw: Draw, *inputs: Array | None) -> Params:  # pragma: no mutate block
     return {}
 
 
@@ -146,7 +146,7 @@ def elementwise(
     away: float = 0.0,
     params: Callable[..., Params] = _no_params,
     min_dims: int = 0,
-) -> Sample:
+) -> Sample:  # pragma: no mutate block
     """One float input of any shape, safe on ``[low, high]`` away from 0 by ``away``; drawn in
     that range clipped to ``[-3, 3]``."""
 
@@ -164,7 +164,7 @@ def elementwise(
     return Sample(inputs, params, fits)
 
 
-def broadcasting(away_b: float = 0.0) -> Sample:
+def broadcasting(away_b: float = 0.0) -> Sample:  # pragma: no mutate block
     """Two float inputs whose shapes broadcast; the second away from 0 by ``away_b``."""
 
     def inputs(draw: Draw) -> tuple[Array | None, ...]:
@@ -388,7 +388,7 @@ def builtin(
     sample: Sample | None = None,
     torch: Callable[..., Any] | None = None,
     smooth: bool = True,
-) -> OpDef:
+) -> OpDef:  # pragma: no mutate block
     """``op(...)(forward)`` for graphlora's own ops, which also adds the op to ``OPS``.
 
     Built-in ops are registered by a call after their function (``relu = builtin(_relu,

@@ -124,7 +124,7 @@ def _check_gelu(x: Array, *, approximate: object = "none") -> None:
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
 
 
-def _gelu_params(draw: Draw, x: Array) -> Params:
+def _gelu_params(draw: Draw, x: Array) -> Params:  # pragma: no mutate block
     return {"approximate": draw.choice(["none", "tanh"])}
 
 
@@ -189,7 +189,7 @@ def _check_axis(name: str, x: Array, *, axis: object = -1) -> None:
     one_axis(name, axis, x.shape)  # a valid axis; negative ones are NumPy's to read
 
 
-def _axis_params(draw: Draw, x: Array) -> Params:
+def _axis_params(draw: Draw, x: Array) -> Params:  # pragma: no mutate block
     return {"axis": draw.choice(list(range(-x.ndim, x.ndim)))}
 
 

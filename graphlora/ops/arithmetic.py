@@ -97,7 +97,7 @@ def _check_scale(x: Array, *, c: object) -> Params | None:
     return None if type(c) is float else {"c": real_scalar("scale", "c", c)}
 
 
-def _scale_params(draw: Draw, x: Array) -> Params:
+def _scale_params(draw: Draw, x: Array) -> Params:  # pragma: no mutate block
     return {"c": draw.choice([-1.5, -0.5, 0.5, 2.0])}
 
 
@@ -134,12 +134,12 @@ def _check_pow(x: Array, *, p: object) -> Params | None:
     return None if type(p) is float else {"p": real_scalar("pow", "p", p)}
 
 
-def _pow_params(draw: Draw, x: Array) -> Params:
+def _pow_params(draw: Draw, x: Array) -> Params:  # pragma: no mutate block
     positive = x.size == 0 or bool(x.min() >= 0.25)  # fractional and negative powers need x > 0
     return {"p": draw.choice([-1.5, -1.0, 0.0, 0.5, 1.0, 2.0, 3.0] if positive else [2.0, 3.0])}
 
 
-def _pow_inputs(draw: Draw) -> tuple[Array | None, ...]:
+def _pow_inputs(draw: Draw) -> tuple[Array | None, ...]:  # pragma: no mutate block
     return (draw.floats(draw.shape(), 0.5, 2.0),)
 
 
@@ -162,7 +162,7 @@ pow = builtin(
 )
 
 
-def _distinct_pair(draw: Draw) -> tuple[Array | None, ...]:
+def _distinct_pair(draw: Draw) -> tuple[Array | None, ...]:  # pragma: no mutate block
     """Two broadcasting inputs with no ties between them (a tie is a kink of max/min)."""
     shape_a, shape_b = draw.broadcastable(2)
     size_a = int(np.prod(shape_a))
@@ -170,7 +170,7 @@ def _distinct_pair(draw: Draw) -> tuple[Array | None, ...]:
     return values[:size_a].reshape(shape_a), values[size_a:].reshape(shape_b)
 
 
-def _no_ties(a: Array, b: Array) -> bool:
+def _no_ties(a: Array, b: Array) -> bool:  # pragma: no mutate block
     try:
         return bool(np.all(np.abs(a - b) >= 0.01))
     except ValueError:  # shapes that do not broadcast
@@ -234,7 +234,7 @@ def _check_where(cond: Array, a: Array, b: Array) -> None:
         ) from None
 
 
-def _where_params(draw: Draw, a: Array, b: Array) -> Params:
+def _where_params(draw: Draw, a: Array, b: Array) -> Params:  # pragma: no mutate block
     return {"cond": draw.bools(np.broadcast_shapes(a.shape, b.shape))}
 
 

@@ -55,7 +55,7 @@ def _check_attention(
     }
 
 
-def _attention_inputs(draw: Draw) -> tuple[Array | None, ...]:
+def _attention_inputs(draw: Draw) -> tuple[Array | None, ...]:  # pragma: no mutate block
     batch = draw.shape(max_dims=2, max_side=2)
     tq, tk, d, dv = draw.shape(min_dims=4, max_dims=4, max_side=3)
     return (
@@ -65,7 +65,7 @@ def _attention_inputs(draw: Draw) -> tuple[Array | None, ...]:
     )
 
 
-def _attention_fits(q: Array, k: Array, v: Array) -> bool:
+def _attention_fits(q: Array, k: Array, v: Array) -> bool:  # pragma: no mutate block
     if min(q.ndim, k.ndim, v.ndim) < 2 or q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
         return False
     try:
@@ -75,7 +75,9 @@ def _attention_fits(q: Array, k: Array, v: Array) -> bool:
     return True
 
 
-def _attention_params(draw: Draw, q: Array, k: Array, v: Array) -> Params:
+def _attention_params(
+    draw: Draw, q: Array, k: Array, v: Array
+) -> Params:  # pragma: no mutate block
     params: Params = {
         "causal": draw.choice([False, True]),
         "scale": draw.choice([None, 0.5]),
@@ -87,7 +89,7 @@ def _attention_params(draw: Draw, q: Array, k: Array, v: Array) -> Params:
 
 def _torch_attention(
     t: Any, q: Any, k: Any, v: Any, mask: Any = None, causal: bool = False, scale: Any = None
-) -> Any:
+) -> Any:  # pragma: no mutate block
     if causal:  # PyTorch takes a mask or is_causal, not both: fold the causal part in
         tril = t.ones(q.shape[-2], k.shape[-2], dtype=t.bool).tril()
         mask = tril if mask is None else mask & tril

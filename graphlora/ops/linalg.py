@@ -38,7 +38,7 @@ def _check_matmul(a: Array, b: Array) -> None:
             ) from None
 
 
-def _matmul_inputs(draw: Draw) -> tuple[Array | None, ...]:
+def _matmul_inputs(draw: Draw) -> tuple[Array | None, ...]:  # pragma: no mutate block
     n, k, m = draw.shape(min_dims=3, max_dims=3)
     batch_a, batch_b = draw.broadcastable(2, max_dims=2)
     a_shape: tuple[int, ...] = (*batch_a, n, k)
@@ -51,7 +51,7 @@ def _matmul_inputs(draw: Draw) -> tuple[Array | None, ...]:
     return draw.floats(a_shape), draw.floats(b_shape)
 
 
-def _matmul_fits(a: Array, b: Array) -> bool:
+def _matmul_fits(a: Array, b: Array) -> bool:  # pragma: no mutate block
     return 1 <= a.ndim <= 2 and 1 <= b.ndim <= 2 and a.shape[-1] == b.shape[-2 if b.ndim > 1 else 0]
 
 
@@ -120,11 +120,11 @@ def _check_linear(x: Array, weight: Array, bias: Array | None = None) -> None:
         )
 
 
-def _linear_fits(x: Array, weight: Array) -> bool:
+def _linear_fits(x: Array, weight: Array) -> bool:  # pragma: no mutate block
     return x.ndim >= 1 and weight.ndim == 2 and weight.shape[0] == x.shape[-1]
 
 
-def _linear_inputs(draw: Draw) -> tuple[Array | None, ...]:
+def _linear_inputs(draw: Draw) -> tuple[Array | None, ...]:  # pragma: no mutate block
     *batch, n_in, n_out = draw.shape(min_dims=2, max_dims=4)
     bias = draw.floats((n_out,)) if draw.choice([False, True]) else None
     return draw.floats((*batch, n_in)), draw.floats((n_in, n_out)), bias

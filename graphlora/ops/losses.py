@@ -22,7 +22,7 @@ def _check_mse_loss(pred: Array, target: Array) -> None:
         )
 
 
-def _same_shape_inputs(draw: Draw) -> tuple[Array | None, ...]:
+def _same_shape_inputs(draw: Draw) -> tuple[Array | None, ...]:  # pragma: no mutate block
     shape = draw.shape()
     return draw.floats(shape), draw.floats(shape)
 
@@ -87,13 +87,13 @@ def _check_cross_entropy(
     return {"ignore_index": int(ignore_index), "label_smoothing": min(smoothing, 1.0)}
 
 
-def _logits_inputs(draw: Draw) -> tuple[Array | None, ...]:
+def _logits_inputs(draw: Draw) -> tuple[Array | None, ...]:  # pragma: no mutate block
     batch = draw.shape(max_dims=2)
     classes = draw.shape(min_dims=1, max_dims=1, min_side=1)
     return (draw.floats(batch + classes),)
 
 
-def _cross_entropy_params(draw: Draw, logits: Array) -> Params:
+def _cross_entropy_params(draw: Draw, logits: Array) -> Params:  # pragma: no mutate block
     *batch, classes = logits.shape
     labels = draw.ints(tuple(batch), 0, classes)
     if labels.size > 1 and draw.choice([False, True]):
@@ -103,7 +103,7 @@ def _cross_entropy_params(draw: Draw, logits: Array) -> Params:
 
 def _torch_cross_entropy(
     t: Any, logits: Any, labels: Any, ignore_index: int = -100, label_smoothing: float = 0.0
-) -> Any:
+) -> Any:  # pragma: no mutate block
     classes = logits.shape[-1]
     return t.nn.functional.cross_entropy(
         logits.reshape(-1, classes),
@@ -181,7 +181,7 @@ def _check_dropout(x: Array, *, p: object, rng: object = None) -> Params:
     return {"p": probability("dropout", "p", p), "rng": check_rng("dropout", rng)}
 
 
-def _dropout_params(draw: Draw, x: Array) -> Params:
+def _dropout_params(draw: Draw, x: Array) -> Params:  # pragma: no mutate block
     return {"p": draw.choice([0.25, 0.5, 0.9]), "rng": draw.choice(range(1000))}
 
 

@@ -34,19 +34,19 @@ def _check_layer_norm(
     return _check_norm("layer_norm", x, (weight, bias), eps)
 
 
-def _norm_inputs(draw: Draw) -> tuple[Array | None, ...]:
+def _norm_inputs(draw: Draw) -> tuple[Array | None, ...]:  # pragma: no mutate block
     shape = draw.shape(min_dims=1)
     optional = [draw.floats(shape[-1:]) if draw.choice([False, True]) else None for _ in "wb"]
     return (draw.floats(shape), *optional)
 
 
-def _eps(draw: Draw, *inputs: Array | None) -> Params:
+def _eps(draw: Draw, *inputs: Array | None) -> Params:  # pragma: no mutate block
     return {"eps": draw.choice([1e-5, 0.1])}
 
 
 def _torch_layer_norm(
     t: Any, x: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5
-) -> Any:
+) -> Any:  # pragma: no mutate block
     return t.nn.functional.layer_norm(x, x.shape[-1:], weight, bias, eps)
 
 
@@ -97,7 +97,7 @@ def _check_rms_norm(x: Array, weight: Array | None = None, *, eps: object = 1e-6
     return _check_norm("rms_norm", x, (weight,), eps)
 
 
-def _rms_inputs(draw: Draw) -> tuple[Array | None, ...]:
+def _rms_inputs(draw: Draw) -> tuple[Array | None, ...]:  # pragma: no mutate block
     shape = draw.shape(min_dims=1)
     return draw.floats(shape), draw.floats(shape[-1:]) if draw.choice([False, True]) else None
 

@@ -36,7 +36,7 @@ def _reduction_check(
     return {"axis": axes(name, axis, x.shape), "keepdims": flag(name, "keepdims", keepdims)}
 
 
-def reduction_params(draw: Draw, x: Array) -> Params:
+def reduction_params(draw: Draw, x: Array) -> Params:  # pragma: no mutate block
     """``axis`` as None, one axis or a tuple of distinct axes; ``keepdims`` either way."""
     choices: list[Any] = [None]
     if x.ndim:
@@ -46,7 +46,9 @@ def reduction_params(draw: Draw, x: Array) -> Params:
     return {"axis": draw.choice(choices), "keepdims": draw.choice([False, True])}
 
 
-def torch_reduce(reduce: Any, x: Any, axis: tuple[int, ...] | None, keepdims: bool) -> Any:
+def torch_reduce(
+    reduce: Any, x: Any, axis: tuple[int, ...] | None, keepdims: bool
+) -> Any:  # pragma: no mutate block
     """``reduce`` (``torch.sum``, ``torch.amax``, ...) with NumPy's meaning of ``axis``: torch
     reads an empty ``dim`` as every axis, NumPy as none."""
     if axis is None:
@@ -116,16 +118,16 @@ def _check_extreme(
     return params
 
 
-def _distinct_inputs(draw: Draw) -> tuple[Array | None, ...]:
+def _distinct_inputs(draw: Draw) -> tuple[Array | None, ...]:  # pragma: no mutate block
     return (draw.distinct(draw.shape()),)
 
 
-def _spread(x: Array) -> bool:
+def _spread(x: Array) -> bool:  # pragma: no mutate block
     """No two elements within 0.01 of each other: far from the ties where max has a kink."""
     return x.size > 0 and (x.size == 1 or bool(np.diff(np.sort(x, axis=None)).min() >= 0.01))
 
 
-def _extreme_params(draw: Draw, x: Array) -> Params:
+def _extreme_params(draw: Draw, x: Array) -> Params:  # pragma: no mutate block
     """As ``reduction_params``, over no axis of size 0."""
     if x.size:
         return reduction_params(draw, x)
@@ -190,7 +192,9 @@ def _check_logsumexp(x: Array, *, axis: object = -1, keepdims: object = False) -
     }
 
 
-def _torch_logsumexp(t: Any, x: Any, axis: Any = -1, keepdims: bool = False) -> Any:
+def _torch_logsumexp(
+    t: Any, x: Any, axis: Any = -1, keepdims: bool = False
+) -> Any:  # pragma: no mutate block
     dims = tuple(range(x.ndim)) if axis is None else axis
     if dims == ():
         return x * 1
@@ -241,7 +245,7 @@ def _check_var(
     }
 
 
-def _var_params(draw: Draw, x: Array) -> Params:
+def _var_params(draw: Draw, x: Array) -> Params:  # pragma: no mutate block
     params = reduction_params(draw, x)
     reduced = range(x.ndim) if params["axis"] is None else np.atleast_1d(params["axis"])
     count = math.prod(x.shape[a] for a in reduced)
@@ -249,7 +253,9 @@ def _var_params(draw: Draw, x: Array) -> Params:
     return params
 
 
-def _torch_var(t: Any, x: Any, axis: Any = None, keepdims: bool = False, ddof: int = 0) -> Any:
+def _torch_var(
+    t: Any, x: Any, axis: Any = None, keepdims: bool = False, ddof: int = 0
+) -> Any:  # pragma: no mutate block
     if axis is None:
         out = t.var(x, correction=ddof)
         return out.reshape((1,) * x.ndim) if keepdims else out

@@ -16,7 +16,7 @@ def _check_reshape(x: Array, *, shape: object) -> Params:
     return {"shape": resolve_shape("reshape", shape, x.shape)}
 
 
-def _reshape_params(draw: Draw, x: Array) -> Params:
+def _reshape_params(draw: Draw, x: Array) -> Params:  # pragma: no mutate block
     targets: list[Any] = [(-1,), (1, x.size), tuple(reversed(x.shape))]
     if x.size:
         targets.append((x.size, -1))
@@ -52,13 +52,15 @@ def _check_transpose(x: Array, *, axes: object = None) -> Params:
     return {"axes": tuple(a % ndim for a in perm)}
 
 
-def _transpose_params(draw: Draw, x: Array) -> Params:
+def _transpose_params(draw: Draw, x: Array) -> Params:  # pragma: no mutate block
     reverse = tuple(range(x.ndim))[::-1]
     rotate = (*range(1, x.ndim), 0) if x.ndim else ()
     return {"axes": draw.choice([None, reverse, rotate])}
 
 
-def _torch_transpose(t: Any, x: Any, axes: tuple[int, ...] | None) -> Any:
+def _torch_transpose(
+    t: Any, x: Any, axes: tuple[int, ...] | None
+) -> Any:  # pragma: no mutate block
     return x.permute(tuple(reversed(range(x.ndim))) if axes is None else axes)
 
 
@@ -118,7 +120,7 @@ def _check_getitem(x: Array, *, index: Any) -> Params:
     return {"index": index}
 
 
-def _getitem_params(draw: Draw, x: Array) -> Params:
+def _getitem_params(draw: Draw, x: Array) -> Params:  # pragma: no mutate block
     if x.ndim == 0:
         return {"index": draw.choice([(), Ellipsis, None])}
     side = x.shape[0]
@@ -134,7 +136,7 @@ def _getitem_params(draw: Draw, x: Array) -> Params:
     return {"index": draw.choice(choices)}
 
 
-def _torch_getitem(t: Any, x: Any, index: Any) -> Any:
+def _torch_getitem(t: Any, x: Any, index: Any) -> Any:  # pragma: no mutate block
     """``x[index]`` in PyTorch, for any NumPy index (PyTorch has no negative steps): the flat
     positions NumPy's index picks, gathered from the flattened tensor."""
     positions = np.arange(int(np.prod(x.shape)), dtype=np.int64).reshape(tuple(x.shape))[index]
@@ -186,7 +188,7 @@ def _check_concat(*xs: Array, axis: object = 0) -> Params:
     return {"axis": normal}
 
 
-def _concat_inputs(draw: Draw) -> tuple[Array | None, ...]:
+def _concat_inputs(draw: Draw) -> tuple[Array | None, ...]:  # pragma: no mutate block
     shape = draw.shape(min_dims=1)
     axis = draw.choice(range(len(shape)))
     count = draw.choice([1, 2, 3])
@@ -196,7 +198,7 @@ def _concat_inputs(draw: Draw) -> tuple[Array | None, ...]:
     return tuple(draw.floats((*shape[:axis], side, *shape[axis + 1 :])) for side in sides)
 
 
-def _concat_axes(*xs: Array) -> list[int]:
+def _concat_axes(*xs: Array) -> list[int]:  # pragma: no mutate block
     """The axes along which ``xs`` can be joined."""
     first = xs[0]
     return [
@@ -210,11 +212,11 @@ def _concat_axes(*xs: Array) -> list[int]:
     ]
 
 
-def _concat_fits(*xs: Array) -> bool:
+def _concat_fits(*xs: Array) -> bool:  # pragma: no mutate block
     return bool(_concat_axes(*xs))
 
 
-def _concat_params(draw: Draw, *xs: Array) -> Params:
+def _concat_params(draw: Draw, *xs: Array) -> Params:  # pragma: no mutate block
     return {"axis": draw.choice(_concat_axes(*xs))}
 
 
@@ -247,12 +249,12 @@ def _check_stack(*xs: Array, axis: object = 0) -> Params:
     return {"axis": one_axis("stack", axis, (*first.shape, 1))}
 
 
-def _stack_inputs(draw: Draw) -> tuple[Array | None, ...]:
+def _stack_inputs(draw: Draw) -> tuple[Array | None, ...]:  # pragma: no mutate block
     shape = draw.shape()
     return tuple(draw.floats(shape) for _ in range(draw.choice([1, 2, 3])))
 
 
-def _stack_params(draw: Draw, *xs: Array) -> Params:
+def _stack_params(draw: Draw, *xs: Array) -> Params:  # pragma: no mutate block
     return {"axis": draw.choice(range(-xs[0].ndim - 1, xs[0].ndim + 1))}
 
 
@@ -287,13 +289,13 @@ def _check_embedding(weight: Array, ids: Array) -> None:
             )
 
 
-def _embedding_inputs(draw: Draw) -> tuple[Array | None, ...]:
+def _embedding_inputs(draw: Draw) -> tuple[Array | None, ...]:  # pragma: no mutate block
     count = draw.shape(min_dims=1, max_dims=1, min_side=1)[0]
     width = draw.shape(min_dims=1, max_dims=1)[0]
     return (draw.floats((count, width)),)
 
 
-def _embedding_params(draw: Draw, weight: Array) -> Params:
+def _embedding_params(draw: Draw, weight: Array) -> Params:  # pragma: no mutate block
     return {"ids": draw.ints(draw.shape(max_dims=2), 0, weight.shape[0])}
 
 
