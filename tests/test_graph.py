@@ -710,8 +710,16 @@ def test_scopes_label_nodes_and_nest() -> None:
         y = g.relu(x)
         with g.scope("inner"):
             z = g.exp(y)
+        v = g.relu(z)  # back in the outer scope
     w = g.neg(z)
-    assert (x.scope, y.scope, z.scope, w.scope) == (None, "block", "block/inner", None)
+    assert (x.scope, y.scope, z.scope, v.scope, w.scope) == (
+        None,
+        "block",
+        "block/inner",
+        "block",
+        None,
+    )
+    assert g.scope("block") is g.scope("block")  # made once, entered cheaply on every call
     for bad in ("", "a/b", 3):
         with pytest.raises(ValueError, match="scope: name must be a non-empty str without '/'"):
             g.scope(bad).__enter__()  # type: ignore[arg-type]
@@ -785,3 +793,246 @@ def test_after_a_vjp_raises_mid_backward_a_second_backward_gives_clean_gradients
     assert g.grad(w) is None  # nothing was committed
     g.backward(loss)
     np.testing.assert_array_equal(g.grad(w), [3.0, 3.0])
+
+
+# --- the exact messages of refused calls, and the state they leave ----------------------------
+# The messages are part of the contract (docs/errors.md shows them): each test below pins one.
+
+
+def _foreign_and_stale(g: gl.Graph) -> tuple[gl.NodeId, gl.NodeId]:
+    foreign = gl.Graph().parameter([1.0])
+    x = g.parameter([1.0, 2.0])
+    stale = g.relu(x)
+    g.reset()
+    return foreign, stale
+
+
+@pytest.mark.parametrize(
+    ("method", "arg", "call"),
+    [
+        ("value", "node", lambda g, n: g.value(n)),
+        ("grad", "node", lambda g, n: g.grad(n)),
+        ("buffers", "leaf", lambda g, n: g.buffers(n)),
+        ("set_value", "leaf", lambda g, n: g.set_value(n, [0.0])),
+        ("requires_grad_", "leaf", lambda g, n: g.requires_grad_(n)),
+        ("zero_grad", "nodes", lambda g, n: g.zero_grad([n])),
+        ("check", "node", lambda g, n: g.check(n)),
+    ],
+)
+def test_node_refusals_name_method_and_argument(
+    method: str, arg: str, call: Callable[[gl.Graph, Any], object]
+) -> None:
+    g = gl.Graph()
+    foreign, stale = _foreign_and_stale(g)
+    with pytest.raises(TypeError) as info:
+        call(g, 3)
+    assert str(info.value) == f"{method}: {arg} must be a NodeId, got int: 3"
+    with pytest.raises(gl.errors.ForeignNodeError) as foreign_info:
+        call(g, foreign)
+    assert str(foreign_info.value) == f"{method}: {arg} {foreign!r} belongs to another Graph"
+    if method not in ("buffers", "set_value", "requires_grad_"):  # these refuse any op output
+        with pytest.raises(gl.errors.StaleNodeError) as stale_info:
+            call(g, stale)
+        assert str(stale_info.value) == (
+            f"{method}: {arg} {stale!r} was recorded before the last reset() and no longer exists"
+        )
+
+
+def test_leaf_only_methods_refuse_an_op_output_with_its_message() -> None:
+    g = gl.Graph()
+    y = g.relu(g.parameter([1.0]))
+    with pytest.raises(gl.errors.GraphError) as info:
+        g.buffers(y)
+    assert str(info.value) == f"buffers: {y!r} is the output of an op, not a leaf"
+    with pytest.raises(gl.errors.GraphError) as info:
+        g.set_value(y, [0.0])
+    assert str(info.value) == (
+        f"set_value: {y!r} is the output of an op; only constants and parameters can be set"
+    )
+    with pytest.raises(gl.errors.GraphError) as info:
+        g.requires_grad_(y, False)
+    assert str(info.value) == (
+        f"requires_grad_: {y!r} is the output of an op; only leaves can be frozen or unfrozen"
+    )
+
+
+def test_flag_refusals_name_their_function_and_argument() -> None:
+    with pytest.raises(TypeError) as info:
+        gl.Graph(check_finite="yes")  # type: ignore[arg-type]
+    assert str(info.value) == "Graph: check_finite must be a bool, got str"
+    g = gl.Graph()
+    x = g.parameter([1.0])
+    with pytest.raises(TypeError) as info:
+        g.requires_grad_(x, 1)  # type: ignore[arg-type]
+    assert str(info.value) == "requires_grad_: requires_grad must be a bool, got int"
+    assert x.requires_grad  # nothing changed
+
+
+def test_requires_grad_renames_the_leaf_and_a_frozen_leaf_keeps_no_gradient() -> None:
+    g = gl.Graph()
+    x = g.parameter([1.0, -2.0])
+    g.backward(g.sum(g.mul(x, x)))
+    np.testing.assert_array_equal(g.grad(x), [2.0, -4.0])
+    g.requires_grad_(x, False)
+    assert (x.op, x.requires_grad, g.grad(x)) == ("constant", False, None)
+    g.requires_grad_(x, True)
+    assert (x.op, x.requires_grad, g.grad(x)) == ("parameter", True, None)
+    c = g.constant([3.0])
+    g.requires_grad_(c)
+    assert c.op == "parameter"
+    assert c in g.parameters()
+
+
+def test_values_are_read_in_the_graph_dtype_and_in_c_order() -> None:
+    g = gl.Graph(np.float32)
+    x = g.parameter([1.0, 2.0])
+    g.set_value(x, np.array([3, 4]))  # integers into a float leaf: read as its floats
+    assert g.value(x).dtype == np.float32
+    np.testing.assert_array_equal(g.value(x), [3.0, 4.0])
+    fortran = np.asfortranarray(np.arange(6.0).reshape(2, 3))
+    ids = np.asfortranarray(np.arange(6).reshape(2, 3))
+    for leaf in (g.parameter(fortran), g.constant(ids)):
+        assert g.value(leaf).flags.c_contiguous  # C order: the same rounding in every sum
+        np.testing.assert_array_equal(g.value(leaf), np.arange(6).reshape(2, 3))
+    assert g.value(g.constant(ids)).dtype == ids.dtype  # data keeps its kind
+    y = g.relu(x)
+    g.backward(y, grad=np.array([1, 2]))  # an integer seed: read as the graph's floats
+    assert g.grad(x).dtype == np.float32
+    np.testing.assert_array_equal(g.grad(x), [1.0, 2.0])
+
+
+def test_zero_grad_takes_any_iterable_and_checks_every_node_before_clearing_any() -> None:
+    g = gl.Graph()
+    x, y = g.parameter([1.0]), g.parameter([2.0])
+    z = g.relu(x)
+    g.backward(g.sum(g.add(g.mul(x, y), z)), retain_grads=True)
+    g.zero_grad(node for node in (x,))  # a generator: read once
+    assert g.grad(x) is None
+    assert g.grad(y) is not None
+    assert g.grad(z) is not None  # an op's retained gradient is cleared only when named
+    g.zero_grad((z,))
+    assert g.grad(z) is None
+    before = g.buffers(y)[1]
+    foreign = gl.Graph().parameter([1.0])
+    with pytest.raises(gl.errors.ForeignNodeError):
+        g.zero_grad([y, foreign])
+    assert g.buffers(y)[1] is before  # refused as a whole: y kept its gradient
+    g.reset()
+    with pytest.raises(gl.errors.StaleNodeError):
+        g.zero_grad([y, z])
+    assert g.buffers(y)[1] is before
+
+
+def test_a_custom_op_is_named_after_a_callable_without_a_name() -> None:
+    class Double:
+        def __call__(self, a: np.ndarray) -> tuple[np.ndarray, Any]:
+            return 2 * a, lambda g_, needs: (2 * g_,)
+
+    g = gl.Graph()
+    y = g.apply(Double(), g.parameter([1.0]))
+    assert y.op == "Double"
+    with pytest.raises(TypeError) as info:
+        g.apply(Double(), 3)
+    assert str(info.value) == "Double: input 0 must be a NodeId, got int: 3"
+
+
+def test_apply_reads_integer_inputs_in_the_graph_dtype_in_a_replay_too() -> None:
+    def shift(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, Any]:
+        assert a.dtype == b.dtype == np.float32  # both read as the graph's floats
+        return a + b, lambda g_, needs: (g_, g_)
+
+    g = gl.Graph(np.float32)
+    w = g.parameter([0.5, 0.25])
+    ids = g.constant(np.array([1, 2]))
+    loss = g.sum(g.apply(shift, w, ids))
+    g.backward(loss)
+    np.testing.assert_array_equal(g.grad(w), [1.0, 1.0])
+    assert g.grad(ids) is None
+    step = g.compile(loss)
+    g.set_value(ids, np.array([3, 4]))
+    assert float(step()) == pytest.approx(7.75)
+
+
+def test_an_op_call_with_the_wrong_number_of_inputs_names_them() -> None:
+    g = gl.Graph()
+    x = g.parameter(np.ones((2, 3)))
+    with pytest.raises(TypeError) as info:
+        g.apply(ops.relu, x, x)
+    assert str(info.value) == "relu: takes the inputs (x), got 2 of them"
+    with pytest.raises(TypeError) as info:
+        g.apply(ops.layer_norm)
+    assert str(info.value) == "layer_norm: takes the inputs (x, weight, bias), got 0 of them"
+    # optional inputs left out are None: layer_norm(x) is layer_norm(x, None, None)
+    np.testing.assert_array_equal(
+        g.value(g.apply(ops.layer_norm, x)), g.value(g.layer_norm(x, None, None))
+    )
+    with pytest.raises(TypeError) as info:
+        g.apply(ops.embedding, x, [[0], [1, 2]])  # ragged: not an array
+    assert str(info.value).startswith("embedding: ids must be an array: ")
+
+
+def test_backward_skips_nodes_the_loss_does_not_reach_and_walks_only_up_to_the_loss() -> None:
+    g = gl.Graph()
+    x = g.parameter([1.0, -1.0])
+    b = g.scale(x, 2.0)
+    g.relu(x)  # recorded between b and the loss, not on the loss's path
+    loss = g.sum(b)
+    g.exp(x)  # recorded after the loss
+    g.backward(loss, retain_grads=True)
+    np.testing.assert_array_equal(g.grad(x), [2.0, 2.0])
+    np.testing.assert_array_equal(g.grad(b), [1.0, 1.0])
+
+
+def test_an_op_whose_vjp_gives_the_wrong_number_of_gradients_fails_in_backward() -> None:
+    def _pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, Any]:
+        return a * b, lambda g_, needs: (g_ * b,)  # one gradient for two inputs
+
+    pair = ops.op()(_pair)  # an OpDef is trusted like a built-in: no per-call check
+    g = gl.Graph()
+    x, y = g.parameter([1.0]), g.parameter([2.0])
+    with pytest.raises(ValueError, match="zip"):
+        g.backward(g.sum(g.apply(pair, x, y)))
+    assert g.grad(x) is None  # nothing committed
+    assert g.grad(y) is None
+
+
+def test_a_loss_with_more_than_one_element_needs_grad_with_this_message() -> None:
+    g = gl.Graph()
+    loss = g.relu(g.parameter([1.0, 2.0]))
+    with pytest.raises(gl.errors.ShapeError) as info:
+        g.backward(loss)
+    assert str(info.value) == (
+        f"backward: loss {loss!r} has 2 elements; reduce it to one (sum, mean) or pass grad= "
+        "with its shape"
+    )
+    with pytest.raises(TypeError) as type_info:
+        g.backward(loss, grad="x")
+    assert str(type_info.value).startswith("backward: grad ")
+
+
+def test_check_graph_names_the_caller_and_the_type() -> None:
+    from graphlora.graph import check_graph
+
+    with pytest.raises(TypeError) as info:
+        check_graph("LoraLinear.forward", 3)
+    assert str(info.value) == "LoraLinear.forward: graph must be a Graph, got int"
+
+
+def test_the_anomaly_message_names_shapes_bad_inputs_and_the_incoming_gradient() -> None:
+    g2 = gl.Graph(check_finite=True)
+    x2 = g2.parameter([0.0, 1.0])
+    with pytest.raises(gl.errors.NonFiniteError) as info, np.errstate(divide="ignore"):
+        g2.log(x2)  # log(0) = -inf
+    assert str(info.value) == (
+        "anomaly: the forward output of op 'log' holds 1 non-finite value(s) (NaN or Inf); "
+        "input shapes: (2,); non-finite inputs: none"
+    )
+    g3 = gl.Graph(check_finite=True)
+    a = g3.parameter([4.0, 1.0])
+    r = g3.sqrt(g3.sub(a, g3.constant([4.0, 0.0])))  # sqrt(0): a finite output, infinite slope
+    with pytest.raises(gl.errors.NonFiniteError) as grad_info:
+        g3.backward(g3.sum(r))
+    message = str(grad_info.value)
+    assert message.startswith("anomaly: the gradient of op 'sqrt' at ")
+    assert "input shapes: (2,); non-finite inputs: none" in message
+    assert message.endswith("is the bad one; the incoming gradient was finite")
