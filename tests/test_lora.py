@@ -517,6 +517,20 @@ def test_with_bias() -> None:
         match=r"LoraLinear.with_bias: bias has shape \(3,\) but the layer needs \(2,\)",
     ):
         lora.with_bias(g, np.ones(3))
+    assert biased.bias.name == "lora.bias"
+    assert not biased.bias.requires_grad
+    with g.scope("outer"):
+        assert biased.base(g, x).scope == "outer/frozen"  # the frozen path, drawn apart
+    biased.add_adapter(g, "other", gl.LoraConfig(rank=1, seed=1))
+    assert list(lora.adapters) == ["default"]  # the adapter set is the new layer's own
+    with pytest.raises(TypeError) as info:
+        lora.with_bias(3, np.ones(2))  # type: ignore[arg-type]
+    assert str(info.value) == "LoraLinear.with_bias: graph must be a Graph, got int"
+    with pytest.raises(TypeError) as info:
+        lora.with_bias(g, "one")
+    assert str(info.value) == (
+        "LoraLinear.with_bias: bias must hold floating-point data, got dtype <U3"
+    )
     lora.merge_(g)
     with pytest.raises(gl.GraphError, match=r"LoraLinear\.with_bias: lora is merged"):
         lora.with_bias(g, np.ones(2))
@@ -762,3 +776,32 @@ def test_the_lora_linear_op_applies_a_given_mask() -> None:
     mask = np.array([[2.0, 0.0, 2.0], [0.0, 2.0, 0.0]])
     out, _ = lora_linear(x, w, a, b, scaling=0.5, mask=mask)
     np.testing.assert_allclose(out, x @ w + (((x * mask) @ a) * 0.5) @ b, rtol=1e-15)
+
+
+def test_repr_of_several_adapters_of_dora_of_none_active_and_of_an_embedding() -> None:
+    g = gl.Graph()
+    layer = gl.LoraLinear.new(g, 3, 2, gl.LoraConfig(rank=1, seed=0))
+    layer.add_adapter(g, "other", gl.LoraConfig(rank=2, seed=1, use_dora=True))
+    assert repr(layer) == (
+        "LoraLinear(name='lora', in_features=3, out_features=2, rank=1, scaling=8, dropout=0, "
+        "adapters=['default', 'other'], active=['default'], bias=True, merged=False, "
+        "trainable=5, frozen=8)"
+    )  # trainable = 1 * (3 + 2); the other adapter is frozen while inactive: not counted
+    layer.set_adapter(g, "other")
+    assert "rank=2, scaling=4, dropout=0, dora=True, adapters=['default', 'other'], " in repr(layer)
+    alone = gl.LoraLinear.new(g, 3, 2, gl.LoraConfig(rank=1, seed=0))
+    alone.set_adapter(g, [])
+    assert "out_features=2, active=None, adapters=['default'], active=[], bias" in repr(alone)
+    table = gl.LoraEmbedding.from_embedding(
+        g, np.ones((5, 3)), gl.LoraConfig(rank=2, alpha=2.0, seed=0)
+    )
+    assert repr(table) == (
+        "LoraEmbedding(name='lora', num_embeddings=5, embedding_dim=3, rank=2, scaling=1, "
+        "merged=False, trainable=16, frozen=15)"
+    )  # no dropout shown: an embedding update uses none; trainable = 2 * (5 + 3)
+    with pytest.raises(TypeError) as info:
+        layer.set_adapter(3, "default")  # type: ignore[arg-type]
+    assert str(info.value) == "LoraLinear.set_adapter: graph must be a Graph, got int"
+    with pytest.raises(TypeError) as info:
+        layer.set_adapter(g, 3)  # type: ignore[arg-type]
+    assert str(info.value).startswith("LoraLinear.set_adapter: adapter_names must be a name or ")
