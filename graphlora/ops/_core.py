@@ -14,7 +14,6 @@ import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Protocol, TypeAlias, TypeVar
 
 import numpy as np
@@ -402,15 +401,11 @@ def builtin(
     return definition
 
 
-def broadcast_check(name: str) -> Callable[..., None]:
-    """The check of a binary op with NumPy broadcasting: the two shapes must broadcast."""
-    return partial(_broadcast_check, name)  # the work in a plain function
-
-
-def _broadcast_check(name: str, a: Array, b: Array) -> None:
-    # Checks are module-level functions bound to their op's name with partial, not closures
-    # made at import, so that mutation testing (which swaps functions as they are called)
-    # reaches their bodies.
+def broadcast_check(name: str, a: Array, b: Array) -> None:
+    """The check of a binary op with NumPy broadcasting, bound to the op's name with ``partial``:
+    the two shapes must broadcast."""
+    # Checks are module-level functions bound with partial, not closures made at import, so
+    # that mutation testing (which swaps functions as they are called) reaches their bodies.
     if a.shape != b.shape:
         try:
             np.broadcast_shapes(a.shape, b.shape)
@@ -447,15 +442,15 @@ def _checked_vjp(name: str, vjp: Vjp, shapes: Sequence[tuple[int, ...]]) -> Vjp:
                 f"None allowed), got {grads!r:.80}"
             )
         result: list[Array | None] = []
-        for i, (gi, shape, need) in enumerate(zip(grads, shapes, needs, strict=True)):
-            if gi is None or not need:
+        for i, gi in enumerate(grads):  # as many as shapes and needs: checked above
+            if gi is None or not needs[i]:
                 result.append(None)
                 continue
             array = np.asarray(gi, dtype=g.dtype)
-            if array.shape != shape:
+            if array.shape != shapes[i]:
                 raise ShapeError(
                     f"{name}: its VJP returned a gradient of shape {array.shape} for input {i} "
-                    f"of shape {shape}"
+                    f"of shape {shapes[i]}"
                 )
             result.append(array)
         return tuple(result)

@@ -3,6 +3,8 @@ un-broadcast), ``where``, ``scale neg pow abs sqrt``."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 
 from graphlora._checks import real_scalar
@@ -35,7 +37,7 @@ def _add(a: Array, b: Array) -> tuple[Array, Vjp]:
 
 
 add = builtin(
-    _add, check=broadcast_check("add"), sample=broadcasting(), torch=lambda t, a, b: a + b
+    _add, check=partial(broadcast_check, "add"), sample=broadcasting(), torch=lambda t, a, b: a + b
 )
 
 
@@ -52,7 +54,7 @@ def _sub(a: Array, b: Array) -> tuple[Array, Vjp]:
 
 
 sub = builtin(
-    _sub, check=broadcast_check("sub"), sample=broadcasting(), torch=lambda t, a, b: a - b
+    _sub, check=partial(broadcast_check, "sub"), sample=broadcasting(), torch=lambda t, a, b: a - b
 )
 
 
@@ -69,7 +71,7 @@ def _mul(a: Array, b: Array) -> tuple[Array, Vjp]:
 
 
 mul = builtin(
-    _mul, check=broadcast_check("mul"), sample=broadcasting(), torch=lambda t, a, b: a * b
+    _mul, check=partial(broadcast_check, "mul"), sample=broadcasting(), torch=lambda t, a, b: a * b
 )
 
 
@@ -89,7 +91,10 @@ def _div(a: Array, b: Array) -> tuple[Array, Vjp]:
 
 
 div = builtin(
-    _div, check=broadcast_check("div"), sample=broadcasting(away_b=0.5), torch=lambda t, a, b: a / b
+    _div,
+    check=partial(broadcast_check, "div"),
+    sample=broadcasting(away_b=0.5),
+    torch=lambda t, a, b: a / b,
 )
 
 
@@ -195,7 +200,7 @@ def _maximum(a: Array, b: Array) -> tuple[Array, Vjp]:
 
 maximum = builtin(
     _maximum,
-    check=broadcast_check("maximum"),
+    check=partial(broadcast_check, "maximum"),
     sample=Sample(_distinct_pair, fits=_no_ties),
     torch=lambda t, a, b: t.maximum(a, b),
 )
@@ -218,7 +223,7 @@ def _minimum(a: Array, b: Array) -> tuple[Array, Vjp]:
 
 minimum = builtin(
     _minimum,
-    check=broadcast_check("minimum"),
+    check=partial(broadcast_check, "minimum"),
     sample=Sample(_distinct_pair, fits=_no_ties),
     torch=lambda t, a, b: t.minimum(a, b),
 )

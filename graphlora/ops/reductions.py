@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -22,15 +21,11 @@ def expand_reduced(g: Array, shape: tuple[int, ...], axis: tuple[int, ...] | Non
     return np.broadcast_to(g, shape)
 
 
-def reduction_check(name: str) -> Callable[..., Params | None]:
-    """The check of a reduction: ``axis`` normalised to a sorted tuple (or None), a bool
-    ``keepdims``."""
-    return partial(_reduction_check, name)  # a plain function, which mutation testing reaches
-
-
-def _reduction_check(
+def reduction_check(
     name: str, x: Array, *, axis: object = None, keepdims: object = False
 ) -> Params | None:
+    """The check of a reduction, bound to its name with ``partial``: ``axis`` normalised to a
+    sorted tuple (or None), a bool ``keepdims``."""
     if axis is None and keepdims is False:
         return None  # over every axis: nothing to normalise
     return {"axis": axes(name, axis, x.shape), "keepdims": flag(name, "keepdims", keepdims)}
@@ -72,7 +67,7 @@ def _sum(
 
 sum = builtin(
     _sum,
-    check=reduction_check("sum"),
+    check=partial(reduction_check, "sum"),
     sample=elementwise(params=reduction_params),
     torch=lambda t, x, axis, keepdims: torch_reduce(t.sum, x, axis, keepdims),
 )
@@ -96,7 +91,7 @@ def _mean(
 
 mean = builtin(
     _mean,
-    check=reduction_check("mean"),
+    check=partial(reduction_check, "mean"),
     sample=elementwise(params=reduction_params),
     torch=lambda t, x, axis, keepdims: torch_reduce(t.mean, x, axis, keepdims),
 )
@@ -107,7 +102,7 @@ def _check_extreme(
 ) -> Params | None:
     """The check of ``max``/``min`` (bound to the name with ``partial``): a reduction, over no
     axis of size 0 (NumPy and PyTorch refuse those: there is nothing to take the largest of)."""
-    params = _reduction_check(name, x, axis=axis, keepdims=keepdims)
+    params = reduction_check(name, x, axis=axis, keepdims=keepdims)
     reduced = range(x.ndim) if params is None or params["axis"] is None else params["axis"]
     empty = [a for a in reduced if x.shape[a] == 0]
     if empty or (x.size == 0 and (params is None or params["axis"] is None)):
