@@ -805,3 +805,11 @@ def test_repr_of_several_adapters_of_dora_of_none_active_and_of_an_embedding() -
     with pytest.raises(TypeError) as info:
         layer.set_adapter(g, 3)  # type: ignore[arg-type]
     assert str(info.value).startswith("LoraLinear.set_adapter: adapter_names must be a name or ")
+
+
+def test_state_dict_names_a_wrong_graph() -> None:
+    g = gl.Graph()
+    layer = gl.LoraLinear.new(g, 3, 2, gl.LoraConfig(rank=1, seed=0))
+    with pytest.raises(TypeError) as info:
+        layer.state_dict(3)  # type: ignore[arg-type]
+    assert str(info.value) == "LoraLinear.state_dict: graph must be a Graph, got int"

@@ -610,3 +610,10 @@ def test_linear_refuses_shapes_that_do_not_fit_and_records_nothing() -> None:
         with pytest.raises(gl.ShapeError, match=re.escape(message)):
             g.linear(x, weight, bias)
         assert len(g) == before
+
+
+def test_dir_of_the_ops_package_lists_every_op_and_export() -> None:
+    names = dir(ops)
+    assert names == sorted(names)
+    assert set(ops.OPS) <= set(names)
+    assert {"op", "OPS", "relu", "linear", "scaled_dot_product_attention"} <= set(names)

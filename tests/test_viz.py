@@ -77,6 +77,9 @@ def test_root_keeps_only_its_ancestors_and_values_and_grads_can_be_shown() -> No
     grad_b = g.grad(layer.lora_b)
     assert grad_b is not None
     assert "grad [[" in dot  # B's 6 gradient numbers are shown
+    plain = g.to_dot(loss)
+    assert "grad" not in plain  # by default neither gradients nor values are drawn
+    assert "|.|=" not in plain
     assert "[1 .. 1], |.|=2.83" in dot  # x (2, 4) of ones: 8 numbers shown as range and norm
     with pytest.raises(gl.ForeignNodeError):
         g.to_dot(gl.Graph().constant(1.0))
