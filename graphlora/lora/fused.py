@@ -62,7 +62,7 @@ def _check_lora_linear(
     }
 
 
-def _lora_linear_inputs(draw: Draw) -> tuple[Array | None, ...]:
+def _lora_linear_inputs(draw: Draw) -> tuple[Array | None, ...]:  # pragma: no mutate block
     batch = draw.choice([(), (3,), (2, 2)])
     n_in, n_out, rank = draw.shape(min_dims=3, max_dims=3, min_side=1, max_side=4)
     bias = draw.floats((n_out,)) if draw.choice([False, True]) else None
@@ -70,7 +70,9 @@ def _lora_linear_inputs(draw: Draw) -> tuple[Array | None, ...]:
     return (*(draw.floats(shape) for shape in shapes), bias)
 
 
-def _lora_linear_params(draw: Draw, x: Array, *weights: Array | None) -> Params:
+def _lora_linear_params(
+    draw: Draw, x: Array, *weights: Array | None
+) -> Params:  # pragma: no mutate block
     params: Params = {"scaling": draw.choice([0.5, 2.0])}
     if draw.choice([False, True]):
         params["mask"] = draw.bools(x.shape) * 2.0  # inverted dropout with p = 0.5
@@ -79,7 +81,7 @@ def _lora_linear_params(draw: Draw, x: Array, *weights: Array | None) -> Params:
 
 def _torch_lora_linear(
     t: Any, x: Any, w: Any, a: Any, b: Any, bias: Any = None, *, scaling: float, mask: Any = None
-) -> Any:
+) -> Any:  # pragma: no mutate block
     xd = x if mask is None else x * t.from_numpy(mask)
     out = x @ w if bias is None else x @ w + bias
     return out + ((xd @ a) * scaling) @ b
