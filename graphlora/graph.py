@@ -396,7 +396,7 @@ class Graph(OpMethods):
 
     def value(self, node: NodeId) -> Array:
         """The node's value as a read-only view (copy it to modify it)."""
-        node = self.check(node, "value", "node")
+        node = self.check(node, "value")
         assert node._value is not None  # live nodes always hold a value
         return _read_only(node._value)
 
@@ -406,7 +406,7 @@ class Graph(OpMethods):
         Leaves keep their gradients until ``zero_grad()``; recorded ops keep one only when
         ``backward(..., retain_grads=True)`` was used.
         """
-        node = self.check(node, "grad", "node")
+        node = self.check(node, "grad")
         if node._grad is None:
             return None
         return _read_only(node._grad)
@@ -449,7 +449,7 @@ class Graph(OpMethods):
         assert leaf._value is not None
         old = leaf._value
         array = self._as_array(value, "set_value", "value", keep_data=old.dtype.kind != "f")
-        if old.dtype.kind != "f" and array.dtype.kind != old.dtype.kind:
+        if array.dtype.kind != old.dtype.kind:  # a float leaf's value was read as floats
             raise TypeError(
                 f"set_value: {leaf!r} holds {old.dtype} data; the new value must too, got "
                 f"dtype {array.dtype}"
@@ -856,7 +856,7 @@ class Graph(OpMethods):
                         sink: NodeId = source  # type: ignore[assignment]  # only nodes get one
                         if check_finite and not np.isfinite(gi).all():
                             raise NonFiniteError(
-                                _anomaly(node._op, node._inputs, gi, "gradient", node, g, sink)
+                                _anomaly(node._op, node._inputs, gi, "gradient", node, (sink, g))
                             )
                         previous = sink._g
                         if previous is None:
@@ -890,8 +890,7 @@ def _anomaly(
     values: Array,
     what: str,
     node: NodeId | None = None,
-    g: Array | None = None,
-    target: NodeId | None = None,
+    flow: tuple[NodeId, Array] | None = None,
 ) -> str:
     """The message of a ``NonFiniteError``: the op, its inputs' shapes, which were non-finite."""
     count = int(values.size - np.count_nonzero(np.isfinite(values)))
@@ -903,7 +902,8 @@ def _anomaly(
         f"anomaly: the {what} of {where} holds {count} non-finite value(s) (NaN or Inf); "
         f"input shapes: {shapes or 'none'}; non-finite inputs: {', '.join(bad) or 'none'}"
     )
-    if target is not None and g is not None:
+    if flow is not None:  # a gradient: the input it flows to and the incoming one
+        target, g = flow
         message += (
             f"; the gradient flowing to {target!r} is the bad one; the incoming gradient was "
             f"{'finite' if np.isfinite(g).all() else 'already non-finite'}"

@@ -1036,3 +1036,128 @@ def test_the_anomaly_message_names_shapes_bad_inputs_and_the_incoming_gradient()
     assert message.startswith("anomaly: the gradient of op 'sqrt' at ")
     assert "input shapes: (2,); non-finite inputs: none" in message
     assert message.endswith("is the bad one; the incoming gradient was finite")
+
+
+def test_a_stale_node_names_itself_when_its_shape_is_read() -> None:
+    g = gl.Graph()
+    y = g.relu(g.parameter([1.0]))
+    g.reset()
+    with pytest.raises(gl.errors.StaleNodeError) as info:
+        _ = y.shape
+    assert str(info.value) == f"{y!r} was recorded before a reset; its value is gone"
+
+
+def test_a_scalar_loss_seeds_gradients_in_the_graph_dtype_and_the_seed_is_read_only() -> None:
+    g = gl.Graph(np.float32)
+    x = g.parameter([1.0, 2.0])
+    g.backward(g.sum(g.mul(x, x)))
+    assert g.grad(x).dtype == np.float32
+
+    def doubles_in_place(a: np.ndarray) -> tuple[np.ndarray, Any]:
+        def vjp(grad: np.ndarray, needs: tuple[bool, ...]) -> tuple[np.ndarray]:
+            grad *= 2  # writes into the gradient it was given: refused, not silently shared
+            return (np.broadcast_to(grad, a.shape),)
+
+        return a.sum(), vjp
+
+    with pytest.raises(ValueError, match="read-only"):
+        g.backward(g.apply(doubles_in_place, x))
+    g.backward(g.sum(x))  # the shared seed of a scalar loss is still 1
+    np.testing.assert_array_equal(g.grad(x), [3.0, 5.0])
+
+
+def test_zero_grad_of_everything_clears_retained_op_gradients_too() -> None:
+    g = gl.Graph()
+    x = g.parameter([1.0])
+    y = g.exp(x)
+    g.backward(g.sum(y), retain_grads=True)
+    assert g.grad(y) is not None
+    g.zero_grad()
+    assert g.grad(x) is None
+    assert g.grad(y) is None
+
+
+def test_a_scope_name_that_is_not_a_string_is_a_value_error_with_its_message() -> None:
+    g = gl.Graph()
+    with pytest.raises(ValueError, match=r"^scope: name must be") as info:
+        g.scope(["block"])  # type: ignore[arg-type]  # unhashable too
+    assert str(info.value) == "scope: name must be a non-empty str without '/', got ['block']"
+
+
+def test_a_stale_input_to_a_plain_function_is_named_by_its_position() -> None:
+    g = gl.Graph()
+    stale = g.relu(g.parameter([1.0]))
+    g.reset()
+    with pytest.raises(gl.errors.StaleNodeError) as info:
+        g.apply(lambda a: (a, lambda grad, needs: (grad,)), stale)
+    assert str(info.value).startswith(f"<lambda>: input 0 {stale!r} was recorded before")
+
+
+def test_a_replay_reads_integer_data_as_the_graph_dtype_as_the_recording_did() -> None:
+    g = gl.Graph(np.float32)
+    x = g.parameter([0.5, 0.25])
+    k = g.constant(np.array([2, 4]))
+    loss = g.sum(g.mul(x, k))  # mul reads k's integers as float32
+    recorded = g.value(loss).copy()
+    step = g.compile(loss)
+    replayed = step()
+    assert replayed.dtype == np.float32
+    np.testing.assert_array_equal(replayed, recorded)
+
+
+def test_many_small_ops_together_over_4_mib_are_kept_for_the_next_recording() -> None:
+    g = gl.Graph()
+    w = g.parameter(np.ones(100_000))  # 0.8 MB an op; six of them, 4.8 MB, are over 4 MiB
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        for _ in range(6):
+            g.exp(w)
+        g.reset()
+        assert tracemalloc.get_traced_memory()[0] - start >= 4_800_000  # kept, counted together
+        g.reset()
+        assert tracemalloc.get_traced_memory()[0] - start < 800_000
+    finally:
+        tracemalloc.stop()
+
+
+def test_gradients_of_0d_products_are_arrays() -> None:
+    g = gl.Graph()
+    x, y = g.parameter(0.5), g.parameter(2.0)
+    g.backward(g.mul(x, y))  # 0-d * 0-d in the VJP: NumPy gives a scalar, kept an array
+    for node, expected in ((x, 2.0), (y, 0.5)):
+        grad = g.grad(node)
+        assert isinstance(grad, np.ndarray)
+        assert grad.shape == ()
+        assert float(grad) == expected
+
+
+def test_anomaly_messages_list_every_input_shape_and_every_bad_input() -> None:
+    g = gl.Graph(check_finite=True)
+    a = g.constant([np.inf, 1.0])
+    b = g.constant([np.nan, 2.0])
+    with pytest.raises(gl.errors.NonFiniteError) as info:
+        g.add(a, b)
+    assert str(info.value) == (
+        "anomaly: the forward output of op 'add' holds 1 non-finite value(s) (NaN or Inf); "
+        f"input shapes: (2,), (2,); non-finite inputs: input 0 ({a!r}), input 1 ({b!r})"
+    )
+    table = g.constant([[np.inf, 0.0], [1.0, 2.0]])
+    with pytest.raises(gl.errors.NonFiniteError) as info:
+        g.embedding(table, np.array([0]))  # ids given as a plain array: not a node, not listed
+    assert str(info.value).endswith(f"input shapes: (2, 2); non-finite inputs: input 0 ({table!r})")
+    with pytest.raises(gl.errors.NonFiniteError) as info:
+        g.apply(lambda: (np.array(np.inf), lambda grad, needs: ()))
+    assert str(info.value).endswith("input shapes: none; non-finite inputs: none")
+
+
+def test_anomaly_says_when_the_incoming_gradient_was_already_non_finite() -> None:
+    g = gl.Graph(check_finite=True)
+    x = g.parameter([1.0, 2.0])
+    y = g.exp(x)
+    with pytest.raises(gl.errors.NonFiniteError) as info:
+        g.backward(y, grad=[np.inf, 1.0])  # a seed given by hand is not checked
+    assert str(info.value).endswith(
+        f"the gradient flowing to {x!r} is the bad one; the incoming gradient was already "
+        "non-finite"
+    )
