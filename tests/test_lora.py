@@ -7,6 +7,7 @@ import dataclasses
 import math
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -813,3 +814,217 @@ def test_state_dict_names_a_wrong_graph() -> None:
     with pytest.raises(TypeError) as info:
         layer.state_dict(3)  # type: ignore[arg-type]
     assert str(info.value) == "LoraLinear.state_dict: graph must be a Graph, got int"
+
+
+# --- refusals and choices of both LoRA layers, with their exact messages -----------------------
+
+
+def _both_layers() -> list[tuple[gl.Graph, Any]]:
+    g = gl.Graph()
+    linear = gl.LoraLinear.new(g, 3, 2, gl.LoraConfig(rank=1, seed=0))
+    table = gl.LoraEmbedding.from_embedding(g, np.ones((5, 3)), gl.LoraConfig(rank=2, seed=0))
+    return [(g, linear), (g, table)]
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["LoraLinear", "LoraEmbedding"])
+@pytest.mark.parametrize(
+    ("method", "call"),
+    [
+        ("add_adapter", lambda layer, graph: layer.add_adapter(graph, "x", gl.LoraConfig(rank=1))),
+        ("set_adapter", lambda layer, graph: layer.set_adapter(graph, "default")),
+        ("delete_adapter", lambda layer, graph: layer.delete_adapter(graph, "default")),
+        ("delta", lambda layer, graph: layer.delta(graph)),
+        ("merge", lambda layer, graph: layer.merge(graph)),
+        ("merge_", lambda layer, graph: layer.merge_(graph)),
+        ("unmerge_", lambda layer, graph: layer.unmerge_(graph)),
+        ("state_dict", lambda layer, graph: layer.state_dict(graph)),
+        ("load_state_dict", lambda layer, graph: layer.load_state_dict(graph, {})),
+    ],
+)
+def test_every_layer_method_names_itself_when_given_no_graph(
+    which: int, method: str, call: Callable[[Any, Any], object]
+) -> None:
+    g, layer = _both_layers()[which]
+    before = layer.state_dict(g)
+    with pytest.raises(TypeError) as info:
+        call(layer, 3)
+    assert str(info.value) == f"{type(layer).__name__}.{method}: graph must be a Graph, got int"
+    after = layer.state_dict(g)
+    assert before.keys() == after.keys()
+    assert all(np.array_equal(before[key], after[key]) for key in before)
+
+
+def test_add_adapter_refusals_say_what_is_wrong() -> None:
+    g = gl.Graph()
+    layer = gl.LoraLinear.new(g, 3, 2, gl.LoraConfig(rank=1, seed=0))
+    cases: list[tuple[type[Exception], str, Callable[[], object]]] = [
+        (
+            ValueError,
+            "LoraLinear.add_adapter: adapter_name 'a/b' must be letters, digits, '_' and '-' "
+            "(no dots)",
+            lambda: layer.add_adapter(g, "a/b", gl.LoraConfig(rank=1)),
+        ),
+        (
+            TypeError,
+            "LoraLinear.add_adapter: config must be a LoraConfig, got dict",
+            lambda: layer.add_adapter(g, "x", {}),  # type: ignore[arg-type]
+        ),
+        (
+            ValueError,
+            "LoraLinear.add_adapter: rank 3 exceeds min(in_features, out_features) = 2 for "
+            "weight (3, 2)",
+            lambda: layer.add_adapter(g, "x", gl.LoraConfig(rank=3)),
+        ),
+        (
+            ValueError,
+            "LoraLinear.add_adapter: init='pissa' replaces the base weight by a residual, which "
+            "every adapter of lora shares; use it for a layer's first adapter only "
+            "(LoraLinear.from_linear, or apply_lora on a plain Linear)",
+            lambda: layer.add_adapter(g, "x", gl.LoraConfig(rank=1, init="pissa")),
+        ),
+        (
+            ValueError,
+            "LoraLinear.set_adapter: adapter names repeat: ['default', 'default']",
+            lambda: layer.set_adapter(g, ["default", "default"]),
+        ),
+        (
+            ValueError,
+            "LoraLinear.delta: lora has no adapter 'nope'; it holds ['default']",
+            lambda: layer.delta(g, "nope"),
+        ),
+    ]
+    for error, message, call in cases:
+        with pytest.raises(error) as info:
+            call()
+        assert str(info.value) == message
+    assert list(layer.adapters) == ["default"]
+
+
+def test_an_adapters_draws_come_from_rng_else_from_its_config_seed() -> None:
+    def a_of(rng: Any = None, seed: int = 0) -> np.ndarray:
+        g = gl.Graph()
+        layer = gl.LoraLinear.new(g, 6, 4, gl.LoraConfig(rank=2, seed=0))
+        update = layer.add_adapter(g, "x", gl.LoraConfig(rank=2, seed=seed), rng=rng)
+        return np.array(g.value(update.lora_a))
+
+    np.testing.assert_array_equal(a_of(seed=3), a_of(rng=np.random.default_rng(3)))
+    assert not np.array_equal(a_of(seed=3), a_of(seed=4))
+    assert not np.array_equal(a_of(seed=3, rng=np.random.default_rng(4)), a_of(seed=3))
+
+
+def test_after_deleting_every_adapter_the_next_one_added_is_active() -> None:
+    g = gl.Graph()
+    layer = gl.LoraLinear.new(g, 3, 2, gl.LoraConfig(rank=1, seed=0))
+    second = layer.add_adapter(g, "second", gl.LoraConfig(rank=1, seed=1))
+    assert layer.active_adapters == ["default"]  # a later adapter starts inactive
+    assert not second.lora_a.requires_grad
+    layer.delete_adapter(g, "default")
+    layer.delete_adapter(g, "second")
+    assert layer.active_adapters == []
+    third = layer.add_adapter(g, "third", gl.LoraConfig(rank=1, seed=2))
+    assert layer.active_adapters == ["third"]  # the layer's only adapter runs
+    assert layer.trainable_params() == [third.lora_a, third.lora_b]
+
+
+def test_merge_warnings_point_at_the_caller() -> None:
+    g = gl.Graph()
+    layer = gl.LoraLinear.new(g, 3, 2, gl.LoraConfig(rank=1, seed=0))
+    with pytest.warns(UserWarning, match="lora is not merged; nothing to do") as record:
+        layer.unmerge_(g)
+    assert record[0].filename == __file__
+    layer.merge_(g)
+    with pytest.warns(UserWarning, match="lora is already merged; nothing to do") as record:
+        layer.merge_(g)
+    assert record[0].filename == __file__
+    layer.unmerge_(g)
+    layer.set_adapter(g, [])
+    with pytest.warns(UserWarning, match="lora has no adapter running; nothing to merge") as rec:
+        layer.merge_(g)
+    assert rec[0].filename == __file__
+
+
+def test_base_leaves_are_named_as_in_the_base_layer() -> None:
+    (g, linear), (_, table) = _both_layers()
+    assert linear.base_leaves() == [("weight", linear.frozen_weight), ("bias", linear.bias)]
+    assert table.base_leaves() == [("weight", table.frozen_weight)]
+    plain = gl.LoraLinear.new(g, 3, 2, gl.LoraConfig(rank=1, seed=0), bias=False)
+    assert plain.base_leaves() == [("weight", plain.frozen_weight)]
+
+
+def test_from_embedding_refusals_and_defaults() -> None:
+    g = gl.Graph()
+    config = gl.LoraConfig(rank=2, seed=0)
+    where = "LoraEmbedding.from_embedding"
+    cases: list[tuple[type[Exception], str, Callable[[], object]]] = [
+        (
+            gl.ShapeError,
+            f"{where}: weight must be a non-empty [V, D] table, got (3,)",
+            lambda: gl.LoraEmbedding.from_embedding(g, np.ones(3), config),
+        ),
+        (
+            gl.ShapeError,
+            f"{where}: weight must be a non-empty [V, D] table, got (0, 3)",
+            lambda: gl.LoraEmbedding.from_embedding(g, np.ones((0, 3)), config),
+        ),
+        (
+            TypeError,
+            f"{where}: config must be a LoraConfig, got dict",
+            lambda: gl.LoraEmbedding.from_embedding(g, np.ones((5, 3)), {}),  # type: ignore[arg-type]
+        ),
+        (
+            ValueError,
+            f"{where}: rank 4 exceeds min(num_embeddings, embedding_dim) = 3 for weight (5, 3)",
+            lambda: gl.LoraEmbedding.from_embedding(g, np.ones((5, 3)), gl.LoraConfig(rank=4)),
+        ),
+        (
+            ValueError,
+            f"{where}: name must be a non-empty str without '/', got 'a/b'",
+            lambda: gl.LoraEmbedding.from_embedding(g, np.ones((5, 3)), config, name="a/b"),
+        ),
+        (
+            ValueError,
+            f"{where}: adapter_name '' must be letters, digits, '_' and '-' (no dots)",
+            lambda: gl.LoraEmbedding.from_embedding(g, np.ones((5, 3)), config, adapter_name=""),
+        ),
+        (
+            TypeError,
+            f"{where}: weight must hold floating-point data, got dtype <U1",
+            lambda: gl.LoraEmbedding.from_embedding(g, np.full((5, 3), "a"), config),
+        ),
+    ]
+    before = len(g.leaves)
+    for error, message, call in cases:
+        with pytest.raises(error) as info:
+            call()
+        assert str(info.value) == message
+    assert len(g.leaves) == before  # nothing was made
+    big = gl.LoraEmbedding.from_embedding(g, np.ones((10, 9)), name="tok")  # default config
+    assert big.adapters["default"].rank == gl.LoraConfig().rank
+    assert big.active_adapters == ["default"]
+    assert big.frozen_weight.name == "tok.weight"
+    assert big.frozen_weight.scope == "tok/frozen"
+    assert not big.frozen_weight.requires_grad
+
+
+def test_from_embedding_uses_a_given_table_node_frozen_and_draws_b_from_rng() -> None:
+    g = gl.Graph()
+    table = g.parameter(np.arange(15.0).reshape(5, 3))
+    config = gl.LoraConfig(rank=2, seed=0)
+    layer = gl.LoraEmbedding.from_embedding(g, table, config, rng=np.random.default_rng(9))
+    assert layer.frozen_weight is table
+    assert not table.requires_grad
+    again = gl.LoraEmbedding.from_embedding(g, table, config, rng=np.random.default_rng(9))
+    seeded = gl.LoraEmbedding.from_embedding(g, table, gl.LoraConfig(rank=2, seed=9))
+    b = g.value(layer.adapters["default"].lora_b)
+    np.testing.assert_array_equal(b, g.value(again.adapters["default"].lora_b))
+    np.testing.assert_array_equal(b, g.value(seeded.adapters["default"].lora_b))
+    assert not np.array_equal(
+        b,
+        g.value(gl.LoraEmbedding.from_embedding(g, table, config).adapters["default"].lora_b),
+    )
+    ids = np.array([[0, 4]])
+    with g.scope("outer"):
+        y = layer.forward(g, ids.tolist())  # ids as a list work as an array does
+    assert y.scope == "outer/lora"
+    scopes = {node.scope for node in g.tape}
+    assert {"outer/lora/frozen", "outer/lora/lora"} <= scopes

@@ -13,7 +13,6 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
 import numpy.typing as npt
 
 from graphlora import _checks
@@ -109,9 +108,7 @@ class LoraEmbedding(LoraLayer):
     def forward(self, graph: Graph, ids: NodeId | npt.ArrayLike) -> NodeId:
         """``ids [...] -> [..., D]``: ``W[ids]`` plus each active adapter's ``(A[ids] * s) @ B``
         (ids: an integer data node or array, each in ``[0, V)``)."""
-        if not isinstance(ids, NodeId):
-            ids = np.asarray(ids)
-        with graph.scope(self.name):
+        with graph.scope(self.name):  # ids given as a list: each embedding op reads them
             with graph.scope("frozen"):
                 y = graph.embedding(self.frozen_weight, ids)  # (..., D)
             for update in self.running():
