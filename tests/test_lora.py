@@ -650,6 +650,13 @@ def test_lora_linear_checks_shapes_first() -> None:
     )
     refused(
         gl.ShapeError,
+        re.escape(
+            "lora_linear: shapes do not fit x [..., in], w [in, out], a [in, r], b [r, out]: x (2, 4), w (4,), a (4, 2), b (2, 3)"
+        ),
+        args=(x, g.constant(np.ones(4)), a, b),  # a weight that is not a matrix
+    )
+    refused(
+        gl.ShapeError,
         re.escape("lora_linear: bias has shape (4,), expected (3,)"),
         args=(x, w, a, b, g.constant(np.ones(4))),
     )
@@ -1028,3 +1035,31 @@ def test_from_embedding_uses_a_given_table_node_frozen_and_draws_b_from_rng() ->
     assert y.scope == "outer/lora"
     scopes = {node.scope for node in g.tape}
     assert {"outer/lora/frozen", "outer/lora/lora"} <= scopes
+
+
+def test_lora_linear_defaults_to_scaling_1_and_reads_a_mask_in_the_graph_dtype() -> None:
+    g = gl.Graph(np.float32)
+    rng = np.random.default_rng(0)
+    x, w, a, b = (g.constant(rng.normal(size=shape)) for shape in ((2, 4), (4, 3), (4, 2), (2, 3)))
+    plain = g.apply(lora_linear, x, w, a, b)
+    np.testing.assert_array_equal(
+        g.value(plain), g.value(g.apply(lora_linear, x, w, a, b, scaling=1.0))
+    )
+    mask = np.array([[1.0, 0.0, 2.0, 0.0], [0.0, 2.0, 0.0, 1.0]])  # float64, as dropout gives
+    masked = g.apply(lora_linear, x, w, a, b, mask=mask)
+    assert g.value(masked).dtype == np.float32
+    xv, wv, av, bv = (g.value(n) for n in (x, w, a, b))
+    np.testing.assert_allclose(
+        g.value(masked), xv @ wv + ((xv * mask.astype(np.float32)) @ av) @ bv, rtol=1e-6
+    )
+
+
+def test_forward_names_a_wrong_graph_and_a_wrong_input() -> None:
+    g = gl.Graph()
+    layer = gl.LoraLinear.new(g, 3, 2, gl.LoraConfig(rank=1, seed=0))
+    with pytest.raises(TypeError) as info:
+        layer.forward(3, g.constant(np.ones(3)))  # type: ignore[arg-type]
+    assert str(info.value) == "LoraLinear.forward: graph must be a Graph, got int"
+    with pytest.raises(TypeError) as info:
+        layer.forward(g, 3)  # type: ignore[arg-type]
+    assert str(info.value) == "LoraLinear.forward: x must be a NodeId, got int: 3"

@@ -147,6 +147,28 @@ def test_float32_graph_keeps_float32(name: str, data: st.DataObject) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 @given(data=st.data())
+def test_each_input_alone_gets_the_gradient_it_gets_beside_the_others(
+    name: str, data: st.DataObject
+) -> None:
+    """An op's VJP computes only what ``needs`` asks for: with one input a parameter and the
+    rest constants, that input's gradient is the one it gets when all are parameters."""
+    example = draw_example(data, name)
+    g = gl.Graph()
+    nodes = nodes_for(g, example)
+    out = record(g, name, nodes, example.params)
+    seed = data.draw(gst.arrays(out.shape), label="seed")
+    g.backward(out, grad=seed)
+    for i in example.floats:
+        alone = gl.Graph()
+        inputs = nodes_for(alone, example, trained=False)
+        inputs[i] = alone.parameter(example.inputs[i])
+        alone.backward(record(alone, name, inputs, example.params), grad=seed)
+        np.testing.assert_array_equal(alone.grad(inputs[i]), g.grad(nodes[i]), err_msg=f"{i}")
+        assert all(alone.grad(inputs[j]) is None for j in example.floats if j != i)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@given(data=st.data())
 def test_constant_inputs_get_no_gradient_and_no_work(name: str, data: st.DataObject) -> None:
     example = draw_example(data, name)
     g = gl.Graph()
