@@ -900,11 +900,13 @@ def test_add_adapter_refusals_say_what_is_wrong() -> None:
             lambda: layer.delta(g, "nope"),
         ),
     ]
+    before = len(g.leaves)
     for error, message, call in cases:
         with pytest.raises(error) as info:
             call()
         assert str(info.value) == message
     assert list(layer.adapters) == ["default"]
+    assert len(g.leaves) == before  # a refused call makes no leaf
 
 
 def test_an_adapters_draws_come_from_rng_else_from_its_config_seed() -> None:
@@ -1063,3 +1065,52 @@ def test_forward_names_a_wrong_graph_and_a_wrong_input() -> None:
     with pytest.raises(TypeError) as info:
         layer.forward(g, 3)  # type: ignore[arg-type]
     assert str(info.value) == "LoraLinear.forward: x must be a NodeId, got int: 3"
+
+
+def test_from_linear_defaults_and_refusals_with_their_messages() -> None:
+    g = gl.Graph()
+    w = np.ones((3, 2))
+    config = gl.LoraConfig(rank=1, seed=0)
+    layer = gl.LoraLinear.from_linear(g, w, config=config)
+    assert (layer.name, layer.fan_in_fan_out) == ("lora", False)
+    assert layer.frozen_weight.name == "lora.weight"
+    where = "LoraLinear.from_linear"
+    cases: list[tuple[type[Exception], str, Callable[[], object]]] = [
+        (TypeError, f"{where}: graph must be a Graph, got int", lambda: layer.from_linear(3, w)),  # type: ignore[arg-type]
+        (
+            TypeError,
+            f"{where}: bias must hold floating-point data, got dtype <U2",
+            lambda: layer.from_linear(g, w, "ab", config=config),
+        ),
+        (
+            TypeError,
+            f"{where}: fan_in_fan_out must be a bool, got int",
+            lambda: layer.from_linear(g, w, config=config, fan_in_fan_out=1),  # type: ignore[arg-type]
+        ),
+        (
+            TypeError,
+            f"{where}: name must be a str, got int",
+            lambda: layer.from_linear(g, w, config=config, name=3),  # type: ignore[arg-type]
+        ),
+        (
+            ValueError,
+            f"{where}: name must be non-empty and without '/', got 'a/b'",
+            lambda: layer.from_linear(g, w, config=config, name="a/b"),
+        ),
+        (
+            ValueError,
+            f"{where}: name must be non-empty and without '/', got ''",
+            lambda: layer.from_linear(g, w, config=config, name=""),
+        ),
+        (
+            TypeError,
+            f"{where}: rng must be a np.random.Generator, an int seed or None, got str",
+            lambda: layer.from_linear(g, w, config=config, rng="x"),  # type: ignore[arg-type]
+        ),
+    ]
+    before = len(g.leaves)
+    for error, message, call in cases:
+        with pytest.raises(error) as info:
+            call()
+        assert str(info.value) == message
+    assert len(g.leaves) == before

@@ -136,6 +136,7 @@ class LoraLinear(LoraLayer):
         check_graph(where, graph)
         config = LoraConfig() if config is None else config
         _check_config(where, config)
+        fan_in_fan_out = _checks.flag(where, "fan_in_fan_out", fan_in_fan_out)  # before any leaf
         weight_value = _float_matrix(where, graph, weight, "weight")
         bias_value = None
         if bias is not None:
@@ -158,7 +159,7 @@ class LoraLinear(LoraLayer):
             weight_node=weight if isinstance(weight, NodeId) else None,
             bias_node=bias if isinstance(bias, NodeId) else None,
         )
-        layer.fan_in_fan_out = _checks.flag(where, "fan_in_fan_out", fan_in_fan_out)
+        layer.fan_in_fan_out = fan_in_fan_out
         for node in (weight, bias):  # freeze the base layer, as PEFT does
             if isinstance(node, NodeId) and node.requires_grad:
                 graph.requires_grad_(node, False)
