@@ -535,3 +535,25 @@ def test_changing_the_active_adapters_ends_compiled_steps() -> None:
     layer.set_adapter(g, "other")
     with pytest.raises(gl.GraphError, match="changed its adapters"):
         step()
+
+
+def test_dora_over_pissa_keeps_the_original_weights_column_norms_and_leaves_are_named() -> None:
+    g = gl.Graph()
+    w = np.random.default_rng(0).normal(size=(6, 4))
+    config = gl.LoraConfig(rank=2, seed=0, use_dora=True, init="pissa")
+    layer = gl.LoraLinear.from_linear(g, w, config=config)
+    update = layer.adapters["default"]
+    assert isinstance(update, DoraUpdate)
+    # the base holds the residual W - A @ B * s; the magnitude is of W itself, as PEFT's
+    np.testing.assert_allclose(g.value(update.magnitude), np.linalg.norm(w, axis=0), rtol=1e-12)
+    assert (update.lora_a.name, update.lora_b.name, update.magnitude.name) == (
+        "lora.lora_A",
+        "lora.lora_B",
+        "lora.lora_magnitude_vector",
+    )
+    other = layer.add_adapter(g, "other", gl.LoraConfig(rank=1, seed=1, use_dora=True))
+    assert isinstance(other, DoraUpdate)
+    assert (other.lora_a.name, other.magnitude.name) == (
+        "lora.lora_A.other",
+        "lora.lora_magnitude_vector.other",
+    )

@@ -266,12 +266,11 @@ class LoraLinear(LoraLayer):
                 xw = graph.matmul(x, self.frozen_weight)  # (..., out)
                 y = xw if self.bias is None else graph.add(xw, self.bias)
             partial = xw  # the output so far without the bias, which DoRA rescales
-            last = len(updates) - 1
             for i, update in enumerate(updates):
                 with graph.scope("lora"):
                     low_rank = update.record(graph, x, self, partial)  # (..., out)
                 y = graph.add(y, low_rank)
-                if i < last and any(later.reads_output for later in updates[i + 1 :]):
+                if any(later.reads_output for later in updates[i + 1 :]):  # a later DoRA's
                     partial = graph.add(partial, low_rank)
             return y
 
