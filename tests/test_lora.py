@@ -1114,3 +1114,21 @@ def test_from_linear_defaults_and_refusals_with_their_messages() -> None:
             call()
         assert str(info.value) == message
     assert len(g.leaves) == before
+
+
+def test_pissas_truncated_svd_gives_the_top_triplets_descending_and_reproducibly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from graphlora.lora import updates
+
+    monkeypatch.setattr(updates, "_DENSE_SVD_LIMIT", 4)  # so that an 8 x 6 matrix takes svds
+    w = np.random.default_rng(0).normal(size=(8, 6))
+    u_all, s_all, vh_all = np.linalg.svd(w, full_matrices=False)
+    for rank in range(1, 7):  # up to min(shape), where svds cannot go: the dense SVD does
+        u, s, vh = updates._top_singular_triplets(w, rank)
+        np.testing.assert_allclose(s, s_all[:rank], rtol=1e-10)  # the largest, descending
+        signs = np.sign(np.sum(u * u_all[:, :rank], axis=0))
+        np.testing.assert_allclose(u * signs, u_all[:, :rank], atol=1e-8)
+        np.testing.assert_allclose(vh * signs[:, None], vh_all[:rank], atol=1e-8)
+        again = updates._top_singular_triplets(w, rank)
+        assert all(np.array_equal(x, y) for x, y in zip((u, s, vh), again, strict=True))
