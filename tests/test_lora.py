@@ -1132,3 +1132,34 @@ def test_pissas_truncated_svd_gives_the_top_triplets_descending_and_reproducibly
         np.testing.assert_allclose(vh * signs[:, None], vh_all[:rank], atol=1e-8)
         again = updates._top_singular_triplets(w, rank)
         assert all(np.array_equal(x, y) for x, y in zip((u, s, vh), again, strict=True))
+
+
+def test_merge_reports_inf_minus_inf_and_a_zero_dora_norm_as_one_error_and_no_warning() -> None:
+    g = gl.Graph()
+    layer = gl.LoraLinear.from_linear(g, np.ones((2, 2)), config=gl.LoraConfig(rank=1, alpha=1))
+    weight = np.ones((2, 2))
+    weight[0, 0] = np.inf
+    g.set_value(layer.frozen_weight, weight)
+    g.set_value(layer.lora_a, [[-1e308], [0.0]])  # A @ B overflows to -inf at [0, 0]
+    g.set_value(layer.lora_b, [[1e308, 0.0]])
+    dora = gl.LoraLinear.from_linear(
+        g, np.array([[0.0, 1.0], [0.0, 1.0]]), config=gl.LoraConfig(rank=1, alpha=1, use_dora=True)
+    )
+    g.set_value(dora.adapters["default"].magnitude, [1.0, 1.0])  # column 0's norm is 0: 1 / 0
+    for merging, count in ((layer, 1), (dora, 2)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # inf - inf and 1 / 0 give no RuntimeWarning
+            with pytest.raises(gl.NonFiniteError) as info:
+                merging.merge(g)
+        assert str(info.value) == (
+            f"LoraLinear.merge: merging lora would give {count} non-finite weights (NaN or Inf "
+            "in the weight or the adapters); nothing was changed"
+        )
+    g.set_value(layer.frozen_weight, np.ones((2, 2)))
+    g.set_value(layer.lora_a, [[1.0], [0.0]])
+    g.set_value(layer.lora_b, [[2.0, 0.0]])
+    layer.merge_(g)
+    copy_of_merged = layer.merge(g)  # merged: a copy of the weight, which holds the update
+    np.testing.assert_array_equal(copy_of_merged, [[3.0, 1.0], [1.0, 1.0]])
+    copy_of_merged[0, 0] = 42.0
+    assert g.value(layer.frozen_weight)[0, 0] == 3.0
