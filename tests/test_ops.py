@@ -639,3 +639,103 @@ def test_dir_of_the_ops_package_lists_every_op_and_export() -> None:
     assert names == sorted(names)
     assert set(ops.OPS) <= set(names)
     assert {"op", "OPS", "relu", "linear", "scaled_dot_product_attention"} <= set(names)
+
+
+# --- what mutation testing found untested in the ops --------------------------------------------
+
+
+def test_an_op_called_directly_names_a_wrong_number_of_inputs_and_uses_its_defaults() -> None:
+    with pytest.raises(TypeError) as info:
+        ops.relu(np.ones(2), np.ones(2))
+    assert str(info.value) == "relu: takes the inputs (x), got 2 of them"
+    x = np.arange(6.0).reshape(2, 3)
+    mean, _ = ops.mean(x)  # over every axis, not keeping them
+    assert mean.shape == ()
+    assert float(mean) == 2.5
+    lse, _ = ops.logsumexp(x)  # over the last axis, not keeping it
+    np.testing.assert_allclose(lse, scipy.special.logsumexp(x, axis=-1), rtol=1e-15)
+    assert lse.shape == (2,)
+
+
+def test_a_plain_function_must_return_exactly_a_tuple_of_out_and_vjp() -> None:
+    g = gl.Graph()
+    x = g.parameter(np.ones(2))
+    for result in (
+        lambda a: (a, lambda grad, needs: (grad,), "extra"),
+        lambda a: (a,),
+        lambda a: [a, lambda grad, needs: (grad,)],
+    ):
+        with pytest.raises(TypeError) as info:
+            g.apply(result, x)
+        assert str(info.value).startswith("apply: <lambda> must return a pair (out, vjp), got ")
+    assert g.tape == ()  # nothing recorded
+
+
+def test_a_plain_functions_gradient_is_read_in_the_graph_dtype() -> None:
+    g = gl.Graph(np.float32)
+    x = g.parameter(np.ones(2))
+    y = g.apply(lambda a: (a * 2, lambda grad, needs: (np.full(2, 2.0),)), x)  # float64 back
+    g.backward(g.sum(y))
+    assert g.grad(x).dtype == np.float32
+    np.testing.assert_array_equal(g.grad(x), [2.0, 2.0])
+
+
+def test_scale_and_pow_take_integer_scalars() -> None:
+    g = gl.Graph()
+    x = g.parameter([1.5, -2.0])
+    np.testing.assert_array_equal(g.value(g.scale(x, 2)), [3.0, -4.0])
+    np.testing.assert_array_equal(g.value(g.pow(x, 2)), [2.25, 4.0])
+
+
+def test_sqrt_at_zero_has_an_infinite_gradient_and_no_warning() -> None:
+    g = gl.Graph()
+    x = g.parameter([0.0, 4.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g.backward(g.sum(g.sqrt(x)))
+    np.testing.assert_array_equal(g.grad(x), [np.inf, 0.25])  # as torch.sqrt's
+
+
+def test_transpose_takes_negative_axes_and_names_bad_ones() -> None:
+    g = gl.Graph()
+    x = g.parameter(np.arange(6.0).reshape(2, 3))
+    np.testing.assert_array_equal(g.value(g.transpose(x, (-1, -2))), np.arange(6.0).reshape(2, 3).T)
+    with pytest.raises(gl.ShapeError) as info:
+        g.transpose(x, (2, 1))  # 2 is no axis of a matrix, though 2 % 2 is
+    assert (
+        str(info.value)
+        == "transpose: axes (2, 1) is not a permutation of the 2 axes of shape (2, 3)"
+    )
+    with pytest.raises(TypeError) as type_info:
+        g.transpose(x, "a")  # type: ignore[arg-type]
+    assert str(type_info.value) == "transpose: axes must be an int or a tuple of ints, got 'a'"
+
+
+def test_getitem_with_a_list_adds_the_gradients_of_repeated_indices() -> None:
+    g = gl.Graph()
+    x = g.parameter([1.0, 2.0, 3.0])
+    picked = g.getitem(x, [0, 0, 2])  # a list is an integer array index, as in NumPy
+    np.testing.assert_array_equal(g.value(picked), [1.0, 1.0, 3.0])
+    g.backward(g.sum(picked))
+    np.testing.assert_array_equal(g.grad(x), [2.0, 0.0, 1.0])
+    with pytest.raises(TypeError) as info:
+        g.getitem(x, 1.5)  # type: ignore[arg-type]
+    assert str(info.value) == (
+        "getitem: an index is made of ints, slices, None, ..., and integer or bool arrays, "
+        "got float: 1.5"
+    )
+
+
+def test_logsumexp_and_softmax_shift_each_row_by_its_own_maximum() -> None:
+    g = gl.Graph()
+    x = g.constant([[1000.0, 1000.0], [0.0, 0.0], [-np.inf, -np.inf]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # log(0) for the row of -inf: no warning
+        lse = g.value(g.logsumexp(x, axis=-1))
+    np.testing.assert_allclose(lse, [1000.0 + np.log(2), np.log(2), -np.inf], rtol=1e-15)
+    soft = g.value(g.softmax(g.constant([[1000.0, 999.0]]), axis=-1))
+    np.testing.assert_allclose(soft, [[1 / (1 + np.exp(-1)), 1 / (1 + np.exp(1))]], rtol=1e-15)
+    empty = gl.Graph(np.float32).constant(np.ones((2, 0)))
+    out = empty.graph.value(empty.graph.logsumexp(empty, axis=-1))
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, [-np.inf, -np.inf])

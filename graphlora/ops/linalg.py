@@ -85,7 +85,7 @@ def _matmul(a: Array, b: Array) -> tuple[Array, Vjp]:
                 # Fold the batch axes into one matrix product: (k, B*n) @ (B*n, m) -> (k, m).
                 gb = (rows(a2).T @ rows(g2)).reshape(b.shape)  # b has no batch axes: all are a's
             else:
-                gb = unbroadcast(swap(a2) @ g2, b2.shape).reshape(b.shape)
+                gb = unbroadcast(swap(a2) @ g2, b.shape)  # b batched: b2 is b
         return ga, gb
 
     if folded:

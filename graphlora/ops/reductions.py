@@ -201,8 +201,7 @@ def _logsumexp(
 ) -> tuple[Array, Vjp]:
     """``log(sum(exp(x)))`` over ``axis`` (default the last), computed stably; -inf over no
     elements, as PyTorch.  VJP: ``g * exp(x - out)`` (the softmax), broadcast back."""
-    reduced = range(x.ndim) if axis is None else axis
-    if x.size == 0 or any(x.shape[a] == 0 for a in reduced):
+    if x.size == 0:  # some axis has size 0: over it, no elements; beside it, no rows
         out = np.full(np.sum(x, axis=axis, keepdims=keepdims).shape, -np.inf, dtype=x.dtype)
     else:
         top = np.max(x, axis=axis, keepdims=True)
