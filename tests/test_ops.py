@@ -739,3 +739,36 @@ def test_logsumexp_and_softmax_shift_each_row_by_its_own_maximum() -> None:
     out = empty.graph.value(empty.graph.logsumexp(empty, axis=-1))
     assert out.dtype == np.float32
     np.testing.assert_array_equal(out, [-np.inf, -np.inf])
+
+
+def test_norms_default_eps_and_give_nan_without_a_warning_where_eps_0_meets_a_flat_row() -> None:
+    x = np.array([[1.0, 2.0, 4.0]])
+    rms, _ = ops.rms_norm(x)  # eps 1e-6 by default
+    np.testing.assert_allclose(rms, x / np.sqrt(np.mean(x**2) + 1e-6), rtol=1e-15)
+    layer, _ = ops.layer_norm(x)  # eps 1e-5, as torch.nn.LayerNorm's
+    np.testing.assert_allclose(layer, (x - x.mean()) / np.sqrt(x.var() + 1e-5), rtol=1e-13)
+    g = gl.Graph()
+    flat = g.parameter([[0.0, 0.0], [3.0, 3.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        outs = [g.rms_norm(flat, eps=0.0), g.layer_norm(flat, eps=0.0)]
+        g.backward(g.sum(g.add(*outs)))
+    assert np.isnan(g.value(outs[0])[0]).all()  # 0 / 0 in the row of zeros
+    np.testing.assert_allclose(g.value(outs[0])[1], [1.0, 1.0])
+    assert np.isnan(g.value(outs[1])).all()  # every row is flat: variance 0
+    smallest, _ = ops.min(np.array([[3.0, 1.0], [2.0, 5.0]]))  # over every axis by default
+    assert smallest.shape == ()
+    assert float(smallest) == 1.0
+
+
+def test_dropout_names_a_bad_probability_and_a_bad_rng() -> None:
+    g = gl.Graph()
+    x = g.parameter(np.ones(3))
+    with pytest.raises(ValueError, match=r"^dropout: p must be") as info:
+        g.dropout(x, 1.5)
+    assert str(info.value) == "dropout: p must be in [0, 1), got 1.5"
+    with pytest.raises(TypeError) as type_info:
+        g.dropout(x, 0.5, rng="a")  # type: ignore[arg-type]
+    assert str(type_info.value) == (
+        "dropout: rng must be a np.random.Generator, an int seed or None, got str"
+    )

@@ -51,7 +51,7 @@ def _torch_layer_norm(
 
 
 def _layer_norm(
-    x: Array, weight: Array | None = None, bias: Array | None = None, *, eps: float = 1e-5
+    x: Array, weight: Array | None = None, bias: Array | None = None, *, eps: float
 ) -> tuple[Array, Vjp]:
     """Layer norm over the last axis: ``xhat * weight + bias``, ``xhat = (x - mean) / sqrt(var +
     eps)`` (biased variance, as PyTorch). Keeps ``xhat`` and ``1 / sqrt(var + eps)`` for backward.
@@ -60,8 +60,8 @@ def _layer_norm(
     mean = _last_axis_mean
     with np.errstate(invalid="ignore", divide="ignore"):  # no features: NaN, as PyTorch
         xhat = np.subtract(x, mean(x), out=np.empty_like(x))  # centred, then scaled in place
-        rstd = 1.0 / np.sqrt(mean(np.square(xhat)) + eps)
-    xhat *= rstd  # (..., D)
+        rstd = 1.0 / np.sqrt(mean(np.square(xhat)) + eps)  # eps = 0, a constant row: inf
+        xhat *= rstd  # (..., D); 0 * inf: NaN, as PyTorch, without a warning
     out = xhat if weight is None else xhat * weight
     if bias is not None:
         out = out + bias if out is xhat else np.add(out, bias, out=out)
@@ -102,14 +102,14 @@ def _rms_inputs(draw: Draw) -> tuple[Array | None, ...]:  # pragma: no mutate bl
     return draw.floats(shape), draw.floats(shape[-1:]) if draw.choice([False, True]) else None
 
 
-def _rms_norm(x: Array, weight: Array | None = None, *, eps: float = 1e-6) -> tuple[Array, Vjp]:
+def _rms_norm(x: Array, weight: Array | None = None, *, eps: float) -> tuple[Array, Vjp]:
     """RMS norm over the last axis: ``x / sqrt(mean(x**2) + eps) * weight``.
     VJP: ``gx = r (gh - xhat mean(gh xhat))`` with ``gh = g * weight``, ``xhat = x r``;
     ``gweight = sum(g xhat)`` over the other axes."""
     mean = _last_axis_mean
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"):  # eps = 0, a row of zeros: NaN
         rrms = 1.0 / np.sqrt(mean(x * x) + eps)
-    xhat = x * rrms
+        xhat = x * rrms
     out = xhat if weight is None else xhat * weight
 
     def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:

@@ -197,8 +197,8 @@ def _torch_logsumexp(
 
 
 def _logsumexp(
-    x: Array, *, axis: tuple[int, ...] | None = (-1,), keepdims: bool = False
-) -> tuple[Array, Vjp]:
+    x: Array, *, axis: tuple[int, ...] | None, keepdims: bool
+) -> tuple[Array, Vjp]:  # the defaults are the check's, which always gives both
     """``log(sum(exp(x)))`` over ``axis`` (default the last), computed stably; -inf over no
     elements, as PyTorch.  VJP: ``g * exp(x - out)`` (the softmax), broadcast back."""
     if x.size == 0:  # some axis has size 0: over it, no elements; beside it, no rows
