@@ -772,3 +772,38 @@ def test_dropout_names_a_bad_probability_and_a_bad_rng() -> None:
     assert str(type_info.value) == (
         "dropout: rng must be a np.random.Generator, an int seed or None, got str"
     )
+
+
+def test_stack_and_concat_by_default_join_on_axis_0_and_name_what_is_wrong() -> None:
+    stacked, _ = ops.stack(np.ones(2), np.zeros(2))
+    np.testing.assert_array_equal(stacked, [[1.0, 1.0], [0.0, 0.0]])
+    joined, _ = ops.concat(np.ones((1, 2)), np.zeros((1, 2)))
+    np.testing.assert_array_equal(joined, [[1.0, 1.0], [0.0, 0.0]])
+    g = gl.Graph()
+    x = g.parameter(np.ones(3))
+    with pytest.raises(ValueError, match=r"^stack") as info:
+        g.stack([])
+    assert str(info.value) == "stack: needs at least one node to stack"
+    with pytest.raises(gl.ShapeError) as shape_info:
+        g.stack([x, x], axis=2)  # the stacked result (2, 3) has axes -2 .. 1
+    assert str(shape_info.value) == "stack: axis 2 is out of range for shape (2, 3)"
+    np.testing.assert_array_equal(g.value(g.stack([x, x], axis=1)), np.ones((3, 2)))
+
+
+def test_mse_loss_names_unequal_shapes_and_is_nan_over_nothing_in_the_graph_dtype() -> None:
+    g = gl.Graph(np.float32)
+    pred = g.parameter(np.ones(3))
+    with pytest.raises(gl.ShapeError) as info:
+        g.mse_loss(pred, g.constant(np.ones(2)))
+    assert str(info.value) == (
+        "mse_loss: pred has shape (3,) but target has shape (2,); they must be equal"
+    )
+    empty, target = g.parameter(np.ones((0, 2))), g.constant(np.ones((0, 2)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 0 / 0 over no elements: NaN, without a warning
+        loss = g.mse_loss(empty, target)
+        g.backward(loss)
+    assert g.value(loss).dtype == np.float32
+    assert np.isnan(g.value(loss))
+    assert g.grad(empty).shape == (0, 2)
+    assert g.grad(target) is None  # a constant gets no gradient, even an empty one

@@ -220,7 +220,7 @@ def _concat_params(draw: Draw, *xs: Array) -> Params:  # pragma: no mutate block
     return {"axis": draw.choice(_concat_axes(*xs))}
 
 
-def _concat(*xs: Array, axis: int = 0) -> tuple[Array, Vjp]:
+def _concat(*xs: Array, axis: int) -> tuple[Array, Vjp]:  # axis: always the check's
     """Join along ``axis`` (``np.concatenate``).  VJP: ``g`` cut back into the inputs' pieces."""
     cuts = np.cumsum([x.shape[axis] for x in xs])[:-1]
 
@@ -246,7 +246,7 @@ def _check_stack(*xs: Array, axis: object = 0) -> Params:
     for i, x in enumerate(xs):
         if x.shape != first.shape:
             raise ShapeError(f"stack: input {i} has shape {x.shape}, input 0 has {first.shape}")
-    return {"axis": one_axis("stack", axis, (*first.shape, 1))}
+    return {"axis": one_axis("stack", axis, (len(xs), *first.shape))}  # stacked on axis 0
 
 
 def _stack_inputs(draw: Draw) -> tuple[Array | None, ...]:  # pragma: no mutate block
@@ -258,7 +258,7 @@ def _stack_params(draw: Draw, *xs: Array) -> Params:  # pragma: no mutate block
     return {"axis": draw.choice(range(-xs[0].ndim - 1, xs[0].ndim + 1))}
 
 
-def _stack(*xs: Array, axis: int = 0) -> tuple[Array, Vjp]:
+def _stack(*xs: Array, axis: int) -> tuple[Array, Vjp]:  # axis: always the check's
     """Stack along a new ``axis`` (``np.stack``).  VJP: ``g`` taken apart along that axis."""
 
     def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
