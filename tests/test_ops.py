@@ -788,6 +788,22 @@ def test_stack_and_concat_by_default_join_on_axis_0_and_name_what_is_wrong() -> 
         g.stack([x, x], axis=2)  # the stacked result (2, 3) has axes -2 .. 1
     assert str(shape_info.value) == "stack: axis 2 is out of range for shape (2, 3)"
     np.testing.assert_array_equal(g.value(g.stack([x, x], axis=1)), np.ones((3, 2)))
+    for call, error, message in (
+        (lambda: g.concat([]), ValueError, "concat: needs at least one node to join"),
+        (
+            lambda: g.concat([g.constant(1.0)]),
+            gl.ShapeError,
+            "concat: cannot join 0-d values; reshape them to (1,) first",
+        ),
+        (
+            lambda: g.concat([x, x], axis=1),
+            gl.ShapeError,
+            "concat: axis 1 is out of range for shape (3,)",
+        ),
+    ):
+        with pytest.raises(error, match=r"^concat: ") as concat_info:
+            call()
+        assert str(concat_info.value) == message
 
 
 def test_mse_loss_names_unequal_shapes_and_is_nan_over_nothing_in_the_graph_dtype() -> None:
