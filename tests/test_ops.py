@@ -759,6 +759,9 @@ def test_norms_default_eps_and_give_nan_without_a_warning_where_eps_0_meets_a_fl
     smallest, _ = ops.min(np.array([[3.0, 1.0], [2.0, 5.0]]))  # over every axis by default
     assert smallest.shape == ()
     assert float(smallest) == 1.0
+    spread, _ = ops.var(np.array([[3.0, 1.0], [2.0, 6.0]]))  # over every axis, ddof 0
+    assert spread.shape == ()
+    assert float(spread) == 3.5
 
 
 def test_dropout_names_a_bad_probability_and_a_bad_rng() -> None:

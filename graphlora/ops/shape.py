@@ -226,7 +226,7 @@ def _concat(*xs: Array, axis: int) -> tuple[Array, Vjp]:  # axis: always the che
 
     def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
         pieces = np.split(g, cuts, axis=axis)
-        return tuple(piece if need else None for piece, need in zip(pieces, needs, strict=True))
+        return tuple(piece if needs[i] else None for i, piece in enumerate(pieces))  # one each
 
     return np.concatenate(xs, axis=axis), vjp
 
