@@ -826,3 +826,16 @@ def test_mse_loss_names_unequal_shapes_and_is_nan_over_nothing_in_the_graph_dtyp
     assert np.isnan(g.value(loss))
     assert g.grad(empty).shape == (0, 2)
     assert g.grad(target) is None  # a constant gets no gradient, even an empty one
+
+
+def test_logsumexp_names_a_bad_axis_and_keepdims() -> None:
+    g = gl.Graph()
+    x = g.parameter(np.ones((2, 3)))
+    with pytest.raises(gl.ShapeError) as info:
+        g.logsumexp(x, axis=5)
+    assert str(info.value) == "logsumexp: axis 5 is out of range for shape (2, 3)"
+    with pytest.raises(TypeError) as type_info:
+        g.logsumexp(x, keepdims="no")  # type: ignore[arg-type]
+    assert str(type_info.value) == "logsumexp: keepdims must be a bool, got str"
+    kept, _ = ops.logsumexp(np.zeros((2, 3)), keepdims=True)
+    np.testing.assert_allclose(kept, np.full((2, 1), np.log(3)), rtol=1e-15)
