@@ -839,3 +839,67 @@ def test_logsumexp_names_a_bad_axis_and_keepdims() -> None:
     assert str(type_info.value) == "logsumexp: keepdims must be a bool, got str"
     kept, _ = ops.logsumexp(np.zeros((2, 3)), keepdims=True)
     np.testing.assert_allclose(kept, np.full((2, 1), np.log(3)), rtol=1e-15)
+
+
+def test_attention_and_cross_entropy_name_each_bad_argument() -> None:
+    g = gl.Graph()
+    q = g.parameter(np.ones((2, 3, 4)))
+    other_batch = g.parameter(np.ones((3, 3, 4)))
+    one = g.parameter(np.ones(4))
+    logits = g.parameter(np.ones((7, 3)))
+    where = "scaled_dot_product_attention"
+    cases: list[tuple[type[Exception], str, Any]] = [
+        (
+            gl.ShapeError,
+            f"{where}: q, k and v must be [..., T, d], got q (4,), k (4,), v (4,)",
+            lambda: g.scaled_dot_product_attention(one, one, one),
+        ),
+        (
+            gl.ShapeError,
+            f"{where}: the batch axes do not broadcast together: q (2, 3, 4), k (3, 3, 4), "
+            "v (2, 3, 4)",
+            lambda: g.scaled_dot_product_attention(q, other_batch, q),
+        ),
+        (
+            TypeError,
+            f"{where}: causal must be a bool, got int",
+            lambda: g.scaled_dot_product_attention(q, q, q, causal=1),
+        ),
+        (
+            TypeError,
+            f"{where}: scale must be a real scalar (int or float), got str: 'a'",
+            lambda: g.scaled_dot_product_attention(q, q, q, scale="a"),
+        ),
+        (
+            ValueError,
+            f"{where}: dropout must be in [0, 1), got 2.0",
+            lambda: g.scaled_dot_product_attention(q, q, q, dropout=2.0),
+        ),
+        (
+            TypeError,
+            "cross_entropy: ignore_index must be an int, got 1.5",
+            lambda: g.cross_entropy(logits, np.zeros(7, int), ignore_index=1.5),
+        ),
+        (
+            TypeError,
+            "cross_entropy: ignore_index must be an int, got True",
+            lambda: g.cross_entropy(logits, np.zeros(7, int), ignore_index=True),
+        ),
+        (
+            ValueError,
+            "cross_entropy: labels must lie in [0, 3) for 3 classes (or equal ignore_index -100), "
+            "got [3, 4, 5, 6, 7] ...",  # the first five of six
+            lambda: g.cross_entropy(logits, np.array([3, 4, 5, 6, 7, 8, 0])),
+        ),
+        (
+            ValueError,
+            "cross_entropy: labels must lie in [0, 3) for 3 classes (or equal ignore_index -100), "
+            "got [3, 4, 5, 6, 7]",  # all five
+            lambda: g.cross_entropy(logits, np.array([3, 4, 5, 6, 7, 0, 0])),
+        ),
+    ]
+    for error, message, call in cases:
+        with pytest.raises(error) as info:
+            call()
+        assert str(info.value) == message
+    assert g.tape == ()
