@@ -1160,3 +1160,99 @@ def test_merge_reports_inf_minus_inf_and_a_zero_dora_norm_as_one_error_and_no_wa
     np.testing.assert_array_equal(copy_of_merged, [[3.0, 1.0], [1.0, 1.0]])
     copy_of_merged[0, 0] = 42.0
     assert g.value(layer.frozen_weight)[0, 0] == 3.0
+
+
+def test_more_lora_refusals_with_their_messages() -> None:
+    g = gl.Graph()
+    layer = gl.LoraLinear.new(g, 3, 2, gl.LoraConfig(rank=1, seed=0))
+    table = np.ones((5, 3))
+    config = gl.LoraConfig(rank=2)
+    cases: list[tuple[type[Exception], str, Callable[[], object]]] = [
+        (
+            TypeError,
+            "LoraLinear.new: graph must be a Graph, got int",
+            lambda: gl.LoraLinear.new(3, 3, 2, config),  # type: ignore[arg-type]
+        ),
+        (
+            TypeError,
+            "LoraLinear.new: config must be a LoraConfig, got dict",
+            lambda: gl.LoraLinear.new(g, 3, 2, {}),  # type: ignore[arg-type]
+        ),
+        (
+            ValueError,
+            "LoraEmbedding.from_embedding: name must be a non-empty str without '/', got 3",
+            lambda: gl.LoraEmbedding.from_embedding(g, table, config, name=3),  # type: ignore[arg-type]
+        ),
+        (
+            TypeError,
+            "LoraEmbedding.from_embedding: rng must be a np.random.Generator, an int seed or "
+            "None, got str",
+            lambda: gl.LoraEmbedding.from_embedding(g, table, config, rng="x"),  # type: ignore[arg-type]
+        ),
+        (
+            ValueError,
+            "LoraLinear.set_adapter: adapter_name 'a/b' must be letters, digits, '_' and '-' "
+            "(no dots)",
+            lambda: layer.set_adapter(g, ["a/b"]),
+        ),
+        (
+            TypeError,
+            "LoraLinear.set_adapter: adapter_names must be a name or a list of names, got int: 3",
+            lambda: layer.set_adapter(g, 3),  # type: ignore[arg-type]
+        ),
+        (
+            ValueError,
+            "LoraLinear.load_state_dict: lora has no adapter 'nope'; it holds ['default']",
+            lambda: layer.load_state_dict(g, {}, "nope"),
+        ),
+    ]
+    before = len(g.leaves)
+    for error, message, call in cases:
+        with pytest.raises(error) as info:
+            call()
+        assert str(info.value) == message
+    assert len(g.leaves) == before
+
+
+def test_an_embeddings_later_adapter_starts_as_peft_does_and_is_named() -> None:
+    g = gl.Graph()
+    layer = gl.LoraEmbedding.from_embedding(g, np.ones((5, 3)), gl.LoraConfig(rank=2), name="tok")
+    assert layer.name == "tok"
+    update = layer.add_adapter(g, "x", gl.LoraConfig(rank=2, seed=1))
+    assert not g.value(update.lora_a).any()  # an embedding's A starts at zero, its B drawn
+    assert g.value(update.lora_b).any()
+    assert (update.lora_a.name, update.lora_b.name) == ("tok.lora_A.x", "tok.lora_B.x")
+    assert [name for name, _ in layer.named_leaves()] == [
+        "weight",
+        "lora_embedding_A.default",
+        "lora_embedding_B.default",
+        "lora_embedding_A.x",
+        "lora_embedding_B.x",
+    ]
+
+
+def test_with_no_adapter_active_a_new_one_stays_inactive_and_merge_copies_the_weight() -> None:
+    g = gl.Graph()
+    layer = gl.LoraLinear.new(g, 3, 2, gl.LoraConfig(rank=1, seed=0))
+    layer.set_adapter(g, [])
+    layer.add_adapter(g, "other", gl.LoraConfig(rank=1, seed=1))
+    assert layer.active_adapters == []  # only a layer's very first adapter starts active
+    merged = layer.merge(g)  # nothing running: a copy of W
+    np.testing.assert_array_equal(merged, g.value(layer.frozen_weight))
+    merged[0, 0] += 1.0
+    assert g.value(layer.frozen_weight)[0, 0] != merged[0, 0]
+    layer.set_adapter(g, "default")
+    layer.merge_(g)
+    layer.unmerge_(g)
+    assert layer.merged_adapters == []
+
+
+def test_load_state_dict_loads_the_named_adapter_not_the_active_one() -> None:
+    g = gl.Graph()
+    layer = gl.LoraLinear.new(g, 3, 2, gl.LoraConfig(rank=1, seed=0))
+    other = layer.add_adapter(g, "other", gl.LoraConfig(rank=1, seed=1))
+    state = {"lora_a": np.full((3, 1), 7.0), "lora_b": np.full((1, 2), 5.0)}
+    active_a = np.array(g.value(layer.lora_a))
+    layer.load_state_dict(g, state, "other")
+    np.testing.assert_array_equal(g.value(other.lora_a), state["lora_a"])
+    np.testing.assert_array_equal(g.value(layer.lora_a), active_a)
