@@ -648,6 +648,13 @@ def test_an_op_called_directly_names_a_wrong_number_of_inputs_and_uses_its_defau
     with pytest.raises(TypeError) as info:
         ops.relu(np.ones(2), np.ones(2))
     assert str(info.value) == "relu: takes the inputs (x), got 2 of them"
+    with pytest.raises(TypeError) as info:
+        ops.add(np.ones(2))
+    assert str(info.value) == "add: takes the inputs (a, b), got 1 of them"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 0 / 0 over no elements: NaN, without np.mean's warning
+        nothing, _ = ops.mean(np.ones((0, 2)))
+    assert np.isnan(nothing)
     x = np.arange(6.0).reshape(2, 3)
     mean, _ = ops.mean(x)  # over every axis, not keeping them
     assert mean.shape == ()
