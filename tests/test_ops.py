@@ -910,3 +910,20 @@ def test_attention_and_cross_entropy_name_each_bad_argument() -> None:
             call()
         assert str(info.value) == message
     assert g.tape == ()
+
+
+def test_norms_over_no_features_give_empty_results_without_a_warning() -> None:
+    g = gl.Graph()
+    x = g.parameter(np.ones((2, 0)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # means over no elements: 0 / 0, silenced
+        for y in (g.layer_norm(x), g.rms_norm(x)):
+            g.backward(y, grad=np.ones((2, 0)))
+            assert g.value(y).shape == (2, 0)
+    assert g.grad(x).shape == (2, 0)
+
+
+def test_dropout_called_directly_names_its_probability() -> None:
+    with pytest.raises(ValueError, match=r"^dropout: ") as info:
+        ops.dropout(np.ones(3), p=1.5)
+    assert str(info.value) == "dropout: p must be in [0, 1), got 1.5"

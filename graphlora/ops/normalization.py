@@ -71,11 +71,10 @@ def _layer_norm(
         gx = gw = gb = None
         if needs[0]:
             gh = g if weight is None else g * weight
-            with np.errstate(invalid="ignore", divide="ignore"):
-                gx = xhat * -mean(gh * xhat)  # then + gh - mean(gh), times rstd, in place
-                gx += gh
-                gx -= mean(gh)
-                gx *= rstd
+            gx = xhat * -mean(gh * xhat)  # then + gh - mean(gh), times rstd, in place
+            gx += gh
+            gx -= mean(gh)
+            gx *= rstd  # where rstd is inf, xhat and so gx are NaN: no 0 * inf
         if needs[1]:
             gw = np.sum(g * xhat, axis=batch)
         if needs[2]:
@@ -116,8 +115,7 @@ def _rms_norm(x: Array, weight: Array | None = None, *, eps: float) -> tuple[Arr
         gx = gw = None
         if needs[0]:
             gh = g if weight is None else g * weight
-            with np.errstate(invalid="ignore", divide="ignore"):
-                gx = rrms * (gh - xhat * mean(gh * xhat))
+            gx = rrms * (gh - xhat * mean(gh * xhat))  # where rrms is inf, xhat is NaN: no 0 * inf
         if needs[1]:
             gw = np.sum(g * xhat, axis=tuple(range(g.ndim - 1)))
         return gx, gw
