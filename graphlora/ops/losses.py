@@ -117,9 +117,9 @@ def _cross_entropy(
     logits: Array,
     labels: npt.NDArray[np.integer[Any]],
     *,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-) -> tuple[Array, Vjp]:
+    ignore_index: int,
+    label_smoothing: float,
+) -> tuple[Array, Vjp]:  # the defaults are the check's, which always gives both
     """Mean cross-entropy of ``logits [..., C]`` (classes on the LAST axis, unlike PyTorch's
     N-d form, which puts them on axis 1) against integer ``labels [...]``.
 

@@ -259,8 +259,8 @@ def _torch_var(
 
 
 def _var(
-    x: Array, *, axis: tuple[int, ...] | None = None, keepdims: bool = False, ddof: int = 0
-) -> tuple[Array, Vjp]:
+    x: Array, *, axis: tuple[int, ...] | None, keepdims: bool, ddof: int
+) -> tuple[Array, Vjp]:  # the defaults are the check's, which always gives all three
     """Variance over ``axis``: ``sum((x - mean)**2) / (n - ddof)`` (NaN where ``n <= ddof``, as
     NumPy and PyTorch).  VJP: ``g * 2 (x - mean) / (n - ddof)``, broadcast back."""
     count = x.size if axis is None else math.prod(x.shape[a] for a in axis)
@@ -272,7 +272,8 @@ def _var(
         if count == 0:
             return (np.zeros_like(x),)
         with np.errstate(invalid="ignore", divide="ignore"):
-            return (expand_reduced(g, x.shape, axis) * (centred * (2.0 / (count - ddof))),)
+            factor = np.divide(2.0, count - ddof, dtype=x.dtype)  # n == ddof: inf, no error
+            return (expand_reduced(g, x.shape, axis) * (centred * factor),)
 
     return out, vjp
 
