@@ -1015,3 +1015,86 @@ def test_cross_entropy_defaults_bounds_and_all_ignored_rows() -> None:
     assert str(info.value) == (
         "cross_entropy: labels must have shape (2, 3) to match logits (2, 3, 4), got (2, 2)"
     )
+
+
+def test_more_refusals_found_by_mutation_testing_name_their_values() -> None:
+    g = gl.Graph()
+
+    def ones(*shape: int) -> gl.NodeId:
+        return g.parameter(np.ones(shape))
+
+    attention = "scaled_dot_product_attention"
+    cases: list[tuple[type[Exception], str, Any]] = [
+        (
+            gl.ShapeError,
+            "where: shapes cond (2, 1), a (3,) and b (2, 4) do not broadcast together",
+            lambda: g.where(np.ones((2, 1), bool), ones(3), ones(2, 4)),
+        ),
+        (
+            gl.ShapeError,
+            "max: cannot reduce over an axis of size 0 (axis [0] of shape (0, 2)); there is no "
+            "max of nothing",
+            lambda: g.max(ones(0, 2)),
+        ),
+        (
+            gl.ShapeError,
+            "min: axis 5 is out of range for shape (2, 3)",
+            lambda: g.min(ones(2, 3), axis=5),
+        ),
+        (
+            gl.ShapeError,
+            f"{attention}: q, k and v must be [..., T, d], got q (2, 3, 4), k (4,), v (2, 3, 4)",
+            lambda: g.scaled_dot_product_attention(ones(2, 3, 4), ones(4), ones(2, 3, 4)),
+        ),
+        (
+            gl.ShapeError,
+            f"{attention}: the batch axes do not broadcast together: q (2, 3, 4), k (3, 3, 4), "
+            "v (3, 3, 4)",  # k and v agree; q does not
+            lambda: g.scaled_dot_product_attention(ones(2, 3, 4), ones(3, 3, 4), ones(3, 3, 4)),
+        ),
+        (
+            gl.ShapeError,
+            f"{attention}: the batch axes do not broadcast together: q (2, 3, 4), k (2, 3, 4), "
+            "v (3, 3, 4)",  # q and k agree; v does not
+            lambda: g.scaled_dot_product_attention(ones(2, 3, 4), ones(2, 3, 4), ones(3, 3, 4)),
+        ),
+        (
+            gl.ShapeError,
+            f"{attention}: mask of shape (4, 4) does not broadcast to [..., Tq, Tk] = (2, 3, 5)",
+            lambda: g.scaled_dot_product_attention(
+                ones(2, 3, 4), ones(2, 5, 4), ones(2, 5, 4), np.ones((4, 4), bool)
+            ),
+        ),
+        (
+            TypeError,
+            f"{attention}: rng must be a np.random.Generator, an int seed or None, got str",
+            lambda: g.scaled_dot_product_attention(
+                ones(2, 3, 4), ones(2, 3, 4), ones(2, 3, 4), dropout=0.5, rng="x"
+            ),
+        ),
+        (
+            gl.ShapeError,
+            "layer_norm: x must have at least one axis (normalised: the last), got ()",
+            lambda: g.layer_norm(g.parameter(1.0)),
+        ),
+        (
+            gl.ShapeError,
+            "layer_norm: weight has shape (3,); x (2, 3, 4) needs (4,)",
+            lambda: g.layer_norm(ones(2, 3, 4), ones(3)),
+        ),
+        (
+            gl.ShapeError,
+            "linear: x () needs a weight [in, out] with in = x's last axis, got (3, 2)",
+            lambda: g.linear(g.parameter(1.0), ones(3, 2)),
+        ),
+    ]
+    for error, message, call in cases:
+        with pytest.raises(error) as info:
+            call()
+        assert str(info.value) == message
+    assert g.tape == ()
+    q = np.random.default_rng(0).normal(size=(3, 2))
+    plain, _ = ops.scaled_dot_product_attention(q, q, q)  # not causal by default
+    scores = q @ q.T / np.sqrt(2)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    np.testing.assert_allclose(plain, weights / weights.sum(-1, keepdims=True) @ q, rtol=1e-12)

@@ -105,9 +105,9 @@ def _check_extreme(
     params = reduction_check(name, x, axis=axis, keepdims=keepdims)
     reduced = range(x.ndim) if params is None or params["axis"] is None else params["axis"]
     empty = [a for a in reduced if x.shape[a] == 0]
-    if empty or (x.size == 0 and (params is None or params["axis"] is None)):
+    if empty:  # over every axis (axis None), an empty x has one of size 0 among them
         raise ShapeError(
-            f"{name}: cannot reduce over an axis of size 0 (axis {empty or 'all'} of shape "
+            f"{name}: cannot reduce over an axis of size 0 (axis {empty} of shape "
             f"{x.shape}); there is no {name} of nothing"
         )
     return params
