@@ -1098,3 +1098,19 @@ def test_more_refusals_found_by_mutation_testing_name_their_values() -> None:
     scores = q @ q.T / np.sqrt(2)
     weights = np.exp(scores - scores.max(-1, keepdims=True))
     np.testing.assert_allclose(plain, weights / weights.sum(-1, keepdims=True) @ q, rtol=1e-12)
+
+
+def test_var_past_ddof_of_a_spread_row_is_inf_without_a_warning() -> None:
+    g = gl.Graph()
+    x = g.parameter([[1.0, 3.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a positive sum over n - ddof = 0: inf, as NumPy's value
+        spread = g.var(x, axis=-1, ddof=2)
+    assert np.isinf(g.value(spread)).all()
+
+
+def test_attention_with_dropout_keeps_a_float32_graph_float32() -> None:
+    g = gl.Graph(np.float32)
+    q = g.parameter(np.random.default_rng(0).normal(size=(2, 3, 4)))
+    out = g.scaled_dot_product_attention(q, q, q, dropout=0.5, rng=0)
+    assert g.value(out).dtype == np.float32
