@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from refusals import Refusal, assert_refusals
 
 import graphlora as gl
 from graphlora.lora import lora_linear
@@ -869,7 +870,7 @@ def test_every_layer_method_names_itself_when_given_no_graph(
 def test_add_adapter_refusals_say_what_is_wrong() -> None:
     g = gl.Graph()
     layer = gl.LoraLinear.new(g, 3, 2, gl.LoraConfig(rank=1, seed=0))
-    cases: list[tuple[type[Exception], str, Callable[[], object]]] = [
+    cases: list[Refusal] = [
         (
             ValueError,
             "LoraLinear.add_adapter: adapter_name 'a/b' must be letters, digits, '_' and '-' "
@@ -906,10 +907,7 @@ def test_add_adapter_refusals_say_what_is_wrong() -> None:
         ),
     ]
     before = len(g.leaves)
-    for error, message, call in cases:
-        with pytest.raises(error) as info:
-            call()
-        assert str(info.value) == message
+    assert_refusals(cases)
     assert list(layer.adapters) == ["default"]
     assert len(g.leaves) == before  # a refused call makes no leaf
 
@@ -952,7 +950,7 @@ def test_from_embedding_refusals_and_defaults() -> None:
     g = gl.Graph()
     config = gl.LoraConfig(rank=2, seed=0)
     where = "LoraEmbedding.from_embedding"
-    cases: list[tuple[type[Exception], str, Callable[[], object]]] = [
+    cases: list[Refusal] = [
         (
             gl.ShapeError,
             f"{where}: weight must be a non-empty [V, D] table, got (3,)",
@@ -990,10 +988,7 @@ def test_from_embedding_refusals_and_defaults() -> None:
         ),
     ]
     before = len(g.leaves)
-    for error, message, call in cases:
-        with pytest.raises(error) as info:
-            call()
-        assert str(info.value) == message
+    assert_refusals(cases)
     assert len(g.leaves) == before  # nothing was made
     big = gl.LoraEmbedding.from_embedding(g, np.ones((10, 9)), name="tok")  # default config
     assert big.adapters["default"].rank == gl.LoraConfig().rank
@@ -1063,7 +1058,7 @@ def test_from_linear_defaults_and_refusals_with_their_messages() -> None:
     assert (layer.name, layer.fan_in_fan_out) == ("lora", False)
     assert layer.frozen_weight.name == "lora.weight"
     where = "LoraLinear.from_linear"
-    cases: list[tuple[type[Exception], str, Callable[[], object]]] = [
+    cases: list[Refusal] = [
         (TypeError, f"{where}: graph must be a Graph, got int", lambda: layer.from_linear(3, w)),  # type: ignore[arg-type]
         (
             TypeError,
@@ -1097,10 +1092,7 @@ def test_from_linear_defaults_and_refusals_with_their_messages() -> None:
         ),
     ]
     before = len(g.leaves)
-    for error, message, call in cases:
-        with pytest.raises(error) as info:
-            call()
-        assert str(info.value) == message
+    assert_refusals(cases)
     assert len(g.leaves) == before
 
 
@@ -1158,7 +1150,7 @@ def test_more_lora_refusals_with_their_messages() -> None:
     layer = gl.LoraLinear.new(g, 3, 2, gl.LoraConfig(rank=1, seed=0))
     table = np.ones((5, 3))
     config = gl.LoraConfig(rank=2)
-    cases: list[tuple[type[Exception], str, Callable[[], object]]] = [
+    cases: list[Refusal] = [
         (
             TypeError,
             "LoraLinear.new: graph must be a Graph, got int",
@@ -1198,10 +1190,7 @@ def test_more_lora_refusals_with_their_messages() -> None:
         ),
     ]
     before = len(g.leaves)
-    for error, message, call in cases:
-        with pytest.raises(error) as info:
-            call()
-        assert str(info.value) == message
+    assert_refusals(cases)
     assert len(g.leaves) == before
 
 
