@@ -1111,3 +1111,34 @@ def test_attention_with_dropout_keeps_a_float32_graph_float32() -> None:
     q = g.parameter(np.random.default_rng(0).normal(size=(2, 3, 4)))
     out = g.scaled_dot_product_attention(q, q, q, dropout=0.5, rng=0)
     assert g.value(out).dtype == np.float32
+
+
+@given(
+    shape=gst.shapes(min_dims=1, max_dims=4, min_side=0, max_side=5),
+    special=st.sampled_from([None, np.inf, -np.inf, np.nan]),
+)
+def test_row_sum_is_the_last_axis_sum_with_infinities_and_nan(
+    shape: tuple[int, ...], special: float | None
+) -> None:
+    from graphlora.ops._core import row_sum
+
+    x = np.random.default_rng(0).normal(size=shape)
+    if special is not None and x.size:
+        x.flat[x.size // 2] = special
+    found = row_sum(x)
+    assert found.shape == np.sum(x, axis=-1, keepdims=True).shape
+    assert found.dtype == x.dtype
+    np.testing.assert_allclose(found, np.sum(x, axis=-1, keepdims=True), rtol=1e-12, atol=1e-12)
+
+
+def test_attention_rows_holding_nan_come_out_nan_as_in_pytorch() -> None:
+    torch = pytest.importorskip("torch")
+    q = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    k = np.array([[np.nan, 0.0], [0.0, 1.0], [2.0, 0.5]])  # key 0's scores: NaN for every query
+    v = np.arange(6.0).reshape(3, 2)
+    for causal in (False, True):
+        out, _ = ops.scaled_dot_product_attention(q, k, v, causal=causal)
+        tensors = (torch.from_numpy(a) for a in (q, k, v))
+        expected = ops.scaled_dot_product_attention.torch(torch, *tensors, causal=causal)
+        assert np.isnan(out).all()
+        assert torch.isnan(expected).all()

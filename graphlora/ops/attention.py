@@ -9,7 +9,18 @@ import numpy as np
 
 from graphlora._checks import Rng, as_generator, check_rng, flag, probability, real_scalar
 from graphlora.errors import ShapeError
-from graphlora.ops._core import Array, Draw, Grads, Params, Sample, Vjp, builtin, swap, unbroadcast
+from graphlora.ops._core import (
+    Array,
+    Draw,
+    Grads,
+    Params,
+    Sample,
+    Vjp,
+    builtin,
+    row_sum,
+    swap,
+    unbroadcast,
+)
 from graphlora.ops.losses import dropout_mask
 
 
@@ -130,11 +141,12 @@ def _scaled_dot_product_attention(
     if keep is not None:
         np.copyto(scores, -np.inf, where=~keep)
     if scores.shape[-1]:
-        top = scores.max(axis=-1, keepdims=True)
+        # fmax, faster than max, skips NaN; a row holding NaN comes out all NaN either way
+        top = np.fmax.reduce(scores, axis=-1, keepdims=True)
         top[~np.isfinite(top)] = 0.0  # a row that keeps nothing: all -inf
         scores -= top
         weights = np.exp(scores, out=scores)
-        total = weights.sum(axis=-1, keepdims=True)
+        total = row_sum(weights)
         total[~(total > 0)] = 1.0  # such a row stays all zeros
         weights /= total
     else:
@@ -154,7 +166,7 @@ def _scaled_dot_product_attention(
             if drop is not None:
                 gs *= drop
             # rowsum(P * gs) = rowsum(g * out): a [Tq, dv] product instead of a [Tq, Tk] one
-            gs -= np.sum(g * out, axis=-1, keepdims=True)
+            gs -= row_sum(g * out)
             gs *= weights
             gs *= s
             if needs[0]:

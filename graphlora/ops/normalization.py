@@ -8,12 +8,12 @@ import numpy as np
 
 from graphlora._checks import real
 from graphlora.errors import ShapeError
-from graphlora.ops._core import Array, Draw, Grads, Params, Sample, Vjp, builtin
+from graphlora.ops._core import Array, Draw, Grads, Params, Sample, Vjp, builtin, row_sum
 
 
 def _last_axis_mean(v: Array) -> Array:
     """The mean over the last axis, kept (NaN over no elements, without NumPy's warning)."""
-    total: Array = np.add.reduce(v, axis=-1, keepdims=True)  # np.sum without its Python layer
+    total = row_sum(v)
     return total / v.shape[-1] if v.shape[-1] else total * np.nan
 
 

@@ -67,7 +67,7 @@ def _torch_transpose(
 def _transpose(x: Array, *, axes: tuple[int, ...] | None = None) -> tuple[Array, Vjp]:
     """``np.transpose(x, axes)`` (``None`` reverses the axes).
     VJP: ``(np.transpose(g, argsort(axes)),)``."""
-    inverse = None if axes is None else tuple(int(i) for i in np.argsort(axes))
+    inverse = None if axes is None else sorted(range(len(axes)), key=axes.__getitem__)
 
     def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
         return (np.transpose(g, inverse),)
