@@ -108,13 +108,15 @@ def _lora_linear(
     The same maths as ``LoraLinear.forward``'s separate ops, in one node: fewer Python calls, and
     only the ``[..., r]`` bottleneck ``hs = (xd @ a) * scaling`` kept for backward, never ``a @ b``.
     Record it with ``graph.apply(lora_linear, x, w, a, b, bias, scaling=...)``.
-    VJP: ``(g wᵀ + (g bᵀ s) aᵀ * mask, xᵀ g, xdᵀ (g bᵀ) s, hsᵀ g, sum(g))`` over the batch.
+    VJP: ``(g wᵀ + (g bᵀ s) aᵀ * mask, xᵀ g, xdᵀ (g bᵀ) s, hsᵀ g, sum(g))``, the batch axes
+    folded into the rows.
     """
     if dropout > 0.0:
         mask = dropout_mask(x.shape, x.dtype, dropout, _checks.as_generator("lora_linear", rng))
     xd = x if mask is None else x * mask
-    hs = (xd @ a) * scaling  # (..., r)
-    out = x @ w  # (..., out)
+    x2, xd2 = rows(x), rows(xd)  # (N, in): one matrix product over every row, as in linear
+    hs = (xd2 @ a) * scaling  # (N, r)
+    out = x2 @ w  # (N, out)
     if bias is not None:
         out += bias
     out += hs @ b
@@ -132,17 +134,17 @@ def _lora_linear(
             gx += low
             gx = gx.reshape(x.shape)
         if needs[1]:
-            gw = rows(x).T @ g2
+            gw = x2.T @ g2
         if needs[2]:
             assert g_h is not None
-            ga = (xd if xd.ndim == 2 else rows(xd)).T @ g_h
+            ga = xd2.T @ g_h
         if needs[3]:
-            gb = (hs if hs.ndim == 2 else rows(hs)).T @ g2
+            gb = hs.T @ g2
         if needs[4]:  # False when there is no bias
             gbias = g2.sum(axis=0)
         return gx, gw, ga, gb, gbias
 
-    return out, vjp
+    return out.reshape(*x.shape[:-1], w.shape[1]), vjp
 
 
 lora_linear = op(

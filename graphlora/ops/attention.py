@@ -132,47 +132,55 @@ def _scaled_dot_product_attention(
     rowsum(g out)`` is computed the cheaper way; ``gq = gS k s``; ``gk = gSᵀ q s``.
     """
     s = (1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0) if scale is None else scale
-    scores = q @ swap(k)  # (..., Tq, Tk); then worked on in place, one buffer throughout
+    # The scores are kept transposed, [..., Tk, Tq], one buffer worked on in place: the softmax
+    # then reduces over axis -2, which NumPy does as whole-row passes, several times faster than
+    # along the short last axis; BLAS reads the transposes in the products without a copy.
+    scores = k @ swap(q)  # (..., Tk, Tq)
     scores *= s
-    keep = mask
-    if causal:
-        tril = np.tri(q.shape[-2], k.shape[-2], dtype=bool)
-        keep = tril if keep is None else keep & tril
-    if keep is not None:
-        np.copyto(scores, -np.inf, where=~keep)
-    if scores.shape[-1]:
-        # fmax, faster than max, skips NaN; a row holding NaN comes out all NaN either way
-        top = np.fmax.reduce(scores, axis=-1, keepdims=True)
-        top[~np.isfinite(top)] = 0.0  # a row that keeps nothing: all -inf
+    if mask is not None:
+        keep = mask.reshape((1,) * (2 - mask.ndim) + mask.shape) if mask.ndim < 2 else mask
+        np.copyto(scores, -np.inf, where=~swap(keep))
+    if causal:  # key j is dropped for query i if j > i: below the diagonal of [Tk, Tq]
+        np.copyto(scores, -np.inf, where=np.tri(k.shape[-2], q.shape[-2], -1, dtype=bool))
+    if scores.shape[-2]:
+        # fmax, faster than max, skips NaN; a query holding NaN comes out all NaN either way
+        top = np.fmax.reduce(scores, axis=-2, keepdims=True)  # (..., 1, Tq)
+        finite = np.isfinite(top)
+        if not finite.all():
+            top[~finite] = 0.0  # a query that keeps nothing: all -inf
         scores -= top
         weights = np.exp(scores, out=scores)
-        total = row_sum(weights)
-        total[~(total > 0)] = 1.0  # such a row stays all zeros
+        total = np.ones((1, weights.shape[-2]), dtype=weights.dtype) @ weights  # sums over keys
+        empty = ~(total > 0)
+        if empty.any():
+            total[empty] = 1.0  # such a query's weights stay all zeros
         weights /= total
     else:
         weights = scores  # no keys at all: an empty row, and zeros out
     drop = None
     if dropout > 0.0:
-        drop = dropout_mask(weights.shape, weights.dtype, dropout, as_generator("attention", rng))
-    used = weights if drop is None else weights * drop
-    out = used @ v  # (..., Tq, dv)
+        mask_shape = (*weights.shape[:-2], weights.shape[-1], weights.shape[-2])  # [..., Tq, Tk]
+        drawn = dropout_mask(mask_shape, weights.dtype, dropout, as_generator("attention", rng))
+        drop = swap(drawn)
+    used = weights if drop is None else weights * drop  # (..., Tk, Tq)
+    out = swap(used) @ v  # (..., Tq, dv)
 
     def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
         gq = gk = gv = None
         if needs[2]:
-            gv = unbroadcast(swap(used) @ g, v.shape)
+            gv = unbroadcast(used @ g, v.shape)
         if needs[0] or needs[1]:
-            gs = g @ swap(v)  # (..., Tq, Tk): dL/d(used), then dL/d(scores) in place
+            gs = v @ swap(g)  # (..., Tk, Tq): dL/d(used), then dL/d(scores) in place
             if drop is not None:
                 gs *= drop
             # rowsum(P * gs) = rowsum(g * out): a [Tq, dv] product instead of a [Tq, Tk] one
-            gs -= row_sum(g * out)
+            gs -= swap(row_sum(g * out))
             gs *= weights
             gs *= s
             if needs[0]:
-                gq = unbroadcast(gs @ k, q.shape)
+                gq = unbroadcast(swap(gs) @ k, q.shape)
             if needs[1]:
-                gk = unbroadcast(swap(gs) @ q, k.shape)
+                gk = unbroadcast(gs @ q, k.shape)
         return gq, gk, gv, None
 
     return out, vjp
