@@ -1142,3 +1142,70 @@ def test_attention_rows_holding_nan_come_out_nan_as_in_pytorch() -> None:
         expected = ops.scaled_dot_product_attention.torch(torch, *tensors, causal=causal)
         assert np.isnan(out).all()
         assert torch.isnan(expected).all()
+
+
+@pytest.mark.parametrize("name", ["sum", "mean", "max", "min"])
+def test_a_reduction_over_every_axis_is_0d_and_keepdims_keeps_every_axis(name: str) -> None:
+    g = gl.Graph()
+    x = g.parameter(np.arange(6.0).reshape(2, 3))
+    method = getattr(g, name)
+    assert g.value(method(x)).shape == ()
+    assert g.value(method(x, keepdims=True)).shape == (1, 1)
+    assert g.value(method(x, axis=None, keepdims=True)).shape == (1, 1)
+    assert g.value(method(x, axis=(0, 1))).shape == ()
+
+
+def test_var_of_one_element_with_ddof_1_has_nan_value_and_gradient_as_pytorch() -> None:
+    torch = pytest.importorskip("torch")
+    g = gl.Graph()
+    x = g.parameter([[2.0], [3.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g.backward(g.sum(g.var(x, axis=-1, ddof=1)))
+    t = torch.tensor([[2.0], [3.0]], dtype=torch.float64, requires_grad=True)
+    t.var(dim=-1, correction=1).sum().backward()
+    assert t.grad is not None and torch.isnan(t.grad).all()
+    assert np.isnan(g.grad(x)).all()
+
+
+def test_label_smoothing_just_above_1_is_read_as_1() -> None:
+    logits = np.array([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
+    labels = np.array([0, 2])
+    at_one, _ = ops.cross_entropy(logits, labels, label_smoothing=1.0)
+    above, _ = ops.cross_entropy(logits, labels, label_smoothing=1.0 + 1e-13)
+    assert above == at_one
+
+
+def test_mse_loss_over_no_elements_gives_only_the_gradients_asked_for() -> None:
+    _, vjp = ops.mse_loss(np.zeros((2, 0)), np.zeros((2, 0)))
+    for needs in [(True, False), (False, True), (True, True)]:
+        grads = vjp(np.array(1.0), needs)
+        for grad, wanted in zip(grads, needs, strict=True):
+            assert (grad is not None) == wanted
+            if grad is not None:
+                assert grad.shape == (2, 0)
+
+
+def test_attention_and_lora_linear_refuse_a_bad_rng_even_without_dropout() -> None:
+    g = gl.Graph()
+    q = g.parameter(np.ones((2, 3)))
+    w, a, b = (
+        g.constant(np.ones((3, 2))),
+        g.parameter(np.ones((3, 1))),
+        g.parameter(np.ones((1, 2))),
+    )
+    message = "rng must be a np.random.Generator, an int seed or None, got str"
+    assert_refusals(
+        [
+            (
+                TypeError,
+                f"scaled_dot_product_attention: {message}",
+                lambda: g.scaled_dot_product_attention(q, q, q, rng="seed"),
+            ),
+            (
+                TypeError,
+                f"lora_linear: {message}",
+                lambda: g.apply(gl.lora.lora_linear, q, w, a, b, rng="seed"),
+            ),
+        ]
+    )

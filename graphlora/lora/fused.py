@@ -44,7 +44,7 @@ def _check_lora_linear(
         )
     if bias is not None and bias.shape != (n_out,):
         raise ShapeError(f"{where}: bias has shape {bias.shape}, expected ({n_out},)")
-    if type(scaling) is float and dropout == 0.0 and mask is None:
+    if type(scaling) is float and dropout == 0.0 and mask is None and rng is None:
         return None  # the layer's usual call: nothing to convert
     p = _checks.probability(where, "dropout", dropout)
     if p > 0.0 and mask is not None:
@@ -58,7 +58,7 @@ def _check_lora_linear(
         "scaling": _checks.real_scalar(where, "scaling", scaling),
         "mask": mask_array,
         "dropout": p,
-        "rng": _checks.check_rng(where, rng) if p > 0.0 else None,
+        "rng": _checks.check_rng(where, rng),  # refused even without dropout, as attention
     }
 
 

@@ -62,7 +62,7 @@ def _check_attention(
         "causal": flag(where, "causal", causal),
         "scale": scale,
         "dropout": p,
-        "rng": check_rng(where, rng) if p > 0.0 else None,
+        "rng": check_rng(where, rng),  # refused even without dropout: a typo shows at once
     }
 
 

@@ -155,7 +155,7 @@ def _cross_entropy(
             grad *= g / n
         return grad.reshape(logits.shape), None  # labels get no gradient
 
-    return np.asarray(loss, dtype=logits.dtype), vjp
+    return np.asarray(loss), vjp  # logp's dtype: NumPy keeps float32 with Python numbers
 
 
 cross_entropy = builtin(

@@ -59,7 +59,7 @@ def _layer_norm(
     ``gweight = sum(g xhat)``, ``gbias = sum(g)`` over the other axes."""
     mean = _last_axis_mean
     with np.errstate(invalid="ignore", divide="ignore"):  # no features: NaN, as PyTorch
-        xhat = np.subtract(x, mean(x), out=np.empty_like(x))  # centred, then scaled in place
+        xhat = x - mean(x)  # centred, then scaled in place
         rstd = 1.0 / np.sqrt(mean(np.square(xhat)) + eps)  # eps = 0, a constant row: inf
         xhat *= rstd  # (..., D); 0 * inf: NaN, as PyTorch, without a warning
     out = xhat if weight is None else xhat * weight
