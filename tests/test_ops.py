@@ -1209,3 +1209,108 @@ def test_attention_and_lora_linear_refuse_a_bad_rng_even_without_dropout() -> No
             ),
         ]
     )
+
+
+def _scored(x, weight=None, labels=None, keep=None, *, power=1):  # type: ignore[no-untyped-def]
+    """A user op with every kind of input."""
+    return x, lambda g, needs: (g, None, None, None)
+
+
+def test_op_reads_its_inputs_and_attributes_from_the_function() -> None:
+    def check(*arrays: Any, **params: Any) -> None:
+        return None
+
+    def torch_form(t: Any, *tensors: Any) -> Any:
+        return tensors[0]
+
+    sample = ops.elementwise()
+    made = ops.op(
+        data={"labels": "int", "keep": "bool"},
+        check=check,
+        sample=sample,
+        torch=torch_form,
+        smooth=False,
+    )(_scored)
+    assert (made.name, made.__name__, repr(made)) == ("scored", "scored", "<op scored>")
+    assert made.__doc__ == "A user op with every kind of input."
+    assert made.__wrapped__ is _scored and made.forward is _scored
+    assert (made.check, made.sample, made.torch, made.smooth) == (check, sample, torch_form, False)
+    assert made.slots == (
+        ops.Slot("x"),
+        ops.Slot("weight", "float", True),
+        ops.Slot("labels", "int", True),
+        ops.Slot("keep", "bool", True),
+    )
+    assert (made.required, made.optional) == (1, (False, True, True, True))
+    assert (made.data_slots, made.floats_only, made.variadic) == ((2, 3), False, False)
+    plain = ops.op()(_scored)
+    assert (plain.check, plain.sample, plain.torch, plain.smooth) == (None, None, None, True)
+    assert (plain.data_slots, plain.floats_only) == ((), True)
+    assert ops.op(name="renamed")(_scored).name == "renamed"
+    assert ops.OpDef(_scored).name == "_scored"  # only op() drops the leading underscore
+
+
+def test_a_variadic_op_has_no_slots_and_checks_no_arity() -> None:
+    def joined(*xs, axis=0):  # type: ignore[no-untyped-def]
+        return np.concatenate(xs, axis=axis), lambda g, needs: tuple(g for _ in xs)
+
+    made = ops.op()(joined)
+    assert (made.slots, made.variadic, made.required, made.floats_only) == ((), True, 0, False)
+    out, _ = made(np.ones(2), np.zeros(1), np.ones(3))
+    np.testing.assert_array_equal(out, [1, 1, 0, 1, 1, 1])
+
+
+def test_op_refuses_unknown_kinds_and_data_names_that_are_not_inputs() -> None:
+    assert_refusals(
+        [
+            (
+                ValueError,
+                "op: input 'labels' has unknown kind 'str'",
+                lambda: ops.op(data={"labels": "str"})(_scored),
+            ),
+            (
+                ValueError,
+                "op: data names ['ids', 'other'] are not inputs of _scored",
+                lambda: ops.op(data={"other": "int", "ids": "int"})(_scored),
+            ),
+        ]
+    )
+
+
+def test_an_op_call_checks_arity_and_data_kinds_then_runs_with_the_checked_params() -> None:
+    seen: list[dict[str, Any]] = []
+
+    def normalise(x: Any, weight: Any = None, labels: Any = None, keep: Any = None, **params: Any):  # type: ignore[no-untyped-def]
+        return {"power": 2} if params.get("power") == "two" else None
+
+    def forward(x, weight=None, labels=None, keep=None, *, power=1):  # type: ignore[no-untyped-def]
+        seen.append({"power": power})
+        return x**power, lambda g, needs: (g, None, None, None)
+
+    made = ops.op(data={"labels": "int", "keep": "bool"}, check=normalise)(forward)
+    x = np.array([3.0])
+    np.testing.assert_array_equal(made(x, None, np.array([1]), np.array([True]))[0], [3.0])
+    np.testing.assert_array_equal(made(x, power="two")[0], [9.0])
+    np.testing.assert_array_equal(made(x, power=3)[0], [27.0])  # the check kept them as given
+    assert seen == [{"power": 1}, {"power": 2}, {"power": 3}]
+    assert_refusals(
+        [
+            (TypeError, "forward: takes the inputs (x, weight, labels, keep), got 0 of them", made),
+            (
+                TypeError,
+                "forward: takes the inputs (x, weight, labels, keep), got 5 of them",
+                lambda: made(x, x, x, x, x),
+            ),
+            (
+                TypeError,
+                "forward: labels must be integers, got dtype float64",
+                lambda: made(x, None, np.array([1.0])),
+            ),
+            (
+                TypeError,
+                "forward: keep must be a bool array, got dtype int64",
+                lambda: made(x, None, None, np.array([1])),
+            ),
+        ]
+    )
+    assert len(seen) == 3
