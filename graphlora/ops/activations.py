@@ -137,26 +137,27 @@ def _gelu(x: Array, *, approximate: str = "none") -> tuple[Array, Vjp]:
     # Written with in-place passes over one or two buffers: at transformer sizes these arrays
     # are megabytes, and each temporary NumPy makes costs a pass and an allocation.
     if approximate == "tanh":
-        t = np.square(x, out=np.empty_like(x))  # becomes u = sqrt(2/pi) x (1 + 0.044715 x**2)
-        t *= _SQRT_2_OVER_PI * 0.044715
-        t += _SQRT_2_OVER_PI
-        t *= x
-        np.tanh(t, out=t)
-        out = t + 1.0
-        out *= 0.5
-        out *= x
+        # h = (1 + tanh(u)) / 2 with u = sqrt(2/pi) (x + 0.044715 x**3), so that out = x h, and
+        # backward needs h alone: 1 - tanh(u)**2 = 4 h (1 - h)
+        h = np.square(x, out=np.empty_like(x))  # becomes u, then h, in place
+        h *= _SQRT_2_OVER_PI * 0.044715
+        h += _SQRT_2_OVER_PI
+        h *= x
+        np.tanh(h, out=h)
+        h += 1.0
+        h *= 0.5
+        out = x * h
 
         def vjp_tanh(g: Array, needs: tuple[bool, ...]) -> Grads:
-            du = np.square(x)  # becomes du/dx = sqrt(2/pi) (1 + 3 0.044715 x**2)
-            du *= _SQRT_2_OVER_PI * 3 * 0.044715
-            du += _SQRT_2_OVER_PI
-            grad = np.square(t, out=np.empty_like(x))  # 0.5 (1 + t + x (1 - t**2) du)
-            np.subtract(1.0, grad, out=grad)
-            grad *= du
-            grad *= x
-            grad += t
-            grad += 1.0
-            grad *= 0.5
+            # d(x h)/dx = h + x 2 h (1 - h) du/dx, du/dx = sqrt(2/pi) (1 + 3 0.044715 x**2)
+            x_du = np.square(x)  # becomes 2 x du/dx
+            x_du *= 2 * _SQRT_2_OVER_PI * 3 * 0.044715
+            x_du += 2 * _SQRT_2_OVER_PI
+            x_du *= x
+            grad = np.subtract(1.0, h, out=np.empty_like(x))  # becomes h + h (1 - h) 2 x du/dx
+            grad *= h
+            grad *= x_du
+            grad += h
             grad *= g
             return (grad,)
 
