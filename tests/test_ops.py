@@ -1149,6 +1149,7 @@ def test_a_reduction_over_every_axis_is_0d_and_keepdims_keeps_every_axis(name: s
     g = gl.Graph()
     x = g.parameter(np.arange(6.0).reshape(2, 3))
     method = getattr(g, name)
+    assert getattr(ops, name)(np.ones((2, 3)))[0].shape == ()  # the op's own defaults
     assert g.value(method(x)).shape == ()
     assert g.value(method(x, keepdims=True)).shape == (1, 1)
     assert g.value(method(x, axis=None, keepdims=True)).shape == (1, 1)
@@ -1314,3 +1315,35 @@ def test_an_op_call_checks_arity_and_data_kinds_then_runs_with_the_checked_param
         ]
     )
     assert len(seen) == 3
+
+
+def test_attention_takes_a_mask_of_fewer_than_two_axes_as_numpy_broadcasts_it() -> None:
+    rng = np.random.default_rng(3)
+    q, k, v = rng.normal(size=(2, 4)), rng.normal(size=(3, 4)), rng.normal(size=(3, 5))
+    keys = np.array([True, False, True])
+    dense, _ = ops.scaled_dot_product_attention(q, k, v, np.broadcast_to(keys, (2, 3)).copy())
+    by_keys, _ = ops.scaled_dot_product_attention(q, k, v, keys)
+    np.testing.assert_array_equal(by_keys, dense)
+    everything, _ = ops.scaled_dot_product_attention(q, k, v, np.array(True))
+    np.testing.assert_array_equal(everything, ops.scaled_dot_product_attention(q, k, v)[0])
+    nothing, _ = ops.scaled_dot_product_attention(q, k, v, np.array(False))
+    np.testing.assert_array_equal(nothing, np.zeros((2, 5)))
+
+
+def test_attention_dropout_mask_is_drawn_as_queries_by_keys() -> None:
+    from graphlora.ops.losses import dropout_mask
+
+    rng = np.random.default_rng(2)
+    q, k, v = rng.normal(size=(2, 4)), rng.normal(size=(5, 4)), rng.normal(size=(5, 3))
+    out, _ = ops.scaled_dot_product_attention(q, k, v, dropout=0.5, rng=11)
+    weights = scipy.special.softmax(q @ k.T / 2.0, axis=-1)  # (Tq, Tk) = (2, 5)
+    mask = dropout_mask((2, 5), np.float64, 0.5, np.random.default_rng(11))
+    np.testing.assert_allclose(out, (weights * mask) @ v, rtol=1e-12)
+
+
+def test_attention_without_dropout_draws_nothing_from_its_generator() -> None:
+    rng = np.random.default_rng(5)
+    before = rng.bit_generator.state
+    x = np.ones((2, 3))
+    ops.scaled_dot_product_attention(x, x, x, dropout=0.0, rng=rng)
+    assert rng.bit_generator.state == before

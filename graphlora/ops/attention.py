@@ -138,8 +138,7 @@ def _scaled_dot_product_attention(
     scores = k @ swap(q)  # (..., Tk, Tq)
     scores *= s
     if mask is not None:
-        keep = mask.reshape((1,) * (2 - mask.ndim) + mask.shape) if mask.ndim < 2 else mask
-        np.copyto(scores, -np.inf, where=~swap(keep))
+        np.copyto(scores, -np.inf, where=~swap(np.atleast_2d(mask)))  # a [Tk] mask: [1, Tk]
     if causal:  # key j is dropped for query i if j > i: below the diagonal of [Tk, Tq]
         np.copyto(scores, -np.inf, where=np.tri(k.shape[-2], q.shape[-2], -1, dtype=bool))
     if scores.shape[-2]:
