@@ -1248,7 +1248,8 @@ def test_op_reads_its_inputs_and_attributes_from_the_function() -> None:
     assert (plain.check, plain.sample, plain.torch, plain.smooth) == (None, None, None, True)
     assert (plain.data_slots, plain.floats_only) == ((), True)
     assert ops.op(name="renamed")(_scored).name == "renamed"
-    assert ops.OpDef(_scored).name == "_scored"  # only op() drops the leading underscore
+    direct = ops.OpDef(_scored)
+    assert (direct.name, direct.smooth) == ("_scored", True)  # only op() drops the underscore
 
 
 def test_a_variadic_op_has_no_slots_and_checks_no_arity() -> None:
