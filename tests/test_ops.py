@@ -1348,3 +1348,21 @@ def test_attention_without_dropout_draws_nothing_from_its_generator() -> None:
     x = np.ones((2, 3))
     ops.scaled_dot_product_attention(x, x, x, dropout=0.0, rng=rng)
     assert rng.bit_generator.state == before
+
+
+def test_dropout_mask_takes_a_generator_or_a_seed_and_keeps_the_dtype() -> None:
+    from graphlora.ops.losses import dropout_mask
+
+    by_seed = dropout_mask((4, 5), np.float32, 0.5, 7)
+    by_generator = dropout_mask((4, 5), np.float32, 0.5, np.random.default_rng(7))
+    np.testing.assert_array_equal(by_seed, by_generator)
+    assert by_seed.dtype == np.float32
+    assert set(np.unique(by_seed)) == {0.0, 2.0}
+    kept = np.random.default_rng(7).random((4, 5)) >= 0.5
+    np.testing.assert_array_equal(by_seed, np.where(kept, 2.0, 0.0))
+
+
+def test_gelu_called_as_an_op_without_approximate_is_the_exact_form() -> None:
+    x = np.array([-1.5, 0.3, 2.0])
+    out, _ = ops.gelu(x)
+    np.testing.assert_allclose(out, x * scipy.special.ndtr(x), rtol=1e-15)

@@ -112,7 +112,7 @@ def _lora_linear(
     folded into the rows.
     """
     if dropout > 0.0:
-        mask = dropout_mask(x.shape, x.dtype, dropout, _checks.as_generator("lora_linear", rng))
+        mask = dropout_mask(x.shape, x.dtype, dropout, rng)
     xd = x if mask is None else x * mask
     x2, xd2 = rows(x), rows(xd)  # (N, in): one matrix product over every row, as in linear
     hs = (xd2 @ a) * scaling  # (N, r)
@@ -122,7 +122,7 @@ def _lora_linear(
     out += hs @ b
 
     def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
-        g2 = g if g.ndim == 2 else rows(g)  # (N, out): the batch axes folded
+        g2 = rows(g)  # (N, out): the batch axes folded
         g_h = (g2 @ b.T) * scaling if needs[0] or needs[2] else None  # (N, r)
         gx = gw = ga = gb = gbias = None
         if needs[0]:

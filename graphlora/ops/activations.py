@@ -119,16 +119,17 @@ def _erf(x: Array) -> tuple[Array, Vjp]:
 erf = builtin(_erf, sample=elementwise(), torch=lambda t, x: t.erf(x))
 
 
-def _check_gelu(x: Array, *, approximate: object = "none") -> None:
+def _check_gelu(x: Array, *, approximate: object = "none") -> Params:
     if approximate not in ("none", "tanh"):
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return {"approximate": approximate}
 
 
 def _gelu_params(draw: Draw, x: Array) -> Params:  # pragma: no mutate block
     return {"approximate": draw.choice(["none", "tanh"])}
 
 
-def _gelu(x: Array, *, approximate: str = "none") -> tuple[Array, Vjp]:
+def _gelu(x: Array, *, approximate: str) -> tuple[Array, Vjp]:  # always given by the check
     """GELU, ``x * Phi(x)`` (exact erf form) or its ``"tanh"`` approximation, as in PyTorch.
 
     VJP (exact): ``(g * (Phi(x) + x * phi(x)),)``; (tanh): the derivative of

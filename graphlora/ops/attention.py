@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from graphlora._checks import Rng, as_generator, check_rng, flag, probability, real_scalar
+from graphlora._checks import Rng, check_rng, flag, probability, real_scalar
 from graphlora.errors import ShapeError
 from graphlora.ops._core import (
     Array,
@@ -158,9 +158,7 @@ def _scaled_dot_product_attention(
         weights = scores  # no keys at all: an empty row, and zeros out
     drop = None
     if dropout > 0.0:
-        mask_shape = (*weights.shape[:-2], weights.shape[-1], weights.shape[-2])  # [..., Tq, Tk]
-        drawn = dropout_mask(mask_shape, weights.dtype, dropout, as_generator("attention", rng))
-        drop = swap(drawn)
+        drop = swap(dropout_mask(swap(weights).shape, weights.dtype, dropout, rng))  # as [Tq, Tk]
     used = weights if drop is None else weights * drop  # (..., Tk, Tq)
     out = swap(used) @ v  # (..., Tq, dv)
 

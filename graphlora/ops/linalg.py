@@ -13,7 +13,7 @@ from graphlora.ops._core import Array, Draw, Grads, Sample, Vjp, builtin, swap, 
 
 def rows(v: Array) -> Array:
     """``v`` as a matrix of rows: every axis but the last folded into one (sizes may be 0)."""
-    return v if v.ndim == 2 else v.reshape(math.prod(v.shape[:-1]), v.shape[-1])
+    return v.reshape(math.prod(v.shape[:-1]), v.shape[-1])  # a view where it can be
 
 
 def _check_matmul(a: Array, b: Array) -> None:
@@ -28,14 +28,13 @@ def _check_matmul(a: Array, b: Array) -> None:
             f"matmul: cannot multiply {a.shape} by {b.shape}: inner dimensions "
             f"{a.shape[-1]} != {inner_b}"
         )
-    if a.ndim > 2 and b.ndim > 2:
-        try:
-            np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-        except ValueError:
-            raise ShapeError(
-                f"matmul: cannot multiply {a.shape} by {b.shape}: batch axes "
-                f"{a.shape[:-2]} and {b.shape[:-2]} do not broadcast together"
-            ) from None
+    try:  # the batch axes; a matrix or vector has none, () broadcasting with anything
+        np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    except ValueError:
+        raise ShapeError(
+            f"matmul: cannot multiply {a.shape} by {b.shape}: batch axes "
+            f"{a.shape[:-2]} and {b.shape[:-2]} do not broadcast together"
+        ) from None
 
 
 def _matmul_inputs(draw: Draw) -> tuple[Array | None, ...]:  # pragma: no mutate block

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from graphlora._checks import Rng, as_generator, check_rng, probability, real
+from graphlora._checks import Rng, check_rng, probability, real
 from graphlora.errors import ShapeError
 from graphlora.ops._core import Array, Draw, Grads, Params, Sample, Vjp, builtin, elementwise
 from graphlora.ops.activations import stable_log_softmax
@@ -129,11 +129,10 @@ def _cross_entropy(
     VJP: ``(g * (softmax(logits) - (1 - e) onehot(labels) - e / C) / n,)`` on the kept rows.
     """
     classes = logits.shape[-1]
-    logp = stable_log_softmax(logits, -1).reshape(-1, classes)  # (N, C)
-    flat = labels.reshape(-1)  # (N,)
-    kept = np.flatnonzero(flat != ignore_index)
-    every_row = kept.size == flat.size
-    rows = np.arange(flat.size) if every_row else kept
+    flat = labels.ravel()  # (N,)
+    logp = stable_log_softmax(logits, -1).reshape(flat.size, classes)  # (N, C)
+    ignored = flat == ignore_index
+    rows = np.flatnonzero(~ignored)  # the kept rows
     picked = flat[rows]
     n = rows.size
     e = label_smoothing
@@ -144,10 +143,7 @@ def _cross_entropy(
 
     def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
         grad = np.exp(logp)
-        if not every_row:
-            dropped = np.ones(flat.size, dtype=bool)
-            dropped[rows] = False
-            grad[dropped] = 0.0
+        grad[ignored] = 0.0
         grad[rows, picked] -= 1.0 - e
         if e:
             grad[rows] -= e / classes
@@ -169,11 +165,14 @@ cross_entropy = builtin(
 )
 
 
-def dropout_mask(
-    shape: tuple[int, ...], dtype: npt.DTypeLike, p: float, rng: np.random.Generator
-) -> Array:
-    """The mask of inverted dropout: ``0`` with probability ``p``, else ``1 / (1 - p)``."""
-    mask: Array = ((rng.random(shape) >= p) * (1.0 / (1.0 - p))).astype(dtype, copy=False)
+def dropout_mask(shape: tuple[int, ...], dtype: npt.DTypeLike, p: float, rng: Rng) -> Array:
+    """The mask of inverted dropout: ``0`` with probability ``p``, else ``1 / (1 - p)``.
+
+    ``rng`` is a Generator, which draws the next mask, or an already checked int seed or
+    ``None``, from which a new Generator draws (the same mask every time for a seed)."""
+    generator = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    mask: Array = (generator.random(shape) >= p).astype(dtype)
+    mask *= 1.0 / (1.0 - p)
     return mask
 
 
@@ -189,7 +188,7 @@ def _dropout(x: Array, *, p: float, rng: Rng = None) -> tuple[Array, Vjp]:
     """Inverted dropout: zero each element with probability ``p``, scale the rest by
     ``1/(1-p)``. ``rng``: a Generator (each call draws the next mask), an int seed (the same
     mask every call) or ``None``.  VJP: ``(g * mask,)`` with the same mask."""
-    mask = dropout_mask(x.shape, x.dtype, p, as_generator("dropout", rng))
+    mask = dropout_mask(x.shape, x.dtype, p, rng)
 
     def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
         return (g * mask,)

@@ -14,13 +14,13 @@ from graphlora.ops._core import Array, Draw, Grads, Params, Sample, Vjp, builtin
 def _last_axis_mean(v: Array) -> Array:
     """The mean over the last axis, kept (NaN over no elements, without NumPy's warning)."""
     total = row_sum(v)
-    return total / v.shape[-1] if v.shape[-1] else total * np.nan
+    return total / v.shape[-1] if v.shape[-1] else np.full_like(total, np.nan)
 
 
-def _check_norm(name: str, x: Array, weights: tuple[Array | None, ...], eps: object) -> Params:
+def _check_norm(name: str, x: Array, weights: dict[str, Array | None], eps: object) -> Params:
     if x.ndim == 0:
         raise ShapeError(f"{name}: x must have at least one axis (normalised: the last), got ()")
-    for label, value in zip(("weight", "bias"), weights, strict=False):
+    for label, value in weights.items():
         if value is not None and value.shape != x.shape[-1:]:
             raise ShapeError(
                 f"{name}: {label} has shape {value.shape}; x {x.shape} needs {x.shape[-1:]}"
@@ -31,7 +31,7 @@ def _check_norm(name: str, x: Array, weights: tuple[Array | None, ...], eps: obj
 def _check_layer_norm(
     x: Array, weight: Array | None = None, bias: Array | None = None, *, eps: object = 1e-5
 ) -> Params:
-    return _check_norm("layer_norm", x, (weight, bias), eps)
+    return _check_norm("layer_norm", x, {"weight": weight, "bias": bias}, eps)
 
 
 def _norm_inputs(draw: Draw) -> tuple[Array | None, ...]:  # pragma: no mutate block
@@ -93,7 +93,7 @@ layer_norm = builtin(
 
 
 def _check_rms_norm(x: Array, weight: Array | None = None, *, eps: object = 1e-6) -> Params:
-    return _check_norm("rms_norm", x, (weight,), eps)
+    return _check_norm("rms_norm", x, {"weight": weight}, eps)
 
 
 def _rms_inputs(draw: Draw) -> tuple[Array | None, ...]:  # pragma: no mutate block

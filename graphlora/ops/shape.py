@@ -305,7 +305,7 @@ def _embedding(weight: Array, ids: Array) -> tuple[Array, Vjp]:
 
     def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
         grad = np.zeros(weight.shape, dtype=g.dtype)
-        np.add.at(grad, ids.reshape(-1), g.reshape(ids.size, weight.shape[1]))
+        np.add.at(grad, ids.ravel(), g.reshape(ids.size, weight.shape[1]))
         return grad, None
 
     return np.take(weight, ids, axis=0), vjp
