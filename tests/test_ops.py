@@ -1084,6 +1084,11 @@ def test_more_refusals_found_by_mutation_testing_name_their_values() -> None:
         ),
         (
             gl.ShapeError,
+            "rms_norm: weight has shape (3,); x (2, 3, 4) needs (4,)",
+            lambda: g.rms_norm(ones(2, 3, 4), ones(3)),
+        ),
+        (
+            gl.ShapeError,
             "linear: x () needs a weight [in, out] with in = x's last axis, got (3, 2)",
             lambda: g.linear(g.parameter(1.0), ones(3, 2)),
         ),

@@ -170,7 +170,7 @@ def dropout_mask(shape: tuple[int, ...], dtype: npt.DTypeLike, p: float, rng: Rn
 
     ``rng`` is a Generator, which draws the next mask, or an already checked int seed or
     ``None``, from which a new Generator draws (the same mask every time for a seed)."""
-    generator = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    generator = np.random.default_rng(rng)  # a Generator comes back as it is
     mask: Array = (generator.random(shape) >= p).astype(dtype)
     mask *= 1.0 / (1.0 - p)
     return mask
