@@ -1236,3 +1236,24 @@ def test_load_state_dict_loads_the_named_adapter_not_the_active_one() -> None:
     layer.load_state_dict(g, state, "other")
     np.testing.assert_array_equal(g.value(other.lora_a), state["lora_a"])
     np.testing.assert_array_equal(g.value(layer.lora_a), active_a)
+
+
+def test_lora_linear_takes_an_int_scaling_as_its_float() -> None:
+    rng = np.random.default_rng(4)
+    x, w, a, b = (rng.normal(size=s) for s in [(2, 3, 4), (4, 5), (4, 2), (2, 5)])
+    by_int, _ = lora_linear(x, w, a, b, scaling=2)
+    by_float, _ = lora_linear(x, w, a, b, scaling=2.0)
+    np.testing.assert_array_equal(by_int, by_float)
+    np.testing.assert_allclose(by_float, x @ w + 2.0 * (x @ a) @ b, rtol=1e-12)
+
+
+def test_lora_linear_with_dropout_keeps_a_float32_graph_float32() -> None:
+    g = gl.Graph(np.float32)
+    rng = np.random.default_rng(5)
+    x = g.constant(rng.normal(size=(3, 4)))
+    w = g.constant(rng.normal(size=(4, 5)))
+    a, b = g.parameter(rng.normal(size=(4, 2))), g.parameter(rng.normal(size=(2, 5)))
+    out = g.apply(lora_linear, x, w, a, b, scaling=0.5, dropout=0.25, rng=3)
+    g.backward(g.sum(out))
+    assert g.value(out).dtype == np.float32
+    assert g.grad(a).dtype == np.float32 and g.grad(b).dtype == np.float32
