@@ -144,7 +144,7 @@ def _lora_linear(
             gbias = g2.sum(axis=0)
         return gx, gw, ga, gb, gbias
 
-    return out.reshape(*x.shape[:-1], w.shape[1]), vjp
+    return (out if x.ndim == 2 else out.reshape(*x.shape[:-1], w.shape[1])), vjp
 
 
 lora_linear = op(

@@ -79,7 +79,7 @@ def row_sum(x: Array) -> Array:
 
 def swap(a: Array) -> Array:
     """Transpose the last two axes (``a.T`` for a matrix)."""
-    return np.swapaxes(a, -1, -2)
+    return a.T if a.ndim == 2 else np.swapaxes(a, -1, -2)  # .T: a third of swapaxes' cost
 
 
 # --- drawing safe inputs, for tests and strategies ----------------------------------------------

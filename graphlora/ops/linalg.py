@@ -13,6 +13,8 @@ from graphlora.ops._core import Array, Draw, Grads, Sample, Vjp, builtin, swap, 
 
 def rows(v: Array) -> Array:
     """``v`` as a matrix of rows: every axis but the last folded into one (sizes may be 0)."""
+    if v.ndim == 2:
+        return v  # the usual case, at no cost
     return v.reshape(math.prod(v.shape[:-1]), v.shape[-1])  # a view where it can be
 
 
@@ -28,13 +30,14 @@ def _check_matmul(a: Array, b: Array) -> None:
             f"matmul: cannot multiply {a.shape} by {b.shape}: inner dimensions "
             f"{a.shape[-1]} != {inner_b}"
         )
-    try:  # the batch axes; a matrix or vector has none, () broadcasting with anything
-        np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    except ValueError:
-        raise ShapeError(
-            f"matmul: cannot multiply {a.shape} by {b.shape}: batch axes "
-            f"{a.shape[:-2]} and {b.shape[:-2]} do not broadcast together"
-        ) from None
+    if a.ndim > 2 and b.ndim > 2:  # only then are there batch axes on both sides
+        try:
+            np.broadcast_shapes(a.shape[:-2], b.shape[:-2])  # a few microseconds: not for matrices
+        except ValueError:
+            raise ShapeError(
+                f"matmul: cannot multiply {a.shape} by {b.shape}: batch axes "
+                f"{a.shape[:-2]} and {b.shape[:-2]} do not broadcast together"
+            ) from None
 
 
 def _matmul_inputs(draw: Draw) -> tuple[Array | None, ...]:  # pragma: no mutate block
