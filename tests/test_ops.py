@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import scipy.special
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from op_cases import REFERENCES, TESTED, draw_example, nodes_for, record, reference
 from refusals import Refusal, assert_refusals
@@ -1134,6 +1134,47 @@ def test_row_sum_is_the_last_axis_sum_with_infinities_and_nan(
     assert found.shape == np.sum(x, axis=-1, keepdims=True).shape
     assert found.dtype == x.dtype
     np.testing.assert_allclose(found, np.sum(x, axis=-1, keepdims=True), rtol=1e-12, atol=1e-12)
+
+
+@given(
+    size=st.integers(0, 3 * (1 << 16) + 7),
+    dtype=st.sampled_from([np.float16, np.float32, np.float64]),
+)
+@example(size=(1 << 16) + 1, dtype=np.float32)  # a last block of one element
+@example(size=1 << 16, dtype=np.float32)  # exactly one block
+def test_blocks_cut_a_flat_array_into_cache_sized_pieces_in_order(
+    size: int, dtype: type[np.floating[Any]]
+) -> None:
+    from graphlora.ops._core import BLOCK_BYTES, block_length, blocks
+
+    x = np.empty(size, dtype=dtype)
+    assert block_length(x) * x.itemsize == BLOCK_BYTES
+    covered = np.concatenate([np.arange(size)[b] for b in blocks(x)] or [np.arange(0)])
+    np.testing.assert_array_equal(covered, np.arange(size))  # each element once, in order
+    assert all(b.stop - b.start == block_length(x) for b in blocks(x))
+    assert len(blocks(x)) == -(-size // block_length(x))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gelu_tanh_over_several_blocks_is_the_formula_everywhere(
+    dtype: type[np.floating[Any]],
+) -> None:
+    # 3 * 43_691 elements: two whole blocks and one element in float32, four and one in float64;
+    # the transpose is not contiguous
+    x = np.random.default_rng(0).normal(0.0, 3.0, size=(43_691, 3)).astype(dtype).T
+    g = np.random.default_rng(1).normal(size=x.shape).astype(dtype)
+    c = np.sqrt(2.0 / np.pi)
+    x64 = x.astype(np.float64)
+    t = np.tanh(c * (x64 + 0.044715 * x64**3))
+    by_hand = 0.5 * x64 * (1.0 + t)
+    slope = 0.5 * (1.0 + t) + 0.5 * x64 * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * x64**2)
+    out, vjp = ops.gelu(x, approximate="tanh")
+    (grad,) = vjp(g, (True,))
+    tol = 1e-5 if dtype is np.float32 else 1e-12
+    assert out.shape == grad.shape == x.shape
+    assert out.dtype == grad.dtype == dtype
+    np.testing.assert_allclose(out, by_hand, rtol=tol, atol=tol)
+    np.testing.assert_allclose(grad, g * slope, rtol=tol, atol=tol)
 
 
 def test_attention_rows_holding_nan_come_out_nan_as_in_pytorch() -> None:

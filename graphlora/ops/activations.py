@@ -10,7 +10,17 @@ import numpy as np
 import scipy.special
 
 from graphlora._checks import one_axis
-from graphlora.ops._core import Array, Draw, Grads, Params, Vjp, builtin, elementwise
+from graphlora.ops._core import (
+    Array,
+    Draw,
+    Grads,
+    Params,
+    Vjp,
+    block_length,
+    blocks,
+    builtin,
+    elementwise,
+)
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -139,30 +149,40 @@ def _gelu(x: Array, *, approximate: str) -> tuple[Array, Vjp]:  # always given b
     # are megabytes, and each temporary NumPy makes costs a pass and an allocation.
     if approximate == "tanh":
         # h = (1 + tanh(u)) / 2 with u = sqrt(2/pi) (x + 0.044715 x**3), so that out = x h, and
-        # backward needs h alone: 1 - tanh(u)**2 = 4 h (1 - h)
-        h = np.square(x, out=np.empty_like(x))  # becomes u, then h, in place
-        h *= _SQRT_2_OVER_PI * 0.044715
-        h += _SQRT_2_OVER_PI
-        h *= x
-        np.tanh(h, out=h)
-        h += 1.0
-        h *= 0.5
-        out = x * h
+        # backward needs h alone: 1 - tanh(u)**2 = 4 h (1 - h). Flat, and block by block, so
+        # that each block stays in cache through the passes.
+        flat = x.reshape(-1)
+        h, out = np.empty_like(flat), np.empty_like(flat)
+        for block in blocks(flat):
+            xb, hb = flat[block], h[block]
+            np.square(xb, out=hb)  # becomes u, then h, in place
+            hb *= _SQRT_2_OVER_PI * 0.044715
+            hb += _SQRT_2_OVER_PI
+            hb *= xb
+            np.tanh(hb, out=hb)
+            hb += 1.0
+            hb *= 0.5
+            np.multiply(xb, hb, out=out[block])
 
         def vjp_tanh(g: Array, needs: tuple[bool, ...]) -> Grads:
             # d(x h)/dx = h + x 2 h (1 - h) du/dx, du/dx = sqrt(2/pi) (1 + 3 0.044715 x**2)
-            x_du = np.square(x)  # becomes 2 x du/dx
-            x_du *= 2 * _SQRT_2_OVER_PI * 3 * 0.044715
-            x_du += 2 * _SQRT_2_OVER_PI
-            x_du *= x
-            grad = 1.0 - h  # becomes h + h (1 - h) 2 x du/dx, in place
-            grad *= h
-            grad *= x_du
-            grad += h
-            grad *= g
-            return (grad,)
+            g_flat = g.reshape(-1)
+            grad = np.empty_like(flat)
+            spare = np.empty_like(flat[: block_length(flat)])  # one block's scratch, reused
+            for block in blocks(flat):
+                xb, hb, gb = flat[block], h[block], grad[block]
+                x_du = np.square(xb, out=spare[: xb.size])  # becomes 2 x du/dx
+                x_du *= 2 * _SQRT_2_OVER_PI * 3 * 0.044715
+                x_du += 2 * _SQRT_2_OVER_PI
+                x_du *= xb
+                np.subtract(1.0, hb, out=gb)  # becomes h + h (1 - h) 2 x du/dx, in place
+                gb *= hb
+                gb *= x_du
+                gb += hb
+                gb *= g_flat[block]
+            return (grad.reshape(x.shape),)
 
-        return out, vjp_tanh
+        return out.reshape(x.shape), vjp_tanh
 
     cdf = scipy.special.ndtr(x)  # Phi(x) = (1 + erf(x / sqrt 2)) / 2
 
