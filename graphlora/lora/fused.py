@@ -114,7 +114,8 @@ def _lora_linear(
     if dropout > 0.0:
         mask = dropout_mask(x.shape, x.dtype, dropout, rng)
     xd = x if mask is None else x * mask
-    x2, xd2 = rows(x), rows(xd)  # (N, in): one matrix product over every row, as in linear
+    batched = x.ndim != 2  # batch axes, folded into the rows for one matrix product, as linear
+    x2, xd2 = (rows(x), rows(xd)) if batched else (x, xd)  # (N, in)
     hs = (xd2 @ a) * scaling  # (N, r)
     out = x2 @ w  # (N, out)
     if bias is not None:
@@ -122,7 +123,7 @@ def _lora_linear(
     out += hs @ b
 
     def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
-        g2 = rows(g)  # (N, out): the batch axes folded
+        g2 = rows(g) if batched else g  # (N, out)
         g_h = (g2 @ b.T) * scaling if needs[0] or needs[2] else None  # (N, r)
         gx = gw = ga = gb = gbias = None
         if needs[0]:
@@ -144,7 +145,7 @@ def _lora_linear(
             gbias = g2.sum(axis=0)
         return gx, gw, ga, gb, gbias
 
-    return (out if x.ndim == 2 else out.reshape(*x.shape[:-1], w.shape[1])), vjp
+    return (out.reshape(*x.shape[:-1], w.shape[1]) if batched else out), vjp
 
 
 lora_linear = op(

@@ -13,9 +13,7 @@ from graphlora.ops._core import Array, Draw, Grads, Sample, Vjp, builtin, swap, 
 
 def rows(v: Array) -> Array:
     """``v`` as a matrix of rows: every axis but the last folded into one (sizes may be 0)."""
-    if v.ndim == 2:
-        return v  # the usual case, at no cost
-    return v.reshape(math.prod(v.shape[:-1]), v.shape[-1])  # a view where it can be
+    return v if v.ndim == 2 else v.reshape(math.prod(v.shape[:-1]), v.shape[-1])
 
 
 def _check_matmul(a: Array, b: Array) -> None:
