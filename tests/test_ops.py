@@ -1177,17 +1177,76 @@ def test_gelu_tanh_over_several_blocks_is_the_formula_everywhere(
     np.testing.assert_allclose(grad, g * slope, rtol=tol, atol=tol)
 
 
-def test_attention_rows_holding_nan_come_out_nan_as_in_pytorch() -> None:
+def _assert_attention_is_pytorchs(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None, causal: bool
+) -> None:
+    """graphlora's attention and its three gradients (of the output's sum) equal PyTorch's, NaN
+    for NaN, with no warning on graphlora's side."""
     torch = pytest.importorskip("torch")
+    g = gl.Graph()
+    nodes = [g.parameter(a) for a in (q, k, v)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = g.scaled_dot_product_attention(*nodes, mask, causal=causal)
+        g.backward(g.sum(out))
+    tensors = [torch.tensor(a, requires_grad=True) for a in (q, k, v)]
+    t_mask = None if mask is None else torch.from_numpy(mask)
+    expected = ops.scaled_dot_product_attention.torch(torch, *tensors, t_mask, causal=causal)
+    expected.sum().backward()
+    np.testing.assert_array_equal(g.value(out), expected.detach().numpy())  # NaN where it is
+    for node, tensor in zip(nodes, tensors, strict=True):
+        np.testing.assert_array_equal(g.grad(node), tensor.grad.numpy())
+
+
+@pytest.mark.parametrize("special", [np.nan, np.inf])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_rows_holding_nan_come_out_nan_as_in_pytorch(
+    special: float, causal: bool
+) -> None:
     q = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
-    k = np.array([[np.nan, 0.0], [0.0, 1.0], [2.0, 0.5]])  # key 0's scores: NaN for every query
+    k = np.array([[special, 0.0], [0.0, 1.0], [2.0, 0.5]])  # key 0's scores: NaN or +-inf
     v = np.arange(6.0).reshape(3, 2)
-    for causal in (False, True):
-        out, _ = ops.scaled_dot_product_attention(q, k, v, causal=causal)
-        tensors = (torch.from_numpy(a) for a in (q, k, v))
-        expected = ops.scaled_dot_product_attention.torch(torch, *tensors, causal=causal)
-        assert np.isnan(out).all()
-        assert torch.isnan(expected).all()
+    out, _ = ops.scaled_dot_product_attention(q, k, v, causal=causal)
+    assert np.isnan(out).all()  # every query keeps key 0
+    _assert_attention_is_pytorchs(q, k, v, None, causal)
+
+
+def _dropped_score_case(special: float) -> tuple[np.ndarray, ...]:
+    """q, k, v whose scores with key 1 are ``special`` for both queries (d = 2: ``special * 1 +
+    1 * 0``), a mask that drops key 1 for both, and a causal one that drops it for query 0."""
+    q = np.array([[1.0, 0.0], [1.0, 0.0]])
+    k = np.array([[2.0, 0.0], [special, 1.0]])
+    v = np.array([[1.0, 2.0], [3.0, 4.0]])
+    return q, k, v, np.array([True, False])
+
+
+@pytest.mark.parametrize("special", [np.nan, np.inf, -np.inf, 1e300])
+def test_attention_adds_minus_inf_to_a_dropped_score_as_pytorch_does(special: float) -> None:
+    # By hand: -inf + a finite score or -inf is -inf, and the query keeps key 0 alone, so its
+    # output is v[0]; -inf + NaN or +inf is NaN, and the query's output is NaN. No warning.
+    q, k, v, mask = _dropped_score_case(special)
+    clean = np.isfinite(special) or special < 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        masked, _ = ops.scaled_dot_product_attention(q, k, v, mask)
+        causal, _ = ops.scaled_dot_product_attention(q[:1], k, v, causal=True)
+    if clean:
+        np.testing.assert_array_equal(masked, [[1.0, 2.0], [1.0, 2.0]])
+        np.testing.assert_array_equal(causal, [[1.0, 2.0]])
+    else:
+        assert np.isnan(masked).all() and np.isnan(causal).all()
+
+
+@pytest.mark.parametrize("special", [np.nan, np.inf, -np.inf, 1e300])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_with_a_dropped_special_score_matches_pytorch_value_and_gradients(
+    special: float, causal: bool
+) -> None:
+    q, k, v, mask = _dropped_score_case(special)
+    if causal:  # query 0 drops key 1 by causality alone
+        _assert_attention_is_pytorchs(q[:1], k, v, None, causal=True)
+    else:
+        _assert_attention_is_pytorchs(q, k, v, mask, causal=False)
 
 
 @pytest.mark.parametrize("name", ["sum", "mean", "max", "min"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -107,6 +108,17 @@ def _torch_attention(
     return t.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
+@functools.lru_cache(maxsize=8)
+def _causal_bias(keys: int, queries: int, dtype: np.dtype[Any]) -> Array:
+    """The causal mask as ``[Tk, Tq]`` scores to add: -inf where key ``j`` is dropped for query
+    ``i`` (``j > i``, below the diagonal), else 0. Read-only, and kept for the next call of the
+    same sizes (a model calls with one ``T`` throughout), as nanoGPT keeps its ``bias`` buffer."""
+    bias = np.zeros((keys, queries), dtype)
+    bias[np.tri(keys, queries, -1, dtype=bool)] = -np.inf
+    bias.flags.writeable = False
+    return bias
+
+
 def _scaled_dot_product_attention(
     q: Array,
     k: Array,
@@ -123,11 +135,12 @@ def _scaled_dot_product_attention(
 
     ``scale`` defaults to ``1 / sqrt(d)``. ``mask`` (bool, broadcast to ``[..., Tq, Tk]``) keeps
     the scores where it is True; ``causal`` keeps key ``j`` for query ``i`` only if ``j <= i``
-    (top-left aligned, as PyTorch's ``is_causal``); both may be given. A query that keeps no key
-    gets zeros, and no gradient, as in PyTorch. With ``dropout``, the attention weights are
-    dropped out (inverted, a mask drawn from ``rng`` as ``dropout`` draws it), as PyTorch's
-    ``dropout_p``. Keeps only the attention weights ``P`` (and the mask) for backward, besides
-    the output, which the graph holds anyway.
+    (top-left aligned, as PyTorch's ``is_causal``); both may be given. A dropped score has -inf
+    added, as in PyTorch, so a dropped NaN or +inf score still makes its query's output NaN. A
+    query that keeps no key gets zeros, and no gradient, as in PyTorch. With ``dropout``, the
+    attention weights are dropped out (inverted, a mask drawn from ``rng`` as ``dropout`` draws
+    it), as PyTorch's ``dropout_p``. Keeps only the attention weights ``P`` (and the mask) for
+    backward, besides the output, which the graph holds anyway.
     VJP: ``gv = Pᵀ g``; ``gS = P (g vᵀ - rowsum(P g vᵀ))``, where ``rowsum(P g vᵀ) =
     rowsum(g out)`` is computed the cheaper way; ``gq = gS k s``; ``gk = gSᵀ q s``.
     """
@@ -135,49 +148,53 @@ def _scaled_dot_product_attention(
     # The scores are kept transposed, [..., Tk, Tq], one buffer worked on in place: the softmax
     # then reduces over axis -2, which NumPy does as whole-row passes, several times faster than
     # along the short last axis; BLAS reads the transposes in the products without a copy.
-    scores = k @ swap(q)  # (..., Tk, Tq)
-    scores *= s
-    if mask is not None:
-        np.copyto(scores, -np.inf, where=~swap(np.atleast_2d(mask)))  # a [Tk] mask: [1, Tk]
-    if causal:  # key j is dropped for query i if j > i: below the diagonal of [Tk, Tq]
-        np.copyto(scores, -np.inf, where=np.tri(k.shape[-2], q.shape[-2], -1, dtype=bool))
-    if scores.shape[-2]:
-        # fmax, faster than max, skips NaN; a query holding NaN comes out all NaN either way
-        top = np.fmax.reduce(scores, axis=-2, keepdims=True)  # (..., 1, Tq)
-        finite = np.isfinite(top)
-        if not finite.all():
-            top[~finite] = 0.0  # a query that keeps nothing: all -inf
-        scores -= top
-        weights = np.exp(scores, out=scores)
-        total = np.ones((1, weights.shape[-2]), dtype=weights.dtype) @ weights  # sums over keys
-        empty = ~(total > 0)
-        if empty.any():
-            total[empty] = 1.0  # such a query's weights stay all zeros
-        weights /= total
-    else:
-        weights = scores  # no keys at all: an empty row, and zeros out
-    drop = None
-    if dropout > 0.0:
-        drop = swap(dropout_mask(swap(weights).shape, weights.dtype, dropout, rng))  # as [Tq, Tk]
-    used = weights if drop is None else weights * drop  # (..., Tk, Tq)
-    out = swap(used) @ v  # (..., Tq, dv)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf and NaN as in PyTorch, silently
+        scores = k @ swap(q)  # (..., Tk, Tq)
+        scores *= s
+        # A dropped score has -inf added, as PyTorch masks: -inf where the score is finite or -inf,
+        # NaN where it is NaN or +inf, which then makes the query's output NaN, as there.
+        if mask is not None:  # a [Tk] mask: [1, Tk]
+            np.add(scores, -np.inf, out=scores, where=~swap(np.atleast_2d(mask)))
+        if causal:
+            scores += _causal_bias(k.shape[-2], q.shape[-2], scores.dtype)
+        if scores.shape[-2]:
+            # fmax, faster than max, skips NaN; a query holding NaN comes out all NaN either way
+            top = np.fmax.reduce(scores, axis=-2, keepdims=True)  # (..., 1, Tq)
+            finite = np.isfinite(top)
+            if not finite.all():
+                top[~finite] = 0.0  # a query that keeps nothing: all -inf
+            scores -= top
+            weights = np.exp(scores, out=scores)
+            total = np.ones((1, weights.shape[-2]), dtype=weights.dtype) @ weights  # sums over keys
+            empty = total == 0  # a NaN total stays, and makes its query's weights NaN
+            if empty.any():
+                total[empty] = 1.0  # a query that keeps nothing: its weights stay all zeros
+            weights /= total
+        else:
+            weights = scores  # no keys at all: an empty row, and zeros out
+        drop = None
+        if dropout > 0.0:  # drawn as [Tq, Tk]
+            drop = swap(dropout_mask(swap(weights).shape, weights.dtype, dropout, rng))
+        used = weights if drop is None else weights * drop  # (..., Tk, Tq)
+        out = swap(used) @ v  # (..., Tq, dv)
 
     def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
         gq = gk = gv = None
-        if needs[2]:
-            gv = unbroadcast(used @ g, v.shape)
-        if needs[0] or needs[1]:
-            gs = v @ swap(g)  # (..., Tk, Tq): dL/d(used), then dL/d(scores) in place
-            if drop is not None:
-                gs *= drop
-            # rowsum(P * gs) = rowsum(g * out): a [Tq, dv] product instead of a [Tq, Tk] one
-            gs -= swap(row_sum(g * out))
-            gs *= weights
-            gs *= s
-            if needs[0]:
-                gq = unbroadcast(swap(gs) @ k, q.shape)
-            if needs[1]:
-                gk = unbroadcast(gs @ q, k.shape)
+        with np.errstate(invalid="ignore", over="ignore"):
+            if needs[2]:
+                gv = unbroadcast(used @ g, v.shape)
+            if needs[0] or needs[1]:
+                gs = v @ swap(g)  # (..., Tk, Tq): dL/d(used), then dL/d(scores) in place
+                if drop is not None:
+                    gs *= drop
+                # rowsum(P * gs) = rowsum(g * out): a [Tq, dv] product instead of a [Tq, Tk] one
+                gs -= swap(row_sum(g * out))
+                gs *= weights
+                gs *= s
+                if needs[0]:
+                    gq = unbroadcast(swap(gs) @ k, q.shape)
+                if needs[1]:
+                    gk = unbroadcast(gs @ q, k.shape)
         return gq, gk, gv, None
 
     return out, vjp
