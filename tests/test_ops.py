@@ -1180,8 +1180,8 @@ def test_gelu_tanh_over_several_blocks_is_the_formula_everywhere(
 def _assert_attention_is_pytorchs(
     q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None, causal: bool
 ) -> None:
-    """graphlora's attention and its three gradients (of the output's sum) equal PyTorch's, NaN
-    for NaN, with no warning on graphlora's side."""
+    """graphlora's attention and its three gradients (of the output's sum) are PyTorch's, NaN for
+    NaN and inf for inf, with no warning on graphlora's side."""
     torch = pytest.importorskip("torch")
     g = gl.Graph()
     nodes = [g.parameter(a) for a in (q, k, v)]
@@ -1193,9 +1193,10 @@ def _assert_attention_is_pytorchs(
     t_mask = None if mask is None else torch.from_numpy(mask)
     expected = ops.scaled_dot_product_attention.torch(torch, *tensors, t_mask, causal=causal)
     expected.sum().backward()
-    np.testing.assert_array_equal(g.value(out), expected.detach().numpy())  # NaN where it is
+    # NaN and inf where PyTorch has them, and the finite values to rounding
+    np.testing.assert_allclose(g.value(out), expected.detach().numpy(), rtol=1e-12, atol=0)
     for node, tensor in zip(nodes, tensors, strict=True):
-        np.testing.assert_array_equal(g.grad(node), tensor.grad.numpy())
+        np.testing.assert_allclose(g.grad(node), tensor.grad.numpy(), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("special", [np.nan, np.inf])
@@ -1209,6 +1210,44 @@ def test_attention_rows_holding_nan_come_out_nan_as_in_pytorch(
     out, _ = ops.scaled_dot_product_attention(q, k, v, causal=causal)
     assert np.isnan(out).all()  # every query keeps key 0
     _assert_attention_is_pytorchs(q, k, v, None, causal)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_scores_and_gradients_that_overflow_are_pytorchs_silently(causal: bool) -> None:
+    # Query 0's score with key 0 overflows to +inf: PyTorch's softmax gives that query NaN
+    # weights throughout (inf - inf), so its output and every gradient through it are NaN.
+    q = np.array([[1e200, 0.0], [0.0, 1.0]])
+    _assert_attention_is_pytorchs(q, q.copy(), np.array([[1e308, 1.0], [1e308, 2.0]]), None, causal)
+    # In backward, v's first row times the output gradient (1e308 + 1e308) overflows too. The
+    # VJP takes rowsum(P * g vᵀ) as rowsum(g * out), so an element may be inf where PyTorch's is
+    # NaN: non-finite where PyTorch's is, and the rest equal, without a warning.
+    torch = pytest.importorskip("torch")
+    v = np.array([[1e308, 1e308], [1e308, 2.0]])
+    g = gl.Graph()
+    nodes = [g.parameter(a) for a in (q, q.copy(), v)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g.backward(g.sum(g.scaled_dot_product_attention(*nodes, causal=causal)))
+    tensors = [torch.tensor(a, requires_grad=True) for a in (q, q.copy(), v)]
+    ops.scaled_dot_product_attention.torch(torch, *tensors, causal=causal).sum().backward()
+    for node, tensor in zip(nodes, tensors, strict=True):
+        ours, theirs = g.grad(node), tensor.grad.numpy()
+        np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(theirs))
+        finite = np.isfinite(theirs)
+        np.testing.assert_allclose(ours[finite], theirs[finite], rtol=1e-12, atol=0)
+    assert not np.isfinite(g.grad(nodes[0])).any()  # the overflow reaches all of q's gradient
+
+
+def test_the_causal_mask_is_minus_inf_below_the_diagonal_read_only_and_kept() -> None:
+    from graphlora.ops.attention import _cached_causal_bias
+
+    bias = _cached_causal_bias(3, 2, np.dtype(np.float32))  # [Tk, Tq]: key j, query i
+    expected = np.array([[0.0, 0.0], [-np.inf, 0.0], [-np.inf, -np.inf]], dtype=np.float32)
+    np.testing.assert_array_equal(bias, expected)  # j > i dropped, as torch.tril's complement
+    assert bias.dtype == np.float32
+    assert not bias.flags.writeable  # shared by every call of these sizes
+    assert _cached_causal_bias(3, 2, np.dtype(np.float32)) is bias
+    assert _cached_causal_bias(3, 2, np.dtype(np.float64)).dtype == np.float64
 
 
 def _dropped_score_case(special: float) -> tuple[np.ndarray, ...]:

@@ -108,15 +108,18 @@ def _torch_attention(
     return t.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-@functools.lru_cache(maxsize=8)
 def _causal_bias(keys: int, queries: int, dtype: np.dtype[Any]) -> Array:
     """The causal mask as ``[Tk, Tq]`` scores to add: -inf where key ``j`` is dropped for query
-    ``i`` (``j > i``, below the diagonal), else 0. Read-only, and kept for the next call of the
-    same sizes (a model calls with one ``T`` throughout), as nanoGPT keeps its ``bias`` buffer."""
+    ``i`` (``j > i``, below the diagonal), else 0; read-only."""
     bias = np.zeros((keys, queries), dtype)
     bias[np.tri(keys, queries, -1, dtype=bool)] = -np.inf
     bias.flags.writeable = False
     return bias
+
+
+# Kept for the next call of the same sizes (a model calls with one T throughout), as nanoGPT keeps
+# its ``bias`` buffer. Wrapped here, not decorated, so that mutation testing reaches the function.
+_cached_causal_bias = functools.lru_cache(maxsize=8)(_causal_bias)
 
 
 def _scaled_dot_product_attention(
@@ -156,13 +159,13 @@ def _scaled_dot_product_attention(
         if mask is not None:  # a [Tk] mask: [1, Tk]
             np.add(scores, -np.inf, out=scores, where=~swap(np.atleast_2d(mask)))
         if causal:
-            scores += _causal_bias(k.shape[-2], q.shape[-2], scores.dtype)
+            scores += _cached_causal_bias(k.shape[-2], q.shape[-2], scores.dtype)
         if scores.shape[-2]:
             # fmax, faster than max, skips NaN; a query holding NaN comes out all NaN either way
             top = np.fmax.reduce(scores, axis=-2, keepdims=True)  # (..., 1, Tq)
-            finite = np.isfinite(top)
-            if not finite.all():
-                top[~finite] = 0.0  # a query that keeps nothing: all -inf
+            kept_none = top == -np.inf  # a query that keeps nothing: all -inf (+inf, NaN: stay)
+            if kept_none.any():
+                top[kept_none] = 0.0
             scores -= top
             weights = np.exp(scores, out=scores)
             total = np.ones((1, weights.shape[-2]), dtype=weights.dtype) @ weights  # sums over keys
