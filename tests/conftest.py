@@ -5,7 +5,8 @@ loaded machine; ``explore`` draws many more, random examples: ``HYPOTHESIS_PROFI
 
 Tests marked ``crosscheck`` compare graphlora with PyTorch, PEFT or transformers and skip where
 those are not installed. With ``GRAPHLORA_CROSSCHECK=1`` (set by ``.ci/run`` after installing the
-``crosscheck`` extra) such a skip is a failure, so the cross-checks cannot silently not run.
+``crosscheck`` extra) such a skip is a failure, so the cross-checks cannot silently not run; and
+an unmarked test that skips for want of one of them always fails, since CI would never run it.
 """
 
 from __future__ import annotations
@@ -29,13 +30,20 @@ settings.register_profile("explore", deadline=None, max_examples=1000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 CROSSCHECK_REQUIRED = os.environ.get("GRAPHLORA_CROSSCHECK") == "1"
+CROSSCHECKED = ("torch", "peft", "transformers")
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
     outcome = yield
     report = outcome.get_result()  # type: ignore[attr-defined]
-    if CROSSCHECK_REQUIRED and report.skipped and item.get_closest_marker("crosscheck"):
+    if not report.skipped:
+        return
+    if item.get_closest_marker("crosscheck") is None:
+        if any(f"could not import '{name}'" in str(report.longrepr) for name in CROSSCHECKED):
+            report.outcome = "failed"  # else CI, which runs only marked tests with them, skips it
+            report.longrepr = f"a test that needs {CROSSCHECKED} must be marked crosscheck"
+    elif CROSSCHECK_REQUIRED:
         report.outcome = "failed"
         report.longrepr = (
             f"a cross-check skipped, which GRAPHLORA_CROSSCHECK=1 forbids: {report.longrepr}"

@@ -1199,6 +1199,7 @@ def _assert_attention_is_pytorchs(
         np.testing.assert_allclose(g.grad(node), tensor.grad.numpy(), rtol=1e-12, atol=0)
 
 
+@pytest.mark.crosscheck
 @pytest.mark.parametrize("special", [np.nan, np.inf])
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_rows_holding_nan_come_out_nan_as_in_pytorch(
@@ -1212,6 +1213,7 @@ def test_attention_rows_holding_nan_come_out_nan_as_in_pytorch(
     _assert_attention_is_pytorchs(q, k, v, None, causal)
 
 
+@pytest.mark.crosscheck
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_scores_and_gradients_that_overflow_are_pytorchs_silently(causal: bool) -> None:
     # Query 0's score with key 0 overflows to +inf: PyTorch's softmax gives that query NaN
@@ -1276,6 +1278,7 @@ def test_attention_adds_minus_inf_to_a_dropped_score_as_pytorch_does(special: fl
         assert np.isnan(masked).all() and np.isnan(causal).all()
 
 
+@pytest.mark.crosscheck
 @pytest.mark.parametrize("special", [np.nan, np.inf, -np.inf, 1e300])
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_with_a_dropped_special_score_matches_pytorch_value_and_gradients(
@@ -1300,6 +1303,7 @@ def test_a_reduction_over_every_axis_is_0d_and_keepdims_keeps_every_axis(name: s
     assert g.value(method(x, axis=(0, 1))).shape == ()
 
 
+@pytest.mark.crosscheck
 def test_var_of_one_element_with_ddof_1_has_nan_value_and_gradient_as_pytorch() -> None:
     torch = pytest.importorskip("torch")
     g = gl.Graph()
