@@ -1177,11 +1177,11 @@ def test_gelu_tanh_over_several_blocks_is_the_formula_everywhere(
     np.testing.assert_allclose(grad, g * slope, rtol=tol, atol=tol)
 
 
-def _assert_attention_is_pytorchs(
+def _attention_beside_pytorchs(
     q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None, causal: bool
-) -> None:
-    """graphlora's attention and its three gradients (of the output's sum) are PyTorch's, NaN for
-    NaN and inf for inf, with no warning on graphlora's side."""
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(graphlora's, PyTorch's) attention output, then its sum's gradients with respect to q, k
+    and v; graphlora's raising no warning on the way."""
     torch = pytest.importorskip("torch")
     g = gl.Graph()
     nodes = [g.parameter(a) for a in (q, k, v)]
@@ -1193,10 +1193,20 @@ def _assert_attention_is_pytorchs(
     t_mask = None if mask is None else torch.from_numpy(mask)
     expected = ops.scaled_dot_product_attention.torch(torch, *tensors, t_mask, causal=causal)
     expected.sum().backward()
-    # NaN and inf where PyTorch has them, and the finite values to rounding
-    np.testing.assert_allclose(g.value(out), expected.detach().numpy(), rtol=1e-12, atol=0)
-    for node, tensor in zip(nodes, tensors, strict=True):
-        np.testing.assert_allclose(g.grad(node), tensor.grad.numpy(), rtol=1e-12, atol=0)
+    grads = [
+        (g.grad(node), tensor.grad.numpy()) for node, tensor in zip(nodes, tensors, strict=True)
+    ]
+    return [(g.value(out), expected.detach().numpy()), *grads]
+
+
+def _assert_attention_is_pytorchs(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None, causal: bool
+) -> None:
+    """graphlora's attention and its three gradients (of the output's sum) are PyTorch's, NaN for
+    NaN and inf for inf, with no warning on graphlora's side."""
+    for ours, theirs in _attention_beside_pytorchs(q, k, v, mask, causal):
+        # NaN and inf where PyTorch has them, and the finite values to rounding
+        np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=0)
 
 
 @pytest.mark.crosscheck
@@ -1223,21 +1233,13 @@ def test_attention_scores_and_gradients_that_overflow_are_pytorchs_silently(caus
     # In backward, v's first row times the output gradient (1e308 + 1e308) overflows too. The
     # VJP takes rowsum(P * g vᵀ) as rowsum(g * out), so an element may be inf where PyTorch's is
     # NaN: non-finite where PyTorch's is, and the rest equal, without a warning.
-    torch = pytest.importorskip("torch")
     v = np.array([[1e308, 1e308], [1e308, 2.0]])
-    g = gl.Graph()
-    nodes = [g.parameter(a) for a in (q, q.copy(), v)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        g.backward(g.sum(g.scaled_dot_product_attention(*nodes, causal=causal)))
-    tensors = [torch.tensor(a, requires_grad=True) for a in (q, q.copy(), v)]
-    ops.scaled_dot_product_attention.torch(torch, *tensors, causal=causal).sum().backward()
-    for node, tensor in zip(nodes, tensors, strict=True):
-        ours, theirs = g.grad(node), tensor.grad.numpy()
+    _, *grads = _attention_beside_pytorchs(q, q.copy(), v, None, causal)
+    for ours, theirs in grads:
         np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(theirs))
         finite = np.isfinite(theirs)
         np.testing.assert_allclose(ours[finite], theirs[finite], rtol=1e-12, atol=0)
-    assert not np.isfinite(g.grad(nodes[0])).any()  # the overflow reaches all of q's gradient
+    assert not np.isfinite(grads[0][0]).any()  # the overflow reaches all of q's gradient
 
 
 def test_the_causal_mask_is_minus_inf_below_the_diagonal_read_only_and_kept() -> None:
