@@ -42,7 +42,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
     if item.get_closest_marker("crosscheck") is None:
         if any(f"could not import '{name}'" in str(report.longrepr) for name in CROSSCHECKED):
             report.outcome = "failed"  # else CI, which runs only marked tests with them, skips it
-            report.longrepr = f"a test that needs {CROSSCHECKED} must be marked crosscheck"
+            report.longrepr = (
+                f"a test that skips this way must be marked crosscheck: {report.longrepr}"
+            )
     elif CROSSCHECK_REQUIRED:
         report.outcome = "failed"
         report.longrepr = (
