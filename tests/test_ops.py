@@ -1177,6 +1177,33 @@ def test_gelu_tanh_over_several_blocks_is_the_formula_everywhere(
     np.testing.assert_allclose(grad, g * slope, rtol=tol, atol=tol)
 
 
+@given(
+    x=st.floats(-9.0, -1 / 1024, width=32),  # out is normal: subnormals hold no relative precision
+    dtype=st.sampled_from([np.float32, np.float64]),
+)
+@example(x=-5.0, dtype=np.float32)  # 1 + tanh(u) in float32 keeps one significant bit here
+def test_gelu_tanh_keeps_its_relative_precision_where_tanh_is_near_minus_one(
+    x: float, dtype: type[np.floating[Any]]
+) -> None:
+    # By scipy's logistic in float64, the identity (1 + tanh(u)) / 2 = expit(2u): no cancellation
+    u = np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)
+    by_hand = x * scipy.special.expit(2.0 * u)
+    out, _ = ops.gelu(np.array([x], dtype=dtype), approximate="tanh")
+    assert out.dtype == dtype
+    np.testing.assert_allclose(out, [by_hand], rtol=1e-5 if dtype is np.float32 else 1e-12)
+
+
+def test_gelu_tanh_far_below_zero_is_minus_zero_with_zero_gradient_and_no_warning() -> None:
+    x = np.array([-1e3, -50.0, -3e12], dtype=np.float32)  # exp(-2u) overflows to inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, vjp = ops.gelu(x, approximate="tanh")
+    (grad,) = vjp(np.ones_like(x), (True,))
+    np.testing.assert_array_equal(out, [0.0, 0.0, 0.0])
+    assert np.signbit(out).all()  # -0.0, as PyTorch's 0.5 x (1 + tanh(u))
+    np.testing.assert_array_equal(grad, [0.0, 0.0, 0.0])
+
+
 def _attention_beside_pytorchs(
     q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None, causal: bool
 ) -> list[tuple[np.ndarray, np.ndarray]]:
