@@ -1122,18 +1122,21 @@ def test_attention_with_dropout_keeps_a_float32_graph_float32() -> None:
     shape=gst.shapes(min_dims=1, max_dims=4, min_side=0, max_side=5),
     special=st.sampled_from([None, np.inf, -np.inf, np.nan]),
 )
-def test_row_sum_is_the_last_axis_sum_with_infinities_and_nan(
+def test_row_and_column_sums_are_numpys_sums_with_infinities_and_nan(
     shape: tuple[int, ...], special: float | None
 ) -> None:
-    from graphlora.ops._core import row_sum
+    from graphlora.ops._core import column_sum, row_sum
 
     x = np.random.default_rng(0).normal(size=shape)
     if special is not None and x.size:
         x.flat[x.size // 2] = special
-    found = row_sum(x)
-    assert found.shape == np.sum(x, axis=-1, keepdims=True).shape
-    assert found.dtype == x.dtype
-    np.testing.assert_allclose(found, np.sum(x, axis=-1, keepdims=True), rtol=1e-12, atol=1e-12)
+    for found, expected in [
+        (row_sum(x), np.sum(x, axis=-1, keepdims=True)),  # over the last axis, kept
+        (column_sum(x), np.sum(x, axis=tuple(range(x.ndim - 1)))),  # over all the others
+    ]:
+        assert found.shape == expected.shape
+        assert found.dtype == x.dtype
+        np.testing.assert_allclose(found, expected, rtol=1e-12, atol=1e-12)
 
 
 @given(

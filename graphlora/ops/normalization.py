@@ -8,7 +8,17 @@ import numpy as np
 
 from graphlora._checks import real
 from graphlora.errors import ShapeError
-from graphlora.ops._core import Array, Draw, Grads, Params, Sample, Vjp, builtin, row_sum
+from graphlora.ops._core import (
+    Array,
+    Draw,
+    Grads,
+    Params,
+    Sample,
+    Vjp,
+    builtin,
+    column_sum,
+    row_sum,
+)
 
 
 def _last_axis_mean(v: Array) -> Array:
@@ -67,7 +77,6 @@ def _layer_norm(
         out = out + bias if out is xhat else np.add(out, bias, out=out)
 
     def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
-        batch = tuple(range(g.ndim - 1))
         gx = gw = gb = None
         if needs[0]:
             gh = g if weight is None else g * weight
@@ -76,9 +85,9 @@ def _layer_norm(
             gx -= mean(gh)
             gx *= rstd  # where rstd is inf, xhat and so gx are NaN: no 0 * inf
         if needs[1]:
-            gw = np.sum(g * xhat, axis=batch)
+            gw = column_sum(g * xhat)
         if needs[2]:
-            gb = np.sum(g, axis=batch)
+            gb = column_sum(g)
         return gx, gw, gb
 
     return out, vjp
@@ -117,7 +126,7 @@ def _rms_norm(x: Array, weight: Array | None = None, *, eps: float) -> tuple[Arr
             gh = g if weight is None else g * weight
             gx = rrms * (gh - xhat * mean(gh * xhat))  # where rrms is inf, xhat is NaN: no 0 * inf
         if needs[1]:
-            gw = np.sum(g * xhat, axis=tuple(range(g.ndim - 1)))
+            gw = column_sum(g * xhat)
         return gx, gw
 
     return out, vjp
