@@ -11,7 +11,7 @@ import numpy.typing as npt
 from graphlora._checks import Rng, check_rng, probability, real
 from graphlora.errors import ShapeError
 from graphlora.ops._core import Array, Draw, Grads, Params, Sample, Vjp, builtin, elementwise
-from graphlora.ops.activations import stable_log_softmax
+from graphlora.ops.activations import log_softmax_parts
 
 
 def _check_mse_loss(pred: Array, target: Array) -> None:
@@ -130,19 +130,21 @@ def _cross_entropy(
     """
     classes = logits.shape[-1]
     flat = labels.ravel()  # (N,)
-    logp = stable_log_softmax(logits, -1).reshape(flat.size, classes)  # (N, C)
+    logp, probs, total = log_softmax_parts(logits, -1)
+    logp = logp.reshape(flat.size, classes)  # (N, C), dropped once the loss is taken
     ignored = flat == ignore_index
     rows = np.flatnonzero(~ignored)  # the kept rows
     picked = flat[rows]
     n = rows.size
     e = label_smoothing
-    with np.errstate(invalid="ignore"):  # no rows kept: 0 / 0, NaN, as PyTorch
+    with np.errstate(invalid="ignore"):  # no rows kept, or a row of -inf: 0 / 0, NaN, as PyTorch
         loss = -(logp[rows, picked].sum() / n)
         if e:
             loss = (1 - e) * loss - e / classes * (logp[rows].sum() / n)
+        probs = np.divide(probs, total, out=probs).reshape(flat.size, classes)  # softmax
 
     def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
-        grad = np.exp(logp)
+        grad = probs.copy()
         grad[ignored] = 0.0
         grad[rows, picked] -= 1.0 - e
         if e:
