@@ -130,8 +130,8 @@ def _cross_entropy(
     """
     classes = logits.shape[-1]
     flat = labels.ravel()  # (N,)
-    logp, probs, total = log_softmax_parts(logits, -1)
-    logp = logp.reshape(flat.size, classes)  # (N, C), dropped once the loss is taken
+    logp, exps, total = log_softmax_parts(logits, -1)
+    logp = logp.reshape(flat.size, classes)  # (N, C)
     ignored = flat == ignore_index
     rows = np.flatnonzero(~ignored)  # the kept rows
     picked = flat[rows]
@@ -141,7 +141,9 @@ def _cross_entropy(
         loss = -(logp[rows, picked].sum() / n)
         if e:
             loss = (1 - e) * loss - e / classes * (logp[rows].sum() / n)
-        probs = np.divide(probs, total, out=probs).reshape(flat.size, classes)  # softmax
+        # the softmax for backward, written over logp once the loss is taken: the step's peak
+        # memory stays as it was when backward took exp(logp) again
+        probs = np.divide(exps.reshape(logp.shape), total.reshape(-1, 1), out=logp)
 
     def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
         grad = probs.copy()
