@@ -275,6 +275,26 @@ class OpMethods:
         params = {"causal": causal, "scale": scale, "dropout": p, "rng": rng}
         return self._record(attention.scaled_dot_product_attention, (q, k, v, mask), params)
 
+    def qkv_attention(
+        self,
+        qkv: NodeId,
+        mask: NodeId | npt.ArrayLike | None = None,
+        *,
+        n_head: int,
+        causal: bool = False,
+        scale: float | None = None,
+        dropout: float = 0.0,
+        rng: _checks.Rng = None,
+    ) -> NodeId:
+        """Multi-head attention over a packed projection ``qkv [..., T, 3C]`` (``q | k | v``,
+        each with ``n_head`` heads side by side, as GPT-2's ``c_attn`` makes them): ``[..., T,
+        C]``. ``scaled_dot_product_attention`` on every head, as one op, without the ``split``,
+        ``reshape`` and ``transpose`` nodes around it; ``mask`` broadcasts to ``[..., n_head, T,
+        T]``."""
+        p = dropout if self._grad_enabled else 0.0
+        params = {"n_head": n_head, "causal": causal, "scale": scale, "dropout": p, "rng": rng}
+        return self._record(attention.qkv_attention, (qkv, mask), params)
+
     def mse_loss(self, pred: NodeId, target: NodeId) -> NodeId:
         """Mean squared error ``mean((pred - target)**2)``; the shapes must be equal."""
         return self._record(losses.mse_loss, (pred, target), {})

@@ -137,6 +137,22 @@ def _attention(
     return (weights / np.where(total.real > 0, total, 1.0)) @ v
 
 
+def _qkv_attention(
+    qkv: np.ndarray,
+    mask: Any = None,
+    n_head: int = 1,
+    causal: bool = False,
+    scale: Any = None,
+) -> np.ndarray:
+    *lead, t, width = qkv.shape
+    c = width // 3
+    heads = [  # q, k, v: (..., H, T, C / H)
+        np.swapaxes(part.reshape(*lead, t, n_head, c // n_head), -2, -3)
+        for part in np.split(qkv, 3, axis=-1)
+    ]
+    return np.swapaxes(_attention(*heads, mask, causal, scale), -2, -3).reshape(*lead, t, c)
+
+
 def _lora_linear(
     x: np.ndarray,
     w: np.ndarray,
@@ -190,6 +206,7 @@ REFERENCES: dict[str, Reference] = {
     "layer_norm": _layer_norm,
     "rms_norm": _rms_norm,
     "scaled_dot_product_attention": _attention,
+    "qkv_attention": _qkv_attention,
     "gelu": _gelu,
     "softmax": lambda x, axis=-1: _softmax(x, axis),
     "log_softmax": lambda x, axis=-1: _log_softmax(x, axis),

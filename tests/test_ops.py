@@ -8,6 +8,7 @@ zero-size arrays handled as PyTorch handles them.
 from __future__ import annotations
 
 import inspect
+import math
 import re
 import warnings
 from typing import Any
@@ -955,6 +956,78 @@ def test_attention_dropout_drops_weights_with_the_mask_its_generator_draws() -> 
     assert gradcheck(  # an int seed draws the same mask on every call
         lambda gr, *xs: gr.sum(gr.scaled_dot_product_attention(*xs, dropout=0.5, rng=7)), q, k, v
     )
+
+
+def test_qkv_attention_names_each_bad_argument() -> None:
+    g = gl.Graph()
+    qkv = g.parameter(np.ones((2, 5, 12)))  # C = 4
+    where = "qkv_attention"
+    assert_refusals(
+        [
+            (
+                ValueError,
+                f"{where}: n_head must be >= 1, got 0",
+                lambda: g.qkv_attention(qkv, n_head=0),
+            ),
+            (
+                gl.ShapeError,
+                f"{where}: qkv must be [..., T, 3C] with C a multiple of n_head 3, got (2, 5, 12)",
+                lambda: g.qkv_attention(qkv, n_head=3),
+            ),
+            (
+                gl.ShapeError,
+                f"{where}: qkv must be [..., T, 3C] with C a multiple of n_head 1, got (12,)",
+                lambda: g.qkv_attention(g.parameter(np.ones(12)), n_head=1),
+            ),
+            (
+                gl.ShapeError,
+                f"{where}: mask of shape (5, 4) does not broadcast to [..., Tq, Tk] = (2, 2, 5, 5)",
+                lambda: g.qkv_attention(qkv, np.ones((5, 4), dtype=bool), n_head=2),
+            ),
+            (
+                ValueError,
+                f"{where}: dropout must be in [0, 1), got 2.0",
+                lambda: g.qkv_attention(qkv, n_head=2, dropout=2.0),
+            ),
+        ]
+    )
+
+
+@given(
+    lead=gst.shapes(max_dims=2, min_side=1, max_side=2),
+    t=st.integers(0, 4),
+    n_head=st.integers(1, 3),
+    d=st.integers(0, 3),
+    causal=st.booleans(),
+    dropout=st.sampled_from([0.0, 0.5]),
+)
+def test_qkv_attention_is_split_heads_attention_and_merge_to_the_last_bit(
+    lead: tuple[int, ...], t: int, n_head: int, d: int, causal: bool, dropout: float
+) -> None:
+    # the same graph written with split, reshape and transpose around scaled_dot_product_attention
+    # (as GPT's attention was), with the same dropout draws: the same values and gradients
+    qkv = np.random.default_rng(0).normal(size=(*lead, t, 3 * n_head * d))
+    front = tuple(range(len(lead)))
+    order = (*front, len(lead) + 1, len(lead), len(lead) + 2)
+    found = []
+    for packed in (True, False):
+        g = gl.Graph()
+        x = g.parameter(qkv)
+        if packed:
+            out = g.qkv_attention(x, n_head=n_head, causal=causal, dropout=dropout, rng=3)
+        else:
+            q, k, v = (
+                g.transpose(g.reshape(y, (*lead, t, n_head, d)), order)
+                for y in g.split(x, 3, axis=-1)
+            )
+            y = g.scaled_dot_product_attention(q, k, v, causal=causal, dropout=dropout, rng=3)
+            out = g.reshape(g.transpose(y, order), (*lead, t, n_head * d))
+        weights = np.cos(np.arange(math.prod(out.shape))).reshape(out.shape)  # each its own
+        g.backward(g.sum(g.mul(out, g.constant(weights))))
+        found.append((g.value(out), g.grad(x)))
+    (value, grad), (value_by_ops, grad_by_ops) = found
+    np.testing.assert_array_equal(value, value_by_ops)
+    np.testing.assert_array_equal(grad, grad_by_ops)
 
 
 def test_attention_shifts_each_row_by_its_own_largest_score() -> None:

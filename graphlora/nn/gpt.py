@@ -131,20 +131,10 @@ class CausalSelfAttention:
         self.dropout = config.dropout
 
     def forward(self, graph: Graph, x: NodeId, *, fused: bool = False) -> NodeId:
-        """``x [..., T, C] -> [..., T, C]``."""
-        *lead, t, c = x.shape
-        heads, width = self.n_head, c // self.n_head
-        q, k, v = graph.split(call(self.c_attn, graph, x, fused), 3, axis=-1)  # (..., T, C) each
-
-        def split_heads(y: NodeId) -> NodeId:  # (..., T, C) -> (..., H, T, C / H)
-            order = (*range(len(lead)), len(lead) + 1, len(lead), len(lead) + 2)
-            return graph.transpose(graph.reshape(y, (*lead, t, heads, width)), order)
-
-        y = graph.scaled_dot_product_attention(
-            split_heads(q), split_heads(k), split_heads(v), causal=True, dropout=self.dropout
-        )  # (..., H, T, C / H)
-        order = (*range(len(lead)), len(lead) + 1, len(lead), len(lead) + 2)
-        y = graph.reshape(graph.transpose(y, order), (*lead, t, c))  # heads side by side again
+        """``x [..., T, C] -> [..., T, C]``: q, k and v split into heads, attention on each, the
+        heads side by side again (one ``qkv_attention`` op)."""
+        qkv = call(self.c_attn, graph, x, fused)  # (..., T, 3C)
+        y = graph.qkv_attention(qkv, n_head=self.n_head, causal=True, dropout=self.dropout)
         return graph.dropout(call(self.c_proj, graph, y, fused), self.dropout)
 
 

@@ -1,4 +1,5 @@
-"""Attention as one fused op: ``scaled_dot_product_attention``."""
+"""Attention as one fused op: ``scaled_dot_product_attention``, and ``qkv_attention``, the same
+over the heads of a packed ``q | k | v`` projection."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from graphlora._checks import Rng, check_rng, flag, probability, real_scalar
+from graphlora._checks import Rng, check_rng, flag, positive_int, probability, real_scalar
 from graphlora.errors import ShapeError
 from graphlora.ops._core import (
     Array,
@@ -26,6 +27,7 @@ from graphlora.ops.losses import dropout_mask
 
 
 def _check_attention(
+    where: str,
     q: Array,
     k: Array,
     v: Array,
@@ -36,7 +38,6 @@ def _check_attention(
     dropout: object = 0.0,
     rng: object = None,
 ) -> Params:
-    where = "scaled_dot_product_attention"
     shapes = f"q {q.shape}, k {k.shape}, v {v.shape}"
     if q.ndim < 2 or k.ndim < 2 or v.ndim < 2:
         raise ShapeError(f"{where}: q, k and v must be [..., T, d], got {shapes}")
@@ -205,8 +206,125 @@ def _scaled_dot_product_attention(
 
 scaled_dot_product_attention = builtin(
     _scaled_dot_product_attention,
-    check=_check_attention,
+    check=functools.partial(_check_attention, "scaled_dot_product_attention"),
     data={"mask": "bool"},
     sample=Sample(_attention_inputs, _attention_params, fits=_attention_fits),
     torch=_torch_attention,
+)
+
+
+def heads(qkv: Array, n_head: int) -> tuple[Array, Array, Array]:
+    """``q, k, v`` of a packed ``[..., T, 3C]`` projection (``q | k | v``, each with its heads
+    side by side, as GPT-2's ``c_attn`` makes them), as ``[..., n_head, T, C / n_head]`` views."""
+    *lead, t, width = qkv.shape
+    split = qkv.reshape(*lead, t, 3, n_head, width // (3 * n_head))
+    q, k, v = (np.swapaxes(split[..., i, :, :], -2, -3) for i in range(3))
+    return q, k, v
+
+
+def _check_qkv_attention(
+    qkv: Array,
+    mask: Array | None = None,
+    *,
+    n_head: object,
+    causal: object = False,
+    scale: object = None,
+    dropout: object = 0.0,
+    rng: object = None,
+) -> Params:
+    where = "qkv_attention"
+    count = positive_int(where, "n_head", n_head)
+    if qkv.ndim < 2 or qkv.shape[-1] % (3 * count):
+        raise ShapeError(
+            f"{where}: qkv must be [..., T, 3C] with C a multiple of n_head {count}, got "
+            f"{qkv.shape}"
+        )
+    params = _check_attention(
+        where, *heads(qkv, count), mask, causal=causal, scale=scale, dropout=dropout, rng=rng
+    )
+    return {"n_head": count, **params}
+
+
+def _qkv_inputs(draw: Draw) -> tuple[Array | None, ...]:  # pragma: no mutate block
+    batch = draw.shape(max_dims=2, max_side=2)
+    t, n_head, d = draw.shape(min_dims=3, max_dims=3, max_side=3)
+    return (draw.floats((*batch, t, 3 * max(n_head, 1) * d)),)
+
+
+def _qkv_fits(qkv: Array) -> bool:  # pragma: no mutate block
+    return qkv.ndim >= 2 and qkv.shape[-1] % 3 == 0
+
+
+def _qkv_params(draw: Draw, qkv: Array) -> Params:  # pragma: no mutate block
+    width = qkv.shape[-1] // 3
+    counts = [n for n in range(1, 4) if width % n == 0]
+    params: Params = {
+        "n_head": draw.choice(counts),
+        "causal": draw.choice([False, True]),
+        "scale": draw.choice([None, 0.5]),
+    }
+    if draw.choice([False, True]):
+        params["mask"] = draw.bools((qkv.shape[-2], qkv.shape[-2]))
+    return params
+
+
+def _torch_qkv_attention(
+    t: Any,
+    qkv: Any,
+    mask: Any = None,
+    n_head: int = 1,
+    causal: bool = False,
+    scale: Any = None,
+) -> Any:  # pragma: no mutate block
+    *lead, tokens, width = qkv.shape
+    c = width // 3
+
+    def split_heads(y: Any) -> Any:  # as transformers' GPT-2: view, then transpose
+        return y.reshape(*lead, tokens, n_head, c // n_head).transpose(-2, -3)
+
+    q, k, v = (split_heads(y) for y in qkv.tensor_split(3, dim=-1))  # 3 even of width 0
+    out = _torch_attention(t, q, k, v, mask, causal, scale)
+    return out.transpose(-2, -3).reshape(*lead, tokens, c)
+
+
+def _qkv_attention(
+    qkv: Array,
+    mask: Array | None = None,
+    *,
+    n_head: int,
+    causal: bool,
+    scale: float | None,
+    dropout: float,
+    rng: Rng,
+) -> tuple[Array, Vjp]:  # the keywords' defaults are the check's, which always gives them
+    """Multi-head attention over a packed projection ``qkv [..., T, 3C]``: ``q | k | v`` along
+    the last axis, each ``n_head`` heads side by side (GPT-2's ``c_attn`` output), to ``[..., T,
+    C]``, the heads side by side again. ``scaled_dot_product_attention`` on each head's views,
+    with its ``mask`` (broadcast to ``[..., n_head, T, T]``), ``causal``, ``scale`` and
+    ``dropout``: what ``split``, ``reshape`` and ``transpose`` around that op compute, as one
+    node, whose gradient is written into one ``[..., T, 3C]`` array.
+    VJP: attention's, on the heads of ``g``, each head's ``gq, gk, gv`` put in place.
+    """
+    *lead, t, width = qkv.shape
+    out, vjp = _scaled_dot_product_attention(
+        *heads(qkv, n_head), mask, causal=causal, scale=scale, dropout=dropout, rng=rng
+    )  # (..., H, T, C / H)
+
+    def vjp_packed(g: Array, needs: tuple[bool, ...]) -> Grads:
+        by_head = np.swapaxes(g.reshape(*lead, t, n_head, width // (3 * n_head)), -2, -3)
+        grad = np.empty_like(qkv)
+        grads = vjp(by_head, (True, True, True, False))[:3]  # the mask gets none
+        for part, gi in zip(heads(grad, n_head), grads, strict=True):
+            part[...] = gi
+        return grad, None
+
+    return np.swapaxes(out, -2, -3).reshape(*lead, t, width // 3), vjp_packed
+
+
+qkv_attention = builtin(
+    _qkv_attention,
+    check=_check_qkv_attention,
+    data={"mask": "bool"},
+    sample=Sample(_qkv_inputs, _qkv_params, fits=_qkv_fits),
+    torch=_torch_qkv_attention,
 )
