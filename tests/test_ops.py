@@ -1030,6 +1030,32 @@ def test_qkv_attention_is_split_heads_attention_and_merge_to_the_last_bit(
     np.testing.assert_array_equal(grad, grad_by_ops)
 
 
+def test_qkv_attention_called_as_an_op_is_not_causal_unless_asked() -> None:
+    qkv = np.random.default_rng(0).normal(size=(3, 6))  # T = 3, C = 2
+    found, _ = ops.qkv_attention(qkv, n_head=1)
+    np.testing.assert_array_equal(found, ops.qkv_attention(qkv, n_head=1, causal=False)[0])
+    assert not np.allclose(found, ops.qkv_attention(qkv, n_head=1, causal=True)[0])
+
+
+@given(
+    shape=gst.shapes(min_dims=1, max_dims=3, min_side=0, max_side=4),
+    axis=st.integers(-1, 0),
+)
+def test_log_softmax_parts_are_scipys_log_softmax_its_exps_and_their_sum(
+    shape: tuple[int, ...], axis: int
+) -> None:
+    from graphlora.ops.activations import log_softmax_parts
+
+    x = np.random.default_rng(0).normal(size=shape) * 10
+    out, exps, total = log_softmax_parts(x, axis)
+    assert out.shape == exps.shape == x.shape
+    assert total.shape == np.sum(x, axis=axis, keepdims=True).shape
+    if x.shape[axis]:  # scipy refuses an empty axis
+        np.testing.assert_array_equal(out, scipy.special.log_softmax(x, axis=axis))  # to the bit
+        np.testing.assert_allclose(exps, np.exp(x - x.max(axis=axis, keepdims=True)), rtol=1e-15)
+    np.testing.assert_allclose(total, exps.sum(axis=axis, keepdims=True), rtol=1e-15)
+
+
 def test_attention_shifts_each_row_by_its_own_largest_score() -> None:
     g = gl.Graph()
     q = g.constant([[30.0, 0.0], [0.0, 30.0]])  # scores of about 636: exp would overflow

@@ -247,7 +247,7 @@ def log_softmax_parts(x: Array, axis: int) -> tuple[Array, Array, Array]:
     sum(exp(x - max))`` and a non-finite max taken as 0; returns ``out``, ``exp(x - max)`` and
     ``total``, so that a caller that needs the softmax too divides instead of taking exp again."""
     if x.shape[axis] == 0:
-        return x.copy(), x.copy(), np.zeros_like(x.sum(axis=axis, keepdims=True))
+        return x.copy(), x.copy(), x.sum(axis=axis, keepdims=True)  # zeros
     top = x.max(axis=axis, keepdims=True)
     if not np.isfinite(top).all():
         top = np.where(np.isfinite(top), top, 0.0)

@@ -313,9 +313,8 @@ def _qkv_attention(
     def vjp_packed(g: Array, needs: tuple[bool, ...]) -> Grads:
         by_head = np.swapaxes(g.reshape(*lead, t, n_head, width // (3 * n_head)), -2, -3)
         grad = np.empty_like(qkv)
-        grads = vjp(by_head, (True, True, True, False))[:3]  # the mask gets none
-        for part, gi in zip(heads(grad, n_head), grads, strict=True):
-            part[...] = gi
+        q_part, k_part, v_part = heads(grad, n_head)  # views: written in place, then returned
+        q_part[...], k_part[...], v_part[...], _ = vjp(by_head, (True, True, True, False))
         return grad, None
 
     return np.swapaxes(out, -2, -3).reshape(*lead, t, width // 3), vjp_packed
