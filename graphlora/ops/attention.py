@@ -257,15 +257,8 @@ def _qkv_fits(qkv: Array) -> bool:  # pragma: no mutate block
 
 def _qkv_params(draw: Draw, qkv: Array) -> Params:  # pragma: no mutate block
     width = qkv.shape[-1] // 3
-    counts = [n for n in range(1, 4) if width % n == 0]
-    params: Params = {
-        "n_head": draw.choice(counts),
-        "causal": draw.choice([False, True]),
-        "scale": draw.choice([None, 0.5]),
-    }
-    if draw.choice([False, True]):
-        params["mask"] = draw.bools((qkv.shape[-2], qkv.shape[-2]))
-    return params
+    n_head = draw.choice([n for n in range(1, 4) if width % n == 0])
+    return {"n_head": n_head, **_attention_params(draw, *heads(qkv, n_head))}
 
 
 def _torch_qkv_attention(
