@@ -5,6 +5,9 @@ on ``c_attn``), float32. graphlora's ``GPT`` records it every step or replays it
 (``Graph.compile``); the other side is transformers' ``GPT2LMHeadModel`` with PEFT's LoRA on
 PyTorch eager (CPU), with the same weights, at one thread and at PyTorch's default. Both sides
 start from the same weights and take one step first, and the LoRA parameters must then agree.
+Each side's time is its median over interleaved rounds; beside each ratio, the middle half of
+the rounds' own ratios (each graphlora side over PyTorch's faster setting in the same round)
+shows how far the machine's noise moves one run's ratio.
 
 Peak memory: each side, in a process of its own, resets the kernel's high-water mark of resident
 memory (``/proc/self/clear_refs``) once its libraries are imported, builds its model (the same
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from collections.abc import Callable
@@ -243,9 +247,12 @@ def peak_memory(side: str, size_name: str) -> int | None:
 
 
 def section_f(
-    compare: Callable[..., dict[str, float]], rounds: int, min_batch: float, quick: bool
+    rounds_of: Callable[..., dict[str, list[float]]], rounds: int, min_batch: float, quick: bool
 ) -> list[dict[str, Any]]:
-    """Time (and memory) of one GPT LoRA step on each side, at each size."""
+    """Time (and memory) of one GPT LoRA step on each side, at each size: the median seconds of
+    each over interleaved rounds, and each graphlora side's ratio to PyTorch's faster setting
+    round by round (both measured within the same few tenths of a second, so that the spread of
+    these ratios shows how far one run's ratio of medians can move on this machine)."""
     try:
         import peft
         import torch
@@ -287,7 +294,15 @@ def section_f(
 
             timed["torch 1 thread"] = on(1)
             timed[f"torch {default_threads} threads"] = on(default_threads)
-        seconds = compare(timed, rounds=rounds, min_batch=min_batch)
+        samples = rounds_of(timed, rounds=rounds, min_batch=min_batch)
+        seconds = {name: statistics.median(times) for name, times in samples.items()}
+        by_round: dict[str, list[float]] = {}
+        if torch is not None:
+            theirs = np.min([samples[k] for k in timed if k.startswith("torch")], axis=0)
+            by_round = {
+                name: (np.array(samples[name]) / theirs).tolist()
+                for name in ("graphlora", "gl replay")
+            }
         if torch is not None:
             torch.set_num_threads(default_threads)
         memory = {
@@ -296,7 +311,15 @@ def section_f(
                 ["graphlora", "replay"] + (["torch1", "torch"] if torch is not None else [])
             )
         }
-        rows.append({"size": size_name, "shape": size, "seconds": seconds, "peak_bytes": memory})
+        rows.append(
+            {
+                "size": size_name,
+                "shape": size,
+                "seconds": seconds,
+                "ratio_by_round": by_round,
+                "peak_bytes": memory,
+            }
+        )
     if transformers is not None and not quick:
         rows.append({"size": "gpt2-small checkpoint", "load": checkpoint_load(transformers)})
     return rows
@@ -326,6 +349,10 @@ def report(rows: list[dict[str, Any]]) -> None:
         )
         for name, value in s.items():
             ratio = f"  {value / torch_best:.2f}x" if torch_best else ""
+            rounds = row["ratio_by_round"].get(name)
+            if rounds:  # the middle half of the rounds' own ratios
+                low, high = np.percentile(rounds, [25, 75])
+                ratio += f"  (rounds: {low:.2f}-{high:.2f}x)"
             print(f"  {name:18} {1e3 * value:8.2f} ms{ratio}")
         memory = {k: v for k, v in row["peak_bytes"].items() if v is not None}
         print(
@@ -342,10 +369,10 @@ if __name__ == "__main__":
         _load_worker(sys.argv[2])
         sys.exit(0)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from run import compare  # type: ignore[import-not-found]
+    from run import rounds_of  # type: ignore[import-not-found]
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     rounds, min_batch = (3, 0.002) if args.quick else (9, 0.05)
-    report(section_f(compare, rounds, min_batch, args.quick))
+    report(section_f(rounds_of, rounds, min_batch, args.quick))

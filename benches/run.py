@@ -47,10 +47,11 @@ QUICK_SIZES = [(8, 16, 16, 2), (32, 64, 64, 4)]
 # --- timing ---------------------------------------------------------------------------------------
 
 
-def compare(
+def rounds_of(
     fns: dict[str, Callable[[], object]], *, rounds: int, min_batch: float
-) -> dict[str, float]:
-    """Median seconds per call of each function, measured in interleaved rounds."""
+) -> dict[str, list[float]]:
+    """Seconds per call of each function in each of ``rounds`` interleaved rounds (each function
+    called often enough per round to take ``min_batch`` seconds)."""
     counts = {}
     for name, fn in fns.items():
         fn()  # warm up
@@ -73,6 +74,14 @@ def compare(
             for _ in range(n):
                 fn()
             samples[name].append((time.perf_counter() - start) / n)
+    return samples
+
+
+def compare(
+    fns: dict[str, Callable[[], object]], *, rounds: int, min_batch: float
+) -> dict[str, float]:
+    """Median seconds per call of each function, measured in interleaved rounds."""
+    samples = rounds_of(fns, rounds=rounds, min_batch=min_batch)
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
@@ -532,7 +541,9 @@ def main(argv: list[str] | None = None) -> int:
     if "f" in sections:
         import gpt_step
 
-        report["f_gpt_step"] = rows = gpt_step.section_f(compare, rounds, min_batch * 2, args.quick)
+        report["f_gpt_step"] = rows = gpt_step.section_f(
+            rounds_of, rounds, min_batch * 2, args.quick
+        )
         gpt_step.report(rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

@@ -51,3 +51,8 @@ def test_quick_benchmark_run_writes_every_section(tmp_path: Path) -> None:
     (gpt,) = report["f_gpt_step"]  # the small size only, in a quick run
     assert {"graphlora", "gl replay"} <= set(gpt["seconds"])
     assert gpt["peak_bytes"]["graphlora"] > 0
+    # with PyTorch: each graphlora side's ratio to PyTorch's faster setting in each of 3 rounds
+    with_torch = any(name.startswith("torch") for name in gpt["seconds"])
+    by_round = gpt["ratio_by_round"]
+    assert set(by_round) == ({"graphlora", "gl replay"} if with_torch else set())
+    assert all(len(ratios) == 3 and min(ratios) > 0 for ratios in by_round.values())
