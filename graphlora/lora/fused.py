@@ -14,6 +14,7 @@ import numpy as np
 from graphlora import _checks
 from graphlora.errors import ShapeError
 from graphlora.ops import Array, Draw, Grads, Params, Sample, Vjp, dropout_mask, op
+from graphlora.ops._core import column_sum
 from graphlora.ops.linalg import rows
 
 __all__ = ["lora_linear"]
@@ -142,7 +143,7 @@ def _lora_linear(
         if needs[3]:
             gb = hs.T @ g2
         if needs[4]:  # False when there is no bias
-            gbias = g2.sum(axis=0)
+            gbias = column_sum(g2)
         return gx, gw, ga, gb, gbias
 
     return (out.reshape(*x.shape[:-1], w.shape[1]) if batched else out), vjp

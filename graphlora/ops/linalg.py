@@ -8,7 +8,17 @@ import math
 import numpy as np
 
 from graphlora.errors import ShapeError
-from graphlora.ops._core import Array, Draw, Grads, Sample, Vjp, builtin, swap, unbroadcast
+from graphlora.ops._core import (
+    Array,
+    Draw,
+    Grads,
+    Sample,
+    Vjp,
+    builtin,
+    column_sum,
+    swap,
+    unbroadcast,
+)
 
 
 def rows(v: Array) -> Array:
@@ -145,7 +155,7 @@ def _linear(x: Array, weight: Array, bias: Array | None = None) -> tuple[Array, 
         g2 = rows(g)  # (N, out)
         gx = (g2 @ weight.T).reshape(x.shape) if needs[0] else None
         gw = rows(x).T @ g2 if needs[1] else None
-        gb = g2.sum(axis=0) if needs[2] else None
+        gb = column_sum(g2) if needs[2] else None
         return gx, gw, gb
 
     return out.reshape(*x.shape[:-1], weight.shape[1]), vjp
