@@ -250,9 +250,9 @@ def section_f(
     rounds_of: Callable[..., dict[str, list[float]]], rounds: int, min_batch: float, quick: bool
 ) -> list[dict[str, Any]]:
     """Time (and memory) of one GPT LoRA step on each side, at each size: the median seconds of
-    each over interleaved rounds, and each graphlora side's ratio to PyTorch's faster setting
-    round by round (both measured within the same few tenths of a second, so that the spread of
-    these ratios shows how far one run's ratio of medians can move on this machine)."""
+    each over interleaved rounds, and, round by round, each graphlora side's time over PyTorch's
+    faster setting's in the same round, whose spread shows how far the machine's noise moves
+    one run's ratio of medians."""
     try:
         import peft
         import torch
@@ -303,7 +303,6 @@ def section_f(
                 name: (np.array(samples[name]) / theirs).tolist()
                 for name in ("graphlora", "gl replay")
             }
-        if torch is not None:
             torch.set_num_threads(default_threads)
         memory = {
             side: peak_memory(side, size_name)
