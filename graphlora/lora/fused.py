@@ -13,8 +13,17 @@ import numpy as np
 
 from graphlora import _checks
 from graphlora.errors import ShapeError
-from graphlora.ops import Array, Draw, Grads, Params, Sample, Vjp, dropout_mask, op
-from graphlora.ops._core import column_sum
+from graphlora.ops import (
+    Array,
+    Draw,
+    Grads,
+    Params,
+    Sample,
+    Vjp,
+    column_sum,
+    dropout_mask,
+    op,
+)
 from graphlora.ops.linalg import rows
 
 __all__ = ["lora_linear"]
