@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 import graphlora as gl
-from graphlora import demo, viz
+from graphlora.teach import demo, viz
 
 FIGURES = Path(__file__).resolve().parent / "figures"
 

@@ -5,7 +5,11 @@ Start with ``Graph``: add constants and parameters, call ops, then ``backward``.
 
 from __future__ import annotations
 
-from graphlora import functional, nf4, nn, ops, optim
+import sys
+
+from graphlora import nn, ops, optim
+from graphlora.engine.graph import Graph, NodeId
+from graphlora.engine.replay import Replay
 from graphlora.errors import (
     ForeignNodeError,
     GradcheckError,
@@ -14,9 +18,8 @@ from graphlora.errors import (
     ShapeError,
     StaleNodeError,
 )
-from graphlora.graph import Graph, NodeId
 from graphlora.io import load_adapter, save_adapter, save_merged
-from graphlora.lora import LoraConfig, LoraEmbedding, LoraLinear
+from graphlora.lora import LoraConfig, LoraEmbedding, LoraLinear, functional, nf4
 from graphlora.nn import (
     GPT,
     MLP,
@@ -30,7 +33,13 @@ from graphlora.nn import (
     disable_adapters,
     set_adapter,
 )
-from graphlora.replay import Replay
+from graphlora.teach import viz
+
+# The documented re-exports keep their module paths too: ``import graphlora.functional``,
+# ``from graphlora.nf4 import NF4Weight`` and ``graphlora.viz.render`` work as before the move.
+sys.modules[f"{__name__}.functional"] = functional
+sys.modules[f"{__name__}.nf4"] = nf4
+sys.modules[f"{__name__}.viz"] = viz
 
 __version__ = "0.1.0"
 
@@ -67,4 +76,5 @@ __all__ = [
     "save_adapter",
     "save_merged",
     "set_adapter",
+    "viz",
 ]

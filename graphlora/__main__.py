@@ -18,12 +18,13 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 import graphlora as gl
-from graphlora import _checks, demo, demo_gpt
-from graphlora.explain import explain
-from graphlora.functional import scaled_delta
-from graphlora.grading import check_file
+from graphlora import _checks
 from graphlora.io import read_adapter, safetensors_module
 from graphlora.lora import INITS
+from graphlora.lora.functional import scaled_delta
+from graphlora.teach import demo, demo_gpt
+from graphlora.teach.explain import explain
+from graphlora.teach.grading import check_file
 
 __all__ = ["main"]
 

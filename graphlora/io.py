@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 
 from graphlora import _checks
+from graphlora.engine.graph import Graph, NodeId, check_graph
 from graphlora.errors import GraphError, ShapeError
-from graphlora.functional import lora_scaling
-from graphlora.graph import Graph, NodeId, check_graph
 from graphlora.lora import DoraUpdate, LoraEmbedding, LoraLayer, LoraLinear
+from graphlora.lora.functional import lora_scaling
 from graphlora.lora.layer import adapter_list, check_adapter_name
 from graphlora.ops import Array
 

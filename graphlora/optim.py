@@ -22,8 +22,8 @@ from typing import Any, ClassVar
 import numpy as np
 import scipy.optimize
 
+from graphlora.engine.graph import Graph, NodeId, check_graph
 from graphlora.errors import GraphError, ShapeError
-from graphlora.graph import Graph, NodeId, check_graph
 from graphlora.ops import Array
 
 __all__ = ["SGD", "Adam", "AdamW", "Optimizer", "minimize"]

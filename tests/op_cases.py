@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import graphlora as gl
 from graphlora import ops
 from graphlora.lora import lora_linear
-from graphlora.nf4 import nf4_matmul
+from graphlora.lora.nf4 import nf4_matmul
 from graphlora.testing import strategies as gst
 
 Reference = Callable[..., np.ndarray]  # reference(*inputs, **params), complex-safe

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 
 import graphlora as gl
-from graphlora.functional import combine_adapters, scaled_delta
+from graphlora.lora.functional import combine_adapters, scaled_delta
 from graphlora.testing import strategies as gst
 
 

@@ -1,4 +1,4 @@
-"""graphlora.demo: the planted-update recovery claim holds, the digits adaptation works, and both
+"""graphlora.teach.demo: the planted-update recovery claim holds, the digits adaptation works, and both
 are deterministic for a seed."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from graphlora import demo, demo_gpt
+from graphlora.teach import demo, demo_gpt
 
 
 @pytest.fixture(scope="module")

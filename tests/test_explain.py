@@ -1,4 +1,4 @@
-"""graphlora.explain: every gradient it prints is the engine's, and equals the formula beside it."""
+"""graphlora.teach.explain: every gradient it prints is the engine's, and equals the formula beside it."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from graphlora.__main__ import main
-from graphlora.explain import explain, walk_through
+from graphlora.teach.explain import explain, walk_through
 
 
 def test_every_step_by_hand_equals_the_engine() -> None:

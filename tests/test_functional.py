@@ -1,4 +1,4 @@
-"""graphlora.functional: the pure-NumPy twin agrees with LoraLinear to the last bit, and validates."""
+"""graphlora.lora.functional: the pure-NumPy twin agrees with LoraLinear to the last bit, and validates."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import graphlora as gl
-from graphlora import functional as F
+from graphlora.lora import functional as F
 from graphlora.testing import strategies as gst
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from graphlora.__main__ import main
-from graphlora.grading import EXERCISES, check_file
+from graphlora.teach.grading import EXERCISES, check_file
 
 ROOT = Path(__file__).resolve().parent.parent
 STUBS = sorted((ROOT / "docs" / "exercises").glob("*.py"))

@@ -1011,7 +1011,7 @@ def test_a_loss_with_more_than_one_element_needs_grad_with_this_message() -> Non
 
 
 def test_check_graph_names_the_caller_and_the_type() -> None:
-    from graphlora.graph import check_graph
+    from graphlora.engine.graph import check_graph
 
     with pytest.raises(TypeError) as info:
         check_graph("LoraLinear.forward", 3)

@@ -228,7 +228,7 @@ def test_save_adapter_without_safetensors_fails_before_training(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     import graphlora.__main__ as cli
-    from graphlora import demo
+    from graphlora.teach import demo
 
     monkeypatch.setitem(sys.modules, "safetensors", None)
     monkeypatch.setitem(sys.modules, "safetensors.numpy", None)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import graphlora as gl
-from graphlora.nf4 import NF4_LEVELS, NF4Weight, nf4_matmul, normal_float_levels
+from graphlora.lora.nf4 import NF4_LEVELS, NF4Weight, nf4_matmul, normal_float_levels
 from graphlora.optim import SGD
 
 weights = hnp.arrays(

@@ -940,7 +940,7 @@ def test_minimum_and_maximum_split_a_tie_in_half_as_torch() -> None:
 
 
 def test_attention_dropout_drops_weights_with_the_mask_its_generator_draws() -> None:
-    from graphlora.ops.losses import dropout_mask
+    from graphlora.ops.regularization import dropout_mask
 
     rng = np.random.default_rng(1)
     q, k, v = (rng.normal(size=(2, 3, 4)) for _ in range(3))
@@ -1224,7 +1224,7 @@ def test_attention_with_dropout_keeps_a_float32_graph_float32() -> None:
 def test_row_and_column_sums_are_numpys_sums_with_infinities_and_nan(
     shape: tuple[int, ...], special: float | None
 ) -> None:
-    from graphlora.ops._core import column_sum, row_sum
+    from graphlora.ops.kernels import column_sum, row_sum
 
     x = np.random.default_rng(0).normal(size=shape)
     if special is not None and x.size:
@@ -1247,7 +1247,7 @@ def test_row_and_column_sums_are_numpys_sums_with_infinities_and_nan(
 def test_blocks_cut_a_flat_array_into_cache_sized_pieces_in_order(
     size: int, dtype: type[np.floating[Any]]
 ) -> None:
-    from graphlora.ops._core import BLOCK_BYTES, block_length, blocks
+    from graphlora.ops.kernels import BLOCK_BYTES, block_length, blocks
 
     x = np.empty(size, dtype=dtype)
     assert block_length(x) * x.itemsize == BLOCK_BYTES
@@ -1613,7 +1613,7 @@ def test_attention_takes_a_mask_of_fewer_than_two_axes_as_numpy_broadcasts_it() 
 
 
 def test_attention_dropout_mask_is_drawn_as_queries_by_keys() -> None:
-    from graphlora.ops.losses import dropout_mask
+    from graphlora.ops.regularization import dropout_mask
 
     rng = np.random.default_rng(2)
     q, k, v = rng.normal(size=(2, 4)), rng.normal(size=(5, 4)), rng.normal(size=(5, 3))
@@ -1632,7 +1632,7 @@ def test_attention_without_dropout_draws_nothing_from_its_generator() -> None:
 
 
 def test_dropout_mask_takes_a_generator_or_a_seed_and_keeps_the_dtype() -> None:
-    from graphlora.ops.losses import dropout_mask
+    from graphlora.ops.regularization import dropout_mask
 
     by_seed = dropout_mask((4, 5), np.float32, 0.5, 7)
     by_generator = dropout_mask((4, 5), np.float32, 0.5, np.random.default_rng(7))

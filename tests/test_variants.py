@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given
 
 import graphlora as gl
-from graphlora.functional import column_norms
 from graphlora.lora import DoraUpdate
+from graphlora.lora.functional import column_norms
 from graphlora.ops import dropout_mask
 from graphlora.testing import gradcheck
 from graphlora.testing import strategies as gst

@@ -1,4 +1,4 @@
-"""graphlora.viz: DOT text that is well-formed and says what the graph is, the summary table, and
+"""graphlora.teach.viz: DOT text that is well-formed and says what the graph is, the summary table, and
 rendering with Graphviz where it is installed."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 
 import graphlora as gl
-from graphlora import viz
+from graphlora.teach import viz
 from graphlora.testing import strategies as gst
 
 

@@ -6,6 +6,7 @@ it is built from ops and leaves.
 
 from __future__ import annotations
 
+from graphlora.lora import functional, nf4
 from graphlora.lora.config import INITS, LoraConfig
 from graphlora.lora.embedding import LoraEmbedding
 from graphlora.lora.fused import lora_linear
@@ -22,5 +23,7 @@ __all__ = [
     "LoraLayer",
     "LoraLinear",
     "LoraUpdate",
+    "functional",
     "lora_linear",
+    "nf4",
 ]

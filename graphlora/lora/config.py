@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graphlora.functional import lora_scaling
+from graphlora.lora.functional import lora_scaling
 
 __all__ = ["INITS", "LoraConfig"]
 

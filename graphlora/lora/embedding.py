@@ -16,8 +16,8 @@ from typing import ClassVar
 import numpy.typing as npt
 
 from graphlora import _checks
+from graphlora.engine.graph import Graph, NodeId, check_graph
 from graphlora.errors import ShapeError
-from graphlora.graph import Graph, NodeId, check_graph
 from graphlora.lora.config import LoraConfig
 from graphlora.lora.layer import LoraLayer, check_adapter_name, float_array
 from graphlora.lora.updates import EmbeddingUpdate, LoraUpdate, draw_adapter, make_update

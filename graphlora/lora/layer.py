@@ -18,8 +18,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from graphlora import _checks
+from graphlora.engine.graph import Graph, NodeId, check_graph
 from graphlora.errors import GraphError, NonFiniteError, ShapeError
-from graphlora.graph import Graph, NodeId, check_graph
 from graphlora.lora.config import LoraConfig
 from graphlora.lora.updates import DoraUpdate, LoraUpdate, draw_adapter, make_update
 from graphlora.ops import Array
@@ -160,7 +160,7 @@ class LoraLayer:
             adapter=adapter_name,
             embedding=self._embedding,
         )
-        self._attach(graph, adapter_name, update)
+        self.attach(graph, adapter_name, update)
         return update
 
     def _check_new_adapter(self, where: str, adapter_name: str, config: object) -> None:
@@ -187,13 +187,14 @@ class LoraLayer:
         if config.use_dora and self._embedding:
             raise ValueError(f"{where}: DoRA is for linear layers; {self.name} is an embedding")
 
-    def _attach(self, graph: Graph, adapter_name: str, update: LoraUpdate) -> None:
-        """Add ``update`` under ``adapter_name``: active if it is the layer's first adapter."""
+    def attach(self, graph: Graph, adapter_name: str, update: LoraUpdate) -> None:
+        """Add a made ``update`` under ``adapter_name`` (what ``add_weighted_adapter`` builds):
+        active if it is the layer's first adapter. The name is the caller's to check."""
         first = not self.adapters and not self._active
         self.adapters[adapter_name] = update
         if first:
             self._active = (adapter_name,)
-        self._activate(graph, self._active)
+        self.activate(graph, self._active)
 
     def set_adapter(self, graph: Graph, adapter_names: str | Sequence[str]) -> None:
         """Make ``adapter_names`` (one name or several, whose updates then add) the active ones:
@@ -215,10 +216,12 @@ class LoraLayer:
                 f"{where}: {self.name} has no adapter {unknown}; it holds {sorted(self.adapters)}"
             )
         self._refuse_merged(where)
-        self._activate(graph, names)
+        self.activate(graph, names)
 
-    def _activate(self, graph: Graph, names: Sequence[str]) -> None:
-        """Make ``names`` active (names this layer lacks are kept, as PEFT does, and skipped)."""
+    def activate(self, graph: Graph, names: Sequence[str]) -> None:
+        """Make ``names`` active without checking them: names this layer lacks are kept and
+        skipped, as PEFT's model-wide ``set_adapter`` keeps them on layers that lack them (use
+        ``set_adapter`` to refuse unknown names)."""
         self._active = tuple(names)
         for name, update in self.adapters.items():
             wanted = name in self._active

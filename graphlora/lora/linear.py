@@ -20,10 +20,10 @@ import numpy as np
 import numpy.typing as npt
 
 from graphlora import _checks
+from graphlora.engine.graph import Graph, NodeId, check_graph
 from graphlora.errors import GraphError, ShapeError
-from graphlora.functional import linear_init
-from graphlora.graph import Graph, NodeId, check_graph
 from graphlora.lora.config import LoraConfig
+from graphlora.lora.functional import linear_init
 from graphlora.lora.layer import LoraLayer, check_adapter_name, float_array
 from graphlora.lora.updates import LoraUpdate, draw_adapter, make_update
 from graphlora.ops import Array

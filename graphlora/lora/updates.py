@@ -19,9 +19,9 @@ import numpy.typing as npt
 import scipy.linalg
 import scipy.sparse.linalg
 
-from graphlora.functional import column_norms, scaled_delta
-from graphlora.graph import Graph, NodeId
+from graphlora.engine.graph import Graph, NodeId
 from graphlora.lora.config import LoraConfig
+from graphlora.lora.functional import column_norms, scaled_delta
 from graphlora.lora.fused import lora_linear
 from graphlora.ops import Array
 

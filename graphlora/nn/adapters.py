@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 
 from graphlora import _checks
+from graphlora.engine.graph import Graph, check_graph
 from graphlora.errors import GraphError
-from graphlora.functional import combine_adapters
-from graphlora.graph import Graph, check_graph
 from graphlora.lora import DoraUpdate, LoraConfig, LoraEmbedding, LoraLayer, LoraLinear
+from graphlora.lora.functional import combine_adapters
 from graphlora.lora.layer import adapter_list, check_adapter_name
 from graphlora.lora.updates import make_update
 from graphlora.nn.layers import Embedding, Linear
@@ -140,7 +140,7 @@ def apply_lora(
     chosen = [(name, layer, place) for name, layer, place in layers if matches(name, targets)]
     _check_targets(where, chosen, config, adapter_name)
     existing = lora_layers(model)
-    active = next(iter(existing.values()))._active if existing else (adapter_name,)
+    active = tuple(next(iter(existing.values())).active_adapters) if existing else (adapter_name,)
     graph: Graph = _weight(chosen[0][1]).graph
     generator = _checks.as_generator(where, config.seed if rng is None else rng)
     adapted: dict[str, LoraLayer] = {}
@@ -166,7 +166,7 @@ def apply_lora(
                 fan_in_fan_out=layer.fan_in_fan_out,
                 adapter_name=adapter_name,
             )
-        lora._activate(graph, active)  # the model's active adapters, as PEFT
+        lora.activate(graph, active)  # the model's active adapters, as PEFT
         place.replace(lora)
         adapted[name] = lora
     trained = {leaf for layer in lora_layers(model).values() for leaf in layer.trainable_params()}
@@ -260,7 +260,7 @@ def set_adapter(model: object, adapter_name: str | Sequence[str]) -> None:
         raise ValueError(f"{where}: unknown adapter(s) {unknown}; the model has {known}")
     _refuse_merged(where, layers)
     for layer in layers.values():
-        layer._activate(layer.frozen_weight.graph, names)
+        layer.activate(layer.frozen_weight.graph, names)
 
 
 @contextmanager
@@ -316,7 +316,7 @@ def delete_adapter(model: object, adapter_name: str) -> None:
         if adapter_name in layer.adapters:
             layer.delete_adapter(graph, adapter_name)
         else:
-            layer._active = tuple(name for name in layer._active if name != adapter_name)
+            layer.activate(graph, [name for name in layer.active_adapters if name != adapter_name])
 
 
 def add_weighted_adapter(
@@ -332,7 +332,7 @@ def add_weighted_adapter(
     ``add_weighted_adapter``, on every LoRA layer holding at least one of them. The new adapter
     is inactive and frozen; ``set_adapter`` runs it.
 
-    ``combination_type`` (see ``graphlora.functional.combine_adapters`` for the maths):
+    ``combination_type`` (see ``graphlora.lora.functional.combine_adapters`` for the maths):
 
     - ``"linear"``: A and B are weighted sums, each adapter's A weighted by
       ``sign(w s) sqrt(|w s|)`` and B by ``sqrt(|w s|)`` (``s`` its scaling). The ranks must be
@@ -454,5 +454,5 @@ def add_weighted_adapter(
             adapter=adapter_name,
             embedding=isinstance(layer, LoraEmbedding),
         )
-        layer._attach(graph, adapter_name, update)
+        layer.attach(graph, adapter_name, update)
     return holders

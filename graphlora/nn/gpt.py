@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from graphlora import _checks
-from graphlora.graph import Graph, NodeId, check_graph
+from graphlora.engine.graph import Graph, NodeId, check_graph
 from graphlora.nn.layers import Embedding, LayerNorm, Linear, call
 
 __all__ = ["GPT", "GPTConfig"]

@@ -15,10 +15,10 @@ import numpy as np
 import numpy.typing as npt
 
 from graphlora import _checks
+from graphlora.engine.graph import Graph, NodeId, check_graph
 from graphlora.errors import ShapeError
-from graphlora.functional import linear_init
-from graphlora.graph import Graph, NodeId, check_graph
 from graphlora.lora import LoraLinear
+from graphlora.lora.functional import linear_init
 from graphlora.nn.tree import named_modules, parameters, trainable_parameters
 
 __all__ = ["ACTIVATIONS", "MLP", "Embedding", "LayerNorm", "Linear", "call"]

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from graphlora.engine.graph import Graph, NodeId, check_graph
 from graphlora.errors import GraphError, ShapeError
-from graphlora.graph import Graph, NodeId, check_graph
 from graphlora.ops import Array
 
 __all__ = [

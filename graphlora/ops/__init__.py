@@ -9,7 +9,9 @@ argument check (run before NumPy, so that errors name the op and the shapes) and
 entry: the kinds of its inputs, where they are safe to test, and the same op in PyTorch.
 
 The ops live in families: ``arithmetic``, ``linalg``, ``reductions``, ``shape`` (and indexing),
-``activations``, ``normalization``, ``attention``, ``losses``. ``OPS`` lists them all by name,
+``activations``, ``normalization``, ``attention``, ``losses``, ``regularization`` (dropout).
+The registry (``registry``), the test-sampling protocol (``sampling``) and the speed helpers
+(``kernels``) are small modules of their own. ``OPS`` lists them all by name,
 and each is also an attribute of this module (``ops.matmul``); calling one checks its arguments
 and runs it.
 """
@@ -24,28 +26,13 @@ from graphlora.ops import (
     losses,
     normalization,
     reductions,
+    regularization,
     shape,
 )
-from graphlora.ops._core import (
-    OPS,
-    Array,
-    Draw,
-    Grads,
-    Op,
-    OpDef,
-    Params,
-    Sample,
-    Slot,
-    Vjp,
-    broadcasting,
-    builtin,
-    column_sum,
-    elementwise,
-    op,
-    swap,
-    unbroadcast,
-)
-from graphlora.ops.losses import dropout_mask
+from graphlora.ops.kernels import column_sum, swap, unbroadcast
+from graphlora.ops.registry import OPS, Array, Grads, Op, OpDef, Params, Slot, Vjp, builtin, op
+from graphlora.ops.regularization import dropout_mask
+from graphlora.ops.sampling import Draw, Sample, broadcasting, elementwise
 
 __all__ = [
     "OPS",
@@ -71,6 +58,7 @@ __all__ = [
     "normalization",
     "op",
     "reductions",
+    "regularization",
     "shape",
     "swap",
     "unbroadcast",

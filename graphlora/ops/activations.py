@@ -10,17 +10,9 @@ import numpy as np
 import scipy.special
 
 from graphlora._checks import one_axis
-from graphlora.ops._core import (
-    Array,
-    Draw,
-    Grads,
-    Params,
-    Vjp,
-    block_length,
-    blocks,
-    builtin,
-    elementwise,
-)
+from graphlora.ops.kernels import block_length, blocks
+from graphlora.ops.registry import Array, Grads, Params, Vjp, builtin
+from graphlora.ops.sampling import Draw, elementwise
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)

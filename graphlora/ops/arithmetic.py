@@ -9,19 +9,9 @@ import numpy as np
 
 from graphlora._checks import real_scalar
 from graphlora.errors import ShapeError
-from graphlora.ops._core import (
-    Array,
-    Draw,
-    Grads,
-    Params,
-    Sample,
-    Vjp,
-    broadcast_check,
-    broadcasting,
-    builtin,
-    elementwise,
-    unbroadcast,
-)
+from graphlora.ops.kernels import unbroadcast
+from graphlora.ops.registry import Array, Grads, Params, Vjp, broadcast_check, builtin
+from graphlora.ops.sampling import Draw, Sample, broadcasting, elementwise
 
 
 def _add(a: Array, b: Array) -> tuple[Array, Vjp]:

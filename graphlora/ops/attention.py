@@ -11,19 +11,10 @@ import numpy as np
 
 from graphlora._checks import Rng, check_rng, flag, positive_int, probability, real_scalar
 from graphlora.errors import ShapeError
-from graphlora.ops._core import (
-    Array,
-    Draw,
-    Grads,
-    Params,
-    Sample,
-    Vjp,
-    builtin,
-    row_sum,
-    swap,
-    unbroadcast,
-)
-from graphlora.ops.losses import dropout_mask
+from graphlora.ops.kernels import row_sum, swap, unbroadcast
+from graphlora.ops.registry import Array, Grads, Params, Vjp, builtin
+from graphlora.ops.regularization import dropout_mask
+from graphlora.ops.sampling import Draw, Sample
 
 
 def _check_attention(

@@ -8,17 +8,9 @@ import math
 import numpy as np
 
 from graphlora.errors import ShapeError
-from graphlora.ops._core import (
-    Array,
-    Draw,
-    Grads,
-    Sample,
-    Vjp,
-    builtin,
-    column_sum,
-    swap,
-    unbroadcast,
-)
+from graphlora.ops.kernels import column_sum, swap, unbroadcast
+from graphlora.ops.registry import Array, Grads, Vjp, builtin
+from graphlora.ops.sampling import Draw, Sample
 
 
 def rows(v: Array) -> Array:

@@ -8,17 +8,9 @@ import numpy as np
 
 from graphlora._checks import real
 from graphlora.errors import ShapeError
-from graphlora.ops._core import (
-    Array,
-    Draw,
-    Grads,
-    Params,
-    Sample,
-    Vjp,
-    builtin,
-    column_sum,
-    row_sum,
-)
+from graphlora.ops.kernels import column_sum, row_sum
+from graphlora.ops.registry import Array, Grads, Params, Vjp, builtin
+from graphlora.ops.sampling import Draw, Sample
 
 
 def _last_axis_mean(v: Array) -> Array:

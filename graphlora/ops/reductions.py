@@ -11,7 +11,8 @@ import numpy as np
 
 from graphlora._checks import axes, flag
 from graphlora.errors import ShapeError
-from graphlora.ops._core import Array, Draw, Grads, Params, Sample, Vjp, builtin, elementwise
+from graphlora.ops.registry import Array, Grads, Params, Vjp, builtin
+from graphlora.ops.sampling import Draw, Sample, elementwise
 
 
 def expand_reduced(g: Array, shape: tuple[int, ...], axis: tuple[int, ...] | None) -> Array:

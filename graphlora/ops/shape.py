@@ -9,7 +9,8 @@ import numpy as np
 
 from graphlora._checks import int_tuple, one_axis, resolve_shape
 from graphlora.errors import ShapeError
-from graphlora.ops._core import Array, Draw, Grads, Params, Sample, Vjp, builtin, elementwise
+from graphlora.ops.registry import Array, Grads, Params, Vjp, builtin
+from graphlora.ops.sampling import Draw, Sample, elementwise
 
 
 def _check_reshape(x: Array, *, shape: object) -> Params:

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from graphlora.engine.graph import Graph, NodeId
 from graphlora.errors import GradcheckError
-from graphlora.graph import Graph, NodeId
 from graphlora.ops import Op, OpDef
 
 __all__ = ["check_vjp", "gradcheck", "jacobian", "numeric_jacobian"]

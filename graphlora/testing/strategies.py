@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from graphlora.graph import Graph, NodeId
+from graphlora.engine.graph import Graph, NodeId
 from graphlora.lora import INITS, DoraUpdate, LoraConfig, LoraLinear
 from graphlora.ops import OPS, Array, OpDef, Params
 

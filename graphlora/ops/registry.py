@@ -1,48 +1,42 @@
-"""What every op is made of: the array types, ``OpDef`` and the ``op`` decorator, the catalogue
-``OPS``, the ``Sample`` of safe inputs that tests draw from, and ``unbroadcast``.
+"""The op registry: the array types, ``OpDef`` and the ``op`` decorator, and the catalogue ``OPS``.
 
 An op is a function over arrays that returns ``(out, vjp)``. The ``op`` decorator wraps it in an
 ``OpDef`` that also carries its argument check (run before NumPy), the kinds of its inputs (float,
-or integer/bool data such as labels and masks), where its inputs are safe to test (``Sample``) and,
-where PyTorch has the same op, how to call it there. ``builtin`` does the same and adds the op to
-``OPS``, the catalogue that ``Graph``'s methods, the tests and the Hypothesis strategies read.
+or integer/bool data such as labels and masks), where its inputs are safe to test (a ``Sample``,
+``graphlora.ops.sampling``) and, where PyTorch has the same op, how to call it there. ``builtin``
+does the same and adds the op to ``OPS``, the catalogue that ``Graph``'s methods, the tests and the
+Hypothesis strategies read.
 """
 
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
 
 from graphlora.errors import GraphError, ShapeError
 
+if TYPE_CHECKING:
+    from graphlora.ops.sampling import Sample
+
 __all__ = [
     "OPS",
     "Array",
-    "Draw",
     "Grads",
     "Op",
     "OpDef",
     "Params",
-    "Sample",
+    "Shape",
     "Slot",
     "Vjp",
-    "block_length",
-    "blocks",
     "broadcast_check",
-    "broadcasting",
     "builtin",
     "check_kinds",
-    "elementwise",
     "op",
-    "row_sum",
-    "swap",
-    "unbroadcast",
     "wrap_function",
 ]
 
@@ -57,171 +51,6 @@ Op: TypeAlias = Callable[..., tuple[Array, Vjp]]
 Params: TypeAlias = dict[str, Any]
 """An op's keyword arguments (axis, keepdims, ...), checked and normalised."""
 Shape: TypeAlias = tuple[int, ...]
-T = TypeVar("T")
-
-
-def unbroadcast(g: Array, shape: tuple[int, ...]) -> Array:
-    """Sum ``g`` over the axes that NumPy broadcasting added or stretched, giving ``shape``."""
-    if g.shape == shape:
-        return g
-    lead = g.ndim - len(shape)
-    stretched = tuple(lead + i for i, n in enumerate(shape) if n == 1 and g.shape[lead + i] != 1)
-    return np.asarray(g.sum(axis=tuple(range(lead)) + stretched)).reshape(shape)
-
-
-BLOCK_BYTES = 1 << 18
-"""The size of a block of ``blocks``: a few buffers of it fit in a core's L2 cache."""
-
-
-def block_length(x: Array) -> int:
-    """How many of ``x``'s elements make a block of ``BLOCK_BYTES``."""
-    return BLOCK_BYTES // x.itemsize
-
-
-def blocks(x: Array) -> list[slice]:
-    """Slices cutting flat ``x`` into blocks of ``block_length(x)`` (the last may be shorter).
-
-    A chain of in-place passes over megabytes (GELU's eight) reads and writes memory on every
-    pass; run block by block, each block stays in cache from one pass to the next, which takes a
-    third off the chain's time at transformer sizes."""
-    step = block_length(x)
-    return [slice(start, start + step) for start in range(0, x.size, step)]
-
-
-def row_sum(x: Array) -> Array:
-    """``x.sum(axis=-1, keepdims=True)`` of a float array, as a product with a column of ones.
-
-    NumPy's reduction runs its inner loop once per row, which for rows of a few dozen to a few
-    hundred (attention scores, a layer's features) costs three to four times what BLAS takes for
-    the same sums; NaN and inf come through as in ``sum``, and no elements sum to 0.
-    """
-    return x @ np.ones((x.shape[-1], 1), dtype=x.dtype)
-
-
-def column_sum(x: Array) -> Array:
-    """``x.sum`` over every axis but the last, ``[D]``, as a product of a row of ones with ``x``'s
-    rows: for the gradient of a norm's weight or of a dense layer's bias, of a few hundred
-    features, two to three times faster than NumPy's reduction over the batch axes. NaN and inf
-    come through as in ``sum``."""
-    count = math.prod(x.shape[:-1])
-    return np.ones(count, dtype=x.dtype) @ x.reshape(count, x.shape[-1])
-
-
-def swap(a: Array) -> Array:
-    """Transpose the last two axes (``a.T`` for a matrix)."""
-    return a.T if a.ndim == 2 else np.swapaxes(a, -1, -2)  # .T: a third of swapaxes' cost
-
-
-# --- drawing safe inputs, for tests and strategies ----------------------------------------------
-
-
-class Draw(Protocol):  # pragma: no mutate block
-    """What a ``Sample`` draws with: small choices, shapes and arrays.
-
-    ``graphlora.testing.strategies.op_examples`` gives one backed by Hypothesis, so that failing
-    examples shrink; the op modules themselves never import Hypothesis.
-    """
-
-    def choice(self, options: Sequence[T]) -> T:
-        """One of ``options``."""
-        ...
-
-    def shape(
-        self,
-        *,
-        min_dims: int = 0,
-        max_dims: int = 3,
-        min_side: int | None = None,
-        max_side: int = 4,
-    ) -> Shape:
-        """A shape; ``min_side=None`` lets sides be 0 when zero-size arrays are being drawn."""
-        ...
-
-    def broadcastable(self, count: int = 2, *, min_dims: int = 0, max_dims: int = 3) -> list[Shape]:
-        """``count`` shapes that broadcast together under NumPy's rules."""
-        ...
-
-    def floats(
-        self, shape: Shape, low: float = -3.0, high: float = 3.0, away: float = 0.0
-    ) -> Array:
-        """Finite floats in ``[low, high]`` with ``|x| >= away``."""
-        ...
-
-    def distinct(self, shape: Shape, low: float = -3.0, high: float = 3.0) -> Array:
-        """Floats in ``[low, high]``, no two closer than 0.01: no ties (for max, maximum)."""
-        ...
-
-    def ints(self, shape: Shape, low: int, high: int) -> Array:
-        """Integers in ``[low, high)``."""
-        ...
-
-    def bools(self, shape: Shape) -> Array:
-        """Booleans."""
-        ...
-
-
-def _no_params(draw: Draw, *inputs: Array | None) -> Params:  # pragma: no mutate block
-    return {}
-
-
-@dataclass(frozen=True)
-class Sample:
-    """Where an op's inputs are safe to test (finite values and gradients, away from kinks).
-
-    ``inputs(draw)`` draws the float inputs (``None`` for an optional input left out);
-    ``params(draw, *inputs)`` draws the rest for those inputs: data inputs (labels, masks) by
-    name, and keyword arguments. ``fits(*inputs)`` says whether given float arrays are safe
-    inputs, so that random programs (``strategies.expressions``) can chain ops; ``None`` keeps
-    the op out of them.
-    """
-
-    inputs: Callable[[Draw], tuple[Array | None, ...]]
-    params: Callable[..., Params] = _no_params
-    fits: Callable[..., bool] | None = None
-
-
-def elementwise(
-    low: float = -math.inf,
-    high: float = math.inf,
-    away: float = 0.0,
-    params: Callable[..., Params] = _no_params,
-    min_dims: int = 0,
-) -> Sample:  # pragma: no mutate block
-    """One float input of any shape, safe on ``[low, high]`` away from 0 by ``away``; drawn in
-    that range clipped to ``[-3, 3]``."""
-
-    def inputs(draw: Draw) -> tuple[Array | None, ...]:
-        shape = draw.shape(min_dims=min_dims)
-        return (draw.floats(shape, max(low, -3.0), min(high, 3.0), away),)
-
-    def fits(x: Array) -> bool:
-        if x.ndim < min_dims:
-            return False
-        if x.size == 0:
-            return True
-        return bool(x.min() >= low and x.max() <= high and np.abs(x).min() >= away)
-
-    return Sample(inputs, params, fits)
-
-
-def broadcasting(away_b: float = 0.0) -> Sample:  # pragma: no mutate block
-    """Two float inputs whose shapes broadcast; the second away from 0 by ``away_b``."""
-
-    def inputs(draw: Draw) -> tuple[Array | None, ...]:
-        shape_a, shape_b = draw.broadcastable(2)
-        return draw.floats(shape_a), draw.floats(shape_b, away=away_b)
-
-    def fits(a: Array, b: Array) -> bool:
-        try:
-            np.broadcast_shapes(a.shape, b.shape)
-        except ValueError:
-            return False
-        return b.size == 0 or bool(np.abs(b).min() >= away_b)
-
-    return Sample(inputs, fits=fits)
-
-
-# --- the op definition ----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

@@ -4,18 +4,18 @@ Each recorded node keeps its op function and its checked parameters, so a replay
 functions in tape order on the leaves' current values (replacing each node's value as it goes),
 then runs the same backward walk as ``Graph.backward``. Exact by construction: a replay gives the
 values and gradients a new recording of the same calls would give, to the last bit.
+
+A replay talks to the engine through its public entry points only: ``Graph.replay_token`` (what
+ends a replay), ``NodeId.rerunner`` and ``NodeId.refresh`` (run an op again and keep its new
+value), ``Graph.value`` and ``Graph.backward``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
-import numpy as np
-
-from graphlora.errors import GraphError, NonFiniteError, StaleNodeError
-from graphlora.graph import Graph, NodeId, _anomaly, _read_only, needs_grad
-from graphlora.ops import Array, Vjp
+from graphlora.engine.graph import Graph
+from graphlora.engine.node import NodeId, needs_grad
+from graphlora.errors import GraphError, StaleNodeError
+from graphlora.ops import Array
 
 __all__ = ["Replay"]
 
@@ -51,16 +51,17 @@ class Replay:
     array([2., 4., 6.])
     """
 
-    __slots__ = ("_epoch", "_graph", "_loss", "_nodes", "_runs", "_seed", "_version")
+    __slots__ = ("_grad", "_graph", "_loss", "_nodes", "_runs", "_token")
 
-    def __init__(self, graph: Graph, loss: NodeId, seed: Array, nodes: tuple[NodeId, ...]) -> None:
+    def __init__(
+        self, graph: Graph, loss: NodeId, grad: Array | None, nodes: tuple[NodeId, ...]
+    ) -> None:
         self._graph = graph
         self._loss = loss
-        self._seed = seed if seed is graph._one else _read_only(seed)  # never written: not owned
+        self._grad = grad  # the checked seed of backward, or None for a size-1 loss
         self._nodes = nodes
-        self._runs = tuple(_rerun(node, graph.dtype) for node in self._nodes)
-        self._epoch = graph._epoch
-        self._version = graph._version
+        self._runs = tuple(node.rerunner() for node in nodes)
+        self._token = graph.replay_token()
 
     @property
     def loss(self) -> NodeId:
@@ -90,13 +91,14 @@ class Replay:
             After ``requires_grad_`` changed a leaf or ``end_replays`` was called (by a layer that
             merged its weights, say), or for ``backward`` when the loss depends on no parameter.
         """
-        graph, loss, nodes = self._graph, self._loss, self._nodes
-        if graph._epoch != self._epoch:
+        graph, loss = self._graph, self._loss
+        resets, ended = graph.replay_token()
+        if resets != self._token[0]:
             raise StaleNodeError(
                 f"Replay: the step of {loss!r} was recorded before the last reset(); record it "
                 "again and compile that"
             )
-        if graph._version != self._version:
+        if ended != self._token[1]:
             raise GraphError(
                 "Replay: a leaf was frozen or unfrozen (requires_grad_), or end_replays was called "
                 "(a layer merged or unmerged its weights or changed its adapters), after "
@@ -104,45 +106,10 @@ class Replay:
             )
         if backward:
             needs_grad("Replay", loss)
-        check_finite = graph._check_finite
-        for node, run in zip(nodes, self._runs, strict=True):
+        for node, run in zip(self._nodes, self._runs, strict=True):
             out, vjp = run()
-            if type(out) is not np.ndarray:
-                out = np.asarray(out)
-            if check_finite and not np.isfinite(out).all():
-                raise NonFiniteError(_anomaly(node._op, node._inputs, out, "forward output", node))
-            node._value = out  # the old value goes at once: a run holds one value per node
-            if node._requires_grad:
-                node._vjp = vjp
+            node.refresh(out, vjp)  # the old value goes at once: a run holds one value per node
         if backward:
-            graph._backward(loss, self._seed, False, False)
-        assert loss._value is not None
-        return _read_only(loss._value)
-
-
-def _rerun(node: NodeId, dtype: np.dtype[np.floating]) -> Callable[[], tuple[Array, Vjp]]:
-    """A function that runs ``node``'s op again on its inputs' current values."""
-    fn, inputs, params, casts = node._fn, node._inputs, node._params or {}, node._casts
-    assert fn is not None
-    if all(type(n) is NodeId for n in inputs) and not params and not casts:  # the common calls
-        if len(inputs) == 1:
-            (x,) = inputs
-            assert isinstance(x, NodeId)
-            return lambda: fn(x._value)
-        if len(inputs) == 2:
-            a, b = inputs
-            assert isinstance(a, NodeId) and isinstance(b, NodeId)
-            return lambda: fn(a._value, b._value)
-
-    if not casts:
-        return lambda: fn(*[n._value if type(n) is NodeId else n for n in inputs], **params)
-
-    def values() -> list[Any]:
-        """Nodes' current values, data given as arrays and left-out inputs as recorded, and
-        integer/bool data that the op reads as floats converted as when recorded."""
-        found: list[Any] = [n._value if type(n) is NodeId else n for n in inputs]
-        for i in casts:
-            found[i] = np.asarray(found[i]).astype(dtype)
-        return found
-
-    return lambda: fn(*values(), **params)
+            graph.backward(loss, self._grad)
+        value: Array = graph.value(loss)
+        return value

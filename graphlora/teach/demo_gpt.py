@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from graphlora.demo import progress
-from graphlora.graph import Graph
+from graphlora.engine.graph import Graph
 from graphlora.lora import LoraConfig
 from graphlora.nn import GPT, GPTConfig, apply_lora, parameters, trainable_parameters
 from graphlora.ops import Array
 from graphlora.optim import AdamW
+from graphlora.teach.demo import progress
 
 __all__ = [
     "CHARS",

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from graphlora.engine.graph import Graph
 from graphlora.errors import GradcheckError
-from graphlora.graph import Graph
 from graphlora.lora import DoraUpdate, LoraConfig, LoraLinear
 from graphlora.ops import Array, Grads
 from graphlora.testing.gradcheck import check_vjp

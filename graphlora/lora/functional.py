@@ -20,7 +20,7 @@ import numpy.typing as npt
 
 from graphlora import _checks
 from graphlora.errors import ShapeError
-from graphlora.ops._core import Array
+from graphlora.ops.registry import Array
 
 __all__ = [
     "column_norms",

@@ -7,7 +7,7 @@ loss, with no search and no recursion. A node requires a gradient iff one of its
 is never called for a node that does not, and it is told which inputs want a gradient, so no work
 is done for a frozen input's own gradient. ``reset`` drops the recorded ops (a training loop calls
 it once per step) and keeps the leaves; ``compile`` makes the recorded step into a ``Replay``
-(``graphlora.replay``).
+(``graphlora.engine.replay``).
 
 Every op goes through one recording path, ``apply``: the op's own check (``graphlora.ops``) runs
 before NumPy does, so a rejected call records nothing and its message names the op and the
@@ -25,7 +25,8 @@ import numpy as np
 import numpy.typing as npt
 
 from graphlora import _checks
-from graphlora.catalogue import OpMethods
+from graphlora.engine.methods import OpMethods
+from graphlora.engine.node import LEAF, Input, NodeId, anomaly, needs_grad, read_only
 from graphlora.errors import (
     ForeignNodeError,
     GraphError,
@@ -34,163 +35,16 @@ from graphlora.errors import (
     StaleNodeError,
 )
 from graphlora.ops import OpDef
-from graphlora.ops._core import Array, Op, Vjp, check_kinds, wrap_function
+from graphlora.ops.registry import Array, Op, check_kinds, wrap_function
 
 if TYPE_CHECKING:
-    from graphlora.replay import Replay
+    from graphlora.engine.replay import Replay
 
 __all__ = ["Graph", "NodeId", "check_graph"]
 
-_LEAF = -1  # the epoch of a leaf: leaves survive every reset
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _REAL_KINDS = "biuf"  # bool, signed and unsigned int, float: the kinds that convert to a float
 _DATA_KINDS = "biu"  # what a constant keeps as it is: token ids, labels, masks
-
-
-class NodeId:
-    """A handle to one node of a ``Graph``: a leaf or a recorded op.
-
-    Treat it as an id: read the node's value with ``graph.value(node)`` and its gradient with
-    ``graph.grad(node)``. It also carries the node's record, so that using it costs no lookup.
-    A NodeId recorded before ``graph.reset()`` is stale and is refused with ``StaleNodeError``.
-    """
-
-    __slots__ = (
-        "_casts",
-        "_epoch",
-        "_fn",
-        "_g",
-        "_g_owned",
-        "_grad",
-        "_grad_owned",
-        "_graph",
-        "_id",
-        "_index",
-        "_inputs",
-        "_name",
-        "_needs",
-        "_op",
-        "_params",
-        "_requires_grad",
-        "_scope",
-        "_value",
-        "_vjp",
-    )
-
-    def __init__(
-        self,
-        graph: Graph,
-        epoch: int,
-        index: int,
-        op: str,
-        name: str | None,
-        value: Array,
-        requires_grad: bool,
-        inputs: tuple[Input, ...] = (),
-        needs: tuple[bool, ...] = (),
-        vjp: Vjp | None = None,
-        fn: Op | None = None,
-        params: dict[str, Any] | None = None,
-        casts: tuple[int, ...] = (),
-    ) -> None:
-        self._graph = graph
-        self._epoch = epoch  # _LEAF, or the graph's epoch when the op was recorded
-        self._index = index  # position on the tape (ops) or in the leaf list (leaves)
-        self._id = graph._next_id  # unique within the graph, never reused, shown to people
-        graph._next_id += 1
-        self._op = op
-        self._name = name
-        self._value: Array | None = value
-        self._requires_grad = requires_grad
-        self._inputs = inputs  # input nodes; data given as arrays; None for an input left out
-        self._scope = graph._scope  # the name scope it was made in, e.g. "block/mlp"
-        self._needs = needs  # needs[i]: does input i want a gradient?
-        self._vjp = vjp
-        self._fn = fn  # the op function and its checked parameters, to run it again (compile)
-        self._params = params
-        self._casts = casts  # inputs of integer/bool data that the op reads as floats
-        self._grad: Array | None = None  # accumulated gradient, kept across backward calls
-        self._grad_owned = False  # True when _grad is a buffer only this node holds
-        self._g: Array | None = None  # gradient flowing in during one backward pass
-        self._g_owned = False
-
-    @property
-    def graph(self) -> Graph:
-        """The graph the node belongs to."""
-        return self._graph
-
-    @property
-    def id(self) -> int:
-        """A number unique within the graph (never reused, not even after ``reset``)."""
-        return self._id
-
-    @property
-    def op(self) -> str:
-        """The op that produced the node: ``"constant"``, ``"parameter"``, ``"matmul"``, ..."""
-        return self._op
-
-    @property
-    def name(self) -> str | None:
-        """The name given to a leaf, or ``None``."""
-        return self._name
-
-    @property
-    def is_leaf(self) -> bool:
-        """True for constants and parameters."""
-        return self._epoch == _LEAF
-
-    @property
-    def requires_grad(self) -> bool:
-        """True for parameters and for ops recorded with gradients that depend on one."""
-        return self._requires_grad
-
-    @property
-    def inputs(self) -> tuple[NodeId, ...]:
-        """The input nodes of an op (empty for leaves)."""
-        return tuple(node for node in self._inputs if type(node) is NodeId)
-
-    @property
-    def scope(self) -> str | None:
-        """The ``Graph.scope`` the node was made in (``"block/mlp"``), or ``None``."""
-        return self._scope
-
-    @property
-    def params(self) -> dict[str, Any]:
-        """The op's non-node arguments as recorded (``{"c": 2.0}`` for ``scale``), as a new dict;
-        empty for leaves and after a reset."""
-        return dict(self._params or {})
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """The shape of the node's value."""
-        return self._live().shape
-
-    @property
-    def dtype(self) -> np.dtype[Any]:
-        """The dtype of the node's value: the graph's float dtype, or a data leaf's own."""
-        return self._live().dtype
-
-    def _stale(self) -> bool:
-        """Recorded before the last ``reset`` (its value may linger a while: see ``reset``)."""
-        return self._epoch != _LEAF and self._epoch != self._graph._epoch
-
-    def _live(self) -> Array:
-        """The node's value, or a ``StaleNodeError`` if it was recorded before a reset."""
-        if self._stale():
-            raise StaleNodeError(f"{self!r} was recorded before a reset; its value is gone")
-        assert self._value is not None  # live nodes always hold one
-        return self._value
-
-    def __repr__(self) -> str:
-        name = f", name={self._name!r}" if self._name is not None else ""
-        if self._stale():
-            return f"NodeId({self._id}, op={self._op!r}{name}, stale)"
-        assert self._value is not None
-        return f"NodeId({self._id}, op={self._op!r}, shape={self._value.shape}{name})"
-
-
-Input = NodeId | Array | None
-"""What an op node keeps of each input: its node, data given as a plain array, or ``None``."""
 
 
 class _Scope:
@@ -288,6 +142,22 @@ class Graph(OpMethods):
         """The ops recorded since the last reset, in recording (topological) order."""
         return tuple(self._tape)
 
+    @property
+    def resets(self) -> int:
+        """How many times ``reset()`` has run: the ops recorded before the last one are stale."""
+        return self._epoch
+
+    def replay_token(self) -> tuple[int, int]:
+        """``(resets, ended)``: a compiled step made now stays valid while both are unchanged
+        (``ended`` counts ``end_replays`` calls, which ``requires_grad_`` and layers make)."""
+        return self._epoch, self._version
+
+    def _new_id(self) -> int:
+        """The next node id: unique within the graph, never reused."""
+        found = self._next_id
+        self._next_id = found + 1
+        return found
+
     def parameters(self) -> list[NodeId]:
         """Every leaf that requires a gradient, in creation order."""
         return [leaf for leaf in self._leaves if leaf._requires_grad]
@@ -316,23 +186,25 @@ class Graph(OpMethods):
         Every node shows its shape, and an op its scalar arguments (``c=2`` on a ``scale``);
         edges run in the direction data flows. With ``root``, only it and its ancestors are
         drawn. Nodes made in a ``scope`` are grouped in a labelled cluster, so that a layer's
-        parts appear side by side (``graphlora.viz`` titles the scopes layers use, such as
-        ``frozen``). ``show_values`` and ``show_grads`` add each node's value and gradient
-        (numbers when few, else their range and norm: a gradient of zeros shows as zeros, and a
-        node that got none shows none). ``legend`` adds a key to the styles: grey boxes are
-        constants, blue boxes parameters, ellipses ops, dashed ellipses ops no gradient flows
-        through. ``graphlora.viz.render`` turns the text into an image.
+        parts appear side by side (with titles for the scopes layers use, such as ``frozen``).
+        ``show_values`` and ``show_grads`` add each node's value and gradient (numbers when few,
+        else their range and norm: a gradient of zeros shows as zeros, and a node that got none
+        shows none). ``legend`` adds a key to the styles: grey boxes are constants, blue boxes
+        parameters, ellipses ops, dashed ellipses ops no gradient flows through.
+        ``graphlora.viz.render`` turns the text into an image.
         """
-        from graphlora import viz
+        from graphlora.engine import describe
 
-        return viz.to_dot(self, root, show_values=show_values, show_grads=show_grads, legend=legend)
+        return describe.to_dot(
+            self, root, show_values=show_values, show_grads=show_grads, legend=legend
+        )
 
     def summary(self) -> str:
         """A text table of every leaf and recorded op: id, op, name, input ids, shape, dtype,
         whether it requires a gradient, and the norm of its gradient (``-`` if it has none)."""
-        from graphlora import viz
+        from graphlora.engine import describe
 
-        return viz.summary(self)
+        return describe.summary(self)
 
     # --- leaves and values --------------------------------------------------------------------
 
@@ -368,7 +240,17 @@ class Graph(OpMethods):
         if name is not None and not isinstance(name, str):
             raise TypeError(f"{kind}: name must be a str or None, got {type(name).__name__}")
         array = self._as_array(value, kind, "value", keep_data=not requires_grad)
-        node = NodeId(self, _LEAF, len(self._leaves), kind, name, array, requires_grad)
+        node = NodeId(
+            self,
+            LEAF,
+            len(self._leaves),
+            self._new_id(),
+            self._scope,
+            kind,
+            name,
+            array,
+            requires_grad,
+        )
         self._leaves.append(node)
         return node
 
@@ -398,7 +280,7 @@ class Graph(OpMethods):
         """The node's value as a read-only view (copy it to modify it)."""
         node = self.check(node, "value")
         assert node._value is not None  # live nodes always hold a value
-        return _read_only(node._value)
+        return read_only(node._value)
 
     def grad(self, node: NodeId) -> Array | None:
         """The node's accumulated gradient as a read-only view, or ``None`` if it got none.
@@ -409,7 +291,7 @@ class Graph(OpMethods):
         node = self.check(node, "grad")
         if node._grad is None:
             return None
-        return _read_only(node._grad)
+        return read_only(node._grad)
 
     def buffers(self, leaf: NodeId) -> tuple[Array, Array | None]:
         """A leaf's own value array (writable: update it in place) and its accumulated gradient
@@ -423,7 +305,7 @@ class Graph(OpMethods):
         """
         if type(leaf) is not NodeId or leaf._graph is not self:
             self.check(leaf, "buffers", "leaf")
-        if leaf._epoch != _LEAF:
+        if leaf._epoch != LEAF:
             raise GraphError(f"buffers: {leaf!r} is the output of an op, not a leaf")
         return leaf._value, leaf._grad  # type: ignore[return-value]  # a leaf's is never None
 
@@ -441,7 +323,7 @@ class Graph(OpMethods):
             For data that is not real numbers, or not of a data leaf's kind; the old value is kept.
         """
         leaf = self.check(leaf, "set_value", "leaf")
-        if leaf._epoch != _LEAF:
+        if leaf._epoch != LEAF:
             raise GraphError(
                 f"set_value: {leaf!r} is the output of an op; only constants and parameters "
                 "can be set"
@@ -473,7 +355,7 @@ class Graph(OpMethods):
         """
         leaf = self.check(leaf, "requires_grad_", "leaf")
         flag = _checks.flag("requires_grad_", "requires_grad", requires_grad)
-        if leaf._epoch != _LEAF:
+        if leaf._epoch != LEAF:
             raise GraphError(
                 f"requires_grad_: {leaf!r} is the output of an op; only leaves can be frozen or "
                 "unfrozen"
@@ -507,7 +389,7 @@ class Graph(OpMethods):
             if (
                 type(node) is not NodeId
                 or node._graph is not self
-                or (node._epoch != _LEAF and node._epoch != epoch)
+                or (node._epoch != LEAF and node._epoch != epoch)
             ):
                 self.check(node, "zero_grad", "nodes")
         for node in checked:
@@ -597,7 +479,7 @@ class Graph(OpMethods):
             raise TypeError(f"{where}: {arg} must be a NodeId, got {_checks.describe(node)}")
         if node._graph is not self:
             raise ForeignNodeError(f"{where}: {arg} {node!r} belongs to another Graph")
-        if node._epoch != self._epoch and node._epoch != _LEAF:
+        if node._epoch != self._epoch and node._epoch != LEAF:
             raise StaleNodeError(
                 f"{where}: {arg} {node!r} was recorded before the last reset() and no longer exists"
             )
@@ -644,7 +526,7 @@ class Graph(OpMethods):
                 if (
                     type(arg) is NodeId
                     and arg._graph is self
-                    and (arg._epoch == epoch or arg._epoch == _LEAF)
+                    and (arg._epoch == epoch or arg._epoch == LEAF)
                     and arg._value.dtype is dtype  # type: ignore[union-attr]
                 ):
                     values.append(arg._value)
@@ -687,7 +569,7 @@ class Graph(OpMethods):
         for i, arg in enumerate(args):
             slot = None if slots is None else slots[i]
             if type(arg) is NodeId:
-                if arg._graph is not self or (arg._epoch != epoch and arg._epoch != _LEAF):
+                if arg._graph is not self or (arg._epoch != epoch and arg._epoch != LEAF):
                     self.check(arg, name, f"input {i}" if slot is None else slot.name)
                 value = arg._value
                 assert value is not None
@@ -731,13 +613,15 @@ class Graph(OpMethods):
         if type(out) is not np.ndarray:  # NumPy gives scalars for 0-d results; keep arrays
             out = np.asarray(out)
         if self._check_finite and not np.isfinite(out).all():
-            raise NonFiniteError(_anomaly(op, inputs, out, "forward output"))
+            raise NonFiniteError(anomaly(op, inputs, out, "forward output"))
         tape = self._tape
         kept = vjp if self._grad_enabled and True in needs else None  # None: no gradient flows
         node = NodeId(
             self,
             self._epoch,
             len(tape),
+            self._new_id(),
+            self._scope,
             op,
             None,
             out,
@@ -770,12 +654,12 @@ class Graph(OpMethods):
         ShapeError
             As ``backward`` does for ``loss`` and ``grad``.
         """
-        from graphlora.replay import Replay
+        from graphlora.engine.replay import Replay
 
         loss = self.check(loss, "compile", "loss")
         seed = self._seed("compile", loss, grad)
-        nodes = () if loss._epoch == _LEAF else tuple(self._tape[: loss._index + 1])
-        return Replay(self, loss, seed, nodes)
+        nodes = () if loss._epoch == LEAF else tuple(self._tape[: loss._index + 1])
+        return Replay(self, loss, None if grad is None else read_only(seed), nodes)
 
     def backward(
         self, loss: NodeId, grad: npt.ArrayLike | None = None, *, retain_grads: bool = False
@@ -834,7 +718,7 @@ class Graph(OpMethods):
         loss._g, loss._g_owned = seed, owned
         reached: list[NodeId] = []  # every node given a gradient in this pass, to commit
         check_finite = self._check_finite
-        if loss._epoch == _LEAF:
+        if loss._epoch == LEAF:
             reached.append(loss)
         else:
             tape = self._tape
@@ -856,12 +740,12 @@ class Graph(OpMethods):
                         sink: NodeId = source  # type: ignore[assignment]  # only nodes get one
                         if check_finite and not np.isfinite(gi).all():
                             raise NonFiniteError(
-                                _anomaly(node._op, node._inputs, gi, "gradient", node, (sink, g))
+                                anomaly(node._op, node._inputs, gi, "gradient", node, (sink, g))
                             )
                         previous = sink._g
                         if previous is None:
                             sink._g, sink._g_owned = gi, False
-                            if sink._epoch == _LEAF:
+                            if sink._epoch == LEAF:
                                 reached.append(sink)
                         elif sink._g_owned:
                             previous += gi  # a buffer only this node holds: add in place
@@ -884,42 +768,6 @@ class Graph(OpMethods):
                 node._grad, node._grad_owned = _added(node._grad, g), True
 
 
-def _anomaly(
-    op: str,
-    inputs: tuple[Input, ...],
-    values: Array,
-    what: str,
-    node: NodeId | None = None,
-    flow: tuple[NodeId, Array] | None = None,
-) -> str:
-    """The message of a ``NonFiniteError``: the op, its inputs' shapes, which were non-finite."""
-    count = int(values.size - np.count_nonzero(np.isfinite(values)))
-    live = [(i, n) for i, n in enumerate(inputs) if type(n) is NodeId and n._value is not None]
-    shapes = ", ".join(str(n.shape) for _, n in live)
-    bad = [f"input {i} ({n!r})" for i, n in live if not np.isfinite(np.asarray(n._value)).all()]
-    where = f"op {op!r}" if node is None else f"op {op!r} at {node!r}"
-    message = (
-        f"anomaly: the {what} of {where} holds {count} non-finite value(s) (NaN or Inf); "
-        f"input shapes: {shapes or 'none'}; non-finite inputs: {', '.join(bad) or 'none'}"
-    )
-    if flow is not None:  # a gradient: the input it flows to and the incoming one
-        target, g = flow
-        message += (
-            f"; the gradient flowing to {target!r} is the bad one; the incoming gradient was "
-            f"{'finite' if np.isfinite(g).all() else 'already non-finite'}"
-        )
-    return message
-
-
-def needs_grad(where: str, loss: NodeId) -> None:
-    """Raise unless a gradient can flow back from ``loss``."""
-    if not loss._requires_grad:
-        raise GraphError(
-            f"{where}: {loss!r} does not depend on any parameter (or was recorded under "
-            "no_grad()), so there is no gradient to compute"
-        )
-
-
 def check_graph(where: str, graph: object) -> Graph:
     """``graph`` if it is a ``Graph``; else a ``TypeError`` naming ``where`` (for module code)."""
     if not isinstance(graph, Graph):
@@ -938,13 +786,6 @@ def _release(node: NodeId) -> None:
     node._value = node._grad = node._g = None
     node._vjp = node._fn = node._params = None
     node._inputs = ()
-
-
-def _read_only(array: Array) -> Array:
-    """A view of ``array`` that cannot be written through."""
-    view: Array = array.view()
-    view.flags.writeable = False
-    return view
 
 
 def _added(a: Array, b: Array) -> Array:

@@ -18,7 +18,7 @@ import numpy as np
 import scipy.linalg
 
 from graphlora import _checks
-from graphlora.graph import Graph, NodeId
+from graphlora.engine.graph import Graph, NodeId
 from graphlora.lora import LoraConfig, LoraLinear
 from graphlora.nn import MLP, apply_lora
 from graphlora.ops import Array

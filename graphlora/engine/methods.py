@@ -24,11 +24,12 @@ from graphlora.ops import (
     losses,
     normalization,
     reductions,
+    regularization,
 )
 from graphlora.ops import shape as shape_ops
 
 if TYPE_CHECKING:
-    from graphlora.graph import NodeId
+    from graphlora.engine.graph import NodeId
 
 __all__ = ["OpMethods"]
 
@@ -324,4 +325,4 @@ class OpMethods:
         """
         if _checks.probability("dropout", "p", p) == 0.0 or not self._grad_enabled:
             return self.check(x, "dropout", "x")
-        return self._record(losses.dropout, (x,), {"p": p, "rng": rng})
+        return self._record(regularization.dropout, (x,), {"p": p, "rng": rng})

@@ -1,5 +1,6 @@
-"""Seeing the graph: Graphviz DOT text (``to_dot``), a text table of the tape (``summary``), and
-``render`` to turn DOT text into an image with Graphviz's ``dot`` when it is installed.
+"""Describing a graph: Graphviz DOT text (``to_dot``) and a text table of the tape (``summary``),
+behind ``Graph.to_dot`` and ``Graph.summary``. Turning DOT text into an image is
+``graphlora.viz.render``'s (``graphlora/teach/viz.py``).
 
 Constants are grey boxes, parameters blue boxes, ops ellipses (dashed when no gradient flows
 through them); edges follow the data. Nodes made inside a ``Graph.scope`` are drawn in a labelled
@@ -8,19 +9,13 @@ cluster, so a ``LoraLinear`` shows its frozen path and its low-rank path side by
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from graphlora.graph import check_graph
+from graphlora.engine.graph import Graph, NodeId, check_graph
 
-if TYPE_CHECKING:
-    from graphlora.graph import Graph, NodeId
-
-__all__ = ["render", "summary", "to_dot"]
+__all__ = ["summary", "to_dot"]
 
 _STYLES = {
     "constant": 'shape=box, style="filled", fillcolor="#e8e8e8"',
@@ -199,34 +194,3 @@ def summary(graph: Graph) -> str:
         )
         + "\n"
     )
-
-
-def render(dot: str, path: str | Path, *, format: str | None = None) -> Path:
-    """Draw DOT text into an image file with Graphviz's ``dot`` (format from the suffix).
-
-    Raises
-    ------
-    FileNotFoundError
-        When Graphviz is not installed; the message says how to get it. The DOT text itself
-        needs nothing and can be pasted into any Graphviz viewer.
-    ValueError
-        When ``dot`` rejects the text or the format, with its reason.
-    """
-    if not isinstance(dot, str):
-        raise TypeError(f"render: dot must be DOT text (a str), got {type(dot).__name__}")
-    target = Path(path)
-    kind = format or target.suffix.lstrip(".") or "png"
-    executable = shutil.which("dot")
-    if executable is None:
-        raise FileNotFoundError(
-            "render: Graphviz's 'dot' program is not installed. Install Graphviz (Debian/Ubuntu: "
-            "apt-get install graphviz; macOS: brew install graphviz; conda: conda install "
-            "graphviz), or paste the DOT text into any Graphviz viewer."
-        )
-    done = subprocess.run(
-        [executable, f"-T{kind}", "-o", str(target)], input=dot.encode(), capture_output=True
-    )
-    if done.returncode != 0:
-        reason = done.stderr.decode(errors="replace").strip()
-        raise ValueError(f"render: Graphviz's dot refused to draw it as {kind!r}: {reason}")
-    return target

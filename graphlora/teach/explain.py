@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graphlora.graph import Graph, NodeId
+from graphlora.engine.graph import Graph, NodeId
 from graphlora.lora import LoraConfig, LoraLinear
 from graphlora.ops import Array
 
