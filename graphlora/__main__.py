@@ -19,9 +19,10 @@ import numpy as np
 
 import graphlora as gl
 from graphlora import _checks
-from graphlora.io import read_adapter, safetensors_module
+from graphlora.io import read_adapter
 from graphlora.lora import INITS
 from graphlora.lora.functional import scaled_delta
+from graphlora.nn.checkpoint import safetensors_module
 from graphlora.teach import demo, demo_gpt
 from graphlora.teach.explain import explain
 from graphlora.teach.grading import check_file

@@ -28,12 +28,13 @@ from typing import Any
 
 import numpy as np
 
-from graphlora import _checks
 from graphlora.engine.graph import Graph, NodeId, check_graph
 from graphlora.errors import GraphError, ShapeError
-from graphlora.lora import DoraUpdate, LoraEmbedding, LoraLayer, LoraLinear
+from graphlora.lora import LoraEmbedding, LoraLayer, LoraLinear
 from graphlora.lora.functional import lora_scaling
 from graphlora.lora.layer import adapter_list, check_adapter_name
+from graphlora.nn import checkpoint
+from graphlora.nn.checkpoint import safetensors_module
 from graphlora.ops import Array
 
 __all__ = [
@@ -49,7 +50,6 @@ __all__ = [
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
-_PICKLE_NAMES = ("adapter_model.bin", "pytorch_model.bin", "adapter_model.pt")
 _LINEAR_KEY = re.compile(
     r"^base_model\.model\.(?P<name>.+)\.lora_(?P<kind>[AB])(\.(?P<adapter>[^.]+))?\.weight$"
 )
@@ -61,19 +61,14 @@ _MAGNITUDE_KEY = re.compile(
     r"(\.(?P<adapter>(?!weight$)[^.]+))?(\.weight)?$"
 )
 _KEYS = (_LINEAR_KEY, _EMBEDDING_KEY, _MAGNITUDE_KEY)  # the adapter's name may be spelled out
+_FILE_KINDS = {  # a PEFT key's leaf name -> where read_adapter keeps its tensors
+    "lora_A": "a",
+    "lora_embedding_A": "a",
+    "lora_B": "b",
+    "lora_embedding_B": "b",
+    "lora_magnitude_vector": "magnitude",
+}
 _NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
-
-
-def safetensors_module(where: str = "adapter files") -> Any:
-    """The ``safetensors`` package (with its NumPy API), or an ImportError that says how to get
-    it."""
-    try:
-        import safetensors.numpy
-    except ImportError:
-        raise ImportError(
-            f"{where} needs the safetensors package: {_checks.install_hint('adapters')}"
-        ) from None
-    return safetensors
 
 
 # --- saving -------------------------------------------------------------------------------------
@@ -148,12 +143,16 @@ def adapter_config(
     layers = _check_layers(where, layers)
     updates = _holding(where, layers, adapter_name)
     names = list(updates)
-    for field in ("use_rslora", "dropout", "use_dora"):
+    for field in ("use_rslora", "dropout"):
         seen = {getattr(update.config, field) for update in updates.values()}
         if len(seen) > 1:
             raise ValueError(
                 f"{where}: the layers differ in {field} ({sorted(seen)}); PEFT has one"
             )
+    for key in sorted({key for update in updates.values() for key in update.peft_flags}):
+        seen = {update.peft_flags.get(key, False) for update in updates.values()}
+        if len(seen) > 1:  # the variants' own keys (use_dora): one per file
+            raise ValueError(f"{where}: the layers differ in {key} ({sorted(seen)}); PEFT has one")
     pissa = {update.config.init == "pissa" for update in updates.values()}
     if len(pissa) > 1:
         raise ValueError(f"{where}: some layers use init='pissa' and some do not; PEFT has one")
@@ -170,7 +169,8 @@ def adapter_config(
     ranks = [updates[n].rank for n in names]
     alphas = [float(updates[n].config.alpha) for n in names]
     r, alpha = _most_common(ranks), _most_common(alphas)
-    first = next(iter(updates.values())).config
+    first_update = next(iter(updates.values()))
+    first = first_update.config
     return {
         "peft_type": "LORA",
         "task_type": None,
@@ -187,7 +187,7 @@ def adapter_config(
         "init_lora_weights": "pissa" if True in pissa else True,
         "inference_mode": True,
         "modules_to_save": None,
-        "use_dora": first.use_dora,
+        **first_update.peft_flags,  # the variant's own keys: use_dora
         "rank_pattern": {n: int(k) for n, k in zip(names, ranks, strict=True) if k != r},
         "alpha_pattern": {
             n: _json_number(a) for n, a in zip(names, alphas, strict=True) if a != alpha
@@ -207,15 +207,9 @@ def _tensors(graph: Graph, layers: Mapping[str, LoraLayer], adapter_name: str) -
         if adapter_name not in layer.adapters:
             continue
         update = layer.adapters[adapter_name]
-        a = np.ascontiguousarray(graph.value(update.lora_a).T)
-        b = np.ascontiguousarray(graph.value(update.lora_b).T)
-        prefix = f"base_model.model.{name}"
-        if isinstance(layer, LoraEmbedding):
-            tensors[f"{prefix}.lora_embedding_A"], tensors[f"{prefix}.lora_embedding_B"] = a, b
-        else:
-            tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = a, b
-        if isinstance(update, DoraUpdate):
-            tensors[f"{prefix}.lora_magnitude_vector"] = np.array(graph.value(update.magnitude))
+        for key, leaf, transposed in update.file_leaves(f"base_model.model.{name}"):
+            value = graph.value(leaf)
+            tensors[key] = np.ascontiguousarray(value.T if transposed else value)
     return tensors
 
 
@@ -450,27 +444,18 @@ def read_adapter(path: str | os.PathLike[str]) -> AdapterFile:
     """
     where = "read_adapter"
     st = safetensors_module(where)
-    directory = Path(path)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{where}: {directory} is not a directory")
+    directory = checkpoint.folder(where, path)
     weights = directory / WEIGHTS_NAME
-    if not weights.is_file():
-        pickled = [n for n in _PICKLE_NAMES if (directory / n).exists()]
-        if pickled:
-            raise ValueError(
-                f"{where}: {directory / pickled[0]} is a pickle file, which can run arbitrary "
-                "code when loaded; graphlora never unpickles. Re-save the adapter with "
-                "safetensors (PEFT: save_pretrained(..., safe_serialization=True))"
-            )
-        raise FileNotFoundError(f"{where}: {directory} has no {WEIGHTS_NAME}")
+    checkpoint.refuse_pickle(
+        where,
+        directory,
+        WEIGHTS_NAME,
+        "Re-save the adapter with safetensors (PEFT: save_pretrained(..., "
+        "safe_serialization=True))",
+    )
     config_file = directory / CONFIG_NAME
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{where}: {directory} has no {CONFIG_NAME}")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as error:
-        raise ValueError(f"{where}: {config_file} is not valid JSON: {error}") from None
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+    config = checkpoint.read_json(where, config_file)
+    if config.get("peft_type") != "LORA":
         raise ValueError(f"{where}: {config_file} is not a LoRA adapter config (peft_type 'LORA')")
     for key, kind in (("r", int), ("lora_alpha", (int, float))):
         if isinstance(config.get(key), bool) or not isinstance(config.get(key), kind):
@@ -590,7 +575,10 @@ def load_adapter(
             ("alpha", adapter.alpha(name), float(update.config.alpha)),
             ("use_rslora", rslora, update.config.use_rslora),
             ("pissa init", pissa, update.config.init == "pissa"),
-            ("use_dora", adapter.use_dora, isinstance(update, DoraUpdate)),
+            *(
+                (key, bool(adapter.config.get(key, False)), flag)
+                for key, flag in update.peft_flags.items()
+            ),
             ("embedding", name in adapter.embeddings, isinstance(layer, LoraEmbedding)),
         ]
         for field, in_file, in_layer in checks:
@@ -599,21 +587,14 @@ def load_adapter(
                     f"{where}: layer {name!r}: the file has {field} {in_file!r}, the layer "
                     f"{in_layer!r}"
                 )
-        in_features, out_features = update.lora_a.shape[0], update.lora_b.shape[1]
-        tensors: list[tuple[str, Array, tuple[int, ...], NodeId]] = [
-            ("lora_A", adapter.a[name], (update.rank, in_features), update.lora_a),
-            ("lora_B", adapter.b[name], (out_features, update.rank), update.lora_b),
-        ]
-        if isinstance(update, DoraUpdate):
-            tensors.append(
-                (
-                    "lora_magnitude_vector",
-                    adapter.magnitude[name],
-                    (out_features,),
-                    update.magnitude,
-                )
-            )
-        for label, tensor, shape, node in tensors:
+        prefix = f"base_model.model.{name}"
+        tensors: list[tuple[str, Array, tuple[int, ...], NodeId, bool]] = []
+        for key, leaf, transposed in update.file_leaves(prefix):
+            label = key[len(prefix) + 1 :].split(".")[0]  # lora_A, lora_embedding_B, ...
+            found = getattr(adapter, _FILE_KINDS[label])[name]
+            shape = leaf.shape[::-1] if transposed else leaf.shape
+            tensors.append((label, found, shape, leaf, transposed))
+        for label, tensor, shape, node, transposed in tensors:
             if tensor.dtype.kind != "f":
                 raise TypeError(f"{where}: {name}.{label} has dtype {tensor.dtype}, not floating")
             if tensor.shape != shape:
@@ -622,7 +603,7 @@ def load_adapter(
                 )
             if not np.isfinite(tensor).all():
                 raise ValueError(f"{where}: {name}.{label} holds NaN or Inf")
-            values.append((node, tensor.T))
+            values.append((node, tensor.T if transposed else tensor))
     for node, value in values:
         graph.set_value(node, value)
     return adapter

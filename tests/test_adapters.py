@@ -156,7 +156,7 @@ def test_model_level_refusals_name_the_adapters_and_change_nothing() -> None:
                 model, gl.LoraConfig(rank=2, use_dora=True), ["emb"], adapter_name="d"
             ),
             ValueError,
-            r"apply_lora: DoRA and init='pissa' are for linear layers; \['emb'\] are embeddings",
+            r"apply_lora: \['emb'\]: the 'dora' variant supports linear layers, not embedding layers",
         ),
         (
             lambda: gl.set_adapter(object(), "x"),

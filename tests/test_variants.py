@@ -355,13 +355,19 @@ def test_lora_embedding_merge_unmerge_is_bit_exact_and_refusals_change_nothing()
     layer.unmerge_(g)
     np.testing.assert_array_equal(g.value(layer.frozen_weight), before)
     for config, match in [
-        (gl.LoraConfig(rank=2, use_dora=True), "DoRA and init='pissa' are for linear layers only"),
-        (gl.LoraConfig(rank=2, init="pissa"), "DoRA and init='pissa' are for linear layers only"),
+        (
+            gl.LoraConfig(rank=2, use_dora=True),
+            "the 'dora' variant supports linear layers, not embedding layers",
+        ),
+        (gl.LoraConfig(rank=2, init="pissa"), "init='pissa' is for linear layers only"),
         (gl.LoraConfig(rank=6), r"rank 6 exceeds min\(num_embeddings, embedding_dim\) = 5"),
     ]:
         with pytest.raises(ValueError, match="LoraEmbedding.from_embedding: " + match):
             gl.LoraEmbedding.from_embedding(g, before, config)
-    with pytest.raises(ValueError, match=r"LoraEmbedding.add_adapter: DoRA is for linear layers"):
+    with pytest.raises(
+        ValueError,
+        match=r"LoraEmbedding.add_adapter: lora: the 'dora' variant supports linear layers, not embedding layers",
+    ):
         layer.add_adapter(g, "other", gl.LoraConfig(rank=2, use_dora=True))
     assert list(layer.adapters) == ["default"]
 

@@ -1,6 +1,6 @@
 """The engine: the graph of leaves and recorded ops (``graph``), its typed op methods
 (``methods``), compiled steps (``replay``) and descriptions of a graph as text (``describe``).
-It knows nothing of LoRA or layers.
+It knows nothing of adapters or layers.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ behind ``Graph.to_dot`` and ``Graph.summary``. Turning DOT text into an image is
 
 Constants are grey boxes, parameters blue boxes, ops ellipses (dashed when no gradient flows
 through them); edges follow the data. Nodes made inside a ``Graph.scope`` are drawn in a labelled
-cluster, so a ``LoraLinear`` shows its frozen path and its low-rank path side by side.
+cluster titled by ``title_scopes`` (the layers built on the engine register their scopes'
+titles, so that a layer's paths are drawn side by side under names that say what they compute).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 
 from graphlora.engine.graph import Graph, NodeId, check_graph
 
-__all__ = ["summary", "to_dot"]
+__all__ = ["summary", "title_scopes", "to_dot"]
 
 _STYLES = {
     "constant": 'shape=box, style="filled", fillcolor="#e8e8e8"',
@@ -23,11 +24,8 @@ _STYLES = {
 }
 _OP_STYLE = 'shape=ellipse, style="filled", fillcolor="#ffffff"'
 _NO_GRAD_OP_STYLE = 'shape=ellipse, style="filled,dashed", fillcolor="#ffffff"'
-_CLUSTER_NAMES = {
-    "frozen": "frozen path: x @ W",
-    "lora": "low-rank path: ((x @ A) * s) @ B",
-    "merged": "merged: x @ (W + A @ B * s)",
-}
+_TITLES: dict[str, str] = {}  # scope name -> the title of its cluster
+_FOLDS: dict[str, str] = {}  # scope name -> the sibling scope it is drawn inside, when both exist
 _LEGEND = [  # (label, style) of the legend's sample nodes
     ("constant\n(never learns)", 'shape=box, style="filled", fillcolor="#e8e8e8"'),
     ("parameter\n(learns)", 'shape=box, style="filled,bold", fillcolor="#cfe2ff"'),
@@ -54,16 +52,24 @@ def _nodes(graph: Graph, root: NodeId | None) -> list[NodeId]:
     return [seen[i] for i in sorted(seen)]
 
 
-def _fold_frozen_into_merged(branch: dict[str, Any]) -> None:
-    """A merged LoRA layer runs its weight in the ``merged`` scope, but the weight leaf was made
-    in ``frozen``: draw it with the merged path it now feeds."""
+def title_scopes(titles: dict[str, str], folds: dict[str, str] | None = None) -> None:
+    """Register cluster titles for scope names (``{"frozen": "frozen path: x @ W"}``), and
+    ``folds``: a scope drawn inside a sibling scope when both are present (a leaf made in one
+    scope that now feeds the other, such as a merged layer's weight)."""
+    _TITLES.update(titles)
+    _FOLDS.update(folds or {})
+
+
+def _fold(branch: dict[str, Any]) -> None:
+    """Draw each folded scope inside its sibling, throughout the tree."""
     children = branch["children"]
-    if "frozen" in children and "merged" in children:
-        frozen = children.pop("frozen")
-        children["merged"]["nodes"][:0] = frozen["nodes"]
-        children["merged"]["children"].update(frozen["children"])
+    for inner, outer in _FOLDS.items():
+        if inner in children and outer in children:
+            folded = children.pop(inner)
+            children[outer]["nodes"][:0] = folded["nodes"]
+            children[outer]["children"].update(folded["children"])
     for child in children.values():
-        _fold_frozen_into_merged(child)
+        _fold(child)
 
 
 def _quote(text: str) -> str:
@@ -133,7 +139,7 @@ def to_dot(
         for part in (node.scope or "").split("/") if node.scope else []:
             where = where["children"].setdefault(part, {"nodes": [], "children": {}})
         where["nodes"].append(node)
-    _fold_frozen_into_merged(tree)
+    _fold(tree)
     counter = iter(range(len(nodes) + 1))
 
     def emit(branch: dict[str, Any], indent: str) -> None:
@@ -143,7 +149,7 @@ def to_dot(
             lines.append(f"{indent}n{node.id} [label={label}, {style}];")
         for name, child in branch["children"].items():
             lines.append(f"{indent}subgraph cluster_{next(counter)} {{")
-            lines.append(f"{indent}  label={_quote(_CLUSTER_NAMES.get(name, name))};")
+            lines.append(f"{indent}  label={_quote(_TITLES.get(name, name))};")
             lines.append(f'{indent}  style="rounded"; color="#7a7a7a"; fontname="Helvetica";')
             emit(child, indent + "  ")
             lines.append(f"{indent}}}")

@@ -6,6 +6,7 @@ it is built from ops and leaves.
 
 from __future__ import annotations
 
+from graphlora.engine import describe
 from graphlora.lora import functional, nf4
 from graphlora.lora.config import INITS, LoraConfig
 from graphlora.lora.embedding import LoraEmbedding
@@ -13,6 +14,17 @@ from graphlora.lora.fused import lora_linear
 from graphlora.lora.layer import LoraLayer
 from graphlora.lora.linear import LoraLinear
 from graphlora.lora.updates import DoraUpdate, EmbeddingUpdate, LoraUpdate
+
+# How drawings title a LoRA layer's scopes; a merged layer's weight, made in ``frozen``, is drawn
+# with the merged path it now feeds.
+describe.title_scopes(
+    {
+        "frozen": "frozen path: x @ W",
+        "lora": "low-rank path: ((x @ A) * s) @ B",
+        "merged": "merged: x @ (W + A @ B * s)",
+    },
+    folds={"frozen": "merged"},
+)
 
 __all__ = [
     "INITS",

@@ -20,7 +20,13 @@ from graphlora.engine.graph import Graph, NodeId, check_graph
 from graphlora.errors import ShapeError
 from graphlora.lora.config import LoraConfig
 from graphlora.lora.layer import LoraLayer, check_adapter_name, float_array
-from graphlora.lora.updates import EmbeddingUpdate, LoraUpdate, draw_adapter, make_update
+from graphlora.lora.updates import (
+    EmbeddingUpdate,
+    LoraUpdate,
+    choose_update,
+    draw_adapter,
+    make_update,
+)
 from graphlora.ops import Array
 
 __all__ = ["LoraEmbedding"]
@@ -85,8 +91,9 @@ class LoraEmbedding(LoraLayer):
                 f"{where}: rank {config.rank} exceeds min(num_embeddings, embedding_dim) = "
                 f"{min(table.shape)} for weight {table.shape}"
             )
-        if config.use_dora or config.init == "pissa":
-            raise ValueError(f"{where}: DoRA and init='pissa' are for linear layers only")
+        choose_update(where, config, "embedding")  # DoRA is for linear layers
+        if config.init == "pissa":
+            raise ValueError(f"{where}: init='pissa' is for linear layers only")
         if not isinstance(name, str) or not name or "/" in name:
             raise ValueError(f"{where}: name must be a non-empty str without '/', got {name!r}")
         adapter_name = check_adapter_name(where, adapter_name)

@@ -21,7 +21,7 @@ from graphlora import _checks
 from graphlora.engine.graph import Graph, NodeId, check_graph
 from graphlora.errors import GraphError, NonFiniteError, ShapeError
 from graphlora.lora.config import LoraConfig
-from graphlora.lora.updates import DoraUpdate, LoraUpdate, draw_adapter, make_update
+from graphlora.lora.updates import LoraUpdate, choose_update, draw_adapter, make_update
 from graphlora.ops import Array
 
 __all__ = ["LoraLayer", "check_adapter_name"]
@@ -184,8 +184,7 @@ class LoraLayer:
                 f"adapter of {self.name} shares; use it for a layer's first adapter only "
                 "(LoraLinear.from_linear, or apply_lora on a plain Linear)"
             )
-        if config.use_dora and self._embedding:
-            raise ValueError(f"{where}: DoRA is for linear layers; {self.name} is an embedding")
+        choose_update(f"{where}: {self.name}", config, "embedding" if self._embedding else "linear")
 
     def attach(self, graph: Graph, adapter_name: str, update: LoraUpdate) -> None:
         """Add a made ``update`` under ``adapter_name`` (what ``add_weighted_adapter`` builds):
@@ -299,7 +298,7 @@ class LoraLayer:
     def merge(self, graph: Graph) -> Array:
         """The weight with the active adapters folded in, as a new array; changes nothing.
 
-        Plain LoRA adds ``A @ B * scaling``; DoRA rescales the columns (see ``DoraUpdate``).
+        Plain LoRA adds ``A @ B * scaling``; DoRA rescales the columns (its ``merged_weight``).
         When already merged, the weight holds the merged adapters and a copy of it is returned.
 
         Raises
@@ -382,11 +381,7 @@ class LoraLayer:
         where = f"{type(self).__name__}.state_dict"
         check_graph(where, graph)
         update = self._adapter(where, adapter_name)
-        state = {"lora_a": np.array(graph.value(update.lora_a))}
-        state["lora_b"] = np.array(graph.value(update.lora_b))
-        if isinstance(update, DoraUpdate):
-            state["magnitude"] = np.array(graph.value(update.magnitude))
-        return state
+        return {key: np.array(graph.value(leaf)) for key, leaf in update.state_leaves().items()}
 
     def load_state_dict(
         self, graph: Graph, state: Mapping[str, Any], adapter_name: str | None = None
@@ -413,9 +408,7 @@ class LoraLayer:
         if not isinstance(state, Mapping):
             raise TypeError(f"{where}: state must be a mapping, got {type(state).__name__}")
         update = self._adapter(where, adapter_name)
-        expected = {"lora_a": update.lora_a, "lora_b": update.lora_b}
-        if isinstance(update, DoraUpdate):
-            expected["magnitude"] = update.magnitude
+        expected = update.state_leaves()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(map(str, set(state) - set(expected)))
         if missing or unexpected:
@@ -459,7 +452,7 @@ class LoraLayer:
             update = self.adapters[name]
             text = f"rank={update.rank}, scaling={update.scaling:g}"
             text += f", dropout={update.dropout:g}" if not self._embedding else ""
-            text += ", dora=True" if isinstance(update, DoraUpdate) else ""
+            text += update.describe()
         if list(self.adapters) != ["default"] or self._active != ("default",):
             text += f", adapters={list(self.adapters)}, active={list(self._active)}"
         return text

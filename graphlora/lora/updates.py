@@ -28,7 +28,16 @@ from graphlora.ops import Array
 if TYPE_CHECKING:
     from graphlora.lora.layer import LoraLayer
 
-__all__ = ["DoraUpdate", "EmbeddingUpdate", "LoraUpdate", "draw_adapter", "make_update"]
+__all__ = [
+    "VARIANTS",
+    "DoraUpdate",
+    "EmbeddingUpdate",
+    "LoraUpdate",
+    "choose_update",
+    "draw_adapter",
+    "make_update",
+    "variant_name",
+]
 
 _DENSE_SVD_LIMIT = 1024  # above this min(in, out), PiSSA uses a truncated SVD (scipy svds)
 
@@ -51,6 +60,14 @@ class LoraUpdate:
     """The generator of the dropout masks."""
     reads_output: ClassVar[bool] = False
     """Whether ``record`` reads ``base``, the layer's output so far (DoRA does)."""
+    variant: ClassVar[str] = "lora"
+    """The variant's name (``"lora"``, ``"dora"``): which ``LoraConfig`` chooses it."""
+    layer_kind: ClassVar[str] = "linear"
+    """The kind of layer the class serves (``"linear"`` or ``"embedding"``)."""
+    combinable: ClassVar[bool] = True
+    """Whether ``add_weighted_adapter`` can combine it (its update is linear in A and B)."""
+    peft_flags: ClassVar[dict[str, bool]] = {"use_dora": False}
+    """The keys of PEFT's ``adapter_config.json`` that announce the variant."""
     scaling: float = dataclasses.field(init=False)
     """``alpha / rank`` (or ``alpha / sqrt(rank)`` with rsLoRA), from ``config``."""
     dropout: float = dataclasses.field(init=False)
@@ -59,6 +76,23 @@ class LoraUpdate:
     def __post_init__(self) -> None:
         self.scaling = self.config.scaling
         self.dropout = self.config.dropout
+
+    @classmethod
+    def create(
+        cls,
+        graph: Graph,
+        lora_a: NodeId,
+        lora_b: NodeId,
+        config: LoraConfig,
+        rng: np.random.Generator,
+        *,
+        weight: NodeId,
+        name: str,
+        suffix: str,
+    ) -> LoraUpdate:
+        """The update over made ``lora_a`` and ``lora_b``, with any leaves of its own, named
+        ``<name>.<leaf><suffix>``; ``weight`` is the layer's frozen weight."""
+        return cls(lora_a, lora_b, config, rng)
 
     @property
     def rank(self) -> int:
@@ -72,6 +106,22 @@ class LoraUpdate:
     def named_leaves(self, adapter: str) -> list[tuple[str, NodeId]]:
         """The leaves under PEFT's names: ``lora_A.<adapter>``, ``lora_B.<adapter>``."""
         return [(f"lora_A.{adapter}", self.lora_a), (f"lora_B.{adapter}", self.lora_b)]
+
+    def state_leaves(self) -> dict[str, NodeId]:
+        """The leaves under ``LoraLayer.state_dict``'s keys: ``lora_a``, ``lora_b``."""
+        return {"lora_a": self.lora_a, "lora_b": self.lora_b}
+
+    def file_leaves(self, prefix: str) -> list[tuple[str, NodeId, bool]]:
+        """The leaves under PEFT's file keys (``prefix`` is ``base_model.model.<layer>``), each
+        with whether the file stores it transposed (PyTorch's ``[out, in]`` layout)."""
+        return [
+            (f"{prefix}.lora_A.weight", self.lora_a, True),
+            (f"{prefix}.lora_B.weight", self.lora_b, True),
+        ]
+
+    def describe(self) -> str:
+        """The variant's part of the layer's repr (empty for plain LoRA)."""
+        return ""
 
     def record(self, graph: Graph, x: NodeId, layer: LoraLayer, base: NodeId) -> NodeId:
         """``((drop(x) @ A) * scaling) @ B``, op by op (dropout only while gradients are
@@ -128,8 +178,31 @@ class DoraUpdate(LoraUpdate):
     """
 
     reads_output: ClassVar[bool] = True
+    variant: ClassVar[str] = "dora"
+    combinable: ClassVar[bool] = False  # a magnitude rescales the columns: not linear in A, B
+    peft_flags: ClassVar[dict[str, bool]] = {"use_dora": True}
     magnitude: NodeId = dataclasses.field(kw_only=True)
     """``m [out]``, a parameter: each output's length (PEFT: ``lora_magnitude_vector``)."""
+
+    @classmethod
+    def create(
+        cls,
+        graph: Graph,
+        lora_a: NodeId,
+        lora_b: NodeId,
+        config: LoraConfig,
+        rng: np.random.Generator,
+        *,
+        weight: NodeId,
+        name: str,
+        suffix: str,
+    ) -> LoraUpdate:
+        """The magnitude starts as ``||W + s A B||`` per output, so the layer starts as the base."""
+        delta = scaled_delta(graph.value(lora_a), graph.value(lora_b), config.scaling)
+        magnitude = graph.parameter(
+            column_norms(graph.value(weight) + delta), name=f"{name}.lora_magnitude_vector{suffix}"
+        )
+        return cls(lora_a, lora_b, config, rng, magnitude=magnitude)
 
     def params(self) -> list[NodeId]:
         """``[lora_a, lora_b, magnitude]``."""
@@ -141,6 +214,21 @@ class DoraUpdate(LoraUpdate):
             *super().named_leaves(adapter),
             (f"lora_magnitude_vector.{adapter}", self.magnitude),
         ]
+
+    def state_leaves(self) -> dict[str, NodeId]:
+        """Plain LoRA's and ``magnitude``."""
+        return {**super().state_leaves(), "magnitude": self.magnitude}
+
+    def file_leaves(self, prefix: str) -> list[tuple[str, NodeId, bool]]:
+        """Plain LoRA's and ``<prefix>.lora_magnitude_vector`` (as it is, ``[out]``)."""
+        return [
+            *super().file_leaves(prefix),
+            (f"{prefix}.lora_magnitude_vector", self.magnitude, False),
+        ]
+
+    def describe(self) -> str:
+        """``", dora=True"``."""
+        return ", dora=True"
 
     def record(self, graph: Graph, x: NodeId, layer: LoraLayer, base: NodeId) -> NodeId:
         """``(m / ||W + s A B||) * (base + s (x @ A) @ B) - base``, op by op; with dropout,
@@ -179,6 +267,15 @@ class EmbeddingUpdate(LoraUpdate):
     the delta is ``(A @ B) * scaling`` as for a linear layer. As in PEFT, A starts at zero and B
     from N(0, 1), and there is no dropout on an embedding's update."""
 
+    layer_kind: ClassVar[str] = "embedding"
+
+    def file_leaves(self, prefix: str) -> list[tuple[str, NodeId, bool]]:
+        """``<prefix>.lora_embedding_A`` / ``_B``, stored transposed (``[rank, V]``, ...)."""
+        return [
+            (f"{prefix}.lora_embedding_A", self.lora_a, True),
+            (f"{prefix}.lora_embedding_B", self.lora_b, True),
+        ]
+
     def named_leaves(self, adapter: str) -> list[tuple[str, NodeId]]:
         """``lora_embedding_A.<adapter>``, ``lora_embedding_B.<adapter>``."""
         return [
@@ -196,6 +293,33 @@ class EmbeddingUpdate(LoraUpdate):
     def fused(self, graph: Graph, x: NodeId, layer: LoraLayer) -> NodeId | None:
         """None: an embedding's update is recorded op by op."""
         return None
+
+
+VARIANTS: dict[tuple[str, str], type[LoraUpdate]] = {
+    ("lora", "linear"): LoraUpdate,
+    ("lora", "embedding"): EmbeddingUpdate,
+    ("dora", "linear"): DoraUpdate,
+}
+"""Each variant's class per layer kind (as PEFT's ``DoraLinearVariant``, ...)."""
+
+
+def variant_name(config: LoraConfig) -> str:
+    """The variant a config asks for: the ONE place that reads its variant fields."""
+    return "dora" if config.use_dora else "lora"
+
+
+def choose_update(where: str, config: LoraConfig, layer_kind: str) -> type[LoraUpdate]:
+    """The update class for ``config`` on a layer of ``layer_kind``, or a ``ValueError`` that
+    names the variant and the kinds it supports."""
+    variant = variant_name(config)
+    found = VARIANTS.get((variant, layer_kind))
+    if found is None:
+        kinds = sorted(kind for name, kind in VARIANTS if name == variant)
+        raise ValueError(
+            f"{where}: the {variant!r} variant supports {' and '.join(kinds)} layers, not "
+            f"{layer_kind} layers"
+        )
+    return found
 
 
 def draw_adapter(
@@ -232,20 +356,14 @@ def make_update(
     """The update of an adapter with A and B, its leaves made as parameters named after the layer
     ``name`` and the adapter; for DoRA, the magnitude starts as ``||W + s A B||`` per output
     (``weight`` is the layer's frozen weight)."""
+    kind = choose_update("make_update", config, "embedding" if embedding else "linear")
     suffix = "" if adapter == "default" else f".{adapter}"
     with graph.scope(name), graph.scope("lora"):
         lora_a = graph.parameter(a, name=f"{name}.lora_A{suffix}")
         lora_b = graph.parameter(b, name=f"{name}.lora_B{suffix}")
-        if embedding:
-            return EmbeddingUpdate(lora_a, lora_b, config, rng)
-        if not config.use_dora:
-            return LoraUpdate(lora_a, lora_b, config, rng)
-        delta = scaled_delta(graph.value(lora_a), graph.value(lora_b), config.scaling)
-        magnitude = graph.parameter(
-            column_norms(graph.value(weight) + delta),
-            name=f"{name}.lora_magnitude_vector{suffix}",
+        return kind.create(
+            graph, lora_a, lora_b, config, rng, weight=weight, name=name, suffix=suffix
         )
-    return DoraUpdate(lora_a, lora_b, config, rng, magnitude=magnitude)
 
 
 def _top_singular_triplets(weight: Array, rank: int) -> tuple[Array, Array, Array]:

@@ -19,10 +19,10 @@ import numpy as np
 from graphlora import _checks
 from graphlora.engine.graph import Graph, check_graph
 from graphlora.errors import GraphError
-from graphlora.lora import DoraUpdate, LoraConfig, LoraEmbedding, LoraLayer, LoraLinear
+from graphlora.lora import LoraConfig, LoraEmbedding, LoraLayer, LoraLinear
 from graphlora.lora.functional import combine_adapters
 from graphlora.lora.layer import adapter_list, check_adapter_name
-from graphlora.lora.updates import make_update
+from graphlora.lora.updates import choose_update, make_update
 from graphlora.nn.layers import Embedding, Linear
 from graphlora.nn.tree import find_modules, is_module, named_leaves
 
@@ -197,10 +197,12 @@ def _check_targets(
             f"{where}: rank {config.rank} exceeds min(in, out) of layer(s) {too_small}"
         )
     embeddings = [n for n, layer, _ in chosen if isinstance(layer, (Embedding, LoraEmbedding))]
-    if embeddings and (config.use_dora or config.init == "pissa"):
-        raise ValueError(
-            f"{where}: DoRA and init='pissa' are for linear layers; {embeddings} are embeddings"
-        )
+    if embeddings:
+        choose_update(f"{where}: {embeddings}", config, "embedding")
+        if config.init == "pissa":
+            raise ValueError(
+                f"{where}: init='pissa' is for linear layers; {embeddings} are embeddings"
+            )
     adapted = [n for n, layer, _ in chosen if isinstance(layer, LoraLayer)]
     if adapted and config.init == "pissa":
         raise ValueError(
@@ -395,7 +397,7 @@ def add_weighted_adapter(
     _refuse_merged(where, holders)
     updates = {(n, a): layer.adapters[a] for n, layer in holders.items() for a in layer.adapters}
     odd = sorted(
-        {a for (_, a), u in updates.items() if a in names and isinstance(u, DoraUpdate)}
+        {a for (_, a), u in updates.items() if a in names and not u.combinable}
         | {a for (_, a), u in updates.items() if a in names and u.config.init == "pissa"}
     )
     if odd:

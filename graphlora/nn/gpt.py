@@ -11,10 +11,8 @@ a checkpoint loads without transposes and adapter files say ``fan_in_fan_out: tr
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -24,12 +22,11 @@ import numpy.typing as npt
 
 from graphlora import _checks
 from graphlora.engine.graph import Graph, NodeId, check_graph
+from graphlora.nn import checkpoint
+from graphlora.nn.checkpoint import Weights
 from graphlora.nn.layers import Embedding, LayerNorm, Linear, call
 
 __all__ = ["GPT", "GPTConfig"]
-
-Weights = Callable[[str, tuple[int, ...]], npt.NDArray[Any]]
-"""``weights(name, shape)``: the array for the leaf ``name`` (``transformer.wte.weight``, ...)."""
 
 
 @dataclass(frozen=True)
@@ -276,48 +273,19 @@ class GPT:
         """
         where = "GPT.from_pretrained"
         check_graph(where, graph)
-        directory = Path(path)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"{where}: {directory} is not a directory")
+        directory = checkpoint.folder(where, path)
         config = _read_config(where, directory)
-        weights_file = directory / "model.safetensors"
-        if not weights_file.is_file():
-            pickled = [n for n in ("pytorch_model.bin", "model.bin") if (directory / n).exists()]
-            if pickled:
-                raise ValueError(
-                    f"{where}: {directory / pickled[0]} is a pickle file, which can run code when "
-                    "loaded; graphlora never unpickles: save it with safe_serialization=True"
-                )
-            raise FileNotFoundError(f"{where}: {directory} has no model.safetensors")
-        from graphlora.io import safetensors_module
-
-        st = safetensors_module(where)
-        expected = config.shapes()
-        with st.safe_open(str(weights_file), framework="numpy") as handle:
-            stored = {_strip(key): key for key in handle.keys()}  # noqa: SIM118
-            skipped = {k for k in stored if k.endswith((".attn.bias", ".attn.masked_bias"))}
-            skipped |= {"lm_head.weight"} & set(stored)
-            found = set(stored) - skipped
-            missing = sorted(set(expected) - found)
-            unexpected = sorted(found - set(expected))
-            shapes = {name: tuple(handle.get_slice(stored[name]).get_shape()) for name in found}
-            wrong = [
-                f"{n} {shapes[n]} (needs {expected[n]})"
-                for n in sorted(found & set(expected))
-                if shapes[n] != expected[n]
-            ]
-            if missing or unexpected or wrong:
-                raise ValueError(
-                    f"{where}: {weights_file} does not fit its config {config}: missing "
-                    f"{missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}"
-                )
-
-            def weights(name: str, shape: tuple[int, ...]) -> npt.NDArray[Any]:
-                array = handle.get_tensor(stored[name])
-                if array.dtype.kind != "f":
-                    raise ValueError(f"{where}: {name} holds {array.dtype}, not floating point")
-                return array  # type: ignore[no-any-return]
-
+        checkpoint.refuse_pickle(
+            where, directory, "model.safetensors", "Save it with safe_serialization=True."
+        )
+        with checkpoint.tensors(
+            where,
+            directory / "model.safetensors",
+            config.shapes(),
+            rename=_strip,
+            skip=_skipped,
+            about=f"its config {config}",
+        ) as weights:
             return cls(graph, config, weights)
 
     def forward(self, graph: Graph, ids: NodeId | npt.ArrayLike, *, fused: bool = False) -> NodeId:
@@ -341,6 +309,11 @@ class GPT:
         return f"GPT({self.config})"
 
 
+def _skipped(name: str) -> bool:
+    """transformers' attention-mask buffers, and a saved ``lm_head`` (GPT-2's is tied)."""
+    return name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight"
+
+
 def _strip(key: str) -> str:
     """A checkpoint key under graphlora's names: with transformers' ``transformer.`` prefix."""
     return key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
@@ -358,14 +331,9 @@ _SUPPORTED = {
 def _read_config(where: str, directory: Path) -> GPTConfig:
     """The GPTConfig of a transformers ``config.json``, refusing what graphlora cannot honour."""
     file = directory / "config.json"
-    if not file.is_file():
-        raise FileNotFoundError(f"{where}: {directory} has no config.json")
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as error:
-        raise ValueError(f"{where}: {file} is not valid JSON: {error}") from None
-    if not isinstance(raw, dict) or raw.get("model_type") != "gpt2":
-        kind = raw.get("model_type") if isinstance(raw, dict) else None
+    raw = checkpoint.read_json(where, file)
+    if raw.get("model_type") != "gpt2":
+        kind = raw.get("model_type")
         raise ValueError(f"{where}: {file} is a {kind!r} model; graphlora reads GPT-2 ('gpt2')")
     for key, accepted in _SUPPORTED.items():
         if raw.get(key, accepted[0]) not in accepted:

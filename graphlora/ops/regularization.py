@@ -1,5 +1,5 @@
 """Regularisation: inverted ``dropout`` and the ``dropout_mask`` it draws (which attention and the
-fused LoRA layer draw too)."""
+fused layers built on the ops draw too)."""
 
 from __future__ import annotations
 

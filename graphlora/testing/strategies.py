@@ -19,7 +19,8 @@ import numpy as np
 import numpy.typing as npt
 
 from graphlora.engine.graph import Graph, NodeId
-from graphlora.lora import INITS, DoraUpdate, LoraConfig, LoraLinear
+from graphlora.lora import INITS, LoraConfig, LoraLinear
+from graphlora.lora.updates import variant_name
 from graphlora.ops import OPS, Array, OpDef, Params
 
 try:
@@ -170,7 +171,7 @@ def lora_layers(
     in_features, out_features = draw(side), draw(side)
     graph = Graph(dtype)
     weight = draw(arrays((in_features, out_features), min_value=-1.0, max_value=1.0))
-    if cfg.use_dora:
+    if variant_name(cfg) == "dora":
         weight[0] += 2.0
     with_bias = draw(st.booleans()) if bias is None else bias
     bias_value = draw(arrays((out_features,))) if with_bias else None
@@ -179,9 +180,10 @@ def lora_layers(
         graph.set_value(
             layer.lora_b, draw(arrays((cfg.rank, out_features), min_value=-1.0, max_value=1.0))
         )
-        if isinstance(layer.update, DoraUpdate):
+        magnitude = layer.update.state_leaves().get("magnitude")
+        if magnitude is not None:  # DoRA
             factors = draw(arrays((out_features,), min_value=0.5, max_value=2.0))
-            graph.set_value(layer.update.magnitude, graph.value(layer.update.magnitude) * factors)
+            graph.set_value(magnitude, graph.value(magnitude) * factors)
     return graph, layer
 
 

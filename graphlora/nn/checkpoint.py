@@ -1,0 +1,160 @@
+"""Reading transformers' checkpoint folders: the one reader every architecture uses.
+
+A model file says which names go where (its expected shapes, how a stored key maps to its leaf
+name, which keys to skip, which weights to transpose); this module opens the folder, refuses
+pickles unopened, reads ``config.json``, and checks every tensor's name, shape and dtype from the
+safetensors header before the model makes a single leaf. Adapter files (``graphlora.io``) use
+the same JSON, pickle and safetensors helpers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Collection, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from graphlora import _checks
+
+__all__ = [
+    "PICKLE_NAMES",
+    "Weights",
+    "folder",
+    "read_json",
+    "refuse_pickle",
+    "safetensors_module",
+    "tensors",
+]
+
+PICKLE_NAMES = ("adapter_model.bin", "pytorch_model.bin", "model.bin", "adapter_model.pt")
+"""The pickle files transformers and PEFT write without ``safe_serialization``."""
+
+Weights = Callable[[str, tuple[int, ...]], npt.NDArray[Any]]
+"""``weights(name, shape)``: the array for the leaf ``name`` (``transformer.wte.weight``, ...)."""
+
+_FLOAT_DTYPES = {"F16", "F32", "F64"}  # safetensors' names of the floats NumPy reads
+
+
+def safetensors_module(where: str = "adapter files") -> Any:
+    """The ``safetensors`` package (with its NumPy API), or an ImportError that says how to get
+    it."""
+    try:
+        import safetensors.numpy
+    except ImportError:
+        raise ImportError(
+            f"{where} needs the safetensors package: {_checks.install_hint('adapters')}"
+        ) from None
+    return safetensors
+
+
+def folder(where: str, path: str | os.PathLike[str]) -> Path:
+    """``path`` as a directory, or ``FileNotFoundError`` naming ``where``."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{where}: {directory} is not a directory")
+    return directory
+
+
+def refuse_pickle(where: str, directory: Path, wanted: str, hint: str) -> None:
+    """Raise when ``directory`` has no ``wanted`` file: ``ValueError`` if it holds a pickle in
+    its place (never opened: unpickling can run code), else ``FileNotFoundError``."""
+    if (directory / wanted).is_file():
+        return
+    pickled = [name for name in PICKLE_NAMES if (directory / name).exists()]
+    if pickled:
+        raise ValueError(
+            f"{where}: {directory / pickled[0]} is a pickle file, which can run arbitrary code "
+            f"when loaded; graphlora never unpickles. {hint}"
+        )
+    raise FileNotFoundError(f"{where}: {directory} has no {wanted}")
+
+
+def read_json(where: str, file: Path) -> dict[str, Any]:
+    """The JSON object in ``file``: ``FileNotFoundError`` if missing, ``ValueError`` if it is not
+    valid JSON or not an object."""
+    if not file.is_file():
+        raise FileNotFoundError(f"{where}: {file.parent} has no {file.name}")
+    try:
+        found = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{where}: {file} is not valid JSON: {error}") from None
+    if not isinstance(found, dict):
+        raise ValueError(f"{where}: {file} holds {type(found).__name__}, not a JSON object")
+    return found
+
+
+@contextmanager
+def tensors(
+    where: str,
+    file: Path,
+    expected: Mapping[str, tuple[int, ...]],
+    *,
+    rename: Callable[[str], str] = str,
+    skip: Callable[[str], bool] = lambda name: False,
+    transpose: Collection[str] = (),
+    about: str = "its config",
+) -> Iterator[Weights]:
+    """Open the safetensors ``file``, check it against ``expected`` (leaf name -> shape) from its
+    header alone, and yield ``weights(name, shape)``, which reads one tensor at a time.
+
+    ``rename`` maps a stored key to its leaf name (a missing prefix, say); ``skip`` drops keys
+    the model does not hold (buffers, a tied head); ``transpose`` names the leaves stored the
+    other way round (their stored shape is the transpose of the expected one). Missing,
+    unexpected, duplicate (two keys with one leaf name), mis-shaped and non-float tensors are
+    refused together, naming them, before the caller makes any leaf.
+
+    Raises
+    ------
+    ValueError
+        For a file safetensors cannot read and for any tensor that does not fit.
+    """
+    st = safetensors_module(where)
+    try:
+        opened = st.safe_open(str(file), framework="numpy")
+    except Exception as error:  # safetensors raises its own error types
+        raise ValueError(
+            f"{where}: {file} is not a readable safetensors file (corrupted or truncated): {error}"
+        ) from None
+    with opened as handle:
+        stored: dict[str, str] = {}
+        duplicates = []
+        for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+            name = rename(key)
+            if skip(name):
+                continue
+            if name in stored:
+                duplicates.append(f"{stored[name]} and {key}")
+            stored[name] = key
+        headers = {name: handle.get_slice(key) for name, key in stored.items()}
+        shapes = {name: tuple(header.get_shape()) for name, header in headers.items()}
+        for name in set(transpose) & set(shapes):
+            shapes[name] = shapes[name][::-1]
+        missing = sorted(set(expected) - set(stored))
+        unexpected = sorted(set(stored) - set(expected))
+        wrong = [
+            f"{n} {shapes[n]} (needs {expected[n]})"
+            for n in sorted(set(stored) & set(expected))
+            if shapes[n] != tuple(expected[n])
+        ]
+        kinds = [
+            f"{n} ({headers[n].get_dtype()})"
+            for n in sorted(set(stored) & set(expected))
+            if headers[n].get_dtype() not in _FLOAT_DTYPES
+        ]
+        if missing or unexpected or wrong or kinds or duplicates:
+            raise ValueError(
+                f"{where}: {file} does not fit {about}: missing {missing[:5]}, unexpected "
+                f"{unexpected[:5]}, wrong shapes {wrong[:5]}, not float16/32/64 {kinds[:5]}, "
+                f"two keys for one weight {duplicates[:5]}"
+            )
+
+        def weights(name: str, shape: tuple[int, ...]) -> npt.NDArray[Any]:
+            array: npt.NDArray[Any] = handle.get_tensor(stored[name])
+            return np.transpose(array) if name in transpose else array
+
+        yield weights
