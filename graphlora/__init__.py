@@ -19,7 +19,7 @@ from graphlora.errors import (
     StaleNodeError,
 )
 from graphlora.io import load_adapter, save_adapter, save_merged
-from graphlora.lora import LoraConfig, LoraEmbedding, LoraLinear, functional, nf4
+from graphlora.lora import LoraConfig, LoraEmbedding, LoraLinear, VeraConfig, functional, nf4
 from graphlora.nn import (
     GPT,
     MLP,
@@ -62,6 +62,7 @@ __all__ = [
     "Replay",
     "ShapeError",
     "StaleNodeError",
+    "VeraConfig",
     "__version__",
     "add_weighted_adapter",
     "apply_lora",

@@ -289,7 +289,7 @@ def test_add_weighted_adapter_refusals_change_nothing() -> None:
             (["default", "dora"], [1, 1], "new"),
             {},
             ValueError,
-            r"adapters \['dora'\] use DoRA or init='pissa'",
+            r"adapters \['dora'\] use DoRA, VeRA or init='pissa'",
         ),
         (
             (["default", "other"], [1, 1], "new"),

@@ -471,7 +471,8 @@ def test_from_linear_validation() -> None:
             gl.LoraLinear.from_linear(g, weight, bias, cfg)
         assert len(g) == before
     with pytest.raises(
-        TypeError, match=r"LoraLinear\.from_linear: config must be a LoraConfig, got dict"
+        TypeError,
+        match=r"LoraLinear\.from_linear: config must be a LoraConfig or a VeraConfig, got dict",
     ):
         gl.LoraLinear.from_linear(g, np.ones((4, 4)), None, {"rank": 2})  # type: ignore[arg-type]
 
@@ -878,7 +879,7 @@ def test_add_adapter_refusals_say_what_is_wrong() -> None:
         ),
         (
             TypeError,
-            "LoraLinear.add_adapter: config must be a LoraConfig, got dict",
+            "LoraLinear.add_adapter: config must be a LoraConfig or a VeraConfig, got dict",
             lambda: layer.add_adapter(g, "x", {}),  # type: ignore[arg-type]
         ),
         (
@@ -962,7 +963,7 @@ def test_from_embedding_refusals_and_defaults() -> None:
         ),
         (
             TypeError,
-            f"{where}: config must be a LoraConfig, got dict",
+            f"{where}: config must be a LoraConfig or a VeraConfig, got dict",
             lambda: gl.LoraEmbedding.from_embedding(g, np.ones((5, 3)), {}),  # type: ignore[arg-type]
         ),
         (
@@ -1157,7 +1158,7 @@ def test_more_lora_refusals_with_their_messages() -> None:
         ),
         (
             TypeError,
-            "LoraLinear.new: config must be a LoraConfig, got dict",
+            "LoraLinear.new: config must be a LoraConfig or a VeraConfig, got dict",
             lambda: gl.LoraLinear.new(g, 3, 2, {}),  # type: ignore[arg-type]
         ),
         (

@@ -1,4 +1,4 @@
-"""``LoraConfig``: how to build one LoRA adapter, with PEFT's names and defaults."""
+"""``LoraConfig`` and ``VeraConfig``: how to build one adapter, with PEFT's names and defaults."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from graphlora import _checks
 from graphlora.lora.functional import lora_scaling
 
-__all__ = ["INITS", "LoraConfig"]
+__all__ = ["INITS", "LoraConfig", "VeraConfig"]
 
 INITS = ("gaussian", "kaiming", "pissa")
 """The accepted values of ``LoraConfig.init``."""
@@ -76,3 +77,46 @@ class LoraConfig:
     def scaling(self) -> float:
         """``alpha / rank``, or ``alpha / sqrt(rank)`` with ``use_rslora``."""
         return lora_scaling(self.rank, self.alpha, use_rslora=self.use_rslora)
+
+
+@dataclass(frozen=True)
+class VeraConfig:
+    """How to build a VeRA adapter (Kopiczko et al. 2024), with PEFT's ``VeraConfig`` names.
+
+    VeRA trains two vectors per layer, ``lambda_d [rank]`` and ``lambda_b [out]``, around a pair
+    of frozen random matrices that every adapted layer shares (``vera_A``, ``vera_B``, sized for
+    the largest layer): ``update(x) = lambda_b * ((lambda_d * (drop(x) @ A)) @ B)``. Every field
+    is checked at construction; a bad one raises ``TypeError`` or ``ValueError`` naming it.
+    """
+
+    rank: int = 256
+    """The shared projections' rank (PEFT: ``r``): A is ``[in, rank]``, B ``[rank, out]``."""
+    d_initial: float = 0.1
+    """The starting value of every entry of ``lambda_d``; ``lambda_b`` starts at zero, so the
+    layer starts equal to the base."""
+    projection_prng_key: int = 0
+    """The seed of the shared projections (drawn with NumPy: PEFT's come from PyTorch's
+    generator, so the same key gives other matrices; files carry them, see
+    ``save_projection``)."""
+    save_projection: bool = True
+    """Write ``vera_A`` and ``vera_B`` into adapter files. graphlora refuses to save without
+    them: PEFT would draw other matrices from the key with PyTorch's generator."""
+    dropout: float = 0.0
+    """Dropout probability on the update's input (PEFT: ``vera_dropout``), in ``[0, 1)``."""
+    seed: int | None = None
+    """Seed of the dropout masks' generator; ``None`` draws fresh entropy."""
+
+    def __post_init__(self) -> None:
+        where = "VeraConfig"
+        _checks.positive_int(where, "rank", self.rank)
+        if not math.isfinite(_checks.real_scalar(where, "d_initial", self.d_initial)):
+            raise ValueError(f"{where}: d_initial must be finite, got {self.d_initial}")
+        key = self.projection_prng_key
+        if not isinstance(key, (int, np.integer)) or isinstance(key, bool):
+            raise TypeError(f"{where}: projection_prng_key must be an int, got {key!r}")
+        if key < 0:
+            raise ValueError(f"{where}: projection_prng_key must be >= 0, got {key}")
+        _checks.flag(where, "save_projection", self.save_projection)
+        _checks.probability(where, "dropout", self.dropout)
+        if self.seed is not None:
+            _checks.as_generator(where, self.seed)

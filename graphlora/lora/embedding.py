@@ -18,15 +18,9 @@ import numpy.typing as npt
 from graphlora import _checks
 from graphlora.engine.graph import Graph, NodeId, check_graph
 from graphlora.errors import ShapeError
-from graphlora.lora.config import LoraConfig
+from graphlora.lora.config import LoraConfig, VeraConfig
 from graphlora.lora.layer import LoraLayer, check_adapter_name, float_array
-from graphlora.lora.updates import (
-    EmbeddingUpdate,
-    LoraUpdate,
-    choose_update,
-    draw_adapter,
-    make_update,
-)
+from graphlora.lora.variants import Update, draw_update, make_update, rank_bounded, rewrites_base
 from graphlora.ops import Array
 
 __all__ = ["LoraEmbedding"]
@@ -45,7 +39,7 @@ class LoraEmbedding(LoraLayer):
     """``W [V, D]``, a constant."""
     num_embeddings: int
     embedding_dim: int
-    adapters: dict[str, LoraUpdate]
+    adapters: dict[str, Update]
     """The adapters by name, in the order they were added."""
     name: str = "lora"
     """A label, used as the prefix of the leaves' names."""
@@ -55,14 +49,14 @@ class LoraEmbedding(LoraLayer):
     """True inside ``graphlora.disable_adapters``: ``forward`` looks up ``W`` alone."""
     _active: tuple[str, ...] = ()
     _unmerged_weight: Array | None = None
-    _embedding: ClassVar[bool] = True
+    _layer_kind: ClassVar[str] = "embedding"
 
     @classmethod
     def from_embedding(
         cls,
         graph: Graph,
         weight: NodeId | npt.ArrayLike,
-        config: LoraConfig | None = None,
+        config: LoraConfig | VeraConfig | None = None,
         *,
         rng: _checks.Rng = None,
         name: str = "lora",
@@ -81,24 +75,25 @@ class LoraEmbedding(LoraLayer):
         where = "LoraEmbedding.from_embedding"
         check_graph(where, graph)
         config = LoraConfig() if config is None else config
-        if not isinstance(config, LoraConfig):
-            raise TypeError(f"{where}: config must be a LoraConfig, got {type(config).__name__}")
+        if not isinstance(config, (LoraConfig, VeraConfig)):
+            raise TypeError(
+                f"{where}: config must be a LoraConfig or a VeraConfig, got {type(config).__name__}"
+            )
         table = float_array(where, graph, weight, "weight")
         if table.ndim != 2 or table.size == 0:
             raise ShapeError(f"{where}: weight must be a non-empty [V, D] table, got {table.shape}")
-        if config.rank > min(table.shape):
+        if rank_bounded(config) and config.rank > min(table.shape):
             raise ValueError(
                 f"{where}: rank {config.rank} exceeds min(num_embeddings, embedding_dim) = "
                 f"{min(table.shape)} for weight {table.shape}"
             )
-        choose_update(where, config, "embedding")  # DoRA is for linear layers
-        if config.init == "pissa":
+        if rewrites_base(config):
             raise ValueError(f"{where}: init='pissa' is for linear layers only")
         if not isinstance(name, str) or not name or "/" in name:
             raise ValueError(f"{where}: name must be a non-empty str without '/', got {name!r}")
         adapter_name = check_adapter_name(where, adapter_name)
         generator = _checks.as_generator(where, config.seed if rng is None else rng)
-        a, b, _ = draw_adapter(config, table, generator, embedding=True)
+        draft = draw_update(where, config, table, generator, "embedding")  # DoRA: linear only
         if isinstance(weight, NodeId):
             node = weight
             if node.requires_grad:  # freeze the base layer, as PEFT does
@@ -106,9 +101,7 @@ class LoraEmbedding(LoraLayer):
         else:
             with graph.scope(name), graph.scope("frozen"):
                 node = graph.constant(table, name=f"{name}.weight")
-        update = make_update(
-            graph, config, a, b, node, generator, name=name, adapter=adapter_name, embedding=True
-        )
+        update = make_update(graph, draft, node, generator, name=name, adapter=adapter_name)
         rows, width = table.shape
         return cls(node, rows, width, {adapter_name: update}, name, _active=(adapter_name,))
 
@@ -119,7 +112,6 @@ class LoraEmbedding(LoraLayer):
             with graph.scope("frozen"):
                 y = graph.embedding(self.frozen_weight, ids)  # (..., D)
             for update in self.running():
-                assert isinstance(update, EmbeddingUpdate)
                 with graph.scope("lora"):
                     low_rank = update.record(graph, ids, self, y)  # (..., D)
                 y = graph.add(y, low_rank)

@@ -20,8 +20,15 @@ import numpy as np
 from graphlora import _checks
 from graphlora.engine.graph import Graph, NodeId, check_graph
 from graphlora.errors import GraphError, NonFiniteError, ShapeError
-from graphlora.lora.config import LoraConfig
-from graphlora.lora.updates import LoraUpdate, choose_update, draw_adapter, make_update
+from graphlora.lora.config import LoraConfig, VeraConfig
+from graphlora.lora.variants import (
+    Update,
+    choose_update,
+    draw_update,
+    make_update,
+    rank_bounded,
+    rewrites_base,
+)
 from graphlora.ops import Array
 
 __all__ = ["LoraLayer", "check_adapter_name"]
@@ -46,13 +53,13 @@ class LoraLayer:
     state. Subclasses are dataclasses that provide the fields below and ``forward``."""
 
     frozen_weight: NodeId
-    adapters: dict[str, LoraUpdate]
+    adapters: dict[str, Update]
     name: str
     merged_adapters: list[str]
     disabled: bool
     _active: tuple[str, ...]
     _unmerged_weight: Array | None
-    _embedding: ClassVar[bool] = False
+    _layer_kind: ClassVar[str] = "linear"
 
     # --- which adapters run -------------------------------------------------------------------
 
@@ -66,14 +73,14 @@ class LoraLayer:
         """The first active adapter this layer holds, or None."""
         return next((name for name in self._active if name in self.adapters), None)
 
-    def running(self) -> list[LoraUpdate]:
+    def running(self) -> list[Update]:
         """The updates ``forward`` adds: the active ones, none while merged or disabled."""
         if self.merged_adapters or self.disabled:
             return []
         return [self.adapters[name] for name in self._active if name in self.adapters]
 
     @property
-    def update(self) -> LoraUpdate:
+    def update(self) -> Update:
         """The update of the active adapter (with several: of the first)."""
         name = self.active_adapter
         if name is None:
@@ -104,7 +111,7 @@ class LoraLayer:
         return self.update.rank
 
     @property
-    def config(self) -> LoraConfig:
+    def config(self) -> LoraConfig | VeraConfig:
         """The config of the active adapter."""
         return self.update.config
 
@@ -128,10 +135,11 @@ class LoraLayer:
         self,
         graph: Graph,
         adapter_name: str,
-        config: LoraConfig,
+        config: LoraConfig | VeraConfig,
         *,
         rng: _checks.Rng = None,
-    ) -> LoraUpdate:
+        shared: object = None,
+    ) -> Update:
         """Add a new adapter ``adapter_name``, inactive (as PEFT's ``add_adapter``; the first
         adapter of a layer is active), its leaves not requiring gradients until ``set_adapter``.
 
@@ -140,7 +148,8 @@ class LoraLayer:
         ValueError
             For a name the layer already holds, a rank above ``min(in, out)``, ``init="pissa"``
             (PiSSA rewrites the base weight, which the adapters share: it is for a new layer's
-            first adapter), or DoRA on an embedding. Nothing is changed.
+            first adapter), or a variant the layer kind does not support (DoRA or VeRA on an
+            embedding). Nothing is changed.
         """
         where = f"{type(self).__name__}.add_adapter"
         check_graph(where, graph)
@@ -148,45 +157,45 @@ class LoraLayer:
         self._check_new_adapter(where, adapter_name, config)
         generator = _checks.as_generator(where, config.seed if rng is None else rng)
         weight = np.asarray(graph.value(self.frozen_weight))
-        a, b, _ = draw_adapter(config, weight, generator, embedding=self._embedding)
+        draft = draw_update(where, config, weight, generator, self._layer_kind)
         update = make_update(
             graph,
-            config,
-            a,
-            b,
+            draft,
             self.frozen_weight,
             generator,
             name=self.name,
             adapter=adapter_name,
-            embedding=self._embedding,
+            shared=shared,
         )
         self.attach(graph, adapter_name, update)
         return update
 
     def _check_new_adapter(self, where: str, adapter_name: str, config: object) -> None:
         """Refuse an adapter this layer cannot take (nothing is changed)."""
-        if not isinstance(config, LoraConfig):
-            raise TypeError(f"{where}: config must be a LoraConfig, got {type(config).__name__}")
+        if not isinstance(config, (LoraConfig, VeraConfig)):
+            raise TypeError(
+                f"{where}: config must be a LoraConfig or a VeraConfig, got {type(config).__name__}"
+            )
         if adapter_name in self.adapters:
             raise ValueError(
                 f"{where}: {self.name} already holds an adapter {adapter_name!r} "
                 f"(it holds {sorted(self.adapters)})"
             )
         shape = self.frozen_weight.shape
-        if config.rank > min(shape):
+        if rank_bounded(config) and config.rank > min(shape):
             raise ValueError(
                 f"{where}: rank {config.rank} exceeds min(in_features, out_features) = "
                 f"{min(shape)} for weight {shape}"
             )
-        if config.init == "pissa":
+        if rewrites_base(config):
             raise ValueError(
                 f"{where}: init='pissa' replaces the base weight by a residual, which every "
                 f"adapter of {self.name} shares; use it for a layer's first adapter only "
                 "(LoraLinear.from_linear, or apply_lora on a plain Linear)"
             )
-        choose_update(f"{where}: {self.name}", config, "embedding" if self._embedding else "linear")
+        choose_update(f"{where}: {self.name}", config, self._layer_kind)
 
-    def attach(self, graph: Graph, adapter_name: str, update: LoraUpdate) -> None:
+    def attach(self, graph: Graph, adapter_name: str, update: Update) -> None:
         """Add a made ``update`` under ``adapter_name`` (what ``add_weighted_adapter`` builds):
         active if it is the layer's first adapter. The name is the caller's to check."""
         first = not self.adapters and not self._active
@@ -365,7 +374,7 @@ class LoraLayer:
 
     # --- state --------------------------------------------------------------------------------
 
-    def _adapter(self, where: str, adapter_name: str | None) -> LoraUpdate:
+    def _adapter(self, where: str, adapter_name: str | None) -> Update:
         if adapter_name is None:
             return self.update
         if adapter_name not in self.adapters:
@@ -450,9 +459,7 @@ class LoraLayer:
             text = "active=None"
         else:
             update = self.adapters[name]
-            text = f"rank={update.rank}, scaling={update.scaling:g}"
-            text += f", dropout={update.dropout:g}" if not self._embedding else ""
-            text += update.describe()
+            text = update.describe()
         if list(self.adapters) != ["default"] or self._active != ("default",):
             text += f", adapters={list(self.adapters)}, active={list(self._active)}"
         return text

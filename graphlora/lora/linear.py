@@ -22,10 +22,10 @@ import numpy.typing as npt
 from graphlora import _checks
 from graphlora.engine.graph import Graph, NodeId, check_graph
 from graphlora.errors import GraphError, ShapeError
-from graphlora.lora.config import LoraConfig
+from graphlora.lora.config import LoraConfig, VeraConfig
 from graphlora.lora.functional import linear_init
 from graphlora.lora.layer import LoraLayer, check_adapter_name, float_array
-from graphlora.lora.updates import LoraUpdate, draw_adapter, make_update
+from graphlora.lora.variants import Update, draw_update, make_update, rank_bounded
 from graphlora.ops import Array
 
 __all__ = ["LoraLinear"]
@@ -53,7 +53,7 @@ class LoraLinear(LoraLayer):
     """``[out]``, a constant, or ``None``."""
     in_features: int
     out_features: int
-    adapters: dict[str, LoraUpdate]
+    adapters: dict[str, Update]
     """The adapters by name (PEFT's: ``"default"`` unless named), in the order they were added."""
     name: str = "lora"
     """A label, used as the prefix of the leaves' names."""
@@ -108,20 +108,23 @@ class LoraLinear(LoraLayer):
         graph: Graph,
         weight: NodeId | npt.ArrayLike,
         bias: NodeId | npt.ArrayLike | None = None,
-        config: LoraConfig | None = None,
+        config: LoraConfig | VeraConfig | None = None,
         *,
         rng: _checks.Rng = None,
         name: str = "lora",
         fan_in_fan_out: bool = False,
         adapter_name: str = "default",
+        shared: object = None,
     ) -> LoraLinear:
         """A layer over existing weights ``weight [in, out]`` and ``bias [out]``.
 
         Arrays become new constants; a NodeId is used as it is and frozen (``requires_grad_``) if
         it was a parameter, as PEFT freezes the base model. With ``init="pissa"`` the layer uses a
         new constant holding the residual and leaves a given weight node's value as it was.
-        ``config`` defaults to ``LoraConfig()``; ``rng`` as in ``new``. The adapter is named
-        ``adapter_name`` and active.
+        ``config`` defaults to ``LoraConfig()`` (a ``VeraConfig`` gives a VeRA layer); ``rng`` as
+        in ``new``. The adapter is named ``adapter_name`` and active. ``shared`` is what the
+        variant's layers share (VeRA's projections, made by ``apply_lora`` for all the layers it
+        adapts; by default the layer makes its own).
 
         Raises
         ------
@@ -158,6 +161,7 @@ class LoraLinear(LoraLayer):
             adapter_name,
             weight_node=weight if isinstance(weight, NodeId) else None,
             bias_node=bias if isinstance(bias, NodeId) else None,
+            shared=shared,
         )
         layer.fan_in_fan_out = fan_in_fan_out
         for node in (weight, bias):  # freeze the base layer, as PEFT does
@@ -172,24 +176,26 @@ class LoraLinear(LoraLayer):
         graph: Graph,
         weight: Array,
         bias: Array | None,
-        config: LoraConfig,
+        config: LoraConfig | VeraConfig,
         rng: np.random.Generator,
         name: str,
         adapter_name: str,
         weight_node: NodeId | None = None,
         bias_node: NodeId | None = None,
+        shared: object = None,
     ) -> LoraLinear:
         """Draw the adapter, make the leaves, and assemble the layer (arguments already
         checked)."""
         in_features, out_features = weight.shape
-        if config.rank > min(in_features, out_features):
+        if rank_bounded(config) and config.rank > min(in_features, out_features):
             raise ValueError(
                 f"{where}: rank {config.rank} exceeds min(in_features, out_features) = "
                 f"{min(in_features, out_features)} for weight {weight.shape}"
             )
         _check_name(where, name)
         adapter_name = check_adapter_name(where, adapter_name)
-        a, b, residual = draw_adapter(config, weight, rng)
+        draft = draw_update(where, config, weight, rng, "linear")
+        residual = draft.residual
         with graph.scope(name):  # so that drawings group the layer's nodes
             if residual is not None:
                 weight, weight_node = residual, None  # PiSSA: the layer holds the residual
@@ -198,7 +204,9 @@ class LoraLinear(LoraLayer):
                     weight_node = graph.constant(weight, name=f"{name}.weight")
             if bias_node is None and bias is not None:
                 bias_node = graph.constant(bias, name=f"{name}.bias")
-        update = make_update(graph, config, a, b, weight_node, rng, name=name, adapter=adapter_name)
+        update = make_update(
+            graph, draft, weight_node, rng, name=name, adapter=adapter_name, shared=shared
+        )
         return cls(
             frozen_weight=weight_node,
             bias=bias_node,
@@ -300,8 +308,10 @@ class LoraLinear(LoraLayer):
 
 
 def _check_config(where: str, config: object) -> None:
-    if not isinstance(config, LoraConfig):
-        raise TypeError(f"{where}: config must be a LoraConfig, got {type(config).__name__}")
+    if not isinstance(config, (LoraConfig, VeraConfig)):
+        raise TypeError(
+            f"{where}: config must be a LoraConfig or a VeraConfig, got {type(config).__name__}"
+        )
 
 
 def _check_name(where: str, name: object) -> None:
@@ -311,7 +321,7 @@ def _check_name(where: str, name: object) -> None:
         raise ValueError(f"{where}: name must be non-empty and without '/', got {name!r}")
 
 
-def _generator(where: str, rng: object, config: LoraConfig) -> np.random.Generator:
+def _generator(where: str, rng: object, config: LoraConfig | VeraConfig) -> np.random.Generator:
     """``rng`` (a Generator or a seed), or a Generator seeded with ``config.seed``."""
     return _checks.as_generator(where, config.seed if rng is None else rng)
 

@@ -28,16 +28,7 @@ from graphlora.ops import Array
 if TYPE_CHECKING:
     from graphlora.lora.layer import LoraLayer
 
-__all__ = [
-    "VARIANTS",
-    "DoraUpdate",
-    "EmbeddingUpdate",
-    "LoraUpdate",
-    "choose_update",
-    "draw_adapter",
-    "make_update",
-    "variant_name",
-]
+__all__ = ["DoraUpdate", "EmbeddingUpdate", "LoraUpdate", "draw_adapter"]
 
 _DENSE_SVD_LIMIT = 1024  # above this min(in, out), PiSSA uses a truncated SVD (scipy svds)
 
@@ -68,6 +59,8 @@ class LoraUpdate:
     """Whether ``add_weighted_adapter`` can combine it (its update is linear in A and B)."""
     peft_flags: ClassVar[dict[str, bool]] = {"use_dora": False}
     """The keys of PEFT's ``adapter_config.json`` that announce the variant."""
+    peft_type: ClassVar[str] = "LORA"
+    """PEFT's ``peft_type`` of the variant's files."""
     scaling: float = dataclasses.field(init=False)
     """``alpha / rank`` (or ``alpha / sqrt(rank)`` with rsLoRA), from ``config``."""
     dropout: float = dataclasses.field(init=False)
@@ -78,20 +71,54 @@ class LoraUpdate:
         self.dropout = self.config.dropout
 
     @classmethod
+    def draw(
+        cls, config: LoraConfig, weight: Array, rng: np.random.Generator
+    ) -> tuple[tuple[Array, Array], Array | None]:
+        """A and B drawn by ``config`` for the frozen ``weight``, and for PiSSA the residual
+        weight the layer must hold instead (else None)."""
+        a, b, residual = draw_adapter(config, weight, rng, embedding=cls.layer_kind == "embedding")
+        return (a, b), residual
+
+    @classmethod
+    def prepare(cls, graph: Graph, config: object, shapes: list[tuple[int, int]]) -> None:
+        """What the adapted layers of one ``apply_lora`` share (nothing, for LoRA)."""
+        return None
+
+    @classmethod
     def create(
+        cls,
+        graph: Graph,
+        config: LoraConfig,
+        payload: tuple[Array, Array],
+        rng: np.random.Generator,
+        *,
+        weight: NodeId,
+        name: str,
+        suffix: str,
+        shared: object = None,
+    ) -> LoraUpdate:
+        """The update with A and B (``payload``) made as parameters named
+        ``<name>.lora_A<suffix>``, ``<name>.lora_B<suffix>`` (and any leaves of its own);
+        ``weight`` is the layer's frozen weight."""
+        a, b = payload
+        with graph.scope(name), graph.scope("lora"):
+            lora_a = graph.parameter(a, name=f"{name}.lora_A{suffix}")
+            lora_b = graph.parameter(b, name=f"{name}.lora_B{suffix}")
+            return cls._with_leaves(graph, lora_a, lora_b, config, rng, weight, name, suffix)
+
+    @classmethod
+    def _with_leaves(
         cls,
         graph: Graph,
         lora_a: NodeId,
         lora_b: NodeId,
         config: LoraConfig,
         rng: np.random.Generator,
-        *,
         weight: NodeId,
         name: str,
         suffix: str,
     ) -> LoraUpdate:
-        """The update over made ``lora_a`` and ``lora_b``, with any leaves of its own, named
-        ``<name>.<leaf><suffix>``; ``weight`` is the layer's frozen weight."""
+        """The update over made A and B, with the leaves the variant adds."""
         return cls(lora_a, lora_b, config, rng)
 
     @property
@@ -119,9 +146,13 @@ class LoraUpdate:
             (f"{prefix}.lora_B.weight", self.lora_b, True),
         ]
 
+    def file_shared(self) -> list[tuple[str, NodeId, bool]]:
+        """Leaves every layer of the adapter shares, under their file keys (none for LoRA)."""
+        return []
+
     def describe(self) -> str:
-        """The variant's part of the layer's repr (empty for plain LoRA)."""
-        return ""
+        """The adapter's part of the layer's repr: rank, scaling, dropout."""
+        return f"rank={self.rank}, scaling={self.scaling:g}, dropout={self.dropout:g}"
 
     def record(self, graph: Graph, x: NodeId, layer: LoraLayer, base: NodeId) -> NodeId:
         """``((drop(x) @ A) * scaling) @ B``, op by op (dropout only while gradients are
@@ -185,14 +216,13 @@ class DoraUpdate(LoraUpdate):
     """``m [out]``, a parameter: each output's length (PEFT: ``lora_magnitude_vector``)."""
 
     @classmethod
-    def create(
+    def _with_leaves(
         cls,
         graph: Graph,
         lora_a: NodeId,
         lora_b: NodeId,
         config: LoraConfig,
         rng: np.random.Generator,
-        *,
         weight: NodeId,
         name: str,
         suffix: str,
@@ -227,8 +257,8 @@ class DoraUpdate(LoraUpdate):
         ]
 
     def describe(self) -> str:
-        """``", dora=True"``."""
-        return ", dora=True"
+        """Plain LoRA's, and ``dora=True``."""
+        return f"{super().describe()}, dora=True"
 
     def record(self, graph: Graph, x: NodeId, layer: LoraLayer, base: NodeId) -> NodeId:
         """``(m / ||W + s A B||) * (base + s (x @ A) @ B) - base``, op by op; with dropout,
@@ -269,6 +299,10 @@ class EmbeddingUpdate(LoraUpdate):
 
     layer_kind: ClassVar[str] = "embedding"
 
+    def describe(self) -> str:
+        """Rank and scaling (an embedding's update has no dropout)."""
+        return f"rank={self.rank}, scaling={self.scaling:g}"
+
     def file_leaves(self, prefix: str) -> list[tuple[str, NodeId, bool]]:
         """``<prefix>.lora_embedding_A`` / ``_B``, stored transposed (``[rank, V]``, ...)."""
         return [
@@ -295,33 +329,6 @@ class EmbeddingUpdate(LoraUpdate):
         return None
 
 
-VARIANTS: dict[tuple[str, str], type[LoraUpdate]] = {
-    ("lora", "linear"): LoraUpdate,
-    ("lora", "embedding"): EmbeddingUpdate,
-    ("dora", "linear"): DoraUpdate,
-}
-"""Each variant's class per layer kind (as PEFT's ``DoraLinearVariant``, ...)."""
-
-
-def variant_name(config: LoraConfig) -> str:
-    """The variant a config asks for: the ONE place that reads its variant fields."""
-    return "dora" if config.use_dora else "lora"
-
-
-def choose_update(where: str, config: LoraConfig, layer_kind: str) -> type[LoraUpdate]:
-    """The update class for ``config`` on a layer of ``layer_kind``, or a ``ValueError`` that
-    names the variant and the kinds it supports."""
-    variant = variant_name(config)
-    found = VARIANTS.get((variant, layer_kind))
-    if found is None:
-        kinds = sorted(kind for name, kind in VARIANTS if name == variant)
-        raise ValueError(
-            f"{where}: the {variant!r} variant supports {' and '.join(kinds)} layers, not "
-            f"{layer_kind} layers"
-        )
-    return found
-
-
 def draw_adapter(
     config: LoraConfig, weight: Array, rng: np.random.Generator, *, embedding: bool = False
 ) -> tuple[Array, Array, Array | None]:
@@ -339,31 +346,6 @@ def draw_adapter(
         bound = 1.0 / math.sqrt(in_features)
         a = rng.uniform(-bound, bound, size=(in_features, rank))
     return a, np.zeros((rank, out_features)), None
-
-
-def make_update(
-    graph: Graph,
-    config: LoraConfig,
-    a: Array,
-    b: Array,
-    weight: NodeId,
-    rng: np.random.Generator,
-    *,
-    name: str,
-    adapter: str,
-    embedding: bool = False,
-) -> LoraUpdate:
-    """The update of an adapter with A and B, its leaves made as parameters named after the layer
-    ``name`` and the adapter; for DoRA, the magnitude starts as ``||W + s A B||`` per output
-    (``weight`` is the layer's frozen weight)."""
-    kind = choose_update("make_update", config, "embedding" if embedding else "linear")
-    suffix = "" if adapter == "default" else f".{adapter}"
-    with graph.scope(name), graph.scope("lora"):
-        lora_a = graph.parameter(a, name=f"{name}.lora_A{suffix}")
-        lora_b = graph.parameter(b, name=f"{name}.lora_B{suffix}")
-        return kind.create(
-            graph, lora_a, lora_b, config, rng, weight=weight, name=name, suffix=suffix
-        )
 
 
 def _top_singular_triplets(weight: Array, rank: int) -> tuple[Array, Array, Array]:

@@ -19,10 +19,16 @@ import numpy as np
 from graphlora import _checks
 from graphlora.engine.graph import Graph, check_graph
 from graphlora.errors import GraphError
-from graphlora.lora import LoraConfig, LoraEmbedding, LoraLayer, LoraLinear
+from graphlora.lora import LoraConfig, LoraEmbedding, LoraLayer, LoraLinear, VeraConfig
 from graphlora.lora.functional import combine_adapters
 from graphlora.lora.layer import adapter_list, check_adapter_name
-from graphlora.lora.updates import choose_update, make_update
+from graphlora.lora.variants import (
+    Draft,
+    choose_update,
+    make_update,
+    rank_bounded,
+    rewrites_base,
+)
 from graphlora.nn.layers import Embedding, Linear
 from graphlora.nn.tree import find_modules, is_module, named_leaves
 
@@ -57,7 +63,7 @@ def lora_layers(model: object) -> dict[str, LoraLayer]:
 
 def apply_lora(
     model: object,
-    config: LoraConfig,
+    config: LoraConfig | VeraConfig,
     target_modules: str | Sequence[str] | None = None,
     *,
     adapter_name: str = "default",
@@ -75,7 +81,9 @@ def apply_lora(
         your own). Its targeted ``Linear`` and ``Embedding`` layers are replaced in place by
         ``LoraLinear`` and ``LoraEmbedding``; targeted LoRA layers get the new adapter.
     config
-        The adapters' config.
+        The adapters' config: a ``LoraConfig`` (LoRA, rsLoRA, DoRA) or a ``VeraConfig`` (VeRA:
+        its frozen random projections are made once, sized for the largest targeted layer, and
+        shared by every layer this call adapts).
     target_modules
         PEFT's ``target_modules``: a list of names, each matching a layer whose dotted name
         equals it or ends with ``"." + name`` (``"c_attn"`` matches every
@@ -106,8 +114,10 @@ def apply_lora(
             f"{where}: model must be a layer or model (an object with a forward method), got "
             f"{type(model).__name__}"
         )
-    if not isinstance(config, LoraConfig):
-        raise TypeError(f"{where}: config must be a LoraConfig, got {type(config).__name__}")
+    if not isinstance(config, (LoraConfig, VeraConfig)):
+        raise TypeError(
+            f"{where}: config must be a LoraConfig or a VeraConfig, got {type(config).__name__}"
+        )
     adapter_name = check_adapter_name(where, adapter_name)
     layers = find_modules(model, (Linear, Embedding, LoraLinear, LoraEmbedding))
     names = [name for name, _, _ in layers]
@@ -143,10 +153,16 @@ def apply_lora(
     active = tuple(next(iter(existing.values())).active_adapters) if existing else (adapter_name,)
     graph: Graph = _weight(chosen[0][1]).graph
     generator = _checks.as_generator(where, config.seed if rng is None else rng)
+    # what the variant's layers share (VeRA's projections, sized for the largest linear target)
+    linear_shapes = [
+        _weight(layer).shape for _, layer, _ in chosen if isinstance(layer, (Linear, LoraLinear))
+    ]
+    kind = choose_update(where, config, "linear")
+    shared = kind.prepare(graph, config, linear_shapes) if linear_shapes else None
     adapted: dict[str, LoraLayer] = {}
     for name, layer, place in chosen:
         if isinstance(layer, LoraLayer):
-            layer.add_adapter(graph, adapter_name, config, rng=generator)
+            layer.add_adapter(graph, adapter_name, config, rng=generator, shared=shared)
             adapted[name] = layer
             continue
         assert place is not None
@@ -165,6 +181,7 @@ def apply_lora(
                 name=name,
                 fan_in_fan_out=layer.fan_in_fan_out,
                 adapter_name=adapter_name,
+                shared=shared,
             )
         lora.activate(graph, active)  # the model's active adapters, as PEFT
         place.replace(lora)
@@ -182,7 +199,10 @@ def _weight(layer: Any) -> Any:
 
 
 def _check_targets(
-    where: str, chosen: list[tuple[str, Any, Any]], config: LoraConfig, adapter_name: str
+    where: str,
+    chosen: list[tuple[str, Any, Any]],
+    config: LoraConfig | VeraConfig,
+    adapter_name: str,
 ) -> None:
     """Refuse, before anything changes, a target that cannot take this adapter."""
     holding = [n for n, layer, _ in chosen if adapter_name in getattr(layer, "adapters", {})]
@@ -191,7 +211,11 @@ def _check_targets(
             f"{where}: {holding} already carry a LoRA adapter named {adapter_name!r}; give "
             "another adapter_name to add a second one"
         )
-    too_small = [n for n, layer, _ in chosen if config.rank > min(_weight(layer).shape)]
+    too_small = [
+        n
+        for n, layer, _ in chosen
+        if rank_bounded(config) and config.rank > min(_weight(layer).shape)
+    ]
     if too_small:
         raise ValueError(
             f"{where}: rank {config.rank} exceeds min(in, out) of layer(s) {too_small}"
@@ -199,12 +223,12 @@ def _check_targets(
     embeddings = [n for n, layer, _ in chosen if isinstance(layer, (Embedding, LoraEmbedding))]
     if embeddings:
         choose_update(f"{where}: {embeddings}", config, "embedding")
-        if config.init == "pissa":
+        if rewrites_base(config):
             raise ValueError(
                 f"{where}: init='pissa' is for linear layers; {embeddings} are embeddings"
             )
     adapted = [n for n, layer, _ in chosen if isinstance(layer, LoraLayer)]
-    if adapted and config.init == "pissa":
+    if adapted and rewrites_base(config):
         raise ValueError(
             f"{where}: init='pissa' replaces the base weight, which the adapters of {adapted} "
             "share; use it for a layer's first adapter only"
@@ -398,12 +422,13 @@ def add_weighted_adapter(
     updates = {(n, a): layer.adapters[a] for n, layer in holders.items() for a in layer.adapters}
     odd = sorted(
         {a for (_, a), u in updates.items() if a in names and not u.combinable}
-        | {a for (_, a), u in updates.items() if a in names and u.config.init == "pissa"}
+        | {a for (_, a), u in updates.items() if a in names and rewrites_base(u.config)}
     )
     if odd:
         raise ValueError(
-            f"{where}: adapters {odd} use DoRA or init='pissa', whose weights do not combine "
-            "linearly (a magnitude; a base weight that depends on the rank)"
+            f"{where}: adapters {odd} use DoRA, VeRA or init='pissa', whose weights do not "
+            "combine linearly (a magnitude or trained scales; a base weight that depends on the "
+            "rank)"
         )
     ranks = {a: max(u.rank for (_, b), u in updates.items() if b == a) for a in names}
     if combination_type == "linear" and len(set(ranks.values())) > 1:
@@ -420,6 +445,7 @@ def add_weighted_adapter(
                 f"{where}: svd rank {new_rank} exceeds min(in, out) of layer(s) {too_small}"
             )
     first = next(u for (_, a), u in updates.items() if a == names[0])
+    assert isinstance(first.config, LoraConfig)  # combinable: LoRA's
     config = LoraConfig(
         rank=new_rank,
         alpha=float(new_rank),
@@ -445,16 +471,10 @@ def add_weighted_adapter(
         combined[n] = (adapter["A"], adapter["B"], present[0][0])
     for n, layer in holders.items():
         a_value, b_value, source = combined[n]
+        kind = "embedding" if isinstance(layer, LoraEmbedding) else "linear"
+        draft = Draft(choose_update(where, config, kind), config, (a_value, b_value), None)
         update = make_update(
-            graph,
-            config,
-            a_value,
-            b_value,
-            layer.frozen_weight,
-            source.rng,
-            name=layer.name,
-            adapter=adapter_name,
-            embedding=isinstance(layer, LoraEmbedding),
+            graph, draft, layer.frozen_weight, source.rng, name=layer.name, adapter=adapter_name
         )
         layer.attach(graph, adapter_name, update)
     return holders

@@ -20,7 +20,7 @@ import numpy.typing as npt
 
 from graphlora.engine.graph import Graph, NodeId
 from graphlora.lora import INITS, LoraConfig, LoraLinear
-from graphlora.lora.updates import variant_name
+from graphlora.lora.variants import variant_name
 from graphlora.ops import OPS, Array, OpDef, Params
 
 try:

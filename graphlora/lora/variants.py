@@ -1,0 +1,168 @@
+"""Choosing a variant: the ``Update`` protocol every variant class follows, and the ONE place
+that reads a config to pick the class (``choose_update``).
+
+A LoRA layer computes ``base(x) + update(x)``; the update is an object of a variant class (plain
+LoRA and rsLoRA: ``LoraUpdate``; DoRA: ``DoraUpdate``; LoRA on an embedding: ``EmbeddingUpdate``;
+VeRA: ``VeraUpdate``), one class per variant and layer kind, as PEFT's ``LoraVariant`` classes.
+Layers, adapter files, ``apply_lora`` and weighted merges ask the update (its leaves and their
+PEFT names, forward, delta, merge, whether it combines) and never test which class it is; a new
+variant is a class and a row of ``VARIANTS``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+
+from graphlora.engine.graph import Graph, NodeId
+from graphlora.lora.config import LoraConfig, VeraConfig
+from graphlora.lora.updates import DoraUpdate, EmbeddingUpdate, LoraUpdate
+from graphlora.lora.vera import VeraUpdate
+from graphlora.ops import Array
+
+__all__ = [
+    "VARIANTS",
+    "Draft",
+    "Update",
+    "choose_update",
+    "draw_update",
+    "make_update",
+    "rank_bounded",
+    "rewrites_base",
+    "variant_name",
+]
+
+AdapterConfig = LoraConfig | VeraConfig
+
+
+class Update(Protocol):
+    """What a layer, ``graphlora.io`` and ``graphlora.nn`` ask of an adapter's update."""
+
+    variant: ClassVar[str]
+    layer_kind: ClassVar[str]
+    combinable: ClassVar[bool]
+    reads_output: ClassVar[bool]
+    peft_flags: ClassVar[dict[str, bool]]
+    peft_type: ClassVar[str]
+    rng: np.random.Generator
+
+    @property
+    def config(self) -> AdapterConfig: ...
+    @property
+    def rank(self) -> int: ...
+    @property
+    def dropout(self) -> float: ...
+    @property
+    def lora_a(self) -> NodeId: ...
+    @property
+    def lora_b(self) -> NodeId: ...
+    @property
+    def scaling(self) -> float: ...
+    def params(self) -> list[NodeId]: ...
+    def named_leaves(self, adapter: str) -> list[tuple[str, NodeId]]: ...
+    def state_leaves(self) -> dict[str, NodeId]: ...
+    def file_leaves(self, prefix: str) -> list[tuple[str, NodeId, bool]]: ...
+    def file_shared(self) -> list[tuple[str, NodeId, bool]]: ...
+    def describe(self) -> str: ...
+    def record(self, graph: Graph, x: Any, layer: Any, base: NodeId) -> NodeId: ...
+    def fused(self, graph: Graph, x: NodeId, layer: Any) -> NodeId | None: ...
+    def delta(self, graph: Graph) -> Array: ...
+    def merged_weight(self, graph: Graph, weight: Array, base: Array) -> Array: ...
+
+
+VARIANTS: dict[tuple[str, str], Any] = {
+    ("lora", "linear"): LoraUpdate,
+    ("lora", "embedding"): EmbeddingUpdate,
+    ("dora", "linear"): DoraUpdate,
+    ("vera", "linear"): VeraUpdate,
+}
+"""Each variant's class per layer kind (as PEFT's ``DoraLinearVariant``, ...)."""
+
+
+def variant_name(config: object) -> str:
+    """The variant a config asks for: the one place that reads its variant fields."""
+    if isinstance(config, VeraConfig):
+        return "vera"
+    if isinstance(config, LoraConfig):
+        return "dora" if config.use_dora else "lora"
+    raise TypeError(
+        f"an adapter config must be a LoraConfig or a VeraConfig, got {type(config).__name__}"
+    )
+
+
+def choose_update(where: str, config: object, layer_kind: str) -> Any:
+    """The update class for ``config`` on a layer of ``layer_kind``, or a ``ValueError`` that
+    names the variant and the kinds it supports (``TypeError`` for a config of no variant)."""
+    try:
+        variant = variant_name(config)
+    except TypeError as error:
+        raise TypeError(f"{where}: {error}") from None
+    found = VARIANTS.get((variant, layer_kind))
+    if found is None:
+        kinds = sorted(kind for name, kind in VARIANTS if name == variant)
+        raise ValueError(
+            f"{where}: the {variant!r} variant supports {' and '.join(kinds)} layers, not "
+            f"{layer_kind} layers"
+        )
+    return found
+
+
+def rank_bounded(config: object) -> bool:
+    """Whether the rank may not exceed ``min(in, out)`` (LoRA's A and B; VeRA's shared
+    projections may be of any rank)."""
+    return not isinstance(config, VeraConfig)
+
+
+def rewrites_base(config: object) -> bool:
+    """Whether building the adapter rewrites the base weight (PiSSA's residual)."""
+    return isinstance(config, LoraConfig) and config.init == "pissa"
+
+
+@dataclass(frozen=True)
+class Draft:
+    """An adapter drawn for a layer before its leaves exist: its class, config, what the class
+    drew (``payload``), and the residual weight the layer must hold instead of its own (PiSSA),
+    or None."""
+
+    kind: Any
+    config: AdapterConfig
+    payload: Any
+    residual: Array | None
+
+
+def draw_update(
+    where: str, config: object, weight: Array, rng: np.random.Generator, layer_kind: str
+) -> Draft:
+    """Choose the variant for ``config`` and draw its adapter for the frozen ``weight``."""
+    kind = choose_update(where, config, layer_kind)
+    payload, residual = kind.draw(config, weight, rng)
+    assert isinstance(config, (LoraConfig, VeraConfig))
+    return Draft(kind, config, payload, residual)
+
+
+def make_update(
+    graph: Graph,
+    draft: Draft,
+    weight: NodeId,
+    rng: np.random.Generator,
+    *,
+    name: str,
+    adapter: str,
+    shared: object = None,
+) -> Update:
+    """The drafted update with its leaves, named after the layer ``name`` and the adapter;
+    ``weight`` is the layer's frozen weight, ``shared`` what ``prepare`` made for all layers."""
+    suffix = "" if adapter == "default" else f".{adapter}"
+    update: Update = draft.kind.create(
+        graph,
+        draft.config,
+        draft.payload,
+        rng,
+        weight=weight,
+        name=name,
+        suffix=suffix,
+        shared=shared,
+    )
+    return update
