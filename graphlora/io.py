@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import tempfile
-from collections import Counter
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -74,12 +73,6 @@ _NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 # --- saving -------------------------------------------------------------------------------------
 
 
-def _most_common(values: list[Any]) -> Any:
-    """The most frequent value; the first one seen among equally frequent ones."""
-    counts = Counter(values)
-    return max(counts, key=lambda v: (counts[v], -values.index(v)))
-
-
 def _check_layers(where: str, layers: object) -> dict[str, LoraLayer]:
     """``layers`` as ``{name: LoRA layer}``: a mapping as given, or a model's LoRA layers."""
     if not isinstance(layers, Mapping):
@@ -126,36 +119,30 @@ def adapter_config(
     layers: Mapping[str, LoraLayer] | object, adapter_name: str = "default"
 ) -> dict[str, Any]:
     """The ``adapter_config.json`` content PEFT expects for adapter ``adapter_name`` of
-    ``layers`` (a model, or ``{name: LoRA layer}``): its ``LoraConfig``'s fields.
+    ``layers`` (a model, or ``{name: LoRA layer}``), as the adapter's variant writes it.
 
-    ``r`` and ``lora_alpha`` are the most common rank and alpha; layers that differ are listed in
-    ``rank_pattern`` and ``alpha_pattern`` by their full names. ``fan_in_fan_out`` is true for
-    layers over weights stored ``[in, out]`` in the source framework (GPT-2's ``Conv1D``), so
-    that PEFT merges them the right way round. ``use_dora`` says whether the adapter is DoRA.
+    For LoRA (and DoRA): its ``LoraConfig``'s fields; ``r`` and ``lora_alpha`` are the most
+    common rank and alpha, layers that differ are listed in ``rank_pattern`` and
+    ``alpha_pattern`` by their full names, and ``use_dora`` says whether it is DoRA. For VeRA:
+    PEFT's ``VeraConfig`` fields. ``fan_in_fan_out`` is true for layers over weights stored
+    ``[in, out]`` in the source framework (GPT-2's ``Conv1D``), so that PEFT merges them the
+    right way round.
 
     Raises
     ------
     ValueError
-        When the layers differ in ``use_rslora``, dropout, DoRA or init kind (PEFT has one of
-        each), or none holds ``adapter_name``.
+        When the layers differ in what PEFT has one of per file (variant, ``use_rslora``,
+        dropout, init kind, layout), or none holds ``adapter_name``.
     """
     where = "save_adapter"
     layers = _check_layers(where, layers)
     updates = _holding(where, layers, adapter_name)
-    names = list(updates)
-    for field in ("use_rslora", "dropout"):
-        seen = {getattr(update.config, field) for update in updates.values()}
-        if len(seen) > 1:
-            raise ValueError(
-                f"{where}: the layers differ in {field} ({sorted(seen)}); PEFT has one"
-            )
-    for key in sorted({key for update in updates.values() for key in update.peft_flags}):
-        seen = {update.peft_flags.get(key, False) for update in updates.values()}
-        if len(seen) > 1:  # the variants' own keys (use_dora): one per file
-            raise ValueError(f"{where}: the layers differ in {key} ({sorted(seen)}); PEFT has one")
-    pissa = {update.config.init == "pissa" for update in updates.values()}
-    if len(pissa) > 1:
-        raise ValueError(f"{where}: some layers use init='pissa' and some do not; PEFT has one")
+    kinds = {update.peft_type for update in updates.values()}
+    if len(kinds) > 1:
+        raise ValueError(
+            f"{where}: adapter {adapter_name!r} mixes PEFT types {sorted(kinds)}; PEFT has one "
+            "per file"
+        )
     layouts = {
         layer.fan_in_fan_out
         for n, layer in layers.items()
@@ -166,38 +153,8 @@ def adapter_config(
             f"{where}: some layers come from [in, out] weights (GPT-2's Conv1D) and some do not; "
             "PEFT's fan_in_fan_out is one flag for all: save them separately"
         )
-    ranks = [updates[n].rank for n in names]
-    alphas = [float(updates[n].config.alpha) for n in names]
-    r, alpha = _most_common(ranks), _most_common(alphas)
-    first_update = next(iter(updates.values()))
-    first = first_update.config
-    return {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": None,
-        "r": int(r),
-        "lora_alpha": _json_number(alpha),
-        "lora_dropout": first.dropout,
-        "use_rslora": first.use_rslora,
-        "target_modules": sorted(names),
-        "fan_in_fan_out": True in layouts,
-        "bias": "none",
-        # PEFT inits A and B on load and then overwrites them, except PiSSA, which also
-        # rewrites the base weight into the residual that the saved A and B expect.
-        "init_lora_weights": "pissa" if True in pissa else True,
-        "inference_mode": True,
-        "modules_to_save": None,
-        **first_update.peft_flags,  # the variant's own keys: use_dora
-        "rank_pattern": {n: int(k) for n, k in zip(names, ranks, strict=True) if k != r},
-        "alpha_pattern": {
-            n: _json_number(a) for n, a in zip(names, alphas, strict=True) if a != alpha
-        },
-    }
-
-
-def _json_number(value: float) -> float | int:
-    """Integral floats as ints (PEFT writes ``lora_alpha: 16``); others as they are."""
-    return int(value) if float(value).is_integer() else float(value)
+    config: dict[str, Any] = next(iter(updates.values())).peft_config(updates, True in layouts)
+    return config
 
 
 def _tensors(graph: Graph, layers: Mapping[str, LoraLayer], adapter_name: str) -> dict[str, Array]:
@@ -207,7 +164,8 @@ def _tensors(graph: Graph, layers: Mapping[str, LoraLayer], adapter_name: str) -
         if adapter_name not in layer.adapters:
             continue
         update = layer.adapters[adapter_name]
-        for key, leaf, transposed in update.file_leaves(f"base_model.model.{name}"):
+        leaves = [*update.file_leaves(f"base_model.model.{name}"), *update.file_shared()]
+        for key, leaf, transposed in leaves:  # shared leaves (VeRA's projections) once
             value = graph.value(leaf)
             tensors[key] = np.ascontiguousarray(value.T if transposed else value)
     return tensors
@@ -553,6 +511,9 @@ def load_adapter(
     directory = Path(path)
     if adapter_name != "default" and (directory / adapter_name / CONFIG_NAME).is_file():
         directory = directory / adapter_name
+    kinds = {update.peft_type for update in updates.values()}
+    if kinds != {"LORA"}:
+        return _load_shared_variant(where, directory, graph, layers, updates, kinds)
     adapter = read_adapter(directory)
     missing = sorted(set(updates) - set(adapter.a))
     unexpected = sorted(set(adapter.a) - set(updates))
@@ -607,3 +568,83 @@ def load_adapter(
     for node, value in values:
         graph.set_value(node, value)
     return adapter
+
+
+def _load_shared_variant(
+    where: str,
+    directory: Path,
+    graph: Graph,
+    layers: Mapping[str, LoraLayer],
+    updates: Mapping[str, Any],
+    kinds: set[str],
+) -> AdapterFile:
+    """Load a variant whose file is not LoRA's (VeRA): every key is one of the updates'
+    ``file_leaves`` or ``file_shared``, checked for shape, dtype and finiteness before any
+    leaf changes. A VeRA file without its projections is refused: PEFT would draw them with
+    PyTorch's generator, which graphlora does not reproduce."""
+    if len(kinds) > 1:
+        raise ValueError(f"{where}: the layers mix adapter types {sorted(kinds)}")
+    (kind,) = kinds
+    checkpoint.refuse_pickle(
+        where, directory, WEIGHTS_NAME, "Re-save the adapter with safetensors."
+    )
+    config_file = directory / CONFIG_NAME
+    config = checkpoint.read_json(where, config_file)
+    if config.get("peft_type") != kind:
+        raise ValueError(
+            f"{where}: {config_file} is a {config.get('peft_type')!r} adapter; the layers hold "
+            f"a {kind!r} adapter"
+        )
+    weights = directory / WEIGHTS_NAME
+    try:
+        tensors = safetensors_module(where).numpy.load_file(str(weights))
+    except Exception as error:  # safetensors raises its own error types
+        raise ValueError(
+            f"{where}: {weights} is not a readable safetensors file: {error}"
+        ) from None
+    expected: dict[str, tuple[NodeId, bool]] = {}
+    for name, update in updates.items():
+        layer = layers[name]
+        if layer.merged:
+            raise GraphError(f"{where}: layer {name!r} is merged; unmerge_ it before loading")
+        if update.rank != config.get("r"):
+            raise ValueError(
+                f"{where}: layer {name!r}: the file has r {config.get('r')!r}, the layer "
+                f"{update.rank}"
+            )
+        for key, leaf, transposed in update.file_leaves(f"base_model.model.{name}"):
+            expected[key] = (leaf, transposed)
+        for key, leaf, transposed in update.file_shared():
+            expected[key] = (leaf, transposed)
+    shared = {key for update in updates.values() for key, _, _ in update.file_shared()}
+    if shared - set(tensors) or config.get("save_projection") is False:
+        raise ValueError(
+            f"{where}: {weights} has no {sorted(shared - set(tensors)) or sorted(shared)}: it was "
+            "saved with save_projection=False, and PEFT draws those with PyTorch's generator, "
+            "which graphlora does not reproduce; save the adapter with save_projection=True"
+        )
+    found = {}
+    for key, tensor in tensors.items():  # PEFT may spell a leaf with its adapter's name
+        plain = key.rsplit(".", 1)[0]
+        found[plain if key not in expected and plain in expected else key] = tensor
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{where}: {weights} does not match the layers: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}"
+        )
+    values = []
+    for key, (leaf, transposed) in expected.items():
+        tensor = found[key]
+        shape = leaf.shape[::-1] if transposed else leaf.shape
+        if tensor.dtype.kind != "f":
+            raise TypeError(f"{where}: {key} has dtype {tensor.dtype}, not floating")
+        if tensor.shape != shape:
+            raise ShapeError(f"{where}: {key} has shape {tensor.shape}, the layer needs {shape}")
+        if not np.isfinite(tensor).all():
+            raise ValueError(f"{where}: {key} holds NaN or Inf")
+        values.append((leaf, tensor.T if transposed else tensor))
+    for leaf, value in values:
+        graph.set_value(leaf, value)
+    return AdapterFile(directory, config, {}, {})

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -133,6 +135,57 @@ class LoraUpdate:
     def named_leaves(self, adapter: str) -> list[tuple[str, NodeId]]:
         """The leaves under PEFT's names: ``lora_A.<adapter>``, ``lora_B.<adapter>``."""
         return [(f"lora_A.{adapter}", self.lora_a), (f"lora_B.{adapter}", self.lora_b)]
+
+    @classmethod
+    def peft_config(cls, updates: Mapping[str, LoraUpdate], fan_in_fan_out: bool) -> dict[str, Any]:
+        """PEFT's ``adapter_config.json`` of a LoRA adapter held by the layers named in
+        ``updates``: ``r`` and ``lora_alpha`` the most common rank and alpha, the others in
+        ``rank_pattern`` and ``alpha_pattern``; a ``ValueError`` when the layers differ in what
+        PEFT has one of (``use_rslora``, dropout, DoRA, PiSSA)."""
+        where = "save_adapter"
+        names = list(updates)
+        for field in ("use_rslora", "dropout"):
+            seen = {getattr(update.config, field) for update in updates.values()}
+            if len(seen) > 1:
+                raise ValueError(
+                    f"{where}: the layers differ in {field} ({sorted(seen)}); PEFT has one"
+                )
+        for key in sorted({key for update in updates.values() for key in update.peft_flags}):
+            seen = {update.peft_flags.get(key, False) for update in updates.values()}
+            if len(seen) > 1:  # the variants' own keys (use_dora): one per file
+                raise ValueError(
+                    f"{where}: the layers differ in {key} ({sorted(seen)}); PEFT has one"
+                )
+        pissa = {update.config.init == "pissa" for update in updates.values()}
+        if len(pissa) > 1:
+            raise ValueError(f"{where}: some layers use init='pissa' and some do not; PEFT has one")
+        ranks = [updates[n].rank for n in names]
+        alphas = [float(updates[n].config.alpha) for n in names]
+        r, alpha = _most_common(ranks), _most_common(alphas)
+        first_update = next(iter(updates.values()))
+        first = first_update.config
+        return {
+            "peft_type": "LORA",
+            "task_type": None,
+            "base_model_name_or_path": None,
+            "r": int(r),
+            "lora_alpha": _json_number(alpha),
+            "lora_dropout": first.dropout,
+            "use_rslora": first.use_rslora,
+            "target_modules": sorted(names),
+            "fan_in_fan_out": fan_in_fan_out,
+            "bias": "none",
+            # PEFT inits A and B on load and then overwrites them, except PiSSA, which also
+            # rewrites the base weight into the residual that the saved A and B expect.
+            "init_lora_weights": "pissa" if True in pissa else True,
+            "inference_mode": True,
+            "modules_to_save": None,
+            **first_update.peft_flags,  # the variant's own keys: use_dora
+            "rank_pattern": {n: int(k) for n, k in zip(names, ranks, strict=True) if k != r},
+            "alpha_pattern": {
+                n: _json_number(a) for n, a in zip(names, alphas, strict=True) if a != alpha
+            },
+        }
 
     def state_leaves(self) -> dict[str, NodeId]:
         """The leaves under ``LoraLayer.state_dict``'s keys: ``lora_a``, ``lora_b``."""
@@ -327,6 +380,17 @@ class EmbeddingUpdate(LoraUpdate):
     def fused(self, graph: Graph, x: NodeId, layer: LoraLayer) -> NodeId | None:
         """None: an embedding's update is recorded op by op."""
         return None
+
+
+def _most_common(values: list[Any]) -> Any:
+    """The most frequent value; the first one seen among equally frequent ones."""
+    counts = Counter(values)
+    return max(counts, key=lambda v: (counts[v], -values.index(v)))
+
+
+def _json_number(value: float) -> float | int:
+    """Integral floats as ints (PEFT writes ``lora_alpha: 16``); others as they are."""
+    return int(value) if float(value).is_integer() else float(value)
 
 
 def draw_adapter(

@@ -15,8 +15,9 @@ the layer starts equal to the base). The update as a weight is
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar, NoReturn
+from typing import Any, ClassVar, NoReturn
 
 import numpy as np
 
@@ -120,6 +121,48 @@ class VeraUpdate:
             )
             lambda_b = graph.parameter(np.zeros(out_features), name=f"{name}.vera_lambda_b{suffix}")
         return cls(lambda_d, lambda_b, shared, config, rng, in_features, out_features)
+
+    @classmethod
+    def peft_config(cls, updates: Mapping[str, VeraUpdate], fan_in_fan_out: bool) -> dict[str, Any]:
+        """PEFT's ``adapter_config.json`` of a VeRA adapter held by the layers named in
+        ``updates``, or a ``ValueError`` when PEFT could not express it: layers with different
+        configs or projections, or ``save_projection=False`` (PEFT would draw other projections
+        from the key with PyTorch's generator)."""
+        where = "save_adapter"
+        configs = {update.config for update in updates.values()}
+        if len(configs) > 1:
+            raise ValueError(f"{where}: the VeRA layers differ in their VeraConfig; PEFT has one")
+        projections = {id(update.projection) for update in updates.values()}
+        if len(projections) > 1:
+            raise ValueError(
+                f"{where}: the VeRA layers hold different projections (adapted by separate "
+                "apply_lora calls); PEFT shares one pair: save them separately"
+            )
+        (config,) = configs
+        if not config.save_projection:
+            raise ValueError(
+                f"{where}: a VeRA adapter with save_projection=False cannot be saved: PEFT "
+                "would draw other vera_A and vera_B from projection_prng_key with PyTorch's "
+                "generator; use VeraConfig(save_projection=True)"
+            )
+        return {
+            "peft_type": "VERA",
+            "task_type": None,
+            "base_model_name_or_path": None,
+            "r": int(config.rank),
+            "target_modules": sorted(updates),
+            "projection_prng_key": int(config.projection_prng_key),
+            "save_projection": True,
+            "vera_dropout": float(config.dropout),
+            "d_initial": float(config.d_initial),
+            "fan_in_fan_out": fan_in_fan_out,
+            "bias": "none",
+            "modules_to_save": None,
+            "init_weights": True,
+            "layers_to_transform": None,
+            "layers_pattern": None,
+            "inference_mode": True,
+        }
 
     # --- what a layer asks of its updates -----------------------------------------------------
 
