@@ -224,6 +224,44 @@ def test_from_pretrained_refuses_missing_and_misshaped_tensors_and_pickles(tmp_p
     assert len(g) == 0
 
 
+def test_from_pretrained_refuses_non_float_and_doubled_tensors_before_any_leaf(
+    tmp_path: Path,
+) -> None:
+    tensors = _write_checkpoint(tmp_path / "gpt", TINY)
+    tensors["transformer.h.0.ln_1.bias"] = np.zeros(4, np.int32)
+    tensors["wte.weight"] = tensors["transformer.wte.weight"]  # the same weight under two keys
+    st_numpy.save_file(tensors, str(tmp_path / "gpt" / "model.safetensors"))
+    g = gl.Graph()
+    with pytest.raises(ValueError, match=r"does not fit its config") as info:
+        gl.GPT.from_pretrained(g, tmp_path / "gpt")
+    message = str(info.value)
+    assert message.startswith("GPT.from_pretrained: ")
+    assert "not float16/32/64 ['transformer.h.0.ln_1.bias (I32)']" in message
+    assert "two keys for one weight ['transformer.wte.weight and wte.weight']" in message
+    assert len(g) == 0
+    (tmp_path / "gpt" / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    with pytest.raises(ValueError, match=r"GPT\.from_pretrained: .* is not a readable safetensors"):
+        gl.GPT.from_pretrained(g, tmp_path / "gpt")
+    assert len(g) == 0
+
+
+@pytest.mark.crosscheck
+def test_from_pretrained_refuses_a_bfloat16_checkpoint_by_name(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    st_torch = pytest.importorskip("safetensors.torch")
+    tensors = _write_checkpoint(tmp_path / "gpt", TINY)
+    st_torch.save_file(
+        {name: torch.tensor(value).to(torch.bfloat16) for name, value in tensors.items()},
+        str(tmp_path / "gpt" / "model.safetensors"),
+    )
+    g = gl.Graph()
+    with pytest.raises(
+        ValueError, match=r"not float16/32/64 \['transformer.h.0.attn.c_attn.bias \(BF16\)'"
+    ):
+        gl.GPT.from_pretrained(g, tmp_path / "gpt")
+    assert len(g) == 0
+
+
 # --- against transformers and PEFT --------------------------------------------------------------------
 
 
