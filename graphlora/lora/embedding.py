@@ -105,7 +105,7 @@ class LoraEmbedding(LoraLayer):
         rows, width = table.shape
         return cls(node, rows, width, {adapter_name: update}, name, _active=(adapter_name,))
 
-    def forward(self, graph: Graph, ids: NodeId | npt.ArrayLike) -> NodeId:
+    def forward(self, graph: Graph, ids: NodeId | npt.ArrayLike, *, fused: bool = False) -> NodeId:
         """``ids [...] -> [..., D]``: ``W[ids]`` plus each active adapter's ``(A[ids] * s) @ B``
         (ids: an integer data node or array, each in ``[0, V)``)."""
         with graph.scope(self.name):  # ids given as a list: each embedding op reads them

@@ -19,7 +19,7 @@ from graphlora.nn.adapters import (
     set_adapter,
 )
 from graphlora.nn.gpt import GPT, GPTConfig
-from graphlora.nn.layers import ACTIVATIONS, MLP, Embedding, LayerNorm, Linear, call
+from graphlora.nn.layers import ACTIVATIONS, MLP, Embedding, LayerNorm, Linear
 from graphlora.nn.tree import (
     LoadResult,
     is_module,
@@ -43,7 +43,6 @@ __all__ = [
     "LoadResult",
     "add_weighted_adapter",
     "apply_lora",
-    "call",
     "delete_adapter",
     "disable_adapters",
     "is_module",

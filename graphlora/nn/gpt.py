@@ -24,7 +24,7 @@ from graphlora import _checks
 from graphlora.engine.graph import Graph, NodeId, check_graph
 from graphlora.nn import checkpoint
 from graphlora.nn.checkpoint import Weights
-from graphlora.nn.layers import Embedding, LayerNorm, Linear, call
+from graphlora.nn.layers import Embedding, LayerNorm, Linear
 
 __all__ = ["GPT", "GPTConfig"]
 
@@ -130,9 +130,9 @@ class CausalSelfAttention:
     def forward(self, graph: Graph, x: NodeId, *, fused: bool = False) -> NodeId:
         """``x [..., T, C] -> [..., T, C]``: q, k and v split into heads, attention on each, the
         heads side by side again (one ``qkv_attention`` op)."""
-        qkv = call(self.c_attn, graph, x, fused)  # (..., T, 3C)
+        qkv = self.c_attn.forward(graph, x, fused=fused)  # (..., T, 3C)
         y = graph.qkv_attention(qkv, n_head=self.n_head, causal=True, dropout=self.dropout)
-        return graph.dropout(call(self.c_proj, graph, y, fused), self.dropout)
+        return graph.dropout(self.c_proj.forward(graph, y, fused=fused), self.dropout)
 
 
 class GPTMLP:
@@ -146,8 +146,10 @@ class GPTMLP:
 
     def forward(self, graph: Graph, x: NodeId, *, fused: bool = False) -> NodeId:
         """``x [..., C] -> [..., C]``."""
-        h = graph.gelu(call(self.c_fc, graph, x, fused), approximate="tanh")  # GPT-2's gelu_new
-        return graph.dropout(call(self.c_proj, graph, h, fused), self.dropout)
+        h = graph.gelu(
+            self.c_fc.forward(graph, x, fused=fused), approximate="tanh"
+        )  # GPT-2's gelu_new
+        return graph.dropout(self.c_proj.forward(graph, h, fused=fused), self.dropout)
 
 
 class Block:
@@ -203,8 +205,8 @@ class TiedHead:
     def __init__(self, embedding: Embedding) -> None:
         self._embedding = embedding  # not a child: the weight is the embedding's
 
-    def forward(self, graph: Graph, x: NodeId) -> NodeId:
-        """``x [..., C] -> [..., vocab]``."""
+    def forward(self, graph: Graph, x: NodeId, *, fused: bool = False) -> NodeId:
+        """``x [..., C] -> [..., vocab]`` (one product: ``fused`` changes nothing)."""
         return graph.matmul(x, graph.transpose(self._embedding.weight))
 
     def named_leaves(self) -> list[tuple[str, NodeId]]:

@@ -1,8 +1,11 @@
 """Layers: ``Linear``, ``Embedding``, ``LayerNorm``, and ``MLP`` made of them.
 
-Each layer is a plain dataclass of NodeIds of one ``Graph`` with a ``forward(graph, x)`` that
-records its ops; ``new`` builds one with fresh weights initialised as PyTorch initialises the
-same layer. Weights are laid out the way the maths reads: ``Linear.weight`` is ``[in, out]``.
+Each layer is a plain dataclass of NodeIds of one ``Graph`` with a ``forward(graph, x, *,
+fused=False)`` that records its ops: every layer, LoRA layers included, takes ``fused`` (one
+node instead of several where the layer has a fused form; ignored where it has none), so a model
+calls any layer the same way. ``new`` builds one with fresh weights initialised as PyTorch
+initialises the same layer. Weights are laid out the way the maths reads: ``Linear.weight`` is
+``[in, out]``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from graphlora.lora import LoraLinear
 from graphlora.lora.functional import linear_init
 from graphlora.nn.tree import named_modules, parameters, trainable_parameters
 
-__all__ = ["ACTIVATIONS", "MLP", "Embedding", "LayerNorm", "Linear", "call"]
+__all__ = ["ACTIVATIONS", "MLP", "Embedding", "LayerNorm", "Linear"]
 
 ACTIVATIONS: dict[str, Callable[[Graph, NodeId], NodeId]] = {
     "relu": Graph.relu,
@@ -146,7 +149,7 @@ class Embedding:
         weight = _checks.as_generator(where, rng).standard_normal((rows, width))
         return cls(graph.parameter(weight, f"{name}.weight"), rows, width, name)
 
-    def forward(self, graph: Graph, ids: NodeId | npt.ArrayLike) -> NodeId:
+    def forward(self, graph: Graph, ids: NodeId | npt.ArrayLike, *, fused: bool = False) -> NodeId:
         """``ids [...] -> [..., D]`` (ids: an integer data node or array, each in ``[0, V)``)."""
         return graph.embedding(self.weight, ids)
 
@@ -172,17 +175,9 @@ class LayerNorm:
         bias_node = graph.parameter(np.zeros(width), f"{name}.bias") if bias else None
         return cls(graph.parameter(np.ones(width), f"{name}.weight"), bias_node, eps, name)
 
-    def forward(self, graph: Graph, x: NodeId) -> NodeId:
+    def forward(self, graph: Graph, x: NodeId, *, fused: bool = False) -> NodeId:
         """``x [..., dim]``, normalised over the last axis."""
         return graph.layer_norm(x, self.weight, self.bias, eps=self.eps)
-
-
-def call(layer: object, graph: Graph, x: NodeId, fused: bool = False) -> NodeId:
-    """``layer.forward(graph, x)``, passing ``fused`` to a ``Linear`` or LoRA layer (one op
-    instead of two, or of six)."""
-    if isinstance(layer, (Linear, LoraLinear)):
-        return layer.forward(graph, x, fused=fused)
-    return layer.forward(graph, x)  # type: ignore[attr-defined, no-any-return]
 
 
 class MLP:
@@ -232,7 +227,7 @@ class MLP:
         """
         act = ACTIVATIONS[self.activation]
         for i, layer in enumerate(self.layers):
-            x = call(layer, graph, x, fused)
+            x = layer.forward(graph, x, fused=fused)
             if i < len(self.layers) - 1:
                 x = act(graph, x)
         return x
