@@ -96,6 +96,15 @@ def positive_int(where: str, arg: str, value: object) -> int:
     return int(value)
 
 
+def label(where: str, arg: str, value: object) -> str:
+    """A name that can label a scope or a layer's leaves: a non-empty str without ``/``."""
+    if not isinstance(value, str):
+        raise TypeError(f"{where}: {arg} must be a str, got {type(value).__name__}")
+    if not value or "/" in value:
+        raise ValueError(f"{where}: {arg} must be a non-empty str without '/', got {value!r}")
+    return value
+
+
 def flag(where: str, arg: str, value: object) -> bool:
     """``value`` as a bool, if it is one (``True``/``False`` or a NumPy bool)."""
     if not isinstance(value, (bool, np.bool_)):

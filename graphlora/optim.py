@@ -22,22 +22,12 @@ from typing import Any, ClassVar
 import numpy as np
 import scipy.optimize
 
+from graphlora import _checks
 from graphlora.engine.graph import Graph, NodeId, check_graph
 from graphlora.errors import GraphError, ShapeError
 from graphlora.ops import Array
 
 __all__ = ["SGD", "Adam", "AdamW", "Optimizer", "minimize"]
-
-
-def _hyper(where: str, name: str, value: object, low: float, high: float | None = None) -> float:
-    """A finite real hyper-parameter in ``[low, high)`` (``high=None``: no upper bound)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{where}: {name} must be a real number, got {value!r}")
-    number = float(value)
-    if not math.isfinite(number) or number < low or (high is not None and number >= high):
-        accepted = f">= {low:g}" if high is None else f"in [{low:g}, {high:g})"
-        raise ValueError(f"{where}: {name} must be {accepted}, got {value!r}")
-    return number
 
 
 def _parameters(where: str, graph: Graph, params: Sequence[NodeId]) -> list[NodeId]:
@@ -208,9 +198,9 @@ class SGD(Optimizer):
     def _set_hyperparameters(self, where: str, hyper: dict[str, Any]) -> None:
         if set(hyper) != set(self._hyper_names):
             raise ValueError(f"{where}: hyperparameters must be {list(self._hyper_names)}")
-        lr = _hyper(where, "lr", hyper["lr"], 0.0)
-        momentum = _hyper(where, "momentum", hyper["momentum"], 0.0)
-        weight_decay = _hyper(where, "weight_decay", hyper["weight_decay"], 0.0)
+        lr = _checks.real(where, "lr", hyper["lr"], 0.0)
+        momentum = _checks.real(where, "momentum", hyper["momentum"], 0.0)
+        weight_decay = _checks.real(where, "weight_decay", hyper["weight_decay"], 0.0)
         nesterov = hyper["nesterov"]
         if not isinstance(nesterov, bool):
             raise TypeError(f"{where}: nesterov must be a bool, got {nesterov!r}")
@@ -267,11 +257,11 @@ class Adam(Optimizer):
         betas = hyper["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise TypeError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
-        beta1 = _hyper(where, "betas[0]", betas[0], 0.0, 1.0)
-        beta2 = _hyper(where, "betas[1]", betas[1], 0.0, 1.0)
-        self.lr = _hyper(where, "lr", hyper["lr"], 0.0)
-        self.eps = _hyper(where, "eps", hyper["eps"], 0.0)
-        self.weight_decay = _hyper(where, "weight_decay", hyper["weight_decay"], 0.0)
+        beta1 = _checks.real(where, "betas[0]", betas[0], 0.0, 1.0)
+        beta2 = _checks.real(where, "betas[1]", betas[1], 0.0, 1.0)
+        self.lr = _checks.real(where, "lr", hyper["lr"], 0.0)
+        self.eps = _checks.real(where, "eps", hyper["eps"], 0.0)
+        self.weight_decay = _checks.real(where, "weight_decay", hyper["weight_decay"], 0.0)
         self.betas = (beta1, beta2)
 
     def _update(self, value: Array, grad: Array, state: dict[str, Array], step: int) -> None:

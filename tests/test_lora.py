@@ -1077,12 +1077,12 @@ def test_from_linear_defaults_and_refusals_with_their_messages() -> None:
         ),
         (
             ValueError,
-            f"{where}: name must be non-empty and without '/', got 'a/b'",
+            f"{where}: name must be a non-empty str without '/', got 'a/b'",
             lambda: layer.from_linear(g, w, config=config, name="a/b"),
         ),
         (
             ValueError,
-            f"{where}: name must be non-empty and without '/', got ''",
+            f"{where}: name must be a non-empty str without '/', got ''",
             lambda: layer.from_linear(g, w, config=config, name=""),
         ),
         (
@@ -1162,8 +1162,8 @@ def test_more_lora_refusals_with_their_messages() -> None:
             lambda: gl.LoraLinear.new(g, 3, 2, {}),  # type: ignore[arg-type]
         ),
         (
-            ValueError,
-            "LoraEmbedding.from_embedding: name must be a non-empty str without '/', got 3",
+            TypeError,
+            "LoraEmbedding.from_embedding: name must be a str, got int",
             lambda: gl.LoraEmbedding.from_embedding(g, table, config, name=3),  # type: ignore[arg-type]
         ),
         (

@@ -429,8 +429,7 @@ class Graph(OpMethods):
         """
         found = self._scopes.get(name) if type(name) is str else None
         if found is None:
-            if not isinstance(name, str) or not name or "/" in name:
-                raise ValueError(f"scope: name must be a non-empty str without '/', got {name!r}")
+            name = _checks.label("scope", "name", name)
             found = self._scopes[name] = _Scope(self, name)
         return found
 

@@ -20,7 +20,15 @@ from graphlora.engine.graph import Graph, NodeId, check_graph
 from graphlora.errors import ShapeError
 from graphlora.lora.config import LoraConfig, VeraConfig
 from graphlora.lora.layer import LoraLayer, check_adapter_name, float_array
-from graphlora.lora.variants import Update, draw_update, make_update, rank_bounded, rewrites_base
+from graphlora.lora.variants import (
+    Update,
+    adapter_generator,
+    check_adapter_config,
+    draw_update,
+    make_update,
+    rank_bounded,
+    rewrites_base,
+)
 from graphlora.ops import Array
 
 __all__ = ["LoraEmbedding"]
@@ -75,10 +83,7 @@ class LoraEmbedding(LoraLayer):
         where = "LoraEmbedding.from_embedding"
         check_graph(where, graph)
         config = LoraConfig() if config is None else config
-        if not isinstance(config, (LoraConfig, VeraConfig)):
-            raise TypeError(
-                f"{where}: config must be a LoraConfig or a VeraConfig, got {type(config).__name__}"
-            )
+        check_adapter_config(where, config)
         table = float_array(where, graph, weight, "weight")
         if table.ndim != 2 or table.size == 0:
             raise ShapeError(f"{where}: weight must be a non-empty [V, D] table, got {table.shape}")
@@ -89,10 +94,9 @@ class LoraEmbedding(LoraLayer):
             )
         if rewrites_base(config):
             raise ValueError(f"{where}: init='pissa' is for linear layers only")
-        if not isinstance(name, str) or not name or "/" in name:
-            raise ValueError(f"{where}: name must be a non-empty str without '/', got {name!r}")
+        _checks.label(where, "name", name)
         adapter_name = check_adapter_name(where, adapter_name)
-        generator = _checks.as_generator(where, config.seed if rng is None else rng)
+        generator = adapter_generator(where, config, rng)
         draft = draw_update(where, config, table, generator, "embedding")  # DoRA: linear only
         if isinstance(weight, NodeId):
             node = weight

@@ -23,6 +23,8 @@ from graphlora.errors import GraphError, NonFiniteError, ShapeError
 from graphlora.lora.config import LoraConfig, VeraConfig
 from graphlora.lora.variants import (
     Update,
+    adapter_generator,
+    check_adapter_config,
     choose_update,
     draw_update,
     make_update,
@@ -155,7 +157,7 @@ class LoraLayer:
         check_graph(where, graph)
         adapter_name = check_adapter_name(where, adapter_name)
         self._check_new_adapter(where, adapter_name, config)
-        generator = _checks.as_generator(where, config.seed if rng is None else rng)
+        generator = adapter_generator(where, config, rng)
         weight = np.asarray(graph.value(self.frozen_weight))
         draft = draw_update(where, config, weight, generator, self._layer_kind)
         update = make_update(
@@ -172,10 +174,7 @@ class LoraLayer:
 
     def _check_new_adapter(self, where: str, adapter_name: str, config: object) -> None:
         """Refuse an adapter this layer cannot take (nothing is changed)."""
-        if not isinstance(config, (LoraConfig, VeraConfig)):
-            raise TypeError(
-                f"{where}: config must be a LoraConfig or a VeraConfig, got {type(config).__name__}"
-            )
+        config = check_adapter_config(where, config)
         if adapter_name in self.adapters:
             raise ValueError(
                 f"{where}: {self.name} already holds an adapter {adapter_name!r} "

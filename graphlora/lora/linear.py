@@ -25,7 +25,14 @@ from graphlora.errors import GraphError, ShapeError
 from graphlora.lora.config import LoraConfig, VeraConfig
 from graphlora.lora.functional import linear_init
 from graphlora.lora.layer import LoraLayer, check_adapter_name, float_array
-from graphlora.lora.variants import Update, draw_update, make_update, rank_bounded
+from graphlora.lora.variants import (
+    Update,
+    adapter_generator,
+    check_adapter_config,
+    draw_update,
+    make_update,
+    rank_bounded,
+)
 from graphlora.ops import Array
 
 __all__ = ["LoraLinear"]
@@ -95,8 +102,8 @@ class LoraLinear(LoraLayer):
         """
         where = "LoraLinear.new"
         check_graph(where, graph)
-        _check_config(where, config)
-        generator = _generator(where, rng, config)
+        check_adapter_config(where, config)
+        generator = adapter_generator(where, config, rng)
         weight, bias_value = linear_init(
             in_features, out_features, bias=bias, rng=generator, where=where
         )
@@ -138,7 +145,7 @@ class LoraLinear(LoraLayer):
         where = "LoraLinear.from_linear"
         check_graph(where, graph)
         config = LoraConfig() if config is None else config
-        _check_config(where, config)
+        check_adapter_config(where, config)
         fan_in_fan_out = _checks.flag(where, "fan_in_fan_out", fan_in_fan_out)  # before any leaf
         weight_value = _float_matrix(where, graph, weight, "weight")
         bias_value = None
@@ -149,7 +156,7 @@ class LoraLinear(LoraLayer):
                     f"{where}: bias has shape {bias_value.shape} but weight {weight_value.shape} "
                     f"needs ({weight_value.shape[1]},)"
                 )
-        generator = _generator(where, rng, config)
+        generator = adapter_generator(where, config, rng)
         layer = cls._build(
             where,
             graph,
@@ -192,7 +199,7 @@ class LoraLinear(LoraLayer):
                 f"{where}: rank {config.rank} exceeds min(in_features, out_features) = "
                 f"{min(in_features, out_features)} for weight {weight.shape}"
             )
-        _check_name(where, name)
+        _checks.label(where, "name", name)
         adapter_name = check_adapter_name(where, adapter_name)
         draft = draw_update(where, config, weight, rng, "linear")
         residual = draft.residual
@@ -305,25 +312,6 @@ class LoraLinear(LoraLayer):
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-
-def _check_config(where: str, config: object) -> None:
-    if not isinstance(config, (LoraConfig, VeraConfig)):
-        raise TypeError(
-            f"{where}: config must be a LoraConfig or a VeraConfig, got {type(config).__name__}"
-        )
-
-
-def _check_name(where: str, name: object) -> None:
-    if not isinstance(name, str):
-        raise TypeError(f"{where}: name must be a str, got {type(name).__name__}")
-    if not name or "/" in name:
-        raise ValueError(f"{where}: name must be non-empty and without '/', got {name!r}")
-
-
-def _generator(where: str, rng: object, config: LoraConfig | VeraConfig) -> np.random.Generator:
-    """``rng`` (a Generator or a seed), or a Generator seeded with ``config.seed``."""
-    return _checks.as_generator(where, config.seed if rng is None else rng)
 
 
 def _float_matrix(where: str, graph: Graph, value: object, arg: str) -> Array:

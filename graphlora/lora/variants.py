@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
+from graphlora import _checks
 from graphlora.engine.graph import Graph, NodeId
 from graphlora.lora.config import LoraConfig, VeraConfig
 from graphlora.lora.updates import DoraUpdate, EmbeddingUpdate, LoraUpdate
@@ -26,6 +27,8 @@ __all__ = [
     "VARIANTS",
     "Draft",
     "Update",
+    "adapter_generator",
+    "check_adapter_config",
     "choose_update",
     "draw_update",
     "make_update",
@@ -83,24 +86,29 @@ VARIANTS: dict[tuple[str, str], Any] = {
 """Each variant's class per layer kind (as PEFT's ``DoraLinearVariant``, ...)."""
 
 
+def check_adapter_config(where: str, config: object) -> AdapterConfig:
+    """``config`` if it is an adapter config (``LoraConfig`` or ``VeraConfig``), else a
+    ``TypeError`` naming ``where``."""
+    if not isinstance(config, (LoraConfig, VeraConfig)):
+        raise TypeError(
+            f"{where}: config must be a LoraConfig or a VeraConfig, got {type(config).__name__}"
+        )
+    return config
+
+
 def variant_name(config: object) -> str:
     """The variant a config asks for: the one place that reads its variant fields."""
     if isinstance(config, VeraConfig):
         return "vera"
-    if isinstance(config, LoraConfig):
-        return "dora" if config.use_dora else "lora"
-    raise TypeError(
-        f"an adapter config must be a LoraConfig or a VeraConfig, got {type(config).__name__}"
-    )
+    config = check_adapter_config("variant_name", config)
+    assert isinstance(config, LoraConfig)
+    return "dora" if config.use_dora else "lora"
 
 
 def choose_update(where: str, config: object, layer_kind: str) -> Any:
     """The update class for ``config`` on a layer of ``layer_kind``, or a ``ValueError`` that
     names the variant and the kinds it supports (``TypeError`` for a config of no variant)."""
-    try:
-        variant = variant_name(config)
-    except TypeError as error:
-        raise TypeError(f"{where}: {error}") from None
+    variant = variant_name(check_adapter_config(where, config))
     found = VARIANTS.get((variant, layer_kind))
     if found is None:
         kinds = sorted(kind for name, kind in VARIANTS if name == variant)
@@ -109,6 +117,12 @@ def choose_update(where: str, config: object, layer_kind: str) -> Any:
             f"{layer_kind} layers"
         )
     return found
+
+
+def adapter_generator(where: str, config: AdapterConfig, rng: object) -> np.random.Generator:
+    """The generator that draws an adapter and its dropout masks: ``rng`` (a Generator or a
+    seed), else one seeded with ``config.seed``."""
+    return _checks.as_generator(where, config.seed if rng is None else rng)
 
 
 def rank_bounded(config: object) -> bool:

@@ -24,6 +24,8 @@ from graphlora.lora.functional import combine_adapters
 from graphlora.lora.layer import adapter_list, check_adapter_name
 from graphlora.lora.variants import (
     Draft,
+    adapter_generator,
+    check_adapter_config,
     choose_update,
     make_update,
     rank_bounded,
@@ -114,10 +116,7 @@ def apply_lora(
             f"{where}: model must be a layer or model (an object with a forward method), got "
             f"{type(model).__name__}"
         )
-    if not isinstance(config, (LoraConfig, VeraConfig)):
-        raise TypeError(
-            f"{where}: config must be a LoraConfig or a VeraConfig, got {type(config).__name__}"
-        )
+    check_adapter_config(where, config)
     adapter_name = check_adapter_name(where, adapter_name)
     layers = find_modules(model, (Linear, Embedding, LoraLinear, LoraEmbedding))
     names = [name for name, _, _ in layers]
@@ -152,7 +151,7 @@ def apply_lora(
     existing = lora_layers(model)
     active = tuple(next(iter(existing.values())).active_adapters) if existing else (adapter_name,)
     graph: Graph = _weight(chosen[0][1]).graph
-    generator = _checks.as_generator(where, config.seed if rng is None else rng)
+    generator = adapter_generator(where, config, rng)
     # what the variant's layers share (VeRA's projections, sized for the largest linear target)
     linear_shapes = [
         _weight(layer).shape for _, layer, _ in chosen if isinstance(layer, (Linear, LoraLinear))
