@@ -9,7 +9,6 @@ starts A at zero and B from N(0, 1), and puts no dropout on this update; so does
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -21,7 +20,6 @@ from graphlora.errors import ShapeError
 from graphlora.lora.config import LoraConfig, VeraConfig
 from graphlora.lora.layer import LoraLayer, check_adapter_name, float_array
 from graphlora.lora.variants import (
-    Update,
     adapter_generator,
     check_adapter_config,
     draw_update,
@@ -29,7 +27,6 @@ from graphlora.lora.variants import (
     rank_bounded,
     rewrites_base,
 )
-from graphlora.ops import Array
 
 __all__ = ["LoraEmbedding"]
 
@@ -43,20 +40,8 @@ class LoraEmbedding(LoraLayer):
     ``init="pissa"`` are for linear layers only.
     """
 
-    frozen_weight: NodeId
-    """``W [V, D]``, a constant."""
     num_embeddings: int
     embedding_dim: int
-    adapters: dict[str, Update]
-    """The adapters by name, in the order they were added."""
-    name: str = "lora"
-    """A label, used as the prefix of the leaves' names."""
-    merged_adapters: list[str] = dataclasses.field(default_factory=list)
-    """The adapters folded into ``W`` by ``merge_`` (empty when not merged)."""
-    disabled: bool = False
-    """True inside ``graphlora.disable_adapters``: ``forward`` looks up ``W`` alone."""
-    _active: tuple[str, ...] = ()
-    _unmerged_weight: Array | None = None
     _layer_kind: ClassVar[str] = "embedding"
 
     @classmethod
@@ -107,7 +92,14 @@ class LoraEmbedding(LoraLayer):
                 node = graph.constant(table, name=f"{name}.weight")
         update = make_update(graph, draft, node, generator, name=name, adapter=adapter_name)
         rows, width = table.shape
-        return cls(node, rows, width, {adapter_name: update}, name, _active=(adapter_name,))
+        return cls(
+            rows,
+            width,
+            frozen_weight=node,
+            adapters={adapter_name: update},
+            name=name,
+            _active=(adapter_name,),
+        )
 
     def forward(self, graph: Graph, ids: NodeId | npt.ArrayLike, *, fused: bool = False) -> NodeId:
         """``ids [...] -> [..., D]``: ``W[ids]`` plus each active adapter's ``(A[ids] * s) @ B``

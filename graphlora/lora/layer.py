@@ -10,9 +10,11 @@ add their base computation and construction.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -50,17 +52,24 @@ def check_adapter_name(where: str, name: object) -> str:
     return name
 
 
+@dataclass(eq=False, repr=False, kw_only=True)
 class LoraLayer:
     """The adapter set of a LoRA layer: several named adapters, which of them run, merging and
-    state. Subclasses are dataclasses that provide the fields below and ``forward``."""
+    state. The fields every LoRA layer has are here (keyword-only); subclasses are dataclasses
+    that add their base layer's fields and ``forward``."""
 
     frozen_weight: NodeId
+    """The frozen base weight, a constant: ``W [in, out]`` (linear), ``W [V, D]`` (embedding)."""
     adapters: dict[str, Update]
-    name: str
-    merged_adapters: list[str]
-    disabled: bool
-    _active: tuple[str, ...]
-    _unmerged_weight: Array | None
+    """The adapters by name (PEFT's: ``"default"`` unless named), in the order they were added."""
+    name: str = "lora"
+    """A label, used as the prefix of the leaves' names."""
+    merged_adapters: list[str] = dataclasses.field(default_factory=list)
+    """The adapters folded into ``W`` by ``merge_`` (empty when not merged)."""
+    disabled: bool = False
+    """True inside ``graphlora.disable_adapters``: ``forward`` runs the base layer alone."""
+    _active: tuple[str, ...] = ()
+    _unmerged_weight: Array | None = None
     _layer_kind: ClassVar[str] = "linear"
 
     # --- which adapters run -------------------------------------------------------------------

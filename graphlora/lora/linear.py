@@ -26,7 +26,6 @@ from graphlora.lora.config import LoraConfig, VeraConfig
 from graphlora.lora.functional import linear_init
 from graphlora.lora.layer import LoraLayer, check_adapter_name, float_array
 from graphlora.lora.variants import (
-    Update,
     adapter_generator,
     check_adapter_config,
     draw_update,
@@ -54,25 +53,13 @@ class LoraLinear(LoraLayer):
     is unchanged. B = 0 for gaussian and kaiming.
     """
 
-    frozen_weight: NodeId
-    """``W [in, out]``, a constant."""
     bias: NodeId | None
     """``[out]``, a constant, or ``None``."""
     in_features: int
     out_features: int
-    adapters: dict[str, Update]
-    """The adapters by name (PEFT's: ``"default"`` unless named), in the order they were added."""
-    name: str = "lora"
-    """A label, used as the prefix of the leaves' names."""
     fan_in_fan_out: bool = False
     """True when the base weight comes from a framework that stores it ``[in, out]`` too (GPT-2's
     ``Conv1D``): adapter files then say ``fan_in_fan_out: true``, as PEFT needs."""
-    merged_adapters: list[str] = dataclasses.field(default_factory=list)
-    """The adapters folded into ``W`` by ``merge_`` (empty when not merged)."""
-    disabled: bool = False
-    """True inside ``graphlora.disable_adapters``: ``forward`` runs the base layer alone."""
-    _active: tuple[str, ...] = ()
-    _unmerged_weight: Array | None = None
 
     # --- construction -------------------------------------------------------------------------
 
