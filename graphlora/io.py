@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from graphlora.engine.graph import Graph, NodeId, check_graph
-from graphlora.errors import GraphError, ShapeError
+from graphlora.errors import ShapeError
 from graphlora.lora import LoraEmbedding, LoraLayer, LoraLinear
 from graphlora.lora.functional import lora_scaling
 from graphlora.lora.layer import adapter_list, check_adapter_name
@@ -527,8 +527,7 @@ def load_adapter(
     values: list[tuple[NodeId, Array]] = []
     for name, update in updates.items():
         layer = layers[name]
-        if layer.merged:
-            raise GraphError(f"{where}: layer {name!r} is merged; unmerge_ it before loading")
+        layer.refuse_merged(where, f"layer {name!r}")
         for node in update.params():
             graph.check(node, where, f"layers[{name!r}]")  # of this graph, and live
         checks = [
@@ -605,8 +604,7 @@ def _load_shared_variant(
     expected: dict[str, tuple[NodeId, bool]] = {}
     for name, update in updates.items():
         layer = layers[name]
-        if layer.merged:
-            raise GraphError(f"{where}: layer {name!r} is merged; unmerge_ it before loading")
+        layer.refuse_merged(where, f"layer {name!r}")
         if update.rank != config.get("r"):
             raise ValueError(
                 f"{where}: layer {name!r}: the file has r {config.get('r')!r}, the layer "

@@ -407,7 +407,10 @@ def test_load_state_dict_is_all_or_nothing() -> None:
         for key, value in lora.state_dict(g).items():
             np.testing.assert_array_equal(value, before[key])
     lora.merge_(g)
-    with pytest.raises(gl.GraphError, match="lora is merged; unmerge_ it before loading"):
+    with pytest.raises(
+        gl.GraphError,
+        match=r"^LoraLinear.load_state_dict: lora is merged \(adapters \['default'\]\); unmerge_ it first$",
+    ):
         lora.load_state_dict(g, good)
     lora.unmerge_(g)
     lora.load_state_dict(g, {k: v.astype(np.float32) for k, v in good.items()})  # converted

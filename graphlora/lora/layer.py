@@ -231,7 +231,7 @@ class LoraLayer:
             raise ValueError(
                 f"{where}: {self.name} has no adapter {unknown}; it holds {sorted(self.adapters)}"
             )
-        self._refuse_merged(where)
+        self.refuse_merged(where)
         self.activate(graph, names)
 
     def activate(self, graph: Graph, names: Sequence[str]) -> None:
@@ -265,7 +265,7 @@ class LoraLayer:
                 f"{where}: {self.name} has no adapter {adapter_name!r}; it holds "
                 f"{sorted(self.adapters)}"
             )
-        self._refuse_merged(where)
+        self.refuse_merged(where)
         update = self.adapters.pop(adapter_name)
         for leaf in update.params():
             if leaf.requires_grad:
@@ -273,11 +273,14 @@ class LoraLayer:
         self._active = tuple(name for name in self._active if name != adapter_name)
         graph.end_replays()
 
-    def _refuse_merged(self, where: str) -> None:
+    def refuse_merged(self, where: str, label: str | None = None) -> None:
+        """Raise ``GraphError`` while merged: the weight holds the merged adapters, so a change
+        to the adapters (or a load) must wait for ``unmerge_``. ``label`` names the layer as the
+        caller knows it (default: its ``name``)."""
         if self.merged_adapters:
             raise GraphError(
-                f"{where}: {self.name} is merged (adapters {self.merged_adapters}); unmerge_ it "
-                "first"
+                f"{where}: {label or self.name} is merged (adapters {self.merged_adapters}); "
+                "unmerge_ it first"
             )
 
     # --- leaves -------------------------------------------------------------------------------
@@ -420,8 +423,7 @@ class LoraLayer:
         """
         where = f"{type(self).__name__}.load_state_dict"
         check_graph(where, graph)
-        if self.merged_adapters:
-            raise GraphError(f"{where}: {self.name} is merged; unmerge_ it before loading")
+        self.refuse_merged(where)
         if not isinstance(state, Mapping):
             raise TypeError(f"{where}: state must be a mapping, got {type(state).__name__}")
         update = self._adapter(where, adapter_name)

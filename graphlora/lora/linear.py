@@ -21,7 +21,7 @@ import numpy.typing as npt
 
 from graphlora import _checks
 from graphlora.engine.graph import Graph, NodeId, check_graph
-from graphlora.errors import GraphError, ShapeError
+from graphlora.errors import ShapeError
 from graphlora.lora.config import LoraConfig, VeraConfig
 from graphlora.lora.functional import linear_init
 from graphlora.lora.layer import LoraLayer, check_adapter_name, float_array
@@ -218,8 +218,7 @@ class LoraLinear(LoraLayer):
         """
         where = "LoraLinear.with_bias"
         check_graph(where, graph)
-        if self.merged:
-            raise GraphError(f"{where}: {self.name} is merged; unmerge_ it first")
+        self.refuse_merged(where)
         value = float_array(where, graph, bias, "bias")
         if value.shape != (self.out_features,):
             raise ShapeError(
