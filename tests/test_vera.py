@@ -392,3 +392,130 @@ def test_a_peft_vera_file_without_projections_is_refused_with_the_way_out(tmp_pa
         gl.load_adapter(tmp_path / "peft", g, model)
     for leaf, value in zip(g.leaves, before, strict=True):
         np.testing.assert_array_equal(g.value(leaf), value)
+
+
+# --- what mutation testing asked for: names, scopes, the config file, the chooser ------------
+
+
+def test_vera_leaves_are_named_and_scoped_for_drawings_and_state() -> None:
+    g, _, layers = _vera(rank=3)
+    update = layers["fc1"].update
+    assert update.projection.vera_a.name == "vera_A" and update.projection.vera_b.name == "vera_B"
+    assert update.projection.vera_a.scope == "vera" and update.projection.vera_b.scope == "vera"
+    assert (
+        update.lambda_d.name == "fc1.vera_lambda_d" and update.lambda_b.name == "fc1.vera_lambda_b"
+    )
+    assert update.lambda_d.scope == "fc1/lora" and update.lambda_b.scope == "fc1/lora"
+    gl.apply_lora(_vera(rank=2)[1], gl.VeraConfig(rank=2), ["fc1"], adapter_name="second")
+    state = layers["fc1"].state_dict(g)
+    assert sorted(state) == ["lambda_b", "lambda_d"]
+    np.testing.assert_array_equal(state["lambda_d"], np.full(3, 0.1))
+    layers["fc1"].load_state_dict(g, {"lambda_d": np.ones(3), "lambda_b": np.full(5, 2.0)})
+    np.testing.assert_array_equal(g.value(update.lambda_b), np.full(5, 2.0))
+    assert [name for name, _ in layers["fc1"].named_leaves()] == [
+        "weight",
+        "bias",
+        "vera_lambda_d.default",
+        "vera_lambda_b.default",
+    ]
+
+
+def test_the_projections_take_both_signs_up_to_their_bounds() -> None:
+    g, _, layers = _vera(rank=64, projection_prng_key=5)
+    projection = layers["fc1"].update.projection
+    a, b = np.asarray(g.value(projection.vera_a)), np.asarray(g.value(projection.vera_b))
+    for matrix, bound in ((a, math.sqrt(6 / 6)), (b, math.sqrt(6 / 64))):
+        assert matrix.min() < -0.9 * bound and matrix.max() > 0.9 * bound
+        assert np.abs(matrix).max() <= bound
+
+
+def test_a_lone_vera_layer_makes_a_projection_of_its_own_size() -> None:
+    g = gl.Graph()
+    layer = gl.LoraLinear.from_linear(g, np.ones((4, 3)), None, gl.VeraConfig(rank=5))
+    projection = layer.update.projection
+    assert projection.vera_a.shape == (4, 5) and projection.vera_b.shape == (5, 3)
+
+
+def test_vera_dropout_drops_the_input_with_the_layer_s_generator() -> None:
+    x = np.random.default_rng(8).normal(size=(16, 6))
+
+    def output(seed: int, dropout: float) -> np.ndarray:
+        g = gl.Graph()
+        config = gl.VeraConfig(rank=3, dropout=dropout, seed=seed)
+        layers = gl.apply_lora(Two(g), config, ["fc1", "fc2"])
+        _trained(g, layers)
+        return np.array(g.value(layers["fc1"].forward(g, g.constant(x))))
+
+    assert np.array_equal(output(4, 0.5), output(4, 0.5))  # the seed decides the masks
+    assert not np.allclose(output(4, 0.5), output(4, 0.0))  # and there are masks
+
+
+def test_vera_refuses_what_it_has_not_with_its_message() -> None:
+    _, _, layers = _vera()
+    with pytest.raises(AttributeError) as info:
+        _ = layers["fc1"].lora_b
+    assert str(info.value) == (
+        "a VeRA adapter has no lora_b: its A and B are the frozen shared vera_A and vera_B "
+        "(projection), and it trains lambda_d and lambda_b"
+    )
+
+
+def test_the_vera_config_file_is_peft_s_field_for_field(tmp_path: Path) -> None:
+    g, model, _ = _vera(rank=3, projection_prng_key=7, d_initial=0.25, dropout=0.125)
+    gl.save_adapter(tmp_path / "v", g, model)
+    written = json.loads((tmp_path / "v" / "adapter_config.json").read_text())
+    assert written == {
+        "peft_type": "VERA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "r": 3,
+        "target_modules": ["fc1", "fc2"],
+        "projection_prng_key": 7,
+        "save_projection": True,
+        "vera_dropout": 0.125,
+        "d_initial": 0.25,
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "modules_to_save": None,
+        "init_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "inference_mode": True,
+    }
+
+
+def test_vera_layers_of_two_apply_lora_calls_do_not_share_a_file(tmp_path: Path) -> None:
+    g = gl.Graph()
+    model = Two(g)
+    gl.apply_lora(model, gl.VeraConfig(rank=2), ["fc1"])
+    gl.apply_lora(model, gl.VeraConfig(rank=2), ["fc2"])
+    with pytest.raises(ValueError, match="the VeRA layers hold different projections"):
+        gl.save_adapter(tmp_path / "v", g, model)
+    g2 = gl.Graph()
+    other = Two(g2)
+    gl.apply_lora(other, gl.VeraConfig(rank=2), ["fc1"])
+    gl.apply_lora(other, gl.VeraConfig(rank=2, d_initial=0.5), ["fc2"])
+    with pytest.raises(ValueError, match="the VeRA layers differ in their VeraConfig"):
+        gl.save_adapter(tmp_path / "v", g2, other)
+    assert not (tmp_path / "v").exists()
+
+
+def test_the_chooser_names_the_variant_the_kinds_and_the_caller() -> None:
+    from graphlora.lora.variants import choose_update, variant_name
+
+    with pytest.raises(ValueError, match=r"^here: ") as info:
+        choose_update("here", gl.LoraConfig(), "conv")
+    assert str(info.value) == (
+        "here: the 'lora' variant supports embedding and linear layers, not conv layers"
+    )
+    with pytest.raises(
+        TypeError, match=r"^here: config must be a LoraConfig or a VeraConfig, got int$"
+    ):
+        choose_update("here", 3, "linear")
+    with pytest.raises(
+        TypeError, match=r"^variant_name: config must be a LoraConfig or a VeraConfig"
+    ):
+        variant_name(3)
+    assert [
+        variant_name(c) for c in (gl.LoraConfig(), gl.LoraConfig(use_dora=True), gl.VeraConfig())
+    ] == ["lora", "dora", "vera"]
