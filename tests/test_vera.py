@@ -266,8 +266,13 @@ def test_saving_vera_without_its_projections_is_refused_and_writes_nothing(
     tmp_path: Path,
 ) -> None:
     g, model, _ = _vera(rank=2, save_projection=False)
-    with pytest.raises(ValueError, match="save_projection=False cannot be saved"):
+    with pytest.raises(ValueError, match=r"^save_adapter: a VeRA adapter") as info:
         gl.save_adapter(tmp_path / "v", g, model)
+    assert str(info.value) == (
+        "save_adapter: a VeRA adapter with save_projection=False cannot be saved: PEFT would "
+        "draw other vera_A and vera_B from projection_prng_key with PyTorch's generator; use "
+        "VeraConfig(save_projection=True)"
+    )
     assert not (tmp_path / "v").exists()
 
 
@@ -431,9 +436,12 @@ def test_the_projections_take_both_signs_up_to_their_bounds() -> None:
 
 def test_a_lone_vera_layer_makes_a_projection_of_its_own_size() -> None:
     g = gl.Graph()
-    layer = gl.LoraLinear.from_linear(g, np.ones((4, 3)), None, gl.VeraConfig(rank=5))
+    layer = gl.LoraLinear.from_linear(g, np.ones((24, 3)), None, gl.VeraConfig(rank=200))
     projection = layer.update.projection
-    assert projection.vera_a.shape == (4, 5) and projection.vera_b.shape == (5, 3)
+    assert projection.vera_a.shape == (24, 200) and projection.vera_b.shape == (200, 3)
+    a = np.asarray(g.value(projection.vera_a))
+    bound = math.sqrt(6 / 24)  # 0.5: A's values lie within it, on both sides
+    assert a.min() < -0.9 * bound and 0.9 * bound < a.max() <= bound
 
 
 def test_vera_dropout_drops_the_input_with_the_layer_s_generator() -> None:
@@ -489,8 +497,12 @@ def test_vera_layers_of_two_apply_lora_calls_do_not_share_a_file(tmp_path: Path)
     model = Two(g)
     gl.apply_lora(model, gl.VeraConfig(rank=2), ["fc1"])
     gl.apply_lora(model, gl.VeraConfig(rank=2), ["fc2"])
-    with pytest.raises(ValueError, match="the VeRA layers hold different projections"):
+    with pytest.raises(ValueError, match=r"^save_adapter: the VeRA layers") as info:
         gl.save_adapter(tmp_path / "v", g, model)
+    assert str(info.value) == (
+        "save_adapter: the VeRA layers hold different projections (adapted by separate "
+        "apply_lora calls); PEFT shares one pair: save them separately"
+    )
     g2 = gl.Graph()
     other = Two(g2)
     gl.apply_lora(other, gl.VeraConfig(rank=2), ["fc1"])

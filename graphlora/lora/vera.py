@@ -234,9 +234,9 @@ class VeraUpdate:
         """``A[:in]`` and ``B[:, :out]``, this layer's part of the shared projections."""
         a, b = self.projection.vera_a, self.projection.vera_b
         if a.shape[0] != self.in_features:
-            a = graph.getitem(a, slice(0, self.in_features))
+            a = graph.getitem(a, slice(self.in_features))
         if b.shape[1] != self.out_features:
-            b = graph.getitem(b, (slice(None), slice(0, self.out_features)))
+            b = graph.getitem(b, (slice(None), slice(self.out_features)))
         return a, b
 
     def record(self, graph: Graph, x: NodeId, layer: object, base: NodeId) -> NodeId:
