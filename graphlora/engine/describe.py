@@ -124,7 +124,18 @@ def to_dot(
     show_grads: bool = False,
     legend: bool = False,
 ) -> str:
-    """The graph as Graphviz DOT text (see ``Graph.to_dot``)."""
+    """The graph as Graphviz DOT text: constants, parameters and ops in distinct styles.
+
+    Every node shows its shape, and an op its scalar arguments (``c=2`` on a ``scale``);
+    edges run in the direction data flows. With ``root``, only it and its ancestors are
+    drawn. Nodes made in a ``scope`` are grouped in a labelled cluster, so that a layer's
+    parts appear side by side (with titles for the scopes layers use, such as ``frozen``).
+    ``show_values`` and ``show_grads`` add each node's value and gradient (numbers when few,
+    else their range and norm: a gradient of zeros shows as zeros, and a node that got none
+    shows none). ``legend`` adds a key to the styles: grey boxes are constants, blue boxes
+    parameters, ellipses ops, dashed ellipses ops no gradient flows through.
+    ``graphlora.viz.render`` turns the text into an image.
+    """
     check_graph("to_dot", graph)
     nodes = _nodes(graph, root)
     lines = [

@@ -16,7 +16,7 @@ offending shapes or values. The op methods below are one line each.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import islice
 from typing import TYPE_CHECKING, Any
@@ -181,18 +181,8 @@ class Graph(OpMethods):
         show_grads: bool = False,
         legend: bool = False,
     ) -> str:
-        """The graph as Graphviz DOT text: constants, parameters and ops in distinct styles.
-
-        Every node shows its shape, and an op its scalar arguments (``c=2`` on a ``scale``);
-        edges run in the direction data flows. With ``root``, only it and its ancestors are
-        drawn. Nodes made in a ``scope`` are grouped in a labelled cluster, so that a layer's
-        parts appear side by side (with titles for the scopes layers use, such as ``frozen``).
-        ``show_values`` and ``show_grads`` add each node's value and gradient (numbers when few,
-        else their range and norm: a gradient of zeros shows as zeros, and a node that got none
-        shows none). ``legend`` adds a key to the styles: grey boxes are constants, blue boxes
-        parameters, ellipses ops, dashed ellipses ops no gradient flows through.
-        ``graphlora.viz.render`` turns the text into an image.
-        """
+        """The graph as Graphviz DOT text, styled by node kind and grouped by scope (``root``:
+        it and its ancestors only); see ``graphlora.engine.describe.to_dot``."""
         from graphlora.engine import describe
 
         return describe.to_dot(
@@ -656,9 +646,18 @@ class Graph(OpMethods):
         from graphlora.engine.replay import Replay
 
         loss = self.check(loss, "compile", "loss")
-        seed = self._seed("compile", loss, grad)
+        self._seed("compile", loss, grad)  # refused here with compile's name
         nodes = () if loss._epoch == LEAF else tuple(self._tape[: loss._index + 1])
-        return Replay(self, loss, None if grad is None else read_only(seed), nodes)
+        return Replay(self, loss, self.backward_step(loss, grad), nodes)
+
+    def backward_step(self, loss: NodeId, grad: npt.ArrayLike | None = None) -> Callable[[], None]:
+        """``backward(loss, grad)`` checked once, as a function to run again after each new
+        forward (what a compiled step calls): the same walk and accumulation, none of the
+        checks."""
+        loss = self.check(loss, "backward_step", "loss")
+        seed = self._seed("backward_step", loss, grad)
+        seed = seed if seed is self._one else read_only(seed)  # never written: not owned
+        return lambda: self._backward(loss, seed, False, False)
 
     def backward(
         self, loss: NodeId, grad: npt.ArrayLike | None = None, *, retain_grads: bool = False

@@ -3,7 +3,7 @@
 A NodeId is what users hold (read its value with ``graph.value(node)``) and the record the graph
 keeps of the node: its value, inputs, op function and VJP, and accumulated gradient. The graph
 (``graphlora.engine.graph``) fills and reads these records; everything else uses the public
-properties and the two methods a compiled step needs (``rerunner``, ``refresh``).
+properties and the two methods a compiled step needs (``rerunner``, ``replayer``).
 """
 
 from __future__ import annotations
@@ -191,16 +191,23 @@ class NodeId:
 
         return lambda: fn(*values(), **params)
 
-    def refresh(self, out: Array, vjp: Vjp) -> None:
-        """Give this op the value (and VJP) of a new run of it, as ``rerunner`` made: the old value
-        goes at once. In anomaly mode a non-finite value raises ``NonFiniteError`` first."""
-        if type(out) is not np.ndarray:  # NumPy gives scalars for 0-d results; keep arrays
-            out = np.asarray(out)
-        if self._graph.check_finite and not np.isfinite(out).all():
-            raise NonFiniteError(anomaly(self._op, self._inputs, out, "forward output", self))
-        self._value = out
-        if self._requires_grad:
-            self._vjp = vjp
+    def replayer(self) -> Callable[[bool], None]:
+        """A function ``step(check_finite)`` that runs this op again (``rerunner``) and keeps the
+        new value, and VJP, as the node's own: what a compiled step runs for each op. With
+        ``check_finite``, a non-finite value raises ``NonFiniteError`` before anything is kept."""
+        run, node = self.rerunner(), self
+
+        def step(check_finite: bool) -> None:
+            out, vjp = run()
+            if type(out) is not np.ndarray:  # NumPy gives scalars for 0-d results; keep arrays
+                out = np.asarray(out)
+            if check_finite and not np.isfinite(out).all():
+                raise NonFiniteError(anomaly(node._op, node._inputs, out, "forward output", node))
+            node._value = out  # the old value goes at once: a run holds one value per node
+            if node._requires_grad:
+                node._vjp = vjp
+
+        return step
 
     def __repr__(self) -> str:
         name = f", name={self._name!r}" if self._name is not None else ""

@@ -6,11 +6,13 @@ then runs the same backward walk as ``Graph.backward``. Exact by construction: a
 values and gradients a new recording of the same calls would give, to the last bit.
 
 A replay talks to the engine through its public entry points only: ``Graph.replay_token`` (what
-ends a replay), ``NodeId.rerunner`` and ``NodeId.refresh`` (run an op again and keep its new
-value), ``Graph.value`` and ``Graph.backward``.
+ends a replay), ``NodeId.replayer`` (run an op again and keep its new value),
+``Graph.backward_step`` (backward, checked once) and ``Graph.value``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from graphlora.engine.graph import Graph
 from graphlora.engine.node import NodeId, needs_grad
@@ -51,16 +53,20 @@ class Replay:
     array([2., 4., 6.])
     """
 
-    __slots__ = ("_grad", "_graph", "_loss", "_nodes", "_runs", "_token")
+    __slots__ = ("_backward", "_graph", "_loss", "_nodes", "_steps", "_token")
 
     def __init__(
-        self, graph: Graph, loss: NodeId, grad: Array | None, nodes: tuple[NodeId, ...]
+        self,
+        graph: Graph,
+        loss: NodeId,
+        backward: Callable[[], None],
+        nodes: tuple[NodeId, ...],
     ) -> None:
         self._graph = graph
         self._loss = loss
-        self._grad = grad  # the checked seed of backward, or None for a size-1 loss
+        self._backward = backward  # Graph.backward_step(loss, grad)
         self._nodes = nodes
-        self._runs = tuple(node.rerunner() for node in nodes)
+        self._steps = tuple(node.replayer() for node in nodes)
         self._token = graph.replay_token()
 
     @property
@@ -106,10 +112,10 @@ class Replay:
             )
         if backward:
             needs_grad("Replay", loss)
-        for node, run in zip(self._nodes, self._runs, strict=True):
-            out, vjp = run()
-            node.refresh(out, vjp)  # the old value goes at once: a run holds one value per node
+        check_finite = graph.check_finite
+        for step in self._steps:
+            step(check_finite)
         if backward:
-            graph.backward(loss, self._grad)
+            self._backward()
         value: Array = graph.value(loss)
         return value

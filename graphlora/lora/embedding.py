@@ -18,13 +18,13 @@ from graphlora import _checks
 from graphlora.engine.graph import Graph, NodeId, check_graph
 from graphlora.errors import ShapeError
 from graphlora.lora.config import LoraConfig, VeraConfig
-from graphlora.lora.layer import LoraLayer, check_adapter_name, float_array
+from graphlora.lora.layer import LoraLayer, check_adapter_name, float_data
 from graphlora.lora.variants import (
     adapter_generator,
     check_adapter_config,
+    check_rank,
     draw_update,
     make_update,
-    rank_bounded,
     rewrites_base,
 )
 
@@ -69,14 +69,10 @@ class LoraEmbedding(LoraLayer):
         check_graph(where, graph)
         config = LoraConfig() if config is None else config
         check_adapter_config(where, config)
-        table = float_array(where, graph, weight, "weight")
+        table = float_data(where, "weight", weight, graph)
         if table.ndim != 2 or table.size == 0:
             raise ShapeError(f"{where}: weight must be a non-empty [V, D] table, got {table.shape}")
-        if rank_bounded(config) and config.rank > min(table.shape):
-            raise ValueError(
-                f"{where}: rank {config.rank} exceeds min(num_embeddings, embedding_dim) = "
-                f"{min(table.shape)} for weight {table.shape}"
-            )
+        check_rank(where, config, table.shape, "embedding")
         if rewrites_base(config):
             raise ValueError(f"{where}: init='pissa' is for linear layers only")
         _checks.label(where, "name", name)

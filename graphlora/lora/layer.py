@@ -27,15 +27,15 @@ from graphlora.lora.variants import (
     Update,
     adapter_generator,
     check_adapter_config,
+    check_rank,
     choose_update,
     draw_update,
     make_update,
-    rank_bounded,
     rewrites_base,
 )
 from graphlora.ops import Array
 
-__all__ = ["LoraLayer", "check_adapter_name"]
+__all__ = ["LoraLayer", "check_adapter_name", "float_data"]
 
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -189,12 +189,7 @@ class LoraLayer:
                 f"{where}: {self.name} already holds an adapter {adapter_name!r} "
                 f"(it holds {sorted(self.adapters)})"
             )
-        shape = self.frozen_weight.shape
-        if rank_bounded(config) and config.rank > min(shape):
-            raise ValueError(
-                f"{where}: rank {config.rank} exceeds min(in_features, out_features) = "
-                f"{min(shape)} for weight {shape}"
-            )
+        check_rank(where, config, self.frozen_weight.shape, self._layer_kind)
         if rewrites_base(config):
             raise ValueError(
                 f"{where}: init='pissa' replaces the base weight by a residual, which every "
@@ -490,7 +485,7 @@ def adapter_list(where: str, adapter_names: object) -> list[str]:
     return names
 
 
-def float_array(where: str, graph: Graph, value: object, arg: str) -> Array:
+def float_data(where: str, arg: str, value: object, graph: Graph) -> Array:
     """The floating-point data of a NodeId of ``graph`` or of an array, or a clear error."""
     if isinstance(value, NodeId):
         return np.asarray(graph.value(value))

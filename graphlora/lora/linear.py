@@ -24,13 +24,13 @@ from graphlora.engine.graph import Graph, NodeId, check_graph
 from graphlora.errors import ShapeError
 from graphlora.lora.config import LoraConfig, VeraConfig
 from graphlora.lora.functional import linear_init
-from graphlora.lora.layer import LoraLayer, check_adapter_name, float_array
+from graphlora.lora.layer import LoraLayer, check_adapter_name, float_data
 from graphlora.lora.variants import (
     adapter_generator,
     check_adapter_config,
+    check_rank,
     draw_update,
     make_update,
-    rank_bounded,
 )
 from graphlora.ops import Array
 
@@ -137,7 +137,7 @@ class LoraLinear(LoraLayer):
         weight_value = _float_matrix(where, graph, weight, "weight")
         bias_value = None
         if bias is not None:
-            bias_value = float_array(where, graph, bias, "bias")
+            bias_value = float_data(where, "bias", bias, graph)
             if bias_value.shape != (weight_value.shape[1],):
                 raise ShapeError(
                     f"{where}: bias has shape {bias_value.shape} but weight {weight_value.shape} "
@@ -181,11 +181,7 @@ class LoraLinear(LoraLayer):
         """Draw the adapter, make the leaves, and assemble the layer (arguments already
         checked)."""
         in_features, out_features = weight.shape
-        if rank_bounded(config) and config.rank > min(in_features, out_features):
-            raise ValueError(
-                f"{where}: rank {config.rank} exceeds min(in_features, out_features) = "
-                f"{min(in_features, out_features)} for weight {weight.shape}"
-            )
+        check_rank(where, config, weight.shape, "linear")
         _checks.label(where, "name", name)
         adapter_name = check_adapter_name(where, adapter_name)
         draft = draw_update(where, config, weight, rng, "linear")
@@ -219,7 +215,7 @@ class LoraLinear(LoraLayer):
         where = "LoraLinear.with_bias"
         check_graph(where, graph)
         self.refuse_merged(where)
-        value = float_array(where, graph, bias, "bias")
+        value = float_data(where, "bias", bias, graph)
         if value.shape != (self.out_features,):
             raise ShapeError(
                 f"{where}: bias has shape {value.shape} but the layer needs ({self.out_features},)"
@@ -301,7 +297,7 @@ class LoraLinear(LoraLayer):
 
 
 def _float_matrix(where: str, graph: Graph, value: object, arg: str) -> Array:
-    array = float_array(where, graph, value, arg)
+    array = float_data(where, arg, value, graph)
     if array.ndim != 2 or array.size == 0:
         raise ShapeError(
             f"{where}: {arg} must be a non-empty 2-D [in, out] matrix, got shape {array.shape}"

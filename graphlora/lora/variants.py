@@ -29,6 +29,7 @@ __all__ = [
     "Update",
     "adapter_generator",
     "check_adapter_config",
+    "check_rank",
     "choose_update",
     "draw_update",
     "make_update",
@@ -123,6 +124,20 @@ def adapter_generator(where: str, config: AdapterConfig, rng: object) -> np.rand
     """The generator that draws an adapter and its dropout masks: ``rng`` (a Generator or a
     seed), else one seeded with ``config.seed``."""
     return _checks.as_generator(where, config.seed if rng is None else rng)
+
+
+def check_rank(where: str, config: AdapterConfig, shape: tuple[int, ...], layer_kind: str) -> None:
+    """Refuse a LoRA rank above ``min(shape)`` of a layer's weight (A and B could not hold it);
+    VeRA's shared projections may be of any rank."""
+    if rank_bounded(config) and config.rank > min(shape):
+        dims = (
+            "num_embeddings, embedding_dim"
+            if layer_kind == "embedding"
+            else "in_features, out_features"
+        )
+        raise ValueError(
+            f"{where}: rank {config.rank} exceeds min({dims}) = {min(shape)} for weight {shape}"
+        )
 
 
 def rank_bounded(config: object) -> bool:
