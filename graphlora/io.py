@@ -401,7 +401,7 @@ def read_adapter(path: str | os.PathLike[str]) -> AdapterFile:
         config's ``use_dora`` does not announce (or the reverse).
     """
     where = "read_adapter"
-    st = safetensors_module(where)
+    safetensors_module(where)  # its install hint comes before any other error
     directory = checkpoint.folder(where, path)
     weights = directory / WEIGHTS_NAME
     checkpoint.refuse_pickle(
@@ -424,13 +424,7 @@ def read_adapter(path: str | os.PathLike[str]) -> AdapterFile:
     for key in ("use_rslora", "use_dora"):
         if not isinstance(config.get(key, False), bool):
             raise ValueError(f"{where}: {config_file} has a {key} that is not true/false")
-    try:
-        tensors = st.numpy.load_file(str(weights))
-    except Exception as error:  # safetensors raises its own error type, or others on bad dtypes
-        raise ValueError(
-            f"{where}: {weights} is not a readable safetensors file (corrupted, truncated or of a "
-            f"dtype NumPy lacks, such as bfloat16): {error}"
-        ) from None
+    tensors = checkpoint.load_tensors(where, weights)
     found: dict[str, dict[str, Array]] = {"A": {}, "B": {}, "magnitude": {}}
     embeddings: set[str] = set()
     adapters: set[str] = set()
@@ -595,12 +589,7 @@ def _load_shared_variant(
             f"a {kind!r} adapter"
         )
     weights = directory / WEIGHTS_NAME
-    try:
-        tensors = safetensors_module(where).numpy.load_file(str(weights))
-    except Exception as error:  # safetensors raises its own error types
-        raise ValueError(
-            f"{where}: {weights} is not a readable safetensors file: {error}"
-        ) from None
+    tensors = checkpoint.load_tensors(where, weights)
     expected: dict[str, tuple[NodeId, bool]] = {}
     for name, update in updates.items():
         layer = layers[name]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -103,25 +103,28 @@ class LoraUpdate:
         ``<name>.lora_A<suffix>``, ``<name>.lora_B<suffix>`` (and any leaves of its own);
         ``weight`` is the layer's frozen weight."""
         a, b = payload
+
+        def named(leaf: str) -> str:
+            return f"{name}.{leaf}{suffix}"
+
         with graph.scope(name), graph.scope("lora"):
-            lora_a = graph.parameter(a, name=f"{name}.lora_A{suffix}")
-            lora_b = graph.parameter(b, name=f"{name}.lora_B{suffix}")
-            return cls._with_leaves(graph, lora_a, lora_b, config, rng, weight, name, suffix)
+            lora_a = graph.parameter(a, name=named("lora_A"))
+            lora_b = graph.parameter(b, name=named("lora_B"))
+            extra = cls._own_leaves(graph, config, lora_a, lora_b, weight, named)
+        return cls(lora_a, lora_b, config, rng, **extra)
 
     @classmethod
-    def _with_leaves(
+    def _own_leaves(
         cls,
         graph: Graph,
-        lora_a: NodeId,
-        lora_b: NodeId,
         config: LoraConfig,
-        rng: np.random.Generator,
+        a: NodeId,
+        b: NodeId,
         weight: NodeId,
-        name: str,
-        suffix: str,
-    ) -> LoraUpdate:
-        """The update over made A and B, with the leaves the variant adds."""
-        return cls(lora_a, lora_b, config, rng)
+        named: Callable[[str], str],
+    ) -> dict[str, NodeId]:
+        """The leaves the variant adds to A and B, by field (``named(leaf)`` names one): none."""
+        return {}
 
     @property
     def rank(self) -> int:
@@ -269,23 +272,20 @@ class DoraUpdate(LoraUpdate):
     """``m [out]``, a parameter: each output's length (PEFT: ``lora_magnitude_vector``)."""
 
     @classmethod
-    def _with_leaves(
+    def _own_leaves(
         cls,
         graph: Graph,
-        lora_a: NodeId,
-        lora_b: NodeId,
         config: LoraConfig,
-        rng: np.random.Generator,
+        a: NodeId,
+        b: NodeId,
         weight: NodeId,
-        name: str,
-        suffix: str,
-    ) -> LoraUpdate:
-        """The magnitude starts as ``||W + s A B||`` per output, so the layer starts as the base."""
-        delta = scaled_delta(graph.value(lora_a), graph.value(lora_b), config.scaling)
-        magnitude = graph.parameter(
-            column_norms(graph.value(weight) + delta), name=f"{name}.lora_magnitude_vector{suffix}"
-        )
-        return cls(lora_a, lora_b, config, rng, magnitude=magnitude)
+        named: Callable[[str], str],
+    ) -> dict[str, NodeId]:
+        """``magnitude``, starting as ``||W + s A B||`` per output, so the layer starts as the
+        base."""
+        delta = scaled_delta(graph.value(a), graph.value(b), config.scaling)
+        norms = column_norms(graph.value(weight) + delta)
+        return {"magnitude": graph.parameter(norms, name=named("lora_magnitude_vector"))}
 
     def params(self) -> list[NodeId]:
         """``[lora_a, lora_b, magnitude]``."""

@@ -99,10 +99,9 @@ def check_adapter_config(where: str, config: object) -> AdapterConfig:
 
 def variant_name(config: object) -> str:
     """The variant a config asks for: the one place that reads its variant fields."""
+    config = check_adapter_config("variant_name", config)
     if isinstance(config, VeraConfig):
         return "vera"
-    config = check_adapter_config("variant_name", config)
-    assert isinstance(config, LoraConfig)
     return "dora" if config.use_dora else "lora"
 
 
@@ -167,9 +166,9 @@ def draw_update(
     where: str, config: object, weight: Array, rng: np.random.Generator, layer_kind: str
 ) -> Draft:
     """Choose the variant for ``config`` and draw its adapter for the frozen ``weight``."""
+    config = check_adapter_config(where, config)
     kind = choose_update(where, config, layer_kind)
     payload, residual = kind.draw(config, weight, rng)
-    assert isinstance(config, (LoraConfig, VeraConfig))
     return Draft(kind, config, payload, residual)
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "PICKLE_NAMES",
     "Weights",
     "folder",
+    "load_tensors",
     "read_json",
     "refuse_pickle",
     "safetensors_module",
@@ -85,6 +86,19 @@ def read_json(where: str, file: Path) -> dict[str, Any]:
         raise ValueError(f"{where}: {file} is not valid JSON: {error}") from None
     if not isinstance(found, dict):
         raise ValueError(f"{where}: {file} holds {type(found).__name__}, not a JSON object")
+    return found
+
+
+def load_tensors(where: str, file: Path) -> dict[str, npt.NDArray[Any]]:
+    """Every tensor of the safetensors ``file`` (an adapter's: small), or a ``ValueError`` naming
+    ``where`` for a file safetensors cannot read."""
+    try:
+        found: dict[str, npt.NDArray[Any]] = safetensors_module(where).numpy.load_file(str(file))
+    except Exception as error:  # safetensors raises its own error type, or others on bad dtypes
+        raise ValueError(
+            f"{where}: {file} is not a readable safetensors file (corrupted, truncated or of a "
+            f"dtype NumPy lacks, such as bfloat16): {error}"
+        ) from None
     return found
 
 
