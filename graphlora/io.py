@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 
 from graphlora.engine.graph import Graph, NodeId, check_graph
-from graphlora.errors import ShapeError
 from graphlora.lora import LoraEmbedding, LoraLayer, LoraLinear
 from graphlora.lora.functional import lora_scaling
 from graphlora.lora.layer import adapter_list, check_adapter_name
@@ -518,7 +517,8 @@ def load_adapter(
         )
     rslora = bool(adapter.config.get("use_rslora", False))
     pissa = adapter.config.get("init_lora_weights") == "pissa"
-    values: list[tuple[NodeId, Array]] = []
+    values: list[tuple[str, NodeId, object]] = []
+    flipped: set[str] = set()
     for name, update in updates.items():
         layer = layers[name]
         layer.refuse_merged(where, f"layer {name!r}")
@@ -542,24 +542,13 @@ def load_adapter(
                     f"{in_layer!r}"
                 )
         prefix = f"base_model.model.{name}"
-        tensors: list[tuple[str, Array, tuple[int, ...], NodeId, bool]] = []
         for key, leaf, transposed in update.file_leaves(prefix):
-            label = key[len(prefix) + 1 :].split(".")[0]  # lora_A, lora_embedding_B, ...
-            found = getattr(adapter, _FILE_KINDS[label])[name]
-            shape = leaf.shape[::-1] if transposed else leaf.shape
-            tensors.append((label, found, shape, leaf, transposed))
-        for label, tensor, shape, node, transposed in tensors:
-            if tensor.dtype.kind != "f":
-                raise TypeError(f"{where}: {name}.{label} has dtype {tensor.dtype}, not floating")
-            if tensor.shape != shape:
-                raise ShapeError(
-                    f"{where}: {name}.{label} has shape {tensor.shape}, the layer needs {shape}"
-                )
-            if not np.isfinite(tensor).all():
-                raise ValueError(f"{where}: {name}.{label} holds NaN or Inf")
-            values.append((node, tensor.T if transposed else tensor))
-    for node, value in values:
-        graph.set_value(node, value)
+            kind = key[len(prefix) + 1 :].split(".")[0]  # lora_A, lora_embedding_B, ...
+            label = f"{name}.{kind}"
+            values.append((label, leaf, getattr(adapter, _FILE_KINDS[kind])[name]))
+            if transposed:
+                flipped.add(label)
+    graph.set_values(where, values, transposed=flipped)
     return adapter
 
 
@@ -621,17 +610,9 @@ def _load_shared_variant(
             f"{where}: {weights} does not match the layers: missing {missing[:5]}, unexpected "
             f"{unexpected[:5]}"
         )
-    values = []
-    for key, (leaf, transposed) in expected.items():
-        tensor = found[key]
-        shape = leaf.shape[::-1] if transposed else leaf.shape
-        if tensor.dtype.kind != "f":
-            raise TypeError(f"{where}: {key} has dtype {tensor.dtype}, not floating")
-        if tensor.shape != shape:
-            raise ShapeError(f"{where}: {key} has shape {tensor.shape}, the layer needs {shape}")
-        if not np.isfinite(tensor).all():
-            raise ValueError(f"{where}: {key} holds NaN or Inf")
-        values.append((leaf, tensor.T if transposed else tensor))
-    for leaf, value in values:
-        graph.set_value(leaf, value)
+    graph.set_values(
+        where,
+        [(key, leaf, found[key]) for key, (leaf, _) in expected.items()],
+        transposed={key for key, (_, transposed) in expected.items() if transposed},
+    )
     return AdapterFile(directory, config, {}, {})

@@ -169,6 +169,48 @@ def test_set_value_checks_and_keeps_the_old_value_on_error() -> None:
     )
 
 
+def test_set_values_checks_everything_before_setting_anything() -> None:
+    g = gl.Graph(np.float32)
+    w = g.parameter(np.zeros((2, 3)))
+    ids = g.constant(np.array([1, 2]))
+    mask = g.constant(np.array([True, False]))
+    good: list[tuple[str, gl.NodeId, object]] = [
+        ("w", w, np.ones((3, 2))),
+        ("ids", ids, np.array([4, 5])),
+        ("mask", mask, np.array([False, True])),
+    ]
+    y = g.scale(w, 2.0)
+    other = gl.Graph().parameter(np.zeros(2))
+    bad_cases: list[tuple[int, object, type[BaseException], str]] = [
+        (0, np.ones((2, 3)), gl.ShapeError, r"f: w has shape \(2, 3\), expected \(3, 2\)"),
+        (0, np.ones((3, 2), dtype=np.int64), TypeError, "f: w holds int64 data; it needs floating"),
+        (0, np.full((3, 2), np.inf), ValueError, "f: w holds NaN or Inf"),
+        (0, w, TypeError, r"f: w must be an array, got NodeId\(0"),
+        (0, [[1.0], [2.0, 3.0]], gl.ShapeError, "f: w is not a regular array"),
+        (1, np.array([4.0, 5.0]), TypeError, "f: ids holds float64 data; it needs int64 data"),
+        (2, np.array([1, 0]), TypeError, "f: mask holds int64 data; it needs bool data"),
+    ]
+    for index, value, error, match in bad_cases:
+        items = list(good)
+        items[index] = (items[index][0], items[index][1], value)
+        rejected(g, error, match, lambda items=items: g.set_values("f", items, transposed={"w"}))
+        np.testing.assert_array_equal(g.value(w), np.zeros((2, 3)))
+        np.testing.assert_array_equal(g.value(ids), [1, 2])
+    for leaf, error, match in [
+        (y, gl.GraphError, r"f: w is NodeId\(.*op='scale'.*the output of an op, not a leaf"),
+        (other, gl.GraphError, r"f: w NodeId\(0, .* belongs to another Graph"),
+    ]:
+        items = [*good[1:], ("w", leaf, np.ones((3, 2)))]
+        rejected(g, error, match, lambda items=items: g.set_values("f", items, transposed={"w"}))
+        np.testing.assert_array_equal(g.value(ids), [1, 2])
+    g.set_values("f", [*good[:1], ("ids", ids, np.array([4, 5], dtype=np.int32))], transposed={"w"})
+    np.testing.assert_array_equal(g.value(w), np.ones((2, 3)))
+    assert g.value(w).dtype == np.float32 and g.value(w).flags.c_contiguous
+    assert g.value(ids).dtype == np.int64  # a data leaf keeps its own dtype
+    g.set_values("f", [("w", w, np.arange(6.0).reshape(2, 3))])  # not transposed: as given
+    np.testing.assert_array_equal(g.value(w), np.arange(6.0).reshape(2, 3))
+
+
 # --- ids: stale, foreign, wrong kind -----------------------------------------------------------
 
 

@@ -395,7 +395,7 @@ def test_load_state_dict_is_all_or_nothing() -> None:
         (
             {**good, "lora_b": np.ones((2, 4), dtype=int)},
             TypeError,
-            r"lora_b must hold floating-point data, got dtype int64",
+            r"lora_b holds int64 data; it needs floating-point data",
         ),
         ({**good, "lora_b": np.full((2, 4), np.nan)}, ValueError, r"lora_b holds NaN or Inf"),
         ({**good, "lora_a": lora.lora_a}, TypeError, r"lora_a must be an array, got NodeId"),

@@ -136,3 +136,62 @@ def test_apply_lora_validation_changes_nothing() -> None:
         ValueError, match=r"apply_lora: \['layers.0'\] already carry a LoRA adapter"
     ):
         gl.apply_lora(model, gl.LoraConfig(rank=1), target_modules=["layers.0"])
+
+
+def test_model_load_state_dict_checks_names_and_merges_before_changing_anything() -> None:
+    g = gl.Graph()
+    model = gl.MLP(g, [3, 4, 2], rng=0)
+    gl.apply_lora(model, gl.LoraConfig(rank=2, seed=1), ["layers.0"])
+    before = gl.nn.state_dict(g, model)
+    assert sorted(before) == [
+        "layers.0.bias",
+        "layers.0.lora_A.default",
+        "layers.0.lora_B.default",
+        "layers.0.weight",
+        "layers.1.bias",
+        "layers.1.weight",
+    ]
+    new = {name: value + 1.0 for name, value in before.items()}
+
+    def unchanged() -> None:
+        for name, value in gl.nn.state_dict(g, model).items():
+            np.testing.assert_array_equal(value, before[name])
+
+    with pytest.raises(
+        ValueError,
+        match=r"^load_state_dict: names differ; missing \['layers.1.bias'\], unexpected \['x'\]$",
+    ):
+        gl.nn.load_state_dict(
+            g, model, {**{k: v for k, v in new.items() if k != "layers.1.bias"}, "x": 1}
+        )
+    unchanged()
+    with pytest.raises(
+        gl.ShapeError, match=r"^load_state_dict: layers.1.weight has shape \(2, 4\)"
+    ):
+        gl.nn.load_state_dict(g, model, {**new, "layers.1.weight": np.ones((2, 4))})
+    unchanged()
+    with pytest.raises(ValueError, match=r"^load_state_dict: layers.1.bias holds NaN or Inf$"):
+        gl.nn.load_state_dict(g, model, {**new, "layers.1.bias": np.full(2, np.nan)})
+    unchanged()
+    with pytest.raises(
+        TypeError, match=r"^load_state_dict: state must be a mapping of names to arrays$"
+    ):
+        gl.nn.load_state_dict(g, model, [("x", 1)])  # type: ignore[arg-type]
+    layer = model.layers[0]
+    layer.merge_(g)
+    with pytest.raises(
+        gl.GraphError,
+        match=r"^load_state_dict: layers.0.weight belongs to a merged LoRA layer; unmerge_ it first$",
+    ):
+        gl.nn.load_state_dict(g, model, new)
+    layer.unmerge_(g)
+    result = gl.nn.load_state_dict(
+        g, model, {"layers.1.bias": new["layers.1.bias"], "y": 0}, strict=False
+    )
+    assert result.unexpected_keys == ["y"]
+    assert result.missing_keys == sorted(set(before) - {"layers.1.bias"})
+    np.testing.assert_array_equal(g.value(model.layers[1].bias), before["layers.1.bias"] + 1)
+    np.testing.assert_allclose(g.value(layer.frozen_weight), before["layers.0.weight"])
+    gl.nn.load_state_dict(g, model, new)
+    for name, value in gl.nn.state_dict(g, model).items():
+        np.testing.assert_array_equal(value, new[name])

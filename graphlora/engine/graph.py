@@ -16,7 +16,7 @@ offending shapes or values. The op methods below are one line each.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import islice
 from typing import TYPE_CHECKING, Any
@@ -331,6 +331,59 @@ class Graph(OpMethods):
                 f"set_value: new value has shape {array.shape} but {leaf!r} has shape {old.shape}"
             )
         leaf._value = array
+
+    def set_values(
+        self,
+        where: str,
+        items: Iterable[tuple[str, NodeId, object]],
+        *,
+        transposed: Collection[str] = (),
+    ) -> None:
+        """Set several leaves all or nothing: every ``(label, leaf, value)`` is checked before
+        any leaf changes. The one loader behind every ``load_state_dict`` and adapter file.
+
+        A float leaf takes floating-point data (converted to the graph's dtype), an integer or
+        bool leaf data of its own kind; shapes must match; float values must be finite. Labels
+        in ``transposed`` name values stored the other way round (``[out, in]`` for an
+        ``[in, out]`` leaf): they are checked against the reversed shape, and reported as
+        stored, then transposed. Errors name ``where`` and the label.
+
+        Raises
+        ------
+        GraphError
+            When a leaf is not a live constant or parameter of this graph.
+        ShapeError
+            For a ragged value or one of the wrong shape.
+        TypeError
+            For a node given as a value, or data of the wrong kind.
+        ValueError
+            For NaN or Inf in a float value.
+        """
+        checked: list[tuple[NodeId, Array]] = []
+        for label, leaf, value in items:
+            leaf = self.check(leaf, where, label)
+            if leaf._epoch != LEAF:
+                raise GraphError(f"{where}: {label} is {leaf!r}, the output of an op, not a leaf")
+            if isinstance(value, NodeId):
+                raise TypeError(f"{where}: {label} must be an array, got {value!r}")
+            try:
+                array = np.asarray(value)
+            except (ValueError, TypeError) as exc:
+                raise ShapeError(f"{where}: {label} is not a regular array: {exc}") from None
+            flip = label in transposed
+            shape = leaf.shape[::-1] if flip else leaf.shape
+            kind = leaf.dtype.kind
+            if array.dtype.kind != kind:
+                need = "floating-point data" if kind == "f" else f"{leaf.dtype} data"
+                raise TypeError(f"{where}: {label} holds {array.dtype} data; it needs {need}")
+            if array.shape != shape:
+                raise ShapeError(f"{where}: {label} has shape {array.shape}, expected {shape}")
+            if kind == "f" and not np.isfinite(array).all():
+                raise ValueError(f"{where}: {label} holds NaN or Inf")
+            array = array.T if flip else array
+            checked.append((leaf, np.array(array, dtype=leaf.dtype, order="C")))
+        for leaf, array in checked:
+            leaf._value = array
 
     def requires_grad_(self, leaf: NodeId, requires_grad: bool = True) -> None:
         """Turn a leaf into a parameter (``True``) or freeze it into a constant (``False``).

@@ -21,7 +21,7 @@ import numpy as np
 
 from graphlora import _checks
 from graphlora.engine.graph import Graph, NodeId, check_graph
-from graphlora.errors import GraphError, NonFiniteError, ShapeError
+from graphlora.errors import GraphError, NonFiniteError
 from graphlora.lora.config import LoraConfig, VeraConfig
 from graphlora.lora.variants import (
     Update,
@@ -430,18 +430,7 @@ class LoraLayer:
                 f"{where}: keys must be exactly {_listing(sorted(expected))}; missing {missing}, "
                 f"unexpected {unexpected}"
             )
-        values = {}
-        for key, leaf in expected.items():
-            if isinstance(state[key], NodeId):
-                raise TypeError(f"{where}: {key} must be an array, got {state[key]!r}")
-            array = _checks.float_array(where, key, state[key])
-            if array.shape != leaf.shape:
-                raise ShapeError(f"{where}: {key} has shape {array.shape}, expected {leaf.shape}")
-            if not np.isfinite(array).all():
-                raise ValueError(f"{where}: {key} holds NaN or Inf")
-            values[key] = array
-        for key, leaf in expected.items():
-            graph.set_value(leaf, values[key])
+        graph.set_values(where, ((key, leaf, state[key]) for key, leaf in expected.items()))
 
     # --- reporting ----------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from graphlora.engine.graph import Graph, NodeId, check_graph
-from graphlora.errors import GraphError, ShapeError
+from graphlora.errors import GraphError
 from graphlora.ops import Array
 
 __all__ = [
@@ -196,21 +196,11 @@ def load_state_dict(
             f"{where}: names differ; missing {missing[:10]}, unexpected {unexpected[:10]}"
         )
     merged = _merged_leaves(model)
-    values: list[tuple[NodeId, Array]] = []
-    for name, leaf in leaves.items():
-        if name not in state:
-            continue
+    loading = [(name, leaf, state[name]) for name, leaf in leaves.items() if name in state]
+    for name, leaf, _ in loading:
         if leaf in merged:
             raise GraphError(f"{where}: {name} belongs to a merged LoRA layer; unmerge_ it first")
-        array = np.asarray(state[name])
-        if array.shape != leaf.shape:
-            raise ShapeError(f"{where}: {name} has shape {array.shape}, the model's {leaf.shape}")
-        kind = leaf.dtype.kind
-        if (kind == "f" and array.dtype.kind != "f") or (kind != "f" and array.dtype.kind != kind):
-            raise TypeError(f"{where}: {name} holds {array.dtype} data; the leaf is {leaf.dtype}")
-        values.append((leaf, array))
-    for leaf, array in values:
-        graph.set_value(leaf, array)
+    graph.set_values(where, loading)
     return LoadResult(missing, unexpected)
 
 
