@@ -96,6 +96,17 @@ def positive_int(where: str, arg: str, value: object) -> int:
     return int(value)
 
 
+def seed(where: str, arg: str, value: object) -> int | None:
+    """A seed: ``None`` or an int >= 0, as a Python int."""
+    if value is None:
+        return None
+    if not _is_int(value):
+        raise TypeError(f"{where}: {arg} must be an int or None, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{where}: {arg} must be >= 0, got {value}")
+    return int(value)
+
+
 def label(where: str, arg: str, value: object) -> str:
     """A name that can label a scope or a layer's leaves: a non-empty str without ``/``."""
     if not isinstance(value, str):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -58,7 +59,13 @@ _MAGNITUDE_KEY = re.compile(
     r"^base_model\.model\.(?P<name>.+)\.lora_(?P<kind>magnitude)_vector"
     r"(\.(?P<adapter>(?!weight$)[^.]+))?(\.weight)?$"
 )
-_KEYS = (_LINEAR_KEY, _EMBEDDING_KEY, _MAGNITUDE_KEY)  # the adapter's name may be spelled out
+_BASE_KEY = re.compile(r"^base_model\.model\.(?P<name>.+)\.base_layer\.(?P<kind>weight)$")
+_KEYS = (
+    _LINEAR_KEY,
+    _EMBEDDING_KEY,
+    _MAGNITUDE_KEY,
+    _BASE_KEY,
+)  # the adapter's name may be spelled out
 _FILE_KINDS = {  # a PEFT key's leaf name -> where read_adapter keeps its tensors
     "lora_A": "a",
     "lora_embedding_A": "a",
@@ -336,7 +343,9 @@ class AdapterFile:
 
     ``a[name]`` is ``[rank, in]`` and ``b[name]`` is ``[out, rank]``, as stored (PyTorch layout;
     for an embedding ``[rank, V]`` and ``[D, rank]``); ``magnitude[name]`` is ``[out]``;
-    ``embeddings`` names the modules stored as embeddings (``lora_embedding_A``/``_B``).
+    ``embeddings`` names the modules stored as embeddings (``lora_embedding_A``/``_B``);
+    ``base[name]`` is an embedding's own weight ``[V, D]``, which PEFT's ``save_pretrained``
+    writes (``base_layer.weight``) whenever an embedding is targeted.
     """
 
     def __init__(
@@ -347,6 +356,7 @@ class AdapterFile:
         b: dict[str, Array],
         magnitude: dict[str, Array] | None = None,
         embeddings: frozenset[str] = frozenset(),
+        base: dict[str, Array] | None = None,
     ) -> None:
         self.path = path
         self.config = config
@@ -354,6 +364,7 @@ class AdapterFile:
         self.b = b
         self.magnitude = {} if magnitude is None else magnitude
         self.embeddings = embeddings
+        self.base = {} if base is None else base
 
     @property
     def use_dora(self) -> bool:
@@ -387,6 +398,21 @@ def _pattern_value(pattern: Mapping[str, Any], name: str, default: Any) -> Any:
     return default
 
 
+def _check_rank_and_alpha(where: str, file: Path, field: str, value: object, kind: str) -> None:
+    """A rank (``r``, ``rank_pattern``'s values) must be an int >= 1; an alpha (``lora_alpha``,
+    ``alpha_pattern``'s values) a finite real number."""
+    if kind == "r" or kind == "rank_pattern":
+        good = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        need = "an int >= 1"
+    else:
+        good = (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        )
+        need = "a finite number"
+    if not good:
+        raise ValueError(f"{where}: {file} has {field} {value!r}; it must be {need}")
+
+
 def read_adapter(path: str | os.PathLike[str]) -> AdapterFile:
     """Read and check an adapter directory written by graphlora or by PEFT's ``save_pretrained``.
 
@@ -414,17 +440,18 @@ def read_adapter(path: str | os.PathLike[str]) -> AdapterFile:
     config = checkpoint.read_json(where, config_file)
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{where}: {config_file} is not a LoRA adapter config (peft_type 'LORA')")
-    for key, kind in (("r", int), ("lora_alpha", (int, float))):
-        if isinstance(config.get(key), bool) or not isinstance(config.get(key), kind):
-            raise ValueError(f"{where}: {config_file} has no valid {key!r}: {config.get(key)!r}")
+    _check_rank_and_alpha(where, config_file, "r", config.get("r"), "r")
+    _check_rank_and_alpha(where, config_file, "lora_alpha", config.get("lora_alpha"), "lora_alpha")
     for key in ("rank_pattern", "alpha_pattern"):
         if config.get(key) is not None and not isinstance(config[key], dict):
             raise ValueError(f"{where}: {config_file} has a {key} that is not a mapping")
+        for module, value in (config.get(key) or {}).items():
+            _check_rank_and_alpha(where, config_file, f"{key}[{module!r}]", value, key)
     for key in ("use_rslora", "use_dora"):
         if not isinstance(config.get(key, False), bool):
             raise ValueError(f"{where}: {config_file} has a {key} that is not true/false")
     tensors = checkpoint.load_tensors(where, weights)
-    found: dict[str, dict[str, Array]] = {"A": {}, "B": {}, "magnitude": {}}
+    found: dict[str, dict[str, Array]] = {"A": {}, "B": {}, "magnitude": {}, "weight": {}}
     embeddings: set[str] = set()
     adapters: set[str] = set()
     unexpected = []
@@ -434,7 +461,7 @@ def read_adapter(path: str | os.PathLike[str]) -> AdapterFile:
             unexpected.append(key)
             continue
         pattern, match = matched[0]
-        if match["adapter"] is not None:
+        if match.groupdict().get("adapter") is not None:
             adapters.add(match["adapter"])
         found[match["kind"]][match["name"]] = tensor
         if pattern is _EMBEDDING_KEY:
@@ -447,12 +474,30 @@ def read_adapter(path: str | os.PathLike[str]) -> AdapterFile:
         raise ValueError(
             f"{where}: {weights} mixes adapters {sorted(adapters)}; save one per directory"
         )
-    a, b, magnitude = found["A"], found["B"], found["magnitude"]
+    a, b, magnitude, base = found["A"], found["B"], found["magnitude"], found["weight"]
     if set(a) != set(b):
         raise ValueError(
             f"{where}: {weights} has lora_A without lora_B (or the reverse) for "
             f"{sorted(set(a) ^ set(b))}"
         )
+    if set(base) - embeddings:
+        raise ValueError(
+            f"{where}: {weights} holds base weights for {sorted(set(base) - embeddings)}, which "
+            "are not adapted embeddings (PEFT saves only those)"
+        )
+    adapter = AdapterFile(directory, config, a, b)
+    for name in sorted(a):
+        rank = adapter.rank(name)
+        shapes = (a[name].shape, b[name].shape)
+        if (
+            len(shapes[0]) != 2
+            or len(shapes[1]) != 2
+            or (shapes[0][0], shapes[1][1]) != (rank, rank)
+        ):
+            raise ValueError(
+                f"{where}: {weights}: {name} has A {shapes[0]} and B {shapes[1]}, which do not "
+                f"have the rank {rank} its config gives it ([{rank}, in] and [out, {rank}])"
+            )
     dora = bool(config.get("use_dora"))
     expected = set(a) - embeddings if dora else set()
     if set(magnitude) != expected:
@@ -460,7 +505,7 @@ def read_adapter(path: str | os.PathLike[str]) -> AdapterFile:
             f"{where}: {config_file} says use_dora {str(dora).lower()} but {weights} has DoRA "
             f"magnitudes for {sorted(magnitude)} (expected them for {sorted(expected)})"
         )
-    return AdapterFile(directory, config, a, b, magnitude, frozenset(embeddings))
+    return AdapterFile(directory, config, a, b, magnitude, frozenset(embeddings), base)
 
 
 def load_adapter(
@@ -548,6 +593,8 @@ def load_adapter(
             values.append((label, leaf, getattr(adapter, _FILE_KINDS[kind])[name]))
             if transposed:
                 flipped.add(label)
+    for name, weight in adapter.base.items():  # PEFT's copy of an adapted embedding's weight
+        values.append((f"{name}.base_layer.weight", layers[name].frozen_weight, weight))
     graph.set_values(where, values, transposed=flipped)
     return adapter
 

@@ -5,6 +5,7 @@ PEFT loads onto transformers' GPT2LMHeadModel, and the reverse."""
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,8 @@ def _write_checkpoint(
         ({"n_embd": 6, "n_head": 4}, ValueError, "GPTConfig: n_embd 6 must divide by n_head 4"),
         ({"n_layer": 0}, ValueError, "GPTConfig: n_layer must be >= 1, got 0"),
         ({"vocab_size": 2.5}, TypeError, "GPTConfig: vocab_size must be an int, got 2.5"),
+        ({"seed": -1}, ValueError, "GPTConfig: seed must be >= 0, got -1"),
+        ({"seed": 1.0}, TypeError, "GPTConfig: seed must be an int or None, got 1.0"),
         ({"dropout": 1.0}, ValueError, r"GPTConfig: dropout must be in \[0, 1\), got 1.0"),
     ],
 )
@@ -165,7 +168,9 @@ def test_from_pretrained_reads_what_was_written(tmp_path: Path, prefix: str) -> 
     tensors = _write_checkpoint(tmp_path / "gpt", TINY, prefix=prefix)
     g = gl.Graph(np.float32)
     model = gl.GPT.from_pretrained(g, tmp_path / "gpt")
-    assert model.config == gl.GPTConfig(**{**TINY.__dict__, "dropout": 0.1})
+    assert model.config == TINY  # dropout 0 whatever the file's *_pdrop: transformers' eval()
+    trained = gl.GPT.from_pretrained(gl.Graph(), tmp_path / "gpt", dropout=0.25, seed=3)
+    assert trained.config == gl.GPTConfig(**{**TINY.__dict__, "dropout": 0.25, "seed": 3})
     state = gl.nn.state_dict(g, model)
     for name, array in tensors.items():
         key = name if name.startswith("transformer.") else f"transformer.{name}"
@@ -184,16 +189,25 @@ def test_from_pretrained_reads_what_was_written(tmp_path: Path, prefix: str) -> 
         ({"add_cross_attention": True}, "has add_cross_attention=True"),
         ({"tie_word_embeddings": False}, "has tie_word_embeddings=False"),
         ({"n_inner": 7}, "has n_inner=7; graphlora's GPT is 4 x n_embd wide"),
-        ({"attn_pdrop": 0.0}, "different resid_pdrop, embd_pdrop and attn_pdrop"),
         ({"n_head": 3}, "n_embd 4 must divide by n_head 3"),
+        ({"n_embd": {}}, r"config.json: GPTConfig: n_embd must be an int, got \{\}"),
+        (
+            {"n_layer": 10**9},
+            r"the config says n_layer=1000000000 but .*model.safetensors holds layers 0..1$",
+        ),
+        ({"n_layer": 1}, r"the config says n_layer=1 but .* holds layers 0..1$"),
+        ({"attn_pdrop": [0.1], "n_inner": None}, None),  # read as eval(): the *_pdrop are not used
     ],
 )
 def test_from_pretrained_refuses_configs_it_cannot_honour(
-    tmp_path: Path, change: dict[str, Any], match: str
+    tmp_path: Path, change: dict[str, Any], match: str | None
 ) -> None:
     _write_checkpoint(tmp_path / "gpt", TINY, **change)
     g = gl.Graph()
-    with pytest.raises(ValueError, match=match):
+    if match is None:
+        assert gl.GPT.from_pretrained(g, tmp_path / "gpt").config == TINY
+        return
+    with pytest.raises(ValueError, match=r"^GPT.from_pretrained: .*" + match):
         gl.GPT.from_pretrained(g, tmp_path / "gpt")
     assert len(g) == 0  # nothing half-loaded
 
@@ -241,6 +255,32 @@ def test_from_pretrained_refuses_non_float_and_doubled_tensors_before_any_leaf(
     assert len(g) == 0
     (tmp_path / "gpt" / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
     with pytest.raises(ValueError, match=r"GPT\.from_pretrained: .* is not a readable safetensors"):
+        gl.GPT.from_pretrained(g, tmp_path / "gpt")
+    assert len(g) == 0
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "truncated", "huge header", "pickle", "deep json"])
+def test_from_pretrained_refuses_hostile_files_before_any_leaf(tmp_path: Path, bad: str) -> None:
+    tensors = _write_checkpoint(tmp_path / "gpt", TINY)
+    file = tmp_path / "gpt" / "model.safetensors"
+    if bad in ("nan", "inf"):
+        tensors["transformer.h.1.mlp.c_fc.weight"][2, 3] = np.nan if bad == "nan" else -np.inf
+        st_numpy.save_file(tensors, str(file))
+        match = r"model.safetensors holds NaN or Inf in \['transformer.h.1.mlp.c_fc.weight'\]$"
+    elif bad == "truncated":
+        file.write_bytes(file.read_bytes()[:-10])
+        match = "is not a readable safetensors file"
+    elif bad == "huge header":
+        file.write_bytes((2**62).to_bytes(8, "little") + b"{}")
+        match = "is not a readable safetensors file"
+    elif bad == "pickle":
+        file.write_bytes(pickle.dumps({"transformer.wte.weight": [1.0]}))
+        match = "is not a readable safetensors file"
+    else:
+        (tmp_path / "gpt" / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+        match = "config.json is nested too deeply to be a config"
+    g = gl.Graph()
+    with pytest.raises(ValueError, match=r"^GPT\.from_pretrained: .*" + match):
         gl.GPT.from_pretrained(g, tmp_path / "gpt")
     assert len(g) == 0
 

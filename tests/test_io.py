@@ -683,3 +683,145 @@ def test_peft_reads_our_dora_embedding_and_second_adapters_and_the_reverse(
     fresh.base_model.set_adapter(["default", "second"])
     gl.set_adapter(twin, ["default", "second"])
     np.testing.assert_allclose(run_ours(g2, twin), run_peft(fresh), rtol=1e-10)
+
+
+# --- hostile configs, and PEFT's copy of an adapted embedding ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"r": 0}, r"has r 0; it must be an int >= 1"),
+        ({"r": 2.0}, r"has r 2.0; it must be an int >= 1"),
+        ({"r": True}, r"has r True; it must be an int >= 1"),
+        ({"lora_alpha": "8"}, r"has lora_alpha '8'; it must be a finite number"),
+        ({"lora_alpha": 1e400}, r"has lora_alpha inf; it must be a finite number"),
+        (
+            {"rank_pattern": {"model.q": 2.9}},
+            r"has rank_pattern\['model.q'\] 2.9; it must be an int",
+        ),
+        ({"rank_pattern": {"model.q": 0}}, r"has rank_pattern\['model.q'\] 0; it must be an int"),
+        ({"rank_pattern": "x"}, r"has a rank_pattern that is not a mapping"),
+        ({"alpha_pattern": [1]}, r"has a alpha_pattern that is not a mapping"),
+        ({"alpha_pattern": {"v": None}}, r"has alpha_pattern\['v'\] None; it must be a finite"),
+        (
+            {"rank_pattern": {"model.q": 3}},
+            r"model.q has A \(4, 16\) and B \(8, 4\), which do not have the rank 3",
+        ),
+    ],
+)
+def test_hostile_adapter_configs_are_refused_by_name(
+    tmp_path: Path, change: dict[str, Any], match: str
+) -> None:
+    g = gl.Graph()
+    layers = _layers(g)
+    gl.save_adapter(tmp_path / "a", g, layers)
+    file = tmp_path / "a" / "adapter_config.json"
+    config = json.loads(file.read_text())
+    file.write_text(json.dumps({**config, **change}).replace("Infinity", "1e400"))
+    twin = _twin(g, layers)
+    before = _snapshot(g, twin)
+    with pytest.raises(ValueError, match=r"^read_adapter: .*" + match):
+        glio.read_adapter(tmp_path / "a")
+    with pytest.raises(ValueError, match=match):
+        gl.load_adapter(tmp_path / "a", g, twin)
+    for old, new in zip(before, _snapshot(g, twin), strict=True):
+        np.testing.assert_array_equal(old, new)
+    assert main(["inspect", str(tmp_path / "a")]) == 1
+
+
+def test_a_deeply_nested_adapter_config_is_refused(tmp_path: Path) -> None:
+    g = gl.Graph()
+    gl.save_adapter(tmp_path / "a", g, _layers(g))
+    (tmp_path / "a" / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=r"^read_adapter: .* is nested too deeply to be a config$"):
+        glio.read_adapter(tmp_path / "a")
+
+
+def test_peft_s_copy_of_an_adapted_embedding_loads_into_its_base(tmp_path: Path) -> None:
+    g = gl.Graph()
+    model = _adapted(g)
+    gl.save_adapter(tmp_path / "a", g, model)
+    file = tmp_path / "a" / "adapter_model.safetensors"
+    tensors = st_numpy.load_file(str(file))
+    base = np.random.default_rng(5).normal(size=(7, 6))
+    for weight, error, match in [
+        (
+            np.ones((7, 5)),
+            gl.ShapeError,
+            r"emb.base_layer.weight has shape \(7, 5\), expected \(7, 6\)",
+        ),
+        (np.full((7, 6), np.nan), ValueError, r"emb.base_layer.weight holds NaN or Inf"),
+    ]:
+        st_numpy.save_file({**tensors, "base_model.model.emb.base_layer.weight": weight}, str(file))
+        h = gl.Graph()
+        other = _adapted(h, seed=2)
+        before = _values(h, other)
+        frozen = np.array(h.value(other.emb.frozen_weight))
+        with pytest.raises(error, match=r"^load_adapter: " + match):
+            gl.load_adapter(tmp_path / "a", h, other)
+        np.testing.assert_array_equal(h.value(other.emb.frozen_weight), frozen)
+        for key, value in _values(h, other).items():
+            np.testing.assert_array_equal(value, before[key])
+    st_numpy.save_file(
+        {**tensors, "base_model.model.fc.base_layer.weight": np.ones((5, 6))}, str(file)
+    )
+    with pytest.raises(
+        ValueError, match=r"base weights for \['fc'\], which are not adapted embeddings"
+    ):
+        glio.read_adapter(tmp_path / "a")
+    st_numpy.save_file({**tensors, "base_model.model.emb.base_layer.weight": base}, str(file))
+    h = gl.Graph()
+    other = _adapted(h, seed=2)
+    assert glio.read_adapter(tmp_path / "a").base.keys() == {"emb"}
+    gl.load_adapter(tmp_path / "a", h, other)
+    np.testing.assert_array_equal(h.value(other.emb.frozen_weight), base)
+    np.testing.assert_array_equal(
+        h.value(other.emb.lora_a),
+        g.value(model.emb.lora_a),  # the adapter too
+    )
+
+
+@pytest.mark.crosscheck
+def test_a_peft_adapter_with_an_adapted_llama_embedding_loads(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=10,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    hf = peft.get_peft_model(
+        transformers.LlamaForCausalLM(config),
+        peft.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False),
+    )
+    hf.save_pretrained(tmp_path / "peft")
+    written = st_numpy.load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    base_key = "base_model.model.model.embed_tokens.base_layer.weight"
+    assert base_key in written  # what PEFT writes whenever an embedding is targeted
+
+    g = gl.Graph()
+    rng = np.random.default_rng(0)
+    embed = gl.Embedding.new(g, 10, 8, rng=rng, name="model.embed_tokens")
+    q = gl.Linear.new(g, 8, 8, rng=rng, name="model.layers.0.self_attn.q_proj")
+    layers = {
+        "model.embed_tokens": gl.LoraEmbedding.from_embedding(
+            g, embed.weight, gl.LoraConfig(rank=2, alpha=8.0)
+        ),
+        "model.layers.0.self_attn.q_proj": gl.LoraLinear.from_linear(
+            g, q.weight, q.bias, gl.LoraConfig(rank=2, alpha=8.0)
+        ),
+    }
+    gl.load_adapter(tmp_path / "peft", g, layers)
+    np.testing.assert_array_equal(
+        g.value(layers["model.embed_tokens"].frozen_weight), written[base_key]
+    )
+    np.testing.assert_array_equal(
+        g.value(layers["model.embed_tokens"].lora_a),
+        written["base_model.model.model.embed_tokens.lora_embedding_A"].T,
+    )

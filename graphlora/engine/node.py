@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from graphlora.errors import GraphError, NonFiniteError, StaleNodeError
-from graphlora.ops.registry import Array, Op, Vjp
+from graphlora.ops.registry import Array, Op, Vjp, check_of
 
 if TYPE_CHECKING:
     from graphlora.engine.graph import Graph
@@ -191,13 +191,38 @@ class NodeId:
 
         return lambda: fn(*values(), **params)
 
+    def _rechecker(self) -> Callable[[], None] | None:
+        """The op's check on its inputs' current values, when an input is a data leaf (token
+        ids, labels, a mask: what ``set_value`` feeds a compiled step) and the op has a check:
+        an id out of range is refused on a replay as on a recording. ``None`` otherwise."""
+        check = None if self._fn is None else check_of(self._fn)
+        inputs, casts, params = self._inputs, self._casts, self._params or {}
+        fed = any(
+            type(n) is NodeId and n._epoch == LEAF and i not in casts and n.dtype.kind != "f"
+            for i, n in enumerate(inputs)
+        )
+        if check is None or not fed:
+            return None
+        dtype = self._graph.dtype
+
+        def recheck() -> None:
+            found: list[Any] = [n._value if type(n) is NodeId else n for n in inputs]
+            for i in casts:
+                found[i] = np.asarray(found[i]).astype(dtype)
+            check(*found, **params)
+
+        return recheck
+
     def replayer(self) -> Callable[[bool], None]:
         """A function ``step(check_finite)`` that runs this op again (``rerunner``) and keeps the
         new value, and VJP, as the node's own: what a compiled step runs for each op. With
         ``check_finite``, a non-finite value raises ``NonFiniteError`` before anything is kept."""
         run, node = self.rerunner(), self
+        recheck = self._rechecker()
 
         def step(check_finite: bool) -> None:
+            if recheck is not None:
+                recheck()
             out, vjp = run()
             if type(out) is not np.ndarray:  # NumPy gives scalars for 0-d results; keep arrays
                 out = np.asarray(out)

@@ -66,12 +66,7 @@ class LoraConfig:
             )
         if not (math.isfinite(self.init_std) and self.init_std > 0):
             raise ValueError(f"LoraConfig: init_std must be finite and > 0, got {self.init_std}")
-        if self.seed is not None and (
-            not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool)
-        ):
-            raise TypeError(f"LoraConfig: seed must be an int or None, got {self.seed!r}")
-        if self.seed is not None and self.seed < 0:
-            raise ValueError(f"LoraConfig: seed must be >= 0, got {self.seed}")
+        _checks.seed("LoraConfig", "seed", self.seed)
 
     @property
     def scaling(self) -> float:
@@ -118,5 +113,4 @@ class VeraConfig:
             raise ValueError(f"{where}: projection_prng_key must be >= 0, got {key}")
         _checks.flag(where, "save_projection", self.save_projection)
         _checks.probability(where, "dropout", self.dropout)
-        if self.seed is not None:
-            _checks.as_generator(where, self.seed)
+        _checks.seed(where, "seed", self.seed)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,7 @@ from graphlora import _checks
 __all__ = [
     "PICKLE_NAMES",
     "Weights",
+    "check_layers",
     "folder",
     "load_tensors",
     "read_json",
@@ -84,6 +86,8 @@ def read_json(where: str, file: Path) -> dict[str, Any]:
         found = json.loads(file.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as error:
         raise ValueError(f"{where}: {file} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise ValueError(f"{where}: {file} is nested too deeply to be a config") from None
     if not isinstance(found, dict):
         raise ValueError(f"{where}: {file} holds {type(found).__name__}, not a JSON object")
     return found
@@ -100,6 +104,34 @@ def load_tensors(where: str, file: Path) -> dict[str, npt.NDArray[Any]]:
             f"dtype NumPy lacks, such as bfloat16): {error}"
         ) from None
     return found
+
+
+def _open(where: str, file: Path) -> Any:
+    """``safe_open(file)`` for NumPy, or a ``ValueError`` naming ``where``."""
+    st = safetensors_module(where)
+    try:
+        return st.safe_open(str(file), framework="numpy")
+    except Exception as error:  # safetensors raises its own error types
+        raise ValueError(
+            f"{where}: {file} is not a readable safetensors file (corrupted or truncated): {error}"
+        ) from None
+
+
+def check_layers(where: str, file: Path, pattern: str, count: int, field: str) -> None:
+    """Refuse a config whose layer count (``field``, ``count``) is not the file's: the layer
+    indices that ``pattern`` (a regular expression with the index as its first group) finds in
+    the header's keys must be exactly ``0 .. count - 1``. Checked before the caller lists
+    ``count`` layers' names, so that a config claiming 10**9 layers costs nothing."""
+    with _open(where, file) as handle:
+        found = {int(m.group(1)) for key in handle.keys() if (m := re.match(pattern, key))}  # noqa: SIM118
+    if len(found) != count or (found and max(found) != count - 1):  # indices are >= 0
+        if not found:
+            held = "no layers"
+        elif found == set(range(len(found))):
+            held = f"layers 0..{len(found) - 1}"
+        else:
+            held = f"layers {sorted(found)[:10]}"
+        raise ValueError(f"{where}: the config says {field}={count} but {file} holds {held}")
 
 
 @contextmanager
@@ -127,14 +159,7 @@ def tensors(
     ValueError
         For a file safetensors cannot read and for any tensor that does not fit.
     """
-    st = safetensors_module(where)
-    try:
-        opened = st.safe_open(str(file), framework="numpy")
-    except Exception as error:  # safetensors raises its own error types
-        raise ValueError(
-            f"{where}: {file} is not a readable safetensors file (corrupted or truncated): {error}"
-        ) from None
-    with opened as handle:
+    with _open(where, file) as handle:
         stored: dict[str, str] = {}
         duplicates = []
         for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
@@ -167,8 +192,24 @@ def tensors(
                 f"two keys for one weight {duplicates[:5]}"
             )
 
+        bad = [
+            n for n in sorted(expected) if not np.isfinite(_read(where, handle, stored[n])).all()
+        ]
+        if bad:
+            raise ValueError(f"{where}: {file} holds NaN or Inf in {bad[:5]}")
+
         def weights(name: str, shape: tuple[int, ...]) -> npt.NDArray[Any]:
-            array: npt.NDArray[Any] = handle.get_tensor(stored[name])
+            array = _read(where, handle, stored[name])
             return np.transpose(array) if name in transpose else array
 
         yield weights
+
+
+def _read(where: str, handle: Any, key: str) -> npt.NDArray[Any]:
+    """One tensor of an open safetensors file, or a ``ValueError`` naming ``where`` (a file whose
+    header promises more bytes than it holds)."""
+    try:
+        array: npt.NDArray[Any] = handle.get_tensor(key)
+    except Exception as error:  # safetensors raises its own error types
+        raise ValueError(f"{where}: cannot read {key}: {error}") from None
+    return array

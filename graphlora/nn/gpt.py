@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from numpy.random import Generator
 
 from graphlora import _checks
 from graphlora.engine.graph import Graph, NodeId, check_graph
@@ -52,6 +53,9 @@ class GPTConfig:
     """Biases in the Linear and LayerNorm layers (GPT-2 has them)."""
     layer_norm_epsilon: float = 1e-5
     """The ``eps`` of every layer norm."""
+    seed: int | None = None
+    """The seed of the dropout masks (``None``: fresh entropy): two models built with the same
+    seed draw the same masks, step for step."""
 
     def __post_init__(self) -> None:
         where = "GPTConfig"
@@ -62,6 +66,7 @@ class GPTConfig:
         _checks.probability(where, "dropout", self.dropout)
         _checks.flag(where, "bias", self.bias)
         _checks.real(where, "layer_norm_epsilon", self.layer_norm_epsilon, 0.0)
+        _checks.seed(where, "seed", self.seed)
 
     @property
     def head_dim(self) -> int:
@@ -120,47 +125,57 @@ class CausalSelfAttention:
     """Multi-head causal self-attention: ``c_attn`` makes q, k and v at once, ``c_proj`` mixes
     the heads back."""
 
-    def __init__(self, graph: Graph, weights: Weights, name: str, config: GPTConfig) -> None:
+    def __init__(
+        self, graph: Graph, weights: Weights, name: str, config: GPTConfig, rng: Generator
+    ) -> None:
         c = config.n_embd
         self.c_attn: Any = _linear(graph, weights, f"{name}.c_attn", (c, 3 * c), config.bias)
         self.c_proj: Any = _linear(graph, weights, f"{name}.c_proj", (c, c), config.bias)
         self.n_head = config.n_head
         self.dropout = config.dropout
+        self.rng = rng
 
     def forward(self, graph: Graph, x: NodeId, *, fused: bool = False) -> NodeId:
         """``x [..., T, C] -> [..., T, C]``: q, k and v split into heads, attention on each, the
         heads side by side again (one ``qkv_attention`` op)."""
         qkv = self.c_attn.forward(graph, x, fused=fused)  # (..., T, 3C)
-        y = graph.qkv_attention(qkv, n_head=self.n_head, causal=True, dropout=self.dropout)
-        return graph.dropout(self.c_proj.forward(graph, y, fused=fused), self.dropout)
+        y = graph.qkv_attention(
+            qkv, n_head=self.n_head, causal=True, dropout=self.dropout, rng=self.rng
+        )
+        return graph.dropout(self.c_proj.forward(graph, y, fused=fused), self.dropout, self.rng)
 
 
 class GPTMLP:
     """The feed-forward half of a block: ``c_proj(gelu_tanh(c_fc(x)))``, 4x wide inside."""
 
-    def __init__(self, graph: Graph, weights: Weights, name: str, config: GPTConfig) -> None:
+    def __init__(
+        self, graph: Graph, weights: Weights, name: str, config: GPTConfig, rng: Generator
+    ) -> None:
         c = config.n_embd
         self.c_fc: Any = _linear(graph, weights, f"{name}.c_fc", (c, 4 * c), config.bias)
         self.c_proj: Any = _linear(graph, weights, f"{name}.c_proj", (4 * c, c), config.bias)
         self.dropout = config.dropout
+        self.rng = rng
 
     def forward(self, graph: Graph, x: NodeId, *, fused: bool = False) -> NodeId:
         """``x [..., C] -> [..., C]``."""
         h = graph.gelu(
             self.c_fc.forward(graph, x, fused=fused), approximate="tanh"
         )  # GPT-2's gelu_new
-        return graph.dropout(self.c_proj.forward(graph, h, fused=fused), self.dropout)
+        return graph.dropout(self.c_proj.forward(graph, h, fused=fused), self.dropout, self.rng)
 
 
 class Block:
     """A pre-norm transformer block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
 
-    def __init__(self, graph: Graph, weights: Weights, name: str, config: GPTConfig) -> None:
+    def __init__(
+        self, graph: Graph, weights: Weights, name: str, config: GPTConfig, rng: Generator
+    ) -> None:
         c = config.n_embd
         self.ln_1 = _norm(graph, weights, f"{name}.ln_1", c, config)
-        self.attn = CausalSelfAttention(graph, weights, f"{name}.attn", config)
+        self.attn = CausalSelfAttention(graph, weights, f"{name}.attn", config, rng)
         self.ln_2 = _norm(graph, weights, f"{name}.ln_2", c, config)
-        self.mlp = GPTMLP(graph, weights, f"{name}.mlp", config)
+        self.mlp = GPTMLP(graph, weights, f"{name}.mlp", config, rng)
 
     def forward(self, graph: Graph, x: NodeId, *, fused: bool = False) -> NodeId:
         """``x [..., T, C] -> [..., T, C]``."""
@@ -176,8 +191,10 @@ class GPTModel:
         c = config.n_embd
         self.wte = _embedding(graph, weights, "transformer.wte", (config.vocab_size, c))
         self.wpe = _embedding(graph, weights, "transformer.wpe", (config.block_size, c))
+        self.rng = np.random.default_rng(config.seed)  # the dropout masks', shared by the blocks
         self.h = [
-            Block(graph, weights, f"transformer.h.{i}", config) for i in range(config.n_layer)
+            Block(graph, weights, f"transformer.h.{i}", config, self.rng)
+            for i in range(config.n_layer)
         ]
         self.ln_f = _norm(graph, weights, "transformer.ln_f", c, config)
         self.dropout = config.dropout
@@ -187,7 +204,7 @@ class GPTModel:
         tokens = self.wte.forward(graph, ids)  # (..., T, C)
         t = tokens.shape[-2]
         positions = graph.getitem(self.wpe.weight, slice(0, t))  # (T, C): rows 0..T-1
-        x = graph.dropout(graph.add(tokens, positions), self.dropout)
+        x = graph.dropout(graph.add(tokens, positions), self.dropout, self.rng)
         for block in self.h:
             x = block.forward(graph, x, fused=fused)
         return self.ln_f.forward(graph, x)
@@ -253,17 +270,29 @@ class GPT:
         return cls(graph, config, weights)
 
     @classmethod
-    def from_pretrained(cls, graph: Graph, path: str | os.PathLike[str]) -> GPT:
+    def from_pretrained(
+        cls,
+        graph: Graph,
+        path: str | os.PathLike[str],
+        *,
+        dropout: float = 0.0,
+        seed: int | None = None,
+    ) -> GPT:
         """Read a GPT-2 checkpoint written by transformers' ``save_pretrained``: ``config.json``
         and ``model.safetensors`` in the directory ``path``, with safetensors' NumPy API.
 
         Everything is checked before anything is made: the model type, the config fields
         graphlora's GPT does not have (other activations, cross-attention, untied heads, ...),
-        and every tensor's name and shape. Then the tensors are read one at a time into the
-        graph's dtype, so that loading holds one copy of the weights (and one tensor in flight).
+        ``n_layer`` against the layers the file holds, every tensor's name, shape and dtype, and
+        that every value is finite. Then the tensors are read one at a time into the graph's
+        dtype, so that loading holds one copy of the weights (and one tensor in flight).
         Keys may carry transformers' ``transformer.`` prefix or not (``GPT2Model``); its
         attention-mask buffers (``attn.bias``, ``attn.masked_bias``) and a saved ``lm_head``
         (tied) are skipped. The base weights come as parameters; ``apply_lora`` freezes them.
+
+        The model loads as transformers' ``eval()`` gives it: ``dropout`` 0 whatever the
+        config's ``*_pdrop`` fields say. Pass ``dropout`` (and a ``seed`` for its masks) to train
+        with dropout.
 
         Raises
         ------
@@ -271,18 +300,25 @@ class GPT:
             For a missing directory or file.
         ValueError
             For another model type, a config graphlora cannot honour, a pickle checkpoint
-            (refused unopened), missing, unexpected or mis-shaped tensors.
+            (refused unopened), a file safetensors cannot read, missing, unexpected,
+            duplicate, mis-shaped, non-float or non-finite tensors.
         """
         where = "GPT.from_pretrained"
         check_graph(where, graph)
+        _checks.probability(where, "dropout", dropout)
+        _checks.seed(where, "seed", seed)
         directory = checkpoint.folder(where, path)
-        config = _read_config(where, directory)
+        config = _read_config(where, directory, dropout, seed)
         checkpoint.refuse_pickle(
             where, directory, "model.safetensors", "Save it with safe_serialization=True."
         )
+        file = directory / "model.safetensors"
+        checkpoint.check_layers(
+            where, file, r"(?:transformer\.)?h\.(\d+)\.", config.n_layer, "n_layer"
+        )
         with checkpoint.tensors(
             where,
-            directory / "model.safetensors",
+            file,
             config.shapes(),
             rename=_strip,
             skip=_skipped,
@@ -330,7 +366,7 @@ _SUPPORTED = {
 }
 
 
-def _read_config(where: str, directory: Path) -> GPTConfig:
+def _read_config(where: str, directory: Path, dropout: object, seed: object) -> GPTConfig:
     """The GPTConfig of a transformers ``config.json``, refusing what graphlora cannot honour."""
     file = directory / "config.json"
     raw = checkpoint.read_json(where, file)
@@ -342,28 +378,23 @@ def _read_config(where: str, directory: Path) -> GPTConfig:
             raise ValueError(
                 f"{where}: {file} has {key}={raw[key]!r}; graphlora's GPT supports {accepted[0]!r}"
             )
-    inner = raw.get("n_inner")
-    if inner not in (None, 4 * raw.get("n_embd", 768)):
-        raise ValueError(
-            f"{where}: {file} has n_inner={inner!r}; graphlora's GPT is 4 x n_embd wide"
-        )
-    drops = {raw.get(k, 0.1) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
-    if len(drops) > 1:
-        raise ValueError(
-            f"{where}: {file} has different resid_pdrop, embd_pdrop and attn_pdrop {sorted(drops)};"
-            " graphlora's GPT has one dropout"
-        )
-    names = {f.name for f in fields(GPTConfig)}
     values = {
         "vocab_size": raw.get("vocab_size"),
         "block_size": raw.get("n_positions"),
         "n_layer": raw.get("n_layer"),
         "n_head": raw.get("n_head"),
         "n_embd": raw.get("n_embd"),
-        "dropout": drops.pop(),
         "layer_norm_epsilon": raw.get("layer_norm_epsilon", 1e-5),
+        "dropout": dropout,
+        "seed": seed,
     }
     try:
-        return GPTConfig(**{k: v for k, v in values.items() if k in names})
+        config = GPTConfig(**values)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{where}: {file}: {error}") from None
+    inner = raw.get("n_inner")
+    if inner is not None and inner != 4 * config.n_embd:
+        raise ValueError(
+            f"{where}: {file} has n_inner={inner!r}; graphlora's GPT is 4 x n_embd wide"
+        )
+    return config

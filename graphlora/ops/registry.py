@@ -10,7 +10,9 @@ Hypothesis strategies read.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -142,6 +144,10 @@ class OpDef:
         self.optional = tuple(slot.optional for slot in self.slots)
         self.data_slots = tuple(i for i, slot in enumerate(self.slots) if slot.kind != "float")
         self.floats_only = not self.variadic and not self.data_slots
+        if check is not None:
+            # a callable that takes no weak reference cannot be re-checked by replays
+            with contextlib.suppress(TypeError):
+                _CHECKS[forward] = check
 
     def __call__(self, *arrays: Any, **params: Any) -> tuple[Array, Vjp]:
         """Check the arguments, then run the op: ``(out, vjp)``."""
@@ -246,6 +252,21 @@ def op(
 
 
 OPS: dict[str, OpDef] = {}
+
+_CHECKS: weakref.WeakKeyDictionary[Callable[..., Any], Callable[..., Params | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def check_of(forward: Callable[..., Any]) -> Callable[..., Params | None] | None:
+    """The check of the op whose function is ``forward`` (``None`` for a plain function or an op
+    with nothing to check): what a replay runs again when an op's data leaves may have changed."""
+    try:
+        return _CHECKS.get(forward)
+    except TypeError:
+        return None
+
+
 """The built-in op catalogue, by the name of its ``Graph`` method."""
 
 
