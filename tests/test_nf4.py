@@ -75,13 +75,44 @@ def test_values_on_the_levels_come_back_exactly_and_ties_take_the_lower_level() 
 def test_bad_weights_and_block_sizes_are_refused_with_their_values() -> None:
     cases = [
         (np.array([1.0, np.nan]), 64, ValueError, "NF4Weight.quantize: weight holds NaN or Inf"),
-        (np.ones(4), 3, ValueError, "block_size must be even (two codes a byte), got 3"),
+        (np.ones(4), 3, ValueError, "block_size must be even (two codes a byte) and at most "),
+        (np.ones(3), 2**28, ValueError, "and at most 4096, got 268435456"),
         (np.ones(4), 0, ValueError, "block_size must be >= 1, got 0"),
+        (np.array([1e39, 1.0]), 2, ValueError, "weight holds values up to 1e+39, beyond float32"),
         (np.ones(4, dtype=np.int64), 64, TypeError, "weight must hold floating-point data"),
     ]
     for w, size, error, message in cases:
         with pytest.raises(error, match=re.escape(message)):
             NF4Weight.quantize(w, block_size=size)
+
+
+def test_a_hand_made_nf4_weight_whose_parts_do_not_fit_is_refused_by_name() -> None:
+    good = NF4Weight.quantize(np.arange(10.0).reshape(2, 5), block_size=4)  # 3 blocks
+    assert good.codes.shape == (3, 2) and good.absmax.shape == (3,)
+    codes, absmax = good.codes, good.absmax
+    cases = [
+        (codes[:2], absmax, gl.ShapeError, "needs codes (3, 2) and absmax (3,), got (2, 2) and"),
+        (
+            codes,
+            absmax[:2],
+            gl.ShapeError,
+            "needs codes (3, 2) and absmax (3,), got (3, 2) and (2,)",
+        ),
+        (codes.astype(np.int64), absmax, TypeError, "codes must be a uint8 array"),
+        (codes, absmax.astype(np.float64), TypeError, "absmax must be a float32 array"),
+        (codes, np.full(3, np.inf, np.float32), ValueError, "absmax must hold finite values >= 0"),
+        (codes, -absmax, ValueError, "absmax must hold finite values >= 0"),
+    ]
+    for c, a, error, message in cases:
+        with pytest.raises(error, match="^NF4Weight: .*" + re.escape(message)):
+            NF4Weight(c, a, (2, 5), 4)
+    with pytest.raises(TypeError, match=re.escape("NF4Weight: shape must be a tuple of ints")):
+        NF4Weight(codes, absmax, [2, 5], 4)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=re.escape("NF4Weight: block_size must be even")):
+        NF4Weight(codes, absmax, (2, 5), 5)
+    np.testing.assert_array_equal(
+        NF4Weight(codes, absmax, (2, 5), 4).dequantize(), good.dequantize()
+    )
 
 
 def test_nf4_matmul_is_x_times_the_dequantized_weight_and_refuses_what_does_not_fit() -> None:

@@ -15,6 +15,7 @@ weight is never kept.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ import numpy.typing as npt
 import scipy.stats
 
 from graphlora import _checks
+from graphlora.errors import ShapeError
 from graphlora.ops import Array, Draw, Grads, Params, Sample, Vjp, op
 from graphlora.ops.linalg import check_dense
 
@@ -76,6 +78,21 @@ def normal_float_levels(offset: float = 0.9677083) -> npt.NDArray[np.float64]:
     return scaled
 
 
+MAX_BLOCK_SIZE = 4096
+"""The largest block bitsandbytes quantizes in (its blocks are 64 to 4096 values)."""
+
+
+def _block_size(where: str, block_size: object) -> int:
+    """An even int in ``[2, MAX_BLOCK_SIZE]``."""
+    size = _checks.positive_int(where, "block_size", block_size)
+    if size % 2 or size > MAX_BLOCK_SIZE:
+        raise ValueError(
+            f"{where}: block_size must be even (two codes a byte) and at most {MAX_BLOCK_SIZE}, "
+            f"got {size}"
+        )
+    return size
+
+
 @dataclass(frozen=True, eq=False)
 class NF4Weight:
     """A weight in NF4: ``codes`` (two 4-bit level indices a byte, the first in the high half),
@@ -98,15 +115,19 @@ class NF4Weight:
         Raises
         ------
         ValueError
-            For non-finite values, or a ``block_size`` that is not a positive even int.
+            For non-finite values (in float32, where the absmax values are kept), or a
+            ``block_size`` that is not an even int in ``[2, 4096]`` (bitsandbytes' largest).
         """
         where = "NF4Weight.quantize"
         w = _checks.float_array(where, "weight", weight)
-        size = _checks.positive_int(where, "block_size", block_size)
-        if size % 2:
-            raise ValueError(f"{where}: block_size must be even (two codes a byte), got {size}")
+        size = _block_size(where, block_size)
         if not np.isfinite(w).all():
             raise ValueError(f"{where}: weight holds NaN or Inf; NF4 stores finite values only")
+        if w.size and np.abs(w).max() > np.finfo(np.float32).max:
+            raise ValueError(
+                f"{where}: weight holds values up to {np.abs(w).max():.3g}, beyond float32's "
+                f"range ({np.finfo(np.float32).max:.3g}), where NF4 keeps its absmax values"
+            )
         blocks = -(-w.size // size)
         flat = np.zeros(blocks * size, dtype=np.float32)
         flat[: w.size] = w.ravel()
@@ -117,6 +138,30 @@ class NF4Weight:
         codes = np.searchsorted(_MIDPOINTS, scaled, side="left").astype(np.uint8)
         packed = ((codes[:, 0::2] << 4) | codes[:, 1::2]).astype(np.uint8)
         return cls(packed, absmax.astype(np.float32), w.shape, size)
+
+    def __post_init__(self) -> None:
+        """Refuse parts that do not fit together (a hand-made or damaged weight), by name."""
+        where = "NF4Weight"
+        size = _block_size(where, self.block_size)
+        shape = self.shape
+        if not isinstance(shape, tuple) or not all(_checks._is_int(n) and n >= 0 for n in shape):
+            raise TypeError(f"{where}: shape must be a tuple of ints >= 0, got {shape!r}")
+        blocks = -(-math.prod(shape) // size)
+        codes, absmax = self.codes, self.absmax
+        if not isinstance(codes, np.ndarray) or codes.dtype != np.uint8:
+            raise TypeError(f"{where}: codes must be a uint8 array, got {_checks.describe(codes)}")
+        if not isinstance(absmax, np.ndarray) or absmax.dtype != np.float32:
+            raise TypeError(
+                f"{where}: absmax must be a float32 array, got {_checks.describe(absmax)}"
+            )
+        if codes.shape != (blocks, size // 2) or absmax.shape != (blocks,):
+            raise ShapeError(
+                f"{where}: a weight of shape {shape} in blocks of {size} needs codes "
+                f"{(blocks, size // 2)} and absmax {(blocks,)}, got {codes.shape} and "
+                f"{absmax.shape}"
+            )
+        if not (np.isfinite(absmax).all() and (absmax >= 0).all()):
+            raise ValueError(f"{where}: absmax must hold finite values >= 0")
 
     def level_indices(self) -> npt.NDArray[np.uint8]:
         """Every value's level index (0-15), one per value, in blocks: ``[blocks, block_size]``."""

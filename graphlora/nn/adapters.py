@@ -460,13 +460,19 @@ def add_weighted_adapter(
             for a, w in zip(names, values, strict=True)
             if a in layer.adapters
         ]
-        adapter = combine_adapters(
-            [{"A": graph.value(u.lora_a), "B": graph.value(u.lora_b)} for u, _ in present],
-            [w for _, w in present],
-            combination_type,
-            scalings=[u.scaling for u, _ in present],
-            rank=new_rank,
-        )
+        with np.errstate(over="ignore", invalid="ignore"):
+            adapter = combine_adapters(
+                [{"A": graph.value(u.lora_a), "B": graph.value(u.lora_b)} for u, _ in present],
+                [w for _, w in present],
+                combination_type,
+                scalings=[u.scaling for u, _ in present],
+                rank=new_rank,
+            )
+        if not (np.isfinite(adapter["A"]).all() and np.isfinite(adapter["B"]).all()):
+            raise ValueError(
+                f"{where}: weights {values} overflow: layer {n!r}'s combined adapter holds NaN "
+                "or Inf; nothing was added"
+            )
         combined[n] = (adapter["A"], adapter["B"], present[0][0])
     for n, layer in holders.items():
         a_value, b_value, source = combined[n]

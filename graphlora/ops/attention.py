@@ -50,6 +50,8 @@ def _check_attention(
             ) from None
     if scale is not None:
         scale = real_scalar(where, "scale", scale)
+        if not math.isfinite(scale):
+            raise ValueError(f"{where}: scale must be finite, got {scale}")
     p = probability(where, "dropout", dropout)
     return {
         "causal": flag(where, "causal", causal),

@@ -262,18 +262,21 @@ def _torch_var(
 def _var(
     x: Array, *, axis: tuple[int, ...] | None, keepdims: bool, ddof: int
 ) -> tuple[Array, Vjp]:  # the defaults are the check's, which always gives all three
-    """Variance over ``axis``: ``sum((x - mean)**2) / (n - ddof)`` (NaN where ``n <= ddof``, as
-    NumPy and PyTorch).  VJP: ``g * 2 (x - mean) / (n - ddof)``, broadcast back."""
+    """Variance over ``axis``: ``sum((x - mean)**2) / max(n - ddof, 0)``, as NumPy and PyTorch
+    (inf where ``n <= ddof`` and the values differ, NaN where they do not or ``n`` is 0).
+    VJP: ``g * 2 (x - mean) / (n - ddof)``, broadcast back: PyTorch's, which does not clamp
+    (for ``n < ddof`` it is finite and of the opposite sign, for ``n == ddof`` infinite)."""
     count = x.size if axis is None else math.prod(x.shape[a] for a in axis)
     centred = x - np.mean(x, axis=axis, keepdims=True) if count else x
+    dof = count - ddof if count > ddof else 0  # (max is the op of that name here)
     with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.asarray(np.sum(centred * centred, axis=axis, keepdims=keepdims) / (count - ddof))
+        out = np.asarray(np.sum(centred * centred, axis=axis, keepdims=keepdims) / dof)
 
     def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
         if count == 0:
             return (np.zeros_like(x),)
         with np.errstate(invalid="ignore", divide="ignore"):
-            factor = np.divide(2.0, count - ddof, dtype=x.dtype)  # n == ddof: inf, no error
+            factor = np.divide(2.0, count - ddof, dtype=x.dtype)  # PyTorch's, even for n < ddof
             return (expand_reduced(g, x.shape, axis) * (centred * factor),)
 
     return out, vjp

@@ -112,6 +112,18 @@ def _check_getitem(x: Array, *, index: Any) -> Params:
                 f"getitem: an index is made of ints, slices, None, ..., and integer or bool "
                 f"arrays, got {type(part).__name__}: {part!r:.40}"
             )
+        if isinstance(part, slice):
+            for field in ("start", "stop", "step"):
+                bound = getattr(part, field)
+                if bound is not None and (
+                    isinstance(bound, (bool, np.bool_)) or not isinstance(bound, (int, np.integer))
+                ):
+                    raise TypeError(
+                        f"getitem: a slice's {field} must be an int or None, got "
+                        f"{type(bound).__name__}: {bound!r:.40}"
+                    )
+            if part.step == 0:
+                raise ValueError(f"getitem: a slice's step must not be 0, got {part!r}")
     try:  # on a zero-strided stand-in of x's shape: the same checks as NumPy, no copy of x
         np.broadcast_to(np.zeros((), np.int8), x.shape)[index]
     except IndexError as error:
