@@ -81,10 +81,11 @@ _NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 
 def _check_layers(where: str, layers: object) -> dict[str, LoraLayer]:
     """``layers`` as ``{name: LoRA layer}``: a mapping as given, or a model's LoRA layers."""
-    if not isinstance(layers, Mapping):
-        from graphlora.nn import is_module, lora_layers
+    plain = isinstance(layers, Mapping) and any(isinstance(v, LoraLayer) for v in layers.values())
+    if not plain:  # a model: an object, or a dict or list holding layers
+        from graphlora.nn import is_model, lora_layers
 
-        if is_module(layers):
+        if is_model(layers):
             layers = lora_layers(layers)
             if not layers:
                 raise ValueError(f"{where}: the model has no LoRA layer (apply_lora first)")

@@ -135,3 +135,104 @@ def test_a_weighted_merge_that_overflows_adds_nothing() -> None:
     ):
         gl.add_weighted_adapter(g, model, ["default"], [1e308], "big", combination_type="linear")
     assert list(layer.adapters) == ["default"]
+
+
+# --- models ---------------------------------------------------------------------------------------
+
+TINY_GPT = gl.GPTConfig(vocab_size=5, block_size=4, n_layer=1, n_head=1, n_embd=4)
+
+
+@pytest.mark.parametrize(
+    ("ids", "error", "message"),
+    [
+        (
+            3,
+            gl.ShapeError,
+            "ids must be [..., T] with at least one axis, got the lone id 3; pass [id]",
+        ),
+        (
+            np.array(3),
+            gl.ShapeError,
+            "ids must be [..., T] with at least one axis, got the lone id",
+        ),
+        ([[1, 2], [3]], gl.ShapeError, "ids are not a regular array (ragged lists?)"),
+        ([1.5, 2.0], TypeError, "ids must be integers, got dtype float64"),
+        ([True, False], TypeError, "ids must be integers, got dtype bool"),
+        ([[1, 2, 3, 4, 0]], ValueError, "a sequence of 5 tokens is longer than block_size 4"),
+    ],
+)
+def test_gpt_refuses_ids_that_are_not_a_sequence_and_records_nothing(
+    ids: object, error: type[BaseException], message: str
+) -> None:
+    g = gl.Graph()
+    model = gl.GPT.new(g, TINY_GPT, rng=0)
+    before = len(g)
+    with pytest.raises(error, match="^" + re.escape(f"GPT.forward: {message}")):
+        model.forward(g, ids)
+    assert len(g) == before
+    lone = g.constant(np.array(2))
+    with pytest.raises(gl.ShapeError, match=r"^GPT.forward: ids must be \[\.\.\., T\]"):
+        model.forward(g, lone)
+    assert model.forward(g, []).shape == (0, 5)  # an empty sequence is a sequence
+
+
+def test_gpt_dropout_draws_the_same_masks_from_the_same_seed() -> None:
+    def losses(seed: int) -> list[float]:
+        g = gl.Graph()
+        config = gl.GPTConfig(**{**TINY_GPT.__dict__, "dropout": 0.5, "seed": seed})
+        model = gl.GPT.new(g, config, rng=0)
+        ids = np.array([[1, 2, 3, 4]])
+        return [float(g.value(g.sum(model.forward(g, ids)))) for _ in range(3)]
+
+    first = losses(7)
+    assert first == losses(7)
+    assert first != losses(8)
+    assert len(set(first)) == 3  # a new mask each pass
+
+
+class _Plain:
+    """A model with no forward of its own: an object holding layers."""
+
+
+def test_a_plain_object_or_a_dict_of_layers_is_a_model() -> None:
+    g = gl.Graph()
+    plain = _Plain()
+    plain.fc = gl.Linear.new(g, 3, 2, rng=0, name="fc")  # type: ignore[attr-defined]
+    tree = {"fc": gl.Linear.new(g, 3, 2, rng=1), "blocks": [gl.Linear.new(g, 2, 2, rng=2)]}
+    assert list(gl.apply_lora(plain, gl.LoraConfig(rank=1), ["fc"])) == ["fc"]
+    assert isinstance(plain.fc, gl.LoraLinear)  # type: ignore[attr-defined]
+    assert list(gl.apply_lora(tree, gl.LoraConfig(rank=1), ["fc", "blocks.0"])) == [
+        "fc",
+        "blocks.0",
+    ]
+    assert [name for name, _ in gl.nn.named_modules(tree)] == ["", "fc", "blocks.0"]
+    assert [name for name, _ in gl.nn.named_leaves(tree)][:4] == [
+        "fc.weight",
+        "fc.bias",
+        "fc.lora_A.default",
+        "fc.lora_B.default",
+    ]
+    assert isinstance(tree["blocks"][0], gl.LoraLinear)  # type: ignore[index]
+    for bad in [3, "model", np.ones(2), gl.Linear]:
+        with pytest.raises(
+            TypeError,
+            match=r"^apply_lora: model must be a layer or a model \(an object, list or dict "
+            rf"holding layers\), got {type(bad).__name__}$",
+        ):
+            gl.apply_lora(bad, gl.LoraConfig(rank=1))
+
+
+def test_nothing_of_an_adapter_trains_inside_disable_adapters() -> None:
+    g = gl.Graph()
+    model = gl.MLP(g, [3, 4, 2], rng=0)
+    gl.apply_lora(model, gl.LoraConfig(rank=2), ["layers.0", "layers.1"])
+    gl.apply_lora(model, gl.LoraConfig(rank=1), ["layers.0"], adapter_name="other")
+    g.requires_grad_(model.layers[1].lora_a, False)  # frozen by hand: stays frozen after
+    before = {name: leaf.requires_grad for name, leaf in gl.nn.named_leaves(model)}
+    assert before["layers.0.lora_A.default"] and before["layers.0.lora_B.other"] is False
+    with gl.disable_adapters(model):
+        assert not any(leaf.requires_grad for _, leaf in gl.nn.named_leaves(model))
+        x = g.constant(np.ones((1, 3)))
+        with pytest.raises(gl.GraphError, match="does not depend on any parameter"):
+            g.backward(g.sum(model.forward(g, x)))
+    assert {name: leaf.requires_grad for name, leaf in gl.nn.named_leaves(model)} == before

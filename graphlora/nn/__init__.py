@@ -22,6 +22,8 @@ from graphlora.nn.gpt import GPT, GPTConfig
 from graphlora.nn.layers import ACTIVATIONS, MLP, Embedding, LayerNorm, Linear
 from graphlora.nn.tree import (
     LoadResult,
+    check_model,
+    is_model,
     is_module,
     load_state_dict,
     named_leaves,
@@ -43,8 +45,10 @@ __all__ = [
     "LoadResult",
     "add_weighted_adapter",
     "apply_lora",
+    "check_model",
     "delete_adapter",
     "disable_adapters",
+    "is_model",
     "is_module",
     "load_state_dict",
     "lora_layers",

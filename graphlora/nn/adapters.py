@@ -32,7 +32,7 @@ from graphlora.lora.variants import (
     rewrites_base,
 )
 from graphlora.nn.layers import Embedding, Linear
-from graphlora.nn.tree import find_modules, is_module, named_leaves
+from graphlora.nn.tree import check_model, find_modules, named_leaves
 
 __all__ = [
     "COMBINATION_TYPES",
@@ -111,11 +111,7 @@ def apply_lora(
         or ``init="pissa"`` for a second adapter. Nothing is changed.
     """
     where = "apply_lora"
-    if not is_module(model):
-        raise TypeError(
-            f"{where}: model must be a layer or model (an object with a forward method), got "
-            f"{type(model).__name__}"
-        )
+    check_model(where, model)
     check_adapter_config(where, config)
     adapter_name = check_adapter_name(where, adapter_name)
     layers = find_modules(model, (Linear, Embedding, LoraLinear, LoraEmbedding))
@@ -242,11 +238,7 @@ def _check_targets(
 
 
 def _lora_layers_of(where: str, model: object) -> dict[str, LoraLayer]:
-    if not is_module(model):
-        raise TypeError(
-            f"{where}: model must be a layer or model (an object with a forward method), got "
-            f"{type(model).__name__}"
-        )
+    check_model(where, model)
     layers = lora_layers(model)
     if not layers:
         raise ValueError(f"{where}: the model has no LoRA layer (apply_lora first)")
@@ -291,8 +283,9 @@ def set_adapter(model: object, adapter_name: str | Sequence[str]) -> None:
 @contextmanager
 def disable_adapters(model: object) -> Iterator[None]:
     """``with disable_adapters(model):`` runs every LoRA layer of ``model`` as its base layer
-    alone; on leaving, the adapters run again. Compiled steps (``Replay``) end on entering and
-    on leaving, since they would run what they recorded.
+    alone, with every adapter leaf frozen (as PEFT: nothing of an adapter trains in there); on
+    leaving, the adapters run again and train as before. Compiled steps (``Replay``) end on
+    entering and on leaving, since they would run what they recorded.
 
     Raises
     ------
@@ -304,8 +297,17 @@ def disable_adapters(model: object) -> Iterator[None]:
     _refuse_merged(where, layers)
     previous = [(layer, layer.disabled) for layer in layers.values()]
     graphs = {id(g): g for g in (layer.frozen_weight.graph for layer in layers.values())}
+    trained = [  # frozen inside, as PEFT: nothing of an adapter trains while it is off
+        leaf
+        for layer in layers.values()
+        for update in layer.adapters.values()
+        for leaf in update.params()
+        if leaf.requires_grad
+    ]
     for layer in layers.values():
         layer.disabled = True
+    for leaf in trained:
+        leaf.graph.requires_grad_(leaf, False)
     for graph in graphs.values():
         graph.end_replays()
     try:
@@ -313,6 +315,8 @@ def disable_adapters(model: object) -> Iterator[None]:
     finally:
         for layer, disabled in previous:
             layer.disabled = disabled
+        for leaf in trained:
+            leaf.graph.requires_grad_(leaf, True)
         for graph in graphs.values():
             graph.end_replays()
 

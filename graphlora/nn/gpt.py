@@ -25,7 +25,7 @@ from graphlora import _checks
 from graphlora.engine.graph import Graph, NodeId, check_graph
 from graphlora.nn import checkpoint
 from graphlora.nn.checkpoint import Weights
-from graphlora.nn.layers import Embedding, LayerNorm, Linear
+from graphlora.nn.layers import Embedding, LayerNorm, Linear, token_ids
 
 __all__ = ["GPT", "GPTConfig"]
 
@@ -334,14 +334,19 @@ class GPT:
         ------
         ValueError
             For a sequence longer than ``block_size``, or ids outside ``[0, vocab_size)``.
+        ShapeError, TypeError
+            For ids that are not an integer array of at least one axis (a lone id, ragged
+            lists, floats).
         """
-        length = (ids.shape if isinstance(ids, NodeId) else np.shape(ids))[-1:]
-        if length and length[0] > self.config.block_size:
+        where = "GPT.forward"
+        checked = token_ids(where, ids)
+        length = checked.shape[-1]
+        if length > self.config.block_size:
             raise ValueError(
-                f"GPT.forward: a sequence of {length[0]} tokens is longer than block_size "
+                f"{where}: a sequence of {length} tokens is longer than block_size "
                 f"{self.config.block_size}"
             )
-        return self.lm_head.forward(graph, self.transformer.forward(graph, ids, fused=fused))
+        return self.lm_head.forward(graph, self.transformer.forward(graph, checked, fused=fused))
 
     def __repr__(self) -> str:
         return f"GPT({self.config})"

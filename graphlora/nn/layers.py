@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -120,6 +121,31 @@ class Linear:
     def nodes(self) -> list[NodeId]:
         """Every leaf of the layer."""
         return [self.weight] if self.bias is None else [self.weight, self.bias]
+
+
+def token_ids(where: str, ids: object) -> NodeId | npt.NDArray[np.integer[Any]]:
+    """``ids`` checked as a language model's input ``[..., T]``: an integer data node or array
+    with at least one axis (a lone id is refused: a model needs a sequence), not ragged."""
+    if isinstance(ids, NodeId):
+        if ids.dtype.kind not in "iu":
+            raise TypeError(f"{where}: ids must be integers, got dtype {ids.dtype}")
+        if not ids.shape:
+            raise ShapeError(f"{where}: ids must be [..., T] with at least one axis, got {ids!r}")
+        return ids
+    try:
+        array = np.asarray(ids)
+    except (TypeError, ValueError) as error:
+        raise ShapeError(f"{where}: ids are not a regular array (ragged lists?): {error}") from None
+    if array.dtype.kind == "f" and array.size == 0:
+        array = array.astype(np.int64)  # an empty list reads as float64
+    if array.dtype.kind not in "iu":
+        raise TypeError(f"{where}: ids must be integers, got dtype {array.dtype}")
+    if not array.shape:
+        raise ShapeError(
+            f"{where}: ids must be [..., T] with at least one axis, got the lone id {ids!r}; "
+            "pass [id]"
+        )
+    return array
 
 
 @dataclass(eq=False)

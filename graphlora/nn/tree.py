@@ -24,6 +24,8 @@ from graphlora.ops import Array
 
 __all__ = [
     "LoadResult",
+    "check_model",
+    "is_model",
     "is_module",
     "load_state_dict",
     "named_leaves",
@@ -57,6 +59,34 @@ class Place:
             raise TypeError(f"a module held in a tuple cannot be replaced (at {self.key!r})")
 
 
+def is_model(value: object) -> bool:
+    """True for what ``named_modules`` can walk: a module, or any object, list, tuple or dict
+    that may hold modules (a model needs no ``forward`` of its own)."""
+    if isinstance(value, (list, tuple, dict)) or is_module(value):
+        return True
+    return not isinstance(value, type) and hasattr(value, "__dict__")
+
+
+def check_model(where: str, model: object) -> None:
+    """Refuse what cannot be a model, naming ``where`` and the type."""
+    if not is_model(model):
+        raise TypeError(
+            f"{where}: model must be a layer or a model (an object, list or dict holding layers), "
+            f"got {type(model).__name__}"
+        )
+
+
+def _root_children(model: object) -> Iterator[tuple[str, object, Place]]:
+    """The modules under the root: its attributes', or a list's, tuple's or dict's items."""
+    if isinstance(model, (list, tuple, dict)) and not is_module(model):
+        items = model.items() if isinstance(model, dict) else enumerate(model)
+        kind = "dict" if isinstance(model, dict) else type(model).__name__
+        for key, item in items:
+            yield from _collect(str(key), item, Place(model, key, kind))
+    else:
+        yield from _children(model)
+
+
 def _children(module: object) -> Iterator[tuple[str, object, Place]]:
     """The modules held by ``module``'s public attributes, with their relative names."""
     attributes = getattr(module, "__dict__", {})
@@ -88,9 +118,9 @@ def walk(model: object) -> Iterator[tuple[str, object, Place | None]]:
             continue
         seen.add(id(module))
         yield name, module, place
+        found = _root_children(module) if place is None else _children(module)
         children = [
-            (f"{name}.{child}" if name else child, value, where)
-            for child, value, where in _children(module)
+            (f"{name}.{child}" if name else child, value, where) for child, value, where in found
         ]
         stack.extend(reversed(children))  # depth first, in attribute order
 
@@ -99,16 +129,14 @@ def named_modules(model: object) -> Iterator[tuple[str, object]]:
     """``(dotted name, module)`` for ``model`` (named ``""``) and every module under it, in
     attribute order, depth first, each once: as ``torch.nn.Module.named_modules``.
 
+    ``model`` needs no ``forward`` of its own: an object, list or dict holding layers is a model.
+
     Raises
     ------
     TypeError
-        When ``model`` is not a module (an object with a ``forward`` method).
+        When ``model`` cannot hold modules (a number, a string, an array, a class).
     """
-    if not is_module(model):
-        raise TypeError(
-            f"named_modules: model must be a layer or model (an object with a forward method), "
-            f"got {type(model).__name__}"
-        )
+    check_model("named_modules", model)
     for name, module, _ in walk(model):
         yield name, module
 
