@@ -81,7 +81,9 @@ _NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 
 def _check_layers(where: str, layers: object) -> dict[str, LoraLayer]:
     """``layers`` as ``{name: LoRA layer}``: a mapping as given, or a model's LoRA layers."""
-    plain = isinstance(layers, Mapping) and any(isinstance(v, LoraLayer) for v in layers.values())
+    plain = isinstance(layers, Mapping) and (
+        not layers or any(isinstance(v, LoraLayer) for v in layers.values())
+    )
     if not plain:  # a model: an object, or a dict or list holding layers
         from graphlora.nn import is_model, lora_layers
 

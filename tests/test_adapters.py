@@ -161,7 +161,7 @@ def test_model_level_refusals_name_the_adapters_and_change_nothing() -> None:
         (
             lambda: gl.set_adapter(object(), "x"),
             TypeError,
-            "set_adapter: model must be a layer or model",
+            r"set_adapter: model must be a layer or a model \(an object, list or dict holding layers\)",
         ),
     ]
     for call, error, match in cases:

@@ -44,7 +44,7 @@ def _numpy_forward(graph: gl.Graph, layer: gl.LoraLinear, x: np.ndarray) -> np.n
 def test_config_defaults_follow_peft() -> None:
     cfg = gl.LoraConfig()
     assert (cfg.rank, cfg.alpha, cfg.dropout, cfg.use_rslora) == (8, 8.0, 0.0, False)
-    assert (cfg.init, cfg.init_std, cfg.seed) == ("gaussian", 0.01, None)
+    assert (cfg.init, cfg.init_std, cfg.seed) == ("kaiming", None, None)  # PEFT's True
     assert cfg.scaling == 1.0
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.rank = 4  # type: ignore[misc]
@@ -71,7 +71,7 @@ def test_scaling_standard_and_rslora(rank: int, alpha: float) -> None:
         (
             {"init": "xavier"},
             ValueError,
-            r"LoraConfig: init must be one of 'gaussian', 'kaiming', 'pissa', got 'xavier'",
+            r"LoraConfig: init must be one of 'kaiming', 'gaussian', 'random', 'pissa', got 'xavier'",
         ),
         ({"init_std": 0}, ValueError, r"LoraConfig: init_std must be finite and > 0, got 0"),
         (
@@ -265,7 +265,9 @@ def test_merge_refuses_non_finite_weights() -> None:
 
 def test_gaussian_init_statistics() -> None:
     g = gl.Graph()
-    lora = gl.LoraLinear.new(g, 400, 300, gl.LoraConfig(rank=50, init_std=0.02, seed=0))
+    lora = gl.LoraLinear.new(
+        g, 400, 300, gl.LoraConfig(rank=50, init="gaussian", init_std=0.02, seed=0)
+    )
     a = g.value(lora.lora_a)
     assert a.shape == (400, 50)
     # 20,000 normal draws: the sample std is within 2% of 0.02, the mean near 0.
@@ -1260,3 +1262,33 @@ def test_lora_linear_with_dropout_keeps_a_float32_graph_float32() -> None:
     g.backward(g.sum(out))
     assert g.value(out).dtype == np.float32
     assert g.grad(a).dtype == np.float32 and g.grad(b).dtype == np.float32
+
+
+@pytest.mark.crosscheck
+@pytest.mark.parametrize(
+    ("init", "peft_init"), [("kaiming", True), ("gaussian", "gaussian"), ("random", False)]
+)
+def test_inits_draw_from_peft_s_distributions(init: str, peft_init: object) -> None:
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    n_in, n_out, rank = 400, 300, 16
+    torch.manual_seed(0)
+    model = peft.get_peft_model(
+        torch.nn.Sequential(torch.nn.Linear(n_in, n_out)),
+        peft.LoraConfig(r=rank, target_modules=["0"], init_lora_weights=peft_init),
+    )
+    assert peft.LoraConfig().init_lora_weights is True  # PEFT's default: graphlora's "kaiming"
+    assert (peft.LoraConfig().r, peft.LoraConfig().lora_alpha) == (8, 8)
+    layer = model.base_model.model[0]
+    theirs_a = layer.lora_A["default"].weight.detach().numpy().T  # [in, r]
+    theirs_b = layer.lora_B["default"].weight.detach().numpy().T  # [r, out]
+    g = gl.Graph()
+    ours = gl.LoraLinear.new(g, n_in, n_out, gl.LoraConfig(rank=rank, init=init, seed=0))
+    for mine, theirs in ((g.value(ours.lora_a), theirs_a), (g.value(ours.lora_b), theirs_b)):
+        assert mine.shape == theirs.shape
+        if not theirs.any():
+            assert not mine.any()
+            continue
+        # same distribution: spread within 5% and the same bound (uniform) or none (normal)
+        assert abs(mine.std() / theirs.std() - 1) < 0.05
+        assert abs(np.abs(mine).max() / np.abs(theirs).max() - 1) < 0.05 or init == "gaussian"

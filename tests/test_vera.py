@@ -65,7 +65,7 @@ def _by_hand(x: np.ndarray, w: np.ndarray, bias: np.ndarray, a: np.ndarray, b: n
         ({"projection_prng_key": True}, TypeError, "projection_prng_key must be an int"),
         ({"save_projection": 1}, TypeError, "VeraConfig: save_projection must be a bool"),
         ({"dropout": 1.0}, ValueError, r"VeraConfig: dropout must be in \[0, 1\), got 1.0"),
-        ({"seed": "x"}, TypeError, "VeraConfig: rng must be"),
+        ({"seed": "x"}, TypeError, "VeraConfig: seed must be an int or None, got 'x'"),
     ],
 )
 def test_vera_config_refuses_bad_fields_by_name(

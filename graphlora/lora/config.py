@@ -12,7 +12,7 @@ from graphlora.lora.functional import lora_scaling
 
 __all__ = ["INITS", "LoraConfig", "VeraConfig"]
 
-INITS = ("gaussian", "kaiming", "pissa")
+INITS = ("kaiming", "gaussian", "random", "pissa")
 """The accepted values of ``LoraConfig.init``."""
 
 
@@ -32,10 +32,12 @@ class LoraConfig:
     """Dropout probability on the LoRA input only (PEFT: ``lora_dropout``), in ``[0, 1)``."""
     use_rslora: bool = False
     """Rank-stabilised LoRA: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``."""
-    init: str = "gaussian"
-    """How to start A and B: ``"gaussian"``, ``"kaiming"`` or ``"pissa"`` (see ``LoraLinear``)."""
-    init_std: float = 0.01
-    """Standard deviation of A under ``init="gaussian"``. > 0."""
+    init: str = "kaiming"
+    """How to start A and B, as PEFT's ``init_lora_weights``: ``"kaiming"`` (PEFT's default,
+    ``True``), ``"gaussian"``, ``"random"`` (PEFT's ``False``: B is not zero, so the adapter
+    changes the output from the start) or ``"pissa"`` (see ``LoraLinear``)."""
+    init_std: float | None = None
+    """Standard deviation of A under ``init="gaussian"``; ``None``: ``1 / rank``, as PEFT."""
     seed: int | None = None
     """Seed of the generator for A's init and the dropout masks; ``None`` draws fresh entropy."""
     use_dora: bool = False
@@ -49,6 +51,8 @@ class LoraConfig:
             raise ValueError(f"LoraConfig: rank must be a positive int, got {self.rank}")
         for name in ("alpha", "dropout", "init_std"):
             value = getattr(self, name)
+            if name == "init_std" and value is None:
+                continue
             if isinstance(value, (bool, np.bool_)) or not isinstance(
                 value, (int, float, np.integer, np.floating)
             ):
@@ -64,7 +68,7 @@ class LoraConfig:
             raise ValueError(
                 f"LoraConfig: init must be one of {', '.join(map(repr, INITS))}, got {self.init!r}"
             )
-        if not (math.isfinite(self.init_std) and self.init_std > 0):
+        if self.init_std is not None and not (math.isfinite(self.init_std) and self.init_std > 0):
             raise ValueError(f"LoraConfig: init_std must be finite and > 0, got {self.init_std}")
         _checks.seed("LoraConfig", "seed", self.seed)
 

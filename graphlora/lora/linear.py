@@ -47,10 +47,12 @@ class LoraLinear(LoraLayer):
     every method takes that graph. ``lora_a``, ``lora_b``, ``rank``, ``scaling``, ``config`` and
     ``rng`` are those of its active adapter (with several active: of the first).
 
-    Inits (``config.init``): ``"gaussian"``: A ~ N(0, init_std²); ``"kaiming"``: A ~ U(±1/√in),
-    PyTorch's ``nn.Linear`` default as used by PEFT; ``"pissa"`` (Meng et al. 2024): A and B from
-    the top-``rank`` singular triplets of W, and W replaced by the residual, so the output at init
-    is unchanged. B = 0 for gaussian and kaiming.
+    Inits (``config.init``, as PEFT's ``init_lora_weights``): ``"kaiming"`` (the default, PEFT's
+    ``True``): A ~ U(±1/√in), PyTorch's ``nn.Linear`` default as used by PEFT; ``"gaussian"``:
+    A ~ N(0, init_std²), ``init_std`` 1/r unless given (PEFT's); ``"random"`` (PEFT's ``False``):
+    A as kaiming and B ~ U(±1/√r), so the output changes from the start; ``"pissa"`` (Meng et al.
+    2024): A and B from the top-``rank`` singular triplets of W, and W replaced by the residual,
+    so the output at init is unchanged. B = 0 for kaiming and gaussian.
     """
 
     bias: NodeId | None

@@ -400,15 +400,23 @@ def draw_adapter(
     the layer must hold instead of ``weight`` (else None)."""
     in_features, out_features = weight.shape
     rank = config.rank
-    if embedding:  # PEFT's init for embeddings: A = 0, B ~ N(0, 1)
+    if embedding:
+        if config.init == "random":  # PEFT's embeddings before any init: both ~ N(0, 1)
+            a = rng.standard_normal((in_features, rank))
+            return a, rng.standard_normal((rank, out_features)), None
+        # PEFT's init for embeddings: A = 0, B ~ N(0, 1)
         return np.zeros((in_features, rank)), rng.standard_normal((rank, out_features)), None
     if config.init == "pissa":
         return _pissa(weight.astype(np.float64), rank, config.scaling)
-    if config.init == "gaussian":
-        a = rng.normal(0.0, config.init_std, size=(in_features, rank))
-    else:  # kaiming: U(-1/sqrt(in), 1/sqrt(in)), torch's kaiming_uniform_(a=sqrt(5))
-        bound = 1.0 / math.sqrt(in_features)
-        a = rng.uniform(-bound, bound, size=(in_features, rank))
+    if config.init == "gaussian":  # PEFT: std 1 / r
+        std = 1.0 / rank if config.init_std is None else config.init_std
+        return rng.normal(0.0, std, size=(in_features, rank)), np.zeros((rank, out_features)), None
+    # kaiming: U(-1/sqrt(in), 1/sqrt(in)), torch's kaiming_uniform_(a=sqrt(5)) on A [r, in]
+    bound = 1.0 / math.sqrt(in_features)
+    a = rng.uniform(-bound, bound, size=(in_features, rank))
+    if config.init == "random":  # B as torch's nn.Linear(r, out) draws it: U(-1/sqrt(r), ...)
+        edge = 1.0 / math.sqrt(rank)
+        return a, rng.uniform(-edge, edge, size=(rank, out_features)), None
     return a, np.zeros((rank, out_features)), None
 
 

@@ -143,7 +143,7 @@ def lora_configs(
         dropout=draw(st.sampled_from([0.1, 0.5])) if dropout else 0.0,
         use_rslora=draw(st.booleans()),
         init=draw(st.sampled_from(inits)),
-        init_std=draw(st.floats(0.01, 1.0)),
+        init_std=draw(st.none() | st.floats(0.01, 1.0)),
         seed=draw(st.integers(0, 2**32 - 1)),
         use_dora=draw(st.booleans()) if dora is None else dora,
     )
