@@ -14,6 +14,7 @@ import os
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -25,7 +26,7 @@ from graphlora.lora.functional import scaled_delta
 from graphlora.nn.checkpoint import safetensors_module
 from graphlora.teach import demo, demo_gpt
 from graphlora.teach.explain import explain
-from graphlora.teach.grading import check_file
+from graphlora.teach.grading import DEFAULT_TIMEOUT, check_file
 
 __all__ = ["main"]
 
@@ -94,6 +95,17 @@ def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
 
     parse.__name__ = kind.__name__
     return parse
+
+
+def _seed(text: str) -> int:
+    """An argparse type: a seed, an int >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
 
 
 _TASK_OPTIONS = {  # the demo options each task reads; the others are refused, not ignored
@@ -365,7 +377,7 @@ def _parser() -> argparse.ArgumentParser:
         default="kaiming",
         help="how A and B start (default kaiming); pissa starts from W0's top singular vectors",
     )
-    d.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
+    d.add_argument("--seed", type=_seed, default=0, help="seed of every random draw (default 0)")
     d.add_argument(
         "--plot", metavar="FILE.png", help="save loss curves and singular values (default: no)"
     )
@@ -395,6 +407,13 @@ def _parser() -> argparse.ArgumentParser:
         "against finite differences (gradcheck), naming the input and element that disagree.",
     )
     c.add_argument("file", metavar="FILE")
+    c.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="S",
+        help=f"stop the file after S seconds in all (default {DEFAULT_TIMEOUT:g})",
+    )
     return parser
 
 
@@ -424,7 +443,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return 0 if explain() < 1e-12 else 1
     if args.command == "check":
         try:
-            report = check_file(args.file)
+            report = check_file(args.file, timeout=args.timeout)
         except (OSError, ValueError) as error:
             print(f"graphlora check: error: {error}", file=sys.stderr)
             return 2
@@ -433,7 +452,12 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command == "inspect":
         try:
             return _inspect(args.directory)
-        except (OSError, ValueError, ImportError) as error:
+        except BrokenPipeError:
+            raise  # a closed pipe (inspect DIR | head -1) ends quietly: see main
+        except (OSError, ImportError) as error:  # no such directory, or no safetensors: usage
+            print(f"graphlora inspect: error: {error}", file=sys.stderr)
+            return 2
+        except ValueError as error:  # the directory is there but its adapter is not readable
             print(f"graphlora inspect: error: {error}", file=sys.stderr)
             return 1
     if args.command is None:  # the main job is the default
@@ -461,6 +485,16 @@ def _main(argv: Sequence[str] | None) -> int:
             safetensors_module("--save-adapter")  # before training, not after
         except ImportError as error:
             parser.error(str(error))
+        target = Path(args.save_adapter)
+        if target.exists() and not target.is_dir():
+            parser.error(f"--save-adapter: {target} is a file, not a directory")
+        if target.exists() and not args.overwrite:
+            parser.error(f"--save-adapter: {target} already exists; pass --overwrite to replace it")
+    if args.task == "gpt" and args.rank is not None and args.rank > demo_gpt.WIDTH:
+        parser.error(
+            f"--rank {args.rank} exceeds {demo_gpt.WIDTH}, the width of the demo's GPT "
+            "(a rank is at most min(in, out) of every adapted layer)"
+        )
     if args.lr is None:
         args.lr = 0.02 if args.task == "lowrank" else 0.01
     if args.task == "gpt":

@@ -115,4 +115,79 @@ def test_a_file_that_is_no_exercise_is_a_clear_error(
     broken = tmp_path / "broken.py"
     broken.write_text('EXERCISE = "merge"\n1 / 0\n', encoding="utf-8")
     assert main(["check", str(broken)]) == 1
-    assert "ZeroDivisionError: division by zero (line 2)" in capsys.readouterr().out
+    assert "ZeroDivisionError: division by zero (broken.py, line 2)" in capsys.readouterr().out
+
+
+# --- a grader students cannot fool or hang -----------------------------------------------------------
+
+STUB = (ROOT / "docs" / "exercises" / "02_softmax.py").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    ("extra", "status", "message"),
+    [
+        (  # replacing the grader's own check in its (the child's) process changes nothing
+            "import graphlora.teach.grading as grading\n"
+            "grading.check_vjp = lambda *a, **k: True\n"
+            "grading._close = lambda *a, **k: None\n",
+            1,
+            "not done yet: ",
+        ),
+        ("import sys\nsys.exit(0)\n", 1, "FAILED  the file runs\n          SystemExit: 0"),
+        ("raise SystemExit(0)\n", 1, "FAILED  the file runs\n          SystemExit: 0"),
+        (
+            "def softmax(x, axis=-1):\n    import os\n    os._exit(0)\n",
+            1,
+            "the file ended the grader's process (exit status 0); a file to grade must not exit",
+        ),
+        (
+            "def softmax(x, axis=-1):\n    raise SystemExit(3)\n",
+            1,
+            "SystemExit: 3 (in 02_softmax.py, line ",
+        ),
+        (
+            "def softmax(x, axis=-1):\n    return {'out': x}, None\n",
+            1,
+            "the grader cannot read",
+        ),
+    ],
+)
+def test_what_a_file_does_to_its_own_process_does_not_change_the_verdict(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: str, status: int, message: str
+) -> None:
+    file = tmp_path / "02_softmax.py"
+    file.write_text(STUB + "\n" + extra, encoding="utf-8")
+    assert main(["check", str(file)]) == status
+    out = capsys.readouterr().out
+    assert message in out, out
+    assert "all checks passed" not in out
+
+
+def test_an_endless_loop_is_stopped_at_the_time_limit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    file = tmp_path / "02_softmax.py"
+    file.write_text(STUB + "\ndef softmax(x, axis=-1):\n    while True:\n        pass\n")
+    assert main(["check", str(file), "--timeout", "3"]) == 1
+    out = capsys.readouterr().out
+    assert "timed out: the file ran for more than 3 s (the time limit, --timeout)" in out
+    assert out.count("FAILED") == 4  # the forward and the three VJP checks
+    loop = tmp_path / "loop.py"
+    loop.write_text('EXERCISE = "merge"\nwhile True:\n    pass\n')
+    assert main(["check", str(loop), "--timeout", "2"]) == 1
+    assert "FAILED  the file runs\n          timed out" in capsys.readouterr().out
+
+
+def test_a_file_that_is_not_utf8_or_a_bad_timeout_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    file = tmp_path / "latin.py"
+    file.write_bytes(b'EXERCISE = "merge"\n# caf\xe9\n')
+    assert main(["check", str(file)]) == 1
+    out = capsys.readouterr().out
+    assert f"FAILED  the file is UTF-8 text\n          {file}: 'utf-8' codec can't decode" in out
+    for bad in ("0", "-1", "nan"):
+        assert main(["check", str(file), "--timeout", bad]) == 2
+        assert f"timeout must be a positive number of seconds, got {float(bad)}" in (
+            capsys.readouterr().err
+        )

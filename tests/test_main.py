@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import graphlora as gl
 from graphlora.__main__ import main
 
 
@@ -151,6 +152,13 @@ def test_example_command_prints_values_and_gradients(capsys: pytest.CaptureFixtu
         (["demo", "--steps", "-5"], "argument --steps: must be > 0, got '-5'"),
         (["demo", "--lr", "fast"], "argument --lr: expected a float, got 'fast'"),
         (["demo", "--task", "mnist"], "invalid choice: 'mnist'"),
+        (["demo", "--seed", "-1"], "argument --seed: must be >= 0, got '-1'"),
+        (["demo", "--seed", "x"], "argument --seed: expected an int, got 'x'"),
+        (
+            ["demo", "--task", "gpt", "--rank", "100"],
+            "--rank 100 exceeds 64, the width of the demo's GPT",
+        ),
+        (["check", "f.py", "--timeout", "soon"], "argument --timeout: invalid float value"),
     ],
 )
 def test_bad_usage_is_a_clear_error(
@@ -288,3 +296,41 @@ def test_the_gpt_demo_reports_both_texts(capsys: pytest.CaptureFixture[str]) -> 
     assert len(rows) == 2
     assert rows["base model"].split()[-4:] == rows["adapters zeroed again"].split()[-4:]
     assert "sample, adapted (prompt 'def ', temperature 0.8):\n  | def " in out
+
+
+def test_save_adapter_refuses_an_existing_directory_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "f").write_text("x")
+    for target, message in [
+        (tmp_path / "a", f"--save-adapter: {tmp_path / 'a'} already exists; pass --overwrite"),
+        (tmp_path / "f", f"--save-adapter: {tmp_path / 'f'} is a file, not a directory"),
+    ]:
+        with pytest.raises(SystemExit) as info:
+            main(["demo", "--save-adapter", str(target), "--no-progress"])
+        assert info.value.code == 2
+        err = capsys.readouterr()
+        assert message in err.err
+        assert err.out == ""  # nothing trained
+
+
+def test_inspect_in_a_closed_pipe_ends_quietly_with_status_0(tmp_path: Path) -> None:
+    g = gl.Graph()
+    layer = gl.LoraLinear.new(g, 4, 3, gl.LoraConfig(rank=2), name="proj")
+    gl.save_adapter(tmp_path / "a", g, {"proj": layer})
+    for _ in range(3):  # it failed one run in two
+        process = subprocess.Popen(
+            [sys.executable, "-u", "-m", "graphlora", "inspect", str(tmp_path / "a")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            bufsize=0,
+        )
+        assert process.stdout is not None and process.stderr is not None
+        first = process.stdout.readline()
+        process.stdout.close()
+        status = process.wait(timeout=120)
+        err = process.stderr.read().decode()
+        process.stderr.close()
+        assert first.startswith(b"adapter: ")
+        assert status == 0 and "Broken pipe" not in err and "Traceback" not in err, err

@@ -96,6 +96,10 @@ def sample(
     return decode(np.array(ids))
 
 
+WIDTH = 64
+"""The width of the demo's GPT (``n_embd``): the largest LoRA rank its layers take."""
+
+
 def run_gpt(
     *,
     steps: int = 3000,
@@ -115,7 +119,7 @@ def run_gpt(
     data = {"prose": encode(prose), "code": encode(code)}
     train = {name: ids[: len(ids) * 9 // 10] for name, ids in data.items()}
     held = {name: ids[len(ids) * 9 // 10 :] for name, ids in data.items()}
-    config = GPTConfig(vocab_size=len(CHARS), block_size=64, n_layer=2, n_head=4, n_embd=64)
+    config = GPTConfig(vocab_size=len(CHARS), block_size=64, n_layer=2, n_head=4, n_embd=WIDTH)
     batch, width = 16, config.block_size
     rng = np.random.default_rng(seed)
 

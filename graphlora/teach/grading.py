@@ -1,8 +1,9 @@
 """``python -m graphlora check FILE``: grade an exercise from ``docs/exercises/``.
 
 Each exercise file says which exercise it is (``EXERCISE = "softmax"``) and fills in functions
-whose bodies start as ``raise NotImplementedError``. The grader imports the file, runs the
-exercise's checks, and says for each whether it passed; a failed gradient names the input, the
+whose bodies start as ``raise NotImplementedError``. The grader runs the file in a child process
+with a time limit, calls its functions there on inputs drawn here, checks what they return, and
+says for each check whether it passed; a failed gradient names the input, the
 element, your value and the finite difference (the library's own ``gradcheck``), so that a wrong
 formula shows where it is wrong.
 """
@@ -10,24 +11,24 @@ formula shows where it is wrong.
 from __future__ import annotations
 
 import functools
-import importlib.util
+import math
 import re
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 
+from graphlora import _checks
 from graphlora.engine.graph import Graph
 from graphlora.errors import GradcheckError
 from graphlora.lora import LoraConfig, LoraLinear
 from graphlora.ops import Array, Grads
+from graphlora.teach.remote import Child, ChildGone, StudentError
 from graphlora.testing.gradcheck import check_vjp
 
-__all__ = ["EXERCISES", "Report", "check_file"]
+__all__ = ["DEFAULT_TIMEOUT", "EXERCISES", "Report", "check_file"]
 
 
 @dataclass
@@ -55,19 +56,21 @@ def _run(report: Report, what: str, check: Callable[[], None], names: tuple[str,
     """Run one check; turn what goes wrong into a sentence a student can act on."""
     try:
         check()
-    except NotImplementedError as error:
-        report.fail(what, f"not done yet: {error or 'a function still raises NotImplementedError'}")
+    except StudentError as error:  # the student's code raised, in the child: show where
+        if error.kind == "NotImplementedError":
+            done = error.message or "a function still raises NotImplementedError"
+            report.fail(what, f"not done yet: {done}")
+        else:
+            at = f" (in {error.file}, line {error.line})" if error.file else ""
+            report.fail(what, f"{error.kind}: {error.message}{at}")
+    except ChildGone as error:
+        report.fail(what, str(error))
     except GradcheckError as error:
         report.fail(what, _named(str(error), names))
     except AssertionError as error:
         report.fail(what, str(error))
-    except Exception as error:  # the student's code raised: show where
-        frame = traceback.extract_tb(error.__traceback__)[-1]
-        report.fail(
-            what,
-            f"{type(error).__name__}: {error} "
-            f"(in {Path(frame.filename).name}, line {frame.lineno})",
-        )
+    except Exception as error:  # what the student's code returned broke a check: say what
+        report.fail(what, f"{type(error).__name__}: {error}")
     else:
         report.ok(what)
 
@@ -110,7 +113,7 @@ def _rng() -> np.random.Generator:
 # --- the exercises ---------------------------------------------------------------------------
 
 
-def _broadcasting(module: ModuleType, report: Report) -> None:
+def _broadcasting(module: Any, report: Report) -> None:
     add = module.add
     rng = _rng()
     for a_shape, b_shape in [((3, 4), (4,)), ((2, 1, 3), (5, 1)), ((1,), (2, 3)), ((), (3,))]:
@@ -123,7 +126,7 @@ def _broadcasting(module: ModuleType, report: Report) -> None:
         )
 
 
-def _softmax(module: ModuleType, report: Report) -> None:
+def _softmax(module: Any, report: Report) -> None:
     softmax = module.softmax
     rng = _rng()
     x = rng.standard_normal((2, 5))
@@ -170,7 +173,7 @@ def _as_op(
     return op
 
 
-def _lora_layer(module: ModuleType, report: Report) -> None:
+def _lora_layer(module: Any, report: Report) -> None:
     x, w, a, b, s = _lora_parts()
 
     def forward() -> None:
@@ -192,7 +195,7 @@ def _lora_layer(module: ModuleType, report: Report) -> None:
     )
 
 
-def _merge(module: ModuleType, report: Report) -> None:
+def _merge(module: Any, report: Report) -> None:
     x, w, a, b, s = _lora_parts()
 
     def merged_forward() -> None:
@@ -207,7 +210,7 @@ def _merge(module: ModuleType, report: Report) -> None:
     _run(report, "unmerge gives W back (to rounding)", round_trip, ())
 
 
-def _dora(module: ModuleType, report: Report) -> None:
+def _dora(module: Any, report: Report) -> None:
     x, w, a, b, s = _lora_parts()
     m = np.linalg.norm(w + s * a @ b, axis=0) * np.array([0.5, 1.0, 2.0])
     g = Graph()
@@ -256,7 +259,7 @@ def _vjp_checks(op: Any, *arrays: Array, **params: Any) -> None:
     _assert_true(check_vjp(op, *arrays, **params))
 
 
-EXERCISES: dict[str, tuple[str, Callable[[ModuleType, Report], None]]] = {
+EXERCISES: dict[str, tuple[str, Callable[[Any, Report], None]]] = {
     "broadcasting": ("a broadcasting add and its VJP", _broadcasting),
     "softmax": ("softmax and its VJP", _softmax),
     "lora_layer": ("one LoRA layer's forward and backward by hand", _lora_layer),
@@ -266,36 +269,71 @@ EXERCISES: dict[str, tuple[str, Callable[[ModuleType, Report], None]]] = {
 """The exercises by name: what each is, and its checks."""
 
 
-def check_file(path: str | Path) -> Report:
+class _Functions:
+    """The student's module as the checks see it: each attribute a function run in the child."""
+
+    def __init__(self, child: Child) -> None:
+        self._child = child
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        child = self._child
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return child.call(name, *args, **kwargs)
+
+        return call
+
+
+DEFAULT_TIMEOUT = 10.0
+"""Seconds a file may run in all (``graphlora check --timeout``)."""
+
+
+def check_file(path: str | Path, *, timeout: float = DEFAULT_TIMEOUT) -> Report:
     """Grade one exercise file; never raises for the student's mistakes, only reports them.
+
+    The file runs in a child process (``graphlora.teach.remote``), which is stopped after
+    ``timeout`` seconds: this process draws the inputs, computes the references and compares,
+    so nothing the file does to its own process changes the verdict. A file that does not
+    decode, does not import, exits or runs out of time is reported as FAILED.
 
     Raises
     ------
     FileNotFoundError
         For a path that is not a file.
     ValueError
-        For a file that names no known exercise (``EXERCISE = "..."``).
+        For a file that names no known exercise (``EXERCISE = "..."``), or a ``timeout`` that
+        is not a positive number.
     """
+    where = "check"
+    limit = _checks.real_scalar(where, "timeout", timeout)
+    if not (math.isfinite(limit) and limit > 0):
+        raise ValueError(f"{where}: timeout must be a positive number of seconds, got {timeout}")
     target = Path(path)
     if not target.is_file():
-        raise FileNotFoundError(f"check: {target} is not a file")
-    source = target.read_text(encoding="utf-8")
+        raise FileNotFoundError(f"{where}: {target} is not a file")
+    try:
+        source = target.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        report = Report(str(target))
+        report.fail("the file is UTF-8 text", f"{target}: {error}; save it as UTF-8")
+        return report
     found = re.search(r"^EXERCISE\s*=\s*[\"'](\w+)[\"']", source, flags=re.MULTILINE)
     if found is None or found.group(1) not in EXERCISES:
         raise ValueError(
-            f'check: {target} names no exercise; it needs a line EXERCISE = "<name>" with one '
+            f'{where}: {target} names no exercise; it needs a line EXERCISE = "<name>" with one '
             f"of {sorted(EXERCISES)}"
         )
     name = found.group(1)
     report = Report(f"{name} ({EXERCISES[name][0]})")
-    spec = importlib.util.spec_from_file_location(f"exercise_{name}", target)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
     try:
-        spec.loader.exec_module(module)
-    except Exception as error:
-        frame = traceback.extract_tb(error.__traceback__)[-1]
-        report.fail("the file runs", f"{type(error).__name__}: {error} (line {frame.lineno})")
+        child = Child(target, f"exercise_{name}", limit)
+    except StudentError as error:
+        at = f" ({error.file}, line {error.line})" if error.line else ""
+        report.fail("the file runs", f"{error.kind}: {error.message}{at}")
         return report
-    EXERCISES[name][1](module, report)
+    except ChildGone as error:
+        report.fail("the file runs", str(error))
+        return report
+    with child:
+        EXERCISES[name][1](_Functions(child), report)
     return report
