@@ -124,6 +124,7 @@ def gpt_result() -> demo_gpt.GptResult:
     )
 
 
+@pytest.mark.slow
 def test_lora_adapts_the_gpt_to_code_and_leaves_the_base_as_it_was(
     gpt_result: demo_gpt.GptResult,
 ) -> None:
@@ -135,6 +136,7 @@ def test_lora_adapts_the_gpt_to_code_and_leaves_the_base_as_it_was(
     assert r.samples["base"].startswith("def ") and len(r.samples["adapted"]) == 4 + 120
 
 
+@pytest.mark.slow
 def test_the_gpt_demo_is_deterministic_for_a_seed(gpt_result: demo_gpt.GptResult) -> None:
     prose, code = demo_gpt.stdlib_texts()
     again = demo_gpt.run_gpt(

@@ -43,6 +43,7 @@ CROSSCHECKED = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", CROSSCHECKED, ids=[p.name for p in PAGES])
 def test_page_runs_and_shows_real_output(
     page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

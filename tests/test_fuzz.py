@@ -319,4 +319,4 @@ class GraphMachine(RuleBasedStateMachine):
 
 
 GraphMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
-TestGraphMachine = GraphMachine.TestCase
+TestGraphMachine = pytest.mark.slow(GraphMachine.TestCase)

@@ -335,6 +335,7 @@ def test_logits_equal_transformers_gpt2_in_float64(tmp_path: Path) -> None:
     np.testing.assert_allclose(logits, expected, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.crosscheck
 def test_a_gpt2_small_sized_checkpoint_loads_and_runs(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")

@@ -151,6 +151,7 @@ def _weighted_fn(op: ops.OpDef, example: Any, weights: np.ndarray) -> gl.testing
     return fn
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["full", "fast"])
 @pytest.mark.parametrize("kind", ["scaled", "dropped", "permuted"])
 @pytest.mark.parametrize("name", sorted(TESTED))

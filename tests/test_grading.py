@@ -10,6 +10,8 @@ import pytest
 from graphlora.__main__ import main
 from graphlora.teach.grading import EXERCISES, check_file
 
+pytestmark = pytest.mark.slow  # each check starts a child process
+
 ROOT = Path(__file__).resolve().parent.parent
 STUBS = sorted((ROOT / "docs" / "exercises").glob("*.py"))
 SOLUTIONS = Path(__file__).resolve().parent / "exercise_solutions"

@@ -92,6 +92,7 @@ def test_plot_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert f"wrote {target}" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_the_gpt_demo_plots_its_two_curves(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -253,6 +254,7 @@ def test_save_adapter_without_safetensors_fails_before_training(
     assert "(from a clone: pip install -e '.[adapters]')" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [["demo", "--steps", "50", "--no-progress"], ["example"]])
 def test_a_closed_pipe_ends_quietly_with_status_0(command: list[str]) -> None:
     """As ``graphlora demo | head -1``: the reader goes away after the first line."""
@@ -281,6 +283,7 @@ def test_the_example_leaves_numpy_print_options_as_they_were(
     assert np.get_printoptions() == before
 
 
+@pytest.mark.slow
 def test_the_gpt_demo_reports_both_texts(capsys: pytest.CaptureFixture[str]) -> None:
     assert (
         main(["demo", "--task", "gpt", "--steps", "40", "--lora-steps", "20", "--no-progress"]) == 0
@@ -315,6 +318,7 @@ def test_save_adapter_refuses_an_existing_directory_before_training(
         assert err.out == ""  # nothing trained
 
 
+@pytest.mark.slow
 def test_inspect_in_a_closed_pipe_ends_quietly_with_status_0(tmp_path: Path) -> None:
     g = gl.Graph()
     layer = gl.LoraLinear.new(g, 4, 3, gl.LoraConfig(rank=2), name="proj")

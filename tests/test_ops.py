@@ -111,6 +111,7 @@ def _weighted(name: str, example: gst.Example, weights: np.ndarray) -> Any:
     return fn
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("mode", ["full", "fast"])
 @given(data=st.data())
@@ -122,6 +123,7 @@ def test_gradcheck_passes_for_every_op(name: str, mode: str, data: st.DataObject
     assert gradcheck(_weighted(name, example, weights), *floats, mode=mode) is True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 @given(data=st.data())
 def test_check_vjp_passes_every_bare_op(name: str, data: st.DataObject) -> None:
@@ -129,6 +131,7 @@ def test_check_vjp_passes_every_bare_op(name: str, data: st.DataObject) -> None:
     assert check_vjp(TESTED[name], *example.inputs, params=example.params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 @given(data=st.data())
 def test_float32_graph_keeps_float32(name: str, data: st.DataObject) -> None:
@@ -147,6 +150,7 @@ def test_float32_graph_keeps_float32(name: str, data: st.DataObject) -> None:
     np.testing.assert_allclose(g.value(out), expected, rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 @given(data=st.data())
 def test_each_input_alone_gets_the_gradient_it_gets_beside_the_others(
@@ -169,6 +173,7 @@ def test_each_input_alone_gets_the_gradient_it_gets_beside_the_others(
         assert all(alone.grad(inputs[j]) is None for j in example.floats if j != i)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 @given(data=st.data())
 def test_constant_inputs_get_no_gradient_and_no_work(name: str, data: st.DataObject) -> None:
@@ -181,6 +186,7 @@ def test_constant_inputs_get_no_gradient_and_no_work(name: str, data: st.DataObj
     assert all(g.grad(nodes[i]) is None for i in example.floats)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(ops.OPS))
 @given(data=st.data())
 def test_integer_and_bool_nodes_are_read_in_the_graphs_float_dtype(
@@ -205,6 +211,7 @@ def test_integer_and_bool_nodes_are_read_in_the_graphs_float_dtype(
 # --- zero-size arrays ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(ops.OPS))
 @settings(max_examples=30)
 @given(data=st.data())
@@ -259,6 +266,7 @@ def _torch_tensor(torch: Any, value: Any, grad: bool) -> Any:
     return torch.tensor(array, dtype=torch.float64, requires_grad=grad)
 
 
+@pytest.mark.slow
 @pytest.mark.crosscheck
 @pytest.mark.parametrize("name", [n for n in NAMES if TESTED[n].torch is not None])
 @pytest.mark.parametrize("empty", [False, True])

@@ -79,6 +79,7 @@ def test_merge_refuses_non_finite_weights_with_the_anomaly_error() -> None:
 # --- scale and leaks -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_backward_over_a_million_node_tape() -> None:
     g = gl.Graph()
     x = g.parameter(2.0)

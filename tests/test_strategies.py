@@ -8,6 +8,7 @@ import sys
 from collections import Counter
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -65,6 +66,7 @@ def test_random_expressions_pass_gradcheck_in_both_modes(expr: gst.Expression) -
     assert gradcheck(expr.fn, *expr.inputs, mode="fast")
 
 
+@pytest.mark.slow
 def test_expressions_reach_every_op_in_the_catalogue() -> None:
     seen: Counter[str] = Counter()
 
