@@ -254,10 +254,9 @@ def test_save_adapter_without_safetensors_fails_before_training(
     assert "(from a clone: pip install -e '.[adapters]')" in err
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("command", [["demo", "--steps", "50", "--no-progress"], ["example"]])
-def test_a_closed_pipe_ends_quietly_with_status_0(command: list[str]) -> None:
-    """As ``graphlora demo | head -1``: the reader goes away after the first line."""
+def _first_line_then_close(command: list[str]) -> tuple[bytes, int, str]:
+    """Run ``graphlora COMMAND``, read its first line and close the pipe (as ``| head -1``):
+    the first line, the exit status and what it wrote to stderr."""
     process = subprocess.Popen(
         [sys.executable, "-u", "-m", "graphlora", *command],  # -u: each line written at once
         stdout=subprocess.PIPE,
@@ -270,6 +269,14 @@ def test_a_closed_pipe_ends_quietly_with_status_0(command: list[str]) -> None:
     status = process.wait(timeout=120)
     err = process.stderr.read().decode()
     process.stderr.close()
+    return first, status, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [["demo", "--steps", "50", "--no-progress"], ["example"]])
+def test_a_closed_pipe_ends_quietly_with_status_0(command: list[str]) -> None:
+    """As ``graphlora demo | head -1``: the reader goes away after the first line."""
+    first, status, err = _first_line_then_close(command)
     assert first.startswith(b"graphlora")
     assert status == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
 
@@ -324,17 +331,6 @@ def test_inspect_in_a_closed_pipe_ends_quietly_with_status_0(tmp_path: Path) -> 
     layer = gl.LoraLinear.new(g, 4, 3, gl.LoraConfig(rank=2), name="proj")
     gl.save_adapter(tmp_path / "a", g, {"proj": layer})
     for _ in range(3):  # it failed one run in two
-        process = subprocess.Popen(
-            [sys.executable, "-u", "-m", "graphlora", "inspect", str(tmp_path / "a")],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            bufsize=0,
-        )
-        assert process.stdout is not None and process.stderr is not None
-        first = process.stdout.readline()
-        process.stdout.close()
-        status = process.wait(timeout=120)
-        err = process.stderr.read().decode()
-        process.stderr.close()
+        first, status, err = _first_line_then_close(["inspect", str(tmp_path / "a")])
         assert first.startswith(b"adapter: ")
         assert status == 0 and "Broken pipe" not in err and "Traceback" not in err, err
