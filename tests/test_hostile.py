@@ -236,3 +236,47 @@ def test_nothing_of_an_adapter_trains_inside_disable_adapters() -> None:
         with pytest.raises(gl.GraphError, match="does not depend on any parameter"):
             g.backward(g.sum(model.forward(g, x)))
     assert {name: leaf.requires_grad for name, leaf in gl.nn.named_leaves(model)} == before
+
+
+def test_a_replay_rechecks_with_the_recorded_parameters_and_only_ops_fed_by_data() -> None:
+    g = gl.Graph()
+    logits = g.parameter(np.random.default_rng(0).normal(size=(3, 4)))
+    labels = g.constant(np.array([0, -1, 2]))
+    step = g.compile(g.cross_entropy(logits, labels, ignore_index=-1))
+    g.set_value(labels, [-1, 3, -1])  # -1 is ignored, as recorded: not refused
+    assert float(step()) == float(g.value(g.cross_entropy(logits, labels, ignore_index=-1)))
+    g.set_value(labels, [-100, 3, 1])
+    with pytest.raises(
+        ValueError, match=r"labels must lie in \[0, 4\) .*ignore_index -1\), got \[-100\]"
+    ):
+        step()
+
+    calls = []
+
+    def counted(x: np.ndarray, ids: np.ndarray) -> None:
+        calls.append(ids.copy())
+        if ids.size and ids.max() >= x.shape[0]:
+            raise ValueError(f"pick: id {ids.max()} is out of range")
+
+    def _pick(x: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, object]:
+        return x[ids], lambda grad, needs: (np.zeros_like(x), None)
+
+    def _twice(x: np.ndarray) -> tuple[np.ndarray, object]:
+        return 2 * x, lambda grad, needs: (2 * grad,)
+
+    pick = gl.ops.op(check=counted, data={"ids": "int"})(_pick)
+    twice = gl.ops.op(check=lambda x: calls.append("twice"))(_twice)
+    g = gl.Graph()  # a new tape: a replay runs every op recorded before its loss
+    table = g.constant(np.arange(6).reshape(3, 2))  # integers, read as floats: a cast input
+    ids = g.constant(np.array([0, 2]))
+    w = g.parameter(np.ones((2, 2)))
+    out = g.sum(g.mul(g.apply(twice, w), g.apply(pick, table, ids)))
+    step = g.compile(out)
+    calls.clear()
+    step()
+    assert len(calls) == 1 and list(calls[0]) == [0, 2]  # not the op fed by floats alone
+    g.set_value(ids, [1, 1])
+    assert float(step()) == 2 * (2 + 3) * 2
+    g.set_value(ids, [1, 3])
+    with pytest.raises(ValueError, match="pick: id 3 is out of range"):
+        step()
