@@ -113,6 +113,15 @@ def test_a_hand_made_nf4_weight_whose_parts_do_not_fit_is_refused_by_name() -> N
     np.testing.assert_array_equal(
         NF4Weight(codes, absmax, (2, 5), 4).dequantize(), good.dequantize()
     )
+    for shape in [(2, -5), (True, 10), (2.0, 5)]:
+        message = f"NF4Weight: shape must be a tuple of ints >= 0, got {shape!r}"
+        with pytest.raises(TypeError, match=re.escape(message)):
+            NF4Weight(codes, absmax, shape, 4)  # type: ignore[arg-type]
+    empty = NF4Weight.quantize(np.zeros((0, 3)), block_size=4)  # no blocks at all: allowed
+    assert empty.codes.shape == (0, 2) and empty.dequantize().shape == (0, 3)
+    assert NF4Weight.quantize(np.zeros(8), block_size=4096).absmax.tolist() == [0.0]  # the largest
+    with pytest.raises(ValueError, match="at most 4096, got 4098"):
+        NF4Weight.quantize(np.zeros(8), block_size=4098)
 
 
 def test_nf4_matmul_is_x_times_the_dequantized_weight_and_refuses_what_does_not_fit() -> None:
