@@ -488,7 +488,7 @@ def read_adapter(path: str | os.PathLike[str]) -> AdapterFile:
             f"{where}: {weights} holds base weights for {sorted(set(base) - embeddings)}, which "
             "are not adapted embeddings (PEFT saves only those)"
         )
-    adapter = AdapterFile(directory, config, a, b)
+    adapter = AdapterFile(directory, config, a, b, magnitude, frozenset(embeddings), base)
     for name in sorted(a):
         rank = adapter.rank(name)
         shapes = (a[name].shape, b[name].shape)
@@ -508,7 +508,7 @@ def read_adapter(path: str | os.PathLike[str]) -> AdapterFile:
             f"{where}: {config_file} says use_dora {str(dora).lower()} but {weights} has DoRA "
             f"magnitudes for {sorted(magnitude)} (expected them for {sorted(expected)})"
         )
-    return AdapterFile(directory, config, a, b, magnitude, frozenset(embeddings), base)
+    return adapter
 
 
 def load_adapter(

@@ -205,9 +205,7 @@ class Child:
         except (EOFError, OSError):
             self._ended()
         except ValueError:
-            self.stop()
-            self._gone = "the file's process sent something that is not a reply"
-            raise ChildGone(self._gone) from None
+            found = None  # not JSON
         if not isinstance(found, dict):
             self.stop()
             self._gone = "the file's process sent something that is not a reply"
