@@ -250,7 +250,7 @@ def test_from_pretrained_refuses_non_float_and_doubled_tensors_before_any_leaf(
         gl.GPT.from_pretrained(g, tmp_path / "gpt")
     message = str(info.value)
     assert message.startswith("GPT.from_pretrained: ")
-    assert "not float16/32/64 ['transformer.h.0.ln_1.bias (I32)']" in message
+    assert "not a float type ['transformer.h.0.ln_1.bias (I32)']" in message
     assert "two keys for one weight ['transformer.wte.weight and wte.weight']" in message
     assert len(g) == 0
     (tmp_path / "gpt" / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
@@ -285,21 +285,58 @@ def test_from_pretrained_refuses_hostile_files_before_any_leaf(tmp_path: Path, b
     assert len(g) == 0
 
 
+def _save_bfloat16(tensors: dict[str, np.ndarray], file: Path) -> dict[str, np.ndarray]:
+    """Write ``tensors`` as a bfloat16 safetensors file by hand (its format: an 8-byte header
+    length, a JSON header, the data), keeping each float32's top 16 bits; return the values
+    that bfloat16 holds, as float32."""
+    header: dict[str, Any] = {}
+    chunks, offset, held = [], 0, {}
+    for name, value in tensors.items():
+        top = (np.ascontiguousarray(value, np.float32).view("<u4") >> 16).astype("<u2")
+        held[name] = (top.astype("<u4") << 16).view("<f4")
+        data = top.tobytes()
+        header[name] = {
+            "dtype": "BF16",
+            "shape": list(value.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
+        chunks.append(data)
+        offset += len(data)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    file.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(chunks))
+    return held
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_from_pretrained_reads_a_bfloat16_checkpoint_exactly(tmp_path: Path, dtype: Any) -> None:
+    tensors = _write_checkpoint(tmp_path / "gpt", TINY)
+    held = _save_bfloat16(tensors, tmp_path / "gpt" / "model.safetensors")
+    assert any(not np.array_equal(held[n], tensors[n]) for n in tensors)  # bfloat16 rounds
+    g = gl.Graph(dtype)
+    state = gl.nn.state_dict(g, gl.GPT.from_pretrained(g, tmp_path / "gpt"))
+    for name, value in held.items():
+        assert state[name].dtype == dtype
+        np.testing.assert_array_equal(state[name], value)  # widened exactly
+    held["transformer.wpe.weight"][1, 2] = np.inf
+    _save_bfloat16(held, tmp_path / "gpt" / "model.safetensors")
+    h = gl.Graph()
+    with pytest.raises(ValueError, match=r"holds NaN or Inf in \['transformer.wpe.weight'\]"):
+        gl.GPT.from_pretrained(h, tmp_path / "gpt")
+    assert len(h) == 0
+
+
 @pytest.mark.crosscheck
-def test_from_pretrained_refuses_a_bfloat16_checkpoint_by_name(tmp_path: Path) -> None:
+def test_a_bfloat16_checkpoint_reads_as_pytorch_widens_it(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
     st_torch = pytest.importorskip("safetensors.torch")
     tensors = _write_checkpoint(tmp_path / "gpt", TINY)
-    st_torch.save_file(
-        {name: torch.tensor(value).to(torch.bfloat16) for name, value in tensors.items()},
-        str(tmp_path / "gpt" / "model.safetensors"),
-    )
-    g = gl.Graph()
-    with pytest.raises(
-        ValueError, match=r"not float16/32/64 \['transformer.h.0.attn.c_attn.bias \(BF16\)'"
-    ):
-        gl.GPT.from_pretrained(g, tmp_path / "gpt")
-    assert len(g) == 0
+    stored = {name: torch.tensor(value).to(torch.bfloat16) for name, value in tensors.items()}
+    st_torch.save_file(stored, str(tmp_path / "gpt" / "model.safetensors"))
+    g = gl.Graph(np.float32)
+    state = gl.nn.state_dict(g, gl.GPT.from_pretrained(g, tmp_path / "gpt"))
+    for name, value in stored.items():
+        np.testing.assert_array_equal(state[name], value.float().numpy())
 
 
 # --- against transformers and PEFT --------------------------------------------------------------------

@@ -40,7 +40,7 @@ PICKLE_NAMES = ("adapter_model.bin", "pytorch_model.bin", "model.bin", "adapter_
 Weights = Callable[[str, tuple[int, ...]], npt.NDArray[Any]]
 """``weights(name, shape)``: the array for the leaf ``name`` (``transformer.wte.weight``, ...)."""
 
-_FLOAT_DTYPES = {"F16", "F32", "F64"}  # safetensors' names of the floats NumPy reads
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}  # safetensors' names of the floats read here
 
 
 def safetensors_module(where: str = "adapter files") -> Any:
@@ -151,8 +151,10 @@ def tensors(
     ``rename`` maps a stored key to its leaf name (a missing prefix, say); ``skip`` drops keys
     the model does not hold (buffers, a tied head); ``transpose`` names the leaves stored the
     other way round (their stored shape is the transpose of the expected one). Missing,
-    unexpected, duplicate (two keys with one leaf name), mis-shaped and non-float tensors are
-    refused together, naming them, before the caller makes any leaf.
+    unexpected, duplicate (two keys with one leaf name), mis-shaped, non-float and non-finite
+    tensors are refused together, naming them, before the caller makes any leaf. float16,
+    bfloat16 (what most small models ship: read from the file's bytes and widened to float32,
+    exactly, since NumPy has no bfloat16), float32 and float64 are read.
 
     Raises
     ------
@@ -188,18 +190,24 @@ def tensors(
         if missing or unexpected or wrong or kinds or duplicates:
             raise ValueError(
                 f"{where}: {file} does not fit {about}: missing {missing[:5]}, unexpected "
-                f"{unexpected[:5]}, wrong shapes {wrong[:5]}, not float16/32/64 {kinds[:5]}, "
+                f"{unexpected[:5]}, wrong shapes {wrong[:5]}, not a float type {kinds[:5]}, "
                 f"two keys for one weight {duplicates[:5]}"
             )
 
-        bad = [
-            n for n in sorted(expected) if not np.isfinite(_read(where, handle, stored[n])).all()
-        ]
+        widened = {n for n, h in headers.items() if h.get_dtype() == "BF16"}
+        layout = _layout(file) if widened else {}
+
+        def read(name: str) -> npt.NDArray[Any]:
+            if name in widened:
+                return _bfloat16(file, layout, stored[name])
+            return _read(where, handle, stored[name])
+
+        bad = [n for n in sorted(expected) if not np.isfinite(read(n)).all()]
         if bad:
             raise ValueError(f"{where}: {file} holds NaN or Inf in {bad[:5]}")
 
         def weights(name: str, shape: tuple[int, ...]) -> npt.NDArray[Any]:
-            array = _read(where, handle, stored[name])
+            array = read(name)
             return np.transpose(array) if name in transpose else array
 
         yield weights
@@ -213,3 +221,23 @@ def _read(where: str, handle: Any, key: str) -> npt.NDArray[Any]:
     except Exception as error:  # safetensors raises its own error types
         raise ValueError(f"{where}: cannot read {key}: {error}") from None
     return array
+
+
+def _layout(file: Path) -> dict[str, Any]:
+    """The safetensors header of ``file`` (``{key: {"dtype", "shape", "data_offsets"}}``) and,
+    under ``""``, where its data starts. safetensors has already checked the file's header."""
+    with open(file, "rb") as stream:
+        size = int.from_bytes(stream.read(8), "little")
+        header: dict[str, Any] = json.loads(stream.read(size))
+    header[""] = 8 + size
+    return header
+
+
+def _bfloat16(file: Path, layout: Mapping[str, Any], key: str) -> npt.NDArray[Any]:
+    """A bfloat16 tensor of ``file`` as float32: each value's 16 bits are the top half of the
+    float32 with the same value, so the widening is exact."""
+    entry = layout[key]  # its offsets fit its shape and the file: safetensors checked them
+    count = int(np.prod(entry["shape"]))
+    bits = np.fromfile(file, dtype="<u2", count=count, offset=layout[""] + entry["data_offsets"][0])
+    widened: npt.NDArray[Any] = (bits.astype("<u4") << 16).view("<f4").reshape(entry["shape"])
+    return widened
