@@ -180,18 +180,9 @@ class NodeId:
         if not casts:
             return lambda: fn(*[n._value if type(n) is NodeId else n for n in inputs], **params)
         dtype = self._graph.dtype
+        return lambda: fn(*_current(inputs, casts, dtype), **params)
 
-        def values() -> list[Any]:
-            """Nodes' current values, data given as arrays and left-out inputs as recorded, and
-            integer/bool data that the op reads as floats converted as when recorded."""
-            found: list[Any] = [n._value if type(n) is NodeId else n for n in inputs]
-            for i in casts:
-                found[i] = np.asarray(found[i]).astype(dtype)
-            return found
-
-        return lambda: fn(*values(), **params)
-
-    def _rechecker(self) -> Callable[[], None] | None:
+    def _rechecker(self) -> Callable[[], object] | None:
         """The op's check on its inputs' current values, when an input is a data leaf (token
         ids, labels, a mask: what ``set_value`` feeds a compiled step) and the op has a check:
         an id out of range is refused on a replay as on a recording. ``None`` otherwise."""
@@ -204,14 +195,7 @@ class NodeId:
         if check is None or not fed:
             return None
         dtype = self._graph.dtype
-
-        def recheck() -> None:
-            found: list[Any] = [n._value if type(n) is NodeId else n for n in inputs]
-            for i in casts:
-                found[i] = np.asarray(found[i]).astype(dtype)
-            check(*found, **params)
-
-        return recheck
+        return lambda: check(*_current(inputs, casts, dtype), **params)
 
     def replayer(self) -> Callable[[bool], None]:
         """A function ``step(check_finite)`` that runs this op again (``rerunner``) and keeps the
@@ -240,6 +224,16 @@ class NodeId:
             return f"NodeId({self._id}, op={self._op!r}{name}, stale)"
         assert self._value is not None
         return f"NodeId({self._id}, op={self._op!r}, shape={self._value.shape}{name})"
+
+
+def _current(inputs: tuple[Input, ...], casts: tuple[int, ...], dtype: Any) -> list[Any]:
+    """An op's inputs as it reads them now: nodes' current values, data given as arrays and
+    left-out inputs as recorded, and integer/bool data that the op reads as floats converted as
+    when recorded."""
+    found: list[Any] = [n._value if type(n) is NodeId else n for n in inputs]
+    for i in casts:
+        found[i] = np.asarray(found[i]).astype(dtype)
+    return found
 
 
 Input = NodeId | Array | None

@@ -232,8 +232,7 @@ class Child:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._gone is None:
-            self.stop()
+        self.stop()
 
 
 def _no_functions(function: Callable[..., Any]) -> int:
