@@ -25,6 +25,7 @@ __all__ = [
     "flag",
     "float_array",
     "int_tuple",
+    "is_int",
     "one_axis",
     "positive_int",
     "probability",
@@ -46,8 +47,12 @@ def describe(value: object) -> str:
     return f"{type(value).__name__}: {text if len(text) <= 60 else text[:57] + '...'}"
 
 
-def _is_int(value: object) -> TypeGuard[int | np.integer[Any]]:
+def is_int(value: object) -> TypeGuard[int | np.integer[Any]]:
+    """True for a Python or NumPy integer that is not a bool."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+_is_int = is_int
 
 
 def _is_real(value: object) -> TypeGuard[float | int | np.integer[Any] | np.floating[Any]]:

@@ -20,9 +20,7 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -180,36 +178,6 @@ def _tensors(graph: Graph, layers: Mapping[str, LoraLayer], adapter_name: str) -
     return tensors
 
 
-@contextlib.contextmanager
-def _staging(path: Path, overwrite: bool, where: str) -> Iterator[Path]:
-    """A fresh temporary directory beside ``path`` that replaces ``path`` when the block succeeds.
-
-    The old directory is moved aside first and deleted only after the new one is in place; any
-    failure (including KeyboardInterrupt) restores it and removes the temporary one.
-    """
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{where}: {path} already exists; pass overwrite=True to replace it")
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{where}: {path} exists and is not a directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    backup = None
-    try:
-        yield staging
-        if path.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, backup / path.name)
-        os.replace(staging, path)
-    except BaseException:
-        if backup is not None and not path.exists():
-            os.replace(backup / path.name, path)
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    finally:
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
-
-
 def _write_bytes(target: Path, data: bytes) -> None:
     with open(target, "wb") as handle:
         handle.write(data)
@@ -275,7 +243,7 @@ def save_adapter(
         data = st.numpy.save(_tensors(graph, layers, name), metadata={"format": "pt"})
         files[name] = (data, (json.dumps(config, indent=2) + "\n").encode())
     target = Path(path)
-    with _staging(target, overwrite, where) as staging:
+    with checkpoint.staging(target, overwrite, where) as staging:
         for name, (weights, config_bytes) in files.items():
             folder = staging if name == "default" else staging / name
             folder.mkdir(exist_ok=True)
@@ -325,15 +293,7 @@ def save_merged(
         )
     target.parent.mkdir(parents=True, exist_ok=True)
     data = st.numpy.save(tensors, metadata={"format": "pt", "layout": layout})
-    handle, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-    os.close(handle)
-    temporary = Path(name)
-    try:
-        _write_bytes(temporary, data)
-        os.replace(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    checkpoint.write_atomic(target, data)
     return target
 
 

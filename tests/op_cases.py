@@ -117,6 +117,34 @@ def _rms_norm(x: np.ndarray, weight: Any = None, eps: float = 1e-6) -> np.ndarra
     return y if weight is None else y * weight
 
 
+def _rope(
+    x: np.ndarray, positions: np.ndarray, theta: float = 10000.0, scaling: Any = None
+) -> np.ndarray:
+    """Each pair (i, i + d/2) turned by a 2x2 rotation matrix, one frequency at a time; Llama 3's
+    scaling written out from its definition (Meta's apply_scaling) branch by branch."""
+    d = x.shape[-1]
+    out = np.zeros(np.broadcast_shapes(x.shape, (*positions.shape, d)), dtype=x.dtype)
+    for i in range(d // 2):
+        f = theta ** (-2.0 * i / d)
+        if scaling is not None:
+            factor, low = scaling["factor"], scaling["low_freq_factor"]
+            high, old = scaling["high_freq_factor"], scaling["original_max_position_embeddings"]
+            wavelength = 2 * np.pi / f
+            if wavelength < old / high:
+                pass
+            elif wavelength > old / low:
+                f = f / factor
+            else:
+                smooth = (old / wavelength - low) / (high - low)
+                f = (1 - smooth) * f / factor + smooth * f
+        angle = positions * f
+        c, s = np.cos(angle), np.sin(angle)
+        a, b = x[..., i], x[..., i + d // 2]
+        out[..., i] = c * a - s * b
+        out[..., i + d // 2] = s * a + c * b
+    return out
+
+
 def _attention(
     q: np.ndarray,
     k: np.ndarray,
@@ -205,6 +233,7 @@ REFERENCES: dict[str, Reference] = {
     "embedding": lambda weight, ids: weight[ids],
     "layer_norm": _layer_norm,
     "rms_norm": _rms_norm,
+    "rope": _rope,
     "scaled_dot_product_attention": _attention,
     "qkv_attention": _qkv_attention,
     "gelu": _gelu,

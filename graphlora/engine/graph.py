@@ -26,7 +26,7 @@ import numpy.typing as npt
 
 from graphlora import _checks
 from graphlora.engine.methods import OpMethods
-from graphlora.engine.node import LEAF, Input, NodeId, anomaly, needs_grad, read_only
+from graphlora.engine.node import DROPPED, LEAF, Input, NodeId, anomaly, needs_grad, read_only
 from graphlora.errors import (
     ForeignNodeError,
     GraphError,
@@ -119,6 +119,7 @@ class Graph(OpMethods):
         self._one = np.ones((), self._dtype)  # the seed of a scalar loss, shared
         self._one.flags.writeable = False
         self._version = 0  # counts the changes that end every compiled step (end_replays)
+        self._compiled = 0  # counts compile() calls, so that a scratch block ends its own
 
     # --- properties and inspection ------------------------------------------------------------
 
@@ -512,6 +513,37 @@ class Graph(OpMethods):
         finally:
             self._grad_enabled = previous
 
+    @contextmanager
+    def scratch(self) -> Iterator[None]:
+        """Within this block ops record values only, as in ``no_grad``, and at its end every node
+        made inside (ops and leaves) is dropped: the graph is left exactly as the block found it,
+        its tape, leaves and gradients. What a sampling loop or an evaluation needs: read the
+        values inside (``value``); a NodeId made inside is stale afterwards (``StaleNodeError``).
+        Arrays taken from ``value`` inside stay valid (they are views of arrays the block no
+        longer holds). A ``reset()`` inside ends the block's tape too; a step compiled inside
+        ends at the block's end. Blocks nest.
+        """
+        tape, leaves, epoch = len(self._tape), len(self._leaves), self._epoch
+        compiled = self._compiled
+        previous = self._grad_enabled
+        self._grad_enabled = False
+        try:
+            yield
+        finally:
+            self._grad_enabled = previous
+            dropped = self._leaves[leaves:]
+            del self._leaves[leaves:]
+            if self._epoch == epoch:  # else a reset inside dropped the block's ops already
+                ops = self._tape[tape:]
+                del self._tape[tape:]
+                self._held -= sum(node._value.nbytes for node in ops if node._value is not None)
+                dropped += ops
+            for node in dropped:
+                node._epoch = DROPPED
+                _release(node)
+            if self._compiled != compiled:
+                self.end_replays()
+
     # --- checking and recording ---------------------------------------------------------------
 
     def check(self, node: object, where: str = "check", arg: str = "node") -> NodeId:
@@ -522,6 +554,11 @@ class Graph(OpMethods):
         if node._graph is not self:
             raise ForeignNodeError(f"{where}: {arg} {node!r} belongs to another Graph")
         if node._epoch != self._epoch and node._epoch != LEAF:
+            if node._epoch == DROPPED:
+                raise StaleNodeError(
+                    f"{where}: {arg} {node!r} was made inside a scratch() block, which dropped it "
+                    "at its end"
+                )
             raise StaleNodeError(
                 f"{where}: {arg} {node!r} was recorded before the last reset() and no longer exists"
             )
@@ -701,6 +738,7 @@ class Graph(OpMethods):
         loss = self.check(loss, "compile", "loss")
         self._seed("compile", loss, grad)  # refused here with compile's name
         nodes = () if loss._epoch == LEAF else tuple(self._tape[: loss._index + 1])
+        self._compiled += 1
         return Replay(self, loss, self.backward_step(loss, grad), nodes)
 
     def backward_step(self, loss: NodeId, grad: npt.ArrayLike | None = None) -> Callable[[], None]:

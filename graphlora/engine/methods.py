@@ -8,7 +8,7 @@ check and VJP live with the op, so a method here is only its signature and a one
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,6 +23,7 @@ from graphlora.ops import (
     linalg,
     losses,
     normalization,
+    positional,
     reductions,
     regularization,
 )
@@ -257,6 +258,19 @@ class OpMethods:
     def rms_norm(self, x: NodeId, weight: NodeId | None = None, eps: float = 1e-6) -> NodeId:
         """RMS norm over the last axis, ``x / sqrt(mean(x**2) + eps) * weight``."""
         return self._record(normalization.rms_norm, (x, weight), {"eps": eps})
+
+    def rope(
+        self,
+        x: NodeId,
+        positions: NodeId | npt.ArrayLike,
+        *,
+        theta: float = 10000.0,
+        scaling: Mapping[str, Any] | None = None,
+    ) -> NodeId:
+        """Rotary position embedding of ``x [..., T, d]`` at integer ``positions`` (broadcast to
+        ``x``'s leading axes), transformers' half-split pairing; ``scaling``: transformers'
+        ``rope_parameters`` for ``rope_type`` ``"llama3"`` (``None``: the default scheme)."""
+        return self._record(positional.rope, (x, positions), {"theta": theta, "scaling": scaling})
 
     def scaled_dot_product_attention(
         self,

@@ -19,9 +19,10 @@ from graphlora.ops.registry import Array, Op, Vjp, check_of
 if TYPE_CHECKING:
     from graphlora.engine.graph import Graph
 
-__all__ = ["LEAF", "Input", "NodeId", "anomaly", "needs_grad", "read_only"]
+__all__ = ["DROPPED", "LEAF", "Input", "NodeId", "anomaly", "needs_grad", "read_only"]
 
 LEAF = -1  # the epoch of a leaf: leaves survive every reset
+DROPPED = -2  # the epoch of a node a scratch() block dropped at its end
 
 
 class NodeId:

@@ -144,9 +144,7 @@ class NF4Weight:
         where = "NF4Weight"
         size = _block_size(where, self.block_size)
         shape = self.shape
-        if not isinstance(shape, tuple) or not all(
-            isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 0 for n in shape
-        ):
+        if not isinstance(shape, tuple) or not all(_checks.is_int(n) and n >= 0 for n in shape):
             raise TypeError(f"{where}: shape must be a tuple of ints >= 0, got {shape!r}")
         blocks = -(-math.prod(shape) // size)
         codes, absmax = self.codes, self.absmax

@@ -1,6 +1,8 @@
-"""Models as trees of plain objects: layers (``Linear``, ``Embedding``, ``LayerNorm``, ``MLP``),
-a GPT-2-architecture ``GPT`` that reads transformers' checkpoints, the tree functions that work
-on any model (``named_modules``, ``parameters``, ``state_dict``, ``load_state_dict``), and
+"""Models as trees of plain objects: layers (``Linear``, ``Embedding``, ``LayerNorm``, ``MLP``,
+``RMSNorm``), a GPT-2-architecture ``GPT`` and a Llama-architecture ``Llama`` (Llama, Mistral,
+Qwen2) that read transformers' checkpoints (``from_pretrained`` picks the class), with
+``generate``; the tree functions that work on any model (``named_modules``, ``parameters``,
+``state_dict``, ``load_state_dict``), and
 ``apply_lora``, which puts LoRA adapters on any model's ``Linear`` and ``Embedding`` layers, with
 the functions that manage several adapters (``set_adapter``, ``disable_adapters``,
 ``delete_adapter``, ``add_weighted_adapter``).
@@ -19,7 +21,9 @@ from graphlora.nn.adapters import (
     set_adapter,
 )
 from graphlora.nn.gpt import GPT, GPTConfig
-from graphlora.nn.layers import ACTIVATIONS, MLP, Embedding, LayerNorm, Linear
+from graphlora.nn.layers import ACTIVATIONS, MLP, Embedding, LayerNorm, Linear, RMSNorm
+from graphlora.nn.llama import Llama, LlamaConfig
+from graphlora.nn.pretrained import from_pretrained
 from graphlora.nn.tree import (
     LoadResult,
     check_model,
@@ -42,12 +46,16 @@ __all__ = [
     "GPTConfig",
     "LayerNorm",
     "Linear",
+    "Llama",
+    "LlamaConfig",
     "LoadResult",
+    "RMSNorm",
     "add_weighted_adapter",
     "apply_lora",
     "check_model",
     "delete_adapter",
     "disable_adapters",
+    "from_pretrained",
     "is_model",
     "is_module",
     "load_state_dict",

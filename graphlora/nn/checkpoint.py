@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Collection, Iterator, Mapping
-from contextlib import contextmanager
+import shutil
+import tempfile
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +25,21 @@ import numpy.typing as npt
 from graphlora import _checks
 
 __all__ = [
+    "INDEX",
     "PICKLE_NAMES",
     "Weights",
     "check_layers",
     "folder",
     "load_tensors",
+    "model_files",
+    "open_model",
     "read_json",
     "refuse_pickle",
     "safetensors_module",
+    "save_pretrained",
+    "staging",
     "tensors",
+    "write_atomic",
 ]
 
 PICKLE_NAMES = ("adapter_model.bin", "pytorch_model.bin", "model.bin", "adapter_model.pt")
@@ -117,13 +125,18 @@ def _open(where: str, file: Path) -> Any:
         ) from None
 
 
-def check_layers(where: str, file: Path, pattern: str, count: int, field: str) -> None:
-    """Refuse a config whose layer count (``field``, ``count``) is not the file's: the layer
+def check_layers(
+    where: str, files: Path | Sequence[Path], pattern: str, count: int, field: str
+) -> None:
+    """Refuse a config whose layer count (``field``, ``count``) is not the files': the layer
     indices that ``pattern`` (a regular expression with the index as its first group) finds in
-    the header's keys must be exactly ``0 .. count - 1``. Checked before the caller lists
+    the headers' keys must be exactly ``0 .. count - 1``. Checked before the caller lists
     ``count`` layers' names, so that a config claiming 10**9 layers costs nothing."""
-    with _open(where, file) as handle:
-        found = {int(m.group(1)) for key in handle.keys() if (m := re.match(pattern, key))}  # noqa: SIM118
+    paths = [files] if isinstance(files, Path) else list(files)
+    found: set[int] = set()
+    for file in paths:
+        with _open(where, file) as handle:
+            found |= {int(m.group(1)) for key in handle.keys() if (m := re.match(pattern, key))}  # noqa: SIM118
     if len(found) != count or (found and max(found) != count - 1):  # indices are >= 0
         if not found:
             held = "no layers"
@@ -131,50 +144,115 @@ def check_layers(where: str, file: Path, pattern: str, count: int, field: str) -
             held = f"layers 0..{len(found) - 1}"
         else:
             held = f"layers {sorted(found)[:10]}"
-        raise ValueError(f"{where}: the config says {field}={count} but {file} holds {held}")
+        shown = paths[0] if len(paths) == 1 else paths[0].parent
+        raise ValueError(f"{where}: the config says {field}={count} but {shown} holds {held}")
+
+
+INDEX = "model.safetensors.index.json"
+"""The index of a sharded checkpoint: ``{"weight_map": {key: shard file name}}``."""
+
+
+def model_files(where: str, directory: Path) -> list[Path]:
+    """The safetensors files of a transformers checkpoint folder: ``model.safetensors``, or the
+    shards a ``model.safetensors.index.json`` names (each a plain file name in the folder, each
+    existing). A folder with only pickles (``pytorch_model.bin``) is refused unopened."""
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return [single]
+    index = directory / INDEX
+    if not index.is_file():
+        refuse_pickle(
+            where, directory, "model.safetensors", "Save it with safe_serialization=True."
+        )
+    weight_map = read_json(where, index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{where}: {index} has no weight_map of tensor names to shard files")
+    names = []
+    for key, name in weight_map.items():
+        if (
+            not isinstance(name, str)
+            or Path(name).name != name
+            or not name.endswith(".safetensors")
+        ):
+            raise ValueError(
+                f"{where}: {index} maps {key!r} to {name!r}, not a .safetensors file in the folder"
+            )
+        if name not in names:
+            names.append(name)
+    missing = [name for name in names if not (directory / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{where}: {index} names shards that are not there: {missing[:5]}")
+    return [directory / name for name in names]
+
+
+def _shard_keys(where: str, files: Sequence[Path], handles: Sequence[Any]) -> None:
+    """Refuse shards whose keys are not the index's: every key in the shard the index names."""
+    index = files[0].parent / INDEX
+    if files[0].name == "model.safetensors" or not index.is_file():
+        return  # one file: nothing to match
+    weight_map = read_json(where, index)["weight_map"]
+    found = {}
+    for file, handle in zip(files, handles, strict=True):
+        found.update(dict.fromkeys(handle.keys(), file.name))
+    wrong = sorted(
+        key for key in set(weight_map) | set(found) if weight_map.get(key) != found.get(key)
+    )
+    if wrong:
+        raise ValueError(
+            f"{where}: {index} does not match its shards: {wrong[:5]} are listed in another shard "
+            "than the one holding them, or not at all"
+        )
 
 
 @contextmanager
 def tensors(
     where: str,
-    file: Path,
+    files: Path | Sequence[Path],
     expected: Mapping[str, tuple[int, ...]],
     *,
     rename: Callable[[str], str] = str,
     skip: Callable[[str], bool] = lambda name: False,
-    transpose: Collection[str] = (),
+    transpose: Callable[[str], bool] = lambda name: False,
     about: str = "its config",
 ) -> Iterator[Weights]:
-    """Open the safetensors ``file``, check it against ``expected`` (leaf name -> shape) from its
-    header alone, and yield ``weights(name, shape)``, which reads one tensor at a time.
+    """Open the safetensors ``files`` (one, or a sharded checkpoint's), check them against
+    ``expected`` (leaf name -> shape) from their headers alone, and yield ``weights(name,
+    shape)``, which reads one tensor at a time.
 
     ``rename`` maps a stored key to its leaf name (a missing prefix, say); ``skip`` drops keys
-    the model does not hold (buffers, a tied head); ``transpose`` names the leaves stored the
+    the model does not hold (buffers, a tied head); ``transpose`` tells the leaves stored the
     other way round (their stored shape is the transpose of the expected one). Missing,
     unexpected, duplicate (two keys with one leaf name), mis-shaped, non-float and non-finite
-    tensors are refused together, naming them, before the caller makes any leaf. float16,
-    bfloat16 (what most small models ship: read from the file's bytes and widened to float32,
-    exactly, since NumPy has no bfloat16), float32 and float64 are read.
+    tensors are refused together, naming them, before the caller makes any leaf; so are shards
+    that do not hold what their index says. float16, bfloat16 (what most small models ship:
+    read from the file's bytes and widened to float32, exactly, since NumPy has no bfloat16),
+    float32 and float64 are read.
 
     Raises
     ------
     ValueError
         For a file safetensors cannot read and for any tensor that does not fit.
     """
-    with _open(where, file) as handle:
-        stored: dict[str, str] = {}
+    paths = [files] if isinstance(files, Path) else list(files)
+    shown = paths[0] if len(paths) == 1 else paths[0].parent
+    with ExitStack() as stack:
+        handles = [stack.enter_context(_open(where, file)) for file in paths]
+        _shard_keys(where, paths, handles)
+        stored: dict[str, tuple[int, str]] = {}
         duplicates = []
-        for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-            name = rename(key)
-            if skip(name):
-                continue
-            if name in stored:
-                duplicates.append(f"{stored[name]} and {key}")
-            stored[name] = key
-        headers = {name: handle.get_slice(key) for name, key in stored.items()}
+        for number, handle in enumerate(handles):
+            for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                name = rename(key)
+                if skip(name):
+                    continue
+                if name in stored:
+                    duplicates.append(f"{stored[name][1]} and {key}")
+                stored[name] = (number, key)
+        headers = {name: handles[n].get_slice(key) for name, (n, key) in stored.items()}
         shapes = {name: tuple(header.get_shape()) for name, header in headers.items()}
-        for name in set(transpose) & set(shapes):
-            shapes[name] = shapes[name][::-1]
+        for name in shapes:
+            if transpose(name):
+                shapes[name] = shapes[name][::-1]
         missing = sorted(set(expected) - set(stored))
         unexpected = sorted(set(stored) - set(expected))
         wrong = [
@@ -189,28 +267,132 @@ def tensors(
         ]
         if missing or unexpected or wrong or kinds or duplicates:
             raise ValueError(
-                f"{where}: {file} does not fit {about}: missing {missing[:5]}, unexpected "
+                f"{where}: {shown} does not fit {about}: missing {missing[:5]}, unexpected "
                 f"{unexpected[:5]}, wrong shapes {wrong[:5]}, not a float type {kinds[:5]}, "
                 f"two keys for one weight {duplicates[:5]}"
             )
 
         widened = {n for n, h in headers.items() if h.get_dtype() == "BF16"}
-        layout = _layout(file) if widened else {}
+        layouts = {number: _layout(paths[number]) for number in {stored[n][0] for n in widened}}
 
         def read(name: str) -> npt.NDArray[Any]:
+            number, key = stored[name]
             if name in widened:
-                return _bfloat16(file, layout, stored[name])
-            return _read(where, handle, stored[name])
+                return _bfloat16(paths[number], layouts[number], key)
+            return _read(where, handles[number], key)
 
         bad = [n for n in sorted(expected) if not np.isfinite(read(n)).all()]
         if bad:
-            raise ValueError(f"{where}: {file} holds NaN or Inf in {bad[:5]}")
+            raise ValueError(f"{where}: {shown} holds NaN or Inf in {bad[:5]}")
 
         def weights(name: str, shape: tuple[int, ...]) -> npt.NDArray[Any]:
             array = read(name)
-            return np.transpose(array) if name in transpose else array
+            return np.transpose(array) if transpose(name) else array
 
         yield weights
+
+
+@contextmanager
+def open_model(
+    where: str,
+    directory: Path,
+    expected: Callable[[], Mapping[str, tuple[int, ...]]],
+    *,
+    layers: tuple[str, int, str],
+    rename: Callable[[str], str] = str,
+    skip: Callable[[str], bool] = lambda name: False,
+    transpose: Callable[[str], bool] = lambda name: False,
+    about: str = "its config",
+) -> Iterator[Weights]:
+    """A checkpoint folder's weights, every check made first: its files (``model_files``), its
+    layer count (``check_layers`` with ``layers = (pattern, count, field)``), then ``tensors``
+    against ``expected()``, called only after the layer count is checked, so that a config
+    claiming 10**9 layers never lists their names."""
+    files = model_files(where, directory)
+    pattern, count, field = layers
+    check_layers(where, files, pattern, count, field)
+    with tensors(
+        where, files, expected(), rename=rename, skip=skip, transpose=transpose, about=about
+    ) as weights:
+        yield weights
+
+
+def save_pretrained(
+    where: str,
+    model: object,
+    graph: Any,
+    path: str | os.PathLike[str],
+    config: Mapping[str, Any],
+    *,
+    expected: Collection[str],
+    transpose: Callable[[str], bool] = lambda name: False,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` into the folder ``path`` as transformers'
+    ``save_pretrained`` does: the model's leaves named in ``expected`` (its base weights: a
+    LoRA layer's merged weight when merged, its base weight otherwise), those ``transpose``
+    tells stored ``[out, in]``, in the graph's dtype. The folder is written beside ``path`` and
+    renamed into place (``staging``)."""
+    from graphlora.nn.tree import state_dict
+
+    st = safetensors_module(where)
+    state = state_dict(graph, model)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ValueError(f"{where}: the model has no leaves {missing[:5]}")
+    tensors = {
+        name: np.ascontiguousarray(state[name].T if transpose(name) else state[name])
+        for name in expected
+    }
+    data = st.numpy.save(tensors, metadata={"format": "pt"})
+    text = json.dumps(dict(config), indent=2, sort_keys=True) + "\n"
+    target = Path(path)
+    with staging(target, overwrite, where) as folder:
+        (folder / "model.safetensors").write_bytes(data)
+        (folder / "config.json").write_text(text, encoding="utf-8")
+    return target
+
+
+def write_atomic(file: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``file``, then rename it into place."""
+    handle, temporary = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.tmp-")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+        os.replace(temporary, file)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def staging(path: Path, overwrite: bool, where: str) -> Iterator[Path]:
+    """A fresh temporary directory beside ``path`` that replaces ``path`` when the block succeeds.
+
+    The old directory is moved aside first and deleted only after the new one is in place; any
+    failure (including KeyboardInterrupt) restores it and removes the temporary one.
+    """
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{where}: {path} already exists; pass overwrite=True to replace it")
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{where}: {path} exists and is not a directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    backup = None
+    try:
+        yield staging
+        if path.exists():
+            backup = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, backup / path.name)
+        os.replace(staging, path)
+    except BaseException:
+        if backup is not None and not path.exists():
+            os.replace(backup / path.name, path)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
 
 
 def _read(where: str, handle: Any, key: str) -> npt.NDArray[Any]:

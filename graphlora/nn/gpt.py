@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,9 @@ from numpy.random import Generator
 
 from graphlora import _checks
 from graphlora.engine.graph import Graph, NodeId, check_graph
-from graphlora.nn import checkpoint
+from graphlora.nn import checkpoint, generation
 from graphlora.nn.checkpoint import Weights
+from graphlora.nn.generation import KVCache
 from graphlora.nn.layers import Embedding, LayerNorm, Linear, token_ids
 
 __all__ = ["GPT", "GPTConfig"]
@@ -126,7 +128,13 @@ class CausalSelfAttention:
     the heads back."""
 
     def __init__(
-        self, graph: Graph, weights: Weights, name: str, config: GPTConfig, rng: Generator
+        self,
+        graph: Graph,
+        weights: Weights,
+        name: str,
+        config: GPTConfig,
+        rng: Generator,
+        layer: int = 0,
     ) -> None:
         c = config.n_embd
         self.c_attn: Any = _linear(graph, weights, f"{name}.c_attn", (c, 3 * c), config.bias)
@@ -134,14 +142,53 @@ class CausalSelfAttention:
         self.n_head = config.n_head
         self.dropout = config.dropout
         self.rng = rng
+        self.layer = layer
 
-    def forward(self, graph: Graph, x: NodeId, *, fused: bool = False) -> NodeId:
+    def forward(
+        self,
+        graph: Graph,
+        x: NodeId,
+        *,
+        mask: npt.NDArray[np.bool_] | None = None,
+        cache: KVCache | None = None,
+        fused: bool = False,
+    ) -> NodeId:
         """``x [..., T, C] -> [..., T, C]``: q, k and v split into heads, attention on each, the
-        heads side by side again (one ``qkv_attention`` op)."""
+        heads side by side again (one ``qkv_attention`` op, causal, or with ``mask [..., Tq,
+        Tk]`` when given). With a ``cache`` (generation), the heads' keys and values are kept
+        and attention runs over them all."""
         qkv = self.c_attn.forward(graph, x, fused=fused)  # (..., T, 3C)
-        y = graph.qkv_attention(
-            qkv, n_head=self.n_head, causal=True, dropout=self.dropout, rng=self.rng
-        )
+        if cache is None:
+            y = graph.qkv_attention(
+                qkv,
+                None if mask is None else mask[..., None, :, :],
+                n_head=self.n_head,
+                causal=mask is None,
+                dropout=self.dropout,
+                rng=self.rng,
+            )
+        else:
+            *lead, t, width = qkv.shape
+            n, d = len(lead), width // (3 * self.n_head)
+            q, k, v = (
+                graph.transpose(
+                    graph.reshape(part, (*lead, t, self.n_head, d)), (*range(n), n + 1, n, n + 2)
+                )
+                for part in graph.split(qkv, 3, axis=-1)
+            )  # (..., H, T, d)
+            heads = generation.attend(
+                graph,
+                q,
+                k,
+                v,
+                layer=self.layer,
+                cache=cache,
+                mask=None if mask is None else mask[..., None, :, :],
+                causal=False,
+            )
+            y = graph.reshape(
+                graph.transpose(heads, (*range(n), n + 1, n, n + 2)), (*lead, t, width // 3)
+            )
         return graph.dropout(self.c_proj.forward(graph, y, fused=fused), self.dropout, self.rng)
 
 
@@ -169,17 +216,34 @@ class Block:
     """A pre-norm transformer block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
 
     def __init__(
-        self, graph: Graph, weights: Weights, name: str, config: GPTConfig, rng: Generator
+        self,
+        graph: Graph,
+        weights: Weights,
+        name: str,
+        config: GPTConfig,
+        rng: Generator,
+        layer: int = 0,
     ) -> None:
         c = config.n_embd
         self.ln_1 = _norm(graph, weights, f"{name}.ln_1", c, config)
-        self.attn = CausalSelfAttention(graph, weights, f"{name}.attn", config, rng)
+        self.attn = CausalSelfAttention(graph, weights, f"{name}.attn", config, rng, layer)
         self.ln_2 = _norm(graph, weights, f"{name}.ln_2", c, config)
         self.mlp = GPTMLP(graph, weights, f"{name}.mlp", config, rng)
 
-    def forward(self, graph: Graph, x: NodeId, *, fused: bool = False) -> NodeId:
-        """``x [..., T, C] -> [..., T, C]``."""
-        x = graph.add(x, self.attn.forward(graph, self.ln_1.forward(graph, x), fused=fused))
+    def forward(
+        self,
+        graph: Graph,
+        x: NodeId,
+        *,
+        mask: npt.NDArray[np.bool_] | None = None,
+        cache: KVCache | None = None,
+        fused: bool = False,
+    ) -> NodeId:
+        """``x [..., T, C] -> [..., T, C]`` (``mask`` and ``cache``: see the attention's)."""
+        h = self.attn.forward(
+            graph, self.ln_1.forward(graph, x), mask=mask, cache=cache, fused=fused
+        )
+        x = graph.add(x, h)
         return graph.add(x, self.mlp.forward(graph, self.ln_2.forward(graph, x), fused=fused))
 
 
@@ -193,20 +257,34 @@ class GPTModel:
         self.wpe = _embedding(graph, weights, "transformer.wpe", (config.block_size, c))
         self.rng = np.random.default_rng(config.seed)  # the dropout masks', shared by the blocks
         self.h = [
-            Block(graph, weights, f"transformer.h.{i}", config, self.rng)
+            Block(graph, weights, f"transformer.h.{i}", config, self.rng, i)
             for i in range(config.n_layer)
         ]
         self.ln_f = _norm(graph, weights, "transformer.ln_f", c, config)
         self.dropout = config.dropout
 
-    def forward(self, graph: Graph, ids: NodeId | npt.ArrayLike, *, fused: bool = False) -> NodeId:
-        """Token ids ``[..., T]`` -> hidden states ``[..., T, C]``."""
+    def forward(
+        self,
+        graph: Graph,
+        ids: NodeId | npt.ArrayLike,
+        *,
+        positions: npt.NDArray[np.int64] | None = None,
+        mask: npt.NDArray[np.bool_] | None = None,
+        cache: KVCache | None = None,
+        fused: bool = False,
+    ) -> NodeId:
+        """Token ids ``[..., T]`` -> hidden states ``[..., T, C]``, at ``positions`` (``[...,
+        T]``; ``None``: 0 .. T-1) with attention ``mask`` (``[..., Tq, Tk]``; ``None``: causal)
+        and the generation ``cache``."""
         tokens = self.wte.forward(graph, ids)  # (..., T, C)
-        t = tokens.shape[-2]
-        positions = graph.getitem(self.wpe.weight, slice(0, t))  # (T, C): rows 0..T-1
-        x = graph.dropout(graph.add(tokens, positions), self.dropout, self.rng)
+        if positions is None:
+            t = tokens.shape[-2]
+            where = graph.getitem(self.wpe.weight, slice(0, t))  # (T, C): rows 0..T-1
+        else:
+            where = graph.embedding(self.wpe.weight, positions)  # (..., T, C)
+        x = graph.dropout(graph.add(tokens, where), self.dropout, self.rng)
         for block in self.h:
-            x = block.forward(graph, x, fused=fused)
+            x = block.forward(graph, x, mask=mask, cache=cache, fused=fused)
         return self.ln_f.forward(graph, x)
 
 
@@ -309,34 +387,50 @@ class GPT:
         _checks.seed(where, "seed", seed)
         directory = checkpoint.folder(where, path)
         config = _read_config(where, directory, dropout, seed)
-        checkpoint.refuse_pickle(
-            where, directory, "model.safetensors", "Save it with safe_serialization=True."
-        )
-        file = directory / "model.safetensors"
-        checkpoint.check_layers(
-            where, file, r"(?:transformer\.)?h\.(\d+)\.", config.n_layer, "n_layer"
-        )
-        with checkpoint.tensors(
+        with checkpoint.open_model(
             where,
-            file,
-            config.shapes(),
+            directory,
+            config.shapes,
+            layers=(r"(?:transformer\.)?h\.(\d+)\.", config.n_layer, "n_layer"),
             rename=_strip,
             skip=_skipped,
             about=f"its config {config}",
         ) as weights:
             return cls(graph, config, weights)
 
-    def forward(self, graph: Graph, ids: NodeId | npt.ArrayLike, *, fused: bool = False) -> NodeId:
+    @property
+    def context_length(self) -> int:
+        """The longest sequence: ``block_size``."""
+        return self.config.block_size
+
+    @property
+    def vocab_size(self) -> int:
+        """The logits' last axis."""
+        return self.config.vocab_size
+
+    def forward(
+        self,
+        graph: Graph,
+        ids: NodeId | npt.ArrayLike,
+        attention_mask: npt.ArrayLike | None = None,
+        *,
+        fused: bool = False,
+    ) -> NodeId:
         """Token ids ``[..., T]`` (an integer data node or array; ``T <= block_size``) -> logits
         ``[..., T, vocab_size]``. ``fused=True`` records each Linear and LoRA layer as one op.
+
+        ``attention_mask`` (``[..., T]``, 1 for a token, 0 for padding, as transformers') lets
+        left-padded rows give the logits they give alone: positions count real tokens only (as
+        transformers' ``generate``), and no token attends to padding.
 
         Raises
         ------
         ValueError
-            For a sequence longer than ``block_size``, or ids outside ``[0, vocab_size)``.
+            For a sequence longer than ``block_size``, ids outside ``[0, vocab_size)``, or a
+            mask that is not 0/1.
         ShapeError, TypeError
             For ids that are not an integer array of at least one axis (a lone id, ragged
-            lists, floats).
+            lists, floats), or a mask of another shape.
         """
         where = "GPT.forward"
         checked = token_ids(where, ids)
@@ -346,7 +440,133 @@ class GPT:
                 f"{where}: a sequence of {length} tokens is longer than block_size "
                 f"{self.config.block_size}"
             )
-        return self.lm_head.forward(graph, self.transformer.forward(graph, checked, fused=fused))
+        if attention_mask is None:
+            hidden = self.transformer.forward(graph, checked, fused=fused)
+        else:
+            keep = generation.check_mask(where, attention_mask, tuple(checked.shape))
+            hidden = self.transformer.forward(
+                graph,
+                checked,
+                positions=generation.positions_from_mask(keep),
+                mask=generation.attention_mask(keep, length, None),
+                fused=fused,
+            )
+        return self.lm_head.forward(graph, hidden)
+
+    def forward_cached(
+        self,
+        graph: Graph,
+        ids: npt.NDArray[np.int64],
+        positions: npt.NDArray[np.int64],
+        keep: npt.NDArray[np.bool_],
+        cache: KVCache,
+    ) -> NodeId:
+        """The pass ``generate`` makes: new tokens ``ids [B, t]`` at ``positions [B, t]``, keys
+        from ``cache`` and the new ones (``keep [B, past + t]``: real tokens), the cache
+        extended; the last position's logits ``[B, vocab]``."""
+        mask = generation.attention_mask(keep, ids.shape[-1], None)
+        hidden = self.transformer.forward(graph, ids, positions=positions, mask=mask, cache=cache)
+        return self.lm_head.forward(graph, graph.getitem(hidden, (slice(None), -1)))
+
+    def generate(
+        self,
+        graph: Graph,
+        ids: npt.ArrayLike,
+        max_new_tokens: int,
+        *,
+        attention_mask: npt.ArrayLike | None = None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        seed: int | None = None,
+    ) -> npt.NDArray[np.int64]:
+        """Continue each prompt of ``ids`` (``[B, T]``, or one ``[T]``) by ``max_new_tokens``
+        tokens, with a key/value cache (each new token costs O(T)).
+
+        Greedy at ``temperature`` 0 (token for token transformers' ``generate(do_sample=False)``);
+        otherwise sampled from a NumPy generator seeded with ``seed``, after transformers'
+        warpers in their order: temperature, ``top_k``, ``top_p``. Left-padded rows (with their
+        ``attention_mask``) take positions from the mask. A row that produces an
+        ``eos_token_id`` (an id or a list) is filled with ``pad_token_id`` (default: the first
+        eos id) to the common length. Runs under ``Graph.scratch()``: the graph is left as it was
+        found and nothing is recorded for a gradient; active LoRA adapters (and merged ones)
+        apply.
+
+        Returns
+        -------
+        ndarray
+            int64 ``[B, T + max_new_tokens]`` (``[T + max_new_tokens]`` for one prompt): the
+            prompts, then the new tokens.
+
+        Raises
+        ------
+        ValueError
+            For a prompt plus ``max_new_tokens`` longer than the context, ids out of range, bad
+            sampling settings or a mask that is not 0/1.
+        ShapeError, TypeError
+            For ids that are not integers ``[B, T]``/``[T]``, or a mask of another shape.
+        """
+        return generation.generate(
+            self,
+            graph,
+            ids,
+            max_new_tokens,
+            attention_mask=attention_mask,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            seed=seed,
+            where="GPT.generate",
+        )
+
+    def save_pretrained(
+        self, graph: Graph, path: str | os.PathLike[str], *, overwrite: bool = False
+    ) -> None:
+        """Write ``config.json`` and ``model.safetensors`` as transformers' ``save_pretrained``
+        writes GPT-2, so that its ``from_pretrained`` loads the model with the same logits:
+        merged adapters folded in (``merge_``), unmerged ones left out (``save_adapter`` writes
+        those). The folder is written beside ``path`` and renamed into place.
+
+        Raises
+        ------
+        ValueError
+            For a model without biases (transformers' GPT-2 has them).
+        FileExistsError
+            For an existing ``path`` without ``overwrite=True``.
+        """
+        where = "GPT.save_pretrained"
+        check_graph(where, graph)
+        config = self.config
+        if not config.bias:
+            raise ValueError(f"{where}: transformers' GPT-2 has biases; this model has none")
+        checkpoint.save_pretrained(
+            where,
+            self,
+            graph,
+            path,
+            {
+                "architectures": ["GPT2LMHeadModel"],
+                "model_type": "gpt2",
+                "vocab_size": config.vocab_size,
+                "n_positions": config.block_size,
+                "n_embd": config.n_embd,
+                "n_layer": config.n_layer,
+                "n_head": config.n_head,
+                "n_inner": None,
+                "activation_function": "gelu_new",
+                "layer_norm_epsilon": config.layer_norm_epsilon,
+                "resid_pdrop": 0.0,
+                "embd_pdrop": 0.0,
+                "attn_pdrop": 0.0,
+                "tie_word_embeddings": True,
+            },
+            expected=config.shapes(),
+            overwrite=overwrite,
+        )
 
     def __repr__(self) -> str:
         return f"GPT({self.config})"

@@ -1,4 +1,4 @@
-"""Layers: ``Linear``, ``Embedding``, ``LayerNorm``, and ``MLP`` made of them.
+"""Layers: ``Linear``, ``Embedding``, ``LayerNorm``, ``RMSNorm``, and ``MLP`` made of them.
 
 Each layer is a plain dataclass of NodeIds of one ``Graph`` with a ``forward(graph, x, *,
 fused=False)`` that records its ops: every layer, LoRA layers included, takes ``fused`` (one
@@ -25,7 +25,7 @@ from graphlora.lora import LoraLinear
 from graphlora.lora.functional import linear_init
 from graphlora.nn.tree import named_modules, parameters, trainable_parameters
 
-__all__ = ["ACTIVATIONS", "MLP", "Embedding", "LayerNorm", "Linear"]
+__all__ = ["ACTIVATIONS", "MLP", "Embedding", "LayerNorm", "Linear", "RMSNorm"]
 
 ACTIVATIONS: dict[str, Callable[[Graph, NodeId], NodeId]] = {
     "relu": Graph.relu,
@@ -204,6 +204,29 @@ class LayerNorm:
     def forward(self, graph: Graph, x: NodeId, *, fused: bool = False) -> NodeId:
         """``x [..., dim]``, normalised over the last axis."""
         return graph.layer_norm(x, self.weight, self.bias, eps=self.eps)
+
+
+@dataclass(eq=False)
+class RMSNorm:
+    """RMS norm over the last axis with a ``weight`` (ones), as Llama's ``LlamaRMSNorm``:
+    ``x / sqrt(mean(x**2) + eps) * weight``."""
+
+    weight: NodeId
+    eps: float = 1e-6
+    name: str = "norm"
+
+    @classmethod
+    def new(cls, graph: Graph, dim: int, *, eps: float = 1e-6, name: str = "norm") -> RMSNorm:
+        """A fresh RMS norm over ``dim`` features, as ``torch.nn.RMSNorm``."""
+        where = "RMSNorm.new"
+        check_graph(where, graph)
+        width = _checks.positive_int(where, "dim", dim)
+        eps = _checks.real(where, "eps", eps, 0.0)
+        return cls(graph.parameter(np.ones(width), f"{name}.weight"), eps, name)
+
+    def forward(self, graph: Graph, x: NodeId, *, fused: bool = False) -> NodeId:
+        """``x [..., dim]``, normalised over the last axis (one ``rms_norm`` op)."""
+        return graph.rms_norm(x, self.weight, eps=self.eps)
 
 
 class MLP:

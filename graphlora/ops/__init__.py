@@ -9,7 +9,8 @@ argument check (run before NumPy, so that errors name the op and the shapes) and
 entry: the kinds of its inputs, where they are safe to test, and the same op in PyTorch.
 
 The ops live in families: ``arithmetic``, ``linalg``, ``reductions``, ``shape`` (and indexing),
-``activations``, ``normalization``, ``attention``, ``losses``, ``regularization`` (dropout).
+``activations``, ``normalization``, ``attention``, ``positional`` (rotary embeddings),
+``losses``, ``regularization`` (dropout).
 The registry (``registry``), the test-sampling protocol (``sampling``) and the speed helpers
 (``kernels``) are small modules of their own. ``OPS`` lists them all by name,
 and each is also an attribute of this module (``ops.matmul``); calling one checks its arguments
@@ -25,6 +26,7 @@ from graphlora.ops import (
     linalg,
     losses,
     normalization,
+    positional,
     reductions,
     regularization,
     shape,
@@ -57,6 +59,7 @@ __all__ = [
     "losses",
     "normalization",
     "op",
+    "positional",
     "reductions",
     "regularization",
     "shape",
