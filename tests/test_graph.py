@@ -1205,3 +1205,65 @@ def test_anomaly_says_when_the_incoming_gradient_was_already_non_finite() -> Non
         f"the gradient flowing to {x!r} is the bad one; the incoming gradient was already "
         "non-finite"
     )
+
+
+# --- scratch ---------------------------------------------------------------------------------------
+
+
+def test_scratch_leaves_the_graph_as_it_found_it() -> None:
+    g = gl.Graph()
+    w = g.parameter(np.array([1.0, 2.0]), "w")
+    loss = g.sum(g.mul(w, w))
+    g.backward(loss)
+    tape, leaves, grad = g.tape, g.leaves, g.grad(w).copy()
+    with g.scratch():
+        assert not g.grad_enabled
+        c = g.constant(np.ones(2))
+        inner = g.add(w, c)
+        seen = g.value(inner)
+        np.testing.assert_array_equal(seen, [2.0, 3.0])
+        with g.scratch():  # nested: drops only its own
+            deeper = g.mul(inner, inner)
+        assert g.tape[-1] is inner
+    assert g.grad_enabled
+    assert (g.tape, g.leaves) == (tape, leaves)
+    np.testing.assert_array_equal(g.grad(w), grad)
+    np.testing.assert_array_equal(seen, [2.0, 3.0])  # values read inside stay valid
+    for node in (c, inner, deeper):
+        with pytest.raises(gl.StaleNodeError, match="was made inside a scratch\\(\\) block"):
+            g.value(node)
+    g.backward(g.sum(g.mul(w, w)))  # the graph goes on as before
+    np.testing.assert_array_equal(g.grad(w), 2 * grad)
+
+
+def test_scratch_drops_its_ops_even_when_the_block_raises_and_after_a_reset() -> None:
+    g = gl.Graph()
+    w = g.parameter(np.ones(3))
+    kept = g.neg(w)
+
+    def fails() -> None:
+        with g.scratch():
+            g.exp(w)
+            raise RuntimeError
+
+    with pytest.raises(RuntimeError):
+        fails()
+    assert g.tape == (kept,)
+    with g.scratch():
+        g.reset()
+        g.exp(w)
+    assert g.tape == () and g.leaves == (w,)
+
+
+def test_a_step_compiled_inside_scratch_ends_with_it() -> None:
+    g = gl.Graph()
+    w = g.parameter(np.ones(2))
+    outer = g.compile(g.sum(g.mul(w, w)))
+    with g.scratch(), g.no_grad():
+        pass
+    outer()  # no compile inside: still valid
+    with g.scratch():
+        loss = g.sum(w)
+        step = g.compile(loss)
+    with pytest.raises(gl.GraphError):
+        step(backward=False)

@@ -520,8 +520,8 @@ class Graph(OpMethods):
         its tape, leaves and gradients. What a sampling loop or an evaluation needs: read the
         values inside (``value``); a NodeId made inside is stale afterwards (``StaleNodeError``).
         Arrays taken from ``value`` inside stay valid (they are views of arrays the block no
-        longer holds). A ``reset()`` inside ends the block's tape too; a step compiled inside
-        ends at the block's end. Blocks nest.
+        longer holds). After a ``reset()`` inside, what was recorded since is dropped; a step
+        compiled inside ends at the block's end. Blocks nest.
         """
         tape, leaves, epoch = len(self._tape), len(self._leaves), self._epoch
         compiled = self._compiled
@@ -533,11 +533,11 @@ class Graph(OpMethods):
             self._grad_enabled = previous
             dropped = self._leaves[leaves:]
             del self._leaves[leaves:]
-            if self._epoch == epoch:  # else a reset inside dropped the block's ops already
-                ops = self._tape[tape:]
-                del self._tape[tape:]
-                self._held -= sum(node._value.nbytes for node in ops if node._value is not None)
-                dropped += ops
+            start = tape if self._epoch == epoch else 0  # after a reset inside: all its ops
+            ops = self._tape[start:]
+            del self._tape[start:]
+            self._held -= sum(node._value.nbytes for node in ops if node._value is not None)
+            dropped += ops
             for node in dropped:
                 node._epoch = DROPPED
                 _release(node)

@@ -202,7 +202,6 @@ class LlamaConfig:
             "num_hidden_layers": self.num_hidden_layers,
             "num_attention_heads": self.num_attention_heads,
             "num_key_value_heads": self.key_value_heads,
-            "head_dim": self.head_size,
             "max_position_embeddings": self.max_position_embeddings,
             "rms_norm_eps": self.rms_norm_eps,
             "rope_theta": self.rope_theta,
@@ -211,6 +210,8 @@ class LlamaConfig:
             "hidden_act": "silu",
             "sliding_window": self.sliding_window,
         }
+        if self.head_dim is not None:
+            found["head_dim"] = self.head_dim
         if self.model_type == "llama":
             found.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
         if self.model_type == "qwen2":
@@ -362,6 +363,24 @@ class LlamaModel:
         ]
         self.norm = _norm(graph, weights, "model.norm", config)
 
+    def forward(
+        self,
+        graph: Graph,
+        ids: NodeId | npt.NDArray[Any],
+        positions: npt.NDArray[np.int64],
+        masks: Sequence[npt.NDArray[np.bool_] | None],
+        *,
+        causal: bool = False,
+        cache: KVCache | None = None,
+        fused: bool = False,
+    ) -> NodeId:
+        """Token ids ``[..., T]`` at ``positions`` -> normed hidden states ``[..., T, C]``;
+        ``masks`` holds each layer's attention mask (``[..., Tq, Tk]`` or ``None``)."""
+        x = self.embed_tokens.forward(graph, ids)
+        for layer, mask in zip(self.layers, masks, strict=True):
+            x = layer.forward(graph, x, positions, mask, causal=causal, cache=cache, fused=fused)
+        return self.norm.forward(graph, x)
+
 
 class TiedHead:
     """The head tied to the token embedding: ``logits = x @ embed_tokens.weightᵀ``."""
@@ -448,21 +467,6 @@ class Llama:
         ) as weights:
             return cls(graph, config, weights)
 
-    def _hidden(
-        self,
-        graph: Graph,
-        ids: NodeId | npt.NDArray[Any],
-        positions: npt.NDArray[np.int64],
-        masks: Sequence[npt.NDArray[np.bool_] | None],
-        causal: bool,
-        cache: KVCache | None,
-        fused: bool,
-    ) -> NodeId:
-        x = self.model.embed_tokens.forward(graph, ids)
-        for layer, mask in zip(self.model.layers, masks, strict=True):
-            x = layer.forward(graph, x, positions, mask, causal=causal, cache=cache, fused=fused)
-        return x
-
     def forward(
         self,
         graph: Graph,
@@ -506,8 +510,8 @@ class Llama:
             positions = generation.positions_from_mask(keep)
             masks = [generation.attention_mask(keep, shape[-1], config.window(i)) for i in layers]
             causal = False
-        x = self._hidden(graph, checked, positions, masks, causal, None, fused)
-        return self.lm_head.forward(graph, self.model.norm.forward(graph, x), fused=fused)  # type: ignore[no-any-return]
+        x = self.model.forward(graph, checked, positions, masks, causal=causal, fused=fused)
+        return self.lm_head.forward(graph, x, fused=fused)  # type: ignore[no-any-return]
 
     def forward_cached(
         self,
@@ -525,9 +529,8 @@ class Llama:
             generation.attention_mask(keep, t, self.config.window(i))
             for i in range(self.config.num_hidden_layers)
         ]
-        x = self._hidden(graph, ids, positions, masks, False, cache, False)
-        last = graph.getitem(x, (slice(None), -1))
-        return self.lm_head.forward(graph, self.model.norm.forward(graph, last))  # type: ignore[no-any-return]
+        x = self.model.forward(graph, ids, positions, masks, cache=cache)
+        return self.lm_head.forward(graph, graph.getitem(x, (slice(None), -1)))  # type: ignore[no-any-return]
 
     def generate(
         self,
