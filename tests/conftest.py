@@ -30,7 +30,7 @@ settings.register_profile("explore", deadline=None, max_examples=1000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 CROSSCHECK_REQUIRED = os.environ.get("GRAPHLORA_CROSSCHECK") == "1"
-CROSSCHECKED = ("torch", "peft", "transformers")
+CROSSCHECKED = ("torch", "peft", "transformers", "tokenizers")
 
 
 @pytest.hookimpl(hookwrapper=True)

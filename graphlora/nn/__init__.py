@@ -24,6 +24,7 @@ from graphlora.nn.gpt import GPT, GPTConfig
 from graphlora.nn.layers import ACTIVATIONS, MLP, Embedding, LayerNorm, Linear, RMSNorm
 from graphlora.nn.llama import Llama, LlamaConfig
 from graphlora.nn.pretrained import from_pretrained
+from graphlora.nn.tokenizer import Tokenizer
 from graphlora.nn.tree import (
     LoadResult,
     check_model,
@@ -50,6 +51,7 @@ __all__ = [
     "LlamaConfig",
     "LoadResult",
     "RMSNorm",
+    "Tokenizer",
     "add_weighted_adapter",
     "apply_lora",
     "check_model",
