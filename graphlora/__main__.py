@@ -2,7 +2,8 @@
 
 ``demo`` (the default) shows LoRA recovering a planted low-rank update, or adapting a digits
 classifier with ``--task digits``; ``inspect DIR`` prints an adapter directory's config and
-tensors; ``explain`` walks one tiny LoRA layer through forward and backward formula by formula;
+tensors; ``generate DIR --prompt TEXT`` continues a prompt with a checkpoint folder's model;
+``explain`` walks one tiny LoRA layer through forward and backward formula by formula;
 ``example`` builds a tiny graph and prints every node's value and gradient next to the
 same gradients worked out by hand; ``check FILE`` grades an exercise from ``docs/exercises/``.
 """
@@ -300,6 +301,50 @@ def _inspect(directory: str) -> int:
     return 0
 
 
+def _non_negative(text: str) -> float:
+    """An argparse type: a finite float >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a float, got {text!r}") from None
+    if not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def _generate(args: argparse.Namespace) -> int:
+    """Continue ``--prompt`` with the checkpoint folder's model (and an adapter), greedy or
+    sampled, and print the continuation."""
+    tokenizer = gl.Tokenizer.from_pretrained(args.directory)
+    graph = gl.Graph(np.float32)
+    model = gl.from_pretrained(graph, args.directory)
+    if args.adapter:
+        adapter = read_adapter(args.adapter)
+        groups: dict[tuple[int, float], list[str]] = {}
+        for name in adapter.a:
+            groups.setdefault((adapter.rank(name), adapter.alpha(name)), []).append(name)
+        rslora = bool(adapter.config.get("use_rslora", False))
+        for (rank, alpha), names in groups.items():
+            config = gl.LoraConfig(
+                rank=rank, alpha=alpha, use_rslora=rslora, use_dora=adapter.use_dora
+            )
+            gl.apply_lora(model, config, names)
+        gl.load_adapter(args.adapter, graph, model)
+    prompt = tokenizer.encode(args.prompt)
+    if not len(prompt):
+        raise ValueError(f"the prompt {args.prompt!r} has no tokens")
+    out = model.generate(
+        graph,
+        prompt,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        eos_token_id=tokenizer.eos_token_id,
+        seed=args.seed,
+    )
+    print(tokenizer.decode(out[len(prompt) :]))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="graphlora",
@@ -400,6 +445,26 @@ def _parser() -> argparse.ArgumentParser:
         "by PEFT's save_pretrained.",
     )
     i.add_argument("directory", metavar="DIR")
+    gen = commands.add_parser(
+        "generate",
+        help="continue a prompt with a checkpoint folder's model (GPT-2, Llama, Mistral, Qwen2)",
+        description="Continue a prompt with the model in DIR (config.json, model.safetensors and "
+        "tokenizer.json, as transformers' save_pretrained writes them), optionally with a LoRA "
+        "adapter (graphlora's or PEFT's), and print the new text.",
+    )
+    gen.add_argument("directory", metavar="DIR")
+    gen.add_argument("--prompt", required=True, help="the text to continue")
+    gen.add_argument("--adapter", metavar="ADAPTER_DIR", help="a LoRA adapter to apply")
+    gen.add_argument(
+        "--max-new-tokens", type=positive_int, default=32, help="tokens to add (default 32)"
+    )
+    gen.add_argument(
+        "--temperature",
+        type=_non_negative,
+        default=0.0,
+        help="0: greedy (the default); above 0: sample at this temperature",
+    )
+    gen.add_argument("--seed", type=_seed, default=None, help="seed of the sampling")
     c = commands.add_parser(
         "check",
         help="grade an exercise from docs/exercises/",
@@ -449,6 +514,14 @@ def _main(argv: Sequence[str] | None) -> int:
             return 2
         print(report.text(), end="")
         return 0 if report.passed else 1
+    if args.command == "generate":
+        try:
+            return _generate(args)
+        except BrokenPipeError:
+            raise
+        except (OSError, ImportError, ValueError, TypeError) as error:
+            print(f"graphlora generate: error: {error}", file=sys.stderr)
+            return 2
     if args.command == "inspect":
         try:
             return _inspect(args.directory)

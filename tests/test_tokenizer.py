@@ -122,3 +122,87 @@ def test_ids_and_batches_equal_transformers_fast_tokenizer(folder: Path) -> None
     ids, mask = ours.encode_batch(texts)
     assert ids.tolist() == batch["input_ids"]
     assert mask.tolist() == batch["attention_mask"]
+
+
+# --- the generate command -------------------------------------------------------------------------
+
+
+def _checkpoint(directory: Path) -> tuple[gl.Graph, gl.Llama, gl.Tokenizer]:
+    """A tiny Llama saved with its tokenizer, as a checkpoint folder."""
+    tok = gl.Tokenizer.from_pretrained(write_tokenizer(directory.parent / "tok"))
+    config = gl.LlamaConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    g = gl.Graph(np.float32)
+    model = gl.Llama.new(g, config, rng=0)
+    for leaf in g.leaves:  # larger weights: a continuation that depends on the prompt
+        g.set_value(leaf, g.value(leaf) * 30)
+    model.save_pretrained(g, directory)
+    write_tokenizer(directory)
+    return g, model, gl.Tokenizer.from_pretrained(directory)
+
+
+def test_generate_prints_the_greedy_continuation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from graphlora.__main__ import main
+
+    g, model, tok = _checkpoint(tmp_path / "model")
+    prompt = tok.encode("The quick brown fox")
+    expected = tok.decode(
+        model.generate(g, prompt, 5, eos_token_id=tok.eos_token_id)[len(prompt) :]
+    )
+    assert (
+        main(
+            [
+                "generate",
+                str(tmp_path / "model"),
+                "--prompt",
+                "The quick brown fox",
+                "--max-new-tokens",
+                "5",
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out == expected + "\n"
+    adapters = gl.apply_lora(model, gl.LoraConfig(rank=2, alpha=4.0), ["q_proj", "v_proj"])
+    for layer in adapters.values():
+        g.set_value(layer.lora_b, np.random.default_rng(0).normal(0, 3.0, size=layer.lora_b.shape))
+    gl.save_adapter(tmp_path / "adapter", g, model)
+    adapted = tok.decode(model.generate(g, prompt, 5, eos_token_id=tok.eos_token_id)[len(prompt) :])
+    argv = ["generate", str(tmp_path / "model"), "--prompt", "The quick brown fox"]
+    assert main([*argv, "--max-new-tokens", "5", "--adapter", str(tmp_path / "adapter")]) == 0
+    assert capsys.readouterr().out == adapted + "\n"
+    assert main([*argv, "--temperature", "1.5", "--seed", "3"]) == 0
+    first = capsys.readouterr().out
+    assert main([*argv, "--temperature", "1.5", "--seed", "3"]) == 0
+    assert capsys.readouterr().out == first
+
+
+def test_generate_refuses_bad_paths_and_flags_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from graphlora.__main__ import main
+
+    assert main(["generate", str(tmp_path / "none"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("graphlora generate: error: Tokenizer.from_pretrained:")
+    assert err.count("\n") == 1
+    _checkpoint(tmp_path / "model")
+    argv = ["generate", str(tmp_path / "model"), "--prompt", "x"]
+    assert main([*argv, "--adapter", str(tmp_path / "none")]) == 2
+    assert "graphlora generate: error:" in capsys.readouterr().err
+    assert main([*argv, "--max-new-tokens", "100"]) == 2
+    assert "longer than the model's context of 64" in capsys.readouterr().err
+    for flags in (["--temperature", "-1"], ["--max-new-tokens", "0"], ["--seed", "x"]):
+        with pytest.raises(SystemExit) as exit_:
+            main([*argv, *flags])
+        assert exit_.value.code == 2
+    assert "--seed: expected an int" in capsys.readouterr().err
