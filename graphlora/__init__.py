@@ -18,7 +18,7 @@ from graphlora.errors import (
     ShapeError,
     StaleNodeError,
 )
-from graphlora.io import load_adapter, save_adapter, save_merged
+from graphlora.io import apply_adapter, load_adapter, save_adapter, save_merged
 from graphlora.lora import LoraConfig, LoraEmbedding, LoraLinear, VeraConfig, functional, nf4
 from graphlora.nn import (
     GPT,
@@ -74,6 +74,7 @@ __all__ = [
     "VeraConfig",
     "__version__",
     "add_weighted_adapter",
+    "apply_adapter",
     "apply_lora",
     "delete_adapter",
     "disable_adapters",

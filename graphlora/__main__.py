@@ -21,7 +21,7 @@ import numpy as np
 
 import graphlora as gl
 from graphlora import _checks
-from graphlora.io import read_adapter
+from graphlora.io import apply_adapter, read_adapter
 from graphlora.lora import INITS
 from graphlora.lora.functional import scaled_delta
 from graphlora.nn.checkpoint import safetensors_module
@@ -319,17 +319,7 @@ def _generate(args: argparse.Namespace) -> int:
     graph = gl.Graph(np.float32)
     model = gl.from_pretrained(graph, args.directory)
     if args.adapter:
-        adapter = read_adapter(args.adapter)
-        groups: dict[tuple[int, float], list[str]] = {}
-        for name in adapter.a:
-            groups.setdefault((adapter.rank(name), adapter.alpha(name)), []).append(name)
-        rslora = bool(adapter.config.get("use_rslora", False))
-        for (rank, alpha), names in groups.items():
-            config = gl.LoraConfig(
-                rank=rank, alpha=alpha, use_rslora=rslora, use_dora=adapter.use_dora
-            )
-            gl.apply_lora(model, config, names)
-        gl.load_adapter(args.adapter, graph, model)
+        apply_adapter(args.adapter, graph, model)
     prompt = tokenizer.encode(args.prompt)
     if not len(prompt):
         raise ValueError(f"the prompt {args.prompt!r} has no tokens")

@@ -27,10 +27,11 @@ from typing import Any
 import numpy as np
 
 from graphlora.engine.graph import Graph, NodeId, check_graph
-from graphlora.lora import LoraEmbedding, LoraLayer, LoraLinear
+from graphlora.lora import LoraConfig, LoraEmbedding, LoraLayer, LoraLinear
 from graphlora.lora.functional import lora_scaling
 from graphlora.lora.layer import adapter_list, check_adapter_name
 from graphlora.nn import checkpoint
+from graphlora.nn.adapters import apply_lora
 from graphlora.nn.checkpoint import safetensors_module
 from graphlora.ops import Array
 
@@ -39,6 +40,7 @@ __all__ = [
     "WEIGHTS_NAME",
     "AdapterFile",
     "adapter_config",
+    "apply_adapter",
     "load_adapter",
     "read_adapter",
     "save_adapter",
@@ -469,6 +471,51 @@ def read_adapter(path: str | os.PathLike[str]) -> AdapterFile:
             f"magnitudes for {sorted(magnitude)} (expected them for {sorted(expected)})"
         )
     return adapter
+
+
+def apply_adapter(
+    path: str | os.PathLike[str], graph: Graph, model: object
+) -> dict[str, LoraLayer]:
+    """Put the LoRA adapter in the directory ``path`` (graphlora's or PEFT's) on ``model`` as its
+    file says, and load it: PEFT's ``PeftModel.from_pretrained``. Each module the file names
+    gets an adapter of the rank and alpha its config gives it (``rank_pattern`` and
+    ``alpha_pattern`` honoured), with its rsLoRA and DoRA settings; then ``load_adapter`` fills
+    them, all checked before any layer changes value.
+
+    Returns
+    -------
+    dict
+        ``{name: LoRA layer}`` of the adapted modules.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        As ``read_adapter`` and ``load_adapter``; for a file of another PEFT type (VeRA: build
+        its layers with ``apply_lora`` and a ``VeraConfig``, then ``load_adapter``).
+    """
+    where = "apply_adapter"
+    check_graph(where, graph)
+    adapter = read_adapter(path)
+    kind = adapter.config.get("peft_type", "LORA")
+    if kind != "LORA":
+        raise ValueError(
+            f"{where}: {adapter.path} holds a {kind} adapter; apply_adapter builds LoRA layers "
+            "(for another type: apply_lora with its config, then load_adapter)"
+        )
+    groups: dict[tuple[int, float], list[str]] = {}
+    for name in adapter.a:
+        groups.setdefault((adapter.rank(name), adapter.alpha(name)), []).append(name)
+    layers: dict[str, LoraLayer] = {}
+    for (rank, alpha), names in sorted(groups.items()):
+        config = LoraConfig(
+            rank=rank,
+            alpha=alpha,
+            use_rslora=bool(adapter.config.get("use_rslora")),
+            use_dora=bool(adapter.config.get("use_dora")),
+        )
+        layers.update(apply_lora(model, config, names))
+    load_adapter(path, graph, model)
+    return layers
 
 
 def load_adapter(

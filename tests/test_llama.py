@@ -784,3 +784,58 @@ def test_lora_on_llama_equals_peft_both_ways_with_gradients(
     np.testing.assert_allclose(
         g2.value(again.forward(g2, ids)), g.value(logits), rtol=1e-12, atol=1e-12
     )
+
+
+def test_apply_adapter_builds_the_layers_a_file_describes(tmp_path: Path) -> None:
+    g, model = _model()
+    gl.apply_lora(model, gl.LoraConfig(rank=2, alpha=4.0), ["q_proj"])
+    gl.apply_lora(model, gl.LoraConfig(rank=3, alpha=1.0), ["down_proj"])
+    for leaf in gl.nn.parameters(model):
+        g.set_value(leaf, np.random.default_rng(4).normal(0, 0.3, size=leaf.shape))
+    gl.save_adapter(tmp_path / "adapter", g, model)
+    ids = np.array([[1, 2, 3, 4]])
+    expected = g.value(model.forward(g, ids))
+    g2, fresh = _model()
+    layers = gl.apply_adapter(tmp_path / "adapter", g2, fresh)
+    assert sorted(layers) == sorted(gl.nn.lora_layers(model))
+    assert {name: layer.rank for name, layer in layers.items()} == {
+        name: layer.rank for name, layer in gl.nn.lora_layers(model).items()
+    }
+    np.testing.assert_array_equal(g2.value(fresh.forward(g2, ids)), expected)
+    g3, vera = _model()
+    gl.apply_lora(vera, gl.VeraConfig(rank=4), ["q_proj", "v_proj"])
+    gl.save_adapter(tmp_path / "vera", g3, vera)
+    g4, other = _model()
+    with pytest.raises(ValueError, match="holds a VERA adapter; apply_adapter builds LoRA layers"):
+        gl.apply_adapter(tmp_path / "vera", g4, other)
+    assert not gl.nn.lora_layers(other)
+
+
+@pytest.mark.crosscheck
+def test_apply_adapter_reads_peft_rank_patterns_and_dora(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    model = _hf_llama("llama")
+    model.save_pretrained(tmp_path / "hf")
+    config = peft.LoraConfig(
+        r=2,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "up_proj"],
+        rank_pattern={"up_proj": 4},
+        alpha_pattern={"v_proj": 3},
+        use_dora=True,
+    )
+    peft_model = peft.get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    peft_model.save_pretrained(tmp_path / "peft")
+    ids = np.array([[3, 1, 4, 1, 5]])
+    with torch.no_grad():
+        expected = peft_model.double().eval()(torch.from_numpy(ids)).logits.numpy()
+    g = gl.Graph()
+    ours = gl.from_pretrained(g, tmp_path / "hf")
+    layers = gl.apply_adapter(tmp_path / "peft", g, ours)
+    assert layers["model.layers.1.mlp.up_proj"].rank == 4
+    np.testing.assert_allclose(g.value(ours.forward(g, ids)), expected, **TOLERANCE)
