@@ -490,18 +490,12 @@ def apply_adapter(
     Raises
     ------
     FileNotFoundError, ValueError
-        As ``read_adapter`` and ``load_adapter``; for a file of another PEFT type (VeRA: build
-        its layers with ``apply_lora`` and a ``VeraConfig``, then ``load_adapter``).
+        As ``read_adapter`` (which refuses other PEFT types: for VeRA, build its layers with
+        ``apply_lora`` and a ``VeraConfig``, then ``load_adapter``) and ``load_adapter``.
     """
     where = "apply_adapter"
     check_graph(where, graph)
-    adapter = read_adapter(path)
-    kind = adapter.config.get("peft_type", "LORA")
-    if kind != "LORA":
-        raise ValueError(
-            f"{where}: {adapter.path} holds a {kind} adapter; apply_adapter builds LoRA layers "
-            "(for another type: apply_lora with its config, then load_adapter)"
-        )
+    adapter = read_adapter(path)  # refuses other PEFT types (VeRA) by name
     groups: dict[tuple[int, float], list[str]] = {}
     for name in adapter.a:
         groups.setdefault((adapter.rank(name), adapter.alpha(name)), []).append(name)
