@@ -466,7 +466,7 @@ def section_e(rounds: int, min_batch: float, quick: bool) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, few rounds")
-    parser.add_argument("--sections", default="a,b,c,d,e,f")
+    parser.add_argument("--sections", default="a,b,c,d,e,f,g")
     parser.add_argument(
         "--out", default=str(Path(__file__).resolve().parent / "results" / "latest.json")
     )
@@ -545,6 +545,13 @@ def main(argv: list[str] | None = None) -> int:
             rounds_of, rounds, min_batch * 2, args.quick
         )
         gpt_step.report(rows)
+    if "g" in sections:
+        import llama_step
+
+        report["g_llama_step"] = rows = llama_step.section_g(
+            rounds_of, rounds, min_batch * 2, args.quick
+        )
+        llama_step.report(rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {args.out}")

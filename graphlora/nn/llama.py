@@ -508,7 +508,9 @@ class Llama:
         else:
             keep = generation.check_mask(where, attention_mask, shape)
             positions = generation.positions_from_mask(keep)
-            masks = [generation.attention_mask(keep, shape[-1], config.window(i)) for i in layers]
+            windows = [config.window(i) for i in layers]
+            made = {w: generation.attention_mask(keep, shape[-1], w) for w in set(windows)}
+            masks = [made[w] for w in windows]
             causal = False
         x = self.model.forward(graph, checked, positions, masks, causal=causal, fused=fused)
         return self.lm_head.forward(graph, x, fused=fused)  # type: ignore[no-any-return]
@@ -525,10 +527,9 @@ class Llama:
         from ``cache`` and the new ones (``keep [B, past + t]``: real tokens), the cache
         extended; the last position's logits ``[B, vocab]``."""
         t = ids.shape[-1]
-        masks = [
-            generation.attention_mask(keep, t, self.config.window(i))
-            for i in range(self.config.num_hidden_layers)
-        ]
+        windows = [self.config.window(i) for i in range(self.config.num_hidden_layers)]
+        made = {w: generation.attention_mask(keep, t, w) for w in set(windows)}
+        masks = [made[w] for w in windows]
         x = self.model.forward(graph, ids, positions, masks, cache=cache)
         return self.lm_head.forward(graph, graph.getitem(x, (slice(None), -1)))  # type: ignore[no-any-return]
 

@@ -3,6 +3,7 @@ as Llama-family models use them (transformers' half-split pairing)."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -58,11 +59,8 @@ def check_scaling(where: str, scaling: object) -> Llama3Scaling | None:
     return factor, low, high, original
 
 
-def rope_frequencies(dim: int, theta: float, scaling: Llama3Scaling | None = None) -> Array:
-    """The ``dim // 2`` rotation frequencies of a head of width ``dim``: ``theta ** (-2i / dim)``
-    (float64), then with Llama 3's scaling, as transformers: wavelengths longer than
-    ``original / low_freq_factor`` slowed by ``factor``, shorter than ``original /
-    high_freq_factor`` kept, those between blended smoothly."""
+def _frequencies(dim: int, theta: float, scaling: Llama3Scaling | None = None) -> Array:
+    """``rope_frequencies``, computed."""
     inv = 1.0 / theta ** (np.arange(0, dim - 1, 2, dtype=np.float64) / dim)
     if scaling is None:
         return inv
@@ -74,6 +72,22 @@ def rope_frequencies(dim: int, theta: float, scaling: Llama3Scaling | None = Non
     medium = (wavelength >= original / high) & (wavelength <= original / low)
     result: Array = np.where(medium, blended, scaled)
     return result
+
+
+# Kept for the next call with the same head width, theta and scaling (a model asks with the same
+# ones in every layer and step); read-only. Wrapped here, not decorated, so that mutation testing
+# reaches the function.
+_cached_frequencies = functools.lru_cache(maxsize=16)(_frequencies)
+
+
+def rope_frequencies(dim: int, theta: float, scaling: Llama3Scaling | None = None) -> Array:
+    """The ``dim // 2`` rotation frequencies of a head of width ``dim``: ``theta ** (-2i / dim)``
+    (float64), then with Llama 3's scaling, as transformers: wavelengths longer than
+    ``original / low_freq_factor`` slowed by ``factor``, shorter than ``original /
+    high_freq_factor`` kept, those between blended smoothly. Read-only (cached)."""
+    found = _cached_frequencies(dim, theta, scaling)
+    found.flags.writeable = False
+    return found
 
 
 def _check_rope(
