@@ -839,3 +839,39 @@ def test_apply_adapter_reads_peft_rank_patterns_and_dora(tmp_path: Path) -> None
     layers = gl.apply_adapter(tmp_path / "peft", g, ours)
     assert layers["model.layers.1.mlp.up_proj"].rank == 4
     np.testing.assert_allclose(g.value(ours.forward(g, ids)), expected, **TOLERANCE)
+
+
+@pytest.mark.crosscheck
+def test_gpt_greedy_generation_and_padding_equal_transformers(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=40, n_positions=24, n_embd=16, n_layer=2, n_head=2)
+    model = transformers.GPT2LMHeadModel(config).double().eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.3)
+    model.save_pretrained(tmp_path / "hf")
+    g = gl.Graph()
+    ours = gl.from_pretrained(g, tmp_path / "hf")
+    ids = np.array([[0, 0, 5, 6, 7], [9, 3, 1, 4, 1]])
+    mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    positions = np.where(mask == 1, np.cumsum(mask, -1) - 1, 1)
+    with torch.no_grad():
+        expected = model(
+            torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            position_ids=torch.from_numpy(positions),
+        ).logits.numpy()
+    logits = g.value(ours.forward(g, ids, attention_mask=mask))
+    np.testing.assert_allclose(logits[mask == 1], expected[mask == 1], rtol=1e-9, atol=1e-12)
+    out = ours.generate(g, ids, 10, attention_mask=mask)
+    with torch.no_grad():
+        theirs = model.generate(
+            torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            max_new_tokens=10,
+            do_sample=False,
+            pad_token_id=0,
+        ).numpy()
+    np.testing.assert_array_equal(out, theirs)
