@@ -22,6 +22,7 @@ from graphlora.engine.graph import Graph, NodeId, check_graph
 from graphlora.errors import ShapeError
 
 __all__ = [
+    "Generates",
     "KVCache",
     "attend",
     "attention_mask",
@@ -119,6 +120,66 @@ class _Generating(Protocol):
     def forward_cached(
         self, graph: Graph, ids: Array, positions: Array, keep: Array, cache: KVCache
     ) -> NodeId: ...
+
+
+class Generates:
+    """What ``GPT`` and ``Llama`` share: ``generate``, over their ``context_length``,
+    ``vocab_size`` and ``forward_cached``."""
+
+    def generate(
+        self,
+        graph: Graph,
+        ids: npt.ArrayLike,
+        max_new_tokens: int,
+        *,
+        attention_mask: npt.ArrayLike | None = None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        seed: int | None = None,
+    ) -> npt.NDArray[np.int64]:
+        """Continue each prompt of ``ids`` (``[B, T]``, or one ``[T]``) by ``max_new_tokens``
+        tokens, with a key/value cache (each new token costs O(T)).
+
+        Greedy at ``temperature`` 0 (token for token transformers' ``generate(do_sample=False)``);
+        otherwise sampled from a NumPy generator seeded with ``seed``, after transformers'
+        warpers in their order: temperature, ``top_k``, ``top_p``. Left-padded rows (with their
+        ``attention_mask``) take positions from the mask. A row that produces an
+        ``eos_token_id`` (an id or a list) is filled with ``pad_token_id`` (default: the first
+        eos id) to the common length. Runs under ``Graph.scratch()``: the graph is left as it was
+        found and nothing is recorded for a gradient; active LoRA adapters (and merged ones)
+        apply.
+
+        Returns
+        -------
+        ndarray
+            int64 ``[B, T + max_new_tokens]`` (``[T + max_new_tokens]`` for one prompt): the
+            prompts, then the new tokens.
+
+        Raises
+        ------
+        ValueError
+            For a prompt plus ``max_new_tokens`` longer than the context, ids out of range, bad
+            sampling settings or a mask that is not 0/1.
+        ShapeError, TypeError
+            For ids that are not integers ``[B, T]``/``[T]``, or a mask of another shape.
+        """
+        return generate(
+            self,  # type: ignore[arg-type]
+            graph,
+            ids,
+            max_new_tokens,
+            attention_mask=attention_mask,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            seed=seed,
+            where=f"{type(self).__name__}.generate",
+        )
 
 
 def _eos(where: str, eos_token_id: object, vocab: int) -> tuple[int, ...]:

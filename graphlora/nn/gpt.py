@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,8 @@ from graphlora import _checks
 from graphlora.engine.graph import Graph, NodeId, check_graph
 from graphlora.nn import checkpoint, generation
 from graphlora.nn.checkpoint import Weights
-from graphlora.nn.generation import KVCache
-from graphlora.nn.layers import Embedding, LayerNorm, Linear, token_ids
+from graphlora.nn.generation import Generates, KVCache
+from graphlora.nn.layers import Embedding, LayerNorm, Linear, TiedHead, token_ids
 
 __all__ = ["GPT", "GPTConfig"]
 
@@ -294,22 +293,7 @@ def _embedding(graph: Graph, weights: Weights, name: str, shape: tuple[int, int]
     )
 
 
-class TiedHead:
-    """The language-model head, tied to the token embedding: ``logits = x @ wte.weightᵀ``."""
-
-    def __init__(self, embedding: Embedding) -> None:
-        self._embedding = embedding  # not a child: the weight is the embedding's
-
-    def forward(self, graph: Graph, x: NodeId, *, fused: bool = False) -> NodeId:
-        """``x [..., C] -> [..., vocab]`` (one product: ``fused`` changes nothing)."""
-        return graph.matmul(x, graph.transpose(self._embedding.weight))
-
-    def named_leaves(self) -> list[tuple[str, NodeId]]:
-        """None of its own: its weight is ``transformer.wte.weight``."""
-        return []
-
-
-class GPT:
+class GPT(Generates):
     """A GPT-2-architecture language model (transformers' ``GPT2LMHeadModel``).
 
     Build one with ``GPT.new(graph, config)`` (fresh weights, initialised as GPT-2) or
@@ -467,61 +451,6 @@ class GPT:
         mask = generation.attention_mask(keep, ids.shape[-1], None)
         hidden = self.transformer.forward(graph, ids, positions=positions, mask=mask, cache=cache)
         return self.lm_head.forward(graph, graph.getitem(hidden, (slice(None), -1)))
-
-    def generate(
-        self,
-        graph: Graph,
-        ids: npt.ArrayLike,
-        max_new_tokens: int,
-        *,
-        attention_mask: npt.ArrayLike | None = None,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_token_id: int | Sequence[int] | None = None,
-        pad_token_id: int | None = None,
-        seed: int | None = None,
-    ) -> npt.NDArray[np.int64]:
-        """Continue each prompt of ``ids`` (``[B, T]``, or one ``[T]``) by ``max_new_tokens``
-        tokens, with a key/value cache (each new token costs O(T)).
-
-        Greedy at ``temperature`` 0 (token for token transformers' ``generate(do_sample=False)``);
-        otherwise sampled from a NumPy generator seeded with ``seed``, after transformers'
-        warpers in their order: temperature, ``top_k``, ``top_p``. Left-padded rows (with their
-        ``attention_mask``) take positions from the mask. A row that produces an
-        ``eos_token_id`` (an id or a list) is filled with ``pad_token_id`` (default: the first
-        eos id) to the common length. Runs under ``Graph.scratch()``: the graph is left as it was
-        found and nothing is recorded for a gradient; active LoRA adapters (and merged ones)
-        apply.
-
-        Returns
-        -------
-        ndarray
-            int64 ``[B, T + max_new_tokens]`` (``[T + max_new_tokens]`` for one prompt): the
-            prompts, then the new tokens.
-
-        Raises
-        ------
-        ValueError
-            For a prompt plus ``max_new_tokens`` longer than the context, ids out of range, bad
-            sampling settings or a mask that is not 0/1.
-        ShapeError, TypeError
-            For ids that are not integers ``[B, T]``/``[T]``, or a mask of another shape.
-        """
-        return generation.generate(
-            self,
-            graph,
-            ids,
-            max_new_tokens,
-            attention_mask=attention_mask,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-            seed=seed,
-            where="GPT.generate",
-        )
 
     def save_pretrained(
         self, graph: Graph, path: str | os.PathLike[str], *, overwrite: bool = False

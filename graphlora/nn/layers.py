@@ -25,7 +25,7 @@ from graphlora.lora import LoraLinear
 from graphlora.lora.functional import linear_init
 from graphlora.nn.tree import named_modules, parameters, trainable_parameters
 
-__all__ = ["ACTIVATIONS", "MLP", "Embedding", "LayerNorm", "Linear", "RMSNorm"]
+__all__ = ["ACTIVATIONS", "MLP", "Embedding", "LayerNorm", "Linear", "RMSNorm", "TiedHead"]
 
 ACTIVATIONS: dict[str, Callable[[Graph, NodeId], NodeId]] = {
     "relu": Graph.relu,
@@ -227,6 +227,22 @@ class RMSNorm:
     def forward(self, graph: Graph, x: NodeId, *, fused: bool = False) -> NodeId:
         """``x [..., dim]``, normalised over the last axis (one ``rms_norm`` op)."""
         return graph.rms_norm(x, self.weight, eps=self.eps)
+
+
+class TiedHead:
+    """A language model's head tied to its token embedding: ``logits = x @ embedding.weightᵀ``
+    (GPT-2's ``lm_head``, and Llama's where ``tie_word_embeddings`` is set)."""
+
+    def __init__(self, embedding: Embedding) -> None:
+        self._embedding = embedding  # not a child: the weight is the embedding's
+
+    def forward(self, graph: Graph, x: NodeId, *, fused: bool = False) -> NodeId:
+        """``x [..., C] -> [..., vocab]`` (one product: ``fused`` changes nothing)."""
+        return graph.matmul(x, graph.transpose(self._embedding.weight))
+
+    def named_leaves(self) -> list[tuple[str, NodeId]]:
+        """None of its own: its weight is the embedding's."""
+        return []
 
 
 class MLP:

@@ -28,8 +28,8 @@ from graphlora import _checks
 from graphlora.engine.graph import Graph, NodeId, check_graph
 from graphlora.nn import checkpoint, generation
 from graphlora.nn.checkpoint import Weights
-from graphlora.nn.generation import KVCache
-from graphlora.nn.layers import Embedding, Linear, RMSNorm, token_ids
+from graphlora.nn.generation import Generates, KVCache
+from graphlora.nn.layers import Embedding, Linear, RMSNorm, TiedHead, token_ids
 from graphlora.ops.positional import check_scaling
 
 __all__ = ["MODEL_TYPES", "Llama", "LlamaConfig"]
@@ -382,22 +382,7 @@ class LlamaModel:
         return self.norm.forward(graph, x)
 
 
-class TiedHead:
-    """The head tied to the token embedding: ``logits = x @ embed_tokens.weightᵀ``."""
-
-    def __init__(self, embedding: Embedding) -> None:
-        self._embedding = embedding  # not a child: the weight is the embedding's
-
-    def forward(self, graph: Graph, x: NodeId, *, fused: bool = False) -> NodeId:
-        """``x [..., C] -> [..., vocab]``."""
-        return graph.matmul(x, graph.transpose(self._embedding.weight))
-
-    def named_leaves(self) -> list[tuple[str, NodeId]]:
-        """None of its own: its weight is ``model.embed_tokens.weight``."""
-        return []
-
-
-class Llama:
+class Llama(Generates):
     """A Llama-family language model (transformers' ``LlamaForCausalLM``,
     ``MistralForCausalLM``, ``Qwen2ForCausalLM``).
 
@@ -532,36 +517,6 @@ class Llama:
         masks = [made[w] for w in windows]
         x = self.model.forward(graph, ids, positions, masks, cache=cache)
         return self.lm_head.forward(graph, graph.getitem(x, (slice(None), -1)))  # type: ignore[no-any-return]
-
-    def generate(
-        self,
-        graph: Graph,
-        ids: npt.ArrayLike,
-        max_new_tokens: int,
-        *,
-        attention_mask: npt.ArrayLike | None = None,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_token_id: int | Sequence[int] | None = None,
-        pad_token_id: int | None = None,
-        seed: int | None = None,
-    ) -> npt.NDArray[np.int64]:
-        """Continue prompts; see ``GPT.generate`` (the same contract)."""
-        return generation.generate(
-            self,
-            graph,
-            ids,
-            max_new_tokens,
-            attention_mask=attention_mask,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-            seed=seed,
-            where="Llama.generate",
-        )
 
     def save_pretrained(
         self, graph: Graph, path: str | os.PathLike[str], *, overwrite: bool = False
