@@ -875,3 +875,120 @@ def test_gpt_greedy_generation_and_padding_equal_transformers(tmp_path: Path) ->
             pad_token_id=0,
         ).numpy()
     np.testing.assert_array_equal(out, theirs)
+
+
+# --- sampling and generate's arguments, exactly ---------------------------------------------------
+
+
+def _sample_by_hand(
+    logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None, u: np.ndarray
+) -> np.ndarray:
+    """transformers' warpers written out row by row, largest first: divide by the temperature,
+    keep the k largest (ties with the k-th kept), keep the fewest largest whose probabilities
+    reach top_p; then the token where the running sum of the kept probabilities (in id order)
+    first exceeds the uniform draw u. Of tokens tied at top_p's edge, the higher id stays."""
+    out = []
+    for row, draw in zip(logits, u[:, 0], strict=True):
+        scores = row / temperature
+        keep = np.ones(len(row), bool)
+        if top_k is not None:
+            kth = sorted(scores, reverse=True)[min(top_k, len(row)) - 1]
+            keep &= scores >= kth
+        if top_p is not None:
+            probs = np.exp(scores - scores.max()) * keep
+            probs /= probs.sum()
+            mass, chosen = 0.0, np.zeros(len(row), bool)
+            for i in sorted(range(len(row)), key=lambda i: (-probs[i], -i)):  # ties: higher id
+                chosen[i] = True
+                mass += probs[i]
+                if mass >= top_p:
+                    break
+            keep &= chosen
+        probs = np.where(keep, np.exp(scores - scores[keep].max()), 0.0)
+        probs /= probs.sum()
+        out.append(int(np.searchsorted(np.cumsum(probs), draw, side="right")))
+    return np.array(out)
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"),
+    [(1.0, None, None), (0.5, None, None), (2.0, 2, None), (0.7, None, 0.6), (1.3, 3, 0.8)],
+)
+def test_sampling_equals_the_warpers_written_out(
+    temperature: float, top_k: int | None, top_p: float | None
+) -> None:
+    from graphlora.nn.generation import _choose
+
+    logits = np.array([[0.3, 2.0, -1.0, 1.5, 0.9], [1.0, 1.0, 0.0, -2.0, 3.0]])
+    for seed in range(40):
+        u = np.random.default_rng(seed).random((2, 1))
+        found = _choose(logits, temperature, top_k, top_p, np.random.default_rng(seed))
+        np.testing.assert_array_equal(found, _sample_by_hand(logits, temperature, top_k, top_p, u))
+    np.testing.assert_array_equal(_choose(logits, 0.0, None, None, np.random.default_rng()), [1, 4])
+
+
+def test_generate_s_edges() -> None:
+    g, model = _model()
+    prompt = np.array([1, 2, 3])
+    one = model.generate(g, prompt, 1)
+    assert one.shape == (4,) and one[:3].tolist() == [1, 2, 3]
+    np.testing.assert_array_equal(model.generate(g, prompt, 0), prompt)
+    full = model.generate(g, prompt, 29)  # 3 + 29 = the context of 32: allowed
+    assert full.shape == (32,)
+    np.testing.assert_array_equal(full[:4], one)
+    np.testing.assert_array_equal(
+        model.generate(g, prompt, 3, attention_mask=np.array([1, 1, 1])), full[:6]
+    )
+    free = model.generate(g, prompt, 6)
+    eos = int(free[3])  # the first new token: every later one is padding
+    np.testing.assert_array_equal(
+        model.generate(g, prompt, 6, eos_token_id=[22, eos])[4:], [22] * 5
+    )
+    np.testing.assert_array_equal(model.generate(g, prompt, 6, eos_token_id=eos)[4:], [eos] * 5)
+    np.testing.assert_array_equal(
+        model.generate(g, prompt, 6, eos_token_id=np.int64(eos), pad_token_id=np.int64(0))[4:],
+        [0] * 5,
+    )
+    with pytest.raises(ValueError, match="id -1 is out of range for a vocabulary of 23"):
+        model.generate(g, np.array([-1, 22]), 1)
+    with pytest.raises(ValueError, match="pad_token_id must be an id in \\[0, 23\\), got 23"):
+        model.generate(g, prompt, 1, pad_token_id=23)
+    with pytest.raises(ValueError, match=r"eos_token_id must be an id .*, got \[1, True\]"):
+        model.generate(g, prompt, 1, eos_token_id=[1, True])
+    for ids, error, message in [
+        (
+            g.constant(prompt),
+            TypeError,
+            "Llama.generate: ids must be an integer array, not a NodeId",
+        ),
+        (prompt.astype(float), gl.ShapeError, "got dtype float64 and shape \\(3,\\)"),
+        (prompt.reshape(1, 1, 3), gl.ShapeError, "got dtype int64 and shape \\(1, 1, 3\\)"),
+    ]:
+        with pytest.raises(error, match=message):
+            model.generate(g, ids, 1)
+    with pytest.raises(ValueError, match="seed must be"):
+        model.generate(g, prompt, 1, temperature=1.0, seed=-1)
+    with pytest.raises(ValueError, match=r"Llama\.generate: top_p must be in \(0, 1\], got 1\.5"):
+        model.generate(g, prompt, 1, top_p=1.5)
+    np.testing.assert_array_equal(
+        model.generate(g, prompt, 4, temperature=0.9, top_p=1.0, seed=2),
+        model.generate(g, prompt, 4, temperature=0.9, seed=2),
+    )
+
+
+def test_positions_count_real_tokens_and_masks_are_checked() -> None:
+    from graphlora.nn.generation import attention_mask, check_mask, positions_from_mask
+
+    keep = np.array([[False, False, True, True], [True, True, True, True]])
+    np.testing.assert_array_equal(positions_from_mask(keep), [[1, 1, 0, 1], [0, 1, 2, 3]])
+    np.testing.assert_array_equal(positions_from_mask(keep[0]), [1, 1, 0, 1])
+    assert positions_from_mask(keep).dtype == np.int64
+    band = attention_mask(np.ones(5, bool), 2, 2)  # the last 2 of 5 slots, window 2
+    np.testing.assert_array_equal(band, [[0, 0, 1, 1, 0], [0, 0, 0, 1, 1]])
+    with pytest.raises(gl.ShapeError, match="where: attention_mask is not a regular array"):
+        check_mask("where", [[1, 0], [1]], (2, 2))
+    with pytest.raises(ValueError, match="where: attention_mask must hold only 0 and 1"):
+        check_mask("where", np.ones(2) * 0.5, (2,))
+    assert check_mask("where", np.array([1.0, 0.0]) == 1, (2,)).tolist() == [True, False]
+    g, model = _model()
+    np.testing.assert_array_equal(model.generate(g, np.array([1]), 1, eos_token_id=0)[:1], [1])

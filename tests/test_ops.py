@@ -1655,3 +1655,175 @@ def test_gelu_called_as_an_op_without_approximate_is_the_exact_form() -> None:
     x = np.array([-1.5, 0.3, 2.0])
     out, _ = ops.gelu(x)
     np.testing.assert_allclose(out, x * scipy.special.ndtr(x), rtol=1e-15)
+
+
+# --- rope: its refusals, and Llama 3's frequencies at the band edges ------------------------------
+
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
+
+
+def test_rope_names_every_bad_argument() -> None:
+    g = gl.Graph()
+    x = g.constant(np.ones((3, 4)))
+    odd = g.constant(np.ones((3, 5)))
+    scalar = g.constant(np.ones(()))
+    short = {k: v for k, v in LLAMA3.items() if k != "high_freq_factor"}
+    assert_refusals(
+        [
+            (
+                gl.ShapeError,
+                "rope: x must be [..., d] with d even (pairs rotate), got (3, 5)",
+                lambda: g.rope(odd, np.arange(3)),
+            ),
+            (
+                gl.ShapeError,
+                "rope: x must be [..., d] with d even (pairs rotate), got ()",
+                lambda: g.rope(scalar, np.arange(1)),
+            ),
+            (
+                gl.ShapeError,
+                "rope: positions of shape (4,) must broadcast to x's leading axes (3,)",
+                lambda: g.rope(x, np.arange(4)),
+            ),
+            (
+                gl.ShapeError,
+                "rope: positions of shape (2, 3) must broadcast to x's leading axes (3,)",
+                lambda: g.rope(x, np.zeros((2, 3), np.int64)),
+            ),
+            (
+                ValueError,
+                "rope: theta must be > 0, got 0.0",
+                lambda: g.rope(x, np.arange(3), theta=0.0),
+            ),
+            (
+                ValueError,
+                "rope: theta must be >= 0, got -1.0",
+                lambda: g.rope(x, np.arange(3), theta=-1.0),
+            ),
+            (
+                TypeError,
+                "rope: scaling must be a mapping or None, got 'llama3'",
+                lambda: g.rope(x, np.arange(3), scaling="llama3"),  # type: ignore[arg-type]
+            ),
+            (
+                ValueError,
+                "rope: rope_type 'yarn' is not implemented; graphlora implements "
+                "('default', 'llama3')",
+                lambda: g.rope(x, np.arange(3), scaling={"rope_type": "yarn"}),
+            ),
+            (
+                ValueError,
+                "rope: rope_type 'linear' is not implemented; graphlora implements "
+                "('default', 'llama3')",
+                lambda: g.rope(x, np.arange(3), scaling={"type": "linear", "factor": 2.0}),
+            ),
+            (
+                ValueError,
+                f"rope: llama3 rope scaling needs high_freq_factor, got {short}",
+                lambda: g.rope(x, np.arange(3), scaling=short),
+            ),
+            (
+                ValueError,
+                "rope: llama3 rope scaling needs factor > 0, original_max_position_embeddings > 0 "
+                f"and low_freq_factor < high_freq_factor, got {dict(LLAMA3, factor=0.0)}",
+                lambda: g.rope(x, np.arange(3), scaling=dict(LLAMA3, factor=0.0)),
+            ),
+            (
+                ValueError,
+                "rope: llama3 rope scaling needs factor > 0, original_max_position_embeddings > 0 "
+                f"and low_freq_factor < high_freq_factor, got {dict(LLAMA3, low_freq_factor=4.0)}",
+                lambda: g.rope(x, np.arange(3), scaling=dict(LLAMA3, low_freq_factor=4.0)),
+            ),
+            (
+                ValueError,
+                "rope: llama3 rope scaling needs factor > 0, original_max_position_embeddings > 0 "
+                "and low_freq_factor < high_freq_factor, got "
+                f"{dict(LLAMA3, original_max_position_embeddings=0)}",
+                lambda: g.rope(
+                    x, np.arange(3), scaling=dict(LLAMA3, original_max_position_embeddings=0)
+                ),
+            ),
+        ]
+    )
+    assert len(g.tape) == 0
+
+
+def test_rope_default_scaling_is_no_scaling_and_frequencies_are_read_only() -> None:
+    from graphlora.ops.positional import rope_frequencies
+
+    g = gl.Graph()
+    x = g.constant(np.random.default_rng(0).normal(size=(5, 8)))
+    plain = g.value(g.rope(x, np.arange(5)))
+    for scaling in ({"rope_type": "default"}, {}, None):
+        np.testing.assert_array_equal(g.value(g.rope(x, np.arange(5), scaling=scaling)), plain)
+    np.testing.assert_array_equal(g.value(g.rope(x, np.zeros(5, np.int64))), g.value(x))
+    freqs = rope_frequencies(8, 10000.0)
+    np.testing.assert_allclose(freqs, [1.0, 0.1, 0.01, 0.001], rtol=1e-15)
+    assert not freqs.flags.writeable
+    assert rope_frequencies(8, 10000.0) is freqs  # cached
+
+
+def test_llama3_frequencies_at_the_band_edges_follow_meta_s_definition() -> None:
+    """Wavelengths exactly at original / high_freq_factor and original / low_freq_factor, and one
+    each side: kept, blended (smoothly: equal at the edges), slowed by the factor."""
+    from graphlora.ops.positional import rope_frequencies
+
+    original, low, high, factor = 64.0, 1.0, 4.0, 8.0
+    scaling = (factor, low, high, original)
+    # a head of width 4 has the frequencies 1 and theta ** -0.5: theta picks the second's
+    for wavelength, expected in [
+        (10.0, 2 * np.pi / 10.0),  # shorter than 64 / 4 = 16: kept
+        (16.0, 2 * np.pi / 16.0),  # at the short edge: smooth = 1, kept
+        (64.0, 2 * np.pi / 64.0 / factor),  # at the long edge: smooth = 0, slowed
+        (100.0, 2 * np.pi / 100.0 / factor),  # longer: slowed
+        (32.0, None),  # between: blended
+    ]:
+        theta = (2 * np.pi / wavelength) ** -2.0
+        found = rope_frequencies(4, theta, scaling)[1:]
+        f = 2 * np.pi / wavelength
+        if expected is None:
+            smooth = (original / wavelength - low) / (high - low)
+            expected = (1 - smooth) * f / factor + smooth * f
+        np.testing.assert_allclose(found, [expected], rtol=1e-12)
+
+
+def test_rope_s_defaults_one_axis_and_the_old_type_key() -> None:
+    from graphlora import ops
+
+    x = np.random.default_rng(0).normal(size=(3, 4))
+    default, _ = ops.rope(x, np.arange(3))
+    explicit, _ = ops.rope(x, np.arange(3), theta=10000.0, scaling=None)
+    np.testing.assert_array_equal(default, explicit)
+    g = gl.Graph()
+    one = g.value(g.rope(g.constant(x[1]), np.array(1)))  # x [d] at one position
+    np.testing.assert_array_equal(one, default[1])
+    old = dict(LLAMA3, type="llama3")
+    del old["rope_type"]
+    new = g.value(g.rope(g.constant(x), np.arange(3) * 9, scaling=LLAMA3))
+    np.testing.assert_array_equal(
+        g.value(g.rope(g.constant(x), np.arange(3) * 9, scaling=old)), new
+    )
+    assert np.abs(new - g.value(g.rope(g.constant(x), np.arange(3) * 9))).max() > 1e-3
+
+
+def test_llama3_frequencies_with_a_low_factor_other_than_one() -> None:
+    from graphlora.ops.positional import rope_frequencies
+
+    original, low, high, factor = 64.0, 2.0, 8.0, 4.0  # band: wavelengths 8 .. 32
+    for wavelength in (6.0, 8.0, 20.0, 32.0, 40.0):
+        f = 2 * np.pi / wavelength
+        found = rope_frequencies(4, f**-2.0, (factor, low, high, original))[1:]
+        if wavelength < original / high:
+            expected = f
+        elif wavelength > original / low:
+            expected = f / factor
+        else:
+            smooth = (original / wavelength - low) / (high - low)
+            expected = (1 - smooth) * f / factor + smooth * f
+        np.testing.assert_allclose(found, [expected], rtol=1e-12)

@@ -207,7 +207,7 @@ def _choose(
     """The next token of each row: the argmax at temperature 0 (the first on ties, as
     ``torch.argmax``), else a draw after transformers' warpers, in their order: temperature,
     top-k (ties with the k-th kept), top-p (the smallest set of most likely tokens whose mass
-    exceeds ``top_p``, at least one)."""
+    reaches ``top_p``, at least one; of tokens tied at its edge, the higher id stays)."""
     if temperature == 0.0:
         chosen: Array = np.argmax(logits, axis=-1)
         return chosen

@@ -242,6 +242,8 @@ def _norm(graph: Graph, weights: Weights, name: str, config: LlamaConfig) -> RMS
 def _heads(graph: Graph, x: NodeId, heads: int, group: int, d: int) -> NodeId:
     """``[..., T, heads * group * d]`` -> ``[..., heads, group, T, d]``."""
     *lead, t, _ = x.shape
+    if t == 1:  # one token (generation): moving an axis of size 1 is a reshape alone
+        return graph.reshape(x, (*lead, heads, group, 1, d))
     split = graph.reshape(x, (*lead, t, heads, group, d))
     n = len(lead)
     return graph.transpose(split, (*range(n), n + 1, n + 2, n, n + 3))
@@ -292,8 +294,9 @@ class LlamaAttention:
             graph, q, k, v, layer=self.layer, cache=cache, mask=heads_mask, causal=causal
         )  # (..., kv, group, T, d)
         *lead, _, _, t, _ = y.shape
-        n = len(lead)
-        y = graph.transpose(y, (*range(n), n + 2, n, n + 1, n + 3))
+        if t > 1:  # back to [..., T, heads, d] (for one token, the reshape alone does it)
+            n = len(lead)
+            y = graph.transpose(y, (*range(n), n + 2, n, n + 1, n + 3))
         y = graph.reshape(y, (*lead, t, config.num_attention_heads * d))
         return self.o_proj.forward(graph, y, fused=fused)  # type: ignore[no-any-return]
 
