@@ -966,8 +966,16 @@ def test_generate_s_edges() -> None:
     ]:
         with pytest.raises(error, match=message):
             model.generate(g, ids, 1)
-    with pytest.raises(ValueError, match="seed must be"):
+    with pytest.raises(ValueError, match=r"^Llama\.generate: seed must be"):
         model.generate(g, prompt, 1, temperature=1.0, seed=-1)
+    with pytest.raises(
+        ValueError, match=r"^Llama\.generate: id 23 is out of range for a vocabulary"
+    ):
+        model.generate(g, np.array([1, 23]), 1)
+    with pytest.raises(TypeError, match=r"^Llama\.generate: top_p must be a real number"):
+        model.generate(g, prompt, 1, top_p="x")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^Llama\.generate: graph must be a Graph"):
+        model.generate(None, prompt, 1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"Llama\.generate: top_p must be in \(0, 1\], got 1\.5"):
         model.generate(g, prompt, 1, top_p=1.5)
     np.testing.assert_array_equal(

@@ -1827,3 +1827,24 @@ def test_llama3_frequencies_with_a_low_factor_other_than_one() -> None:
             smooth = (original / wavelength - low) / (high - low)
             expected = (1 - smooth) * f / factor + smooth * f
         np.testing.assert_allclose(found, [expected], rtol=1e-12)
+
+
+def test_rope_accepts_small_valid_settings_and_names_bad_field_values() -> None:
+    g = gl.Graph()
+    x = g.constant(np.ones((2, 3, 4)))
+    small = dict(LLAMA3, factor=0.5, original_max_position_embeddings=1)
+    assert g.value(g.rope(x, np.arange(3), theta=0.5, scaling=small)).shape == (2, 3, 4)
+    assert_refusals(
+        [
+            (
+                TypeError,
+                "rope: factor must be a real number, got 'x'",
+                lambda: g.rope(x, np.arange(3), scaling=dict(LLAMA3, factor="x")),
+            ),
+            (
+                gl.ShapeError,
+                "rope: positions of shape (4,) must broadcast to x's leading axes (2, 3)",
+                lambda: g.rope(x, np.arange(4)),
+            ),
+        ]
+    )
