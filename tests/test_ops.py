@@ -1688,12 +1688,14 @@ def test_rope_names_every_bad_argument() -> None:
             ),
             (
                 gl.ShapeError,
-                "rope: positions of shape (4,) must broadcast to x's leading axes (3,)",
+                "rope: positions of shape (4,) do not line up with x's leading axes (3,) (positions "
+                "[..., T]: the batch axes, then T)",
                 lambda: g.rope(x, np.arange(4)),
             ),
             (
                 gl.ShapeError,
-                "rope: positions of shape (2, 3) must broadcast to x's leading axes (3,)",
+                "rope: positions of shape (2, 3) do not line up with x's leading axes (3,) "
+                "(positions [..., T]: the batch axes, then T)",
                 lambda: g.rope(x, np.zeros((2, 3), np.int64)),
             ),
             (
@@ -1843,8 +1845,20 @@ def test_rope_accepts_small_valid_settings_and_names_bad_field_values() -> None:
             ),
             (
                 gl.ShapeError,
-                "rope: positions of shape (4,) must broadcast to x's leading axes (2, 3)",
+                "rope: positions of shape (4,) do not line up with x's leading axes (2, 3) "
+                "(positions [..., T]: the batch axes, then T)",
                 lambda: g.rope(x, np.arange(4)),
             ),
         ]
     )
+
+
+def test_rope_lines_positions_up_with_the_batch_and_sequence_axes() -> None:
+    g = gl.Graph()
+    x = np.random.default_rng(0).normal(size=(2, 3, 4, 6))  # [B, H, T, d]
+    positions = np.array([[0, 1, 2, 3], [5, 6, 7, 8]])  # [B, T]
+    found = g.value(g.rope(g.constant(x), positions))
+    explicit = g.value(g.rope(g.constant(x), positions[:, None, :]))
+    np.testing.assert_array_equal(found, explicit)
+    for b in range(2):
+        np.testing.assert_array_equal(found[b], g.value(g.rope(g.constant(x[b]), positions[b])))

@@ -283,3 +283,26 @@ def test_merging_or_unmerging_a_layer_ends_a_replay() -> None:
         match=r"merged or unmerged its weights or changed its adapters\), after compile",
     ):
         step()
+
+
+def test_compile_from_a_start_replays_only_the_ops_after_it() -> None:
+    g = gl.Graph()
+    w = g.parameter(np.array([1.0, 2.0]))
+    before = g.exp(w)  # recorded before the step: not run again
+    start = len(g.tape)
+    x = g.constant(np.array([3.0, 4.0]))
+    out = g.sum(g.mul(w, x))
+    step = g.compile(out, start=start)
+    assert len(step) == 2
+    g.buffers(x)[0][:] = [10.0, 20.0]
+    g.set_value(w, [5.0, 6.0])
+    assert float(step()) == 5.0 * 10.0 + 6.0 * 20.0
+    np.testing.assert_array_equal(g.grad(w), [10.0, 20.0])
+    np.testing.assert_array_equal(g.value(before), np.exp([1.0, 2.0]))  # kept its value
+    assert len(g.compile(out)) == 3
+    for bad in (-1, 4, 1.0, True):
+        with pytest.raises(ValueError, match="compile: start must be a tape position from 0 to 3"):
+            g.compile(out, start=bad)  # type: ignore[arg-type]
+    assert len(g.compile(w, grad=np.ones(2), start=0)) == 0  # a leaf: nothing to run
+    with pytest.raises(ValueError, match="from 0 to 0"):
+        g.compile(w, grad=np.ones(2), start=1)

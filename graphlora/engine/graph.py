@@ -721,23 +721,35 @@ class Graph(OpMethods):
 
     # --- replay and backward ------------------------------------------------------------------
 
-    def compile(self, loss: NodeId, grad: npt.ArrayLike | None = None) -> Replay:
+    def compile(self, loss: NodeId, grad: npt.ArrayLike | None = None, *, start: int = 0) -> Replay:
         """Make the step recorded so far into a ``Replay``: ``step()`` runs the ops recorded up to
         and including ``loss`` again on the leaves' current values, then ``backward(loss, grad)``,
         without recording them again; the values and gradients are exactly those of a new
         recording. See ``Replay`` for what stays fixed (non-node arguments, Python's decisions)
         and what ends a replay (``reset``, ``requires_grad_``, ``end_replays``).
 
+        ``start`` (a tape position, ``len(graph.tape)`` taken before the step was recorded)
+        leaves the ops before it out of the replay: they keep their values, and a step recorded
+        after other work replays only itself (generation replays one token's step this way).
+
         Raises
         ------
         ShapeError
             As ``backward`` does for ``loss`` and ``grad``.
+        ValueError
+            For a ``start`` that is not a tape position at or before ``loss``.
         """
         from graphlora.engine.replay import Replay
 
         loss = self.check(loss, "compile", "loss")
         self._seed("compile", loss, grad)  # refused here with compile's name
-        nodes = () if loss._epoch == LEAF else tuple(self._tape[: loss._index + 1])
+        end = 0 if loss._epoch == LEAF else loss._index + 1
+        if not _checks.is_int(start) or not 0 <= start <= end:
+            raise ValueError(
+                f"compile: start must be a tape position from 0 to {end} (the loss's), got "
+                f"{start!r}"
+            )
+        nodes = tuple(self._tape[start:end])
         self._compiled += 1
         return Replay(self, loss, self.backward_step(loss, grad), nodes)
 

@@ -267,8 +267,9 @@ class OpMethods:
         theta: float = 10000.0,
         scaling: Mapping[str, Any] | None = None,
     ) -> NodeId:
-        """Rotary position embedding of ``x [..., T, d]`` at integer ``positions`` (broadcast to
-        ``x``'s leading axes), transformers' half-split pairing; ``scaling``: transformers'
+        """Rotary position embedding of ``x [..., T, d]`` at integer ``positions [..., T]`` (their
+        leading axes x's leading ones; x's head axes between broadcast), transformers' half-split
+        pairing; ``scaling``: transformers'
         ``rope_parameters`` for ``rope_type`` ``"llama3"`` (``None``: the default scheme)."""
         return self._record(positional.rope, (x, positions), {"theta": theta, "scaling": scaling})
 

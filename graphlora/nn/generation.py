@@ -1,12 +1,19 @@
 """Text generation for the language models (``GPT``, ``Llama``): attention masks from padding,
 positions from the mask, a key/value cache, and the sampling loop ``generate``.
 
-A model that generates offers three things: ``context_length`` (the longest sequence),
-``vocab_size``, and ``forward_cached(graph, ids, positions, keep, cache)``, its forward pass over
-new tokens only (``ids [B, t]`` at ``positions [B, t]``; ``keep [B, past + t]`` says which keys
-are real tokens rather than padding) that reads and extends ``cache`` and returns the last
-position's logits ``[B, V]`` as a node. ``generate`` runs each pass inside ``Graph.scratch()``, so
-the graph is left exactly as it was found, and nothing is recorded for a gradient.
+A model that generates offers ``context_length`` (the longest sequence), ``vocab_size``,
+``head_axes`` (how many head axes its attention has ahead of ``[T, d]``), ``windows`` (each
+layer's sliding window, or ``None``) and ``forward_cached(graph, ids, positions, masks, cache)``,
+its forward pass over new tokens only (``ids [B, t]`` at ``positions [B, t]``, each layer's
+attention ``masks`` entry over the cached keys and the new ones) that reads and extends ``cache``
+and returns the last position's logits ``[B, V]`` as a node.
+
+``generate`` runs the prompt through once (a ``KVCache`` of arrays), then records one token's
+step over a ``StaticCache`` (keys and values in leaves of a fixed size, the new token's ids,
+positions and masks in data leaves) and replays that step for every further token
+(``Graph.compile(..., start=...)``), updating the leaves in place: each token then costs the
+ops' own work, not their recording, and O(T). All of it inside ``Graph.scratch()``: the graph is
+left exactly as it was found, and nothing is recorded for a gradient.
 """
 
 from __future__ import annotations
@@ -22,16 +29,22 @@ from graphlora.engine.graph import Graph, NodeId, check_graph
 from graphlora.errors import ShapeError
 
 __all__ = [
+    "Cache",
+    "Data",
     "Generates",
     "KVCache",
+    "StaticCache",
     "attend",
     "attention_mask",
     "check_mask",
+    "for_heads",
     "generate",
     "positions_from_mask",
 ]
 
 Array = npt.NDArray[Any]
+Data = NodeId | npt.NDArray[Any]
+"""Token ids, positions or a mask: an array, or a data node (what a replayed step reads)."""
 
 
 class KVCache:
@@ -41,12 +54,36 @@ class KVCache:
     def __init__(self) -> None:
         self.layers: dict[int, tuple[Array, Array]] = {}
 
-    @property
-    def length(self) -> int:
-        """The number of cached positions (0 before the first pass)."""
-        if not self.layers:
-            return 0
-        return int(next(iter(self.layers.values()))[0].shape[-2])
+
+class StaticCache:
+    """Keys and values in constant leaves of a fixed number of ``slots`` (``[..., slots, d]``),
+    filled from a ``KVCache`` of the prompt: a step over it keeps its shapes from token to
+    token, so it can be recorded once and replayed. ``attend`` joins a layer's leaf and the new
+    key (attention masks the slots not filled yet) and notes the new key's node; ``commit``
+    writes the new keys and values into a slot once their step has run."""
+
+    def __init__(self, graph: Graph, cache: KVCache, slots: int) -> None:
+        self.graph = graph
+        self.keys: dict[int, tuple[NodeId, NodeId]] = {}
+        self.new: dict[int, tuple[NodeId, NodeId]] = {}
+        for layer, pair in cache.layers.items():
+            leaves = []
+            for past in pair:
+                buffer = np.zeros((*past.shape[:-2], slots, past.shape[-1]), past.dtype)
+                buffer[..., : past.shape[-2], :] = past
+                leaves.append(graph.constant(buffer))
+            self.keys[layer] = (leaves[0], leaves[1])
+
+    def commit(self, slot: int) -> None:
+        """Write each layer's new key and value (of the step just run) into ``slot``."""
+        graph = self.graph
+        for layer, pair in self.new.items():
+            for leaf, node in zip(self.keys[layer], pair, strict=True):
+                graph.buffers(leaf)[0][..., slot, :] = graph.value(node)[..., 0, :]
+
+
+Cache = KVCache | StaticCache
+"""What ``attend`` extends: the prompt's arrays, or a replayed step's leaves."""
 
 
 def attend(
@@ -56,20 +93,32 @@ def attend(
     v: NodeId,
     *,
     layer: int,
-    cache: KVCache | None,
-    mask: Array | None,
+    cache: Cache | None,
+    mask: Data | None,
     causal: bool,
 ) -> NodeId:
-    """``scaled_dot_product_attention(q, k, v, mask, causal=causal)``; with a ``cache``, the new
-    ``k`` and ``v`` are appended to the layer's cached ones first, and the cache keeps the
-    result (so each new token costs O(T), not O(T^2))."""
-    if cache is not None:
+    """``scaled_dot_product_attention(q, k, v, mask, causal=causal)``. With a ``KVCache``, the
+    new ``k`` and ``v`` are appended to the layer's cached ones first and the cache keeps the
+    result; with a ``StaticCache``, they are appended to the layer's leaves (``commit`` stores
+    them afterwards). Either way each new token costs O(T), not O(T^2)."""
+    if isinstance(cache, StaticCache):
+        cache.new[layer] = (k, v)
+        past_k, past_v = cache.keys[layer]
+        k = graph.concat([past_k, k], axis=-2)
+        v = graph.concat([past_v, v], axis=-2)
+    elif cache is not None:
         past = cache.layers.get(layer)
         if past is not None:
             k = graph.concat([graph.constant(past[0]), k], axis=-2)
             v = graph.concat([graph.constant(past[1]), v], axis=-2)
         cache.layers[layer] = (graph.value(k), graph.value(v))
     return graph.scaled_dot_product_attention(q, k, v, mask, causal=causal)
+
+
+def for_heads(mask: Array, axes: int) -> Array:
+    """``mask [..., Tq, Tk]`` with ``axes`` axes of one inserted before ``[Tq, Tk]``, so that it
+    broadcasts over attention's head axes (``[..., heads, Tq, Tk]``)."""
+    return mask.reshape(*mask.shape[:-2], *(1,) * axes, *mask.shape[-2:])
 
 
 def check_mask(where: str, attention_mask: object, shape: tuple[int, ...]) -> Array:
@@ -110,6 +159,9 @@ def attention_mask(keep: Array, queries: int, window: int | None) -> Array:
     return mask
 
 
+_mask_of = attention_mask  # for generate, whose argument of that name hides it
+
+
 class _Generating(Protocol):
     @property
     def context_length(self) -> int: ...
@@ -117,8 +169,14 @@ class _Generating(Protocol):
     @property
     def vocab_size(self) -> int: ...
 
+    @property
+    def head_axes(self) -> int: ...
+
+    @property
+    def windows(self) -> list[int | None]: ...
+
     def forward_cached(
-        self, graph: Graph, ids: Array, positions: Array, keep: Array, cache: KVCache
+        self, graph: Graph, ids: Data, positions: Data, masks: Sequence[Data], cache: Cache
     ) -> NodeId: ...
 
 
@@ -299,20 +357,62 @@ def generate(
     out[:, : rows.shape[1]] = rows
     if max_new_tokens == 0:
         return out[0] if single else out
+    prompt, batch = rows.shape[1], rows.shape[0]
+    windows, axes = model.windows, model.head_axes
+    running = np.ones(batch, bool)
+
+    def chosen(logits: Array, step: int) -> bool:
+        """Put the step's tokens in ``out``; False once every row has ended."""
+        token = np.where(running, _choose(logits, temperature, top_k, top_p, rng), pad)
+        out[:, prompt + step] = token
+        if eos:
+            running[np.isin(token, eos)] = False
+        return bool(running.any())
+
     cache = KVCache()
     positions = positions_from_mask(keep)
-    running = np.ones(rows.shape[0], bool)
-    new, at = rows, positions
-    for step in range(int(max_new_tokens)):
-        with graph.scratch():
-            logits = np.array(graph.value(model.forward_cached(graph, new, at, keep, cache)))
-        token = _choose(logits, temperature, top_k, top_p, rng)
-        token = np.where(running, token, pad)
-        out[:, rows.shape[1] + step] = token
-        if eos:
-            running &= ~np.isin(token, eos)
-            if not running.any():
+    with graph.scratch():  # the prompt, once: its keys and values into the cache
+        made = {w: for_heads(_mask_of(keep, prompt, w), axes) for w in set(windows)}
+        node = model.forward_cached(graph, rows, positions, [made[w] for w in windows], cache)
+        going = chosen(np.array(graph.value(node)), 0)
+    if max_new_tokens == 1 or not going:
+        return out[0] if single else out
+
+    slots = prompt + int(max_new_tokens) - 1  # every key the last token attends to, but its own
+    seen = np.ones((batch, slots), bool)
+    seen[:, :prompt] = keep
+    with graph.scratch():  # one token's step, recorded once, replayed for the others
+        start = len(graph.tape)
+        static = StaticCache(graph, cache, slots)
+        token_leaf = graph.constant(out[:, prompt : prompt + 1])
+        position_leaf = graph.constant(positions[:, -1:] + 1)
+        masks = {w: graph.constant(_step_mask(seen, prompt, w, axes)) for w in set(windows)}
+        node = model.forward_cached(
+            graph, token_leaf, position_leaf, [masks[w] for w in windows], static
+        )
+        run = graph.compile(node, np.ones(node.shape), start=start)
+        logits = np.array(graph.value(node))
+        for step in range(1, int(max_new_tokens)):
+            if not chosen(logits, step):
                 break
-        new, at = token[:, None], positions[:, -1:] + 1 + step
-        keep = np.concatenate([keep, np.ones((rows.shape[0], 1), bool)], axis=1)
+            if step == max_new_tokens - 1:
+                break
+            static.commit(prompt + step - 1)
+            graph.buffers(token_leaf)[0][:, 0] = out[:, prompt + step]
+            graph.buffers(position_leaf)[0][:] += 1
+            for w, leaf in masks.items():
+                graph.buffers(leaf)[0][...] = _step_mask(seen, prompt + step, w, axes)
+            logits = np.array(run(backward=False))
     return out[0] if single else out
+
+
+def _step_mask(seen: Array, slot: int, window: int | None, axes: int) -> Array:
+    """The mask of the token at ``slot`` over a ``StaticCache``'s slots and itself: ``[B, 1,
+    slots + 1]`` over the head axes. A filled slot ``j < slot`` is kept where ``seen`` (not
+    padding) and, with a ``window``, ``slot - j < window``; the token itself always."""
+    j = np.arange(seen.shape[1])
+    kept = seen & (j < slot)
+    if window is not None:
+        kept &= slot - j < window
+    row = np.concatenate([kept, np.ones((seen.shape[0], 1), bool)], axis=1)
+    return for_heads(row[:, None, :], axes)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from graphlora import _checks
 from graphlora.engine.graph import Graph, NodeId, check_graph
 from graphlora.nn import checkpoint, generation
 from graphlora.nn.checkpoint import Weights
-from graphlora.nn.generation import Generates, KVCache
+from graphlora.nn.generation import Data, Generates
 from graphlora.nn.layers import Embedding, LayerNorm, Linear, TiedHead, token_ids
 
 __all__ = ["GPT", "GPTConfig"]
@@ -148,19 +149,19 @@ class CausalSelfAttention:
         graph: Graph,
         x: NodeId,
         *,
-        mask: npt.NDArray[np.bool_] | None = None,
-        cache: KVCache | None = None,
+        mask: Data | None = None,
+        cache: generation.Cache | None = None,
         fused: bool = False,
     ) -> NodeId:
         """``x [..., T, C] -> [..., T, C]``: q, k and v split into heads, attention on each, the
-        heads side by side again (one ``qkv_attention`` op, causal, or with ``mask [..., Tq,
-        Tk]`` when given). With a ``cache`` (generation), the heads' keys and values are kept
-        and attention runs over them all."""
+        heads side by side again (one ``qkv_attention`` op, causal, or with ``mask [..., 1, Tq,
+        Tk]`` when given: ``generation.for_heads``). With a ``cache`` (generation), the heads'
+        keys and values are kept and attention runs over them all."""
         qkv = self.c_attn.forward(graph, x, fused=fused)  # (..., T, 3C)
         if cache is None:
             y = graph.qkv_attention(
                 qkv,
-                None if mask is None else mask[..., None, :, :],
+                mask,
                 n_head=self.n_head,
                 causal=mask is None,
                 dropout=self.dropout,
@@ -182,7 +183,7 @@ class CausalSelfAttention:
                 v,
                 layer=self.layer,
                 cache=cache,
-                mask=None if mask is None else mask[..., None, :, :],
+                mask=mask,
                 causal=False,
             )
             y = graph.reshape(
@@ -234,8 +235,8 @@ class Block:
         graph: Graph,
         x: NodeId,
         *,
-        mask: npt.NDArray[np.bool_] | None = None,
-        cache: KVCache | None = None,
+        mask: Data | None = None,
+        cache: generation.Cache | None = None,
         fused: bool = False,
     ) -> NodeId:
         """``x [..., T, C] -> [..., T, C]`` (``mask`` and ``cache``: see the attention's)."""
@@ -267,9 +268,9 @@ class GPTModel:
         graph: Graph,
         ids: NodeId | npt.ArrayLike,
         *,
-        positions: npt.NDArray[np.int64] | None = None,
-        mask: npt.NDArray[np.bool_] | None = None,
-        cache: KVCache | None = None,
+        positions: Data | None = None,
+        mask: Data | None = None,
+        cache: generation.Cache | None = None,
         fused: bool = False,
     ) -> NodeId:
         """Token ids ``[..., T]`` -> hidden states ``[..., T, C]``, at ``positions`` (``[...,
@@ -382,10 +383,18 @@ class GPT(Generates):
         ) as weights:
             return cls(graph, config, weights)
 
+    head_axes = 1
+    """Attention's head axes ahead of ``[T, d]``: ``[heads]``."""
+
     @property
     def context_length(self) -> int:
         """The longest sequence: ``block_size``."""
         return self.config.block_size
+
+    @property
+    def windows(self) -> list[int | None]:
+        """Each layer's sliding window: none (GPT-2 attends to everything before)."""
+        return [None] * self.config.n_layer
 
     @property
     def vocab_size(self) -> int:
@@ -432,7 +441,9 @@ class GPT(Generates):
                 graph,
                 checked,
                 positions=generation.positions_from_mask(keep),
-                mask=generation.attention_mask(keep, length, None),
+                mask=generation.for_heads(
+                    generation.attention_mask(keep, length, None), self.head_axes
+                ),
                 fused=fused,
             )
         return self.lm_head.forward(graph, hidden)
@@ -440,16 +451,17 @@ class GPT(Generates):
     def forward_cached(
         self,
         graph: Graph,
-        ids: npt.NDArray[np.int64],
-        positions: npt.NDArray[np.int64],
-        keep: npt.NDArray[np.bool_],
-        cache: KVCache,
+        ids: Data,
+        positions: Data,
+        masks: Sequence[Data],
+        cache: generation.Cache,
     ) -> NodeId:
-        """The pass ``generate`` makes: new tokens ``ids [B, t]`` at ``positions [B, t]``, keys
-        from ``cache`` and the new ones (``keep [B, past + t]``: real tokens), the cache
-        extended; the last position's logits ``[B, vocab]``."""
-        mask = generation.attention_mask(keep, ids.shape[-1], None)
-        hidden = self.transformer.forward(graph, ids, positions=positions, mask=mask, cache=cache)
+        """The pass ``generate`` makes: new tokens ``ids [B, t]`` at ``positions [B, t]``,
+        attention with ``masks[0]`` (every layer's: over the cached keys and the new ones, ``[B,
+        1, t, past + t]``), the cache extended; the last position's logits ``[B, vocab]``."""
+        hidden = self.transformer.forward(
+            graph, ids, positions=positions, mask=masks[0], cache=cache
+        )
         return self.lm_head.forward(graph, graph.getitem(hidden, (slice(None), -1)))
 
     def save_pretrained(

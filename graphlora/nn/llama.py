@@ -28,7 +28,7 @@ from graphlora import _checks
 from graphlora.engine.graph import Graph, NodeId, check_graph
 from graphlora.nn import checkpoint, generation
 from graphlora.nn.checkpoint import Weights
-from graphlora.nn.generation import Generates, KVCache
+from graphlora.nn.generation import Data, Generates
 from graphlora.nn.layers import Embedding, Linear, RMSNorm, TiedHead, token_ids
 from graphlora.ops.positional import check_scaling
 
@@ -270,28 +270,27 @@ class LlamaAttention:
         self,
         graph: Graph,
         x: NodeId,
-        positions: npt.NDArray[np.int64],
-        mask: npt.NDArray[np.bool_] | None,
+        positions: Data,
+        mask: Data | None,
         *,
         causal: bool = False,
-        cache: KVCache | None = None,
+        cache: generation.Cache | None = None,
         fused: bool = False,
     ) -> NodeId:
         """``x [..., T, C] -> [..., T, C]``: queries grouped ``[..., kv heads, group, T, d]``,
         keys and values ``[..., kv heads, 1, T, d]``, both rotated at ``positions`` (``[..., T]``
-        or ``[T]``), attention with ``mask`` (``[..., Tq, Tk]``) and/or ``causal``."""
+        or ``[T]``, an array or an integer data node), attention with ``mask`` (``[..., 1, 1,
+        Tq, Tk]``, over the head axes: ``generation.for_heads``) and/or ``causal``."""
         config = self.config
         kv, d = config.key_value_heads, config.head_size
         group = config.num_attention_heads // kv
         q = _heads(graph, self.q_proj.forward(graph, x, fused=fused), kv, group, d)
         k = _heads(graph, self.k_proj.forward(graph, x, fused=fused), kv, 1, d)
         v = _heads(graph, self.v_proj.forward(graph, x, fused=fused), kv, 1, d)
-        where = positions[..., None, None, :]  # over the head axes
-        q = graph.rope(q, where, theta=config.rope_theta, scaling=config.rope_scaling)
-        k = graph.rope(k, where, theta=config.rope_theta, scaling=config.rope_scaling)
-        heads_mask = None if mask is None else mask[..., None, None, :, :]
+        q = graph.rope(q, positions, theta=config.rope_theta, scaling=config.rope_scaling)
+        k = graph.rope(k, positions, theta=config.rope_theta, scaling=config.rope_scaling)
         y = generation.attend(
-            graph, q, k, v, layer=self.layer, cache=cache, mask=heads_mask, causal=causal
+            graph, q, k, v, layer=self.layer, cache=cache, mask=mask, causal=causal
         )  # (..., kv, group, T, d)
         *lead, _, _, t, _ = y.shape
         if t > 1:  # back to [..., T, heads, d] (for one token, the reshape alone does it)
@@ -334,11 +333,11 @@ class LlamaDecoderLayer:
         self,
         graph: Graph,
         x: NodeId,
-        positions: npt.NDArray[np.int64],
-        mask: npt.NDArray[np.bool_] | None,
+        positions: Data,
+        mask: Data | None,
         *,
         causal: bool = False,
-        cache: KVCache | None = None,
+        cache: generation.Cache | None = None,
         fused: bool = False,
     ) -> NodeId:
         """``x [..., T, C] -> [..., T, C]``."""
@@ -369,12 +368,12 @@ class LlamaModel:
     def forward(
         self,
         graph: Graph,
-        ids: NodeId | npt.NDArray[Any],
-        positions: npt.NDArray[np.int64],
-        masks: Sequence[npt.NDArray[np.bool_] | None],
+        ids: Data,
+        positions: Data,
+        masks: Sequence[Data | None],
         *,
         causal: bool = False,
-        cache: KVCache | None = None,
+        cache: generation.Cache | None = None,
         fused: bool = False,
     ) -> NodeId:
         """Token ids ``[..., T]`` at ``positions`` -> normed hidden states ``[..., T, C]``;
@@ -411,10 +410,18 @@ class Llama(Generates):
             shape = (config.hidden_size, config.vocab_size)
             self.lm_head = _linear(graph, weights, "lm_head", shape, False)
 
+    head_axes = 2
+    """Attention's head axes ahead of ``[T, d]``: ``[kv heads, group]``."""
+
     @property
     def context_length(self) -> int:
         """The longest sequence: ``max_position_embeddings``."""
         return self.config.max_position_embeddings
+
+    @property
+    def windows(self) -> list[int | None]:
+        """Each layer's sliding window, or ``None`` for full attention."""
+        return [self.config.window(i) for i in range(self.config.num_hidden_layers)]
 
     @property
     def vocab_size(self) -> int:
@@ -489,16 +496,23 @@ class Llama(Generates):
             masks = [
                 None
                 if (w := config.window(i)) is None or w >= shape[-1]
-                else generation.attention_mask(np.ones(shape[-1:], bool), shape[-1], w)
+                else generation.for_heads(
+                    generation.attention_mask(np.ones(shape[-1:], bool), shape[-1], w),
+                    self.head_axes,
+                )
                 for i in layers
             ]
             causal = True
         else:
             keep = generation.check_mask(where, attention_mask, shape)
             positions = generation.positions_from_mask(keep)
-            windows = [config.window(i) for i in layers]
-            made = {w: generation.attention_mask(keep, shape[-1], w) for w in set(windows)}
-            masks = [made[w] for w in windows]
+            made = {
+                w: generation.for_heads(
+                    generation.attention_mask(keep, shape[-1], w), self.head_axes
+                )
+                for w in set(self.windows)
+            }
+            masks = [made[w] for w in self.windows]
             causal = False
         x = self.model.forward(graph, checked, positions, masks, causal=causal, fused=fused)
         return self.lm_head.forward(graph, x, fused=fused)  # type: ignore[no-any-return]
@@ -506,18 +520,15 @@ class Llama(Generates):
     def forward_cached(
         self,
         graph: Graph,
-        ids: npt.NDArray[np.int64],
-        positions: npt.NDArray[np.int64],
-        keep: npt.NDArray[np.bool_],
-        cache: KVCache,
+        ids: Data,
+        positions: Data,
+        masks: Sequence[Data],
+        cache: generation.Cache,
     ) -> NodeId:
-        """The pass ``generate`` makes: new tokens ``ids [B, t]`` at ``positions [B, t]``, keys
-        from ``cache`` and the new ones (``keep [B, past + t]``: real tokens), the cache
-        extended; the last position's logits ``[B, vocab]``."""
-        t = ids.shape[-1]
-        windows = [self.config.window(i) for i in range(self.config.num_hidden_layers)]
-        made = {w: generation.attention_mask(keep, t, w) for w in set(windows)}
-        masks = [made[w] for w in windows]
+        """The pass ``generate`` makes: new tokens ``ids [B, t]`` at ``positions [B, t]``, each
+        layer's attention with its ``masks`` entry (over the cached keys and the new ones,
+        ``[B, 1, 1, t, past + t]``), the cache extended; the last position's logits
+        ``[B, vocab]``."""
         x = self.model.forward(graph, ids, positions, masks, cache=cache)
         return self.lm_head.forward(graph, graph.getitem(x, (slice(None), -1)))  # type: ignore[no-any-return]
 

@@ -15,7 +15,7 @@ from graphlora.errors import ShapeError
 from graphlora.ops.registry import Array, Grads, Params, Vjp, builtin
 from graphlora.ops.sampling import Draw, Sample
 
-__all__ = ["ROPE_TYPES", "Llama3Scaling", "rope_frequencies"]
+__all__ = ["ROPE_TYPES", "Llama3Scaling", "aligned", "rope_frequencies"]
 
 ROPE_TYPES = ("default", "llama3")
 """The frequency schemes implemented: transformers' ``rope_type`` names."""
@@ -90,6 +90,17 @@ def rope_frequencies(dim: int, theta: float, scaling: Llama3Scaling | None = Non
     return found
 
 
+def aligned(positions: Array, ndim: int) -> Array:
+    """``positions [..., T]`` lined up with an ``x`` of ``ndim`` axes ``[..., T, d]``: their last
+    axis on x's T axis, their leading axes on x's leading axes, and axes of one inserted for x's
+    axes between (heads), as transformers' ``unsqueeze_dim``: ``[B, T]`` against ``[B, H, T, d]``
+    becomes ``[B, 1, T]``."""
+    missing = ndim - 1 - positions.ndim
+    if missing <= 0 or positions.ndim == 0:
+        return positions
+    return positions.reshape(*positions.shape[:-1], *(1,) * missing, positions.shape[-1])
+
+
 def _check_rope(
     x: Array, positions: Array, *, theta: object = 10000.0, scaling: object = None
 ) -> Params:
@@ -97,13 +108,14 @@ def _check_rope(
     if x.ndim < 1 or x.shape[-1] % 2:
         raise ShapeError(f"rope: x must be [..., d] with d even (pairs rotate), got {x.shape}")
     try:
-        fits = np.broadcast_shapes(positions.shape, x.shape[:-1]) == x.shape[:-1]
+        lined_up = aligned(positions, x.ndim).shape
+        fits = np.broadcast_shapes(lined_up, x.shape[:-1]) == x.shape[:-1]
     except ValueError:
         fits = False
     if not fits:
         raise ShapeError(
-            f"rope: positions of shape {positions.shape} must broadcast to x's leading axes "
-            f"{x.shape[:-1]}"
+            f"rope: positions of shape {positions.shape} do not line up with x's leading axes "
+            f"{x.shape[:-1]} (positions [..., T]: the batch axes, then T)"
         )
     value = real(where, "theta", theta, 0.0)
     if value <= 0.0:
@@ -152,13 +164,15 @@ def _torch_rope(
 def _rope(
     x: Array, positions: Array, *, theta: float, scaling: Llama3Scaling | None
 ) -> tuple[Array, Vjp]:  # the keywords' defaults are the check's, which always gives them
-    """Rotary position embedding of ``x [..., T, d]`` at integer ``positions`` (broadcast to
-    ``x``'s leading axes): the pair ``(x[i], x[i + d/2])`` turned by the angle ``position *
-    f[i]``, ``f = rope_frequencies(d, theta, scaling)`` (transformers' half-split pairing:
-    ``x cos + rotate_half(x) sin``). Angles and their sines are computed in float64.
+    """Rotary position embedding of ``x [..., T, d]`` at integer ``positions [..., T]`` (lined
+    up with ``x``'s leading axes by ``aligned``, then broadcast): the pair ``(x[i], x[i +
+    d/2])`` turned by the angle ``position * f[i]``, ``f = rope_frequencies(d, theta,
+    scaling)`` (transformers' half-split pairing: ``x cos + rotate_half(x) sin``). Angles and
+    their sines are computed in float64.
     VJP: the turn back, ``(g1 cos + g2 sin, g2 cos - g1 sin)``; positions get none."""
     half = x.shape[-1] // 2
-    angles = positions[..., None] * rope_frequencies(2 * half, theta, scaling)  # (..., d/2)
+    lined_up = aligned(positions, x.ndim)
+    angles = lined_up[..., None] * rope_frequencies(2 * half, theta, scaling)  # (..., d/2)
     cos, sin = np.cos(angles).astype(x.dtype), np.sin(angles).astype(x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
     out = np.empty_like(x)
