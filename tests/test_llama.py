@@ -1000,3 +1000,14 @@ def test_positions_count_real_tokens_and_masks_are_checked() -> None:
     assert check_mask("where", np.array([1.0, 0.0]) == 1, (2,)).tolist() == [True, False]
     g, model = _model()
     np.testing.assert_array_equal(model.generate(g, np.array([1]), 1, eos_token_id=0)[:1], [1])
+
+
+def test_a_compiled_training_step_goes_on_after_generating() -> None:
+    g, model = _model()
+    gl.apply_lora(model, gl.LoraConfig(rank=2), ["q_proj"])
+    ids = np.array([[1, 2, 3, 4]])
+    loss = g.cross_entropy(g.reshape(model.forward(g, ids), (-1, 23)), np.array([2, 3, 4, 5]))
+    step = g.compile(loss)
+    first = float(step())
+    model.generate(g, ids, 5)
+    assert float(step()) == first  # the same leaves: the same loss, and no GraphError

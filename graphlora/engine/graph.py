@@ -119,7 +119,6 @@ class Graph(OpMethods):
         self._one = np.ones((), self._dtype)  # the seed of a scalar loss, shared
         self._one.flags.writeable = False
         self._version = 0  # counts the changes that end every compiled step (end_replays)
-        self._compiled = 0  # counts compile() calls, so that a scratch block ends its own
 
     # --- properties and inspection ------------------------------------------------------------
 
@@ -521,10 +520,10 @@ class Graph(OpMethods):
         values inside (``value``); a NodeId made inside is stale afterwards (``StaleNodeError``).
         Arrays taken from ``value`` inside stay valid (they are views of arrays the block no
         longer holds). After a ``reset()`` inside, what was recorded since is dropped; a step
-        compiled inside ends at the block's end. Blocks nest.
+        compiled inside ends with the block (running it raises ``StaleNodeError``), while steps
+        compiled before it go on. Blocks nest.
         """
         tape, leaves, epoch = len(self._tape), len(self._leaves), self._epoch
-        compiled = self._compiled
         previous = self._grad_enabled
         self._grad_enabled = False
         try:
@@ -541,8 +540,6 @@ class Graph(OpMethods):
             for node in dropped:
                 node._epoch = DROPPED
                 _release(node)
-            if self._compiled != compiled:
-                self.end_replays()
 
     # --- checking and recording ---------------------------------------------------------------
 
@@ -750,7 +747,6 @@ class Graph(OpMethods):
                 f"{start!r}"
             )
         nodes = tuple(self._tape[start:end])
-        self._compiled += 1
         return Replay(self, loss, self.backward_step(loss, grad), nodes)
 
     def backward_step(self, loss: NodeId, grad: npt.ArrayLike | None = None) -> Callable[[], None]:

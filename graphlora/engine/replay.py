@@ -110,6 +110,7 @@ class Replay:
                 "(a layer merged or unmerged its weights or changed its adapters), after "
                 "compile; a replay would not see it: record the step again and compile that"
             )
+        graph.check(loss, "Replay", "loss")  # compiled inside a scratch() block that ended?
         if backward:
             needs_grad("Replay", loss)
         check_finite = graph.check_finite
