@@ -1011,3 +1011,19 @@ def test_a_compiled_training_step_goes_on_after_generating() -> None:
     first = float(step())
     model.generate(g, ids, 5)
     assert float(step()) == first  # the same leaves: the same loss, and no GraphError
+
+
+def test_generation_s_lengths_and_long_prompts_under_a_sliding_window() -> None:
+    config = CONFIGS["qwen2 biases, sliding window"]  # window 3 on layer 1
+    g, model = _model(config, std=0.5)
+    ids = np.array([[1, 5, 2, 7, 3, 3, 9], [4, 4, 0, 1, 6, 2, 8]])  # 7 tokens > the window
+    full = model.generate(g, ids, 6)
+    g.reset()
+    np.testing.assert_array_equal(full, _greedy_without_cache(g, model, ids, 6))
+    for count in (1, 2, 3):
+        out = model.generate(g, ids, count)
+        assert out.shape == (2, 7 + count)
+        np.testing.assert_array_equal(out, full[:, : 7 + count])
+    g2, tiny = _model()
+    with pytest.raises(ValueError, match=r"^Llama\.generate: id 23 is out of range"):
+        tiny.generate(g2, np.array([0, 23]), 1)

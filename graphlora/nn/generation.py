@@ -48,8 +48,8 @@ Data = NodeId | npt.NDArray[Any]
 
 
 class KVCache:
-    """The keys and values each attention layer has seen so far, as arrays ``[..., T, d]``
-    (already rotated, for rotary models), by layer index."""
+    """The keys and values of the prompt's pass, as arrays ``[..., T, d]`` (already rotated,
+    for rotary models), by layer index: what a ``StaticCache`` starts from."""
 
     def __init__(self) -> None:
         self.layers: dict[int, tuple[Array, Array]] = {}
@@ -97,20 +97,16 @@ def attend(
     mask: Data | None,
     causal: bool,
 ) -> NodeId:
-    """``scaled_dot_product_attention(q, k, v, mask, causal=causal)``. With a ``KVCache``, the
-    new ``k`` and ``v`` are appended to the layer's cached ones first and the cache keeps the
-    result; with a ``StaticCache``, they are appended to the layer's leaves (``commit`` stores
-    them afterwards). Either way each new token costs O(T), not O(T^2)."""
+    """``scaled_dot_product_attention(q, k, v, mask, causal=causal)``. A ``KVCache`` (the
+    prompt's pass) keeps the layer's ``k`` and ``v``; with a ``StaticCache`` (a token's step),
+    they are appended to the layer's leaves first (``commit`` stores them afterwards), so that
+    each new token costs O(T), not O(T^2)."""
     if isinstance(cache, StaticCache):
         cache.new[layer] = (k, v)
         past_k, past_v = cache.keys[layer]
         k = graph.concat([past_k, k], axis=-2)
         v = graph.concat([past_v, v], axis=-2)
     elif cache is not None:
-        past = cache.layers.get(layer)
-        if past is not None:
-            k = graph.concat([graph.constant(past[0]), k], axis=-2)
-            v = graph.concat([graph.constant(past[1]), v], axis=-2)
         cache.layers[layer] = (graph.value(k), graph.value(v))
     return graph.scaled_dot_product_attention(q, k, v, mask, causal=causal)
 
@@ -296,17 +292,18 @@ def generate(
     ids: npt.ArrayLike,
     max_new_tokens: int,
     *,
-    attention_mask: npt.ArrayLike | None = None,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
-    seed: int | None = None,
-    where: str = "generate",
+    attention_mask: npt.ArrayLike | None,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    eos_token_id: int | Sequence[int] | None,
+    pad_token_id: int | None,
+    seed: int | None,
+    where: str,
 ) -> Array:
     """Continue each row of ``ids`` (``[B, T]``, or one sequence ``[T]``) by ``max_new_tokens``
-    tokens; see ``GPT.generate``. Returns int64 ``[B, T + max_new_tokens]`` (or ``[T + ...]``)."""
+    tokens; see ``Generates.generate`` (each argument as there; ``where`` names the caller).
+    Returns int64 ``[B, T + max_new_tokens]`` (or ``[T + ...]``)."""
     check_graph(where, graph)
     array = np.asarray(ids) if not isinstance(ids, NodeId) else None
     if array is None:
@@ -378,7 +375,8 @@ def generate(
     if max_new_tokens == 1 or not going:
         return out[0] if single else out
 
-    slots = prompt + int(max_new_tokens) - 1  # every key the last token attends to, but its own
+    # The keys the last step's token attends to besides its own: slots 0 .. prompt + new - 3.
+    slots = prompt + int(max_new_tokens) - 2
     seen = np.ones((batch, slots), bool)
     seen[:, :prompt] = keep
     with graph.scratch():  # one token's step, recorded once, replayed for the others
