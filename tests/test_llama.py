@@ -1027,3 +1027,43 @@ def test_generation_s_lengths_and_long_prompts_under_a_sliding_window() -> None:
     g2, tiny = _model()
     with pytest.raises(ValueError, match=r"^Llama\.generate: id 23 is out of range"):
         tiny.generate(g2, np.array([0, 23]), 1)
+
+
+def test_a_bfloat16_adapter_file_loads_widened_exactly(tmp_path: Path) -> None:
+    from test_gpt import _save_bfloat16
+
+    g, model = _model()
+    gl.apply_lora(model, gl.LoraConfig(rank=2, alpha=4.0), ["q_proj", "v_proj"])
+    for leaf in gl.nn.parameters(model):
+        g.set_value(leaf, np.random.default_rng(5).normal(0, 0.3, size=leaf.shape))
+    gl.save_adapter(tmp_path / "adapter", g, model)
+    file = tmp_path / "adapter" / "adapter_model.safetensors"
+    held = _save_bfloat16(dict(st_numpy.load_file(str(file))), file)
+    g2, fresh = _model()
+    layers = gl.apply_adapter(tmp_path / "adapter", g2, fresh)
+    layer = layers["model.layers.0.self_attn.q_proj"]
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    np.testing.assert_array_equal(g2.value(layer.lora_a), held[key].T)
+    file.write_bytes(file.read_bytes()[:-8])  # truncated
+    with pytest.raises(ValueError, match="is not a readable safetensors file"):
+        gl.apply_adapter(tmp_path / "adapter", *_model())
+
+
+@pytest.mark.crosscheck
+def test_a_peft_adapter_saved_in_bfloat16_loads_as_pytorch_widens_it(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    model = _hf_llama("llama")
+    model.save_pretrained(tmp_path / "hf")
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    peft_model.to(torch.bfloat16).save_pretrained(tmp_path / "peft")
+    g = gl.Graph(np.float32)
+    layers = gl.apply_adapter(tmp_path / "peft", g, gl.from_pretrained(g, tmp_path / "hf"))
+    named = dict(peft_model.named_parameters())
+    for name, layer in layers.items():
+        a = named[f"base_model.model.{name}.lora_A.default.weight"].float().detach().numpy()
+        np.testing.assert_array_equal(g.value(layer.lora_a), a.T)

@@ -102,15 +102,23 @@ def read_json(where: str, file: Path) -> dict[str, Any]:
 
 
 def load_tensors(where: str, file: Path) -> dict[str, npt.NDArray[Any]]:
-    """Every tensor of the safetensors ``file`` (an adapter's: small), or a ``ValueError`` naming
-    ``where`` for a file safetensors cannot read."""
-    try:
-        found: dict[str, npt.NDArray[Any]] = safetensors_module(where).numpy.load_file(str(file))
-    except Exception as error:  # safetensors raises its own error type, or others on bad dtypes
-        raise ValueError(
-            f"{where}: {file} is not a readable safetensors file (corrupted, truncated or of a "
-            f"dtype NumPy lacks, such as bfloat16): {error}"
-        ) from None
+    """Every tensor of the safetensors ``file`` (an adapter's: small), bfloat16 ones widened to
+    float32 exactly (as ``tensors`` reads them), or a ``ValueError`` naming ``where`` for a file
+    safetensors cannot read."""
+    with _open(where, file) as handle:
+        kinds = {key: handle.get_slice(key).get_dtype() for key in handle.keys()}  # noqa: SIM118
+        layout = _layout(file) if "BF16" in kinds.values() else {}
+        found: dict[str, npt.NDArray[Any]] = {}
+        for key, kind in kinds.items():
+            try:
+                found[key] = (
+                    _bfloat16(file, layout, key) if kind == "BF16" else handle.get_tensor(key)
+                )
+            except Exception as error:  # safetensors' own errors, a short file, a dtype NumPy lacks
+                raise ValueError(
+                    f"{where}: {file} is not a readable safetensors file (corrupted, truncated, or "
+                    f"of a dtype NumPy lacks): {error}"
+                ) from None
     return found
 
 
