@@ -305,9 +305,9 @@ def generate(
     tokens; see ``Generates.generate`` (each argument as there; ``where`` names the caller).
     Returns int64 ``[B, T + max_new_tokens]`` (or ``[T + ...]``)."""
     check_graph(where, graph)
-    array = np.asarray(ids) if not isinstance(ids, NodeId) else None
-    if array is None:
+    if isinstance(ids, NodeId):
         raise TypeError(f"{where}: ids must be an integer array, not a NodeId")
+    array = np.asarray(ids)
     if array.dtype.kind not in "iu" or array.ndim not in (1, 2) or array.shape[-1] == 0:
         raise ShapeError(
             f"{where}: ids must be integers [B, T] or [T] with T >= 1, got dtype {array.dtype} "

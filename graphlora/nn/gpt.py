@@ -27,7 +27,7 @@ from graphlora.engine.graph import Graph, NodeId, check_graph
 from graphlora.nn import checkpoint, generation
 from graphlora.nn.checkpoint import Weights
 from graphlora.nn.generation import Data, Generates
-from graphlora.nn.layers import Embedding, LayerNorm, Linear, TiedHead, token_ids
+from graphlora.nn.layers import Embedding, LayerNorm, Linear, TiedHead, check_length, token_ids
 
 __all__ = ["GPT", "GPTConfig"]
 
@@ -428,11 +428,7 @@ class GPT(Generates):
         where = "GPT.forward"
         checked = token_ids(where, ids)
         length = checked.shape[-1]
-        if length > self.config.block_size:
-            raise ValueError(
-                f"{where}: a sequence of {length} tokens is longer than block_size "
-                f"{self.config.block_size}"
-            )
+        check_length(where, length, self.config.block_size, "block_size")
         if attention_mask is None:
             hidden = self.transformer.forward(graph, checked, fused=fused)
         else:

@@ -148,6 +148,13 @@ def token_ids(where: str, ids: object) -> NodeId | npt.NDArray[np.integer[Any]]:
     return array
 
 
+def check_length(where: str, length: int, limit: int, field: str) -> None:
+    """Refuse a sequence of ``length`` tokens longer than a model's context ``limit`` (its
+    config's ``field``), naming both."""
+    if length > limit:
+        raise ValueError(f"{where}: a sequence of {length} tokens is longer than {field} {limit}")
+
+
 @dataclass(eq=False)
 class Embedding:
     """A lookup table: ``weight [V, D]``; ``forward(graph, ids)`` picks rows by integer ids."""

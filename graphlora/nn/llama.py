@@ -29,7 +29,7 @@ from graphlora.engine.graph import Graph, NodeId, check_graph
 from graphlora.nn import checkpoint, generation
 from graphlora.nn.checkpoint import Weights
 from graphlora.nn.generation import Data, Generates
-from graphlora.nn.layers import Embedding, Linear, RMSNorm, TiedHead, token_ids
+from graphlora.nn.layers import Embedding, Linear, RMSNorm, TiedHead, check_length, token_ids
 from graphlora.ops.positional import check_scaling
 
 __all__ = ["MODEL_TYPES", "Llama", "LlamaConfig"]
@@ -488,7 +488,7 @@ class Llama(Generates):
         where = "Llama.forward"
         checked = token_ids(where, ids)
         shape = tuple(checked.shape)
-        _check_length(where, shape[-1], self.context_length, "max_position_embeddings")
+        check_length(where, shape[-1], self.context_length, "max_position_embeddings")
         config = self.config
         layers = range(config.num_hidden_layers)
         if attention_mask is None:
@@ -551,11 +551,6 @@ class Llama(Generates):
 
     def __repr__(self) -> str:
         return f"Llama({self.config})"
-
-
-def _check_length(where: str, length: int, limit: int, field: str) -> None:
-    if length > limit:
-        raise ValueError(f"{where}: a sequence of {length} tokens is longer than {field} {limit}")
 
 
 def _transposed(name: str) -> bool:
