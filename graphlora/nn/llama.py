@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +87,6 @@ class LlamaConfig:
     when ``sliding_window`` is set (Mistral)."""
     model_type: str = "llama"
     """``"llama"``, ``"mistral"`` or ``"qwen2"``: what ``save_pretrained`` writes."""
-    scaling: Any = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
         where = "LlamaConfig"
@@ -120,7 +119,7 @@ class LlamaConfig:
         theta = _checks.real(where, "rope_theta", self.rope_theta, 0.0)
         if theta <= 0:
             raise ValueError(f"{where}: rope_theta must be > 0, got {self.rope_theta}")
-        object.__setattr__(self, "scaling", check_scaling(where, self.rope_scaling))
+        check_scaling(where, self.rope_scaling)  # refused here, by name, not at the first forward
         for name in ("tie_word_embeddings", "attention_bias", "qkv_bias", "mlp_bias"):
             _checks.flag(where, name, getattr(self, name))
         if self.layer_types is not None and (
