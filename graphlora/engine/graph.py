@@ -524,12 +524,10 @@ class Graph(OpMethods):
         compiled before it go on. Blocks nest.
         """
         tape, leaves, epoch = len(self._tape), len(self._leaves), self._epoch
-        previous = self._grad_enabled
-        self._grad_enabled = False
         try:
-            yield
+            with self.no_grad():
+                yield
         finally:
-            self._grad_enabled = previous
             dropped = self._leaves[leaves:]
             del self._leaves[leaves:]
             start = tape if self._epoch == epoch else 0  # after a reset inside: all its ops

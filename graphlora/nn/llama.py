@@ -567,9 +567,6 @@ def _skipped(name: str) -> bool:
     return _rotary_buffer(name) or name == "lm_head.weight"
 
 
-_DEFAULT_TIE = {"llama": False, "mistral": False, "qwen2": False}
-
-
 def read_config(where: str, directory: Path) -> LlamaConfig:
     """The LlamaConfig of a transformers ``config.json``, refusing by name what graphlora cannot
     honour (another activation, a rope type it does not implement, heads that do not group)."""
@@ -620,7 +617,7 @@ def read_config(where: str, directory: Path) -> LlamaConfig:
         "rms_norm_eps": raw.get("rms_norm_eps", 1e-6),
         "rope_theta": 10000.0 if theta is None else theta,
         "rope_scaling": scaling,
-        "tie_word_embeddings": raw.get("tie_word_embeddings", _DEFAULT_TIE[kind]),
+        "tie_word_embeddings": raw.get("tie_word_embeddings", False),  # the three types' default
         "attention_bias": raw.get("attention_bias", False) if kind == "llama" else False,
         "qkv_bias": kind == "qwen2",
         "mlp_bias": raw.get("mlp_bias", False) if kind == "llama" else False,
