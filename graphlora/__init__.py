@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from graphlora import nn, ops, optim
+from graphlora import nf4, nn, ops, optim
 from graphlora.engine.graph import Graph, NodeId
 from graphlora.engine.replay import Replay
 from graphlora.errors import (
@@ -19,7 +19,7 @@ from graphlora.errors import (
     StaleNodeError,
 )
 from graphlora.io import apply_adapter, load_adapter, save_adapter, save_merged
-from graphlora.lora import LoraConfig, LoraEmbedding, LoraLinear, VeraConfig, functional, nf4
+from graphlora.lora import LoraConfig, LoraEmbedding, LoraLinear, VeraConfig, functional
 from graphlora.nn import (
     GPT,
     MLP,
@@ -40,10 +40,9 @@ from graphlora.nn import (
 )
 from graphlora.teach import viz
 
-# The documented re-exports keep their module paths too: ``import graphlora.functional``,
-# ``from graphlora.nf4 import NF4Weight`` and ``graphlora.viz.render`` work as before the move.
+# The documented re-exports keep their module paths too: ``import graphlora.functional``
+# and ``graphlora.viz.render`` work as before the move.
 sys.modules[f"{__name__}.functional"] = functional
-sys.modules[f"{__name__}.nf4"] = nf4
 sys.modules[f"{__name__}.viz"] = viz
 
 __version__ = "0.1.0"

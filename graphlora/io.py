@@ -598,7 +598,9 @@ def load_adapter(
             if transposed:
                 flipped.add(label)
     for name, weight in adapter.base.items():  # PEFT's copy of an adapted embedding's weight
-        values.append((f"{name}.base_layer.weight", layers[name].frozen_weight, weight))
+        table = layers[name].frozen_weight
+        assert table is not None  # an embedding's table is never in NF4
+        values.append((f"{name}.base_layer.weight", table, weight))
     graph.set_values(where, values, transposed=flipped)
     return adapter
 

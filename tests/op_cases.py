@@ -15,13 +15,19 @@ from hypothesis import strategies as st
 import graphlora as gl
 from graphlora import ops
 from graphlora.lora import lora_linear
-from graphlora.lora.nf4 import nf4_matmul
+from graphlora.lora.nf4 import nf4_adapted_norm, nf4_linear, nf4_matmul
 from graphlora.testing import strategies as gst
 
 Reference = Callable[..., np.ndarray]  # reference(*inputs, **params), complex-safe
 
 # Every op under test: the catalogue, and the fused LoRA op that lives beside the LoRA layer.
-TESTED: dict[str, ops.OpDef] = {**ops.OPS, "lora_linear": lora_linear, "nf4_matmul": nf4_matmul}
+TESTED: dict[str, ops.OpDef] = {
+    **ops.OPS,
+    "lora_linear": lora_linear,
+    "nf4_matmul": nf4_matmul,
+    "nf4_linear": nf4_linear,
+    "nf4_adapted_norm": nf4_adapted_norm,
+}
 
 
 def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
@@ -244,6 +250,10 @@ REFERENCES: dict[str, Reference] = {
     "dropout": _dropout,
     "lora_linear": _lora_linear,
     "nf4_matmul": lambda x, weight: x @ weight.dequantize(np.float64),
+    "nf4_linear": lambda x, weight: x @ weight.dequantize(np.float64).T,
+    "nf4_adapted_norm": lambda a, b, weight, scaling: np.sqrt(
+        np.sum((weight.dequantize(np.float64).T + scaling * (a @ b)) ** 2, axis=0)
+    ),
 }
 
 

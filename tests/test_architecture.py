@@ -25,6 +25,7 @@ RANKS = {
     "testing": 5,
     "nn": 6,
     "io": 7,
+    "nf4": 7,  # gl.nf4: the format (lora) and quantizing a model (nn) in one namespace
     "teach": 8,
     "__init__": 9,  # the package's own re-exports
     "__main__": 10,  # the command line, over the whole package

@@ -533,7 +533,7 @@ def test_with_bias() -> None:
     assert biased.bias.name == "lora.bias"
     assert not biased.bias.requires_grad
     with g.scope("outer"):
-        assert biased.base(g, x).scope == "outer/frozen"  # the frozen path, drawn apart
+        assert biased.base_forward(g, x).scope == "outer/frozen"  # the frozen path, drawn apart
     biased.add_adapter(g, "other", gl.LoraConfig(rank=1, seed=1))
     assert list(lora.adapters) == ["default"]  # the adapter set is the new layer's own
     with pytest.raises(TypeError) as info:

@@ -52,7 +52,7 @@ def test_a_new_dora_layer_equals_its_base_bit_for_bit() -> None:
     assert layer.trainable_params() == [layer.lora_a, layer.lora_b, update.magnitude]
     assert layer.num_trainable == 2 * (6 + 4) + 4
     x = g.constant(np.random.default_rng(1).normal(size=(3, 6)))
-    np.testing.assert_array_equal(g.value(layer.forward(g, x)), g.value(layer.base(g, x)))
+    np.testing.assert_array_equal(g.value(layer.forward(g, x)), g.value(layer.base_forward(g, x)))
 
 
 @given(layer=gst.lora_layers(config=DORA), data=st.data())
@@ -438,7 +438,7 @@ def test_active_adapters_add_their_updates_and_only_they_learn() -> None:
     layer.add_adapter(g, "third", gl.LoraConfig(rank=1, alpha=2.0, seed=3))
     g.set_value(layer.adapters["third"].lora_b, np.full((1, 4), 0.5))
     x = g.constant(np.random.default_rng(3).normal(size=(5, 6)))
-    base = np.array(g.value(layer.base(g, x)))
+    base = np.array(g.value(layer.base_forward(g, x)))
     each = {}
     for name in ("default", "third"):
         layer.set_adapter(g, name)
@@ -521,7 +521,7 @@ def test_deleting_the_active_adapter_leaves_none_active() -> None:
     layer.delete_adapter(g, "default")
     assert list(layer.adapters) == ["other"] and layer.active_adapters == []
     assert not a.requires_grad and layer.trainable_params() == []
-    np.testing.assert_array_equal(g.value(layer.forward(g, x)), g.value(layer.base(g, x)))
+    np.testing.assert_array_equal(g.value(layer.forward(g, x)), g.value(layer.base_forward(g, x)))
     with pytest.raises(
         gl.GraphError,
         match=r"lora: no active adapter \(it holds \['other'\]\); call set_adapter first",

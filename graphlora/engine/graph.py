@@ -16,6 +16,7 @@ offending shapes or values. The op methods below are one line each.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import islice
@@ -26,7 +27,16 @@ import numpy.typing as npt
 
 from graphlora import _checks
 from graphlora.engine.methods import OpMethods
-from graphlora.engine.node import DROPPED, LEAF, Input, NodeId, anomaly, needs_grad, read_only
+from graphlora.engine.node import (
+    DROPPED,
+    LEAF,
+    RELEASED,
+    Input,
+    NodeId,
+    anomaly,
+    needs_grad,
+    read_only,
+)
 from graphlora.errors import (
     ForeignNodeError,
     GraphError,
@@ -523,11 +533,14 @@ class Graph(OpMethods):
         compiled inside ends with the block (running it raises ``StaleNodeError``), while steps
         compiled before it go on. Blocks nest.
         """
-        tape, leaves, epoch = len(self._tape), len(self._leaves), self._epoch
+        tape, first, epoch = len(self._tape), self._next_id, self._epoch
         try:
             with self.no_grad():
                 yield
         finally:
+            # the leaves made inside: those from id `first` on (a release inside may have
+            # removed older ones, so count by id, not by position)
+            leaves = bisect.bisect_left(self._leaves, first, key=lambda leaf: leaf._id)
             dropped = self._leaves[leaves:]
             del self._leaves[leaves:]
             start = tape if self._epoch == epoch else 0  # after a reset inside: all its ops
@@ -539,6 +552,39 @@ class Graph(OpMethods):
                 node._epoch = DROPPED
                 _release(node)
 
+    def readers(self, node: NodeId) -> tuple[NodeId, ...]:
+        """The ops on the tape that take ``node`` as an input, in recording order."""
+        self.check(node, "Graph.readers", "node")
+        return tuple(op for op in self._tape if any(i is node for i in op._inputs))
+
+    def release(self, leaf: NodeId) -> None:
+        """Remove ``leaf`` from the graph and free its value and gradient: what quantizing a
+        layer does to the float weight it replaces (``gl.nf4.quantize_``). Only a leaf no
+        recorded op reads can go (``reset()`` first); using its NodeId afterwards raises
+        ``StaleNodeError``, and it is no longer among ``leaves`` or ``parameters()``.
+
+        Raises
+        ------
+        TypeError, ForeignNodeError, StaleNodeError
+            For a node that is not a live node of this graph.
+        GraphError
+            For an op's output, or a leaf an op on the tape reads (nothing is changed).
+        """
+        where = "Graph.release"
+        self.check(leaf, where, "leaf")
+        if leaf._epoch != LEAF:
+            raise GraphError(f"{where}: {leaf!r} is a recorded op, not a leaf; only leaves go")
+        users = self.readers(leaf)
+        if users:
+            raise GraphError(
+                f"{where}: {leaf!r} is read by {len(users)} recorded op(s), the first "
+                f"{users[0]!r}; reset() first"
+            )
+        position = next(i for i, node in enumerate(self._leaves) if node is leaf)
+        del self._leaves[position]
+        leaf._epoch = RELEASED
+        _release(leaf)
+
     # --- checking and recording ---------------------------------------------------------------
 
     def check(self, node: object, where: str = "check", arg: str = "node") -> NodeId:
@@ -549,6 +595,11 @@ class Graph(OpMethods):
         if node._graph is not self:
             raise ForeignNodeError(f"{where}: {arg} {node!r} belongs to another Graph")
         if node._epoch != self._epoch and node._epoch != LEAF:
+            if node._epoch == RELEASED:
+                raise StaleNodeError(
+                    f"{where}: {arg} {node!r} was released from the graph (Graph.release: its "
+                    "layer was quantized) and no longer exists"
+                )
             if node._epoch == DROPPED:
                 raise StaleNodeError(
                     f"{where}: {arg} {node!r} was made inside a scratch() block, which dropped it "

@@ -19,10 +19,11 @@ from graphlora.ops.registry import Array, Op, Vjp, check_of
 if TYPE_CHECKING:
     from graphlora.engine.graph import Graph
 
-__all__ = ["DROPPED", "LEAF", "Input", "NodeId", "anomaly", "needs_grad", "read_only"]
+__all__ = ["DROPPED", "LEAF", "RELEASED", "Input", "NodeId", "anomaly", "needs_grad", "read_only"]
 
 LEAF = -1  # the epoch of a leaf: leaves survive every reset
 DROPPED = -2  # the epoch of a node a scratch() block dropped at its end
+RELEASED = -3  # the epoch of a leaf Graph.release removed
 
 
 class NodeId:
@@ -156,6 +157,8 @@ class NodeId:
     def _live(self) -> Array:
         """The node's value, or a ``StaleNodeError`` if it was recorded before a reset."""
         if self._stale():
+            if self._epoch == RELEASED:
+                raise StaleNodeError(f"{self!r} was released from its graph; its value is gone")
             raise StaleNodeError(f"{self!r} was recorded before a reset; its value is gone")
         assert self._value is not None  # live nodes always hold one
         return self._value

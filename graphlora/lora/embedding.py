@@ -86,7 +86,7 @@ class LoraEmbedding(LoraLayer):
         else:
             with graph.scope(name), graph.scope("frozen"):
                 node = graph.constant(table, name=f"{name}.weight")
-        update = make_update(graph, draft, node, generator, name=name, adapter=adapter_name)
+        update = make_update(graph, draft, table, generator, name=name, adapter=adapter_name)
         rows, width = table.shape
         return cls(
             rows,
@@ -100,6 +100,7 @@ class LoraEmbedding(LoraLayer):
     def forward(self, graph: Graph, ids: NodeId | npt.ArrayLike, *, fused: bool = False) -> NodeId:
         """``ids [...] -> [..., D]``: ``W[ids]`` plus each active adapter's ``(A[ids] * s) @ B``
         (ids: an integer data node or array, each in ``[0, V)``)."""
+        assert self.frozen_weight is not None  # an embedding's table is never in NF4
         with graph.scope(self.name):  # ids given as a list: each embedding op reads them
             with graph.scope("frozen"):
                 y = graph.embedding(self.frozen_weight, ids)  # (..., D)

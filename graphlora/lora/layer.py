@@ -11,6 +11,7 @@ add their base computation and construction.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import warnings
 from collections.abc import Mapping, Sequence
@@ -23,6 +24,7 @@ from graphlora import _checks
 from graphlora.engine.graph import Graph, NodeId, check_graph
 from graphlora.errors import GraphError, NonFiniteError
 from graphlora.lora.config import LoraConfig, VeraConfig
+from graphlora.lora.nf4 import NF4Weight, nf4_adapted_norm, nf4_linear
 from graphlora.lora.variants import (
     Update,
     adapter_generator,
@@ -58,8 +60,9 @@ class LoraLayer:
     state. The fields every LoRA layer has are here (keyword-only); subclasses are dataclasses
     that add their base layer's fields and ``forward``."""
 
-    frozen_weight: NodeId
-    """The frozen base weight, a constant: ``W [in, out]`` (linear), ``W [V, D]`` (embedding)."""
+    frozen_weight: NodeId | None
+    """The frozen base weight, a constant: ``W [in, out]`` (linear), ``W [V, D]`` (embedding);
+    ``None`` when the base is held in NF4 (``nf4``)."""
     adapters: dict[str, Update]
     """The adapters by name (PEFT's: ``"default"`` unless named), in the order they were added."""
     name: str = "lora"
@@ -68,9 +71,67 @@ class LoraLayer:
     """The adapters folded into ``W`` by ``merge_`` (empty when not merged)."""
     disabled: bool = False
     """True inside ``graphlora.disable_adapters``: ``forward`` runs the base layer alone."""
+    nf4: NF4Weight | None = None
+    """The base weight in NF4, ``[out, in]`` as bitsandbytes keeps it (QLoRA), or ``None`` for a
+    float base (``frozen_weight``)."""
+    _graph: Graph | None = None  # the graph of an NF4 layer, which has no base leaf to ask
     _active: tuple[str, ...] = ()
     _unmerged_weight: Array | None = None
     _layer_kind: ClassVar[str] = "linear"
+
+    # --- the base weight ----------------------------------------------------------------------
+
+    @property
+    def base(self) -> NodeId | NF4Weight:
+        """The frozen base weight: the ``NF4Weight`` of a 4-bit base (``dequantize()`` gives
+        the float weight, ``[out, in]``), else the constant ``W`` (``frozen_weight``)."""
+        if self.nf4 is not None:
+            return self.nf4
+        assert self.frozen_weight is not None
+        return self.frozen_weight
+
+    @property
+    def graph(self) -> Graph:
+        """The graph the layer's leaves belong to."""
+        if self.frozen_weight is not None:
+            return self.frozen_weight.graph
+        assert self._graph is not None
+        return self._graph
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        """The base weight's shape in the layer's layout: ``[in, out]`` (``[V, D]``)."""
+        if self.nf4 is not None:
+            rows, cols = self.nf4.shape
+            return cols, rows
+        assert self.frozen_weight is not None
+        rows, cols = self.frozen_weight.shape
+        return rows, cols
+
+    def base_weight(self, graph: Graph) -> Array:
+        """The base weight as a float array in the layer's layout (a 4-bit base dequantized,
+        whole: for merging and drawing adapters, never for ``forward``)."""
+        if self.nf4 is not None:
+            weight: Array = self.nf4.dequantize(graph.dtype).T
+            return weight
+        assert self.frozen_weight is not None
+        return np.asarray(graph.value(self.frozen_weight))
+
+    def base_matmul(self, graph: Graph, x: NodeId) -> NodeId:
+        """``x @ W``: a ``matmul`` by the frozen weight, or ``nf4_linear`` over a 4-bit base."""
+        if self.nf4 is not None:
+            return graph.apply(nf4_linear, x, weight=self.nf4)
+        assert self.frozen_weight is not None
+        return graph.matmul(x, self.frozen_weight)
+
+    def adapted_norm(self, graph: Graph, a: NodeId, b: NodeId, scaling: float) -> NodeId:
+        """``||W + s A B||`` per output (over the base's first axis), ``[out]``: DoRA's weight
+        norm, op by op over a float base, one ``nf4_adapted_norm`` over a 4-bit base."""
+        if self.nf4 is not None:
+            return graph.apply(nf4_adapted_norm, a, b, weight=self.nf4, scaling=scaling)
+        assert self.frozen_weight is not None
+        adapted = graph.add(self.frozen_weight, graph.scale(graph.matmul(a, b), scaling))
+        return graph.sqrt(graph.sum(graph.mul(adapted, adapted), axis=0))
 
     # --- which adapters run -------------------------------------------------------------------
 
@@ -167,12 +228,12 @@ class LoraLayer:
         adapter_name = check_adapter_name(where, adapter_name)
         self._check_new_adapter(where, adapter_name, config)
         generator = adapter_generator(where, config, rng)
-        weight = np.asarray(graph.value(self.frozen_weight))
+        weight = self.base_weight(graph)
         draft = draw_update(where, config, weight, generator, self._layer_kind)
         update = make_update(
             graph,
             draft,
-            self.frozen_weight,
+            weight,
             generator,
             name=self.name,
             adapter=adapter_name,
@@ -189,7 +250,7 @@ class LoraLayer:
                 f"{where}: {self.name} already holds an adapter {adapter_name!r} "
                 f"(it holds {sorted(self.adapters)})"
             )
-        check_rank(where, config, self.frozen_weight.shape, self._layer_kind)
+        check_rank(where, config, self.weight_shape, self._layer_kind)
         if rewrites_base(config):
             raise ValueError(
                 f"{where}: init='pissa' replaces the base weight by a residual, which every "
@@ -291,8 +352,8 @@ class LoraLayer:
         ]
 
     def base_leaves(self) -> list[tuple[str, NodeId]]:
-        """The frozen base layer's leaves by name."""
-        return [("weight", self.frozen_weight)]
+        """The frozen base layer's leaves by name (a 4-bit base weight is no leaf)."""
+        return [] if self.frozen_weight is None else [("weight", self.frozen_weight)]
 
     def named_leaves(self) -> list[tuple[str, NodeId]]:
         """The layer's leaves by name, for ``graphlora.nn.state_dict``: the base layer's under
@@ -323,7 +384,7 @@ class LoraLayer:
         """
         where = f"{type(self).__name__}.merge"
         check_graph(where, graph)
-        weight = np.asarray(graph.value(self.frozen_weight))
+        weight = self.base_weight(graph)
         if self.merged_adapters:
             return np.array(weight)
         merged = weight
@@ -349,7 +410,14 @@ class LoraLayer:
         while merged. Merging a merged layer, or one with no active adapter, warns and does
         nothing, as in PEFT.
         """
-        check_graph(f"{type(self).__name__}.merge_", graph)
+        where = f"{type(self).__name__}.merge_"
+        check_graph(where, graph)
+        if self.frozen_weight is None:
+            raise GraphError(
+                f"{where}: {self.name} holds its base weight in NF4, which cannot take the "
+                "adapters in place; dequantize it first (layer.dequantize_(graph)), or use "
+                "merge() or save_merged, which dequantize a copy"
+            )
         if self.merged_adapters:
             warnings.warn(f"{self.name} is already merged; nothing to do", stacklevel=2)
             return
@@ -372,10 +440,22 @@ class LoraLayer:
         if not self.merged_adapters:
             warnings.warn(f"{self.name} is not merged; nothing to do", stacklevel=2)
             return
-        assert self._unmerged_weight is not None
+        assert self._unmerged_weight is not None and self.frozen_weight is not None
         graph.set_value(self.frozen_weight, self._unmerged_weight)
         self._unmerged_weight = None
         self.merged_adapters = []
+        graph.end_replays()
+
+    def dequantize_(self, graph: Graph) -> None:
+        """Give a 4-bit base back as a float constant (the dequantized weight, in the graph's
+        dtype), so that ``merge_`` can fold the adapters into it; a float base is left as it
+        is. Compiled steps end (they run the NF4 op they recorded)."""
+        check_graph(f"{type(self).__name__}.dequantize_", graph)
+        if self.nf4 is None:
+            return
+        with graph.scope(self.name), graph.scope("frozen"):
+            self.frozen_weight = graph.constant(self.base_weight(graph), f"{self.name}.weight")
+        self.nf4 = None
         graph.end_replays()
 
     # --- state --------------------------------------------------------------------------------
@@ -442,8 +522,10 @@ class LoraLayer:
 
     @property
     def num_frozen(self) -> int:
-        """Frozen parameters: those of the base layer (``in * out``, ``+ out`` with a bias)."""
-        return sum(int(np.prod(leaf.shape)) for _, leaf in self.base_leaves())
+        """Frozen parameters: those of the base layer (``in * out``, ``+ out`` with a bias),
+        a 4-bit base weight included."""
+        held = 0 if self.nf4 is None else math.prod(self.nf4.shape)
+        return held + sum(int(np.prod(leaf.shape)) for _, leaf in self.base_leaves())
 
     def _adapters_repr(self) -> str:
         """The active adapter's rank, scaling and dropout, and the adapter set when it is more

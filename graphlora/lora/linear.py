@@ -21,10 +21,11 @@ import numpy.typing as npt
 
 from graphlora import _checks
 from graphlora.engine.graph import Graph, NodeId, check_graph
-from graphlora.errors import ShapeError
+from graphlora.errors import GraphError, ShapeError
 from graphlora.lora.config import LoraConfig, VeraConfig
 from graphlora.lora.functional import linear_init
 from graphlora.lora.layer import LoraLayer, check_adapter_name, float_data
+from graphlora.lora.nf4 import NF4Config, NF4Weight
 from graphlora.lora.variants import (
     adapter_generator,
     check_adapter_config,
@@ -102,7 +103,7 @@ class LoraLinear(LoraLayer):
     def from_linear(
         cls,
         graph: Graph,
-        weight: NodeId | npt.ArrayLike,
+        weight: NodeId | NF4Weight | npt.ArrayLike,
         bias: NodeId | npt.ArrayLike | None = None,
         config: LoraConfig | VeraConfig | None = None,
         *,
@@ -111,12 +112,19 @@ class LoraLinear(LoraLayer):
         fan_in_fan_out: bool = False,
         adapter_name: str = "default",
         shared: object = None,
+        quantize: str | NF4Config | None = None,
     ) -> LoraLinear:
         """A layer over existing weights ``weight [in, out]`` and ``bias [out]``.
 
         Arrays become new constants; a NodeId is used as it is and frozen (``requires_grad_``) if
         it was a parameter, as PEFT freezes the base model. With ``init="pissa"`` the layer uses a
         new constant holding the residual and leaves a given weight node's value as it was.
+
+        A 4-bit base (QLoRA): ``weight`` an ``NF4Weight`` (``[out, in]``, as ``NF4Linear``
+        holds it), or ``quantize="nf4"`` (or a ``gl.nf4.NF4Config``) to quantize the given
+        weight, whose leaf, if it is one, is then released from the graph. The layer keeps the
+        codes only (``frozen_weight`` is None, ``base`` the ``NF4Weight``); PiSSA's residual is
+        quantized in its place.
         ``config`` defaults to ``LoraConfig()`` (a ``VeraConfig`` gives a VeRA layer); ``rng`` as
         in ``new``. The adapter is named ``adapter_name`` and active. ``shared`` is what the
         variant's layers share (VeRA's projections, made by ``apply_lora`` for all the layers it
@@ -129,14 +137,32 @@ class LoraLinear(LoraLayer):
         TypeError
             For data that is not floating point, or a config that is not a LoraConfig.
         ValueError
-            For ``rank > min(in, out)``.
+            For ``rank > min(in, out)``, or ``quantize`` of an ``NF4Weight``.
+        GraphError
+            For ``quantize`` of a weight leaf a recorded op still reads (``reset()`` first).
         """
         where = "LoraLinear.from_linear"
         check_graph(where, graph)
         config = LoraConfig() if config is None else config
         check_adapter_config(where, config)
         fan_in_fan_out = _checks.flag(where, "fan_in_fan_out", fan_in_fan_out)  # before any leaf
-        weight_value = _float_matrix(where, graph, weight, "weight")
+        quantized = NF4Config.of(where, quantize)
+        if isinstance(weight, NF4Weight):
+            if quantized is not None:
+                raise ValueError(f"{where}: weight is already an NF4Weight; drop quantize")
+            if len(weight.shape) != 2 or 0 in weight.shape:
+                raise ShapeError(
+                    f"{where}: an NF4 weight must be a non-empty [out, in] matrix, got shape "
+                    f"{weight.shape}"
+                )
+            quantized = NF4Config(weight.block_size, weight.double_quant)
+            weight_value = weight.dequantize(graph.dtype).T
+        else:
+            weight_value = _float_matrix(where, graph, weight, "weight")
+        if quantized is not None and isinstance(weight, NodeId) and graph.readers(weight):
+            raise GraphError(
+                f"{where}: {weight!r} is read by recorded ops; reset() before quantizing it"
+            )
         bias_value = None
         if bias is not None:
             bias_value = float_data(where, "bias", bias, graph)
@@ -158,10 +184,13 @@ class LoraLinear(LoraLayer):
             weight_node=weight if isinstance(weight, NodeId) else None,
             bias_node=bias if isinstance(bias, NodeId) else None,
             shared=shared,
+            quantize=quantized,
+            nf4=weight if isinstance(weight, NF4Weight) else None,
         )
         layer.fan_in_fan_out = fan_in_fan_out
         for node in (weight, bias):  # freeze the base layer, as PEFT does
-            if isinstance(node, NodeId) and node.requires_grad:
+            released = node is weight and layer.frozen_weight is not weight
+            if isinstance(node, NodeId) and not released and node.requires_grad:
                 graph.requires_grad_(node, False)
         return layer
 
@@ -179,25 +208,36 @@ class LoraLinear(LoraLayer):
         weight_node: NodeId | None = None,
         bias_node: NodeId | None = None,
         shared: object = None,
+        quantize: NF4Config | None = None,
+        nf4: NF4Weight | None = None,
     ) -> LoraLinear:
         """Draw the adapter, make the leaves, and assemble the layer (arguments already
-        checked)."""
+        checked). With ``quantize`` the base is held in NF4: ``nf4`` if given, else ``weight``
+        quantized (and a given ``weight_node`` released)."""
         in_features, out_features = weight.shape
         check_rank(where, config, weight.shape, "linear")
         _checks.label(where, "name", name)
         adapter_name = check_adapter_name(where, adapter_name)
         draft = draw_update(where, config, weight, rng, "linear")
         residual = draft.residual
+        base = weight
+        if residual is not None:
+            base, weight_node, nf4 = residual, None, None  # PiSSA: the layer holds the residual
+        if quantize is not None and nf4 is None:
+            nf4 = NF4Weight.quantize(
+                base.T, quantize.block_size, double_quant=quantize.double_quant
+            )
+        if quantize is not None and weight_node is not None:
+            graph.release(weight_node)  # the codes replace it
+            weight_node = None
         with graph.scope(name):  # so that drawings group the layer's nodes
-            if residual is not None:
-                weight, weight_node = residual, None  # PiSSA: the layer holds the residual
-            if weight_node is None:
+            if weight_node is None and nf4 is None:
                 with graph.scope("frozen"):
-                    weight_node = graph.constant(weight, name=f"{name}.weight")
+                    weight_node = graph.constant(base, name=f"{name}.weight")
             if bias_node is None and bias is not None:
                 bias_node = graph.constant(bias, name=f"{name}.bias")
         update = make_update(
-            graph, draft, weight_node, rng, name=name, adapter=adapter_name, shared=shared
+            graph, draft, base, rng, name=name, adapter=adapter_name, shared=shared
         )
         return cls(
             frozen_weight=weight_node,
@@ -206,6 +246,8 @@ class LoraLinear(LoraLayer):
             out_features=out_features,
             adapters={adapter_name: update},
             name=name,
+            nf4=nf4,
+            _graph=graph,
             _active=(adapter_name,),
         )
 
@@ -262,7 +304,7 @@ class LoraLinear(LoraLayer):
                 return node
         with graph.scope(self.name):  # drawings show the two paths side by side
             with graph.scope("merged" if self.merged_adapters else "frozen"):
-                xw = graph.matmul(x, self.frozen_weight)  # (..., out)
+                xw = self.base_matmul(graph, x)  # (..., out)
                 y = xw if self.bias is None else graph.add(xw, self.bias)
             partial = xw  # the output so far without the bias, which DoRA rescales
             for i, update in enumerate(updates):
@@ -273,15 +315,16 @@ class LoraLinear(LoraLayer):
                     partial = graph.add(partial, low_rank)
             return y
 
-    def base(self, graph: Graph, x: NodeId) -> NodeId:
+    def base_forward(self, graph: Graph, x: NodeId) -> NodeId:
         """The frozen path, ``x @ W + bias`` (in the scope ``"frozen"``)."""
         with graph.scope("frozen"):
-            y = graph.matmul(x, self.frozen_weight)  # (..., out)
+            y = self.base_matmul(graph, x)  # (..., out)
             return y if self.bias is None else graph.add(y, self.bias)
 
     def base_leaves(self) -> list[tuple[str, NodeId]]:
-        """The frozen ``weight`` and ``bias`` under the base layer's names."""
-        leaves = [("weight", self.frozen_weight)]
+        """The frozen ``weight`` (unless held in NF4) and ``bias`` under the base layer's
+        names."""
+        leaves = super().base_leaves()
         return leaves if self.bias is None else [*leaves, ("bias", self.bias)]
 
     # --- reporting ----------------------------------------------------------------------------
@@ -291,6 +334,7 @@ class LoraLinear(LoraLayer):
             f"LoraLinear(name={self.name!r}, in_features={self.in_features}, "
             f"out_features={self.out_features}, {self._adapters_repr()}, "
             f"bias={self.bias is not None}, merged={self.merged}, "
+            f"{'nf4=True, ' if self.nf4 is not None else ''}"
             f"trainable={self.num_trainable:,}, frozen={self.num_frozen:,})"
         )
 

@@ -94,14 +94,14 @@ class LoraUpdate:
         payload: tuple[Array, Array],
         rng: np.random.Generator,
         *,
-        weight: NodeId,
+        weight: Array,
         name: str,
         suffix: str,
         shared: object = None,
     ) -> LoraUpdate:
         """The update with A and B (``payload``) made as parameters named
         ``<name>.lora_A<suffix>``, ``<name>.lora_B<suffix>`` (and any leaves of its own);
-        ``weight`` is the layer's frozen weight."""
+        ``weight`` is the layer's frozen weight ``[in, out]`` (dequantized, for a 4-bit base)."""
         a, b = payload
 
         def named(leaf: str) -> str:
@@ -120,7 +120,7 @@ class LoraUpdate:
         config: LoraConfig,
         a: NodeId,
         b: NodeId,
-        weight: NodeId,
+        weight: Array,
         named: Callable[[str], str],
     ) -> dict[str, NodeId]:
         """The leaves the variant adds to A and B, by field (``named(leaf)`` names one): none."""
@@ -219,8 +219,11 @@ class LoraUpdate:
         return graph.matmul(low, self.lora_b)  # (..., out)
 
     def fused(self, graph: Graph, x: NodeId, layer: LoraLayer) -> NodeId | None:
-        """The whole layer, ``base(x) + update(x)``, as one ``lora_linear`` node."""
+        """The whole layer, ``base(x) + update(x)``, as one ``lora_linear`` node; None over a
+        4-bit base (recorded op by op)."""
         weight, bias = layer.frozen_weight, getattr(layer, "bias", None)
+        if weight is None:
+            return None
         if self.dropout and graph.grad_enabled:
             return graph.apply(
                 lora_linear,
@@ -278,13 +281,13 @@ class DoraUpdate(LoraUpdate):
         config: LoraConfig,
         a: NodeId,
         b: NodeId,
-        weight: NodeId,
+        weight: Array,
         named: Callable[[str], str],
     ) -> dict[str, NodeId]:
         """``magnitude``, starting as ``||W + s A B||`` per output, so the layer starts as the
         base."""
         delta = scaled_delta(graph.value(a), graph.value(b), config.scaling)
-        norms = column_norms(graph.value(weight) + delta)
+        norms = column_norms(weight + delta)
         return {"magnitude": graph.parameter(norms, name=named("lora_magnitude_vector"))}
 
     def params(self) -> list[NodeId]:
@@ -320,13 +323,9 @@ class DoraUpdate(LoraUpdate):
         low = graph.scale(graph.matmul(h, self.lora_a), self.scaling)  # (..., rank)
         lora = graph.matmul(low, self.lora_b)  # (..., out)
         with graph.no_grad():  # PEFT detaches the norm: no gradient flows through it
-            weight = layer.frozen_weight
-            adapted = graph.add(
-                weight, graph.scale(graph.matmul(self.lora_a, self.lora_b), self.scaling)
-            )
-            norm = graph.sqrt(graph.sum(graph.mul(adapted, adapted), axis=0))  # (out,)
+            norm = layer.adapted_norm(graph, self.lora_a, self.lora_b, self.scaling)  # (out,)
         ratio = graph.div(self.magnitude, norm)  # (out,): m / ||W'||
-        hw = base if h is x else graph.matmul(h, layer.frozen_weight)  # (..., out)
+        hw = base if h is x else layer.base_matmul(graph, h)  # (..., out)
         return graph.sub(graph.mul(ratio, graph.add(hw, lora)), hw)
 
     def fused(self, graph: Graph, x: NodeId, layer: LoraLayer) -> NodeId | None:

@@ -175,7 +175,7 @@ def draw_update(
 def make_update(
     graph: Graph,
     draft: Draft,
-    weight: NodeId,
+    weight: Array,
     rng: np.random.Generator,
     *,
     name: str,
@@ -183,7 +183,8 @@ def make_update(
     shared: object = None,
 ) -> Update:
     """The drafted update with its leaves, named after the layer ``name`` and the adapter;
-    ``weight`` is the layer's frozen weight, ``shared`` what ``prepare`` made for all layers."""
+    ``weight`` is the layer's frozen weight ``[in, out]``, ``shared`` what ``prepare`` made for
+    all layers."""
     suffix = "" if adapter == "default" else f".{adapter}"
     update: Update = draft.kind.create(
         graph,

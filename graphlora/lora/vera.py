@@ -104,7 +104,7 @@ class VeraUpdate:
         payload: tuple[int, int],
         rng: np.random.Generator,
         *,
-        weight: NodeId,
+        weight: Array,
         name: str,
         suffix: str,
         shared: object = None,

@@ -21,7 +21,7 @@ from graphlora.nn.adapters import (
     set_adapter,
 )
 from graphlora.nn.gpt import GPT, GPTConfig
-from graphlora.nn.layers import ACTIVATIONS, MLP, Embedding, LayerNorm, Linear, RMSNorm
+from graphlora.nn.layers import ACTIVATIONS, MLP, Embedding, LayerNorm, Linear, NF4Linear, RMSNorm
 from graphlora.nn.llama import Llama, LlamaConfig
 from graphlora.nn.pretrained import from_pretrained
 from graphlora.nn.tokenizer import Tokenizer
@@ -50,6 +50,7 @@ __all__ = [
     "Llama",
     "LlamaConfig",
     "LoadResult",
+    "NF4Linear",
     "RMSNorm",
     "Tokenizer",
     "add_weighted_adapter",

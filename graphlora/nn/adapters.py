@@ -22,6 +22,7 @@ from graphlora.errors import GraphError
 from graphlora.lora import LoraConfig, LoraEmbedding, LoraLayer, LoraLinear, VeraConfig
 from graphlora.lora.functional import combine_adapters
 from graphlora.lora.layer import adapter_list, check_adapter_name
+from graphlora.lora.nf4 import NF4Config
 from graphlora.lora.variants import (
     Draft,
     adapter_generator,
@@ -31,7 +32,7 @@ from graphlora.lora.variants import (
     rank_bounded,
     rewrites_base,
 )
-from graphlora.nn.layers import Embedding, Linear
+from graphlora.nn.layers import Embedding, Linear, NF4Linear
 from graphlora.nn.tree import check_model, find_modules, named_leaves
 
 __all__ = [
@@ -70,6 +71,7 @@ def apply_lora(
     *,
     adapter_name: str = "default",
     rng: _checks.Rng = None,
+    quantize: str | NF4Config | None = None,
 ) -> dict[str, LoraLayer]:
     """Freeze ``model``'s leaves and put a LoRA adapter on the targeted layers.
 
@@ -96,6 +98,12 @@ def apply_lora(
         The adapter's name (PEFT's ``"default"`` unless given).
     rng
         Generator or seed for the adapters' init, in layer order (default: ``config.seed``).
+    quantize
+        ``"nf4"`` (or a ``gl.nf4.NF4Config``): QLoRA's base. The targeted ``Linear`` layers'
+        weights are quantized to NF4 and their float leaves released; the adapters train over
+        the 4-bit base. Targeted ``NF4Linear`` layers (``from_pretrained(...,
+        quantize="nf4")``, ``gl.nf4.quantize_``) get adapters over their NF4 base with or
+        without it. Targeted embeddings stay float.
 
     Returns
     -------
@@ -108,15 +116,19 @@ def apply_lora(
     ValueError
         For a target that matches no layer (the message lists them), a layer that already holds
         an adapter of that name, a rank above a layer's ``min(in, out)``, DoRA on an embedding,
-        or ``init="pissa"`` for a second adapter. Nothing is changed.
+        or ``init="pissa"`` for a second adapter, or ``quantize`` for layers that are LoRA
+        layers already. Nothing is changed.
+    GraphError
+        With ``quantize``, for a targeted weight a recorded op still reads (``reset()`` first).
     """
     where = "apply_lora"
     check_model(where, model)
     check_adapter_config(where, config)
     adapter_name = check_adapter_name(where, adapter_name)
-    layers = find_modules(model, (Linear, Embedding, LoraLinear, LoraEmbedding))
+    quantized = NF4Config.of(where, quantize)
+    layers = find_modules(model, (Linear, NF4Linear, Embedding, LoraLinear, LoraEmbedding))
     names = [name for name, _, _ in layers]
-    linear_names = [n for n, layer, _ in layers if isinstance(layer, (Linear, LoraLinear))]
+    linear_names = [n for n, layer, _ in layers if isinstance(layer, _LINEAR)]
     targets: Any = target_modules
     if targets is None:
         targets = list(getattr(model, "default_lora_targets", linear_names))
@@ -144,14 +156,14 @@ def apply_lora(
         )
     chosen = [(name, layer, place) for name, layer, place in layers if matches(name, targets)]
     _check_targets(where, chosen, config, adapter_name)
+    if quantized is not None:
+        _check_quantizable(where, chosen)
     existing = lora_layers(model)
     active = tuple(next(iter(existing.values())).active_adapters) if existing else (adapter_name,)
-    graph: Graph = _weight(chosen[0][1]).graph
+    graph = _graph(chosen[0][1])
     generator = adapter_generator(where, config, rng)
     # what the variant's layers share (VeRA's projections, sized for the largest linear target)
-    linear_shapes = [
-        _weight(layer).shape for _, layer, _ in chosen if isinstance(layer, (Linear, LoraLinear))
-    ]
+    linear_shapes = [_shape(layer) for _, layer, _ in chosen if isinstance(layer, _LINEAR)]
     kind = choose_update(where, config, "linear")
     shared = kind.prepare(graph, config, linear_shapes) if linear_shapes else None
     adapted: dict[str, LoraLayer] = {}
@@ -177,6 +189,7 @@ def apply_lora(
                 fan_in_fan_out=layer.fan_in_fan_out,
                 adapter_name=adapter_name,
                 shared=shared,
+                quantize=quantized if isinstance(layer, Linear) else None,
             )
         lora.activate(graph, active)  # the model's active adapters, as PEFT
         place.replace(lora)
@@ -188,9 +201,46 @@ def apply_lora(
     return adapted
 
 
-def _weight(layer: Any) -> Any:
-    """The frozen or trainable weight of a base or LoRA layer."""
-    return layer.frozen_weight if isinstance(layer, LoraLayer) else layer.weight
+_LINEAR = (Linear, NF4Linear, LoraLinear)
+
+
+def _graph(layer: Any) -> Graph:
+    """The graph of a base or LoRA layer."""
+    if isinstance(layer, (LoraLayer, NF4Linear)):
+        return layer.graph
+    graph: Graph = layer.weight.graph
+    return graph
+
+
+def _shape(layer: Any) -> tuple[int, int]:
+    """The weight's shape in graphlora's layout (``[in, out]``, ``[V, D]``) of a base or LoRA
+    layer."""
+    if isinstance(layer, LoraLayer):
+        return layer.weight_shape
+    if isinstance(layer, NF4Linear):
+        return layer.in_features, layer.out_features
+    rows, cols = layer.weight.shape
+    return rows, cols
+
+
+def _check_quantizable(where: str, chosen: list[tuple[str, Any, Any]]) -> None:
+    """With ``quantize``: refuse LoRA layers (their base is theirs) and weights the tape
+    reads, before anything changes."""
+    adapted = [n for n, layer, _ in chosen if isinstance(layer, LoraLayer)]
+    if adapted:
+        raise ValueError(
+            f"{where}: quantize applies to base layers, and {adapted} are LoRA layers already; "
+            "quantize the model first (gl.nf4.quantize_) or leave quantize out"
+        )
+    read = [
+        n
+        for n, layer, _ in chosen
+        if isinstance(layer, Linear) and layer.weight.graph.readers(layer.weight)
+    ]
+    if read:
+        raise GraphError(
+            f"{where}: the weights of {read} are read by recorded ops; reset() before quantizing"
+        )
 
 
 def _check_targets(
@@ -207,9 +257,7 @@ def _check_targets(
             "another adapter_name to add a second one"
         )
     too_small = [
-        n
-        for n, layer, _ in chosen
-        if rank_bounded(config) and config.rank > min(_weight(layer).shape)
+        n for n, layer, _ in chosen if rank_bounded(config) and config.rank > min(_shape(layer))
     ]
     if too_small:
         raise ValueError(
@@ -277,7 +325,7 @@ def set_adapter(model: object, adapter_name: str | Sequence[str]) -> None:
         raise ValueError(f"{where}: unknown adapter(s) {unknown}; the model has {known}")
     _refuse_merged(where, layers)
     for layer in layers.values():
-        layer.activate(layer.frozen_weight.graph, names)
+        layer.activate(layer.graph, names)
 
 
 @contextmanager
@@ -296,7 +344,7 @@ def disable_adapters(model: object) -> Iterator[None]:
     layers = _lora_layers_of(where, model)
     _refuse_merged(where, layers)
     previous = [(layer, layer.disabled) for layer in layers.values()]
-    graphs = {id(g): g for g in (layer.frozen_weight.graph for layer in layers.values())}
+    graphs = {id(g): g for g in (layer.graph for layer in layers.values())}
     trained = [  # frozen inside, as PEFT: nothing of an adapter trains while it is off
         leaf
         for layer in layers.values()
@@ -341,7 +389,7 @@ def delete_adapter(model: object, adapter_name: str) -> None:
         raise ValueError(f"{where}: unknown adapter {adapter_name!r}; the model has {known}")
     _refuse_merged(where, layers)
     for layer in layers.values():
-        graph = layer.frozen_weight.graph
+        graph = layer.graph
         if adapter_name in layer.adapters:
             layer.delete_adapter(graph, adapter_name)
         else:
@@ -442,7 +490,7 @@ def add_weighted_adapter(
         new_rank = sum(ranks.values())
     else:
         new_rank = svd_rank or max(ranks.values())
-        too_small = [n for n, layer in holders.items() if new_rank > min(layer.frozen_weight.shape)]
+        too_small = [n for n, layer in holders.items() if new_rank > min(layer.weight_shape)]
         if too_small:
             raise ValueError(
                 f"{where}: svd rank {new_rank} exceeds min(in, out) of layer(s) {too_small}"
@@ -483,7 +531,12 @@ def add_weighted_adapter(
         kind = "embedding" if isinstance(layer, LoraEmbedding) else "linear"
         draft = Draft(choose_update(where, config, kind), config, (a_value, b_value), None)
         update = make_update(
-            graph, draft, layer.frozen_weight, source.rng, name=layer.name, adapter=adapter_name
+            graph,
+            draft,
+            layer.base_weight(graph),
+            source.rng,
+            name=layer.name,
+            adapter=adapter_name,
         )
         layer.attach(graph, adapter_name, update)
     return holders

@@ -24,10 +24,21 @@ from numpy.random import Generator
 
 from graphlora import _checks
 from graphlora.engine.graph import Graph, NodeId, check_graph
+from graphlora.lora.nf4 import NF4Config
 from graphlora.nn import checkpoint, generation
 from graphlora.nn.checkpoint import Weights
 from graphlora.nn.generation import Data, Generates
-from graphlora.nn.layers import Embedding, LayerNorm, Linear, TiedHead, check_length, token_ids
+from graphlora.nn.layers import (
+    Embedding,
+    LayerNorm,
+    Linear,
+    NF4Linear,
+    TiedHead,
+    check_length,
+    linear_layer,
+    quantized_linears,
+    token_ids,
+)
 
 __all__ = ["GPT", "GPTConfig"]
 
@@ -110,11 +121,9 @@ class GPTConfig:
 
 def _linear(
     graph: Graph, weights: Weights, name: str, shape: tuple[int, int], bias: bool
-) -> Linear:
+) -> Linear | NF4Linear:
     b = weights(f"{name}.bias", shape[1:]) if bias else None
-    return Linear.from_arrays(
-        graph, weights(f"{name}.weight", shape), b, name=name, fan_in_fan_out=True
-    )
+    return linear_layer(graph, weights(f"{name}.weight", shape), b, name=name, fan_in_fan_out=True)
 
 
 def _norm(graph: Graph, weights: Weights, name: str, dim: int, config: GPTConfig) -> LayerNorm:
@@ -340,6 +349,7 @@ class GPT(Generates):
         *,
         dropout: float = 0.0,
         seed: int | None = None,
+        quantize: str | NF4Config | None = None,
     ) -> GPT:
         """Read a GPT-2 checkpoint written by transformers' ``save_pretrained``: ``config.json``
         and ``model.safetensors`` in the directory ``path``, with safetensors' NumPy API.
@@ -357,6 +367,11 @@ class GPT(Generates):
         config's ``*_pdrop`` fields say. Pass ``dropout`` (and a ``seed`` for its masks) to train
         with dropout.
 
+        ``quantize="nf4"`` (or a ``gl.nf4.NF4Config``) reads the model as bitsandbytes'
+        ``load_in_4bit`` does: every linear layer becomes an ``NF4Linear``, its weight
+        quantized as it is read (so no float copy of the model exists); embeddings, norms and
+        the head stay float.
+
         Raises
         ------
         FileNotFoundError
@@ -370,17 +385,21 @@ class GPT(Generates):
         check_graph(where, graph)
         _checks.probability(where, "dropout", dropout)
         _checks.seed(where, "seed", seed)
+        quantized = NF4Config.of(where, quantize)
         directory = checkpoint.folder(where, path)
         config = _read_config(where, directory, dropout, seed)
-        with checkpoint.open_model(
-            where,
-            directory,
-            config.shapes,
-            layers=(r"(?:transformer\.)?h\.(\d+)\.", config.n_layer, "n_layer"),
-            rename=_strip,
-            skip=_skipped,
-            about=f"its config {config}",
-        ) as weights:
+        with (
+            quantized_linears(quantized),
+            checkpoint.open_model(
+                where,
+                directory,
+                config.shapes,
+                layers=(r"(?:transformer\.)?h\.(\d+)\.", config.n_layer, "n_layer"),
+                rename=_strip,
+                skip=_skipped,
+                about=f"its config {config}",
+            ) as weights,
+        ):
             return cls(graph, config, weights)
 
     head_axes = 1

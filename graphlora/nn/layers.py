@@ -1,4 +1,5 @@
-"""Layers: ``Linear``, ``Embedding``, ``LayerNorm``, ``RMSNorm``, and ``MLP`` made of them.
+"""Layers: ``Linear`` (and ``NF4Linear``, its frozen 4-bit form), ``Embedding``, ``LayerNorm``,
+``RMSNorm``, and ``MLP`` made of them.
 
 Each layer is a plain dataclass of NodeIds of one ``Graph`` with a ``forward(graph, x, *,
 fused=False)`` that records its ops: every layer, LoRA layers included, takes ``fused`` (one
@@ -10,8 +11,10 @@ initialises the same layer. Weights are laid out the way the maths reads: ``Line
 
 from __future__ import annotations
 
+import contextvars
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,9 +26,21 @@ from graphlora.engine.graph import Graph, NodeId, check_graph
 from graphlora.errors import ShapeError
 from graphlora.lora import LoraLinear
 from graphlora.lora.functional import linear_init
+from graphlora.lora.nf4 import NF4Config, NF4Weight, nf4_linear
 from graphlora.nn.tree import named_modules, parameters, trainable_parameters
 
-__all__ = ["ACTIVATIONS", "MLP", "Embedding", "LayerNorm", "Linear", "RMSNorm", "TiedHead"]
+__all__ = [
+    "ACTIVATIONS",
+    "MLP",
+    "Embedding",
+    "LayerNorm",
+    "Linear",
+    "NF4Linear",
+    "RMSNorm",
+    "TiedHead",
+    "linear_layer",
+    "quantized_linears",
+]
 
 ACTIVATIONS: dict[str, Callable[[Graph, NodeId], NodeId]] = {
     "relu": Graph.relu,
@@ -121,6 +136,130 @@ class Linear:
     def nodes(self) -> list[NodeId]:
         """Every leaf of the layer."""
         return [self.weight] if self.bias is None else [self.weight, self.bias]
+
+
+@dataclass(eq=False)
+class NF4Linear:
+    """A frozen linear layer held in 4 bits, as bitsandbytes' ``Linear4bit``: ``y = x @ Wᵀ +
+    bias`` with ``W = weight.dequantize()``, the ``NF4Weight`` ``[out, in]`` (PyTorch's layout,
+    so the codes are bitsandbytes'), dequantized a few rows at a time inside the ``nf4_linear``
+    op in forward and backward. The weight is no leaf and gets no gradient; ``bias`` is a leaf
+    as in ``Linear``. ``apply_lora`` puts adapters over it (QLoRA)."""
+
+    weight: NF4Weight
+    bias: NodeId | None
+    in_features: int
+    out_features: int
+    graph: Graph
+    name: str = "linear"
+    fan_in_fan_out: bool = False
+    """As ``Linear``'s: the framework stores the float weight ``[in, out]`` (GPT-2's
+    ``Conv1D``); the codes are of ``[out, in]`` all the same, as bitsandbytes'."""
+
+    @classmethod
+    def from_arrays(
+        cls,
+        graph: Graph,
+        weight: npt.ArrayLike,
+        bias: npt.ArrayLike | None = None,
+        *,
+        name: str = "linear",
+        fan_in_fan_out: bool = False,
+        quantize: str | NF4Config = "nf4",
+    ) -> NF4Linear:
+        """A layer over ``weight [in, out]`` (quantized as ``[out, in]``) and ``bias [out]``
+        (a parameter, as ``Linear``'s).
+
+        Raises
+        ------
+        ShapeError
+            For a weight that is not 2-D and non-empty, or a bias that is not ``[out]``.
+        ValueError
+            For a bad ``quantize`` or non-finite weights.
+        """
+        where = "NF4Linear.from_arrays"
+        check_graph(where, graph)
+        config = NF4Config.of(where, quantize) or NF4Config()
+        array = _checks.float_array(where, "weight", weight)
+        if array.ndim != 2 or array.size == 0:
+            raise ShapeError(f"{where}: weight must be [in, out], got shape {array.shape}")
+        in_features, out_features = array.shape
+        bias_array = None
+        if bias is not None:
+            bias_array = _checks.float_array(where, "bias", bias)
+            if bias_array.shape != (out_features,):
+                raise ShapeError(
+                    f"{where}: bias has shape {bias_array.shape}, weight {array.shape} needs "
+                    f"({out_features},)"
+                )
+        nf4 = NF4Weight.quantize(array.T, config.block_size, double_quant=config.double_quant)
+        bias_node = None if bias_array is None else graph.parameter(bias_array, f"{name}.bias")
+        return cls(nf4, bias_node, in_features, out_features, graph, name, fan_in_fan_out)
+
+    def forward(self, graph: Graph, x: NodeId, *, fused: bool = False) -> NodeId:
+        """``x [..., in] -> [..., out]``: ``nf4_linear`` then ``add`` (the bias); ``fused`` is
+        ignored (there is no fused form)."""
+        if isinstance(x, NodeId) and (x.shape[-1:] != (self.in_features,)):
+            raise ShapeError(
+                f"NF4Linear.forward: {self.name} takes [..., {self.in_features}] but the input "
+                f"has shape {x.shape}"
+            )
+        y = graph.apply(nf4_linear, x, weight=self.weight)
+        return y if self.bias is None else graph.add(y, self.bias)
+
+    def dequantize(self, dtype: npt.DTypeLike = np.float64) -> npt.NDArray[Any]:
+        """The float weight in the graph's layout, ``[in, out]``."""
+        weight: npt.NDArray[Any] = self.weight.dequantize(dtype).T
+        return weight
+
+    def nodes(self) -> list[NodeId]:
+        """Every leaf of the layer: the bias, if any."""
+        return [] if self.bias is None else [self.bias]
+
+    def __repr__(self) -> str:
+        return (
+            f"NF4Linear(name={self.name!r}, in_features={self.in_features}, "
+            f"out_features={self.out_features}, bias={self.bias is not None}, "
+            f"weight={self.weight!r})"
+        )
+
+
+_QUANTIZING: contextvars.ContextVar[tuple[NF4Config, tuple[str, ...]] | None] = (
+    contextvars.ContextVar("quantizing", default=None)
+)
+
+
+@contextmanager
+def quantized_linears(config: NF4Config | None, skip: Sequence[str] = ()) -> Iterator[None]:
+    """Within the block, ``linear_layer`` makes ``NF4Linear`` layers (``config``) instead of
+    ``Linear`` ones, except those whose name is in ``skip`` or ends with ``"." + name``: how
+    ``from_pretrained(..., quantize="nf4")`` quantizes each weight as it reads it. ``None``
+    changes nothing."""
+    token = _QUANTIZING.set(None if config is None else (config, tuple(skip)))
+    try:
+        yield
+    finally:
+        _QUANTIZING.reset(token)
+
+
+def linear_layer(
+    graph: Graph,
+    weight: npt.ArrayLike,
+    bias: npt.ArrayLike | None,
+    *,
+    name: str,
+    fan_in_fan_out: bool = False,
+) -> Linear | NF4Linear:
+    """A ``Linear`` over ``weight [in, out]`` and ``bias``, or inside ``quantized_linears`` an
+    ``NF4Linear`` (the float weight then lives only as long as it takes to quantize it)."""
+    found = _QUANTIZING.get()
+    if found is not None:
+        config, skip = found
+        if not any(name == s or name.endswith("." + s) for s in skip):
+            return NF4Linear.from_arrays(
+                graph, weight, bias, name=name, fan_in_fan_out=fan_in_fan_out, quantize=config
+            )
+    return Linear.from_arrays(graph, weight, bias, name=name, fan_in_fan_out=fan_in_fan_out)
 
 
 def token_ids(where: str, ids: object) -> NodeId | npt.NDArray[np.integer[Any]]:

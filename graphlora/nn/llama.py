@@ -26,10 +26,21 @@ import numpy.typing as npt
 
 from graphlora import _checks
 from graphlora.engine.graph import Graph, NodeId, check_graph
+from graphlora.lora.nf4 import NF4Config
 from graphlora.nn import checkpoint, generation
 from graphlora.nn.checkpoint import Weights
 from graphlora.nn.generation import Data, Generates
-from graphlora.nn.layers import Embedding, Linear, RMSNorm, TiedHead, check_length, token_ids
+from graphlora.nn.layers import (
+    Embedding,
+    Linear,
+    NF4Linear,
+    RMSNorm,
+    TiedHead,
+    check_length,
+    linear_layer,
+    quantized_linears,
+    token_ids,
+)
 from graphlora.ops.positional import check_scaling
 
 __all__ = ["MODEL_TYPES", "Llama", "LlamaConfig"]
@@ -228,9 +239,9 @@ class LlamaConfig:
 
 def _linear(
     graph: Graph, weights: Weights, name: str, shape: tuple[int, int], bias: bool
-) -> Linear:
+) -> Linear | NF4Linear:
     b = weights(f"{name}.bias", shape[1:]) if bias else None
-    return Linear.from_arrays(graph, weights(f"{name}.weight", shape), b, name=name)
+    return linear_layer(graph, weights(f"{name}.weight", shape), b, name=name)
 
 
 def _norm(graph: Graph, weights: Weights, name: str, config: LlamaConfig) -> RMSNorm:
@@ -443,22 +454,38 @@ class Llama(Generates):
         return cls(graph, config, weights)
 
     @classmethod
-    def from_pretrained(cls, graph: Graph, path: str | os.PathLike[str]) -> Llama:
+    def from_pretrained(
+        cls,
+        graph: Graph,
+        path: str | os.PathLike[str],
+        *,
+        quantize: str | NF4Config | None = None,
+    ) -> Llama:
         """Read a Llama, Mistral or Qwen2 checkpoint written by transformers' ``save_pretrained``
-        (see ``gl.from_pretrained``, which dispatches here on ``model_type``)."""
+        (see ``gl.from_pretrained``, which dispatches here on ``model_type``).
+
+        ``quantize="nf4"`` (or a ``gl.nf4.NF4Config``) reads the model as bitsandbytes'
+        ``load_in_4bit`` does: every linear layer becomes an ``NF4Linear``, its weight
+        quantized as it is read (so no float copy of the model exists); embeddings, norms and
+        the head stay float.
+        """
         where = "Llama.from_pretrained"
         check_graph(where, graph)
+        quantized = NF4Config.of(where, quantize)
         directory = checkpoint.folder(where, path)
         config = read_config(where, directory)
-        with checkpoint.open_model(
-            where,
-            directory,
-            config.shapes,
-            layers=(r"model\.layers\.(\d+)\.", config.num_hidden_layers, "num_hidden_layers"),
-            skip=_skipped if config.tie_word_embeddings else _rotary_buffer,
-            transpose=_transposed,
-            about=f"its config {config}",
-        ) as weights:
+        with (
+            quantized_linears(quantized, skip=("lm_head",)),
+            checkpoint.open_model(
+                where,
+                directory,
+                config.shapes,
+                layers=(r"model\.layers\.(\d+)\.", config.num_hidden_layers, "num_hidden_layers"),
+                skip=_skipped if config.tie_word_embeddings else _rotary_buffer,
+                transpose=_transposed,
+                about=f"its config {config}",
+            ) as weights,
+        ):
             return cls(graph, config, weights)
 
     def forward(

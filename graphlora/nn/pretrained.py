@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from graphlora.engine.graph import Graph, check_graph
+from graphlora.lora.nf4 import NF4Config
 from graphlora.nn import checkpoint
 from graphlora.nn.gpt import GPT
 from graphlora.nn.llama import MODEL_TYPES, Llama
@@ -16,11 +17,18 @@ ARCHITECTURES = {"gpt2": "GPT", **dict.fromkeys(MODEL_TYPES, "Llama")}
 """``model_type`` -> the class that reads it."""
 
 
-def from_pretrained(graph: Graph, path: str | os.PathLike[str]) -> GPT | Llama:
+def from_pretrained(
+    graph: Graph, path: str | os.PathLike[str], *, quantize: str | NF4Config | None = None
+) -> GPT | Llama:
     """The model in the folder ``path`` (``config.json`` and ``model.safetensors``, or a sharded
     ``model.safetensors.index.json``), as ``gl.GPT`` (``model_type`` ``"gpt2"``) or ``gl.Llama``
     (``"llama"``, ``"mistral"``, ``"qwen2"``), its weights in the graph's dtype (float16 and
     bfloat16 files included).
+
+    ``quantize="nf4"`` (or a ``gl.nf4.NF4Config(block_size, double_quant)``) reads it as
+    bitsandbytes' ``load_in_4bit`` does (QLoRA's base): every linear layer becomes a frozen
+    ``NF4Linear`` whose weight is quantized as it is read, so no float copy of the model ever
+    exists; embeddings, norms and the output head stay float.
 
     Everything is checked before any leaf is made: the model type, the config (heads that do not
     group, a rope type or activation graphlora does not implement, ...), and every tensor's
@@ -36,13 +44,14 @@ def from_pretrained(graph: Graph, path: str | os.PathLike[str]) -> GPT | Llama:
     """
     where = "from_pretrained"
     check_graph(where, graph)
+    quantized = NF4Config.of(where, quantize)
     directory = checkpoint.folder(where, path)
     file = directory / "config.json"
     kind = checkpoint.read_json(where, file).get("model_type")
     if kind == "gpt2":
-        return GPT.from_pretrained(graph, directory)
+        return GPT.from_pretrained(graph, directory, quantize=quantized)
     if kind in MODEL_TYPES:
-        return Llama.from_pretrained(graph, directory)
+        return Llama.from_pretrained(graph, directory, quantize=quantized)
     raise ValueError(
         f"{where}: {file} has model_type {kind!r}; graphlora reads {sorted(ARCHITECTURES)}"
     )

@@ -20,6 +20,7 @@ import numpy as np
 
 from graphlora.engine.graph import Graph, NodeId, check_graph
 from graphlora.errors import GraphError
+from graphlora.lora.nf4 import NF4Weight
 from graphlora.ops import Array
 
 __all__ = [
@@ -172,10 +173,20 @@ def parameters(model: object) -> list[NodeId]:
 def trainable_parameters(model: object) -> str:
     """``"trainable params: 1,234 || all params: 5,678 || trainable%: 21.7328"``, as PEFT."""
     leaves = [leaf for _, leaf in named_leaves(model)]
-    total = sum(math.prod(node.shape) for node in leaves)
+    total = sum(math.prod(node.shape) for node in leaves) + _quantized_count(model)
     trainable = sum(math.prod(node.shape) for node in leaves if node.requires_grad)
     percent = 100.0 * trainable / total if total else 0.0
     return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {percent:.4f}"
+
+
+def _quantized_count(model: object) -> int:
+    """The values of the 4-bit weights (``NF4Weight``) the modules hold, which are no leaves."""
+    return sum(
+        math.prod(value.shape)
+        for _, module in named_modules(model)
+        for attr, value in getattr(module, "__dict__", {}).items()
+        if isinstance(value, NF4Weight) and not attr.startswith("_")
+    )
 
 
 def state_dict(graph: Graph, model: object) -> dict[str, Array]:

@@ -56,7 +56,7 @@ def walk_through() -> tuple[list[Step], dict[str, Array], float]:
     """
     g = Graph()
     layer = _layer(g)
-    w = np.array(g.value(layer.frozen_weight))
+    w = np.array(layer.base_weight(g))
     x = g.parameter(_X, name="x")
     t = g.constant(_T, name="t")
     s = layer.scaling
@@ -107,6 +107,7 @@ def walk_through() -> tuple[list[Step], dict[str, Array], float]:
     )
     twin = Graph()  # the same layer with W unfrozen, only to check the skipped gradient
     copy = _layer(twin)
+    assert copy.frozen_weight is not None  # a float base
     twin.requires_grad_(copy.frozen_weight, True)
     twin.backward(twin.mse_loss(copy.forward(twin, twin.constant(_X)), twin.constant(_T)))
     backward(
