@@ -362,8 +362,9 @@ class NF4Weight:
         scales = self.block_absmax() if absmax is None else absmax
         size = self.block_size
         first, last = start // size, -(-stop // size)
-        pairs = _PAIRS[self.codes[first:last]]  # [blocks, size / 2, 2]
-        block_values = pairs.reshape(last - first, size) * scales[first:last, None]
+        pairs = np.take(_PAIRS, self.codes[first:last], axis=0)  # [blocks, size / 2, 2]
+        block_values = pairs.reshape(last - first, size)
+        block_values *= scales[first:last, None]
         out: npt.NDArray[np.float32] = block_values.ravel()[
             start - first * size : stop - first * size
         ]

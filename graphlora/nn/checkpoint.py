@@ -280,14 +280,14 @@ def tensors(
                 f"two keys for one weight {duplicates[:5]}"
             )
 
-        widened = {n for n, h in headers.items() if h.get_dtype() == "BF16"}
-        layouts = {number: _layout(paths[number]) for number in {stored[n][0] for n in widened}}
+        # Each tensor is read from the file into an array of its own (not through safetensors'
+        # memory map, whose pages would count in the process's resident memory until the file
+        # closes: a whole checkpoint's worth, above what the model holds).
+        layouts = {number: _layout(paths[number]) for number in {n for n, _ in stored.values()}}
 
         def read(name: str) -> npt.NDArray[Any]:
             number, key = stored[name]
-            if name in widened:
-                return _bfloat16(paths[number], layouts[number], key)
-            return _read(where, handles[number], key)
+            return _direct(where, paths[number], layouts[number], key)
 
         bad = [n for n in sorted(expected) if not np.isfinite(read(n)).all()]
         if bad:
@@ -403,16 +403,6 @@ def staging(path: Path, overwrite: bool, where: str) -> Iterator[Path]:
             shutil.rmtree(backup, ignore_errors=True)
 
 
-def _read(where: str, handle: Any, key: str) -> npt.NDArray[Any]:
-    """One tensor of an open safetensors file, or a ``ValueError`` naming ``where`` (a file whose
-    header promises more bytes than it holds)."""
-    try:
-        array: npt.NDArray[Any] = handle.get_tensor(key)
-    except Exception as error:  # safetensors raises its own error types
-        raise ValueError(f"{where}: cannot read {key}: {error}") from None
-    return array
-
-
 def _layout(file: Path) -> dict[str, Any]:
     """The safetensors header of ``file`` (``{key: {"dtype", "shape", "data_offsets"}}``) and,
     under ``""``, where its data starts. safetensors has already checked the file's header."""
@@ -421,6 +411,27 @@ def _layout(file: Path) -> dict[str, Any]:
         header: dict[str, Any] = json.loads(stream.read(size))
     header[""] = 8 + size
     return header
+
+
+_STORED = {"F16": "<f2", "F32": "<f4", "F64": "<f8", "BF16": "<u2"}
+
+
+def _direct(where: str, file: Path, layout: Mapping[str, Any], key: str) -> npt.NDArray[Any]:
+    """One float tensor of ``file`` read with a plain file read (``np.fromfile``), bfloat16
+    widened to float32; a ``ValueError`` naming ``where`` for a file that holds fewer bytes than
+    its header promises."""
+    entry = layout[key]  # its offsets fit its shape: safetensors checked the header
+    count = int(np.prod(entry["shape"]))
+    offset = layout[""] + entry["data_offsets"][0]
+    data = np.fromfile(file, dtype=_STORED[entry["dtype"]], count=count, offset=offset)
+    if data.size != count:
+        raise ValueError(
+            f"{where}: cannot read {key}: {file.name} holds {data.size} of its {count} values"
+        )
+    if entry["dtype"] == "BF16":
+        data = (data.astype("<u4") << 16).view("<f4")
+    shaped: npt.NDArray[Any] = data.reshape(entry["shape"])
+    return shaped
 
 
 def _bfloat16(file: Path, layout: Mapping[str, Any], key: str) -> npt.NDArray[Any]:
