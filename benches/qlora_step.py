@@ -1,18 +1,18 @@
 """Section h of the benchmarks: what a 4-bit base saves (QLoRA). A LoRA step (rank 8, 1 x 128
 tokens, float32, replayed) over a float32 base and over an NF4 base (with and without double
 quantization), at GPT-2 small's shape (adapters on ``c_attn``, PEFT's GPT-2 default) and at
-SmolLM-135M's shape (``q_proj`` and ``v_proj``), random weights.
+SmolLM-135M's shape (``q_proj`` and ``v_proj``), random weights, read from a checkpoint folder as
+a user would (``gl.from_pretrained(..., quantize=...)``: the NF4 cases never hold a float copy of
+a linear weight).
 
-Each case runs in a process of its own, which reads the model from a checkpoint folder as a user
-would (``gl.from_pretrained(..., quantize=...)``: the NF4 cases never hold a float copy of a
-linear weight), puts the adapters on, and runs 4 steps. Reported: the rise of the resident
-high-water mark over all of that (``/proc/self/clear_refs``, Linux only), the bytes the weights
-hold, and the median time of the last 3 steps; then each NF4 case as a ratio to the float32 base
-of the same shape, measured in the same run.
+Peak memory: each case in a process of its own, which reads the model, puts the adapters on and
+runs 2 steps; the rise of the resident high-water mark over all of that (``/proc/self/clear_refs``,
+Linux only), and the bytes the weights hold. Step time: the three cases side by side in one
+process, their steps interleaved round by round (medians of the rounds), since these machines
+are shared and noisy. Each NF4 case is reported as a ratio to the float32 base of its shape.
 
     python benches/qlora_step.py            # both shapes
-    python benches/qlora_step.py --quick    # a small shape only
-"""
+    python benches/qlora_step.py --quick    # a small shape only, few rounds"""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,38 +106,36 @@ def _weight_bytes(g: gl.Graph, model: Any) -> int:
     return held
 
 
-def _worker(shape_name: str, base: str, folder: str) -> None:
-    """In a process of its own: read, adapt, 4 steps; print peak memory, weight bytes, time."""
+def build(shape_name: str, base: str, folder: Path | str) -> tuple[gl.Graph, Any, Any]:
+    """Read the model, put the adapters on, and compile one step: ``(graph, model, step)``, where
+    ``step()`` runs forward, backward and SGD on the adapters."""
     shape = SHAPES[shape_name]
-    Path("/proc/self/clear_refs").write_text("5")
-    before = _status("VmRSS:")
     g = gl.Graph(np.float32)
     model = gl.from_pretrained(g, folder, quantize=BASES[base])
-    adapters = gl.apply_lora(model, gl.LoraConfig(rank=RANK, alpha=ALPHA, seed=0), shape["targets"])
+    gl.apply_lora(model, gl.LoraConfig(rank=RANK, alpha=ALPHA, seed=0), shape["targets"])
     vocab = shape["config"]["vocab_size"]
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, vocab, size=(1, TOKENS + 1))
-    tokens, targets = ids[:, :-1], ids[0, 1:]
+    ids = np.random.default_rng(0).integers(0, vocab, size=(1, TOKENS + 1))
     opt = SGD(g, gl.nn.parameters(model), lr=1e-3)
-    logits = model.forward(g, tokens, fused=True)
-    run = g.compile(g.cross_entropy(g.reshape(logits, (TOKENS, vocab)), targets))
-    times = []
-    for _ in range(4):
-        start = time.perf_counter()
+    logits = model.forward(g, ids[:, :-1], fused=True)
+    run = g.compile(g.cross_entropy(g.reshape(logits, (TOKENS, vocab)), ids[0, 1:]))
+
+    def step() -> None:
         run()
         opt.step()
         opt.zero_grad()
-        times.append(time.perf_counter() - start)
-    print(
-        json.dumps(
-            {
-                "peak_bytes": _status("VmHWM:") - before,
-                "weight_bytes": _weight_bytes(g, model),
-                "step_seconds": statistics.median(times[1:]),
-                "adapted": len(adapters),
-            }
-        )
-    )
+
+    return g, model, step
+
+
+def _worker(shape_name: str, base: str, folder: str) -> None:
+    """In a process of its own: read, adapt, 2 steps; print the peak memory and weight bytes."""
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status("VmRSS:")
+    g, model, step = build(shape_name, base, folder)
+    for _ in range(2):
+        step()
+    peak = _status("VmHWM:") - before
+    print(json.dumps({"peak_bytes": peak, "weight_bytes": _weight_bytes(g, model)}))
 
 
 def _measure(shape_name: str, base: str, folder: Path) -> dict[str, Any]:
@@ -152,7 +150,9 @@ def _measure(shape_name: str, base: str, folder: Path) -> dict[str, Any]:
     return found
 
 
-def section_h(quick: bool) -> list[dict[str, Any]]:
+def section_h(
+    rounds_of: Callable[..., dict[str, list[float]]], rounds: int, quick: bool
+) -> list[dict[str, Any]]:
     """One row per shape: each base's peak memory, weight bytes and step time, and the NF4
     bases' ratios to the float32 base."""
     rows = []
@@ -161,6 +161,11 @@ def section_h(quick: bool) -> list[dict[str, Any]]:
             folder = Path(tmp) / shape_name
             write_checkpoint(SHAPES[shape_name], folder)
             cases = {base: _measure(shape_name, base, folder) for base in BASES}
+            steps = {base: build(shape_name, base, folder)[2] for base in BASES}
+            samples = rounds_of(steps, rounds=rounds, min_batch=0.0)
+            del steps
+        for base, times in samples.items():
+            cases[base]["step_seconds"] = statistics.median(times)
         float_case = cases["float32"]
         ratios = {
             base: {
@@ -177,7 +182,8 @@ def section_h(quick: bool) -> list[dict[str, Any]]:
 def report(rows: list[dict[str, Any]]) -> None:
     print(
         f"\n(h) QLoRA: a LoRA step (rank {RANK}, 1 x {TOKENS} tokens, float32, replayed) over a "
-        "float32 and an NF4 base; peak memory of reading the model and 4 steps"
+        "float32 and an NF4 base; peak memory of reading the model and 2 steps, step time "
+        "interleaved"
     )
     for row in rows:
         print(f"{row['shape']}:")
@@ -200,7 +206,10 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         _worker(sys.argv[2], sys.argv[3], sys.argv[4])
         sys.exit(0)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from run import rounds_of  # type: ignore[import-not-found]
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    report(section_h(args.quick))
+    report(section_h(rounds_of, 3 if args.quick else 7, args.quick))

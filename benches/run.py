@@ -17,6 +17,9 @@ implementations interleaved round by round (medians of the rounds). Sections:
   e  an MLP with LoRA on every layer, one training step
   f  a GPT LoRA fine-tuning step against transformers + PEFT on PyTorch (benches/gpt_step.py),
      where those are installed, at two sizes; and each side's peak memory
+  g  a Llama LoRA step and greedy generation against transformers + PEFT (benches/llama_step.py)
+  h  QLoRA: a LoRA step over a float32 and over an NF4 base, peak memory and step time, each
+     case in a process of its own (benches/qlora_step.py); the ratios are NF4 to float32
 """
 
 from __future__ import annotations
@@ -466,7 +469,7 @@ def section_e(rounds: int, min_batch: float, quick: bool) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, few rounds")
-    parser.add_argument("--sections", default="a,b,c,d,e,f,g")
+    parser.add_argument("--sections", default="a,b,c,d,e,f,g,h")
     parser.add_argument(
         "--out", default=str(Path(__file__).resolve().parent / "results" / "latest.json")
     )
@@ -552,6 +555,11 @@ def main(argv: list[str] | None = None) -> int:
             rounds_of, rounds, min_batch * 2, args.quick
         )
         llama_step.report(rows)
+    if "h" in sections:
+        import qlora_step
+
+        report["h_qlora_step"] = rows = qlora_step.section_h(rounds_of, rounds, args.quick)
+        qlora_step.report(rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {args.out}")

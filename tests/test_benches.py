@@ -31,7 +31,14 @@ def test_quick_benchmark_run_writes_every_section(tmp_path: Path) -> None:
         "d_peak_memory",
         "e_mlp_step",
         "f_gpt_step",
+        "h_qlora_step",
     } <= set(report)
+    (qlora,) = report["h_qlora_step"]  # the small shape only, in a quick run
+    assert set(qlora["cases"]) == {"float32", "nf4", "nf4 + double quant"}
+    for case in qlora["cases"].values():
+        assert case["peak_bytes"] > 0 and case["step_seconds"] > 0 and case["weight_bytes"] > 0
+    # the weights alone: NF4 holds well under half the bytes of float32
+    assert qlora["ratio_to_float32"]["nf4"]["weight_bytes"] < 0.5
     for row in report["a_lora_step"]:
         assert {
             "numpy",

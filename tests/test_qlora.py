@@ -626,3 +626,20 @@ def test_an_adapter_trained_over_nf4_loads_onto_the_float_model_in_peft(tmp_path
     # over the 4-bit base the logits differ from the float model's by the quantization error
     difference = np.abs(g.value(ours.forward(g, ids)) - theirs).max()
     assert 1e-4 < difference < 0.1 * np.abs(theirs).max()
+
+
+def test_pissa_over_a_quantized_base_quantizes_the_residual_and_releases_the_weight() -> None:
+    rng = np.random.default_rng(4)
+    g = gl.Graph()
+    w = g.parameter(rng.normal(size=(10, 8)), "w")
+    value = np.array(g.value(w))
+    config = gl.LoraConfig(rank=2, init="pissa")
+    layer = gl.LoraLinear.from_linear(g, w, None, config, quantize="nf4")
+    assert w not in g.leaves and isinstance(layer.base, NF4Weight)
+    delta = g.value(layer.lora_a) @ g.value(layer.lora_b) * layer.scaling
+    residual = value - delta  # PiSSA's residual, then quantized
+    np.testing.assert_array_equal(layer.base.codes, NF4Weight.quantize(residual.T).codes)
+    # over the float weight, PiSSA leaves the given parameter frozen and in the graph
+    w2 = g.parameter(value, "w2")
+    gl.LoraLinear.from_linear(g, w2, None, config)
+    assert w2 in g.leaves and not w2.requires_grad

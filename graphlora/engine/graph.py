@@ -597,8 +597,8 @@ class Graph(OpMethods):
         if node._epoch != self._epoch and node._epoch != LEAF:
             if node._epoch == RELEASED:
                 raise StaleNodeError(
-                    f"{where}: {arg} {node!r} was released from the graph (Graph.release: its "
-                    "layer was quantized) and no longer exists"
+                    f"{where}: {arg} {node!r} was released from the graph (Graph.release, as "
+                    "quantizing a layer does) and no longer exists"
                 )
             if node._epoch == DROPPED:
                 raise StaleNodeError(

@@ -189,7 +189,7 @@ class LoraLinear(LoraLayer):
         )
         layer.fan_in_fan_out = fan_in_fan_out
         for node in (weight, bias):  # freeze the base layer, as PEFT does
-            released = node is weight and layer.frozen_weight is not weight
+            released = node is weight and quantized is not None
             if isinstance(node, NodeId) and not released and node.requires_grad:
                 graph.requires_grad_(node, False)
         return layer
@@ -220,15 +220,16 @@ class LoraLinear(LoraLayer):
         adapter_name = check_adapter_name(where, adapter_name)
         draft = draw_update(where, config, weight, rng, "linear")
         residual = draft.residual
-        base = weight
+        base, given = weight, weight_node
         if residual is not None:
             base, weight_node, nf4 = residual, None, None  # PiSSA: the layer holds the residual
-        if quantize is not None and nf4 is None:
-            nf4 = NF4Weight.quantize(
-                base.T, quantize.block_size, double_quant=quantize.double_quant
-            )
-        if quantize is not None and weight_node is not None:
-            graph.release(weight_node)  # the codes replace it
+        if quantize is not None:
+            if nf4 is None:
+                nf4 = NF4Weight.quantize(
+                    base.T, quantize.block_size, double_quant=quantize.double_quant
+                )
+            if given is not None:
+                graph.release(given)  # the codes replace it
             weight_node = None
         with graph.scope(name):  # so that drawings group the layer's nodes
             if weight_node is None and nf4 is None:
