@@ -643,3 +643,22 @@ def test_pissa_over_a_quantized_base_quantizes_the_residual_and_releases_the_wei
     w2 = g.parameter(value, "w2")
     gl.LoraLinear.from_linear(g, w2, None, config)
     assert w2 in g.leaves and not w2.requires_grad
+
+
+def test_save_pretrained_of_a_4_bit_model_writes_the_dequantized_float_weights(
+    tmp_path: Path,
+) -> None:
+    g, model = _llama()
+    gl.nf4.quantize_(model, skip=[])
+    adapters = gl.apply_lora(model, gl.LoraConfig(rank=2), ["q_proj"])
+    model.save_pretrained(g, tmp_path / "saved")
+    g2 = gl.Graph()
+    again = gl.from_pretrained(g2, tmp_path / "saved")
+    for name, module in _linears(again):
+        source = dict(gl.nn.named_modules(model))[name]
+        base = source.base if name in adapters else source.weight
+        np.testing.assert_array_equal(g2.value(module.weight), base.dequantize(np.float64).T)
+    ids = np.array([[1, 2, 3]])
+    with gl.disable_adapters(model):
+        expected = np.array(g.value(model.forward(g, ids)))
+    np.testing.assert_allclose(g2.value(again.forward(g2, ids)), expected, rtol=1e-12)

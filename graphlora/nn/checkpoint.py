@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from graphlora import _checks
+from graphlora.lora.nf4 import NF4Weight
 
 __all__ = [
     "INDEX",
@@ -338,13 +339,19 @@ def save_pretrained(
 ) -> Path:
     """Write ``config.json`` and ``model.safetensors`` into the folder ``path`` as transformers'
     ``save_pretrained`` does: the model's leaves named in ``expected`` (its base weights: a
-    LoRA layer's merged weight when merged, its base weight otherwise), those ``transpose``
+    LoRA layer's merged weight when merged, its base weight otherwise; a 4-bit weight
+    dequantized, so that the folder holds a float model), those ``transpose``
     tells stored ``[out, in]``, in the graph's dtype. The folder is written beside ``path`` and
     renamed into place (``staging``)."""
-    from graphlora.nn.tree import state_dict
+    from graphlora.nn.tree import named_modules, state_dict
 
     st = safetensors_module(where)
     state = state_dict(graph, model)
+    for name, module in named_modules(model):  # 4-bit weights are no leaves: dequantized
+        for attr in ("weight", "nf4"):
+            value = getattr(module, attr, None)
+            if isinstance(value, NF4Weight):
+                state[f"{name}.weight"] = value.dequantize(graph.dtype).T
     missing = sorted(set(expected) - set(state))
     if missing:
         raise ValueError(f"{where}: the model has no leaves {missing[:5]}")
