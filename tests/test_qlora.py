@@ -662,3 +662,168 @@ def test_save_pretrained_of_a_4_bit_model_writes_the_dequantized_float_weights(
     with gl.disable_adapters(model):
         expected = np.array(g.value(model.forward(g, ids)))
     np.testing.assert_allclose(g2.value(again.forward(g2, ids)), expected, rtol=1e-12)
+
+
+# --- what the mutation run asked for: every branch and message seen -------------------------------
+
+
+def test_dynamic_map_and_its_linspace_are_what_bitsandbytes_builds_by_hand() -> None:
+    np.testing.assert_array_equal(nf4_module.dynamic_map(), DYNAMIC_MAP)  # rebuilt, not cached
+    # torch.linspace(0.1, 1, 3) in float32: the middle point from the nearer end's float32 step
+    points = nf4_module._linspace32(0.1, 1.0, 3)
+    np.testing.assert_array_equal(points.astype(np.float32), np.float32([0.1, 0.55, 1.0]))
+    for count in (2, 5, 9, 17, 33, 65):
+        points = nf4_module._linspace32(0.1, 1.0, count)
+        exact = np.linspace(0.1, 1.0, count)
+        assert points[0] == np.float32(0.1) and points[-1] == 1.0
+        assert np.all(np.abs(points - exact) <= np.spacing(np.float32(1.0)))
+    # the 7 exponents of the signed map, 1 + 2 + ... + 64 values each sign
+    magnitudes = np.abs(DYNAMIC_MAP[(DYNAMIC_MAP != 0) & (DYNAMIC_MAP != 1)])
+    decades = np.floor(np.log10(magnitudes)).astype(int)
+    counts = dict(zip(*np.unique(decades, return_counts=True), strict=True))
+    assert counts == {-7: 2, -6: 4, -5: 8, -4: 16, -3: 32, -2: 64, -1: 128}
+    # the middles of an even split of [0.1, 1]: the first of the 2-part split, scaled by 1e-5
+    assert np.isclose(DYNAMIC_MAP, 1e-5 * 0.325, rtol=1e-6, atol=0).sum() == 1
+
+
+def test_refusals_name_the_function_the_argument_and_what_was_given() -> None:
+    good = NestedAbsmax.quantize(np.linspace(0, 1, 300, dtype=np.float32))
+    weight = NF4Weight.quantize(np.ones((2, 4)), block_size=4)
+    cases: list[tuple[Any, type[Exception], str]] = [
+        (
+            lambda: nf4_module.normal_float_levels("a"),
+            TypeError,
+            "normal_float_levels: offset must be a real scalar (int or float), got str: 'a'",
+        ),
+        (
+            lambda: NestedAbsmax(good.codes, good.scales, "x"),
+            TypeError,
+            "NestedAbsmax: offset must be a real scalar (int or float), got str: 'x'",
+        ),
+        (
+            lambda: NestedAbsmax(good.codes.astype(np.int16), good.scales, 0.0),
+            TypeError,
+            "NestedAbsmax: codes must be a 1-D uint8 array, got an ndarray of shape (300,) and "
+            "dtype int16",
+        ),
+        (
+            lambda: NestedAbsmax(good.codes.reshape(3, 100), good.scales, 0.0),
+            TypeError,
+            "NestedAbsmax: codes must be a 1-D uint8 array, got an ndarray of shape (3, 100)",
+        ),
+        (
+            lambda: NestedAbsmax(good.codes, [1.0, 2.0], 0.0),
+            TypeError,
+            "NestedAbsmax: scales must be a float32 array, got list: [1.0, 2.0]",
+        ),
+        (
+            lambda: NF4Weight(weight.codes.astype(np.int8), weight.absmax, (2, 4), 4),
+            TypeError,
+            "NF4Weight: codes must be a uint8 array, got an ndarray of shape (2, 2) and dtype int8",
+        ),
+        (
+            lambda: NF4Weight(weight.codes, [1.0, 1.0], (2, 4), 4),
+            TypeError,
+            "NF4Weight: absmax must be a float32 array or a NestedAbsmax, got list: [1.0, 1.0]",
+        ),
+        (
+            lambda: NF4Weight(weight.codes, np.float32([1.0, np.nan]), (2, 4), 4),
+            ValueError,
+            "NF4Weight: absmax must hold finite values >= 0",
+        ),
+        (
+            lambda: NF4Weight(weight.codes[:, :1], weight.absmax, (2, 4), 4),
+            gl.ShapeError,
+            "NF4Weight: a weight of shape (2, 4) in blocks of 4 needs codes (2, 2)",
+        ),
+        (
+            lambda: NF4Weight.quantize(np.ones(4), block_size="8"),
+            TypeError,
+            "NF4Weight.quantize: block_size must be an int, got '8'",
+        ),
+        (
+            lambda: NF4Weight.quantize(np.ones(4), double_quant=1),
+            TypeError,
+            "NF4Weight.quantize: double_quant must be a bool, got int",
+        ),
+        (lambda: NF4Weight.quantize("w"), TypeError, "NF4Weight.quantize: weight"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match="^" + re.escape(message)):
+            call()
+    g = gl.Graph()
+    a, b = g.constant(np.ones((4, 2))), g.constant(np.ones((2, 2)))
+    norm = nf4_module.nf4_adapted_norm
+    q = NF4Weight.quantize(np.ones((2, 4)))
+    with pytest.raises(TypeError, match=re.escape("nf4_adapted_norm: scaling must be a real")):
+        g.apply(norm, a, b, weight=q, scaling="x")
+    with pytest.raises(TypeError, match="^nf4_adapted_norm: weight must be an NF4Weight"):
+        g.apply(norm, a, b, weight=np.ones((2, 4)), scaling=1.0)
+    flat = g.constant(np.ones(4))
+    with pytest.raises(gl.ShapeError, match=r"^nf4_adapted_norm: a \[in, r\] and b \[r, out\]"):
+        g.apply(norm, flat, b, weight=q, scaling=1.0)  # a is 1-D, b fits
+    with pytest.raises(gl.ShapeError, match=r"^nf4_adapted_norm: a \[in, r\] and b \[r, out\]"):
+        g.apply(norm, a, flat, weight=q, scaling=1.0)  # b is 1-D
+    with pytest.raises(gl.ShapeError, match=r"^nf4_matmul: x \(4,\) needs a weight"):
+        g.apply(nf4_module.nf4_matmul, flat, weight=NF4Weight.quantize(np.ones((3, 2))))
+
+
+def test_the_edges_of_quantizing() -> None:
+    top = float(np.finfo(np.float32).max)
+    at_top = NF4Weight.quantize(np.array([top, -top / 2]), block_size=2)  # float32's largest
+    assert at_top.absmax.tolist() == [top] and at_top.level_indices().tolist() == [[15, 2]]
+    with pytest.raises(ValueError, match="beyond float32's range"):
+        NF4Weight.quantize(np.array([2.0 * top]), block_size=2)
+    q = NF4Weight.quantize(np.arange(6.0).reshape(2, 3), block_size=4)
+    assert q.dequantize().dtype == np.float32 and q.dequantize(np.float64).dtype == np.float64
+    assert repr(q) == "NF4Weight(shape=(2, 3), block_size=4, blocks=2, nbytes=12)"
+    nested = NF4Weight.quantize(np.arange(6.0).reshape(2, 3), block_size=4, double_quant=True)
+    assert repr(nested) == (
+        "NF4Weight(shape=(2, 3), block_size=4, blocks=2, double_quant=True, nbytes=14)"
+    )
+    assert nested.block_absmax().dtype == np.float32 and nested.dequantize().dtype == np.float32
+    empty = NestedAbsmax.quantize(np.zeros(0, np.float32))
+    assert empty.codes.shape == (0,) and empty.scales.shape == (0,) and empty.offset == 0.0
+    # a block of absmax values all equal to their mean: all code 0.0, all back exactly
+    same = NestedAbsmax.quantize(np.full(10, 0.5, np.float32))
+    assert same.dequantize().tolist() == [0.5] * 10 and set(DYNAMIC_MAP[same.codes]) == {0.0}
+    # a value exactly between two levels takes the lower (as bitsandbytes)
+    between = np.float32((DYNAMIC_MAP[200] + DYNAMIC_MAP[201]) / 2)
+    tie = NestedAbsmax.quantize(np.array([0.0, 2 * between, 2.0], np.float32))  # offset ~
+    assert tie.codes.dtype == np.uint8
+
+
+def test_rows_of_a_one_column_weight_come_one_chunk_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    q = NF4Weight.quantize(np.arange(1.0, 6.0).reshape(5, 1), block_size=2)
+    monkeypatch.setattr(nf4_module, "CHUNK_VALUES", 2)
+    assert [(start, stop) for start, stop, _ in q.rows()] == [(0, 2), (2, 4), (4, 5)]
+    monkeypatch.setattr(nf4_module, "CHUNK_VALUES", 1)
+    chunks = list(q.rows())
+    assert [(start, stop) for start, stop, _ in chunks] == [(i, i + 1) for i in range(5)]
+    np.testing.assert_array_equal(np.concatenate([r for _, _, r in chunks]), q.dequantize())
+    empty = NF4Weight.quantize(np.zeros((3, 0)), block_size=2)
+    monkeypatch.setattr(nf4_module, "CHUNK_VALUES", 4)
+    assert [(start, stop) for start, stop, _ in empty.rows()] == [(0, 3)]
+
+
+def test_the_adapted_norm_s_gradient_at_small_and_zero_norms() -> None:
+    # W's rows (outputs) 0.3 and 0: one norm below 1, one exactly 0 (no derivative: 0 there)
+    q = NF4Weight.quantize(np.array([[0.3, 0.0, 0.0], [0.0, 0.0, 0.0]]), block_size=2)
+    a, b = np.zeros((3, 1)), np.zeros((1, 2))
+    g = gl.Graph()
+    an, bn = g.parameter(a), g.parameter(b)
+    norm = g.apply(nf4_module.nf4_adapted_norm, an, bn, weight=q, scaling=2.0)
+    np.testing.assert_allclose(g.value(norm), [0.3, 0.0], rtol=1e-7)
+    g.backward(g.sum(g.mul(norm, g.constant([1.0, 5.0]))))
+    # d||w + 2 A b|| / dA at A = 0, b = 0: 2 (w / ||w||) b^T = 0 since b = 0; for b: 2 A^T w/|w|
+    np.testing.assert_array_equal(g.grad(an), np.zeros((3, 1)))
+    np.testing.assert_array_equal(g.grad(bn), np.zeros((1, 2)))
+    a2 = np.array([[1.0], [0.0], [0.0]])
+    h = gl.Graph()
+    a2n, b2n = h.parameter(a2), h.parameter(b)
+    norm2 = h.apply(nf4_module.nf4_adapted_norm, a2n, b2n, weight=q, scaling=2.0)
+    h.backward(h.sum(h.mul(norm2, h.constant([1.0, 5.0]))))
+    # column 0: w = (0.3, 0, 0), unit (1, 0, 0): dB[0, 0] = 2 * a . unit = 2; column 1: norm 0
+    np.testing.assert_allclose(h.grad(b2n), [[2.0, 0.0]], rtol=1e-6)

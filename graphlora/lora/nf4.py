@@ -145,7 +145,6 @@ DYNAMIC_MAP = dynamic_map()
 """The 256 values of the double quantization's codes (bitsandbytes' dynamic map)."""
 DYNAMIC_MAP.flags.writeable = False
 _DYNAMIC_MIDPOINTS = (DYNAMIC_MAP[1:] + DYNAMIC_MAP[:-1]) / 2
-_DYNAMIC_ZERO = int(np.flatnonzero(DYNAMIC_MAP == 0)[0])
 
 
 def _block_size(where: str, block_size: object) -> int:
@@ -205,19 +204,19 @@ class NestedAbsmax:
     def quantize(cls, absmax: npt.NDArray[np.float32]) -> NestedAbsmax:
         """``absmax`` (float32, finite, >= 0) in 8 bits: each value minus the mean, divided by
         its block's absolute maximum, rounded to the nearest value of ``DYNAMIC_MAP``."""
-        offset = np.float32(absmax.mean(dtype=np.float64)) if absmax.size else np.float32(0)
+        offset = np.float32(absmax.sum(dtype=np.float64) / max(absmax.size, 1))
         centred = (absmax - offset).astype(np.float32)
         blocks = -(-centred.size // NESTED_BLOCK_SIZE)
         padded = np.zeros(blocks * NESTED_BLOCK_SIZE, dtype=np.float32)
         padded[: centred.size] = centred
         grouped = padded.reshape(blocks, NESTED_BLOCK_SIZE)
-        scales = np.abs(grouped).max(axis=1) if blocks else np.zeros(0, np.float32)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            normed = grouped / scales[:, None]
-        codes = np.searchsorted(_DYNAMIC_MIDPOINTS, normed, side="left")
-        codes[~np.isfinite(normed)] = _DYNAMIC_ZERO  # a block of equal values: all zero
-        flat = codes.astype(np.uint8).ravel()[: centred.size]
-        return cls(flat, scales.astype(np.float32), float(offset))
+        scales = np.abs(grouped).max(axis=1, initial=np.float32(0))
+        # a block of zeros (all its values equal the mean) stays zero: code 0.0
+        normed = np.divide(
+            grouped, scales[:, None], out=np.zeros_like(grouped), where=scales[:, None] > 0
+        )
+        codes = np.searchsorted(_DYNAMIC_MIDPOINTS, normed).astype(np.uint8)
+        return cls(codes.ravel()[: centred.size], scales, float(offset))
 
     def __post_init__(self) -> None:
         where = "NestedAbsmax"
@@ -244,8 +243,8 @@ class NestedAbsmax:
         """The ``absmax`` values back, float32 (as bitsandbytes: the code times its block's
         scale, plus the offset)."""
         blocks = np.arange(self.codes.size) // NESTED_BLOCK_SIZE
-        values = DYNAMIC_MAP[self.codes] * self.scales[blocks]
-        out: npt.NDArray[np.float32] = (values + np.float32(self.offset)).astype(np.float32)
+        out: npt.NDArray[np.float32] = DYNAMIC_MAP[self.codes] * self.scales[blocks]
+        out += np.float32(self.offset)
         return out
 
     @property
@@ -299,13 +298,15 @@ class NF4Weight:
         flat = np.zeros(blocks * size, dtype=np.float32)
         flat[: w.size] = w.ravel()
         grouped = flat.reshape(blocks, size)
-        absmax = np.abs(grouped).max(axis=1) if blocks else np.zeros(0, np.float32)
-        scaled = grouped / np.where(absmax > 0, absmax, 1.0)[:, None]  # in [-1, 1]
+        absmax = np.abs(grouped).max(axis=1, initial=np.float32(0))
+        # in [-1, 1]; a block of zeros stays zero
+        scaled = np.divide(
+            grouped, absmax[:, None], out=np.zeros_like(grouped), where=absmax[:, None] > 0
+        )
         # The nearest level; a value exactly between two takes the lower, as bitsandbytes.
-        codes = np.searchsorted(_MIDPOINTS, scaled, side="left").astype(np.uint8)
-        packed = ((codes[:, 0::2] << 4) | codes[:, 1::2]).astype(np.uint8)
-        kept = absmax.astype(np.float32)
-        return cls(packed, NestedAbsmax.quantize(kept) if nested else kept, w.shape, size)
+        codes = np.searchsorted(_MIDPOINTS, scaled).astype(np.uint8)
+        packed = (codes[:, 0::2] << 4) | codes[:, 1::2]
+        return cls(packed, NestedAbsmax.quantize(absmax) if nested else absmax, w.shape, size)
 
     def __post_init__(self) -> None:
         """Refuse parts that do not fit together (a hand-made or damaged weight), by name."""
@@ -329,7 +330,7 @@ class NF4Weight:
                 f"{where}: absmax must be a float32 array or a NestedAbsmax, got "
                 f"{_checks.describe(absmax)}"
             )
-        if codes.shape != (blocks, size // 2) or absmax_shape != (blocks,):
+        if codes.shape != (blocks, size >> 1) or absmax_shape != (blocks,):
             raise ShapeError(
                 f"{where}: a weight of shape {shape} in blocks of {size} needs codes "
                 f"{(blocks, size // 2)} and absmax {(blocks,)}, got {codes.shape} and "
@@ -353,13 +354,11 @@ class NF4Weight:
         indices[:, 1::2] = self.codes & 0x0F
         return indices
 
-    def values(
-        self, start: int, stop: int, absmax: npt.NDArray[np.float32] | None = None
+    def _values(
+        self, start: int, stop: int, scales: npt.NDArray[np.float32]
     ) -> npt.NDArray[np.float32]:
         """The dequantized values ``start`` to ``stop`` of the flattened weight (float32),
-        dequantizing only the blocks they lie in; ``absmax`` is ``block_absmax()``, when the
-        caller already has it."""
-        scales = self.block_absmax() if absmax is None else absmax
+        dequantizing only the blocks they lie in; ``scales`` is ``block_absmax()``."""
         size = self.block_size
         first, last = start // size, -(-stop // size)
         pairs = np.take(_PAIRS, self.codes[first:last], axis=0)  # [blocks, size / 2, 2]
@@ -370,21 +369,22 @@ class NF4Weight:
         ]
         return out
 
-    def rows(self, dtype: npt.DTypeLike = np.float32) -> Iterator[tuple[int, int, Array]]:
-        """A 2-D weight's rows dequantized a few at a time, ``(start, stop, rows)`` with at most
-        ``CHUNK_VALUES`` values (at least one row) in ``dtype``: what the NF4 ops multiply by."""
+    def rows(self) -> Iterator[tuple[int, int, npt.NDArray[np.float32]]]:
+        """A 2-D weight's rows dequantized a few at a time, ``(start, stop, rows)`` in float32
+        with at most ``CHUNK_VALUES`` values (at least one row): what the NF4 ops multiply by
+        (NumPy widens them exactly where the other operand is float64)."""
         count, width = self.shape
         step = max(1, CHUNK_VALUES // max(width, 1))
         scales = self.block_absmax()
         for start in range(0, count, step):
             stop = min(count, start + step)
-            block = self.values(start * width, stop * width, scales)
-            yield start, stop, block.reshape(stop - start, width).astype(dtype, copy=False)
+            block = self._values(start * width, stop * width, scales)
+            yield start, stop, block.reshape(stop - start, width)
 
     def dequantize(self, dtype: npt.DTypeLike = np.float32) -> Array:
         """The weight back, in ``dtype``: each value's level times its block's ``absmax``."""
-        size = math.prod(self.shape)
-        out: Array = self.values(0, size).reshape(self.shape).astype(dtype)
+        values = self._values(0, math.prod(self.shape), self.block_absmax())
+        out: Array = values.reshape(self.shape).astype(dtype)
         return out
 
     @property
@@ -409,7 +409,7 @@ def _times_transposed(x: Array, weight: NF4Weight) -> Array:
     count, width = weight.shape
     flat = x.reshape(math.prod(x.shape[:-1]), width)
     out = np.empty((flat.shape[0], count), dtype=x.dtype)
-    for start, stop, rows in weight.rows(x.dtype):
+    for start, stop, rows in weight.rows():
         out[:, start:stop] = flat @ rows.T
     return out.reshape(*x.shape[:-1], count)
 
@@ -419,7 +419,7 @@ def _times(x: Array, weight: NF4Weight) -> Array:
     count, width = weight.shape
     flat = x.reshape(math.prod(x.shape[:-1]), count)
     out = np.zeros((flat.shape[0], width), dtype=x.dtype)
-    for start, stop, rows in weight.rows(x.dtype):
+    for start, stop, rows in weight.rows():
         out += flat[:, start:stop] @ rows
     return out.reshape(*x.shape[:-1], width)
 
@@ -445,23 +445,23 @@ def _check_nf4_linear(x: Array, *, weight: object) -> None:
         )
 
 
-def _nf4_inputs(draw: Draw) -> tuple[Array | None, ...]:
+def _nf4_inputs(draw: Draw) -> tuple[Array | None, ...]:  # pragma: no mutate block
     *batch, n_in = draw.shape(min_dims=1, max_dims=3)
     return (draw.floats((*batch, n_in)),)
 
 
-def _nf4_draw(draw: Draw, shape: tuple[int, int]) -> NF4Weight:
+def _nf4_draw(draw: Draw, shape: tuple[int, int]) -> NF4Weight:  # pragma: no mutate block
     w = draw.floats(shape)
     return NF4Weight.quantize(
         w, block_size=draw.choice([2, 4, 64]), double_quant=draw.choice([False, True])
     )
 
 
-def _nf4_matmul_params(draw: Draw, x: Array) -> Params:
+def _nf4_matmul_params(draw: Draw, x: Array) -> Params:  # pragma: no mutate block
     return {"weight": _nf4_draw(draw, (x.shape[-1], draw.choice([0, 1, 3, 5])))}
 
 
-def _nf4_linear_params(draw: Draw, x: Array) -> Params:
+def _nf4_linear_params(draw: Draw, x: Array) -> Params:  # pragma: no mutate block
     return {"weight": _nf4_draw(draw, (draw.choice([0, 1, 3, 5]), x.shape[-1]))}
 
 
@@ -515,12 +515,12 @@ def _check_adapted_norm(a: Array, b: Array, *, weight: object, scaling: object =
     return {"weight": weight, "scaling": _checks.real_scalar(where, "scaling", scaling)}
 
 
-def _adapted_inputs(draw: Draw) -> tuple[Array | None, ...]:
+def _adapted_inputs(draw: Draw) -> tuple[Array | None, ...]:  # pragma: no mutate block
     n_in, rank, n_out = draw.shape(min_dims=3, max_dims=3, min_side=1, max_side=4)
     return draw.floats((n_in, rank), -0.5, 0.5), draw.floats((rank, n_out), -0.5, 0.5)
 
 
-def _adapted_params(draw: Draw, a: Array, b: Array) -> Params:
+def _adapted_params(draw: Draw, a: Array, b: Array) -> Params:  # pragma: no mutate block
     # W in [4, 8] and |s A B| <= 2: every norm is far from 0, where it has no derivative
     w = draw.floats((b.shape[1], a.shape[0]), 4.0, 8.0)
     return {
@@ -535,7 +535,7 @@ def _adapted_rows(
     a: Array, b: Array, weight: NF4Weight, scaling: float
 ) -> Iterator[tuple[int, int, Array]]:
     """The rows of ``Wᵀ + s (A B)ᵀ`` (``[out, in]``), a few at a time."""
-    for start, stop, rows in weight.rows(a.dtype):
+    for start, stop, rows in weight.rows():
         yield start, stop, rows + scaling * (a @ b[:, start:stop]).T
 
 
@@ -550,11 +550,10 @@ def _nf4_adapted_norm(a: Array, b: Array, *, weight: Any, scaling: float) -> tup
     """
     norms = np.empty(b.shape[1], dtype=a.dtype)
     for start, stop, rows in _adapted_rows(a, b, weight, scaling):
-        norms[start:stop] = np.sqrt(np.einsum("ij,ij->i", rows, rows))
+        norms[start:stop] = np.linalg.norm(rows, axis=1)
 
     def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            unit = np.where(norms > 0, g / norms, 0.0)
+        unit = np.divide(g, norms, out=np.zeros_like(norms), where=norms > 0)
         grad_a = np.zeros_like(a) if needs[0] else None
         grad_b = np.empty_like(b) if needs[1] else None
         for start, stop, rows in _adapted_rows(a, b, weight, scaling):
