@@ -757,7 +757,7 @@ def test_refusals_name_the_function_the_argument_and_what_was_given() -> None:
     q = NF4Weight.quantize(np.ones((2, 4)))
     with pytest.raises(TypeError, match=re.escape("nf4_adapted_norm: scaling must be a real")):
         g.apply(norm, a, b, weight=q, scaling="x")
-    with pytest.raises(TypeError, match="^nf4_adapted_norm: weight must be an NF4Weight"):
+    with pytest.raises(TypeError, match=r"^nf4_adapted_norm: weight must be an NF4Weight"):
         g.apply(norm, a, b, weight=np.ones((2, 4)), scaling=1.0)
     flat = g.constant(np.ones(4))
     with pytest.raises(gl.ShapeError, match=r"^nf4_adapted_norm: a \[in, r\] and b \[r, out\]"):
