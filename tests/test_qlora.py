@@ -170,6 +170,13 @@ def test_the_nf4_ops_give_the_same_numbers_whatever_the_chunk(
     np.testing.assert_allclose(g.value(norm), expected, rtol=1e-12)
     g.backward(g.sum(g.mul(y, y)))
     np.testing.assert_allclose(g.grad(xs), 2 * (x @ dense.T) @ dense, rtol=1e-10)
+    an, bn = g.parameter(a), g.parameter(b)
+    norms = g.apply(nf4_module.nf4_adapted_norm, an, bn, weight=weight, scaling=0.5)
+    g.backward(g.sum(norms))
+    adapted = dense.T + 0.5 * a @ b  # [in, out]
+    unit = adapted / np.linalg.norm(adapted, axis=0)
+    np.testing.assert_allclose(g.grad(an), 0.5 * unit @ b.T, rtol=1e-10)
+    np.testing.assert_allclose(g.grad(bn), 0.5 * a.T @ unit, rtol=1e-10)
 
 
 def test_nf4_linear_refuses_what_does_not_fit_and_records_nothing() -> None:
@@ -763,7 +770,7 @@ def test_refusals_name_the_function_the_argument_and_what_was_given() -> None:
     with pytest.raises(gl.ShapeError, match=r"^nf4_adapted_norm: a \[in, r\] and b \[r, out\]"):
         g.apply(norm, flat, b, weight=q, scaling=1.0)  # a is 1-D, b fits
     with pytest.raises(gl.ShapeError, match=r"^nf4_adapted_norm: a \[in, r\] and b \[r, out\]"):
-        g.apply(norm, a, flat, weight=q, scaling=1.0)  # b is 1-D
+        g.apply(norm, a, g.constant(np.ones(2)), weight=q, scaling=1.0)  # b is 1-D, a fits
     with pytest.raises(gl.ShapeError, match=r"^nf4_matmul: x \(4,\) needs a weight"):
         g.apply(nf4_module.nf4_matmul, flat, weight=NF4Weight.quantize(np.ones((3, 2))))
 
@@ -777,6 +784,8 @@ def test_the_edges_of_quantizing() -> None:
     q = NF4Weight.quantize(np.arange(6.0).reshape(2, 3), block_size=4)
     assert q.dequantize().dtype == np.float32 and q.dequantize(np.float64).dtype == np.float64
     assert repr(q) == "NF4Weight(shape=(2, 3), block_size=4, blocks=2, nbytes=12)"
+    three = NF4Weight.quantize(np.ones((2, 3)), block_size=2)  # codes [3 blocks, 1 byte]
+    assert repr(three) == "NF4Weight(shape=(2, 3), block_size=2, blocks=3, nbytes=15)"
     nested = NF4Weight.quantize(np.arange(6.0).reshape(2, 3), block_size=4, double_quant=True)
     assert repr(nested) == (
         "NF4Weight(shape=(2, 3), block_size=4, blocks=2, double_quant=True, nbytes=14)"
