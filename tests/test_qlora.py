@@ -328,7 +328,12 @@ def test_merging_over_nf4_dequantizes_a_copy_and_merge_in_place_says_dequantize_
     dense = layer.base.dequantize(np.float64).T
     expected = dense + g.value(layer.lora_a) @ g.value(layer.lora_b) * layer.scaling
     np.testing.assert_allclose(layer.merge(g), expected, rtol=1e-12)
-    with pytest.raises(gl.GraphError, match=r"holds its base weight in NF4.*dequantize it first"):
+    message = (
+        f"LoraLinear.merge_: {layer.name} holds its base weight in NF4, which cannot take the "
+        "adapters in place; dequantize it first (layer.dequantize_(graph)), or use merge() or "
+        "save_merged, which dequantize a copy"
+    )
+    with pytest.raises(gl.GraphError, match="^" + re.escape(message) + "$"):
         layer.merge_(g)
     x = g.constant(rng.normal(size=(3, 8)))
     before = np.array(g.value(layer.forward(g, x)))
@@ -836,3 +841,61 @@ def test_the_adapted_norm_s_gradient_at_small_and_zero_norms() -> None:
     h.backward(h.sum(h.mul(norm2, h.constant([1.0, 5.0]))))
     # column 0: w = (0.3, 0, 0), unit (1, 0, 0): dB[0, 0] = 2 * a . unit = 2; column 1: norm 0
     np.testing.assert_allclose(h.grad(b2n), [[2.0, 0.0]], rtol=1e-6)
+
+
+def test_the_engine_s_release_and_readers_name_themselves() -> None:
+    g, other = gl.Graph(), gl.Graph()
+    foreign = other.constant(np.ones(2))
+    for call, name, arg in [
+        (g.release, "Graph.release", "leaf"),
+        (g.readers, "Graph.readers", "node"),
+    ]:
+        with pytest.raises(TypeError, match=f"^{re.escape(name)}: {arg} must be a NodeId, got int"):
+            call(3)  # type: ignore[arg-type]
+        with pytest.raises(gl.ForeignNodeError, match=f"^{re.escape(name)}: {arg} NodeId"):
+            call(foreign)
+    leaf = g.constant(np.ones(2))
+    g.release(leaf)
+    message = (
+        f"value: node {leaf!r} was released from the graph (Graph.release, as quantizing a layer "
+        "does) and no longer exists"
+    )
+    with pytest.raises(gl.StaleNodeError, match="^" + re.escape(message) + "$"):
+        g.value(leaf)
+
+
+def test_a_layer_over_a_given_nf4_weight_keeps_it_and_its_settings() -> None:
+    g = gl.Graph(np.float32)
+    rng = np.random.default_rng(5)
+    weight = NF4Weight.quantize(rng.normal(size=(1, 6)), block_size=4, double_quant=True)
+    layer = gl.LoraLinear.from_linear(g, weight, None, gl.LoraConfig(rank=1), name="one")
+    assert layer.base is weight  # not quantized again
+    assert layer.base_weight(g).dtype == np.float32 and layer.base_weight(g).shape == (6, 1)
+    x = g.constant(rng.normal(size=(2, 6)))
+    assert g.value(layer.forward(g, x)).dtype == np.float32
+    # PiSSA over a given NF4 weight: the residual is quantized with the same settings
+    square = NF4Weight.quantize(rng.normal(size=(6, 6)), block_size=4, double_quant=True)
+    pissa = gl.LoraLinear.from_linear(g, square, None, gl.LoraConfig(rank=2, init="pissa"))
+    assert isinstance(pissa.base, NF4Weight) and pissa.base is not square
+    assert pissa.base.block_size == 4 and pissa.base.double_quant
+    # quantize= with a block size of its own is honoured
+    sized = gl.LoraLinear.from_linear(
+        g, rng.normal(size=(8, 4)), None, gl.LoraConfig(rank=2), quantize=NF4Config(8)
+    )
+    assert sized.base.block_size == 8 and not sized.base.double_quant
+    with pytest.raises(ValueError, match=r"^LoraLinear.from_linear: quantize must be None"):
+        gl.LoraLinear.from_linear(
+            g, rng.normal(size=(8, 4)), None, quantize="int4"
+        )  # checked first
+    # dequantize_: a float constant in the layer's scope, under the layer's name
+    layer.dequantize_(g)
+    assert layer.frozen_weight is not None
+    assert layer.frozen_weight.name == "one.weight" and layer.frozen_weight.scope == "one/frozen"
+    assert layer.frozen_weight.dtype == np.float32
+    with pytest.raises(TypeError, match=r"^LoraLinear.dequantize_: graph must be a Graph"):
+        layer.dequantize_(None)  # type: ignore[arg-type]
+    biased = gl.LoraLinear.from_linear(g, weight, np.ones(1), gl.LoraConfig(rank=1), name="b")
+    assert biased.bias is not None and biased.bias.name == "b.bias"
+    assert np.allclose(
+        g.value(biased.base_forward(g, x)), g.value(layer.base_forward(g, x)) + 1.0, atol=1e-6
+    )
