@@ -825,3 +825,52 @@ def test_a_peft_adapter_with_an_adapted_llama_embedding_loads(tmp_path: Path) ->
         g.value(layers["model.embed_tokens"].lora_a),
         written["base_model.model.model.embed_tokens.lora_embedding_A"].T,
     )
+
+
+class _Narrow:
+    """One linear ``fc`` (20 -> 2), narrower than PEFT's default rank of 8."""
+
+    def __init__(self, g: gl.Graph, weight: np.ndarray, bias: np.ndarray) -> None:
+        self.fc = gl.Linear.from_arrays(g, weight, bias, name="fc")
+
+    def forward(self, g: gl.Graph, x: gl.NodeId) -> gl.NodeId:
+        return self.fc.forward(g, x)
+
+
+@pytest.mark.crosscheck
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_a_rank_above_min_in_out_goes_both_ways_with_peft(tmp_path: Path, use_dora: bool) -> None:
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = torch.nn.Sequential()
+    base.add_module("fc", torch.nn.Linear(20, 2).double())
+    config = peft.LoraConfig(r=8, target_modules=["fc"], init_lora_weights=False, use_dora=use_dora)
+    theirs = peft.get_peft_model(base, config)
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    weight = base.fc.base_layer.weight.detach().numpy().T
+    bias = base.fc.base_layer.bias.detach().numpy()
+    x = np.random.default_rng(0).normal(size=(4, 20))
+    expected = theirs(torch.tensor(x)).detach().numpy()
+    g = gl.Graph()
+    ours = _Narrow(g, weight, bias)
+    layers = gl.apply_adapter(tmp_path / "theirs", g, ours)
+    assert layers["fc"].rank == 8 and g.value(layers["fc"].lora_a).shape == (20, 8)
+    np.testing.assert_allclose(g.value(ours.forward(g, g.constant(x))), expected, atol=1e-12)
+    # and back: graphlora's rank-8 adapter on the 20 -> 2 layer, into PEFT
+    g2 = gl.Graph()
+    mine = _Narrow(g2, weight, bias)
+    adapted = gl.apply_lora(mine, gl.LoraConfig(rank=8, init="random", use_dora=use_dora, seed=3))
+    gl.save_adapter(tmp_path / "ours", g2, mine)
+    torch.manual_seed(1)
+    fresh = torch.nn.Sequential()
+    fresh.add_module("fc", torch.nn.Linear(20, 2).double())
+    with torch.no_grad():
+        fresh.fc.weight.copy_(torch.tensor(weight.T))
+        fresh.fc.bias.copy_(torch.tensor(bias))
+    loaded = peft.PeftModel.from_pretrained(fresh, str(tmp_path / "ours"))
+    np.testing.assert_allclose(
+        loaded(torch.tensor(x)).detach().numpy(),
+        g2.value(adapted["fc"].forward(g2, g2.constant(x))),
+        atol=1e-12,
+    )

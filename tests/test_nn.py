@@ -128,7 +128,7 @@ def test_apply_lora_validation_changes_nothing() -> None:
     ]
     for targets, error, match in cases:
         with pytest.raises(error, match=match):
-            gl.apply_lora(model, gl.LoraConfig(rank=3), target_modules=targets)
+            gl.apply_lora(model, gl.LoraConfig(rank=3, init="pissa"), target_modules=targets)
         assert len(model.parameters()) == 4
         assert len(g) == 4
     gl.apply_lora(model, gl.LoraConfig(rank=1), target_modules=["layers.0"])

@@ -360,7 +360,10 @@ def test_lora_embedding_merge_unmerge_is_bit_exact_and_refusals_change_nothing()
             "the 'dora' variant supports linear layers, not embedding layers",
         ),
         (gl.LoraConfig(rank=2, init="pissa"), "init='pissa' is for linear layers only"),
-        (gl.LoraConfig(rank=6), r"rank 6 exceeds min\(num_embeddings, embedding_dim\) = 5"),
+        (
+            gl.LoraConfig(rank=6, init="pissa"),
+            r"rank 6 exceeds min\(num_embeddings, embedding_dim\) = 5",
+        ),
     ]:
         with pytest.raises(ValueError, match="LoraEmbedding.from_embedding: " + match):
             gl.LoraEmbedding.from_embedding(g, before, config)

@@ -63,7 +63,7 @@ class LoraEmbedding(LoraLayer):
         ShapeError
             For a table that is not 2-D and non-empty.
         TypeError, ValueError
-            For a bad config, a rank above ``min(V, D)``, DoRA or ``init="pissa"``.
+            For a bad config, DoRA or ``init="pissa"``.
         """
         where = "LoraEmbedding.from_embedding"
         check_graph(where, graph)

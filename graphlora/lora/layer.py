@@ -218,7 +218,7 @@ class LoraLayer:
         Raises
         ------
         ValueError
-            For a name the layer already holds, a rank above ``min(in, out)``, ``init="pissa"``
+            For a name the layer already holds, ``init="pissa"``
             (PiSSA rewrites the base weight, which the adapters share: it is for a new layer's
             first adapter), or a variant the layer kind does not support (DoRA or VeRA on an
             embedding). Nothing is changed.

@@ -88,7 +88,7 @@ class LoraLinear(LoraLayer):
         Raises
         ------
         TypeError, ValueError
-            For sizes that are not positive ints, or ``rank > min(in_features, out_features)``.
+            For sizes that are not positive ints, or ``init="pissa"`` with ``rank > min(in, out)``.
         """
         where = "LoraLinear.new"
         check_graph(where, graph)
@@ -137,7 +137,7 @@ class LoraLinear(LoraLayer):
         TypeError
             For data that is not floating point, or a config that is not a LoraConfig.
         ValueError
-            For ``rank > min(in, out)``, or ``quantize`` of an ``NF4Weight``.
+            For ``init="pissa"`` with ``rank > min(in, out)``, or ``quantize`` of an ``NF4Weight``.
         GraphError
             For ``quantize`` of a weight leaf a recorded op still reads (``reset()`` first).
         """

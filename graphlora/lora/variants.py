@@ -126,8 +126,9 @@ def adapter_generator(where: str, config: AdapterConfig, rng: object) -> np.rand
 
 
 def check_rank(where: str, config: AdapterConfig, shape: tuple[int, ...], layer_kind: str) -> None:
-    """Refuse a LoRA rank above ``min(shape)`` of a layer's weight (A and B could not hold it);
-    VeRA's shared projections may be of any rank."""
+    """Refuse a rank above ``min(shape)`` where it cannot exist: PiSSA's A and B are the top-rank
+    singular vectors of the weight, which has only ``min(shape)``. Any other rank is accepted,
+    as PEFT accepts it (A and B of rank above ``min(in, out)`` are merely redundant)."""
     if rank_bounded(config) and config.rank > min(shape):
         dims = (
             "num_embeddings, embedding_dim"
@@ -135,14 +136,15 @@ def check_rank(where: str, config: AdapterConfig, shape: tuple[int, ...], layer_
             else "in_features, out_features"
         )
         raise ValueError(
-            f"{where}: rank {config.rank} exceeds min({dims}) = {min(shape)} for weight {shape}"
+            f"{where}: rank {config.rank} exceeds min({dims}) = {min(shape)} for weight {shape}; "
+            "init='pissa' takes that many singular vectors of the weight"
         )
 
 
 def rank_bounded(config: object) -> bool:
-    """Whether the rank may not exceed ``min(in, out)`` (LoRA's A and B; VeRA's shared
-    projections may be of any rank)."""
-    return not isinstance(config, VeraConfig)
+    """Whether the rank may not exceed ``min(in, out)``: for PiSSA only, whose A and B are the
+    weight's singular vectors (LoRA, DoRA and VeRA take any rank, as PEFT)."""
+    return rewrites_base(config)
 
 
 def rewrites_base(config: object) -> bool:

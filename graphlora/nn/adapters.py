@@ -115,9 +115,9 @@ def apply_lora(
     ------
     ValueError
         For a target that matches no layer (the message lists them), a layer that already holds
-        an adapter of that name, a rank above a layer's ``min(in, out)``, DoRA on an embedding,
-        or ``init="pissa"`` for a second adapter, or ``quantize`` for layers that are LoRA
-        layers already. Nothing is changed.
+        an adapter of that name, PiSSA with a rank above a layer's ``min(in, out)`` (any other
+        rank is accepted, as PEFT), DoRA on an embedding, ``init="pissa"`` for a second adapter,
+        or ``quantize`` for layers that are LoRA layers already. Nothing is changed.
     GraphError
         With ``quantize``, for a targeted weight a recorded op still reads (``reset()`` first).
     """
@@ -261,7 +261,8 @@ def _check_targets(
     ]
     if too_small:
         raise ValueError(
-            f"{where}: rank {config.rank} exceeds min(in, out) of layer(s) {too_small}"
+            f"{where}: rank {config.rank} exceeds min(in, out) of layer(s) {too_small}; "
+            "init='pissa' takes that many singular vectors of each weight"
         )
     embeddings = [n for n, layer, _ in chosen if isinstance(layer, (Embedding, LoraEmbedding))]
     if embeddings:
