@@ -15,7 +15,6 @@ intact. Loading checks everything before assigning anything, and nothing is ever
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -31,7 +30,7 @@ from graphlora.lora import LoraConfig, LoraEmbedding, LoraLayer, LoraLinear
 from graphlora.lora.functional import lora_scaling
 from graphlora.lora.layer import adapter_list, check_adapter_name
 from graphlora.nn import checkpoint
-from graphlora.nn.adapters import apply_lora
+from graphlora.nn.adapters import apply_lora, pattern_value
 from graphlora.nn.checkpoint import safetensors_module
 from graphlora.ops import Array
 
@@ -338,29 +337,18 @@ class AdapterFile:
 
     def rank(self, name: str) -> int:
         """The rank the config gives module ``name`` (``rank_pattern``, else ``r``)."""
-        return int(_pattern_value(self.config.get("rank_pattern") or {}, name, self.config["r"]))
+        return int(pattern_value(self.config.get("rank_pattern") or {}, name, self.config["r"]))
 
     def alpha(self, name: str) -> float:
         """The alpha the config gives module ``name`` (``alpha_pattern``, else ``lora_alpha``)."""
         return float(
-            _pattern_value(self.config.get("alpha_pattern") or {}, name, self.config["lora_alpha"])
+            pattern_value(self.config.get("alpha_pattern") or {}, name, self.config["lora_alpha"])
         )
 
     def scaling(self, name: str) -> float:
         """``alpha / rank``, or ``alpha / sqrt(rank)`` with ``use_rslora``."""
         rslora = bool(self.config.get("use_rslora"))
         return lora_scaling(self.rank(name), self.alpha(name), use_rslora=rslora)
-
-
-def _pattern_value(pattern: Mapping[str, Any], name: str, default: Any) -> Any:
-    """PEFT's lookup: an exact key, else the first key matching the end of ``name`` as a regex."""
-    if name in pattern:
-        return pattern[name]
-    for key, value in pattern.items():
-        with contextlib.suppress(re.error):
-            if re.match(rf"(.*\.)?({key})$", name):
-                return value
-    return default
 
 
 def _check_rank_and_alpha(where: str, file: Path, field: str, value: object, kind: str) -> None:

@@ -9,8 +9,10 @@ every LoRA layer of a model at once.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -72,6 +74,11 @@ def apply_lora(
     adapter_name: str = "default",
     rng: _checks.Rng = None,
     quantize: str | NF4Config | None = None,
+    exclude_modules: str | Sequence[str] | None = None,
+    layers_to_transform: int | Sequence[int] | None = None,
+    layers_pattern: str | Sequence[str] | None = None,
+    rank_pattern: Mapping[str, int] | None = None,
+    alpha_pattern: Mapping[str, float] | None = None,
 ) -> dict[str, LoraLayer]:
     """Freeze ``model``'s leaves and put a LoRA adapter on the targeted layers.
 
@@ -93,7 +100,8 @@ def apply_lora(
         equals it or ends with ``"." + name`` (``"c_attn"`` matches every
         ``transformer.h.N.attn.c_attn``), or one string, a regular expression that must match
         a whole name. ``None``: the model's ``default_lora_targets`` if it has them (``GPT``:
-        ``c_attn``, as PEFT), else every linear layer.
+        ``c_attn``, as PEFT), else every linear layer. ``"all-linear"``: every linear layer but
+        the model's output head (``lm_head``), as PEFT.
     adapter_name
         The adapter's name (PEFT's ``"default"`` unless given).
     rng
@@ -104,6 +112,17 @@ def apply_lora(
         the 4-bit base. Targeted ``NF4Linear`` layers (``from_pretrained(...,
         quantize="nf4")``, ``gl.nf4.quantize_``) get adapters over their NF4 base with or
         without it. Targeted embeddings stay float.
+    exclude_modules
+        PEFT's ``exclude_modules``: layers matched by these names (as ``target_modules``: a list,
+        or one regular expression) get no adapter.
+    layers_to_transform, layers_pattern
+        PEFT's: with a list of targets, only the layers whose block index (the number after
+        ``layers_pattern``, e.g. ``"layers"`` or ``"h"``, or else after the name's second-to-last
+        part before a number) is ``layers_to_transform`` (an int or a list of ints).
+    rank_pattern, alpha_pattern
+        PEFT's: ``{pattern: rank}`` and ``{pattern: alpha}`` for the layers whose name matches
+        a pattern (equal to it, or ending with ``"." + pattern`` read as a regular expression);
+        the others take ``config``'s. LoRA only.
 
     Returns
     -------
@@ -130,8 +149,15 @@ def apply_lora(
     names = [name for name, _, _ in layers]
     linear_names = [n for n, layer, _ in layers if isinstance(layer, _LINEAR)]
     targets: Any = target_modules
+    if layers_to_transform is not None and isinstance(targets, str):  # as PEFT
+        raise ValueError(
+            f"{where}: layers_to_transform needs a list of target_modules, not {targets!r}"
+        )
     if targets is None:
         targets = list(getattr(model, "default_lora_targets", linear_names))
+    elif targets == "all-linear":  # PEFT's: every linear layer but the output head
+        head = getattr(model, "output_layer", None)
+        targets = [name for name in linear_names if name != head]
     elif not isinstance(targets, str) and not (
         isinstance(targets, Sequence) and all(isinstance(t, str) for t in targets)
     ):
@@ -154,8 +180,9 @@ def apply_lora(
         raise ValueError(
             f"{where}: unknown target(s) {unmatched}; the model has the {kinds} layers {names}"
         )
-    chosen = [(name, layer, place) for name, layer, place in layers if matches(name, targets)]
-    _check_targets(where, chosen, config, adapter_name)
+    chosen = _select(where, layers, targets, exclude_modules, layers_to_transform, layers_pattern)
+    configs = _layer_configs(where, config, [n for n, _, _ in chosen], rank_pattern, alpha_pattern)
+    _check_targets(where, chosen, configs, adapter_name)
     if quantized is not None:
         _check_quantizable(where, chosen)
     existing = lora_layers(model)
@@ -168,6 +195,7 @@ def apply_lora(
     shared = kind.prepare(graph, config, linear_shapes) if linear_shapes else None
     adapted: dict[str, LoraLayer] = {}
     for name, layer, place in chosen:
+        config = configs[name]
         if isinstance(layer, LoraLayer):
             layer.add_adapter(graph, adapter_name, config, rng=generator, shared=shared)
             adapted[name] = layer
@@ -202,6 +230,114 @@ def apply_lora(
 
 
 _LINEAR = (Linear, NF4Linear, LoraLinear)
+
+
+def pattern_value(pattern: Mapping[str, Any], name: str, default: Any) -> Any:
+    """PEFT's lookup in ``rank_pattern`` and ``alpha_pattern``: an exact key, else the first key
+    matching the end of ``name`` as a regex (after a dot), else ``default``."""
+    if name in pattern:
+        return pattern[name]
+    for key, value in pattern.items():
+        with contextlib.suppress(re.error):
+            if re.match(rf"(.*\.)?({key})$", name):
+                return value
+    return default
+
+
+def _select(
+    where: str,
+    layers: list[tuple[str, Any, Any]],
+    targets: str | Sequence[str],
+    exclude: object,
+    indexes: object,
+    patterns: object,
+) -> list[tuple[str, Any, Any]]:
+    """The targeted layers, as PEFT's ``check_target_module_exists``: matched by ``targets``,
+    not by ``exclude``, and (with a list of targets) in the blocks ``indexes`` names."""
+    if exclude is not None:
+        exclude = _names(where, "exclude_modules", exclude)
+    if indexes is not None:
+        indexes = [indexes] if _checks.is_int(indexes) else indexes
+        if not (isinstance(indexes, Sequence) and all(_checks.is_int(i) for i in indexes)):
+            raise TypeError(f"{where}: layers_to_transform must be an int or a list of ints")
+    if patterns is not None:
+        patterns = [patterns] if isinstance(patterns, str) else patterns
+        if not (isinstance(patterns, Sequence) and all(isinstance(p, str) for p in patterns)):
+            raise TypeError(f"{where}: layers_pattern must be a str or a list of str")
+    chosen = []
+    for name, layer, place in layers:
+        if not matches(name, targets):
+            continue
+        if exclude is not None and matches(name, exclude):
+            continue
+        if indexes:
+            found = _block_index(name, patterns)
+            if found is None or found not in indexes:
+                continue
+        chosen.append((name, layer, place))
+    if not chosen:
+        raise ValueError(
+            f"{where}: no layer is left to adapt after exclude_modules {exclude!r} and "
+            f"layers_to_transform {indexes!r}"
+        )
+    return chosen
+
+
+def _names(where: str, arg: str, value: object) -> str | list[str]:
+    """A regex or a list of names (``target_modules``' kinds), else a TypeError."""
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as error:
+            raise ValueError(f"{where}: {arg} {value!r} is no regex: {error}") from None
+        return value
+    if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise TypeError(f"{where}: {arg} must be a list of layer names or one regular expression")
+
+
+def _block_index(name: str, patterns: Sequence[str] | None) -> int | None:
+    """The block index in ``name`` (``model.layers.3.mlp`` -> 3), as PEFT finds it."""
+    if not patterns:
+        found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        found = None
+        for pattern in patterns:
+            found = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            if found is not None:
+                break
+    return None if found is None else int(found.group("idx"))
+
+
+def _layer_configs(
+    where: str,
+    config: LoraConfig | VeraConfig,
+    names: list[str],
+    ranks: object,
+    alphas: object,
+) -> dict[str, Any]:
+    """Each chosen layer's config: ``config`` with its rank and alpha from the patterns."""
+    if ranks is None and alphas is None:
+        return dict.fromkeys(names, config)
+    if not isinstance(config, LoraConfig):
+        raise ValueError(f"{where}: rank_pattern and alpha_pattern are for LoRA, not VeRA")
+    checked: list[dict[str, Any]] = []
+    for arg, pattern in (("rank_pattern", ranks), ("alpha_pattern", alphas)):
+        if pattern is None:
+            checked.append({})
+            continue
+        if not isinstance(pattern, Mapping) or not all(isinstance(k, str) for k in pattern):
+            raise TypeError(f"{where}: {arg} must be a dict of layer-name patterns to values")
+        checked.append(dict(pattern))
+    configs = {}
+    for name in names:
+        rank = pattern_value(checked[0], name, config.rank)
+        alpha = pattern_value(checked[1], name, config.alpha)
+        try:
+            configs[name] = dataclasses.replace(config, rank=rank, alpha=alpha)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{where}: layer {name!r}: {error}") from None
+    return configs
 
 
 def _graph(layer: Any) -> Graph:
@@ -246,7 +382,7 @@ def _check_quantizable(where: str, chosen: list[tuple[str, Any, Any]]) -> None:
 def _check_targets(
     where: str,
     chosen: list[tuple[str, Any, Any]],
-    config: LoraConfig | VeraConfig,
+    configs: Mapping[str, Any],
     adapter_name: str,
 ) -> None:
     """Refuse, before anything changes, a target that cannot take this adapter."""
@@ -256,12 +392,16 @@ def _check_targets(
             f"{where}: {holding} already carry a LoRA adapter named {adapter_name!r}; give "
             "another adapter_name to add a second one"
         )
+    config = configs[chosen[0][0]]
     too_small = [
-        n for n, layer, _ in chosen if rank_bounded(config) and config.rank > min(_shape(layer))
+        n
+        for n, layer, _ in chosen
+        if rank_bounded(configs[n]) and configs[n].rank > min(_shape(layer))
     ]
     if too_small:
         raise ValueError(
-            f"{where}: rank {config.rank} exceeds min(in, out) of layer(s) {too_small}; "
+            f"{where}: rank {configs[too_small[0]].rank} exceeds min(in, out) of layer(s) "
+            f"{too_small}; "
             "init='pissa' takes that many singular vectors of each weight"
         )
     embeddings = [n for n, layer, _ in chosen if isinstance(layer, (Embedding, LoraEmbedding))]

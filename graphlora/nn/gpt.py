@@ -314,6 +314,8 @@ class GPT(Generates):
 
     default_lora_targets = ("c_attn",)
     """The layers ``apply_lora`` adapts when given no ``target_modules`` (PEFT's for GPT-2)."""
+    output_layer = "lm_head"
+    """The output head, which ``apply_lora``'s ``"all-linear"`` leaves out (as PEFT)."""
 
     def __init__(self, graph: Graph, config: GPTConfig, weights: Weights) -> None:
         check_graph("GPT", graph)

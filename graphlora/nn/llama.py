@@ -406,6 +406,8 @@ class Llama(Generates):
 
     default_lora_targets = ("q_proj", "v_proj")
     """The layers ``apply_lora`` adapts when given no ``target_modules`` (PEFT's for Llama)."""
+    output_layer = "lm_head"
+    """The output head, which ``apply_lora``'s ``"all-linear"`` leaves out (as PEFT)."""
 
     def __init__(self, graph: Graph, config: LlamaConfig, weights: Weights) -> None:
         check_graph("Llama", graph)
