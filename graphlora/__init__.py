@@ -34,9 +34,13 @@ from graphlora.nn import (
     add_weighted_adapter,
     apply_lora,
     delete_adapter,
+    disable_adapter_layers,
     disable_adapters,
+    enable_adapter_layers,
     from_pretrained,
+    merge_adapter,
     set_adapter,
+    unmerge_adapter,
 )
 from graphlora.teach import viz
 
@@ -76,10 +80,13 @@ __all__ = [
     "apply_adapter",
     "apply_lora",
     "delete_adapter",
+    "disable_adapter_layers",
     "disable_adapters",
+    "enable_adapter_layers",
     "from_pretrained",
     "functional",
     "load_adapter",
+    "merge_adapter",
     "nf4",
     "nn",
     "ops",
@@ -87,5 +94,6 @@ __all__ = [
     "save_adapter",
     "save_merged",
     "set_adapter",
+    "unmerge_adapter",
     "viz",
 ]

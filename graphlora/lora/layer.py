@@ -371,26 +371,31 @@ class LoraLayer:
         check_graph(f"{type(self).__name__}.delta", graph)
         return self._adapter(f"{type(self).__name__}.delta", adapter_name).delta(graph)
 
-    def merge(self, graph: Graph) -> Array:
-        """The weight with the active adapters folded in, as a new array; changes nothing.
+    def merge(self, graph: Graph, adapter_names: str | Sequence[str] | None = None) -> Array:
+        """The weight with adapters folded in, as a new array; changes nothing.
 
-        Plain LoRA adds ``A @ B * scaling``; DoRA rescales the columns (its ``merged_weight``).
-        When already merged, the weight holds the merged adapters and a copy of it is returned.
+        ``adapter_names`` (default: the running ones, the active adapters unless disabled or
+        merged) are folded in order: plain LoRA adds ``A @ B * scaling``; DoRA rescales the
+        columns (its ``merged_weight``, its norm taken from the weight before any merge, as
+        ``forward`` takes it). On a merged layer the weight already holds the merged adapters;
+        names among them are not folded in twice.
 
         Raises
         ------
+        ValueError
+            For a name the layer does not hold.
         NonFiniteError
             If the merged weight would hold NaN or Inf (nothing is changed).
         """
         where = f"{type(self).__name__}.merge"
         check_graph(where, graph)
+        updates = self._to_merge(where, adapter_names)
         weight = self.base_weight(graph)
-        if self.merged_adapters:
-            return np.array(weight)
+        original = weight if self._unmerged_weight is None else self._unmerged_weight
         merged = weight
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # reported below
-            for update in self.running():
-                merged = update.merged_weight(graph, merged, weight)
+            for update in updates:
+                merged = update.merged_weight(graph, merged, original)
         if merged is weight:
             return np.array(weight)
         bad = int(np.size(merged) - np.count_nonzero(np.isfinite(merged)))
@@ -401,14 +406,38 @@ class LoraLayer:
             )
         return merged
 
-    def merge_(self, graph: Graph) -> None:
-        """Fold the active adapters into the weight in place (``merged`` becomes True), for fast
-        inference; ``forward`` then runs the base layer alone.
+    def _to_merge(self, where: str, adapter_names: object) -> list[Update]:
+        """The updates ``merge`` folds in: those named (checked), else the running ones; never
+        one already merged."""
+        if adapter_names is None:
+            return self.running()
+        names = adapter_list(where, adapter_names)
+        unknown = [name for name in names if name not in self.adapters]
+        if unknown:
+            raise ValueError(
+                f"{where}: {self.name} has no adapter {unknown}; it holds {sorted(self.adapters)}"
+            )
+        return [self.adapters[name] for name in names if name not in self.merged_adapters]
 
-        The unmerged weight is kept aside so that ``unmerge_`` restores it bit for bit
-        (floating-point ``(W + D) - D`` is not always ``W``); this costs one weight's memory
-        while merged. Merging a merged layer, or one with no active adapter, warns and does
-        nothing, as in PEFT.
+    def merge_(self, graph: Graph, adapter_names: str | Sequence[str] | None = None) -> None:
+        """Fold adapters into the weight in place (``merged`` becomes True), for fast inference;
+        ``forward`` then runs the base layer alone. ``adapter_names`` (default: the active
+        ones) as PEFT's ``merge(adapter_names=...)``: a merged layer takes further adapters on
+        top of those it holds.
+
+        The weight from before the first merge is kept aside so that ``unmerge_`` restores it
+        bit for bit (floating-point ``(W + D) - D`` is not always ``W``); this costs one
+        weight's memory while merged. Merging nothing new (every named adapter merged already,
+        or no adapter running) warns and does nothing, as in PEFT.
+
+        Raises
+        ------
+        ValueError
+            For a name the layer does not hold.
+        GraphError
+            Over a 4-bit base, which cannot take the adapters in place.
+        NonFiniteError
+            As ``merge`` (nothing is changed).
         """
         where = f"{type(self).__name__}.merge_"
         check_graph(where, graph)
@@ -418,17 +447,33 @@ class LoraLayer:
                 "adapters in place; dequantize it first (layer.dequantize_(graph)), or use "
                 "merge() or save_merged, which dequantize a copy"
             )
-        if self.merged_adapters:
-            warnings.warn(f"{self.name} is already merged; nothing to do", stacklevel=2)
-            return
-        names = [name for name in self._active if name in self.adapters]
-        if self.disabled or not names:
-            warnings.warn(f"{self.name} has no adapter running; nothing to merge", stacklevel=2)
-            return
-        merged = self.merge(graph)
-        self._unmerged_weight = np.array(graph.value(self.frozen_weight))
+        if adapter_names is None:
+            if self.merged_adapters:
+                warnings.warn(f"{self.name} is already merged; nothing to do", stacklevel=2)
+                return
+            names = [name for name in self._active if name in self.adapters]
+            if self.disabled or not names:
+                warnings.warn(f"{self.name} has no adapter running; nothing to merge", stacklevel=2)
+                return
+        else:
+            self._to_merge(where, adapter_names)  # refuses unknown names first
+            names = [
+                name
+                for name in adapter_list(where, adapter_names)
+                if name not in self.merged_adapters
+            ]
+            if not names:
+                warnings.warn(
+                    f"{self.name}: {list(adapter_list(where, adapter_names))} are merged "
+                    "already; nothing to do",
+                    stacklevel=2,
+                )
+                return
+        merged = self.merge(graph, names)
+        if self._unmerged_weight is None:
+            self._unmerged_weight = np.array(graph.value(self.frozen_weight))
         graph.set_value(self.frozen_weight, merged)
-        self.merged_adapters = names
+        self.merged_adapters = [*self.merged_adapters, *names]
         graph.end_replays()  # a compiled step would still run the low-rank path
 
     def unmerge_(self, graph: Graph) -> None:

@@ -510,6 +510,80 @@ def disable_adapters(model: object) -> Iterator[None]:
             graph.end_replays()
 
 
+def disable_adapter_layers(model: object) -> None:
+    """PEFT's ``disable_adapter_layers``: from now on every LoRA layer of ``model`` runs its base
+    layer alone, every adapter leaf frozen, until ``enable_adapter_layers``. Compiled steps end.
+
+    Raises
+    ------
+    GraphError
+        While a layer is merged: its weight holds the adapters.
+    """
+    where = "disable_adapter_layers"
+    layers = _lora_layers_of(where, model)
+    _refuse_merged(where, layers)
+    for layer in layers.values():
+        layer.disabled = True
+        for update in layer.adapters.values():
+            for leaf in update.params():
+                if leaf.requires_grad:
+                    leaf.graph.requires_grad_(leaf, False)
+        layer.graph.end_replays()
+
+
+def enable_adapter_layers(model: object) -> None:
+    """PEFT's ``enable_adapter_layers``: every LoRA layer of ``model`` runs its active adapters
+    again, and their leaves train. Compiled steps end."""
+    layers = _lora_layers_of("enable_adapter_layers", model)
+    for layer in layers.values():
+        layer.disabled = False
+        layer.activate(layer.graph, layer.active_adapters)
+
+
+def merge_adapter(model: object, adapter_names: str | Sequence[str] | None = None) -> None:
+    """PEFT's ``merge_adapter``: fold ``adapter_names`` (default: the active adapters) into the
+    weights of every LoRA layer that holds them, in place (``LoraLayer.merge_``). A layer merged
+    already takes the further adapters on top; ``unmerge_adapter`` restores every weight
+    exactly.
+
+    Raises
+    ------
+    ValueError
+        For a name no layer holds.
+    NonFiniteError, GraphError
+        As ``LoraLayer.merge_`` (nothing is changed on any layer).
+    """
+    where = "merge_adapter"
+    layers = _lora_layers_of(where, model)
+    names = None if adapter_names is None else adapter_list(where, adapter_names)
+    if names is not None:
+        unknown = [n for n in names if n not in _known(layers)]
+        if unknown:
+            raise ValueError(
+                f"{where}: unknown adapter(s) {unknown}; the model has {_known(layers)}"
+            )
+    plans = []
+    for layer in layers.values():
+        wanted = [
+            n
+            for n in (layer.active_adapters if names is None else names)
+            if n in layer.adapters and n not in layer.merged_adapters
+        ]
+        if wanted:
+            layer.merge(layer.graph, wanted)  # refuses a non-finite result before any change
+            plans.append((layer, wanted))
+    for layer, wanted in plans:
+        layer.merge_(layer.graph, wanted)
+
+
+def unmerge_adapter(model: object) -> None:
+    """PEFT's ``unmerge_adapter``: every merged LoRA layer of ``model`` gets its weight from
+    before the first merge back, bit for bit."""
+    for layer in _lora_layers_of("unmerge_adapter", model).values():
+        if layer.merged:
+            layer.unmerge_(layer.graph)
+
+
 def delete_adapter(model: object, adapter_name: str) -> None:
     """Remove adapter ``adapter_name`` from every LoRA layer of ``model``. The other active
     adapters stay active; if it was the only active one, none is active until ``set_adapter``
