@@ -493,12 +493,7 @@ def disable_adapters(model: object) -> Iterator[None]:
         for leaf in update.params()
         if leaf.requires_grad
     ]
-    for layer in layers.values():
-        layer.disabled = True
-    for leaf in trained:
-        leaf.graph.requires_grad_(leaf, False)
-    for graph in graphs.values():
-        graph.end_replays()
+    _switch_off(layers)
     try:
         yield
     finally:
@@ -522,6 +517,12 @@ def disable_adapter_layers(model: object) -> None:
     where = "disable_adapter_layers"
     layers = _lora_layers_of(where, model)
     _refuse_merged(where, layers)
+    _switch_off(layers)
+
+
+def _switch_off(layers: Mapping[str, LoraLayer]) -> None:
+    """Every layer runs its base alone, every adapter leaf frozen (as PEFT: nothing of an
+    adapter trains while it is off); compiled steps end."""
     for layer in layers.values():
         layer.disabled = True
         for update in layer.adapters.values():

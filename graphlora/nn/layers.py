@@ -108,15 +108,8 @@ class Linear:
         if len(weight_node.shape) != 2:
             raise ShapeError(f"{where}: weight must be [in, out], got shape {weight_node.shape}")
         in_features, out_features = weight_node.shape
-        bias_node = None
-        if bias is not None:
-            bias_array = _checks.float_array(where, "bias", bias)
-            if bias_array.shape != (out_features,):
-                raise ShapeError(
-                    f"{where}: bias has shape {bias_array.shape}, weight {weight_node.shape} "
-                    f"needs ({out_features},)"
-                )
-            bias_node = graph.parameter(bias_array, f"{name}.bias")
+        bias_array = _bias(where, bias, weight_node.shape)
+        bias_node = None if bias_array is None else graph.parameter(bias_array, f"{name}.bias")
         return cls(weight_node, bias_node, in_features, out_features, name, fan_in_fan_out)
 
     def forward(self, graph: Graph, x: NodeId, *, fused: bool = False) -> NodeId:
@@ -184,14 +177,7 @@ class NF4Linear:
         if array.ndim != 2 or array.size == 0:
             raise ShapeError(f"{where}: weight must be [in, out], got shape {array.shape}")
         in_features, out_features = array.shape
-        bias_array = None
-        if bias is not None:
-            bias_array = _checks.float_array(where, "bias", bias)
-            if bias_array.shape != (out_features,):
-                raise ShapeError(
-                    f"{where}: bias has shape {bias_array.shape}, weight {array.shape} needs "
-                    f"({out_features},)"
-                )
+        bias_array = _bias(where, bias, array.shape)
         nf4 = NF4Weight.quantize(array.T, config.block_size, double_quant=config.double_quant)
         bias_node = None if bias_array is None else graph.parameter(bias_array, f"{name}.bias")
         return cls(nf4, bias_node, in_features, out_features, graph, name, fan_in_fan_out)
@@ -222,6 +208,20 @@ class NF4Linear:
             f"out_features={self.out_features}, bias={self.bias is not None}, "
             f"weight={self.weight!r})"
         )
+
+
+def _bias(where: str, bias: object, weight_shape: tuple[int, ...]) -> npt.NDArray[Any] | None:
+    """``bias`` as a float array ``[out]`` for a weight ``[in, out]``, or None; else an error
+    naming ``where`` and both shapes."""
+    if bias is None:
+        return None
+    array = _checks.float_array(where, "bias", bias)
+    if array.shape != weight_shape[1:]:
+        raise ShapeError(
+            f"{where}: bias has shape {array.shape}, weight {weight_shape} needs "
+            f"({weight_shape[1]},)"
+        )
+    return array
 
 
 _QUANTIZING: contextvars.ContextVar[tuple[NF4Config, tuple[str, ...]] | None] = (
