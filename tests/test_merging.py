@@ -169,3 +169,41 @@ def test_merging_in_turn_and_disabling_as_peft(tmp_path: Path) -> None:
         np.testing.assert_allclose(
             g.value(model.forward(g, g.constant(x))), theirs(xt).numpy(), rtol=1e-12
         )
+
+
+def test_merge_s_warnings_point_at_the_caller_and_bad_names_are_refused() -> None:
+    g, model, _ = _model()
+    layer = model.layers[0]
+    layer.merge_(g, ["a"])
+    for call in (lambda: layer.merge_(g), lambda: layer.merge_(g, ["a"])):  # nothing new
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+        assert caught and caught[0].filename == __file__, [str(w.message) for w in caught]
+    gl.unmerge_adapter(model)
+    gl.disable_adapter_layers(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layer.merge_(g)
+    assert "has no adapter running" in str(caught[0].message)
+    assert caught[0].filename == __file__
+    for call, where in ((layer.merge_, "merge_"), (layer.merge, "merge")):
+        with pytest.raises(TypeError, match=f"^LoraLinear.{where}: adapter_names must be a name"):
+            call(g, 3)
+
+
+def test_a_dora_adapter_merged_after_another_takes_its_norm_from_the_unmerged_weight() -> None:
+    g = gl.Graph()
+    w = np.random.default_rng(3).normal(size=(6, 5))
+    layer = gl.LoraLinear.from_linear(g, w, None, gl.LoraConfig(rank=2, init="random", seed=1))
+    layer.add_adapter(g, "d", gl.LoraConfig(rank=2, use_dora=True, init="random", seed=2))
+    layer.set_adapter(g, ["default", "d"])
+    at_once = layer.merge(g)  # both, in order, as forward runs them
+    layer.merge_(g, ["default"])
+    layer.merge_(g, ["d"])
+    np.testing.assert_allclose(g.value(layer.frozen_weight), at_once, rtol=1e-12)
+    # by hand: DoRA's norm is of W + its own delta, W the weight before any merge
+    delta = layer.delta(g, "default")
+    own = layer.delta(g, "d")
+    ratio = g.value(layer.adapters["d"].magnitude) / np.linalg.norm(w + own, axis=0)
+    np.testing.assert_allclose(at_once, (w + delta + own) * ratio, rtol=1e-12)

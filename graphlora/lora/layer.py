@@ -456,17 +456,12 @@ class LoraLayer:
                 warnings.warn(f"{self.name} has no adapter running; nothing to merge", stacklevel=2)
                 return
         else:
-            self._to_merge(where, adapter_names)  # refuses unknown names first
-            names = [
-                name
-                for name in adapter_list(where, adapter_names)
-                if name not in self.merged_adapters
-            ]
+            requested = adapter_list(where, adapter_names)
+            self._to_merge(where, requested)  # refuses unknown names first
+            names = [name for name in requested if name not in self.merged_adapters]
             if not names:
                 warnings.warn(
-                    f"{self.name}: {list(adapter_list(where, adapter_names))} are merged "
-                    "already; nothing to do",
-                    stacklevel=2,
+                    f"{self.name}: {requested} are merged already; nothing to do", stacklevel=2
                 )
                 return
         merged = self.merge(graph, names)
