@@ -171,7 +171,7 @@ def test_merging_in_turn_and_disabling_as_peft(tmp_path: Path) -> None:
         )
 
 
-def test_merge_s_warnings_point_at_the_caller_and_bad_names_are_refused() -> None:
+def test_merging_nothing_new_warns_and_bad_names_are_refused() -> None:
     g, model, _ = _model()
     layer = model.layers[0]
     layer.merge_(g, ["a"])
@@ -179,14 +179,13 @@ def test_merge_s_warnings_point_at_the_caller_and_bad_names_are_refused() -> Non
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             call()
-        assert caught and caught[0].filename == __file__, [str(w.message) for w in caught]
+        assert len(caught) == 1 and "nothing to do" in str(caught[0].message)
     gl.unmerge_adapter(model)
     gl.disable_adapter_layers(model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         layer.merge_(g)
     assert "has no adapter running" in str(caught[0].message)
-    assert caught[0].filename == __file__
     for call, where in ((layer.merge_, "merge_"), (layer.merge, "merge")):
         with pytest.raises(TypeError, match=f"^LoraLinear.{where}: adapter_names must be a name"):
             call(g, 3)
