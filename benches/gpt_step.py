@@ -159,11 +159,7 @@ def _memory_worker(side: str, size_name: str) -> None:
     """In a process of its own: print how far the resident memory rose above what the imported
     libraries hold, while building the model and taking three steps."""
 
-    def status(field: str) -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-        raise KeyError(field)
+    import resident  # benches/resident.py, beside this file
 
     size = SIZES[size_name]
     if side.startswith("torch"):
@@ -172,16 +168,14 @@ def _memory_worker(side: str, size_name: str) -> None:
         import transformers
 
         torch.set_num_threads(1 if side == "torch1" else torch.get_num_threads())
-        Path("/proc/self/clear_refs").write_text("5")  # the high-water mark starts from here
-        before = status("VmRSS:")
+        before = resident.start()  # the high-water mark starts from here
         step, _ = torch_step(size, torch, transformers, peft, own_weights=True)
     else:
-        Path("/proc/self/clear_refs").write_text("5")
-        before = status("VmRSS:")
+        before = resident.start()
         step, _ = graphlora_step(size, replay=side == "replay")
     for _ in range(3):
         step()
-    print(json.dumps({"peak_bytes": status("VmHWM:") - before}))
+    print(json.dumps({"peak_bytes": resident.rise(before)}))
 
 
 def _load_worker(directory: str) -> None:
@@ -190,14 +184,9 @@ def _load_worker(directory: str) -> None:
     import time
     import tracemalloc
 
-    def status(field: str) -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-        raise KeyError(field)
+    import resident  # benches/resident.py, beside this file
 
-    Path("/proc/self/clear_refs").write_text("5")
-    before = status("VmRSS:")
+    before = resident.start()
     tracemalloc.start()
     start = time.perf_counter()
     g = gl.Graph(np.float32)
@@ -211,7 +200,7 @@ def _load_worker(directory: str) -> None:
                 "seconds": seconds,
                 "weights": weights,
                 "numpy_peak": peak,
-                "rss_rise": status("VmHWM:") - before,
+                "rss_rise": resident.rise(before),
             }
         )
     )

@@ -183,15 +183,10 @@ def torch_step(
     return step, read
 
 
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
 def _worker(side: str, task: str, size_name: str) -> None:
     """In a process of its own: time (generation) and the rise of resident memory."""
+    import resident  # benches/resident.py, beside this file
+
     size = SIZES[size_name]
     prompt = np.random.default_rng(0).integers(0, size["vocab"], size=(1, PROMPT))
     if side.startswith("torch"):
@@ -200,8 +195,7 @@ def _worker(side: str, task: str, size_name: str) -> None:
         import transformers
 
         torch.set_num_threads(1 if side == "torch1" else torch.get_num_threads())
-        Path("/proc/self/clear_refs").write_text("5")
-        before = _status("VmRSS:")
+        before = resident.start()
         if task == "step":
             run, _ = torch_step(size, torch, transformers, peft)
         else:
@@ -217,8 +211,7 @@ def _worker(side: str, task: str, size_name: str) -> None:
                     )
 
     else:
-        Path("/proc/self/clear_refs").write_text("5")
-        before = _status("VmRSS:")
+        before = resident.start()
         if task == "step":
             run, _, _ = graphlora_step(size, replay=side == "replay")
         else:
@@ -231,7 +224,7 @@ def _worker(side: str, task: str, size_name: str) -> None:
     for _ in range(3 if task == "step" else 1):
         run()
     seconds = time.perf_counter() - start
-    print(json.dumps({"peak_bytes": _status("VmHWM:") - before, "seconds": seconds}))
+    print(json.dumps({"peak_bytes": resident.rise(before), "seconds": seconds}))
 
 
 def _measure(side: str, task: str, size_name: str) -> dict[str, float] | None:

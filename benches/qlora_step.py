@@ -89,13 +89,6 @@ def write_checkpoint(shape: dict[str, Any], folder: Path) -> None:
         gl.Llama.new(g, gl.LlamaConfig(**shape["config"]), rng=0).save_pretrained(g, folder)
 
 
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
 def _weight_bytes(g: gl.Graph, model: Any) -> int:
     """Bytes of the model's leaves and of its NF4 weights (codes and absmax)."""
     held = sum(np.asarray(g.value(leaf)).nbytes for leaf in g.leaves)
@@ -129,12 +122,13 @@ def build(shape_name: str, base: str, folder: Path | str) -> tuple[gl.Graph, Any
 
 def _worker(shape_name: str, base: str, folder: str) -> None:
     """In a process of its own: read, adapt, 2 steps; print the peak memory and weight bytes."""
-    Path("/proc/self/clear_refs").write_text("5")
-    before = _status("VmRSS:")
+    import resident  # benches/resident.py, beside this file
+
+    before = resident.start()
     g, model, step = build(shape_name, base, folder)
     for _ in range(2):
         step()
-    peak = _status("VmHWM:") - before
+    peak = resident.rise(before)
     print(json.dumps({"peak_bytes": peak, "weight_bytes": _weight_bytes(g, model)}))
 
 
