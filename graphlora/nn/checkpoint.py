@@ -113,7 +113,7 @@ def load_tensors(where: str, file: Path) -> dict[str, npt.NDArray[Any]]:
         for key, kind in kinds.items():
             try:
                 found[key] = (
-                    _bfloat16(file, layout, key) if kind == "BF16" else handle.get_tensor(key)
+                    _direct(where, file, layout, key) if kind == "BF16" else handle.get_tensor(key)
                 )
             except Exception as error:  # safetensors' own errors, a short file, a dtype NumPy lacks
                 raise ValueError(
@@ -439,13 +439,3 @@ def _direct(where: str, file: Path, layout: Mapping[str, Any], key: str) -> npt.
         data = (data.astype("<u4") << 16).view("<f4")
     shaped: npt.NDArray[Any] = data.reshape(entry["shape"])
     return shaped
-
-
-def _bfloat16(file: Path, layout: Mapping[str, Any], key: str) -> npt.NDArray[Any]:
-    """A bfloat16 tensor of ``file`` as float32: each value's 16 bits are the top half of the
-    float32 with the same value, so the widening is exact."""
-    entry = layout[key]  # its offsets fit its shape and the file: safetensors checked them
-    count = int(np.prod(entry["shape"]))
-    bits = np.fromfile(file, dtype="<u2", count=count, offset=layout[""] + entry["data_offsets"][0])
-    widened: npt.NDArray[Any] = (bits.astype("<u4") << 16).view("<f4").reshape(entry["shape"])
-    return widened
