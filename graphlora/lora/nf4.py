@@ -158,6 +158,25 @@ def _block_size(where: str, block_size: object) -> int:
     return size
 
 
+def _nearest_in_blocks(
+    values: Array, size: int, midpoints: Array
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
+    """Block-wise quantization, NF4's and the double quantization's: ``values`` (flat, in
+    float32, the last block padded with zeros) in blocks of ``size``, each divided by its
+    absolute maximum (a block of zeros stays zero) and rounded to the nearest level, the levels
+    given by the ``midpoints`` between them (a value exactly between two takes the lower, as
+    bitsandbytes). Returns the level indices ``[blocks, size]`` and the maxima ``[blocks]``."""
+    blocks = -(-values.size // size)
+    padded = np.zeros(blocks * size, dtype=np.float32)
+    padded[: values.size] = values
+    grouped = padded.reshape(blocks, size)
+    absmax = np.abs(grouped).max(axis=1, initial=np.float32(0))
+    scaled = np.divide(
+        grouped, absmax[:, None], out=np.zeros_like(grouped), where=absmax[:, None] > 0
+    )
+    return np.searchsorted(midpoints, scaled).astype(np.uint8), absmax
+
+
 @dataclass(frozen=True)
 class NF4Config:
     """How to quantize a base: ``block_size`` values per ``absmax`` (64, as QLoRA and
@@ -205,17 +224,9 @@ class NestedAbsmax:
         """``absmax`` (float32, finite, >= 0) in 8 bits: each value minus the mean, divided by
         its block's absolute maximum, rounded to the nearest value of ``DYNAMIC_MAP``."""
         offset = np.float32(absmax.sum(dtype=np.float64) / max(absmax.size, 1))
-        centred = (absmax - offset).astype(np.float32)
-        blocks = -(-centred.size // NESTED_BLOCK_SIZE)
-        padded = np.zeros(blocks * NESTED_BLOCK_SIZE, dtype=np.float32)
-        padded[: centred.size] = centred
-        grouped = padded.reshape(blocks, NESTED_BLOCK_SIZE)
-        scales = np.abs(grouped).max(axis=1, initial=np.float32(0))
-        # a block of zeros (all its values equal the mean) stays zero: code 0.0
-        normed = np.divide(
-            grouped, scales[:, None], out=np.zeros_like(grouped), where=scales[:, None] > 0
-        )
-        codes = np.searchsorted(_DYNAMIC_MIDPOINTS, normed).astype(np.uint8)
+        centred = absmax - offset
+        # a block of values all equal to the mean is a block of zeros: code 0.0
+        codes, scales = _nearest_in_blocks(centred, NESTED_BLOCK_SIZE, _DYNAMIC_MIDPOINTS)
         return cls(codes.ravel()[: centred.size], scales, float(offset))
 
     def __post_init__(self) -> None:
@@ -294,18 +305,8 @@ class NF4Weight:
                 f"{where}: weight holds values up to {np.abs(w).max():.3g}, beyond float32's "
                 f"range ({np.finfo(np.float32).max:.3g}), where NF4 keeps its absmax values"
             )
-        blocks = -(-w.size // size)
-        flat = np.zeros(blocks * size, dtype=np.float32)
-        flat[: w.size] = w.ravel()
-        grouped = flat.reshape(blocks, size)
-        absmax = np.abs(grouped).max(axis=1, initial=np.float32(0))
-        # in [-1, 1]; a block of zeros stays zero
-        scaled = np.divide(
-            grouped, absmax[:, None], out=np.zeros_like(grouped), where=absmax[:, None] > 0
-        )
-        # The nearest level; a value exactly between two takes the lower, as bitsandbytes.
-        codes = np.searchsorted(_MIDPOINTS, scaled).astype(np.uint8)
-        packed = (codes[:, 0::2] << 4) | codes[:, 1::2]
+        codes, absmax = _nearest_in_blocks(w.ravel(), size, _MIDPOINTS)
+        packed = (codes[:, 0::2] << np.uint8(4)) | codes[:, 1::2]
         return cls(packed, NestedAbsmax.quantize(absmax) if nested else absmax, w.shape, size)
 
     def __post_init__(self) -> None:
