@@ -274,10 +274,47 @@ def test_add_weighted_adapter_refusals_change_nothing() -> None:
             "weights must be finite",
         ),
         (
-            (["default", "other"], [1, 1], "new", "ties"),
+            (["default", "other"], [1, 1], "new", "bogus"),
             {},
             ValueError,
-            r"combination_type must be one of \['svd', 'linear', 'cat'\], got 'ties'",
+            r"combination_type must be one of \['svd', 'linear', 'cat', 'ties', .*\], got 'bogus'",
+        ),
+        ((["default", "other"], [1, 1], "new", "ties"), {}, ValueError, r"'ties' needs a density"),
+        (
+            (["default", "other"], [1, 1], "new", "dare_linear"),
+            {"density": 0},
+            ValueError,
+            r"'dare_linear' needs a density in \(0, 1\], got 0.0",
+        ),
+        (
+            (["default", "other"], [1, 1], "new", "ties_svd"),
+            {"density": 1.5},
+            ValueError,
+            r"'ties_svd' needs a density in \[0, 1\], got 1.5",
+        ),
+        (
+            (["default", "other"], [1, 1], "new", "svd"),
+            {"density": 0.5},
+            ValueError,
+            r"density is for \['ties', .*\]; 'svd' does not prune, got density=0.5",
+        ),
+        (
+            (["default", "other"], [1, 1], "new", "ties"),
+            {"density": 0.5, "majority_sign_method": "most"},
+            ValueError,
+            "majority_sign_method must be 'total' or 'frequency', got 'most'",
+        ),
+        (
+            (["default", "r3"], [1, 1], "new", "dare_ties"),
+            {"density": 0.5},
+            ValueError,
+            r"'dare_ties' needs adapters of one rank; they have ranks \{'default': 2, 'r3': 3\}",
+        ),
+        (
+            (["default", "other"], [1, 1], "new", "ties"),
+            {"density": "half"},
+            TypeError,
+            "density must be a real scalar",
         ),
         (
             (["default", "r3"], [1, 1], "new", "linear"),
@@ -307,11 +344,10 @@ def test_add_weighted_adapter_refusals_change_nothing() -> None:
     } == before
 
 
-@pytest.mark.crosscheck
-def test_adapter_sets_and_weighted_adapters_equal_peft() -> None:
+def _peft_twin(g: gl.Graph, model: Toy) -> Any:
+    """PEFT's model with ``model``'s weights and adapters (``default`` and ``other``), float64."""
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
-    g, model = _model_with_two_adapters()
 
     class TorchToy(torch.nn.Module):  # type: ignore[misc, name-defined]
         def __init__(self) -> None:
@@ -349,6 +385,14 @@ def test_adapter_sets_and_weighted_adapters_equal_peft() -> None:
                 else:
                     module.lora_A[adapter].weight.copy_(a)
                     module.lora_B[adapter].weight.copy_(b)
+    return theirs
+
+
+@pytest.mark.crosscheck
+def test_adapter_sets_and_weighted_adapters_equal_peft() -> None:
+    torch = pytest.importorskip("torch")
+    g, model = _model_with_two_adapters()
+    theirs = _peft_twin(g, model)
 
     def compare() -> None:
         with torch.no_grad():
@@ -409,3 +453,186 @@ def test_the_model_state_dict_names_every_adapter_as_peft_and_loads_back() -> No
         gl.set_adapter(model, names)
         gl.set_adapter(twin, names)
         np.testing.assert_array_equal(_run(g2, twin), _run(g, model))
+
+
+def test_ties_and_magnitude_pruning_by_hand() -> None:
+    from graphlora.lora.functional import magnitude_prune, merge_task_tensors
+
+    t1, t2 = np.array([3.0, -1.0, 0.5, -2.0]), np.array([-1.0, -4.0, 2.0, 1.0])
+    # keep int(0.5 * 4) = 2 magnitudes each: t1 keeps 3 and -2, t2 keeps -4 and 2
+    np.testing.assert_array_equal(magnitude_prune(t1, 0.5), [3.0, 0.0, 0.0, -2.0])
+    np.testing.assert_array_equal(magnitude_prune(t1, 0.0), [0.0, 0.0, 0.0, 0.0])
+    np.testing.assert_array_equal(magnitude_prune(t1, 0.3), [3.0, 0.0, 0.0, 0.0])  # int(1.2)
+    # magnitude_prune: 1 * [3, 0, 0, -2] + 0.5 * [0, -4, 2, 0]
+    np.testing.assert_array_equal(
+        merge_task_tensors([t1, t2], [1.0, 0.5], "magnitude_prune", density=0.5),
+        [3.0, -2.0, 1.0, -2.0],
+    )
+    # no pruning; the elected signs (of the unweighted sums 2, -5, 2.5, -1) are + - + -:
+    # element 0 keeps only t1's 3, element 1 averages -1 and 0.5 * -4, element 2 averages
+    # 0.5 and 0.5 * 2, element 3 keeps only t1's -2
+    np.testing.assert_array_equal(
+        merge_task_tensors([t1, t2], [1.0, 0.5], "ties"), [3.0, -1.5, 0.75, -2.0]
+    )
+    np.testing.assert_array_equal(
+        merge_task_tensors([t1, t2], [1.0, 0.5], "linear"), [2.5, -3.0, 1.5, -1.5]
+    )
+    # 5, -1, -1: the total elects +, the frequency -
+    three = [np.array([5.0]), np.array([-1.0]), np.array([-1.0])]
+    np.testing.assert_array_equal(merge_task_tensors(three, [1, 1, 1], "ties"), [5.0])
+    np.testing.assert_array_equal(
+        merge_task_tensors(three, [1, 1, 1], "ties", majority_sign_method="frequency"), [-1.0]
+    )
+    # all pruned: every count is 0, divided by 1, not by 0
+    np.testing.assert_array_equal(
+        merge_task_tensors([t1, t2], [1.0, 1.0], "ties", density=0.0), np.zeros(4)
+    )
+
+
+def test_dare_keeps_a_random_density_and_rescales_it() -> None:
+    from graphlora.lora.functional import merge_task_tensors, random_prune
+
+    tensor = np.random.default_rng(0).normal(size=(200, 100))
+    pruned = random_prune(tensor, 0.3, np.random.default_rng(5))
+    mask = np.random.default_rng(5).random(tensor.shape) < 0.3  # the same draws
+    np.testing.assert_array_equal(pruned[mask], tensor[mask] / 0.3)
+    np.testing.assert_array_equal(pruned[~mask], 0.0)
+    # the random part: about 30% kept (4 standard deviations of a binomial), mean preserved
+    kept = np.count_nonzero(pruned) / tensor.size
+    assert abs(kept - 0.3) < 4 * np.sqrt(0.3 * 0.7 / tensor.size)
+    ones = random_prune(np.ones(20_000), 0.3, np.random.default_rng(6))
+    assert abs(ones.mean() - 1.0) < 4 * np.sqrt(0.7 / 0.3 / 20_000)
+    # density 1 keeps everything, so DARE is then linear / TIES exactly
+    rng = np.random.default_rng(1)
+    t = [rng.normal(size=(4, 3)) for _ in range(3)]
+    w = [0.5, -1.0, 2.0]
+    np.testing.assert_array_equal(
+        merge_task_tensors(t, w, "dare_linear", density=1.0, rng=rng),
+        merge_task_tensors(t, w, "linear"),
+    )
+    np.testing.assert_array_equal(
+        merge_task_tensors(t, w, "dare_ties", density=1.0, rng=rng),
+        merge_task_tensors(t, w, "ties"),
+    )
+    with pytest.raises(ValueError, match="merge_task_tensors: 'dare_ties' prunes at random"):
+        merge_task_tensors(t, w, "dare_ties", density=0.5)
+    with pytest.raises(ValueError, match="merge_task_tensors: unknown method 'mean'"):
+        merge_task_tensors(t, w, "mean")
+    with pytest.raises(ValueError, match="merge_task_tensors: majority_sign_method must"):
+        merge_task_tensors(t, w, "ties", majority_sign_method="max")
+
+
+def _reference_merge(
+    tensors: list[np.ndarray], weights: list[float], method: str, density: float, vote: str
+) -> np.ndarray:
+    """TIES and magnitude pruning element by element, with loops (distinct magnitudes)."""
+    pruned = []
+    for t in tensors:
+        keep = int(density * t.size) if method != "linear" else t.size
+        order = sorted(range(t.size), key=lambda i: -abs(t.flat[i]))
+        p = np.zeros_like(t)
+        for i in order[:keep]:
+            p.flat[i] = t.flat[i]
+        pruned.append(p)
+    out = np.zeros_like(tensors[0])
+    for i in range(out.size):
+        values = [p.flat[i] for p in pruned]
+        if method != "ties":
+            out.flat[i] = sum(w * v for w, v in zip(weights, values, strict=True))
+            continue
+        if vote == "total":
+            elected = 1.0 if sum(values) >= 0 else -1.0
+        else:
+            elected = 1.0 if sum(np.sign(v) for v in values) >= 0 else -1.0
+        chosen = [w * v for w, v in zip(weights, values, strict=True) if np.sign(v) == elected]
+        out.flat[i] = sum(chosen) / max(len(chosen), 1)
+    return out
+
+
+@given(
+    shape=gst.shapes(min_dims=1, max_dims=2, max_side=4),
+    n=st.integers(1, 3),
+    data=st.data(),
+    method=st.sampled_from(["linear", "ties", "magnitude_prune"]),
+    density=st.floats(0.0, 1.0),
+    vote=st.sampled_from(["total", "frequency"]),
+)
+def test_merge_task_tensors_equals_a_loop(
+    shape: tuple[int, ...], n: int, data: Any, method: str, density: float, vote: str
+) -> None:
+    from graphlora.lora.functional import merge_task_tensors
+
+    size = int(np.prod(shape))
+    tensors = []
+    for _ in range(n):  # distinct magnitudes, so which values survive pruning is defined
+        magnitudes = data.draw(st.permutations(range(1, size + 1)))
+        signs = data.draw(st.lists(st.sampled_from([-1.0, 1.0]), min_size=size, max_size=size))
+        tensors.append((np.array(magnitudes, dtype=float) * signs / 4).reshape(shape))
+    weights = data.draw(
+        st.lists(st.sampled_from([-2.0, -0.5, 0.25, 1.0, 3.0]), min_size=n, max_size=n)
+    )
+    got = merge_task_tensors(tensors, weights, method, density=density, majority_sign_method=vote)
+    expected = _reference_merge(tensors, weights, method, density, vote)
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_dare_merges_are_seeded() -> None:
+    g, model = _model_with_two_adapters()
+    args = (g, model, ["default", "other"], [1.0, 1.0])
+    gl.add_weighted_adapter(*args, "a", "dare_linear", density=0.5, seed=7)
+    gl.add_weighted_adapter(*args, "b", "dare_linear", density=0.5, seed=7)
+    gl.add_weighted_adapter(*args, "c", "dare_linear", density=0.5, seed=8)
+    fc1 = model.fc1
+    assert isinstance(fc1, gl.LoraLinear)
+    np.testing.assert_array_equal(fc1.delta(g, "a"), fc1.delta(g, "b"))
+    assert not np.array_equal(fc1.delta(g, "a"), fc1.delta(g, "c"))
+
+
+@pytest.mark.crosscheck
+@pytest.mark.filterwarnings("ignore:The density 1.0 is greater than or equal to 1")
+@pytest.mark.parametrize(
+    ("combination", "density", "vote"),
+    [
+        ("ties", 0.5, "total"),
+        ("ties", 0.7, "frequency"),
+        ("ties_svd", 0.5, "total"),
+        ("ties_svd", 0.3, "frequency"),
+        ("magnitude_prune", 0.5, "total"),
+        ("magnitude_prune_svd", 0.4, "total"),
+        ("dare_linear", 1.0, "total"),
+        ("dare_ties", 1.0, "frequency"),
+        ("dare_linear_svd", 1.0, "total"),
+        ("dare_ties_svd", 1.0, "total"),
+    ],
+)
+def test_pruning_merges_equal_peft(combination: str, density: float, vote: str) -> None:
+    torch = pytest.importorskip("torch")
+    g, model = _model_with_two_adapters()
+    theirs = _peft_twin(g, model)
+    args = (["default", "other"], [0.125, -4.0], "mix", combination)
+    kwargs: dict[str, Any] = {"density": density, "majority_sign_method": vote}
+    theirs.base_model.add_weighted_adapter(*args, **kwargs)
+    gl.add_weighted_adapter(g, model, *args, **kwargs)
+    theirs.base_model.set_adapter("mix")
+    gl.set_adapter(model, "mix")
+    with torch.no_grad():
+        expected = theirs(torch.tensor(IDS)).numpy()
+    np.testing.assert_allclose(_run(g, model), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.crosscheck
+def test_dare_prunes_as_peft_in_distribution() -> None:
+    torch = pytest.importorskip("torch")
+    merge_utils = pytest.importorskip("peft.utils.merge_utils")
+    from graphlora.lora.functional import merge_task_tensors
+
+    tensor = np.random.default_rng(0).normal(size=(300, 200))
+    torch.manual_seed(0)
+    theirs = merge_utils.dare_linear([torch.tensor(tensor)], torch.tensor([1.0]), 0.25).numpy()
+    ours = merge_task_tensors(
+        [tensor], [1.0], "dare_linear", density=0.25, rng=np.random.default_rng(0)
+    )
+    for pruned in (theirs, ours):
+        kept = pruned != 0
+        np.testing.assert_allclose(pruned[kept], tensor[kept] / 0.25, rtol=1e-15)
+        assert abs(kept.mean() - 0.25) < 4 * np.sqrt(0.25 * 0.75 / tensor.size)

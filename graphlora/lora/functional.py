@@ -23,6 +23,7 @@ from graphlora.errors import ShapeError
 from graphlora.ops.registry import Array
 
 __all__ = [
+    "COMBINATIONS",
     "column_norms",
     "combine_adapters",
     "init_lora_adapter",
@@ -30,7 +31,11 @@ __all__ = [
     "lora_delta",
     "lora_linear",
     "lora_scaling",
+    "magnitude_prune",
+    "majority_sign_mask",
     "merge_lora_weight",
+    "merge_task_tensors",
+    "random_prune",
     "scaled_delta",
     "tree_lora_delta",
     "unmerge_lora_weight",
@@ -175,6 +180,118 @@ def unmerge_lora_weight(
     return w - lora_delta(adapter, alpha, use_rslora=use_rslora)
 
 
+#: Every ``combination_type`` of :func:`combine_adapters` (PEFT's names).
+COMBINATIONS = (
+    "svd",
+    "linear",
+    "cat",
+    "ties",
+    "ties_svd",
+    "dare_ties",
+    "dare_linear",
+    "dare_ties_svd",
+    "dare_linear_svd",
+    "magnitude_prune",
+    "magnitude_prune_svd",
+)
+#: The task-arithmetic merges behind each type (``_svd`` types use the same on the updates).
+_MERGE = {
+    "svd": "linear",
+    "linear": "linear",
+    "ties": "ties",
+    "ties_svd": "ties",
+    "dare_ties": "dare_ties",
+    "dare_ties_svd": "dare_ties",
+    "dare_linear": "dare_linear",
+    "dare_linear_svd": "dare_linear",
+    "magnitude_prune": "magnitude_prune",
+    "magnitude_prune_svd": "magnitude_prune",
+}
+#: The types that prune, so need a ``density``; those that elect a sign.
+PRUNING = tuple(t for t in COMBINATIONS if _MERGE.get(t, "linear") != "linear")
+ELECTING = tuple(t for t in COMBINATIONS if "ties" in t)
+
+
+def magnitude_prune(tensor: Array, density: float) -> Array:
+    """``tensor`` with all but its ``int(density * size)`` largest magnitudes set to zero, as
+    PEFT's ``magnitude_based_pruning``. Among equal magnitudes at the cut, which survive is not
+    specified (as with ``torch.topk``)."""
+    keep = int(density * tensor.size)
+    flat = np.abs(tensor).reshape(-1)
+    mask = np.zeros(flat.size, dtype=bool)
+    if keep > 0:
+        mask[np.argpartition(-flat, keep - 1)[:keep]] = True
+    pruned: Array = tensor * mask.reshape(tensor.shape)
+    return pruned
+
+
+def random_prune(tensor: Array, density: float, rng: np.random.Generator) -> Array:
+    """DARE's drop and rescale: each value kept with probability ``density`` (``rng``'s uniform
+    draw below it), the kept ones divided by ``density`` so the expectation is ``tensor``."""
+    mask = rng.random(tensor.shape) < density
+    pruned: Array = tensor * mask / density
+    return pruned
+
+
+def majority_sign_mask(stacked: Array, method: str = "total") -> Array:
+    """TIES's sign election over ``stacked`` task tensors (axis 0): ``True`` where a tensor's
+    sign is the elected one. ``"total"`` elects the sign of the sum, ``"frequency"`` the sign
+    held by more tensors; a tie (sum zero) elects ``+``. Zeros never match."""
+    sign = np.sign(stacked)
+    votes = stacked.sum(axis=0) if method == "total" else sign.sum(axis=0)
+    mask: Array = sign == np.where(votes >= 0, 1, -1)
+    return mask
+
+
+def merge_task_tensors(
+    tensors: Sequence[Array],
+    weights: Sequence[float],
+    method: str = "linear",
+    *,
+    density: float = 1.0,
+    majority_sign_method: str = "total",
+    rng: np.random.Generator | None = None,
+) -> Array:
+    """One tensor from several of one shape, as PEFT's ``merge_utils``:
+
+    - ``"linear"`` (task arithmetic): ``sum w_i T_i``.
+    - ``"magnitude_prune"``: each ``T_i`` keeps its ``density`` largest magnitudes, then the
+      weighted sum.
+    - ``"dare_linear"``: each ``T_i`` keeps a random ``density`` of its values, rescaled by
+      ``1 / density``, then the weighted sum.
+    - ``"ties"`` / ``"dare_ties"``: pruned as magnitude / DARE; a sign is elected per element
+      from the *unweighted* pruned tensors (``majority_sign_method``); the weighted values of
+      that sign are averaged (summed, divided by how many there are, at least 1).
+
+    A ``density`` of 1 prunes nothing (PEFT warns; this does not).
+    """
+    where = "merge_task_tensors"
+    if method not in ("linear", "magnitude_prune", "dare_linear", "ties", "dare_ties"):
+        raise ValueError(f"{where}: unknown method {method!r}")
+    if majority_sign_method not in ("total", "frequency"):
+        raise ValueError(
+            f"{where}: majority_sign_method must be 'total' or 'frequency', got "
+            f"{majority_sign_method!r}"
+        )
+    if method != "linear" and density < 1:
+        if method.startswith("dare"):
+            if rng is None:
+                raise ValueError(f"{where}: {method!r} prunes at random; pass rng")
+            tensors = [random_prune(t, density, rng) for t in tensors]
+        else:
+            tensors = [magnitude_prune(t, density) for t in tensors]
+    stacked = np.stack(tensors)
+    weighted = stacked * np.asarray(weights, dtype=stacked.dtype).reshape(
+        (-1,) + (1,) * (stacked.ndim - 1)
+    )
+    if not method.endswith("ties"):
+        merged: Array = weighted.sum(axis=0)
+        return merged
+    mask = majority_sign_mask(stacked, majority_sign_method)
+    merged = (weighted * mask).sum(axis=0) / np.maximum(mask.sum(axis=0), 1)
+    return merged
+
+
 def combine_adapters(
     adapters: Sequence[Adapter],
     weights: Sequence[float],
@@ -182,6 +299,9 @@ def combine_adapters(
     *,
     scalings: Sequence[float] | None = None,
     rank: int | None = None,
+    density: float | None = None,
+    majority_sign_method: str = "total",
+    rng: np.random.Generator | None = None,
 ) -> dict[str, Array]:
     """One adapter ``{"A", "B"}`` (scaling 1) from several, weighted: PEFT's
     ``add_weighted_adapter`` maths. ``scalings`` are the adapters' own (default 1 each).
@@ -195,12 +315,22 @@ def combine_adapters(
     - ``"svd"``: ``D = sum w_i s_i A_i B_i``, then its top ``rank`` singular triplets (default:
       the largest rank), as PEFT on PyTorch's ``[out, in]`` layout: ``B = (U_r S_r)ᵀ``,
       ``A = Vh_rᵀ``. The best rank-``rank`` approximation of ``D``.
+    - ``"ties"``, ``"dare_linear"``, ``"dare_ties"``, ``"magnitude_prune"``: as ``"linear"``
+      (the same signed square-root weights, equal ranks), but A and B are each merged by
+      :func:`merge_task_tensors` with that method instead of summed.
+    - ``"ties_svd"``, ``"dare_linear_svd"``, ``"dare_ties_svd"``, ``"magnitude_prune_svd"``:
+      as ``"svd"``, but the updates ``s_i A_i B_i`` are merged with weights ``w_i`` by
+      :func:`merge_task_tensors` before the decomposition.
+
+    The pruning types need ``density`` in ``[0, 1]`` (``(0, 1]`` for DARE, which divides by
+    it); DARE draws its masks from ``rng``, A's before B's.
 
     Raises
     ------
     ValueError
         For an unknown type, lengths that differ, ``"linear"`` over unequal ranks, or a rank
-        out of range.
+        out of range; a pruning type without a density in range, a density for a type that
+        does not prune, or an unknown ``majority_sign_method``.
     """
     where = "combine_adapters"
     pairs = [_adapter(where, adapter) for adapter in adapters]
@@ -210,18 +340,33 @@ def combine_adapters(
             f"{where}: need one weight and one scaling per adapter, got {len(pairs)} adapters, "
             f"{len(weights)} weights and {len(scales)} scalings"
         )
+    if combination_type not in COMBINATIONS:
+        raise ValueError(
+            f"{where}: combination_type must be one of {list(COMBINATIONS)}, got "
+            f"{combination_type!r}"
+        )
+    method = _MERGE.get(combination_type, "")
+    density = check_density(where, combination_type, density)
+    if majority_sign_method not in ("total", "frequency"):
+        raise ValueError(
+            f"{where}: majority_sign_method must be 'total' or 'frequency', got "
+            f"{majority_sign_method!r}"
+        )
+    if method.startswith("dare") and rng is None:
+        rng = np.random.default_rng()
+
+    def merge(tensors: list[Array], weights: list[float]) -> Array:
+        return merge_task_tensors(
+            tensors,
+            weights,
+            method,
+            density=density,
+            majority_sign_method=majority_sign_method,
+            rng=rng,
+        )
+
     ranks = [a.shape[1] for a, _ in pairs]
     ws = [float(w) * s for w, s in zip(weights, scales, strict=True)]  # w s, as PEFT
-    if combination_type == "linear":
-        if len(set(ranks)) > 1:
-            raise ValueError(f"{where}: 'linear' needs adapters of one rank, got ranks {ranks}")
-        roots = [math.sqrt(abs(x)) for x in ws]
-        a = np.sum(
-            [r * (1 if x >= 0 else -1) * a for r, x, (a, _) in zip(roots, ws, pairs, strict=True)],
-            0,
-        )
-        b = np.sum([r * b for r, (_, b) in zip(roots, pairs, strict=True)], axis=0)
-        return {"A": a, "B": b}
     if combination_type == "cat":
         total = sum(ranks) if rank is None else rank
         if total < sum(ranks):
@@ -234,17 +379,46 @@ def combine_adapters(
             b[start : start + a_i.shape[1]] = b_i
             start += a_i.shape[1]
         return {"A": a, "B": b}
-    if combination_type != "svd":
-        raise ValueError(
-            f"{where}: combination_type must be 'svd', 'linear' or 'cat', got {combination_type!r}"
-        )
+    if not combination_type.endswith("svd"):
+        if len(set(ranks)) > 1:
+            raise ValueError(
+                f"{where}: {combination_type!r} needs adapters of one rank, got ranks {ranks}"
+            )
+        roots = [math.sqrt(abs(x)) for x in ws]
+        signs = [1 if x >= 0 else -1 for x in ws]
+        a_weights = [r * sign for r, sign in zip(roots, signs, strict=True)]
+        a = merge([a for a, _ in pairs], a_weights)
+        b = merge([b for _, b in pairs], roots)
+        return {"A": a, "B": b}
     deltas = [scaled_delta(a, b, s) for s, (a, b) in zip(scales, pairs, strict=True)]
-    delta = np.sum([float(w) * d for w, d in zip(weights, deltas, strict=True)], axis=0)
+    delta = merge(deltas, [float(w) for w in weights])
     new_rank = max(ranks) if rank is None else rank
     if not 1 <= new_rank <= min(delta.shape):
         raise ValueError(f"{where}: rank must be in [1, {min(delta.shape)}], got {new_rank}")
     u, sigma, vh = np.linalg.svd(delta.T, full_matrices=False)  # PyTorch's [out, in] layout
     return {"A": vh[:new_rank].T.copy(), "B": (u[:, :new_rank] * sigma[:new_rank]).T.copy()}
+
+
+def check_density(where: str, combination_type: str, density: float | None) -> float:
+    """``density`` checked for ``combination_type``: required in ``[0, 1]`` (``(0, 1]`` for
+    DARE) by the pruning types, refused by the others; 1.0 for those."""
+    if combination_type not in PRUNING:
+        if density is not None:
+            raise ValueError(
+                f"{where}: density is for {list(PRUNING)}; {combination_type!r} does not prune, "
+                f"got density={density!r}"
+            )
+        return 1.0
+    if density is None:
+        raise ValueError(f"{where}: {combination_type!r} needs a density in [0, 1]")
+    value = _checks.real_scalar(where, "density", density)
+    low_ok = value > 0 if combination_type.startswith("dare") else value >= 0
+    if not (low_ok and value <= 1):
+        interval = "(0, 1]" if combination_type.startswith("dare") else "[0, 1]"
+        raise ValueError(
+            f"{where}: {combination_type!r} needs a density in {interval}, got {value}"
+        )
+    return value
 
 
 def _is_adapter(node: object) -> bool:

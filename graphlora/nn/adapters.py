@@ -22,7 +22,7 @@ from graphlora import _checks
 from graphlora.engine.graph import Graph, check_graph
 from graphlora.errors import GraphError
 from graphlora.lora import LoraConfig, LoraEmbedding, LoraLayer, LoraLinear, VeraConfig
-from graphlora.lora.functional import combine_adapters
+from graphlora.lora.functional import COMBINATIONS, PRUNING, check_density, combine_adapters
 from graphlora.lora.layer import adapter_list, check_adapter_name
 from graphlora.lora.nf4 import NF4Config
 from graphlora.lora.variants import (
@@ -48,7 +48,7 @@ __all__ = [
     "set_adapter",
 ]
 
-COMBINATION_TYPES = ("svd", "linear", "cat")
+COMBINATION_TYPES = COMBINATIONS
 """The ``combination_type`` values ``add_weighted_adapter`` accepts."""
 
 
@@ -620,6 +620,9 @@ def add_weighted_adapter(
     adapter_name: str,
     combination_type: str = "svd",
     svd_rank: int | None = None,
+    density: float | None = None,
+    majority_sign_method: str = "total",
+    seed: int | None = None,
 ) -> dict[str, LoraLayer]:
     """Add a new adapter ``adapter_name`` that combines ``adapters`` with ``weights``, as PEFT's
     ``add_weighted_adapter``, on every LoRA layer holding at least one of them. The new adapter
@@ -634,6 +637,17 @@ def add_weighted_adapter(
       ``sum w_i s_i A_i B_i``, with rank the sum of the ranks.
     - ``"svd"``: the weighted sum of the updates, cut to rank ``svd_rank`` (default: the largest
       rank) by a singular value decomposition: the best approximation of that rank.
+    - ``"ties"``, ``"dare_linear"``, ``"dare_ties"``, ``"magnitude_prune"``: as ``"linear"``,
+      but A and B are each pruned to ``density`` (by magnitude; at random and rescaled by
+      ``1 / density`` for DARE) and, for the TIES types, only the values of the sign elected by
+      ``majority_sign_method`` (``"total"`` or ``"frequency"``) are kept and averaged.
+    - ``"ties_svd"``, ``"dare_linear_svd"``, ``"dare_ties_svd"``, ``"magnitude_prune_svd"``: the
+      same merges on the weighted updates, then cut to rank ``svd_rank`` as ``"svd"``.
+
+    ``density`` is required by the pruning types and refused by the others (PEFT ignores it
+    there). DARE draws its masks from ``numpy.random.default_rng(seed)``, layer by layer in
+    model order, A's before B's; PEFT draws from PyTorch's global generator, so the two prune
+    different values (in distribution alike).
 
     The new adapter has ``rank = alpha = new rank`` (scaling 1), the first adapter's dropout and
     no rsLoRA. One adapter is always combined linearly, as in PEFT. The weights are used exactly,
@@ -650,8 +664,10 @@ def add_weighted_adapter(
     ValueError
         For unknown adapters (the message lists the model's), an existing ``adapter_name``,
         weights that are not one finite number per adapter, an unknown ``combination_type``,
-        ``"linear"`` over unequal ranks (both given), DoRA or PiSSA adapters, or an SVD rank
-        above a layer's ``min(in, out)``. Nothing is changed.
+        ``"linear"`` (or another type that merges A and B) over unequal ranks (both given),
+        DoRA or PiSSA adapters, an SVD rank above a layer's ``min(in, out)``, a density missing,
+        out of range or given to a type that does not prune, or an unknown
+        ``majority_sign_method``. Nothing is changed.
     GraphError
         While a layer is merged.
     """
@@ -682,6 +698,14 @@ def add_weighted_adapter(
         )
     if svd_rank is not None:
         svd_rank = _checks.positive_int(where, "svd_rank", svd_rank)
+    if combination_type in PRUNING or density is not None:
+        density = check_density(where, combination_type, density)
+    if majority_sign_method not in ("total", "frequency"):
+        raise ValueError(
+            f"{where}: majority_sign_method must be 'total' or 'frequency', got "
+            f"{majority_sign_method!r}"
+        )
+    rng = np.random.default_rng(seed)
     if len(names) == 1:
         combination_type = "linear"  # as PEFT: one adapter is only re-weighted
     holders = {n: layer for n, layer in layers.items() if any(a in layer.adapters for a in names)}
@@ -698,9 +722,12 @@ def add_weighted_adapter(
             "rank)"
         )
     ranks = {a: max(u.rank for (_, b), u in updates.items() if b == a) for a in names}
-    if combination_type == "linear" and len(set(ranks.values())) > 1:
-        raise ValueError(f"{where}: 'linear' needs adapters of one rank; they have ranks {ranks}")
-    if combination_type == "linear":
+    one_rank = combination_type != "cat" and not combination_type.endswith("svd")
+    if one_rank and len(set(ranks.values())) > 1:
+        raise ValueError(
+            f"{where}: {combination_type!r} needs adapters of one rank; they have ranks {ranks}"
+        )
+    if one_rank:
         new_rank = next(iter(ranks.values()))
     elif combination_type == "cat":
         new_rank = sum(ranks.values())
@@ -735,6 +762,9 @@ def add_weighted_adapter(
                 combination_type,
                 scalings=[u.scaling for u, _ in present],
                 rank=new_rank,
+                density=density if combination_type in PRUNING else None,
+                majority_sign_method=majority_sign_method,
+                rng=rng,
             )
         if not (np.isfinite(adapter["A"]).all() and np.isfinite(adapter["B"]).all()):
             raise ValueError(
