@@ -16,7 +16,7 @@ should be solved to high precision rather than trained.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -27,7 +27,7 @@ from graphlora.engine.graph import Graph, NodeId, check_graph
 from graphlora.errors import GraphError, ShapeError
 from graphlora.ops import Array
 
-__all__ = ["SGD", "Adam", "AdamW", "Optimizer", "minimize"]
+__all__ = ["SGD", "Adam", "AdamW", "Optimizer", "ParamGroup", "minimize"]
 
 
 def _parameters(where: str, graph: Graph, params: Sequence[NodeId]) -> list[NodeId]:
@@ -48,23 +48,86 @@ def _parameters(where: str, graph: Graph, params: Sequence[NodeId]) -> list[Node
     return nodes
 
 
+ParamGroup = Mapping[str, Any]
+
+
+def _split_groups(
+    where: str, params: Iterable[NodeId] | Iterable[ParamGroup], names: tuple[str, ...]
+) -> list[tuple[list[NodeId], dict[str, Any]]]:
+    """``params`` as ``[(nodes, hyper-parameters the group sets)]``: one group for a list of
+    parameters, one per mapping for torch.optim's ``[{"params": [...], "lr": ...}, ...]``."""
+    if isinstance(params, (str, bytes, Mapping, NodeId)) or not isinstance(params, Iterable):
+        raise TypeError(
+            f"{where}: params must be a list of parameters or of parameter groups (mappings "
+            f"with 'params'), got {type(params).__name__}"
+        )
+    items = list(params)
+    if not any(isinstance(item, Mapping) for item in items):
+        return [(list(items), {})]  # type: ignore[arg-type]
+    groups = []
+    for i, item in enumerate(items):
+        if not isinstance(item, Mapping) or "params" not in item:
+            raise TypeError(
+                f"{where}: params[{i}] must be a parameter group (a mapping with 'params') "
+                f"like the others, got {item!r:.60}"
+            )
+        unknown = sorted(set(item) - {"params", *names})
+        if unknown:
+            raise ValueError(
+                f"{where}: parameter group {i} has unknown keys {unknown}; a group takes "
+                f"'params' and {list(names)}"
+            )
+        nodes = item["params"]
+        if isinstance(nodes, NodeId):
+            nodes = [nodes]
+        if isinstance(nodes, (str, bytes, Mapping)) or not isinstance(nodes, Iterable):
+            raise TypeError(f"{where}: parameter group {i}'s 'params' must be a list")
+        groups.append((list(nodes), {k: v for k, v in item.items() if k != "params"}))
+    return groups
+
+
 class Optimizer:
-    """Base class: holds the graph, the parameters and their per-parameter state.
+    """Base class: holds the graph, the parameters, their groups and per-parameter state.
 
     Parameters
     ----------
     graph
         The graph that holds the parameters.
     params
-        Parameters of ``graph`` (leaves that require a gradient), each at most once.
+        Parameters of ``graph`` (leaves that require a gradient), each at most once; or, as
+        torch.optim, parameter groups ``[{"params": [...], "lr": 0.1}, ...]``, each setting any
+        of the optimizer's hyper-parameters for its parameters (the others default to the
+        constructor's arguments).
+
+    Attributes
+    ----------
+    params
+        Every parameter, group after group.
+    param_groups
+        One dict per group, ``{"params": [...], <every hyper-parameter>}``, as torch.optim's.
+        A group's hyper-parameters may be changed between steps (a learning-rate schedule);
+        each step checks them. Its parameters are fixed at construction.
+    lr, ...
+        The constructor's hyper-parameters: the groups' defaults.
     """
 
     _state_keys: ClassVar[tuple[str, ...]] = ()  # the arrays kept per parameter
     _hyper_names: ClassVar[tuple[str, ...]] = ()  # the hyper-parameters, as attribute names
 
-    def __init__(self, graph: Graph, params: Sequence[NodeId]) -> None:
+    def __init__(self, graph: Graph, params: Iterable[NodeId] | Iterable[ParamGroup]) -> None:
+        where = type(self).__name__
+        groups = _split_groups(where, params, self._hyper_names)
         self.graph = graph
-        self.params = _parameters(type(self).__name__, graph, params)
+        self.params = _parameters(where, graph, [node for nodes, _ in groups for node in nodes])
+        defaults = self.hyperparameters()
+        self.param_groups: list[dict[str, Any]] = [
+            {
+                "params": nodes,
+                **self._checked(f"{where}: parameter group {i}", {**defaults, **hyper}),
+            }
+            for i, (nodes, hyper) in enumerate(groups)
+        ]
+        self._group_of = [i for i, (nodes, _) in enumerate(groups) for _ in nodes]
         self.steps = [0] * len(self.params)  # updates applied to each parameter so far
         self.state: list[dict[str, Array]] = [{} for _ in self.params]
 
@@ -73,49 +136,65 @@ class Optimizer:
         self.graph.zero_grad(self.params)
 
     def step(self) -> None:
-        """Update every parameter that has a gradient, in place."""
+        """Update every parameter that has a gradient, in place, with its group's
+        hyper-parameters (checked first: a bad one changes nothing)."""
+        where = f"{type(self).__name__}.step"
+        hypers = [
+            self._checked(f"{where}: parameter group {i}", self._hyper_of(group))
+            for i, group in enumerate(self.param_groups)
+        ]
         for i, node in enumerate(self.params):
             value, grad = self.graph.buffers(node)  # the engine's own arrays: no copies
             if grad is None:
                 continue  # no gradient this step: skipped, as in PyTorch
             self.steps[i] += 1
-            self._update(value, grad, self.state[i], self.steps[i])
+            self._update(value, grad, self.state[i], self.steps[i], hypers[self._group_of[i]])
 
-    def _update(self, value: Array, grad: Array, state: dict[str, Array], step: int) -> None:
+    def _update(
+        self, value: Array, grad: Array, state: dict[str, Array], step: int, hyper: dict[str, Any]
+    ) -> None:
         raise NotImplementedError
 
+    def _hyper_of(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        return {name: group.get(name) for name in self._hyper_names}
+
     def hyperparameters(self) -> dict[str, Any]:
-        """The hyper-parameters, by name."""
+        """The constructor's hyper-parameters (the groups' defaults), by name."""
         return {name: getattr(self, name) for name in self._hyper_names}
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"optimizer", "hyperparameters", "steps", "state"}`` with copies of every array."""
+        """``{"optimizer", "hyperparameters", "param_groups", "steps", "state"}`` with copies of
+        every array; a group lists its parameters by their index in ``params``."""
+        start, groups = 0, []
+        for group in self.param_groups:
+            count = len(group["params"])
+            groups.append({**self._hyper_of(group), "params": list(range(start, start + count))})
+            start += count
         return {
             "optimizer": type(self).__name__,
             "hyperparameters": self.hyperparameters(),
+            "param_groups": groups,
             "steps": list(self.steps),
             "state": [{k: np.array(v) for k, v in s.items()} for s in self.state],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Load what ``state_dict`` returned, all or nothing (everything is checked first).
+        The groups must hold the same parameters; their hyper-parameters are loaded. A state
+        without ``param_groups`` (from before groups) loads into an optimizer of one group.
 
         Raises
         ------
         ValueError, TypeError, ShapeError
-            For another optimizer's state, a different number of parameters, bad
-            hyper-parameters, or state arrays of the wrong keys or shapes.
+            For another optimizer's state, a different number of parameters or other groups,
+            bad hyper-parameters, or state arrays of the wrong keys or shapes.
         """
         where = f"{type(self).__name__}.load_state_dict"
-        if not isinstance(state, Mapping) or set(state) != {
-            "optimizer",
-            "hyperparameters",
-            "steps",
-            "state",
-        }:
+        keys = {"optimizer", "hyperparameters", "steps", "state"}
+        if not isinstance(state, Mapping) or set(state) not in (keys, keys | {"param_groups"}):
             raise ValueError(
-                f"{where}: expected a mapping with keys 'optimizer', 'hyperparameters', 'steps', "
-                "'state' (as state_dict returns)"
+                f"{where}: expected a mapping with keys 'optimizer', 'hyperparameters', "
+                "'param_groups', 'steps', 'state' (as state_dict returns)"
             )
         if state["optimizer"] != type(self).__name__:
             raise ValueError(
@@ -133,8 +212,8 @@ class Optimizer:
                 f"{where}: state is for {len(steps)} parameters, this optimizer has "
                 f"{len(self.params)}"
             )
-        probe = type(self).__new__(type(self))  # a blank optimizer, to validate on
-        probe._set_hyperparameters(where, dict(state["hyperparameters"]))
+        defaults = self._checked(where, dict(state["hyperparameters"]))
+        groups = self._loaded_groups(where, state.get("param_groups"), defaults)
         new_state: list[dict[str, Array]] = []
         for i, (node, count, entry) in enumerate(zip(self.params, steps, per_param, strict=True)):
             if isinstance(count, bool) or not isinstance(count, int) or count < 0:
@@ -159,16 +238,58 @@ class Optimizer:
                     )
                 arrays[key] = np.array(array, dtype=self.graph.dtype)
             new_state.append(arrays)
-        self._set_hyperparameters(where, dict(state["hyperparameters"]))
+        self._set_hyperparameters(where, defaults)
+        for group, hyper in zip(self.param_groups, groups, strict=True):
+            group.update(hyper)
         self.steps = [int(c) for c in steps]
         self.state = new_state
+
+    def _loaded_groups(
+        self, where: str, saved: object, defaults: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        """The groups' hyper-parameters from a state's ``param_groups``, checked against this
+        optimizer's groups (the same parameter indexes)."""
+        if saved is None:
+            if len(self.param_groups) != 1:
+                raise ValueError(
+                    f"{where}: the state has no 'param_groups'; this optimizer has "
+                    f"{len(self.param_groups)} groups"
+                )
+            return [defaults]
+        mine = self.state_dict()["param_groups"]
+        if not isinstance(saved, (list, tuple)) or len(saved) != len(mine):
+            count = len(saved) if isinstance(saved, (list, tuple)) else type(saved).__name__
+            raise ValueError(
+                f"{where}: 'param_groups' must list {len(mine)} groups, as this optimizer has; "
+                f"got {count}"
+            )
+        hypers = []
+        for i, (group, own) in enumerate(zip(saved, mine, strict=True)):
+            if not isinstance(group, Mapping) or list(group.get("params", ())) != own["params"]:
+                raise ValueError(
+                    f"{where}: param_groups[{i}] must hold parameters {own['params']}, as this "
+                    "optimizer's group does"
+                )
+            hypers.append(
+                self._checked(
+                    f"{where}: param_groups[{i}]", {k: v for k, v in group.items() if k != "params"}
+                )
+            )
+        return hypers
+
+    def _checked(self, where: str, hyper: dict[str, Any]) -> dict[str, Any]:
+        """``hyper`` checked (every name, each value in range), normalised; nothing is set."""
+        probe = type(self).__new__(type(self))  # a blank optimizer, to validate on
+        probe._set_hyperparameters(where, hyper)
+        return probe.hyperparameters()
 
     def _set_hyperparameters(self, where: str, hyper: dict[str, Any]) -> None:
         raise NotImplementedError
 
     def __repr__(self) -> str:
         hyper = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
-        return f"{type(self).__name__}({len(self.params)} parameters, {hyper})"
+        groups = f", {len(self.param_groups)} groups" if len(self.param_groups) > 1 else ""
+        return f"{type(self).__name__}({len(self.params)} parameters{groups}, {hyper})"
 
 
 class SGD(Optimizer):
@@ -185,7 +306,7 @@ class SGD(Optimizer):
     def __init__(
         self,
         graph: Graph,
-        params: Sequence[NodeId],
+        params: Iterable[NodeId] | Iterable[ParamGroup],
         lr: float,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
@@ -213,18 +334,21 @@ class SGD(Optimizer):
             nesterov,
         )
 
-    def _update(self, value: Array, grad: Array, state: dict[str, Array], step: int) -> None:
-        if self.weight_decay:
-            grad = grad + self.weight_decay * value
-        if self.momentum:
+    def _update(
+        self, value: Array, grad: Array, state: dict[str, Array], step: int, hyper: dict[str, Any]
+    ) -> None:
+        lr, momentum, weight_decay = hyper["lr"], hyper["momentum"], hyper["weight_decay"]
+        if weight_decay:
+            grad = grad + weight_decay * value
+        if momentum:
             buffer = state.get("momentum_buffer")
             if buffer is None:
                 buffer = state["momentum_buffer"] = np.array(grad)
             else:
-                buffer *= self.momentum
+                buffer *= momentum
                 buffer += grad
-            grad = grad + self.momentum * buffer if self.nesterov else buffer
-        value -= self.lr * grad
+            grad = grad + momentum * buffer if hyper["nesterov"] else buffer
+        value -= lr * grad
 
 
 class Adam(Optimizer):
@@ -241,7 +365,7 @@ class Adam(Optimizer):
     def __init__(
         self,
         graph: Graph,
-        params: Sequence[NodeId],
+        params: Iterable[NodeId] | Iterable[ParamGroup],
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
@@ -264,12 +388,15 @@ class Adam(Optimizer):
         self.weight_decay = _checks.real(where, "weight_decay", hyper["weight_decay"], 0.0)
         self.betas = (beta1, beta2)
 
-    def _update(self, value: Array, grad: Array, state: dict[str, Array], step: int) -> None:
-        beta1, beta2 = self.betas
+    def _update(
+        self, value: Array, grad: Array, state: dict[str, Array], step: int, hyper: dict[str, Any]
+    ) -> None:
+        beta1, beta2 = hyper["betas"]
+        lr, weight_decay = hyper["lr"], hyper["weight_decay"]
         if self._decoupled:
-            value *= 1.0 - self.lr * self.weight_decay  # AdamW: decay the weights directly
-        elif self.weight_decay:
-            grad = grad + self.weight_decay * value
+            value *= 1.0 - lr * weight_decay  # AdamW: decay the weights directly
+        elif weight_decay:
+            grad = grad + weight_decay * value
         if not state:
             state["exp_avg"] = np.zeros_like(value)
             state["exp_avg_sq"] = np.zeros_like(value)
@@ -280,7 +407,7 @@ class Adam(Optimizer):
         v += (1.0 - beta2) * grad * grad
         m_hat = m / (1.0 - beta1**step)
         v_hat = v / (1.0 - beta2**step)
-        value -= self.lr * m_hat / (np.sqrt(v_hat) + self.eps)
+        value -= lr * m_hat / (np.sqrt(v_hat) + hyper["eps"])
 
 
 class AdamW(Adam):
@@ -295,7 +422,7 @@ class AdamW(Adam):
     def __init__(
         self,
         graph: Graph,
-        params: Sequence[NodeId],
+        params: Iterable[NodeId] | Iterable[ParamGroup],
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,

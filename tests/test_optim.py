@@ -324,3 +324,189 @@ def test_params_may_be_any_iterable() -> None:
     opt = SGD(g, (p for p in (a, b)), lr=0.5)  # type: ignore[arg-type]
     assert opt.params == [a, b]
     assert opt.steps == [0, 0]
+
+
+def _total(g: gl.Graph, nodes: list[gl.NodeId]) -> gl.NodeId:
+    total = nodes[0]
+    for node in nodes[1:]:
+        total = g.add(total, node)
+    return total
+
+
+def _run_groups(make: Any, steps: int = 3) -> list[np.ndarray]:
+    """Three parameters (START scaled by 1, 2, 3), known gradients, ``make(g, [p0, p1, p2])``."""
+    g = gl.Graph()
+    ps = [g.parameter(START * k) for k in (1, 2, 3)]
+    opt = make(g, ps)
+    for c in GRADS[:steps]:
+        g.backward(g.sum(_total(g, [g.mul(p, g.constant(c * k)) for k, p in enumerate(ps, 1)])))
+        opt.step()
+        opt.zero_grad()
+        g.reset()
+    return [np.array(g.value(p)) for p in ps]
+
+
+GROUPS: list[tuple[str, dict[str, Any], list[dict[str, Any]]]] = [
+    ("SGD", {"lr": 0.1, "momentum": 0.9}, [{"lr": 0.5}, {"momentum": 0.0, "weight_decay": 0.1}]),
+    ("Adam", {"lr": 0.01}, [{"lr": 0.05, "betas": (0.5, 0.9)}, {"weight_decay": 0.2}]),
+    ("AdamW", {"lr": 0.01}, [{"lr": 0.16}, {"weight_decay": 0.0, "eps": 1e-3}]),
+]
+
+
+@pytest.mark.parametrize(("name", "defaults", "overrides"), GROUPS)
+def test_parameter_groups_are_separate_optimizers(
+    name: str, defaults: dict[str, Any], overrides: list[dict[str, Any]]
+) -> None:
+    """Grouped, each parameter moves exactly as under an optimizer of its group's settings."""
+    cls = getattr(gl.optim, name)
+    grouped = _run_groups(
+        lambda g, ps: cls(
+            g, [{"params": [ps[0]], **overrides[0]}, {"params": ps[1:], **overrides[1]}], **defaults
+        )
+    )
+    alone = [
+        _run_groups(lambda g, ps, k=k: cls(g, ps, **{**defaults, **overrides[min(k, 1)]}))[k]
+        for k in range(3)
+    ]
+    for got, expected in zip(grouped, alone, strict=True):
+        np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.crosscheck
+@pytest.mark.parametrize(("name", "defaults", "overrides"), GROUPS)
+def test_parameter_groups_match_torch_optim(
+    name: str, defaults: dict[str, Any], overrides: list[dict[str, Any]]
+) -> None:
+    torch = pytest.importorskip("torch")
+    cls = getattr(gl.optim, name)
+    ours = _run_groups(
+        lambda g, ps: cls(
+            g, [{"params": [ps[0]], **overrides[0]}, {"params": ps[1:], **overrides[1]}], **defaults
+        )
+    )
+    ps = [torch.tensor(START * k, requires_grad=True) for k in (1, 2, 3)]
+    opt = getattr(torch.optim, name)(
+        [{"params": [ps[0]], **overrides[0]}, {"params": ps[1:], **overrides[1]}], **defaults
+    )
+    for c in GRADS:
+        opt.zero_grad()
+        sum((p * torch.tensor(c * k)).sum() for k, p in enumerate(ps, 1)).backward()
+        opt.step()
+    for got, p in zip(ours, ps, strict=True):
+        np.testing.assert_allclose(got, p.detach().numpy(), rtol=1e-12)
+    # a schedule: the groups' learning rates changed between steps, as torch's
+    assert [group["lr"] for group in opt.param_groups] == [
+        {**defaults, **o}["lr"] for o in overrides
+    ]
+
+
+def test_a_changed_group_lr_takes_effect_and_a_bad_one_changes_nothing() -> None:
+    g = gl.Graph()
+    p, q = g.parameter(np.ones(2)), g.parameter(np.ones(2))
+    opt = SGD(g, [{"params": [p]}, {"params": [q], "lr": 0.5}], lr=0.1)
+    assert opt.param_groups[0]["lr"] == 0.1 and opt.param_groups[1]["lr"] == 0.5
+    opt.param_groups[0]["lr"] = 0.25
+    g.backward(g.sum(g.add(p, q)))
+    opt.step()
+    np.testing.assert_array_equal(g.value(p), [0.75, 0.75])
+    np.testing.assert_array_equal(g.value(q), [0.5, 0.5])
+    opt.param_groups[1]["lr"] = -1.0
+    with pytest.raises(ValueError, match=r"SGD.step: parameter group 1: lr must be >= 0, got -1"):
+        opt.step()
+    np.testing.assert_array_equal(g.value(p), [0.75, 0.75])  # group 0 was not stepped either
+    assert opt.steps == [1, 1]
+
+
+@pytest.mark.parametrize(
+    ("params", "error", "match"),
+    [
+        (lambda p, q: [{"params": [p]}, q], TypeError, r"params\[1\] must be a parameter group"),
+        (
+            lambda p, q: [{"params": [p], "momentun": 0.9}],
+            ValueError,
+            r"unknown keys \['momentun'\]",
+        ),
+        (lambda p, q: [{"params": [p]}, {"params": [p]}], ValueError, "more than once"),
+        (
+            lambda p, q: [{"params": [p], "lr": -2}],
+            ValueError,
+            "parameter group 0: lr must be >= 0",
+        ),
+        (lambda p, q: [{"params": "p"}], TypeError, r"group 0's 'params' must be a list"),
+        (lambda p, q: [{"params": []}], ValueError, "params is empty"),
+        (lambda p, q: p, TypeError, "params must be a list of parameters or of parameter groups"),
+    ],
+)
+def test_bad_parameter_groups(params: Any, error: type[Exception], match: str) -> None:
+    g = gl.Graph()
+    p, q = g.parameter(np.ones(2)), g.parameter(np.ones(2))
+    with pytest.raises(error, match="^SGD: .*" + match):
+        SGD(g, params(p, q), lr=0.1)
+
+
+def test_grouped_state_dict_round_trip_and_refusals() -> None:
+    def setup() -> tuple[gl.Graph, list[gl.NodeId], Adam]:
+        g = gl.Graph()
+        ps = [g.parameter(START * k) for k in (1, 2, 3)]
+        return g, ps, Adam(g, [{"params": ps[:1], "lr": 0.2}, {"params": ps[1:]}], lr=0.05)
+
+    def step(g: gl.Graph, ps: list[gl.NodeId], opt: Adam, c: np.ndarray) -> None:
+        g.backward(g.sum(_total(g, [g.mul(g.mul(p, p), g.constant(c)) for p in ps])))
+        opt.step()
+        opt.zero_grad()
+        g.reset()
+
+    g1, ps1, opt1 = setup()
+    step(g1, ps1, opt1, GRADS[0])
+    opt1.param_groups[1]["lr"] = 0.01  # a schedule's change travels with the state
+    step(g1, ps1, opt1, GRADS[1])
+    saved = opt1.state_dict()
+    assert [grp["params"] for grp in saved["param_groups"]] == [[0], [1, 2]]
+    assert [grp["lr"] for grp in saved["param_groups"]] == [0.2, 0.01]
+    g2, ps2, opt2 = setup()
+    for a, b in zip(ps1, ps2, strict=True):
+        g2.set_value(b, g1.value(a))
+    bad = [
+        ({**saved, "param_groups": saved["param_groups"][:1]}, "must list 2 groups"),
+        (
+            {**saved, "param_groups": [saved["param_groups"][0], {"params": [2, 1], "lr": 0.1}]},
+            r"param_groups\[1\] must hold parameters \[1, 2\]",
+        ),
+        (
+            {
+                **saved,
+                "param_groups": [saved["param_groups"][0], {**saved["param_groups"][1], "eps": -1}],
+            },
+            r"param_groups\[1\]: eps must be >= 0",
+        ),
+        (
+            {k: v for k, v in saved.items() if k != "param_groups"},
+            "the state has no 'param_groups'; this optimizer has 2 groups",
+        ),
+    ]
+    for state, match in bad:
+        with pytest.raises(ValueError, match="^Adam.load_state_dict: .*" + match):
+            opt2.load_state_dict(state)
+        assert [grp["lr"] for grp in opt2.param_groups] == [0.2, 0.05]
+        assert opt2.steps == [0, 0, 0]
+    opt2.load_state_dict(saved)
+    assert [grp["lr"] for grp in opt2.param_groups] == [0.2, 0.01]
+    step(g1, ps1, opt1, GRADS[2])
+    step(g2, ps2, opt2, GRADS[2])
+    for a, b in zip(ps1, ps2, strict=True):
+        np.testing.assert_array_equal(g1.value(a), g2.value(b))
+    assert repr(opt2).startswith("Adam(3 parameters, 2 groups, lr=0.05")
+
+
+def test_a_state_from_before_groups_still_loads() -> None:
+    g = gl.Graph()
+    p = g.parameter(START)
+    opt = SGD(g, [p], lr=0.1, momentum=0.9)
+    g.backward(g.sum(g.mul(p, g.constant(GRADS[0]))))
+    opt.step()
+    old = {k: v for k, v in opt.state_dict().items() if k != "param_groups"}
+    old["hyperparameters"] = {**old["hyperparameters"], "lr": 0.3}
+    twin = SGD(g, [p], lr=0.1, momentum=0.9)
+    twin.load_state_dict(old)
+    assert twin.lr == 0.3 and twin.param_groups[0]["lr"] == 0.3
+    np.testing.assert_array_equal(twin.state[0]["momentum_buffer"], GRADS[0])

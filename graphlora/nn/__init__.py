@@ -5,7 +5,7 @@ Qwen2) that read transformers' checkpoints (``from_pretrained`` picks the class)
 ``state_dict``, ``load_state_dict``), and
 ``apply_lora``, which puts LoRA adapters on any model's ``Linear`` and ``Embedding`` layers, with
 the functions that manage several adapters (``set_adapter``, ``disable_adapters``,
-``delete_adapter``, ``add_weighted_adapter``).
+``delete_adapter``, ``add_weighted_adapter``), and LoRA+'s ``create_loraplus_optimizer``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from graphlora.nn.adapters import (
 from graphlora.nn.gpt import GPT, GPTConfig
 from graphlora.nn.layers import ACTIVATIONS, MLP, Embedding, LayerNorm, Linear, NF4Linear, RMSNorm
 from graphlora.nn.llama import Llama, LlamaConfig
+from graphlora.nn.loraplus import create_loraplus_optimizer, loraplus_groups
 from graphlora.nn.pretrained import from_pretrained
 from graphlora.nn.tokenizer import Tokenizer
 from graphlora.nn.tree import (
@@ -60,6 +61,7 @@ __all__ = [
     "add_weighted_adapter",
     "apply_lora",
     "check_model",
+    "create_loraplus_optimizer",
     "delete_adapter",
     "disable_adapter_layers",
     "disable_adapters",
@@ -69,6 +71,7 @@ __all__ = [
     "is_module",
     "load_state_dict",
     "lora_layers",
+    "loraplus_groups",
     "matches",
     "merge_adapter",
     "named_leaves",
