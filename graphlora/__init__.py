@@ -40,6 +40,7 @@ from graphlora.nn import (
     enable_adapter_layers,
     from_pretrained,
     merge_adapter,
+    mixed_batch,
     set_adapter,
     unmerge_adapter,
 )
@@ -89,6 +90,7 @@ __all__ = [
     "functional",
     "load_adapter",
     "merge_adapter",
+    "mixed_batch",
     "nf4",
     "nn",
     "ops",

@@ -636,3 +636,107 @@ def test_dare_prunes_as_peft_in_distribution() -> None:
         kept = pruned != 0
         np.testing.assert_allclose(pruned[kept], tensor[kept] / 0.25, rtol=1e-15)
         assert abs(kept.mean() - 0.25) < 4 * np.sqrt(0.25 * 0.75 / tensor.size)
+
+
+MIXED_IDS = np.array([[0, 6, 3], [2, 2, 1], [5, 4, 0], [1, 3, 6], [6, 6, 2]])
+MIXED = ["default", "__base__", "other", "d", "default"]
+
+
+def _alone(g: gl.Graph, model: Toy, name: str, ids: np.ndarray) -> np.ndarray:
+    """The model's output on ``ids`` with only adapter ``name`` running (or none)."""
+    if name == "__base__":
+        with gl.disable_adapters(model), g.no_grad():
+            return np.array(g.value(model.forward(g, ids)))
+    gl.set_adapter(model, name)
+    with g.no_grad():
+        return np.array(g.value(model.forward(g, ids)))
+
+
+def test_a_mixed_batch_runs_each_sample_through_its_own_adapter() -> None:
+    g, model = _model_with_two_adapters()
+    gl.apply_lora(model, gl.LoraConfig(rank=2, use_dora=True, seed=4), ["fc2"], adapter_name="d")
+    fc2 = model.fc2
+    assert isinstance(fc2, gl.LoraLinear)
+    g.set_value(fc2.adapters["d"].lora_b, np.random.default_rng(5).normal(size=(2, 4)))
+    with gl.mixed_batch(model, MIXED), g.no_grad():
+        mixed = np.array(g.value(model.forward(g, MIXED_IDS)))
+    for i, name in enumerate(MIXED):
+        np.testing.assert_allclose(
+            mixed[i], _alone(g, model, name, MIXED_IDS[i : i + 1])[0], rtol=1e-13, atol=1e-14
+        )
+    assert all(layer.batch_adapters is None for layer in gl.nn.lora_layers(model).values())
+
+
+def test_mixed_batch_refusals_change_nothing() -> None:
+    g, model = _model_with_two_adapters()
+    unknown = r"mixed_batch: unknown adapter\(s\) \['x'\]; the model"
+    with pytest.raises(ValueError, match=unknown), gl.mixed_batch(model, ["default", "x"]):
+        pass
+    with (
+        pytest.raises(TypeError, match="adapter_names must be a list"),
+        gl.mixed_batch(model, "default"),
+    ):
+        pass
+    with gl.mixed_batch(model, ["default", "other"]):
+        with pytest.raises(
+            gl.GraphError, match="forward: emb: a mixed-adapter batch is for inference"
+        ):
+            model.forward(g, IDS)
+        with (
+            g.no_grad(),
+            pytest.raises(gl.ShapeError, match=r"holds 5 samples .* names 2 adapters"),
+        ):
+            model.forward(g, MIXED_IDS)
+        with gl.disable_adapters(model), g.no_grad():  # disabled wins, as in PEFT
+            np.testing.assert_array_equal(g.value(model.forward(g, IDS)), _base_output())
+    gl.merge_adapter(model)
+    with (
+        pytest.raises(gl.GraphError, match=r"mixed_batch: .*merged"),
+        gl.mixed_batch(model, ["default", "other"]),
+    ):
+        pass
+    assert all(layer.batch_adapters is None for layer in gl.nn.lora_layers(model).values())
+
+
+@pytest.mark.crosscheck
+def test_a_mixed_batch_equals_peft() -> None:
+    torch = pytest.importorskip("torch")
+    g, model = _model_with_two_adapters()
+    theirs = _peft_twin(g, model)
+    names = ["other", "default", "__base__", "other", "default"]
+    theirs.eval()
+    with torch.no_grad():
+        expected = theirs(torch.tensor(MIXED_IDS), adapter_names=names).numpy()
+    with gl.mixed_batch(model, names), g.no_grad():
+        got = np.array(g.value(model.forward(g, MIXED_IDS)))
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-13)
+
+
+def test_generate_serves_two_adapters_in_one_batch() -> None:
+    config = gl.LlamaConfig(
+        vocab_size=23,
+        hidden_size=16,
+        intermediate_size=20,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    g = gl.Graph()
+    llama = gl.Llama.new(g, config, rng=0)
+    gl.apply_lora(llama, gl.LoraConfig(rank=2, seed=1), ["q_proj", "v_proj"])
+    gl.apply_lora(llama, gl.LoraConfig(rank=2, seed=2), ["q_proj", "v_proj"], adapter_name="b")
+    rng = np.random.default_rng(0)
+    for layer in gl.nn.lora_layers(llama).values():
+        for update in layer.adapters.values():
+            g.set_value(update.lora_b, rng.normal(size=update.lora_b.shape))
+    ids = np.array([[1, 2, 3], [4, 5, 6], [4, 5, 6]])
+    with gl.mixed_batch(llama, ["default", "b", "__base__"]):
+        together = llama.generate(g, ids, max_new_tokens=4)
+    gl.set_adapter(llama, "default")
+    first = llama.generate(g, ids[:1], max_new_tokens=4)
+    gl.set_adapter(llama, "b")
+    second = llama.generate(g, ids[1:2], max_new_tokens=4)
+    with gl.disable_adapters(llama):
+        third = llama.generate(g, ids[2:], max_new_tokens=4)
+    np.testing.assert_array_equal(together, np.concatenate([first, second, third]))
+    assert not np.array_equal(second, third)  # the adapter changed what sample 2 generates

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import numpy.typing as npt
 
 from graphlora import _checks
@@ -20,6 +21,7 @@ from graphlora.errors import ShapeError
 from graphlora.lora.config import LoraConfig, VeraConfig
 from graphlora.lora.layer import LoraLayer, check_adapter_name, float_data
 from graphlora.lora.variants import (
+    Update,
     adapter_generator,
     check_adapter_config,
     check_rank,
@@ -27,6 +29,7 @@ from graphlora.lora.variants import (
     make_update,
     rewrites_base,
 )
+from graphlora.ops import Array
 
 __all__ = ["LoraEmbedding"]
 
@@ -101,10 +104,21 @@ class LoraEmbedding(LoraLayer):
         """``ids [...] -> [..., D]``: ``W[ids]`` plus each active adapter's ``(A[ids] * s) @ B``
         (ids: an integer data node or array, each in ``[0, V)``)."""
         assert self.frozen_weight is not None  # an embedding's table is never in NF4
+        rows: list[tuple[Update, Array]] = []
+        if self.batch_adapters is not None:  # mixed_batch: each sample its own adapter
+            shape = ids.shape if isinstance(ids, NodeId) else np.shape(ids)
+            batch = shape[0] if len(shape) > 0 else -1
+            rows = self.batch_rows("LoraEmbedding.forward", graph, batch)
         with graph.scope(self.name):  # ids given as a list: each embedding op reads them
             with graph.scope("frozen"):
                 y = graph.embedding(self.frozen_weight, ids)  # (..., D)
-            for update in self.running():
+            base = y
+            for update, mask in rows:
+                with graph.scope("lora"):
+                    low_rank = update.record(graph, ids, self, base)  # (..., D)
+                keep = mask.reshape((-1,) + (1,) * (len(y.shape) - 1))
+                y = graph.where(keep, graph.add(y, low_rank), y)
+            for update in self.running() if self.batch_adapters is None else []:
                 with graph.scope("lora"):
                     low_rank = update.record(graph, ids, self, y)  # (..., D)
                 y = graph.add(y, low_rank)

@@ -22,7 +22,7 @@ import numpy as np
 
 from graphlora import _checks
 from graphlora.engine.graph import Graph, NodeId, check_graph
-from graphlora.errors import GraphError, NonFiniteError
+from graphlora.errors import GraphError, NonFiniteError, ShapeError
 from graphlora.lora.config import LoraConfig, VeraConfig
 from graphlora.lora.nf4 import NF4Weight, nf4_adapted_norm, nf4_linear
 from graphlora.lora.variants import (
@@ -71,6 +71,9 @@ class LoraLayer:
     """The adapters folded into ``W`` by ``merge_`` (empty when not merged)."""
     disabled: bool = False
     """True inside ``graphlora.disable_adapters``: ``forward`` runs the base layer alone."""
+    batch_adapters: tuple[str, ...] | None = None
+    """Inside ``graphlora.mixed_batch``: the adapter of each sample (``"__base__"`` for none),
+    which ``forward`` runs instead of the active ones."""
     nf4: NF4Weight | None = None
     """The base weight in NF4, ``[out, in]`` as bitsandbytes keeps it (QLoRA), or ``None`` for a
     float base (``frozen_weight``)."""
@@ -150,6 +153,42 @@ class LoraLayer:
         if self.merged_adapters or self.disabled:
             return []
         return [self.adapters[name] for name in self._active if name in self.adapters]
+
+    def batch_rows(self, where: str, graph: Graph, batch: int) -> list[tuple[Update, Array]]:
+        """Inside ``mixed_batch``: ``(update, rows)`` for each adapter of this layer that some
+        sample names, ``rows`` a bool mask over the ``batch`` samples; none while disabled.
+
+        Raises
+        ------
+        GraphError
+            While gradients are recorded (a mixed batch is for inference) or while merged.
+        ShapeError
+            When the input's first axis does not hold one sample per name.
+        """
+        names = self.batch_adapters
+        assert names is not None
+        if self.disabled:
+            return []
+        if graph.grad_enabled:
+            raise GraphError(
+                f"{where}: {self.name}: a mixed-adapter batch is for inference; record it under "
+                "graph.no_grad()"
+            )
+        if self.merged_adapters:
+            raise GraphError(
+                f"{where}: {self.name} has merged adapters {self.merged_adapters}; unmerge before "
+                "a mixed-adapter batch"
+            )
+        if batch != len(names):
+            raise ShapeError(
+                f"{where}: {self.name}: the input holds {batch} samples along its first axis but "
+                f"mixed_batch names {len(names)} adapters"
+            )
+        return [
+            (self.adapters[name], np.array([n == name for n in names]))
+            for name in dict.fromkeys(names)
+            if name in self.adapters
+        ]
 
     @property
     def update(self) -> Update:

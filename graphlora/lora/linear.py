@@ -298,6 +298,8 @@ class LoraLinear(LoraLayer):
                 f"{where}: {self.name} takes [..., {self.in_features}] but the input "
                 f"has shape {shape}"
             )
+        if self.batch_adapters is not None:
+            return self._mixed_forward(graph, x, shape)
         updates = self.running()
         if fused and len(updates) == 1:
             node = updates[0].fused(graph, x, self)
@@ -314,6 +316,22 @@ class LoraLinear(LoraLayer):
                 y = graph.add(y, low_rank)
                 if any(later.reads_output for later in updates[i + 1 :]):  # a later DoRA's
                     partial = graph.add(partial, low_rank)
+            return y
+
+    def _mixed_forward(self, graph: Graph, x: NodeId, shape: tuple[int, ...]) -> NodeId:
+        """Inside ``mixed_batch``: ``base(x)``, each sample plus its own adapter's update.
+        Each named adapter's update is computed for the whole batch and kept for its rows."""
+        where = "LoraLinear.forward"
+        rows = self.batch_rows(where, graph, shape[0] if len(shape) > 1 else -1)
+        with graph.scope(self.name):
+            with graph.scope("frozen"):
+                xw = self.base_matmul(graph, x)  # (..., out)
+                y = xw if self.bias is None else graph.add(xw, self.bias)
+            for update, mask in rows:
+                with graph.scope("lora"):
+                    low_rank = update.record(graph, x, self, xw)  # (..., out)
+                keep = mask.reshape((-1,) + (1,) * (len(shape) - 1))
+                y = graph.where(keep, graph.add(y, low_rank), y)
             return y
 
     def base_forward(self, graph: Graph, x: NodeId) -> NodeId:

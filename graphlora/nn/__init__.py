@@ -21,6 +21,7 @@ from graphlora.nn.adapters import (
     lora_layers,
     matches,
     merge_adapter,
+    mixed_batch,
     set_adapter,
     unmerge_adapter,
 )
@@ -74,6 +75,7 @@ __all__ = [
     "loraplus_groups",
     "matches",
     "merge_adapter",
+    "mixed_batch",
     "named_leaves",
     "named_modules",
     "parameters",

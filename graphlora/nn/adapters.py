@@ -45,6 +45,7 @@ __all__ = [
     "disable_adapters",
     "lora_layers",
     "matches",
+    "mixed_batch",
     "set_adapter",
 ]
 
@@ -501,6 +502,58 @@ def disable_adapters(model: object) -> Iterator[None]:
             layer.disabled = disabled
         for leaf in trained:
             leaf.graph.requires_grad_(leaf, True)
+        for graph in graphs.values():
+            graph.end_replays()
+
+
+@contextmanager
+def mixed_batch(model: object, adapter_names: Sequence[str]) -> Iterator[None]:
+    """``with mixed_batch(model, ["a", "__base__", "b"]):`` runs each sample of a batch through
+    its own adapter, as PEFT's ``model(x, adapter_names=[...])``: sample ``i`` (the first axis of
+    every LoRA layer's input) gets adapter ``adapter_names[i]`` wherever a layer has it, and
+    ``"__base__"`` the base model alone. How one model serves several adapters at once.
+
+    For inference only, as in PEFT: a layer refuses a mixed batch while gradients are recorded
+    (use ``graph.no_grad()``), while merged, or for an input whose first axis is not one sample
+    per name. Unlike PEFT, DoRA adapters may be mixed too. Each named adapter's update is
+    computed for the whole batch and kept for its samples (PEFT computes it on the sub-batch):
+    the same numbers, more arithmetic. Compiled steps (``Replay``) end on entering and leaving.
+
+    Raises
+    ------
+    ValueError
+        For names that are not ``"__base__"`` or one of the model's adapters (the message
+        lists them), or an empty list.
+    GraphError
+        While a layer is merged.
+    """
+    where = "mixed_batch"
+    layers = _lora_layers_of(where, model)
+    if isinstance(adapter_names, (str, bytes)) or not isinstance(adapter_names, Sequence):
+        raise TypeError(
+            f"{where}: adapter_names must be a list of adapter names, one per sample, got "
+            f"{adapter_names!r:.60}"
+        )
+    names = tuple(adapter_names)
+    known = _known(layers)
+    unknown = sorted({n for n in names if n != "__base__" and n not in known}, key=str)
+    if not names or unknown:
+        raise ValueError(
+            f"{where}: unknown adapter(s) {unknown or list(names)}; the model has {known} "
+            "(and '__base__' for none)"
+        )
+    _refuse_merged(where, layers)
+    previous = [(layer, layer.batch_adapters) for layer in layers.values()]
+    graphs = {id(g): g for g in (layer.graph for layer in layers.values())}
+    for graph in graphs.values():
+        graph.end_replays()
+    for layer in layers.values():
+        layer.batch_adapters = names
+    try:
+        yield
+    finally:
+        for layer, batch in previous:
+            layer.batch_adapters = batch
         for graph in graphs.values():
             graph.end_replays()
 
