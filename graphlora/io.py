@@ -27,6 +27,7 @@ import numpy as np
 
 from graphlora.engine.graph import Graph, NodeId, check_graph
 from graphlora.lora import LoraConfig, LoraEmbedding, LoraLayer, LoraLinear
+from graphlora.lora.config import BIASES
 from graphlora.lora.functional import lora_scaling
 from graphlora.lora.layer import adapter_list, check_adapter_name
 from graphlora.nn import checkpoint
@@ -58,12 +59,18 @@ _MAGNITUDE_KEY = re.compile(
     r"^base_model\.model\.(?P<name>.+)\.lora_(?P<kind>magnitude)_vector"
     r"(\.(?P<adapter>(?!weight$)[^.]+))?(\.weight)?$"
 )
-_BASE_KEY = re.compile(r"^base_model\.model\.(?P<name>.+)\.base_layer\.(?P<kind>weight)$")
+_BASE_KEY = re.compile(r"^base_model\.model\.(?P<name>.+)\.base_layer\.(?P<kind>weight|bias)$")
+_LEAF_KEY = re.compile(r"^base_model\.model\.(?P<name>.+)\.(?P<kind>weight|bias)$")
+_LORA_BIAS_KEY = re.compile(
+    r"^base_model\.model\.(?P<name>.+)\.lora_B(\.(?P<adapter>[^.]+))?\.(?P<kind>bias)$"
+)
 _KEYS = (
     _LINEAR_KEY,
     _EMBEDDING_KEY,
     _MAGNITUDE_KEY,
     _BASE_KEY,
+    _LORA_BIAS_KEY,
+    _LEAF_KEY,  # last: a model's own leaf (a bias PEFT's bias= trains), by its dotted name
 )  # the adapter's name may be spelled out
 _FILE_KINDS = {  # a PEFT key's leaf name -> where read_adapter keeps its tensors
     "lora_A": "a",
@@ -71,6 +78,7 @@ _FILE_KINDS = {  # a PEFT key's leaf name -> where read_adapter keeps its tensor
     "lora_B": "b",
     "lora_embedding_B": "b",
     "lora_magnitude_vector": "magnitude",
+    "lora_B.bias": "lora_bias",
 }
 _NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 
@@ -179,6 +187,43 @@ def _tensors(graph: Graph, layers: Mapping[str, LoraLayer], adapter_name: str) -
     return tensors
 
 
+def _model_tensors(
+    where: str,
+    graph: Graph,
+    given: object,
+    layers: Mapping[str, LoraLayer],
+    adapter_name: str,
+    config: Mapping[str, Any],
+) -> dict[str, Array]:
+    """The model's own leaves an adapter's file holds, under PEFT's keys: the biases its
+    ``bias`` trains (``<layer>.base_layer.bias`` for an adapted layer's, ``<name>.bias`` for
+    another's)."""
+    mode = config.get("bias", "none")
+    if mode == "none":
+        return {}
+    if isinstance(given, Mapping) and all(isinstance(v, LoraLayer) for v in given.values()):
+        if mode == "all":
+            raise ValueError(
+                f"{where}: adapter {adapter_name!r} has bias='all', whose file holds every bias "
+                "of the model: pass the model, not a mapping of layers"
+            )
+        biases = {
+            f"{n}.bias": bias
+            for n, layer in layers.items()
+            if adapter_name in layer.adapters and (bias := getattr(layer, "bias", None)) is not None
+        }
+    else:
+        from graphlora.nn.adapters import trained_biases
+
+        biases = trained_biases(given, adapter_name)
+    tensors = {}
+    for name, leaf in biases.items():
+        owner = name.rsplit(".", 1)[0]
+        key = f"{owner}.base_layer.bias" if owner in layers else name
+        tensors[f"base_model.model.{key}"] = np.array(graph.value(leaf))
+    return tensors
+
+
 def _write_bytes(target: Path, data: bytes) -> None:
     with open(target, "wb") as handle:
         handle.write(data)
@@ -231,6 +276,7 @@ def save_adapter(
     where = "save_adapter"
     check_graph(where, graph)
     st = safetensors_module(where)
+    given = layers
     layers = _check_layers(where, layers)
     if adapter_name is None:
         names = list(dict.fromkeys(a for layer in layers.values() for a in layer.adapters))
@@ -241,7 +287,11 @@ def save_adapter(
     files = {}
     for name in names:
         config = adapter_config(layers, name)
-        data = st.numpy.save(_tensors(graph, layers, name), metadata={"format": "pt"})
+        tensors = {
+            **_tensors(graph, layers, name),
+            **_model_tensors(where, graph, given, layers, name, config),
+        }
+        data = st.numpy.save(tensors, metadata={"format": "pt"})
         files[name] = (data, (json.dumps(config, indent=2) + "\n").encode())
     target = Path(path)
     with checkpoint.staging(target, overwrite, where) as staging:
@@ -282,9 +332,9 @@ def save_merged(
         weight = layer.merge(graph)
         transpose = layout == "torch" and isinstance(layer, LoraLinear) and not layer.fan_in_fan_out
         tensors[f"{name}.weight"] = np.ascontiguousarray(weight.T if transpose else weight)
-        bias = getattr(layer, "bias", None)
+        bias = layer.merge_bias(graph)  # with B's biases (lora_bias) added
         if bias is not None:
-            tensors[f"{name}.bias"] = np.array(graph.value(bias))
+            tensors[f"{name}.bias"] = bias
     target = Path(path)
     if target.is_dir():
         raise FileExistsError(f"{where}: {target} is a directory, not a file to write")
@@ -309,7 +359,10 @@ class AdapterFile:
     for an embedding ``[rank, V]`` and ``[D, rank]``); ``magnitude[name]`` is ``[out]``;
     ``embeddings`` names the modules stored as embeddings (``lora_embedding_A``/``_B``);
     ``base[name]`` is an embedding's own weight ``[V, D]``, which PEFT's ``save_pretrained``
-    writes (``base_layer.weight``) whenever an embedding is targeted.
+    writes (``base_layer.weight``) whenever an embedding is targeted; ``lora_bias[name]`` is B's
+    bias ``[out]`` (``lora_B.bias``) of an adapter saved with ``lora_bias``; ``leaves`` holds
+    the model's own leaves the file carries, by dotted name (``fc1.bias``: the biases PEFT's
+    ``bias="lora_only"`` / ``"all"`` trains), as stored.
     """
 
     def __init__(
@@ -321,6 +374,8 @@ class AdapterFile:
         magnitude: dict[str, Array] | None = None,
         embeddings: frozenset[str] = frozenset(),
         base: dict[str, Array] | None = None,
+        lora_bias: dict[str, Array] | None = None,
+        leaves: dict[str, Array] | None = None,
     ) -> None:
         self.path = path
         self.config = config
@@ -329,6 +384,8 @@ class AdapterFile:
         self.magnitude = {} if magnitude is None else magnitude
         self.embeddings = embeddings
         self.base = {} if base is None else base
+        self.lora_bias = {} if lora_bias is None else lora_bias
+        self.leaves = {} if leaves is None else leaves
 
     @property
     def use_dora(self) -> bool:
@@ -400,11 +457,18 @@ def read_adapter(path: str | os.PathLike[str]) -> AdapterFile:
             raise ValueError(f"{where}: {config_file} has a {key} that is not a mapping")
         for module, value in (config.get(key) or {}).items():
             _check_rank_and_alpha(where, config_file, f"{key}[{module!r}]", value, key)
-    for key in ("use_rslora", "use_dora"):
+    for key in ("use_rslora", "use_dora", "lora_bias"):
         if not isinstance(config.get(key, False), bool):
             raise ValueError(f"{where}: {config_file} has a {key} that is not true/false")
     tensors = checkpoint.load_tensors(where, weights)
-    found: dict[str, dict[str, Array]] = {"A": {}, "B": {}, "magnitude": {}, "weight": {}}
+    found: dict[str, dict[str, Array]] = {
+        "A": {},
+        "B": {},
+        "magnitude": {},
+        "weight": {},
+        "lora_bias": {},
+    }
+    leaves: dict[str, Array] = {}
     embeddings: set[str] = set()
     adapters: set[str] = set()
     unexpected = []
@@ -416,7 +480,10 @@ def read_adapter(path: str | os.PathLike[str]) -> AdapterFile:
         pattern, match = matched[0]
         if match.groupdict().get("adapter") is not None:
             adapters.add(match["adapter"])
-        found[match["kind"]][match["name"]] = tensor
+        if pattern is _LEAF_KEY or (pattern is _BASE_KEY and match["kind"] == "bias"):
+            leaves[f"{match['name']}.{match['kind']}"] = tensor
+            continue
+        found["lora_bias" if pattern is _LORA_BIAS_KEY else match["kind"]][match["name"]] = tensor
         if pattern is _EMBEDDING_KEY:
             embeddings.add(match["name"])
     if unexpected:
@@ -438,7 +505,10 @@ def read_adapter(path: str | os.PathLike[str]) -> AdapterFile:
             f"{where}: {weights} holds base weights for {sorted(set(base) - embeddings)}, which "
             "are not adapted embeddings (PEFT saves only those)"
         )
-    adapter = AdapterFile(directory, config, a, b, magnitude, frozenset(embeddings), base)
+    lora_bias = found["lora_bias"]
+    adapter = AdapterFile(
+        directory, config, a, b, magnitude, frozenset(embeddings), base, lora_bias, leaves
+    )
     for name in sorted(a):
         rank = adapter.rank(name)
         shapes = (a[name].shape, b[name].shape)
@@ -457,6 +527,28 @@ def read_adapter(path: str | os.PathLike[str]) -> AdapterFile:
         raise ValueError(
             f"{where}: {config_file} says use_dora {str(dora).lower()} but {weights} has DoRA "
             f"magnitudes for {sorted(magnitude)} (expected them for {sorted(expected)})"
+        )
+    mode = config.get("bias", "none")
+    if mode not in BIASES:
+        raise ValueError(f"{where}: {config_file} has bias {mode!r}; PEFT's are {list(BIASES)}")
+    stray = sorted(
+        name
+        for name in leaves
+        if not name.endswith(".bias")
+        or mode == "none"
+        or (mode == "lora_only" and name.rsplit(".", 1)[0] not in a)
+    )
+    if stray:
+        raise ValueError(
+            f"{where}: {weights} holds keys that are not LoRA weights: {stray[:5]} (biases are "
+            f"saved only by bias='lora_only' or 'all'; the config has bias={mode!r})"
+        )
+    with_bias = set(a) - embeddings if config.get("lora_bias") else set()
+    if set(lora_bias) != with_bias or any(np.ndim(v) != 1 for v in lora_bias.values()):
+        raise ValueError(
+            f"{where}: {config_file} says lora_bias {str(bool(with_bias)).lower()} but "
+            f"{weights} has B's biases (lora_B.bias, [out]) for {sorted(lora_bias)} (expected "
+            f"them for {sorted(with_bias)})"
         )
     return adapter
 
@@ -494,6 +586,8 @@ def apply_adapter(
             alpha=alpha,
             use_rslora=bool(adapter.config.get("use_rslora")),
             use_dora=bool(adapter.config.get("use_dora")),
+            lora_bias=bool(adapter.config.get("lora_bias")),
+            bias=adapter.config.get("bias", "none"),
         )
         layers.update(apply_lora(model, config, names))
     load_adapter(path, graph, model)
@@ -535,6 +629,10 @@ def load_adapter(
     """
     where = "load_adapter"
     check_graph(where, graph)
+    given = layers
+    given_model = not isinstance(given, Mapping) or not all(
+        isinstance(v, LoraLayer) for v in given.values()
+    )
     layers = _check_layers(where, layers)
     adapter_name = check_adapter_name(where, adapter_name)
     updates = _holding(where, layers, adapter_name)
@@ -566,6 +664,7 @@ def load_adapter(
             ("alpha", adapter.alpha(name), float(update.config.alpha)),
             ("use_rslora", rslora, update.config.use_rslora),
             ("pissa init", pissa, update.config.init == "pissa"),
+            ("lora_bias", bool(adapter.config.get("lora_bias")), update.config.lora_bias),
             *(
                 (key, bool(adapter.config.get(key, False)), flag)
                 for key, flag in update.peft_flags.items()
@@ -580,7 +679,7 @@ def load_adapter(
                 )
         prefix = f"base_model.model.{name}"
         for key, leaf, transposed in update.file_leaves(prefix):
-            kind = key[len(prefix) + 1 :].split(".")[0]  # lora_A, lora_embedding_B, ...
+            kind = key[len(prefix) + 1 :].removesuffix(".weight")  # lora_A, lora_B.bias, ...
             label = f"{name}.{kind}"
             values.append((label, leaf, getattr(adapter, _FILE_KINDS[kind])[name]))
             if transposed:
@@ -589,6 +688,24 @@ def load_adapter(
         table = layers[name].frozen_weight
         assert table is not None  # an embedding's table is never in NF4
         values.append((f"{name}.base_layer.weight", table, weight))
+    if adapter.leaves:  # the model's own biases (bias="lora_only" / "all")
+        if given_model:
+            from graphlora.nn import named_leaves
+
+            own = dict(named_leaves(given))
+        else:
+            own = {
+                f"{n}.bias": bias
+                for n, layer in layers.items()
+                if (bias := getattr(layer, "bias", None)) is not None
+            }
+        absent = sorted(set(adapter.leaves) - set(own))
+        if absent:
+            raise ValueError(
+                f"{where}: {adapter.path} holds {absent[:5]}, which the "
+                f"{'model' if given_model else 'layers'} do not have"
+            )
+        values.extend((name, own[name], value) for name, value in adapter.leaves.items())
     graph.set_values(where, values, transposed=flipped)
     return adapter
 

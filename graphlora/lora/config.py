@@ -10,10 +10,12 @@ import numpy as np
 from graphlora import _checks
 from graphlora.lora.functional import lora_scaling
 
-__all__ = ["INITS", "LoraConfig", "VeraConfig"]
+__all__ = ["BIASES", "INITS", "LoraConfig", "VeraConfig"]
 
 INITS = ("kaiming", "gaussian", "random", "pissa")
 """The accepted values of ``LoraConfig.init``."""
+BIASES = ("none", "lora_only", "all")
+"""The accepted values of ``LoraConfig.bias`` (PEFT's ``bias``)."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,14 @@ class LoraConfig:
     use_dora: bool = False
     """DoRA (Liu et al. 2024): also learn a magnitude per output, ``[out]`` (see ``DoraUpdate``).
     Linear layers only."""
+    lora_bias: bool = False
+    """PEFT's ``lora_bias``: B gets a trainable bias ``[out]`` (zero at init), so the update is
+    ``((x @ A) @ B + b) * scaling``; merging adds ``b * scaling`` to the layer's bias. Plain
+    LoRA on linear layers with a ``"kaiming"`` or ``"random"`` init only, as PEFT."""
+    bias: str = "none"
+    """PEFT's ``bias``: which of the model's own biases train with the adapter and are saved in
+    its file: ``"none"``, ``"lora_only"`` (the adapted layers' biases) or ``"all"`` (every leaf
+    named ``bias``)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, (int, np.integer)) or isinstance(self.rank, bool):
@@ -61,7 +71,7 @@ class LoraConfig:
             raise ValueError(f"LoraConfig: alpha must be finite and > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraConfig: dropout must be in [0, 1), got {self.dropout}")
-        for name in ("use_rslora", "use_dora"):
+        for name in ("use_rslora", "use_dora", "lora_bias"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise TypeError(f"LoraConfig: {name} must be a bool, got {getattr(self, name)!r}")
         if self.init not in INITS:
@@ -71,6 +81,15 @@ class LoraConfig:
         if self.init_std is not None and not (math.isfinite(self.init_std) and self.init_std > 0):
             raise ValueError(f"LoraConfig: init_std must be finite and > 0, got {self.init_std}")
         _checks.seed("LoraConfig", "seed", self.seed)
+        if self.bias not in BIASES:
+            raise ValueError(
+                f"LoraConfig: bias must be one of {', '.join(map(repr, BIASES))}, got {self.bias!r}"
+            )
+        if self.lora_bias and (self.use_dora or self.init not in ("kaiming", "random")):
+            raise ValueError(
+                "LoraConfig: lora_bias=True needs plain LoRA with init 'kaiming' or 'random', as "
+                f"PEFT; got use_dora={self.use_dora}, init={self.init!r}"
+            )
 
     @property
     def scaling(self) -> float:

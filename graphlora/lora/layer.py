@@ -80,6 +80,7 @@ class LoraLayer:
     _graph: Graph | None = None  # the graph of an NF4 layer, which has no base leaf to ask
     _active: tuple[str, ...] = ()
     _unmerged_weight: Array | None = None
+    _unmerged_bias: Array | None = None
     _layer_kind: ClassVar[str] = "linear"
 
     # --- the base weight ----------------------------------------------------------------------
@@ -445,6 +446,44 @@ class LoraLayer:
             )
         return merged
 
+    def merge_bias(
+        self, graph: Graph, adapter_names: str | Sequence[str] | None = None
+    ) -> Array | None:
+        """The layer's bias with the adapters' bias updates added (``lora_bias``: ``b *
+        scaling``), as a new array; None for a layer without a bias that none adds to. The
+        adapters as ``merge``'s; changes nothing.
+
+        Raises
+        ------
+        GraphError
+            When an adapter has B's bias but the layer has none to take it (as PEFT).
+        NonFiniteError
+            If the merged bias would hold NaN or Inf.
+        """
+        where = f"{type(self).__name__}.merge_bias"
+        check_graph(where, graph)
+        deltas = [
+            delta
+            for update in self._to_merge(where, adapter_names)
+            if (delta := update.bias_delta(graph)) is not None
+        ]
+        bias = getattr(self, "bias", None)
+        if bias is None:
+            if deltas:
+                raise GraphError(
+                    f"{where}: {self.name} has no bias to take its adapters' lora_bias; it "
+                    "cannot be merged (as PEFT)"
+                )
+            return None
+        merged: Array = np.array(graph.value(bias))
+        for delta in deltas:
+            merged = merged + delta
+        if not np.isfinite(merged).all():
+            raise NonFiniteError(
+                f"{where}: merging {self.name} would give a non-finite bias; nothing was changed"
+            )
+        return merged
+
     def _to_merge(self, where: str, adapter_names: object) -> list[Update]:
         """The updates ``merge`` folds in: those named (checked), else the running ones; never
         one already merged."""
@@ -504,9 +543,15 @@ class LoraLayer:
                 )
                 return
         merged = self.merge(graph, names)
+        bias = getattr(self, "bias", None)
+        merged_bias = self.merge_bias(graph, names)
         if self._unmerged_weight is None:
             self._unmerged_weight = np.array(graph.value(self.frozen_weight))
+            if bias is not None:
+                self._unmerged_bias = np.array(graph.value(bias))
         graph.set_value(self.frozen_weight, merged)
+        if bias is not None and merged_bias is not None:
+            graph.set_value(bias, merged_bias)
         self.merged_adapters = [*self.merged_adapters, *names]
         graph.end_replays()  # a compiled step would still run the low-rank path
 
@@ -521,7 +566,11 @@ class LoraLayer:
             return
         assert self._unmerged_weight is not None and self.frozen_weight is not None
         graph.set_value(self.frozen_weight, self._unmerged_weight)
+        bias = getattr(self, "bias", None)
+        if bias is not None and self._unmerged_bias is not None:
+            graph.set_value(bias, self._unmerged_bias)
         self._unmerged_weight = None
+        self._unmerged_bias = None
         self.merged_adapters = []
         graph.end_replays()
 

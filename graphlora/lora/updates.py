@@ -63,6 +63,9 @@ class LoraUpdate:
     """The keys of PEFT's ``adapter_config.json`` that announce the variant."""
     peft_type: ClassVar[str] = "LORA"
     """PEFT's ``peft_type`` of the variant's files."""
+    lora_bias: NodeId | None = dataclasses.field(default=None, kw_only=True)
+    """B's bias ``[out]``, a parameter, with ``config.lora_bias`` (PEFT's ``lora_B.bias``);
+    else None."""
     scaling: float = dataclasses.field(init=False)
     """``alpha / rank`` (or ``alpha / sqrt(rank)`` with rsLoRA), from ``config``."""
     dropout: float = dataclasses.field(init=False)
@@ -123,8 +126,13 @@ class LoraUpdate:
         weight: Array,
         named: Callable[[str], str],
     ) -> dict[str, NodeId]:
-        """The leaves the variant adds to A and B, by field (``named(leaf)`` names one): none."""
-        return {}
+        """The leaves the variant adds to A and B, by field (``named(leaf)`` names one): B's
+        bias with ``lora_bias``, zero at init as PEFT's."""
+        if not config.lora_bias:
+            return {}
+        out = graph.value(b).shape[-1]
+        zeros = np.zeros(out, dtype=graph.dtype)
+        return {"lora_bias": graph.parameter(zeros, name=f"{named('lora_B')}.bias")}
 
     @property
     def rank(self) -> int:
@@ -132,12 +140,15 @@ class LoraUpdate:
         return self.config.rank
 
     def params(self) -> list[NodeId]:
-        """``[lora_a, lora_b]``: what an optimizer should update."""
-        return [self.lora_a, self.lora_b]
+        """``[lora_a, lora_b]`` (and B's bias): what an optimizer should update."""
+        bias = [] if self.lora_bias is None else [self.lora_bias]
+        return [self.lora_a, self.lora_b, *bias]
 
     def named_leaves(self, adapter: str) -> list[tuple[str, NodeId]]:
-        """The leaves under PEFT's names: ``lora_A.<adapter>``, ``lora_B.<adapter>``."""
-        return [(f"lora_A.{adapter}", self.lora_a), (f"lora_B.{adapter}", self.lora_b)]
+        """The leaves under PEFT's names: ``lora_A.<adapter>``, ``lora_B.<adapter>`` (and
+        ``lora_B.<adapter>.bias``)."""
+        bias = [] if self.lora_bias is None else [(f"lora_B.{adapter}.bias", self.lora_bias)]
+        return [(f"lora_A.{adapter}", self.lora_a), (f"lora_B.{adapter}", self.lora_b), *bias]
 
     @classmethod
     def peft_config(cls, updates: Mapping[str, LoraUpdate], fan_in_fan_out: bool) -> dict[str, Any]:
@@ -147,7 +158,7 @@ class LoraUpdate:
         PEFT has one of (``use_rslora``, dropout, DoRA, PiSSA)."""
         where = "save_adapter"
         names = list(updates)
-        for field in ("use_rslora", "dropout"):
+        for field in ("use_rslora", "dropout", "lora_bias", "bias"):
             seen = {getattr(update.config, field) for update in updates.values()}
             if len(seen) > 1:
                 raise ValueError(
@@ -177,7 +188,8 @@ class LoraUpdate:
             "use_rslora": first.use_rslora,
             "target_modules": sorted(names),
             "fan_in_fan_out": fan_in_fan_out,
-            "bias": "none",
+            "bias": first.bias,
+            "lora_bias": first.lora_bias,
             # PEFT inits A and B on load and then overwrites them, except PiSSA, which also
             # rewrites the base weight into the residual that the saved A and B expect.
             "init_lora_weights": "pissa" if True in pissa else True,
@@ -191,15 +203,19 @@ class LoraUpdate:
         }
 
     def state_leaves(self) -> dict[str, NodeId]:
-        """The leaves under ``LoraLayer.state_dict``'s keys: ``lora_a``, ``lora_b``."""
-        return {"lora_a": self.lora_a, "lora_b": self.lora_b}
+        """The leaves under ``LoraLayer.state_dict``'s keys: ``lora_a``, ``lora_b`` (and
+        ``lora_bias``)."""
+        bias = {} if self.lora_bias is None else {"lora_bias": self.lora_bias}
+        return {"lora_a": self.lora_a, "lora_b": self.lora_b, **bias}
 
     def file_leaves(self, prefix: str) -> list[tuple[str, NodeId, bool]]:
         """The leaves under PEFT's file keys (``prefix`` is ``base_model.model.<layer>``), each
         with whether the file stores it transposed (PyTorch's ``[out, in]`` layout)."""
+        bias = [] if self.lora_bias is None else [(f"{prefix}.lora_B.bias", self.lora_bias, False)]
         return [
             (f"{prefix}.lora_A.weight", self.lora_a, True),
             (f"{prefix}.lora_B.weight", self.lora_b, True),
+            *bias,
         ]
 
     def file_shared(self) -> list[tuple[str, NodeId, bool]]:
@@ -216,13 +232,16 @@ class LoraUpdate:
         updates of the adapters before this one), which plain LoRA does not need."""
         h = graph.dropout(x, self.dropout, rng=self.rng) if self.dropout else x
         low = graph.scale(graph.matmul(h, self.lora_a), self.scaling)  # (..., rank)
-        return graph.matmul(low, self.lora_b)  # (..., out)
+        out = graph.matmul(low, self.lora_b)  # (..., out)
+        if self.lora_bias is None:
+            return out
+        return graph.add(out, graph.scale(self.lora_bias, self.scaling))  # + b * scaling
 
     def fused(self, graph: Graph, x: NodeId, layer: LoraLayer) -> NodeId | None:
         """The whole layer, ``base(x) + update(x)``, as one ``lora_linear`` node; None over a
-        4-bit base (recorded op by op)."""
+        4-bit base or with B's bias (recorded op by op)."""
         weight, bias = layer.frozen_weight, getattr(layer, "bias", None)
-        if weight is None:
+        if weight is None or self.lora_bias is not None:
             return None
         if self.dropout and graph.grad_enabled:
             return graph.apply(
@@ -249,6 +268,13 @@ class LoraUpdate:
         layer's weight before any adapter was merged (plain LoRA does not need it)."""
         merged: Array = weight + self.delta(graph)
         return merged
+
+    def bias_delta(self, graph: Graph) -> Array | None:
+        """What merging adds to the layer's bias: ``b * scaling`` with B's bias, else None."""
+        if self.lora_bias is None:
+            return None
+        delta: Array = graph.value(self.lora_bias) * self.scaling
+        return delta
 
 
 @dataclass(eq=False)

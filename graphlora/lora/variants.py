@@ -76,6 +76,7 @@ class Update(Protocol):
     def fused(self, graph: Graph, x: NodeId, layer: Any) -> NodeId | None: ...
     def delta(self, graph: Graph) -> Array: ...
     def merged_weight(self, graph: Graph, weight: Array, base: Array) -> Array: ...
+    def bias_delta(self, graph: Graph) -> Array | None: ...
 
 
 VARIANTS: dict[tuple[str, str], Any] = {
@@ -109,6 +110,8 @@ def choose_update(where: str, config: object, layer_kind: str) -> Any:
     """The update class for ``config`` on a layer of ``layer_kind``, or a ``ValueError`` that
     names the variant and the kinds it supports (``TypeError`` for a config of no variant)."""
     variant = variant_name(check_adapter_config(where, config))
+    if layer_kind == "embedding" and getattr(config, "lora_bias", False):
+        raise ValueError(f"{where}: lora_bias=True is for linear layers, not embeddings (as PEFT)")
     found = VARIANTS.get((variant, layer_kind))
     if found is None:
         kinds = sorted(kind for name, kind in VARIANTS if name == variant)

@@ -261,3 +261,7 @@ class VeraUpdate:
         """``weight + delta``."""
         merged: Array = weight + self.delta(graph)
         return merged
+
+    def bias_delta(self, graph: Graph) -> Array | None:
+        """None: VeRA adds nothing to the layer's bias."""
+        return None

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from graphlora import _checks
-from graphlora.engine.graph import Graph, check_graph
+from graphlora.engine.graph import Graph, NodeId, check_graph
 from graphlora.errors import GraphError
 from graphlora.lora import LoraConfig, LoraEmbedding, LoraLayer, LoraLinear, VeraConfig
 from graphlora.lora.functional import COMBINATIONS, PRUNING, check_density, combine_adapters
@@ -47,6 +47,7 @@ __all__ = [
     "matches",
     "mixed_batch",
     "set_adapter",
+    "trained_biases",
 ]
 
 COMBINATION_TYPES = COMBINATIONS
@@ -224,10 +225,39 @@ def apply_lora(
         place.replace(lora)
         adapted[name] = lora
     trained = {leaf for layer in lora_layers(model).values() for leaf in layer.trainable_params()}
+    trained |= set(trained_biases(model).values())
     for _, leaf in named_leaves(model):
         if leaf not in trained and leaf.requires_grad:
             graph.requires_grad_(leaf, False)
+    for leaf in trained - {leaf for _, leaf in named_leaves(model) if leaf.requires_grad}:
+        graph.requires_grad_(leaf, True)  # the biases PEFT's bias="lora_only" / "all" trains
     return adapted
+
+
+def trained_biases(model: object, adapter_name: str | None = None) -> dict[str, NodeId]:
+    """The model's own biases that train with its adapters, by dotted name, as PEFT's ``bias``:
+    with ``"lora_only"`` the bias of each layer holding such an adapter, with ``"all"`` every
+    leaf named ``*.bias`` outside the adapters. The adapters considered are the active ones, or
+    ``adapter_name`` alone (what its file holds)."""
+    layers = lora_layers(model)
+    modes: dict[str, set[str]] = {}  # layer name -> the bias modes of its adapters considered
+    for name, layer in layers.items():
+        names = layer.active_adapters if adapter_name is None else [adapter_name]
+        modes[name] = {
+            getattr(layer.adapters[a].config, "bias", "none") for a in names if a in layer.adapters
+        }
+    every = set().union(*modes.values()) if modes else set()
+    adapter_leaves = {
+        leaf for layer in layers.values() for u in layer.adapters.values() for leaf in u.params()
+    }
+    biases = {}
+    for name, leaf in named_leaves(model):
+        if name.rsplit(".", 1)[-1] != "bias" or leaf in adapter_leaves:
+            continue
+        owner = name.rsplit(".", 1)[0]
+        if "all" in every or "lora_only" in modes.get(owner, set()):
+            biases[name] = leaf
+    return biases
 
 
 _LINEAR = (Linear, NF4Linear, LoraLinear)
