@@ -33,6 +33,7 @@ from graphlora.lora.layer import adapter_list, check_adapter_name
 from graphlora.nn import checkpoint
 from graphlora.nn.adapters import apply_lora, pattern_value
 from graphlora.nn.checkpoint import safetensors_module
+from graphlora.nn.saved import saved_modules, torch_leaves
 from graphlora.ops import Array
 
 __all__ = [
@@ -195,13 +196,27 @@ def _model_tensors(
     adapter_name: str,
     config: Mapping[str, Any],
 ) -> dict[str, Array]:
-    """The model's own leaves an adapter's file holds, under PEFT's keys: the biases its
-    ``bias`` trains (``<layer>.base_layer.bias`` for an adapted layer's, ``<name>.bias`` for
-    another's)."""
+    """The model's own leaves an adapter's file holds, under PEFT's keys: its modules_to_save
+    copies (``<module>.<leaf>``, in PyTorch's layout) and the biases its ``bias`` trains
+    (``<layer>.base_layer.bias`` for an adapted layer's, ``<name>.bias`` for another's)."""
+    tensors = {}
     mode = config.get("bias", "none")
+    plain = isinstance(given, Mapping) and all(isinstance(v, LoraLayer) for v in given.values())
+    if config.get("modules_to_save"):
+        if plain:
+            raise ValueError(
+                f"{where}: adapter {adapter_name!r} has modules_to_save, whose copies its file "
+                "holds: pass the model, not a mapping of layers"
+            )
+        for name, wrapper in saved_modules(given).items():
+            module = wrapper.modules_to_save.get(adapter_name)
+            for leaf_name, (leaf, transposed) in torch_leaves(module).items() if module else ():
+                value = np.asarray(graph.value(leaf))
+                key = f"base_model.model.{name}.{leaf_name}"
+                tensors[key] = np.ascontiguousarray(value.T if transposed else value)
     if mode == "none":
-        return {}
-    if isinstance(given, Mapping) and all(isinstance(v, LoraLayer) for v in given.values()):
+        return tensors
+    if plain:
         if mode == "all":
             raise ValueError(
                 f"{where}: adapter {adapter_name!r} has bias='all', whose file holds every bias "
@@ -216,7 +231,6 @@ def _model_tensors(
         from graphlora.nn.adapters import trained_biases
 
         biases = trained_biases(given, adapter_name)
-    tensors = {}
     for name, leaf in biases.items():
         owner = name.rsplit(".", 1)[0]
         key = f"{owner}.base_layer.bias" if owner in layers else name
@@ -531,17 +545,25 @@ def read_adapter(path: str | os.PathLike[str]) -> AdapterFile:
     mode = config.get("bias", "none")
     if mode not in BIASES:
         raise ValueError(f"{where}: {config_file} has bias {mode!r}; PEFT's are {list(BIASES)}")
-    stray = sorted(
-        name
-        for name in leaves
-        if not name.endswith(".bias")
-        or mode == "none"
-        or (mode == "lora_only" and name.rsplit(".", 1)[0] not in a)
-    )
+    saved = config.get("modules_to_save") or []
+    if not isinstance(saved, list) or not all(isinstance(n, str) for n in saved):
+        raise ValueError(f"{where}: {config_file} has modules_to_save that are not module names")
+
+    def allowed(name: str) -> bool:
+        parts = name.split(".")
+        owners = [".".join(parts[:i]) for i in range(1, len(parts))]  # the modules above it
+        if any(owner.endswith(entry) for owner in owners for entry in saved):
+            return True  # a leaf of a modules_to_save module
+        if not name.endswith(".bias") or mode == "none":
+            return False
+        return mode == "all" or owners[-1] in a
+
+    stray = sorted(name for name in leaves if not allowed(name))
     if stray:
         raise ValueError(
             f"{where}: {weights} holds keys that are not LoRA weights: {stray[:5]} (biases are "
-            f"saved only by bias='lora_only' or 'all'; the config has bias={mode!r})"
+            f"saved only by bias='lora_only' or 'all', other leaves by modules_to_save; the "
+            f"config has bias={mode!r}, modules_to_save={saved})"
         )
     with_bias = set(a) - embeddings if config.get("lora_bias") else set()
     if set(lora_bias) != with_bias or any(np.ndim(v) != 1 for v in lora_bias.values()):
@@ -588,6 +610,7 @@ def apply_adapter(
             use_dora=bool(adapter.config.get("use_dora")),
             lora_bias=bool(adapter.config.get("lora_bias")),
             bias=adapter.config.get("bias", "none"),
+            modules_to_save=adapter.config.get("modules_to_save"),
         )
         layers.update(apply_lora(model, config, names))
     load_adapter(path, graph, model)
@@ -688,11 +711,17 @@ def load_adapter(
         table = layers[name].frozen_weight
         assert table is not None  # an embedding's table is never in NF4
         values.append((f"{name}.base_layer.weight", table, weight))
-    if adapter.leaves:  # the model's own biases (bias="lora_only" / "all")
+    if adapter.leaves:  # modules_to_save copies, the model's own biases (bias=)
         if given_model:
             from graphlora.nn import named_leaves
 
             own = dict(named_leaves(given))
+            for module, wrapper in saved_modules(given).items():
+                copied = wrapper.modules_to_save.get(adapter_name)
+                for leaf_name, (leaf, transposed) in torch_leaves(copied).items() if copied else ():
+                    own[f"{module}.{leaf_name}"] = leaf
+                    if transposed:
+                        flipped.add(f"{module}.{leaf_name}")
         else:
             own = {
                 f"{n}.bias": bias

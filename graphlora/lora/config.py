@@ -53,6 +53,10 @@ class LoraConfig:
     """PEFT's ``bias``: which of the model's own biases train with the adapter and are saved in
     its file: ``"none"``, ``"lora_only"`` (the adapted layers' biases) or ``"all"`` (every leaf
     named ``bias``)."""
+    modules_to_save: tuple[str, ...] | None = None
+    """PEFT's ``modules_to_save``: modules (a classification head, ...) trained whole with the
+    adapter, as a copy per adapter, and saved in its file; a module matches when its dotted name
+    ends with an entry, as in PEFT. A list is kept as a tuple."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, (int, np.integer)) or isinstance(self.rank, bool):
@@ -81,6 +85,15 @@ class LoraConfig:
         if self.init_std is not None and not (math.isfinite(self.init_std) and self.init_std > 0):
             raise ValueError(f"LoraConfig: init_std must be finite and > 0, got {self.init_std}")
         _checks.seed("LoraConfig", "seed", self.seed)
+        if self.modules_to_save is not None:
+            names = self.modules_to_save
+            if not isinstance(names, (list, tuple)) or not all(
+                isinstance(n, str) and n for n in names
+            ):
+                raise TypeError(
+                    f"LoraConfig: modules_to_save must be a list of module names, got {names!r:.60}"
+                )
+            object.__setattr__(self, "modules_to_save", tuple(names))
         if self.bias not in BIASES:
             raise ValueError(
                 f"LoraConfig: bias must be one of {', '.join(map(repr, BIASES))}, got {self.bias!r}"

@@ -158,7 +158,7 @@ class LoraUpdate:
         PEFT has one of (``use_rslora``, dropout, DoRA, PiSSA)."""
         where = "save_adapter"
         names = list(updates)
-        for field in ("use_rslora", "dropout", "lora_bias", "bias"):
+        for field in ("use_rslora", "dropout", "lora_bias", "bias", "modules_to_save"):
             seen = {getattr(update.config, field) for update in updates.values()}
             if len(seen) > 1:
                 raise ValueError(
@@ -194,7 +194,7 @@ class LoraUpdate:
             # rewrites the base weight into the residual that the saved A and B expect.
             "init_lora_weights": "pissa" if True in pissa else True,
             "inference_mode": True,
-            "modules_to_save": None,
+            "modules_to_save": list(first.modules_to_save) if first.modules_to_save else None,
             **first_update.peft_flags,  # the variant's own keys: use_dora
             "rank_pattern": {n: int(k) for n, k in zip(names, ranks, strict=True) if k != r},
             "alpha_pattern": {

@@ -30,6 +30,7 @@ from graphlora.nn.layers import ACTIVATIONS, MLP, Embedding, LayerNorm, Linear, 
 from graphlora.nn.llama import Llama, LlamaConfig
 from graphlora.nn.loraplus import create_loraplus_optimizer, loraplus_groups
 from graphlora.nn.pretrained import from_pretrained
+from graphlora.nn.saved import ModulesToSave, saved_modules
 from graphlora.nn.tokenizer import Tokenizer
 from graphlora.nn.tree import (
     LoadResult,
@@ -56,6 +57,7 @@ __all__ = [
     "Llama",
     "LlamaConfig",
     "LoadResult",
+    "ModulesToSave",
     "NF4Linear",
     "RMSNorm",
     "Tokenizer",
@@ -79,6 +81,7 @@ __all__ = [
     "named_leaves",
     "named_modules",
     "parameters",
+    "saved_modules",
     "set_adapter",
     "state_dict",
     "trainable_parameters",

@@ -35,7 +35,9 @@ from graphlora.lora.variants import (
     rewrites_base,
 )
 from graphlora.nn.layers import Embedding, Linear, NF4Linear
-from graphlora.nn.tree import check_model, find_modules, named_leaves
+from graphlora.nn.saved import ModulesToSave, clone_module, saved_modules
+from graphlora.nn.tree import check_model, find_modules, named_leaves, walk
+from graphlora.nn.tree import named_modules as named_modules_of
 
 __all__ = [
     "COMBINATION_TYPES",
@@ -187,6 +189,7 @@ def apply_lora(
     _check_targets(where, chosen, configs, adapter_name)
     if quantized is not None:
         _check_quantizable(where, chosen)
+    to_save = _modules_to_save(where, model, config, {n for n, _, _ in chosen})
     existing = lora_layers(model)
     active = tuple(next(iter(existing.values())).active_adapters) if existing else (adapter_name,)
     graph = _graph(chosen[0][1])
@@ -224,7 +227,16 @@ def apply_lora(
         lora.activate(graph, active)  # the model's active adapters, as PEFT
         place.replace(lora)
         adapted[name] = lora
+    for name, module, place in to_save:  # PEFT's modules_to_save: a trainable copy each
+        if not isinstance(module, ModulesToSave):
+            module = ModulesToSave(module, name=name)
+            place.replace(module)
+        if adapter_name not in module.modules_to_save:
+            copied = clone_module(graph, module.original_module, f"{name}.{adapter_name}")
+            module.modules_to_save[adapter_name] = copied
+        module.activate(graph, active)
     trained = {leaf for layer in lora_layers(model).values() for leaf in layer.trainable_params()}
+    trained |= {leaf for w in saved_modules(model).values() for leaf in w.trainable_params()}
     trained |= set(trained_biases(model).values())
     for _, leaf in named_leaves(model):
         if leaf not in trained and leaf.requires_grad:
@@ -232,6 +244,43 @@ def apply_lora(
     for leaf in trained - {leaf for _, leaf in named_leaves(model) if leaf.requires_grad}:
         graph.requires_grad_(leaf, True)  # the biases PEFT's bias="lora_only" / "all" trains
     return adapted
+
+
+def _modules_to_save(
+    where: str, model: object, config: object, targets: set[str]
+) -> list[tuple[str, Any, Any]]:
+    """The modules ``config.modules_to_save`` names (a dotted name ending with an entry, as
+    PEFT), with their places: each entry must match, and none may be a LoRA target."""
+    entries = getattr(config, "modules_to_save", None) or ()
+    if not entries:
+        return []
+    found = []
+    for name, module, place in walk(model):
+        if place is None or ".modules_to_save." in f".{name}." or ".original_module" in name:
+            continue
+        if any(name.endswith(entry) for entry in entries):
+            found.append((name, module, place))
+    outer = [f for f in found if not any(f[0].startswith(o[0] + ".") for o in found)]
+    unmatched = [e for e in entries if not any(n.endswith(e) for n, _, _ in outer)]
+    if unmatched:
+        raise ValueError(f"{where}: modules_to_save {unmatched} match no module of the model")
+    leafless = sorted(n for n, m, _ in outer if not any(True for _ in named_leaves(m)))
+    if leafless:
+        raise ValueError(f"{where}: modules_to_save {leafless} have no leaves to train")
+    both = sorted(
+        n
+        for n, m, _ in outer
+        if n in targets
+        or isinstance(m, LoraLayer)
+        or any(t.startswith(n + ".") for t in targets)
+        or any(isinstance(c, LoraLayer) for _, c in named_modules_of(m))
+    )
+    if both:
+        raise ValueError(
+            f"{where}: {both} are both LoRA layers (or targets) and modules_to_save; a module is "
+            "one or the other"
+        )
+    return outer
 
 
 def trained_biases(model: object, adapter_name: str | None = None) -> dict[str, NodeId]:
@@ -496,8 +545,18 @@ def set_adapter(model: object, adapter_name: str | Sequence[str]) -> None:
     if unknown:
         raise ValueError(f"{where}: unknown adapter(s) {unknown}; the model has {known}")
     _refuse_merged(where, layers)
+    wrappers = saved_modules(model)
+    for name, wrapper in wrappers.items():
+        held = [n for n in names if n in wrapper.modules_to_save]
+        if len(held) > 1:
+            raise ValueError(
+                f"{where}: {name} holds modules_to_save copies for {held}; only one can be "
+                "active at a time (as PEFT)"
+            )
     for layer in layers.values():
         layer.activate(layer.graph, names)
+    for wrapper in wrappers.values():
+        wrapper.activate(_module_graph(wrapper), names)
 
 
 @contextmanager
@@ -524,12 +583,16 @@ def disable_adapters(model: object) -> Iterator[None]:
         for leaf in update.params()
         if leaf.requires_grad
     ]
-    _switch_off(layers)
+    wrappers = [(w, w.disabled) for w in saved_modules(model).values()]
+    _switch_off(layers, saved_modules(model))
     try:
         yield
     finally:
         for layer, disabled in previous:
             layer.disabled = disabled
+        for wrapper, disabled in wrappers:
+            wrapper.disabled = disabled
+            wrapper.activate(_module_graph(wrapper), [a for a in (wrapper.active,) if a])
         for leaf in trained:
             leaf.graph.requires_grad_(leaf, True)
         for graph in graphs.values():
@@ -600,12 +663,22 @@ def disable_adapter_layers(model: object) -> None:
     where = "disable_adapter_layers"
     layers = _lora_layers_of(where, model)
     _refuse_merged(where, layers)
-    _switch_off(layers)
+    _switch_off(layers, saved_modules(model))
 
 
-def _switch_off(layers: Mapping[str, LoraLayer]) -> None:
+def _module_graph(wrapper: ModulesToSave) -> Graph:
+    """The graph of a wrapped module's leaves."""
+    leaves = [leaf for _, leaf in named_leaves(wrapper)]
+    return leaves[0].graph
+
+
+def _switch_off(layers: Mapping[str, LoraLayer], wrappers: Mapping[str, ModulesToSave]) -> None:
     """Every layer runs its base alone, every adapter leaf frozen (as PEFT: nothing of an
-    adapter trains while it is off); compiled steps end."""
+    adapter trains while it is off), every modules_to_save wrapper its original; compiled steps
+    end."""
+    for wrapper in wrappers.values():
+        wrapper.disabled = True
+        wrapper.activate(_module_graph(wrapper), [a for a in (wrapper.active,) if a is not None])
     for layer in layers.values():
         layer.disabled = True
         for update in layer.adapters.values():
@@ -622,6 +695,9 @@ def enable_adapter_layers(model: object) -> None:
     for layer in layers.values():
         layer.disabled = False
         layer.activate(layer.graph, layer.active_adapters)
+    for wrapper in saved_modules(model).values():
+        wrapper.disabled = False
+        wrapper.activate(_module_graph(wrapper), [a for a in (wrapper.active,) if a is not None])
 
 
 def merge_adapter(model: object, adapter_names: str | Sequence[str] | None = None) -> None:
@@ -693,6 +769,10 @@ def delete_adapter(model: object, adapter_name: str) -> None:
             layer.delete_adapter(graph, adapter_name)
         else:
             layer.activate(graph, [name for name in layer.active_adapters if name != adapter_name])
+    for wrapper in saved_modules(model).values():
+        if wrapper.modules_to_save.pop(adapter_name, None) is not None:
+            graph = _module_graph(wrapper)
+            wrapper.activate(graph, [a for a in (wrapper.active,) if a is not None])
 
 
 def add_weighted_adapter(

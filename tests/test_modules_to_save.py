@@ -1,0 +1,190 @@
+"""PEFT's modules_to_save: a whole module trained as a copy per adapter and saved in the
+adapter's file; by hand, and against PEFT (names, outputs, switching, files both ways)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import graphlora as gl
+
+X = np.random.default_rng(7).normal(size=(3, 6))
+
+
+class Toy:
+    """fc1 (LoRA's target), a layer norm and a head (the modules to save)."""
+
+    def __init__(self, g: gl.Graph) -> None:
+        self.fc1 = gl.Linear.new(g, 6, 5, rng=0, name="fc1")
+        self.norm = gl.LayerNorm.new(g, 5, name="norm")
+        self.head = gl.Linear.new(g, 5, 3, rng=1, name="head")
+
+    def forward(self, g: gl.Graph, x: Any) -> gl.NodeId:
+        return self.head.forward(g, self.norm.forward(g, g.tanh(self.fc1.forward(g, x))))
+
+
+def _run(g: gl.Graph, model: Toy) -> np.ndarray:
+    with g.no_grad():
+        return np.array(g.value(model.forward(g, g.constant(X))))
+
+
+def _model(**extra: Any) -> tuple[gl.Graph, Toy]:
+    g = gl.Graph()
+    model = Toy(g)
+    config = gl.LoraConfig(rank=2, alpha=4.0, init="random", seed=1, modules_to_save=["head"])
+    gl.apply_lora(model, config, ["fc1"], **extra)
+    return g, model
+
+
+def test_the_copy_trains_and_runs_and_the_original_stays() -> None:
+    g, model = _model()
+    head = model.head
+    assert isinstance(head, gl.nn.ModulesToSave)
+    trained = [n for n, leaf in gl.nn.named_leaves(model) if leaf.requires_grad]
+    assert trained == [
+        "fc1.lora_A.default",
+        "fc1.lora_B.default",
+        "head.modules_to_save.default.weight",
+        "head.modules_to_save.default.bias",
+    ]
+    copied = head.modules_to_save["default"]
+    original = np.array(g.value(head.original_module.weight))
+    np.testing.assert_array_equal(g.value(copied.weight), original)  # a copy, at first
+    assert copied.weight is not head.original_module.weight
+    before = _run(g, model)
+    g.set_value(copied.weight, original + 1.0)  # as after training
+    hidden = None
+    with g.no_grad():
+        hidden = g.value(model.norm.forward(g, g.tanh(model.fc1.forward(g, g.constant(X)))))
+    expected = hidden @ (original + 1.0) + g.value(copied.bias)
+    np.testing.assert_allclose(_run(g, model), expected, rtol=1e-12)
+    with gl.disable_adapters(model):  # the original runs, nothing trains
+        assert gl.nn.parameters(model) == []
+        with g.no_grad():
+            base = np.array(g.value(model.forward(g, g.constant(X))))
+    assert not np.allclose(base, before)  # LoRA's B is drawn: the base differs
+    np.testing.assert_array_equal(g.value(head.original_module.weight), original)
+    assert len(gl.nn.parameters(model)) == 4  # back on leaving
+
+
+def test_a_second_adapter_gets_its_own_copy() -> None:
+    g, model = _model()
+    gl.apply_lora(
+        model,
+        gl.LoraConfig(rank=2, init="random", seed=2, modules_to_save=["head"]),
+        ["fc1"],
+        adapter_name="other",
+    )
+    head = model.head
+    assert isinstance(head, gl.nn.ModulesToSave)
+    assert list(head.modules_to_save) == ["default", "other"] and head.active == "default"
+    g.set_value(head.modules_to_save["other"].bias, np.array([9.0, 9.0, 9.0]))
+    gl.set_adapter(model, "other")
+    assert head.active == "other"
+    assert [n for n in (n for n, leaf in gl.nn.named_leaves(model) if leaf.requires_grad)] == [
+        "fc1.lora_A.other",
+        "fc1.lora_B.other",
+        "head.modules_to_save.other.weight",
+        "head.modules_to_save.other.bias",
+    ]
+    with pytest.raises(ValueError, match="set_adapter: head holds modules_to_save copies for"):
+        gl.set_adapter(model, ["default", "other"])
+    assert head.active == "other"
+    gl.delete_adapter(model, "other")
+    assert list(head.modules_to_save) == ["default"] and head.active is None
+
+
+def test_modules_to_save_refusals_change_nothing() -> None:
+    g = gl.Graph()
+    model = Toy(g)
+    before = [n for n, _ in gl.nn.named_leaves(model)]
+    cases = [
+        (["nothing"], ["fc1"], r"modules_to_save \['nothing'\] match no module"),
+        (["fc1"], ["fc1"], r"\['fc1'\] are both LoRA layers \(or targets\) and modules_to_save"),
+    ]
+    for saved, targets, match in cases:
+        config = gl.LoraConfig(rank=2, modules_to_save=saved)
+        with pytest.raises(ValueError, match="apply_lora: " + match):
+            gl.apply_lora(model, config, targets)
+        assert [n for n, _ in gl.nn.named_leaves(model)] == before
+    with pytest.raises(TypeError, match="LoraConfig: modules_to_save must be a list"):
+        gl.LoraConfig(modules_to_save="head")  # type: ignore[arg-type]
+    g2, two = _model()
+    with pytest.raises(ValueError, match=r"save_adapter: .*modules_to_save.*pass the model"):
+        gl.save_adapter(Path("unused"), g2, gl.nn.lora_layers(two))
+
+
+def _torch_twin(g: gl.Graph, model: Toy) -> Any:
+    torch = pytest.importorskip("torch")
+
+    class TorchToy(torch.nn.Module):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1 = torch.nn.Linear(6, 5)
+            self.norm = torch.nn.LayerNorm(5)
+            self.head = torch.nn.Linear(5, 3)
+
+        def forward(self, x: Any) -> Any:
+            return self.head(self.norm(torch.tanh(self.fc1(x))))
+
+    twin = TorchToy().double()
+    fc1 = model.fc1
+    head = model.head.original_module if isinstance(model.head, gl.nn.ModulesToSave) else model.head
+    with torch.no_grad():
+        twin.fc1.weight.copy_(torch.tensor(np.array(g.value(fc1.frozen_weight)).T))
+        twin.fc1.bias.copy_(torch.tensor(np.array(g.value(fc1.bias))))
+        twin.head.weight.copy_(torch.tensor(np.array(g.value(head.weight)).T))
+        twin.head.bias.copy_(torch.tensor(np.array(g.value(head.bias))))
+    return twin
+
+
+@pytest.mark.crosscheck
+def test_modules_to_save_equal_peft_both_ways(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    st = pytest.importorskip("safetensors.numpy")
+    g, model = _model()
+    theirs = peft.get_peft_model(
+        _torch_twin(g, model),
+        peft.LoraConfig(r=2, lora_alpha=4, target_modules=["fc1"], modules_to_save=["head"]),
+    )
+    ours_trained = [n for n, leaf in gl.nn.named_leaves(model) if leaf.requires_grad]
+    peft_trained = [
+        n.removeprefix("base_model.model.").removesuffix(".weight")
+        if "lora_" in n
+        else n.removeprefix("base_model.model.")
+        for n, p in theirs.named_parameters()
+        if p.requires_grad
+    ]
+    assert sorted(ours_trained) == sorted(peft_trained)
+    rng = np.random.default_rng(3)
+    for _, leaf in gl.nn.named_leaves(model):  # as after training
+        if leaf.requires_grad:
+            g.set_value(leaf, np.array(g.value(leaf)) + rng.normal(size=leaf.shape))
+    gl.save_adapter(tmp_path / "ours", g, model)
+    theirs.save_pretrained(str(tmp_path / "peft"))
+    keys = [
+        sorted(st.load_file(str(tmp_path / d / "adapter_model.safetensors")))
+        for d in ("ours", "peft")
+    ]
+    assert keys[0] == keys[1]
+    loaded = peft.PeftModel.from_pretrained(_torch_twin(g, model), str(tmp_path / "ours"))
+    xt = torch.tensor(X)
+    with torch.no_grad():
+        np.testing.assert_allclose(_run(g, model), loaded(xt).numpy(), rtol=1e-12)
+        with loaded.disable_adapter(), gl.disable_adapters(model):
+            np.testing.assert_allclose(_run(g, model), loaded(xt).numpy(), rtol=1e-12)
+    # PEFT's file, its head moved, into a fresh graphlora model
+    with torch.no_grad():
+        loaded.base_model.model.head.modules_to_save["default"].weight.add_(0.5)
+    loaded.save_pretrained(str(tmp_path / "back"))
+    g2 = gl.Graph()
+    fresh = Toy(g2)
+    g2.set_value(fresh.fc1.weight, np.array(g.value(model.fc1.frozen_weight)))
+    gl.apply_adapter(tmp_path / "back", g2, fresh)
+    assert isinstance(fresh.head, gl.nn.ModulesToSave)
+    with torch.no_grad():
+        np.testing.assert_allclose(_run(g2, fresh), loaded(xt).numpy(), rtol=1e-12)
