@@ -536,7 +536,7 @@ def read_adapter(path: str | os.PathLike[str]) -> AdapterFile:
                 f"have the rank {rank} its config gives it ([{rank}, in] and [out, {rank}])"
             )
     dora = bool(config.get("use_dora"))
-    expected = set(a) - embeddings if dora else set()
+    expected = set(a) if dora else set()
     if set(magnitude) != expected:
         raise ValueError(
             f"{where}: {config_file} says use_dora {str(dora).lower()} but {weights} has DoRA "

@@ -356,8 +356,8 @@ def test_lora_embedding_merge_unmerge_is_bit_exact_and_refusals_change_nothing()
     np.testing.assert_array_equal(g.value(layer.frozen_weight), before)
     for config, match in [
         (
-            gl.LoraConfig(rank=2, use_dora=True),
-            "the 'dora' variant supports linear layers, not embedding layers",
+            gl.VeraConfig(rank=2),
+            "the 'vera' variant supports linear layers, not embedding layers",
         ),
         (gl.LoraConfig(rank=2, init="pissa"), "init='pissa' is for linear layers only"),
         (
@@ -369,9 +369,9 @@ def test_lora_embedding_merge_unmerge_is_bit_exact_and_refusals_change_nothing()
             gl.LoraEmbedding.from_embedding(g, before, config)
     with pytest.raises(
         ValueError,
-        match=r"LoraEmbedding.add_adapter: lora: the 'dora' variant supports linear layers, not embedding layers",
+        match=r"LoraEmbedding.add_adapter: lora: the 'vera' variant supports linear layers, not embedding layers",
     ):
-        layer.add_adapter(g, "other", gl.LoraConfig(rank=2, use_dora=True))
+        layer.add_adapter(g, "other", gl.VeraConfig(rank=2))
     assert list(layer.adapters) == ["default"]
 
 

@@ -43,8 +43,8 @@ class LoraConfig:
     seed: int | None = None
     """Seed of the generator for A's init and the dropout masks; ``None`` draws fresh entropy."""
     use_dora: bool = False
-    """DoRA (Liu et al. 2024): also learn a magnitude per output, ``[out]`` (see ``DoraUpdate``).
-    Linear layers only."""
+    """DoRA (Liu et al. 2024): also learn a magnitude per output, ``[out]`` (see ``DoraUpdate``);
+    on an embedding, per embedding dimension (``DoraEmbeddingUpdate``)."""
     lora_bias: bool = False
     """PEFT's ``lora_bias``: B gets a trainable bias ``[out]`` (zero at init), so the update is
     ``((x @ A) @ B + b) * scaling``; merging adds ``b * scaling`` to the layer's bias. Plain

@@ -39,8 +39,8 @@ class LoraEmbedding(LoraLayer):
     """An embedding ``ids [...] -> [..., D]`` with LoRA adapters: ``W[ids] + (A[ids] * s) @ B``.
 
     Build it with ``LoraEmbedding.from_embedding`` (or ``apply_lora`` on a model's
-    ``Embedding``). Several adapters, merging and state work as for ``LoraLinear``; DoRA and
-    ``init="pissa"`` are for linear layers only.
+    ``Embedding``). Several adapters, merging, state and DoRA (a magnitude per embedding
+    dimension, as PEFT's) work as for ``LoraLinear``; ``init="pissa"`` is for linear layers only.
     """
 
     num_embeddings: int
@@ -66,7 +66,7 @@ class LoraEmbedding(LoraLayer):
         ShapeError
             For a table that is not 2-D and non-empty.
         TypeError, ValueError
-            For a bad config, DoRA or ``init="pissa"``.
+            For a bad config or ``init="pissa"``.
         """
         where = "LoraEmbedding.from_embedding"
         check_graph(where, graph)
@@ -81,7 +81,7 @@ class LoraEmbedding(LoraLayer):
         _checks.label(where, "name", name)
         adapter_name = check_adapter_name(where, adapter_name)
         generator = adapter_generator(where, config, rng)
-        draft = draw_update(where, config, table, generator, "embedding")  # DoRA: linear only
+        draft = draw_update(where, config, table, generator, "embedding")
         if isinstance(weight, NodeId):
             node = weight
             if node.requires_grad:  # freeze the base layer, as PEFT does

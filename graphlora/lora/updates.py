@@ -30,7 +30,7 @@ from graphlora.ops import Array
 if TYPE_CHECKING:
     from graphlora.lora.layer import LoraLayer
 
-__all__ = ["DoraUpdate", "EmbeddingUpdate", "LoraUpdate", "draw_adapter"]
+__all__ = ["DoraEmbeddingUpdate", "DoraUpdate", "EmbeddingUpdate", "LoraUpdate", "draw_adapter"]
 
 _DENSE_SVD_LIMIT = 1024  # above this min(in, out), PiSSA uses a truncated SVD (scipy svds)
 
@@ -405,6 +405,37 @@ class EmbeddingUpdate(LoraUpdate):
     def fused(self, graph: Graph, x: NodeId, layer: LoraLayer) -> NodeId | None:
         """None: an embedding's update is recorded op by op."""
         return None
+
+
+@dataclass(eq=False)
+class DoraEmbeddingUpdate(DoraUpdate, EmbeddingUpdate):
+    """DoRA on an embedding table ``W [V, D]``, as PEFT's ``DoraEmbeddingVariant``: a magnitude
+    per embedding dimension, ``m [D]``, and the norm of each column of ``W + s A B`` over the
+    vocabulary (detached, as for a linear layer):
+
+        layer(ids) = (m / ||W + s A B||) * (W[ids] + s A[ids] @ B)
+
+    ``A [V, rank]`` and ``B [rank, D]`` as ``EmbeddingUpdate``'s (``lora_embedding_A``/``_B``);
+    the magnitude is ``lora_magnitude_vector``. No dropout, as on any embedding update.
+    """
+
+    layer_kind: ClassVar[str] = "embedding"
+
+    def describe(self) -> str:
+        """Rank and scaling, and ``dora=True``."""
+        return f"rank={self.rank}, scaling={self.scaling:g}, dora=True"
+
+    def record(
+        self, graph: Graph, x: NodeId | npt.ArrayLike, layer: LoraLayer, base: NodeId
+    ) -> NodeId:
+        """``(m / ||W + s A B||) * (base + (A[ids] * s) @ B) - base``, op by op: ``x`` is the
+        integer ids and ``base`` the table's rows ``W[ids]`` (plus earlier adapters)."""
+        low = graph.scale(graph.embedding(self.lora_a, x), self.scaling)  # (..., rank)
+        lora = graph.matmul(low, self.lora_b)  # (..., D)
+        with graph.no_grad():  # PEFT detaches the norm: no gradient flows through it
+            norm = layer.adapted_norm(graph, self.lora_a, self.lora_b, self.scaling)  # (D,)
+        ratio = graph.div(self.magnitude, norm)  # (D,): m / ||W'||
+        return graph.sub(graph.mul(ratio, graph.add(base, lora)), base)
 
 
 def _most_common(values: list[Any]) -> Any:

@@ -19,7 +19,7 @@ import numpy as np
 from graphlora import _checks
 from graphlora.engine.graph import Graph, NodeId
 from graphlora.lora.config import LoraConfig, VeraConfig
-from graphlora.lora.updates import DoraUpdate, EmbeddingUpdate, LoraUpdate
+from graphlora.lora.updates import DoraEmbeddingUpdate, DoraUpdate, EmbeddingUpdate, LoraUpdate
 from graphlora.lora.vera import VeraUpdate
 from graphlora.ops import Array
 
@@ -83,6 +83,7 @@ VARIANTS: dict[tuple[str, str], Any] = {
     ("lora", "linear"): LoraUpdate,
     ("lora", "embedding"): EmbeddingUpdate,
     ("dora", "linear"): DoraUpdate,
+    ("dora", "embedding"): DoraEmbeddingUpdate,
     ("vera", "linear"): VeraUpdate,
 }
 """Each variant's class per layer kind (as PEFT's ``DoraLinearVariant``, ...)."""
