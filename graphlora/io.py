@@ -30,6 +30,7 @@ from graphlora.lora import LoraConfig, LoraEmbedding, LoraLayer, LoraLinear
 from graphlora.lora.config import BIASES
 from graphlora.lora.functional import lora_scaling
 from graphlora.lora.layer import adapter_list, check_adapter_name
+from graphlora.lora.updates import json_number
 from graphlora.nn import checkpoint
 from graphlora.nn.adapters import apply_lora, pattern_value
 from graphlora.nn.checkpoint import safetensors_module
@@ -238,6 +239,50 @@ def _model_tensors(
     return tensors
 
 
+def _pissa_to_lora(
+    where: str, config: dict[str, Any], tensors: dict[str, Array], initial: AdapterFile
+) -> tuple[dict[str, Any], dict[str, Array]]:
+    """A trained PiSSA adapter's config and tensors as plain LoRA over the original weight:
+    ``A' = [A, A0]``, ``B' = [B; -B0]`` (PEFT's ``subtract_mutated_init``), rank and alpha
+    doubled (alpha by ``sqrt(2)`` with rsLoRA)."""
+    if config.get("init_lora_weights") != "pissa" or config.get("use_dora"):
+        raise ValueError(
+            f"{where}: path_initial_model_for_weight_conversion converts a plain LoRA adapter "
+            "made with init='pissa'; this one is not"
+        )
+    if initial.config.get("init_lora_weights") != "pissa":
+        raise ValueError(f"{where}: {initial.path} does not hold a PiSSA adapter's initial state")
+    names = {match["name"] for key in tensors if (match := _LINEAR_KEY.match(key)) is not None}
+    if names != set(initial.a) or any(
+        initial.rank(n) != config.get("rank_pattern", {}).get(n, config["r"]) for n in names
+    ):
+        raise ValueError(
+            f"{where}: {initial.path} holds the layers {sorted(initial.a)} and ranks "
+            f"{ {n: initial.rank(n) for n in sorted(initial.a)} }; the adapter has {sorted(names)}"
+        )
+    converted = dict(tensors)
+    for name in names:
+        prefix = f"base_model.model.{name}"
+        converted[f"{prefix}.lora_A.weight"] = np.concatenate(
+            [tensors[f"{prefix}.lora_A.weight"], initial.a[name]], axis=0
+        )
+        converted[f"{prefix}.lora_B.weight"] = np.concatenate(
+            [tensors[f"{prefix}.lora_B.weight"], -initial.b[name]], axis=1
+        )
+    factor = math.sqrt(2.0) if config.get("use_rslora") else 2.0
+    config = {
+        **config,
+        "init_lora_weights": True,
+        "r": 2 * config["r"],
+        "lora_alpha": json_number(factor * config["lora_alpha"]),
+        "rank_pattern": {k: 2 * v for k, v in (config.get("rank_pattern") or {}).items()},
+        "alpha_pattern": {
+            k: json_number(factor * v) for k, v in (config.get("alpha_pattern") or {}).items()
+        },
+    }
+    return config, converted
+
+
 def _write_bytes(target: Path, data: bytes) -> None:
     with open(target, "wb") as handle:
         handle.write(data)
@@ -252,6 +297,7 @@ def save_adapter(
     *,
     adapter_name: str | list[str] | None = None,
     overwrite: bool = False,
+    path_initial_model_for_weight_conversion: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Write ``layers``' adapters to the directory ``path``, in the layout PEFT loads.
 
@@ -273,6 +319,14 @@ def save_adapter(
         The adapter (or list of adapters) to save; ``None``: every adapter the layers hold.
     overwrite
         Replace an existing directory (atomically). Without it, an existing path is an error.
+    path_initial_model_for_weight_conversion
+        As PEFT's: the directory where the PiSSA adapter was saved *before* training. The
+        adapter is then written as plain LoRA for the original base weight, not the residual
+        PiSSA trains over: ``W + s (A B - A0 B0)`` is ``W + s' [A, A0] [B; -B0]``, rank ``2r``
+        and alpha ``2 alpha`` (``sqrt(2) alpha`` with rsLoRA), so the scaling is unchanged;
+        ``rank_pattern`` and ``alpha_pattern`` follow (PEFT doubles ``alpha_pattern`` even with
+        rsLoRA, which changes those layers' scaling; here it follows ``lora_alpha``). One plain
+        LoRA PiSSA adapter at a time.
 
     Returns
     -------
@@ -298,6 +352,11 @@ def save_adapter(
         names = adapter_list(where, adapter_name)
     if not names:
         raise ValueError(f"{where}: the layers hold no adapter")
+    initial = None
+    if path_initial_model_for_weight_conversion is not None:
+        if len(names) != 1:
+            raise ValueError(f"{where}: converting PiSSA to LoRA takes one adapter, got {names}")
+        initial = read_adapter(path_initial_model_for_weight_conversion)
     files = {}
     for name in names:
         config = adapter_config(layers, name)
@@ -305,6 +364,8 @@ def save_adapter(
             **_tensors(graph, layers, name),
             **_model_tensors(where, graph, given, layers, name, config),
         }
+        if initial is not None:
+            config, tensors = _pissa_to_lora(where, config, tensors, initial)
         data = st.numpy.save(tensors, metadata={"format": "pt"})
         files[name] = (data, (json.dumps(config, indent=2) + "\n").encode())
     target = Path(path)

@@ -183,7 +183,7 @@ class LoraUpdate:
             "task_type": None,
             "base_model_name_or_path": None,
             "r": int(r),
-            "lora_alpha": _json_number(alpha),
+            "lora_alpha": json_number(alpha),
             "lora_dropout": first.dropout,
             "use_rslora": first.use_rslora,
             "target_modules": sorted(names),
@@ -198,7 +198,7 @@ class LoraUpdate:
             **first_update.peft_flags,  # the variant's own keys: use_dora
             "rank_pattern": {n: int(k) for n, k in zip(names, ranks, strict=True) if k != r},
             "alpha_pattern": {
-                n: _json_number(a) for n, a in zip(names, alphas, strict=True) if a != alpha
+                n: json_number(a) for n, a in zip(names, alphas, strict=True) if a != alpha
             },
         }
 
@@ -444,7 +444,7 @@ def _most_common(values: list[Any]) -> Any:
     return max(counts, key=lambda v: (counts[v], -values.index(v)))
 
 
-def _json_number(value: float) -> float | int:
+def json_number(value: float) -> float | int:
     """Integral floats as ints (PEFT writes ``lora_alpha: 16``); others as they are."""
     return int(value) if float(value).is_integer() else float(value)
 
