@@ -342,10 +342,9 @@ def test_add_weighted_adapter_refusals_change_nothing() -> None:
     } == before
 
 
-def _peft_twin(g: gl.Graph, model: Toy) -> Any:
-    """PEFT's model with ``model``'s weights and adapters (``default`` and ``other``), float64."""
+def _torch_toy(g: gl.Graph, model: Toy) -> Any:
+    """Toy in PyTorch (float64), with ``model``'s base weights."""
     torch = pytest.importorskip("torch")
-    peft = pytest.importorskip("peft")
 
     class TorchToy(torch.nn.Module):  # type: ignore[misc, name-defined]
         def __init__(self) -> None:
@@ -358,14 +357,21 @@ def _peft_twin(g: gl.Graph, model: Toy) -> Any:
             return self.fc2(torch.tanh(self.fc1(self.emb(ids))))
 
     base = TorchToy().double()
-    base_of = {"emb": model.emb, "fc1": model.fc1, "fc2": model.fc2}
     with torch.no_grad():
-        for name, layer in base_of.items():
-            module = getattr(base, name)
-            weight = np.array(g.value(layer.frozen_weight))
-            module.weight.copy_(torch.tensor(weight if name == "emb" else weight.T))
+        for name in ("emb", "fc1", "fc2"):
+            layer = getattr(model, name)
+            weight = np.array(g.value(getattr(layer, "frozen_weight", None) or layer.weight))
+            getattr(base, name).weight.copy_(torch.tensor(weight if name == "emb" else weight.T))
             if name != "emb":
-                module.bias.copy_(torch.tensor(np.array(g.value(layer.bias))))
+                getattr(base, name).bias.copy_(torch.tensor(np.array(g.value(layer.bias))))
+    return base
+
+
+def _peft_twin(g: gl.Graph, model: Toy) -> Any:
+    """PEFT's model with ``model``'s weights and adapters (``default`` and ``other``), float64."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    base = _torch_toy(g, model)
     theirs = peft.get_peft_model(
         base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["emb", "fc1"])
     )
@@ -846,25 +852,7 @@ def _dora_peft(g: gl.Graph, model: Toy, adapters: bool = True) -> Any:
     """PEFT's Toy with ``model``'s base weights and, with ``adapters``, its DoRA adapter."""
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
-
-    class TorchToy(torch.nn.Module):  # type: ignore[misc, name-defined]
-        def __init__(self) -> None:
-            super().__init__()
-            self.emb = torch.nn.Embedding(7, 6)
-            self.fc1 = torch.nn.Linear(6, 5)
-            self.fc2 = torch.nn.Linear(5, 4)
-
-        def forward(self, ids: Any) -> Any:
-            return self.fc2(torch.tanh(self.fc1(self.emb(ids))))
-
-    base = TorchToy().double()
-    with torch.no_grad():
-        for name in ("emb", "fc1", "fc2"):
-            layer = getattr(model, name)
-            weight = np.array(g.value(getattr(layer, "frozen_weight", None) or layer.weight))
-            getattr(base, name).weight.copy_(torch.tensor(weight if name == "emb" else weight.T))
-            if name != "emb":
-                getattr(base, name).bias.copy_(torch.tensor(np.array(g.value(layer.bias))))
+    base = _torch_toy(g, model)
     if not adapters:
         return base
     theirs = peft.get_peft_model(
