@@ -128,6 +128,7 @@ class Optimizer:
             for i, (nodes, hyper) in enumerate(groups)
         ]
         self._group_of = [i for i, (nodes, _) in enumerate(groups) for _ in nodes]
+        self._seen: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}  # checked values
         self.steps = [0] * len(self.params)  # updates applied to each parameter so far
         self.state: list[dict[str, Array]] = [{} for _ in self.params]
 
@@ -138,11 +139,14 @@ class Optimizer:
     def step(self) -> None:
         """Update every parameter that has a gradient, in place, with its group's
         hyper-parameters (checked first: a bad one changes nothing)."""
-        where = f"{type(self).__name__}.step"
-        hypers = [
-            self._checked(f"{where}: parameter group {i}", self._hyper_of(group))
-            for i, group in enumerate(self.param_groups)
-        ]
+        hypers = []
+        for i, group in enumerate(self.param_groups):
+            values = tuple(group.get(name) for name in self._hyper_names)
+            seen = self._seen.get(i)
+            if seen is None or seen[0] != values:  # checked again only when changed
+                where = f"{type(self).__name__}.step: parameter group {i}"
+                seen = self._seen[i] = (values, self._checked(where, self._hyper_of(group)))
+            hypers.append(seen[1])
         for i, node in enumerate(self.params):
             value, grad = self.graph.buffers(node)  # the engine's own arrays: no copies
             if grad is None:
