@@ -669,6 +669,11 @@ def test_a_mixed_batch_runs_each_sample_through_its_own_adapter() -> None:
             mixed[i], _alone(g, model, name, MIXED_IDS[i : i + 1])[0], rtol=1e-13, atol=1e-14
         )
     assert all(layer.batch_adapters is None for layer in gl.nn.lora_layers(model).values())
+    # the ops are recorded in the layer's scopes, as forward's
+    with gl.mixed_batch(model, MIXED), g.no_grad():
+        before = len(g.tape)
+        model.fc1.forward(g, g.constant(np.ones((5, 6))))
+    assert {node.scope for node in g.tape[before:]} == {"fc1", "fc1/frozen", "fc1/lora"}
 
 
 def test_mixed_batch_refusals_change_nothing() -> None:
@@ -681,18 +686,48 @@ def test_mixed_batch_refusals_change_nothing() -> None:
         gl.mixed_batch(model, "default"),
     ):
         pass
+    fc1 = model.fc1
+    assert isinstance(fc1, gl.LoraLinear)
     with gl.mixed_batch(model, ["default", "other"]):
         with pytest.raises(
-            gl.GraphError, match="forward: emb: a mixed-adapter batch is for inference"
+            gl.GraphError,
+            match=r"^LoraEmbedding.forward: emb: a mixed-adapter batch is for inference; "
+            r"record it under graph.no_grad\(\)$",
         ):
             model.forward(g, IDS)
         with (
             g.no_grad(),
-            pytest.raises(gl.ShapeError, match=r"holds 5 samples .* names 2 adapters"),
+            pytest.raises(
+                gl.ShapeError,
+                match=r"^LoraEmbedding.forward: emb: mixed_batch names 2 adapters, one per "
+                r"sample along the input's first axis, but the input has shape \(5, 3\)$",
+            ),
         ):
             model.forward(g, MIXED_IDS)
+        for x, shape in ((np.ones(6), r"\(\)"), (np.ones((3, 6)), r"\(3,\)")):
+            with (  # no batch axis; 3 samples for 2 names
+                g.no_grad(),
+                pytest.raises(
+                    gl.ShapeError,
+                    match=rf"^LoraLinear.forward: fc1: mixed_batch names 2 adapters, .*{shape}$",
+                ),
+            ):
+                fc1.forward(g, g.constant(x))
         with gl.disable_adapters(model), g.no_grad():  # disabled wins, as in PEFT
             np.testing.assert_array_equal(g.value(model.forward(g, IDS)), _base_output())
+    fc1.batch_adapters = ("default", "other")  # as if merged inside the block
+    fc1.merge_(g)
+    with (
+        g.no_grad(),
+        pytest.raises(
+            gl.GraphError,
+            match=r"^LoraLinear.forward: fc1 has merged adapters \['default'\]; "
+            r"unmerge before a mixed-adapter batch$",
+        ),
+    ):
+        fc1.forward(g, g.constant(np.ones((2, 6))))
+    fc1.batch_adapters = None
+    fc1.unmerge_(g)
     gl.merge_adapter(model)
     with (
         pytest.raises(gl.GraphError, match=r"mixed_batch: .*merged"),
@@ -873,3 +908,15 @@ def _dora_peft(g: gl.Graph, model: Toy, adapters: bool = True) -> Any:
                 torch.tensor(np.array(g.value(update.magnitude)))
             )
     return theirs
+
+
+def test_ties_takes_density_zero_and_dare_does_not() -> None:
+    g, model = _model_with_two_adapters()
+    gl.add_weighted_adapter(g, model, ["default", "other"], [1.0, 1.0], "none", "ties", density=0.0)
+    fc1 = model.fc1
+    assert isinstance(fc1, gl.LoraLinear)
+    np.testing.assert_array_equal(fc1.delta(g, "none"), 0.0)  # everything pruned
+    with pytest.raises(ValueError, match=r"'dare_ties' needs a density in \(0, 1\], got 0.0"):
+        gl.add_weighted_adapter(
+            g, model, ["default", "other"], [1.0, 1.0], "d", "dare_ties", density=0.0
+        )

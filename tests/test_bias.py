@@ -279,3 +279,65 @@ def test_bias_modes_equal_peft_both_ways(mode: str, tmp_path: Path) -> None:
     gl.apply_adapter(tmp_path / "back", g2, fresh)
     with torch.no_grad():
         np.testing.assert_allclose(_run(g2, fresh), loaded(torch.tensor(X)).numpy(), rtol=1e-12)
+
+
+def test_what_an_adapter_file_holds_of_the_models_biases(tmp_path: Path) -> None:
+    st = pytest.importorskip("safetensors.numpy")
+    g = gl.Graph()
+    model = gl.MLP(g, [6, 5, 4, 3], rng=0)
+    gl.apply_lora(model, gl.LoraConfig(rank=2), ["layers.0", "layers.1"])
+    gl.apply_lora(
+        model, gl.LoraConfig(rank=2, bias="lora_only"), ["layers.1", "layers.2"], adapter_name="b"
+    )
+    assert gl.nn.adapters.trained_biases(model) == {}  # "default" is active, with bias="none"
+    assert sorted(gl.nn.adapters.trained_biases(model, "b")) == ["layers.1.bias", "layers.2.bias"]
+    # saved from the model, and from a mapping of its LoRA layers: b's layers' biases only
+    gl.save_adapter(tmp_path / "m", g, model, adapter_name="b")
+    gl.save_adapter(tmp_path / "l", g, gl.nn.lora_layers(model), adapter_name="b")
+    for folder in ("m", "l"):
+        tensors = st.load_file(str(tmp_path / folder / "b" / "adapter_model.safetensors"))
+        biases = sorted(k for k in tensors if k.endswith("bias"))
+        assert biases == [
+            "base_model.model.layers.1.base_layer.bias",
+            "base_model.model.layers.2.base_layer.bias",
+        ], folder
+        np.testing.assert_array_equal(
+            tensors["base_model.model.layers.2.base_layer.bias"], g.value(model.layers[2].bias)
+        )
+    # loading into a mapping of layers sets their biases too
+    g2 = gl.Graph()
+    twin = gl.MLP(g2, [6, 5, 4, 3], rng=9)
+    gl.apply_lora(
+        twin, gl.LoraConfig(rank=2, bias="lora_only"), ["layers.1", "layers.2"], adapter_name="b"
+    )
+    gl.load_adapter(tmp_path / "l", g2, gl.nn.lora_layers(twin), adapter_name="b")
+    np.testing.assert_array_equal(g2.value(twin.layers[2].bias), g.value(model.layers[2].bias))
+
+
+def test_merge_bias_refusals_say_what_and_why() -> None:
+    g = gl.Graph()
+    model = gl.MLP(g, [6, 5], rng=0, bias=False)
+    gl.apply_lora(model, gl.LoraConfig(rank=2, lora_bias=True))
+    with pytest.raises(
+        gl.GraphError,
+        match=r"^LoraLinear.merge_bias: layers\.0 has no bias to take its adapters' lora_bias; "
+        r"it cannot be merged \(as PEFT\)$",
+    ):
+        model.layers[0].merge_bias(g)
+    g, model = _model(lora_bias=True)
+    layer = model.layers[0]
+    g.set_value(layer.update.lora_bias, np.full(5, 1e308))
+    with pytest.raises(
+        gl.NonFiniteError,
+        match=r"^LoraLinear.merge_bias: merging layers\.0 would give a non-finite bias; nothing "
+        r"was changed$",
+    ):
+        layer.merge_bias(g, ["default"])
+    with pytest.raises(TypeError, match=r"^LoraLinear.merge_bias: graph must be a Graph"):
+        layer.merge_bias(None)  # type: ignore[arg-type]
+    with pytest.raises(
+        ValueError, match=r"^LoraLinear.merge_bias: layers\.0 has no adapter \['x'\]"
+    ):
+        layer.merge_bias(g, ["x"])
+    assert layer.merge_bias(g, []) is not None  # nothing named: the bias as it is
+    np.testing.assert_array_equal(layer.merge_bias(g, []), g.value(layer.bias))

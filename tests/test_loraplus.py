@@ -182,3 +182,28 @@ def test_groups_and_training_equal_peft() -> None:
         if leaf.requires_grad:
             value = params[torch_name(name)].detach().numpy()
             np.testing.assert_allclose(g.value(leaf), value.T, rtol=1e-10, atol=1e-12)
+
+
+def test_every_argument_is_checked_by_name() -> None:
+    g, model = _model()
+    for kwargs, match in [
+        ({"lr": -1.0}, "lr must be >= 0, got -1"),
+        ({"loraplus_lr_embedding": -1.0}, "loraplus_lr_embedding must be >= 0, got -1"),
+        ({"loraplus_weight_decay": -1.0}, "loraplus_weight_decay must be >= 0, got -1"),
+    ]:
+        args: dict[str, Any] = {"lr": 0.1, "loraplus_lr_ratio": 2.0, **kwargs}
+        with pytest.raises(ValueError, match=r"^create_loraplus_optimizer: " + match):
+            gl.create_loraplus_optimizer(g, model, gl.optim.SGD, **args)
+    with pytest.raises(TypeError, match=r"^create_loraplus_optimizer: graph must be a Graph"):
+        gl.create_loraplus_optimizer(None, model, gl.optim.SGD, lr=0.1, loraplus_lr_ratio=2.0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^loraplus_groups: model must be a layer or a model"):
+        gl.nn.loraplus_groups(3)
+
+
+def test_a_trained_linear_bias_is_a_b_group_leaf_without_decay() -> None:
+    g = gl.Graph()
+    model = gl.MLP(g, [6, 5, 4], rng=0)
+    gl.apply_lora(model, gl.LoraConfig(rank=2, bias="all"), ["layers.0"])
+    groups = gl.nn.loraplus_groups(model)
+    assert [n for n, _ in groups["groupB_no_decay"]] == ["layers.0.bias", "layers.1.bias"]
+    assert [n for n, _ in groups["groupB"]] == ["layers.0.lora_B.default"]

@@ -188,3 +188,136 @@ def test_modules_to_save_equal_peft_both_ways(tmp_path: Path) -> None:
     assert isinstance(fresh.head, gl.nn.ModulesToSave)
     with torch.no_grad():
         np.testing.assert_allclose(_run(g2, fresh), loaded(xt).numpy(), rtol=1e-12)
+
+
+class Nested:
+    """A body, an embedding, a norm and an MLP head (whose layers sit in a list)."""
+
+    def __init__(self, g: gl.Graph) -> None:
+        self.emb = gl.Embedding.new(g, 7, 6, rng=2, name="emb")
+        self.body = gl.Linear.new(g, 6, 5, rng=0, name="body")
+        self.norm = gl.LayerNorm.new(g, 5, name="norm")
+        self.head = gl.MLP(g, [5, 4, 3], rng=1)
+
+    def forward(self, g: gl.Graph, ids: Any) -> gl.NodeId:
+        return self.head.forward(
+            g, self.norm.forward(g, self.body.forward(g, self.emb.forward(g, ids)))
+        )
+
+
+def test_copies_of_nested_modules_embeddings_and_norms_round_trip(tmp_path: Path) -> None:
+    st = pytest.importorskip("safetensors.numpy")
+    g = gl.Graph()
+    model = Nested(g)
+    saved = ["head", "layers.0", "norm", "emb"]  # layers.0 is inside head: head is wrapped whole
+    gl.apply_lora(model, gl.LoraConfig(rank=2, modules_to_save=saved), ["body"])
+    assert sorted(gl.nn.saved_modules(model)) == ["emb", "head", "norm"]
+    names = {n: leaf.name for n, leaf in gl.nn.named_leaves(model) if leaf.requires_grad}
+    assert all(tree == node for tree, node in names.items() if "modules_to_save" in tree)
+    assert "head.modules_to_save.default.layers.1.bias" in names
+    rng = np.random.default_rng(0)
+    for _, leaf in gl.nn.named_leaves(model):  # as after training
+        if leaf.requires_grad:
+            g.set_value(leaf, np.array(g.value(leaf)) + rng.normal(size=leaf.shape))
+    gl.save_adapter(tmp_path / "a", g, model)
+    tensors = st.load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    copies = {n: w.modules_to_save["default"] for n, w in gl.nn.saved_modules(model).items()}
+    layer0 = copies["head"].layers[0]
+    np.testing.assert_array_equal(  # a Linear's weight as PyTorch stores it, [out, in]
+        tensors["base_model.model.head.layers.0.weight"], g.value(layer0.weight).T
+    )
+    np.testing.assert_array_equal(  # an embedding's and a norm's as they are
+        tensors["base_model.model.emb.weight"], g.value(copies["emb"].weight)
+    )
+    np.testing.assert_array_equal(
+        tensors["base_model.model.norm.bias"], g.value(copies["norm"].bias)
+    )
+    g2 = gl.Graph()
+    fresh = Nested(g2)
+    gl.apply_adapter(tmp_path / "a", g2, fresh)
+    ids = np.array([[0, 3, 6]])
+    with g.no_grad(), g2.no_grad():
+        np.testing.assert_allclose(
+            g2.value(fresh.forward(g2, ids)), g.value(model.forward(g, ids)), rtol=1e-12
+        )
+
+
+def test_the_wrapper_itself() -> None:
+    g, model = _model()
+    gl.apply_lora(
+        model,
+        gl.LoraConfig(rank=2, init="random", seed=2, modules_to_save=["head"]),
+        ["fc1"],
+        adapter_name="other",
+    )
+    head = model.head
+    assert isinstance(head, gl.nn.ModulesToSave)
+    with pytest.raises(
+        ValueError,
+        match=r"^set_adapter: head holds modules_to_save copies for \['default', 'other'\]; only "
+        r"one can be active at a time \(as PEFT\)$",
+    ):
+        head.activate(g, ["default", "other"])
+    x = g.constant(np.ones((2, 5)))
+    with g.no_grad():  # forward's keyword arguments reach the running module
+        np.testing.assert_array_equal(
+            g.value(head.forward(g, x, fused=True)), g.value(head.running().forward(g, x))
+        )
+    assert len(head.trainable_params()) == 2
+    head.disabled = True
+    assert head.trainable_params() == [] and head.running() is head.original_module
+    head.disabled = False
+    head.active = None
+    assert head.trainable_params() == []
+
+
+def test_choosing_the_modules_refuses_what_cannot_be_saved() -> None:
+    class Act:
+        def forward(self, g: gl.Graph, x: gl.NodeId) -> gl.NodeId:
+            return g.tanh(x)
+
+    g = gl.Graph()
+    model = Nested(g)
+    model.act = Act()  # type: ignore[attr-defined]
+    cases = [
+        (["act"], ["body"], r"modules_to_save \['act'\] have no leaves to train"),
+        (
+            ["head"],
+            ["head.layers.0"],
+            r"\['head'\] are both LoRA layers \(or targets\) and modules_to_save; a module is one "
+            r"or the other$",
+        ),
+    ]
+    for entries, targets, match in cases:
+        with pytest.raises(ValueError, match=r"^apply_lora: " + match):
+            gl.apply_lora(model, gl.LoraConfig(rank=2, modules_to_save=entries), targets)
+        assert not gl.nn.saved_modules(model) and not gl.nn.lora_layers(model)
+    gl.apply_lora(model, gl.LoraConfig(rank=2), ["head.layers.0"])
+    with pytest.raises(ValueError, match=r"^apply_lora: \['head'\] are both LoRA layers"):
+        gl.apply_lora(
+            model, gl.LoraConfig(rank=2, modules_to_save=["head"]), ["body"], adapter_name="b"
+        )
+    g = gl.Graph()
+    model = Nested(g)
+    gl.apply_lora(model, gl.LoraConfig(rank=2, modules_to_save=["head"]), ["body"])
+    # "layers.0" now only names modules inside head's wrapper, which are not candidates
+    with pytest.raises(ValueError, match=r"^apply_lora: modules_to_save \['layers.0'\] match no"):
+        gl.apply_lora(
+            model, gl.LoraConfig(rank=2, modules_to_save=["layers.0"]), ["body"], adapter_name="b"
+        )
+
+
+def test_an_adapter_saves_only_its_own_copies(tmp_path: Path) -> None:
+    st = pytest.importorskip("safetensors.numpy")
+    g = gl.Graph()
+    model = Nested(g)
+    gl.apply_lora(model, gl.LoraConfig(rank=2, modules_to_save=["head"]), ["body"])
+    gl.apply_lora(
+        model, gl.LoraConfig(rank=2, modules_to_save=["norm"]), ["body"], adapter_name="b"
+    )
+    gl.save_adapter(tmp_path / "x", g, model, adapter_name="b")
+    keys = sorted(st.load_file(str(tmp_path / "x" / "b" / "adapter_model.safetensors")))
+    assert [k for k in keys if "lora_" not in k] == [
+        "base_model.model.norm.bias",
+        "base_model.model.norm.weight",
+    ]

@@ -510,3 +510,29 @@ def test_a_state_from_before_groups_still_loads() -> None:
     twin.load_state_dict(old)
     assert twin.lr == 0.3 and twin.param_groups[0]["lr"] == 0.3
     np.testing.assert_array_equal(twin.state[0]["momentum_buffer"], GRADS[0])
+
+
+def test_group_and_state_refusals_name_what_is_wrong() -> None:
+    g = gl.Graph()
+    p, q = g.parameter(np.ones(2)), g.parameter(np.ones(2))
+    with pytest.raises(TypeError, match=r"^SGD: params must be a list .*, got str$"):
+        SGD(g, "pq", lr=0.1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^SGD: params must be a list .*, got NodeId$"):
+        SGD(g, p, lr=0.1)  # type: ignore[arg-type]
+    single = SGD(g, [{"params": p, "lr": 0.5}, {"params": [q]}], lr=0.1)  # one NodeId
+    assert single.params == [p, q] and single.param_groups[0]["params"] == [p]
+    opt = SGD(g, [{"params": [p]}, {"params": [q], "lr": 0.5}], lr=0.1)
+    good = opt.state_dict()
+    cases = [
+        (
+            {**good, "param_groups": {"params": [0]}},
+            r"must list 2 groups, as this optimizer has; got dict",
+        ),
+        (
+            {**good, "param_groups": [{"lr": 0.1}, good["param_groups"][1]]},
+            r"param_groups\[0\] must hold parameters \[0\]",
+        ),
+    ]
+    for state, match in cases:
+        with pytest.raises(ValueError, match=r"^SGD.load_state_dict: .*" + match):
+            opt.load_state_dict(state)

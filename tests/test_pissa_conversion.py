@@ -132,3 +132,39 @@ def test_the_conversion_equals_peft(tmp_path: Path) -> None:
         np.testing.assert_allclose(
             loaded(torch.tensor(X)).numpy(), _run(g, model), rtol=1e-10, atol=1e-12
         )
+
+
+def test_the_initial_state_must_match_the_adapter(tmp_path: Path) -> None:
+    g, model, _ = _trained_pissa(tmp_path)
+    other = gl.MLP(g, [6, 5, 4], rng=0)
+    gl.apply_lora(other, gl.LoraConfig(rank=1, init="pissa"), ["layers.0"])
+    gl.save_adapter(tmp_path / "other", g, other)
+    with pytest.raises(
+        ValueError,
+        match=r"^save_adapter: .*other holds the layers \['layers.0'\] and ranks \{'layers.0': 1\}; "
+        r"the adapter has \['layers.0', 'layers.1'\]$",
+    ):
+        gl.save_adapter(
+            tmp_path / "out", g, model, path_initial_model_for_weight_conversion=tmp_path / "other"
+        )
+    same_layers = gl.MLP(g, [6, 5, 4], rng=0)
+    gl.apply_lora(same_layers, gl.LoraConfig(rank=1, init="pissa"))
+    gl.save_adapter(tmp_path / "rank1", g, same_layers)
+    with pytest.raises(ValueError, match=r"^save_adapter: .*rank1 holds the layers"):
+        gl.save_adapter(
+            tmp_path / "out", g, model, path_initial_model_for_weight_conversion=tmp_path / "rank1"
+        )
+    dora = gl.MLP(g, [6, 5, 4], rng=0)
+    gl.apply_lora(dora, gl.LoraConfig(rank=2, init="pissa", use_dora=True))
+    with pytest.raises(ValueError, match="converts a plain LoRA adapter made with init='pissa'"):
+        gl.save_adapter(
+            tmp_path / "out", g, dora, path_initial_model_for_weight_conversion=tmp_path / "init"
+        )
+    gl.apply_lora(model, gl.LoraConfig(rank=2), adapter_name="second")
+    with pytest.raises(
+        ValueError, match=r"^save_adapter: converting PiSSA to LoRA takes one adapter"
+    ):
+        gl.save_adapter(
+            tmp_path / "out", g, model, path_initial_model_for_weight_conversion=tmp_path / "init"
+        )
+    assert not (tmp_path / "out").exists()

@@ -107,8 +107,7 @@ class LoraEmbedding(LoraLayer):
         rows: list[tuple[Update, Array]] = []
         if self.batch_adapters is not None:  # mixed_batch: each sample its own adapter
             shape = ids.shape if isinstance(ids, NodeId) else np.shape(ids)
-            batch = shape[0] if len(shape) > 0 else -1
-            rows = self.batch_rows("LoraEmbedding.forward", graph, batch)
+            rows = self.batch_rows("LoraEmbedding.forward", graph, tuple(shape))
         with graph.scope(self.name):  # ids given as a list: each embedding op reads them
             with graph.scope("frozen"):
                 y = graph.embedding(self.frozen_weight, ids)  # (..., D)

@@ -155,9 +155,12 @@ class LoraLayer:
             return []
         return [self.adapters[name] for name in self._active if name in self.adapters]
 
-    def batch_rows(self, where: str, graph: Graph, batch: int) -> list[tuple[Update, Array]]:
+    def batch_rows(
+        self, where: str, graph: Graph, shape: tuple[int, ...]
+    ) -> list[tuple[Update, Array]]:
         """Inside ``mixed_batch``: ``(update, rows)`` for each adapter of this layer that some
-        sample names, ``rows`` a bool mask over the ``batch`` samples; none while disabled.
+        sample names, ``rows`` a bool mask over the samples, the first axis of an input of
+        ``shape``; none while disabled.
 
         Raises
         ------
@@ -180,10 +183,10 @@ class LoraLayer:
                 f"{where}: {self.name} has merged adapters {self.merged_adapters}; unmerge before "
                 "a mixed-adapter batch"
             )
-        if batch != len(names):
+        if not shape or shape[0] != len(names):
             raise ShapeError(
-                f"{where}: {self.name}: the input holds {batch} samples along its first axis but "
-                f"mixed_batch names {len(names)} adapters"
+                f"{where}: {self.name}: mixed_batch names {len(names)} adapters, one per sample "
+                f"along the input's first axis, but the input has shape {shape}"
             )
         return [
             (self.adapters[name], np.array([n == name for n in names]))

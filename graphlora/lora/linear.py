@@ -322,7 +322,7 @@ class LoraLinear(LoraLayer):
         """Inside ``mixed_batch``: ``base(x)``, each sample plus its own adapter's update.
         Each named adapter's update is computed for the whole batch and kept for its rows."""
         where = "LoraLinear.forward"
-        rows = self.batch_rows(where, graph, shape[0] if len(shape) > 1 else -1)
+        rows = self.batch_rows(where, graph, shape[:-1])  # the axes before the features
         with graph.scope(self.name):
             with graph.scope("frozen"):
                 xw = self.base_matmul(graph, x)  # (..., out)

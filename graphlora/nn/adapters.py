@@ -232,7 +232,8 @@ def apply_lora(
             module = ModulesToSave(module, name=name)
             place.replace(module)
         if adapter_name not in module.modules_to_save:
-            copied = clone_module(graph, module.original_module, f"{name}.{adapter_name}")
+            leaf_prefix = f"{name}.modules_to_save.{adapter_name}"  # the copy's name in the tree
+            copied = clone_module(graph, module.original_module, leaf_prefix)
             module.modules_to_save[adapter_name] = copied
         module.activate(graph, active)
     trained = {leaf for layer in lora_layers(model).values() for leaf in layer.trainable_params()}
@@ -250,7 +251,8 @@ def _modules_to_save(
     where: str, model: object, config: object, targets: set[str]
 ) -> list[tuple[str, Any, Any]]:
     """The modules ``config.modules_to_save`` names (a dotted name ending with an entry, as
-    PEFT), with their places: each entry must match, and none may be a LoRA target."""
+    PEFT), with their places: each entry must match, none may be or hold a LoRA layer, and a
+    module inside another that matches is saved as part of it."""
     entries = getattr(config, "modules_to_save", None) or ()
     if not entries:
         return []
@@ -261,7 +263,7 @@ def _modules_to_save(
         if any(name.endswith(entry) for entry in entries):
             found.append((name, module, place))
     outer = [f for f in found if not any(f[0].startswith(o[0] + ".") for o in found)]
-    unmatched = [e for e in entries if not any(n.endswith(e) for n, _, _ in outer)]
+    unmatched = [e for e in entries if not any(n.endswith(e) for n, _, _ in found)]
     if unmatched:
         raise ValueError(f"{where}: modules_to_save {unmatched} match no module of the model")
     leafless = sorted(n for n, m, _ in outer if not any(True for _ in named_leaves(m)))
