@@ -262,9 +262,23 @@ def test_bias_modes_equal_peft_both_ways(mode: str, tmp_path: Path) -> None:
         for d in ("ours", "peft")
     ]
     assert keys[0] == keys[1]
-    loaded = peft.PeftModel.from_pretrained(_torch_twin(g, model), str(tmp_path / "ours"))
+    loaded = peft.PeftModel.from_pretrained(
+        _torch_twin(g, model), str(tmp_path / "ours"), is_trainable=True
+    )
     with torch.no_grad():
         np.testing.assert_allclose(_run(g, model), loaded(torch.tensor(X)).numpy(), rtol=1e-12)
+    out = model.forward(g, g.constant(X))  # the trained biases' gradients equal PEFT's
+    g.backward(g.sum(g.mul(out, out)))
+    (loaded(torch.tensor(X)) ** 2).sum().backward()
+    grads = {
+        n.removeprefix("base_model.model.").replace("base_layer.", ""): p.grad
+        for n, p in loaded.named_parameters()
+        if n.endswith(".bias") and p.grad is not None
+    }
+    assert sorted(grads) == sorted(gl.nn.adapters.trained_biases(model))
+    for name, leaf in gl.nn.adapters.trained_biases(model).items():
+        np.testing.assert_allclose(g.grad(leaf), grads[name].numpy(), rtol=1e-10)
+    g.reset()
     # and back: PEFT's adapter (its biases moved too) into a fresh graphlora model
     saved = set(peft.get_peft_model_state_dict(loaded))  # what the file holds: move only those
     moved = [n for n, _ in loaded.named_parameters() if n.replace(".default", "") in saved]

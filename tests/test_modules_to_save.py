@@ -171,8 +171,18 @@ def test_modules_to_save_equal_peft_both_ways(tmp_path: Path) -> None:
         for d in ("ours", "peft")
     ]
     assert keys[0] == keys[1]
-    loaded = peft.PeftModel.from_pretrained(_torch_twin(g, model), str(tmp_path / "ours"))
+    loaded = peft.PeftModel.from_pretrained(
+        _torch_twin(g, model), str(tmp_path / "ours"), is_trainable=True
+    )
     xt = torch.tensor(X)
+    out = model.forward(g, g.constant(X))  # the copy's gradients equal PEFT's
+    g.backward(g.sum(g.mul(out, out)))
+    (loaded(xt) ** 2).sum().backward()
+    copy = model.head.modules_to_save["default"]
+    theirs_copy = loaded.base_model.model.head.modules_to_save["default"]
+    np.testing.assert_allclose(g.grad(copy.weight), theirs_copy.weight.grad.numpy().T, rtol=1e-10)
+    np.testing.assert_allclose(g.grad(copy.bias), theirs_copy.bias.grad.numpy(), rtol=1e-10)
+    g.reset()
     with torch.no_grad():
         np.testing.assert_allclose(_run(g, model), loaded(xt).numpy(), rtol=1e-12)
         with loaded.disable_adapter(), gl.disable_adapters(model):

@@ -56,7 +56,8 @@ class LoraConfig:
     modules_to_save: tuple[str, ...] | None = None
     """PEFT's ``modules_to_save``: modules (a classification head, ...) trained whole with the
     adapter, as a copy per adapter, and saved in its file; a module matches when its dotted name
-    ends with an entry, as in PEFT. A list is kept as a tuple."""
+    ends with an entry, as in PEFT. An entry that matches nothing is refused by ``apply_lora``
+    (PEFT ignores it). A list is kept as a tuple."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, (int, np.integer)) or isinstance(self.rank, bool):
