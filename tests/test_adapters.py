@@ -920,3 +920,52 @@ def test_ties_takes_density_zero_and_dare_does_not() -> None:
         gl.add_weighted_adapter(
             g, model, ["default", "other"], [1.0, 1.0], "d", "dare_ties", density=0.0
         )
+
+
+def test_a_mixed_batch_through_a_dora_embedding_with_ids_as_a_node() -> None:
+    g = gl.Graph()
+    model = Toy(g)
+    gl.apply_lora(model, gl.LoraConfig(rank=2, use_dora=True, seed=1), ["emb"], adapter_name="d")
+    gl.apply_lora(model, gl.LoraConfig(rank=2, seed=2), ["emb"], adapter_name="p")
+    rng = np.random.default_rng(4)
+    for update in model.emb.adapters.values():
+        g.set_value(update.lora_a, rng.normal(size=update.lora_a.shape))
+    names = ["p", "d", "__base__"]
+    ids = IDS[[0, 1, 0]]
+    with gl.mixed_batch(model, names), g.no_grad():
+        before = len(g.tape)
+        mixed = np.array(g.value(model.emb.forward(g, g.constant(ids))))
+        scopes = {node.scope for node in g.tape[before:]}
+    assert scopes == {"emb", "emb/frozen", "emb/lora"}
+    for i, name in enumerate(names):
+        if name == "__base__":
+            with gl.disable_adapters(model), g.no_grad():
+                alone = g.value(model.emb.forward(g, ids[i : i + 1]))
+        else:
+            gl.set_adapter(model, name)
+            with g.no_grad():
+                alone = g.value(model.emb.forward(g, ids[i : i + 1]))
+        np.testing.assert_allclose(mixed[i], alone[0], rtol=1e-13, atol=1e-14)
+
+
+def test_lora_bias_leaves_are_named_after_b() -> None:
+    g = gl.Graph(dtype=np.float32)
+    model = gl.MLP(g, [4, 3], rng=0)
+    gl.apply_lora(model, gl.LoraConfig(rank=2, lora_bias=True))
+    gl.apply_lora(model, gl.LoraConfig(rank=2, lora_bias=True), adapter_name="b")
+    layer = model.layers[0]
+    assert layer.adapters["default"].lora_bias.name == "layers.0.lora_B.bias"
+    assert layer.adapters["b"].lora_bias.name == "layers.0.lora_B.b.bias"
+    assert g.value(layer.adapters["b"].lora_bias).dtype == np.float32
+
+
+def test_majority_sign_mask_elects_by_total_by_default() -> None:
+    from graphlora.lora.functional import majority_sign_mask
+
+    stacked = np.array([[5.0, -1.0], [-1.0, -1.0], [-1.0, 3.0]])
+    np.testing.assert_array_equal(
+        majority_sign_mask(stacked), [[True, False], [False, False], [False, True]]
+    )
+    np.testing.assert_array_equal(
+        majority_sign_mask(stacked, "frequency"), [[False, True], [True, True], [True, False]]
+    )

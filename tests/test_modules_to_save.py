@@ -331,3 +331,41 @@ def test_an_adapter_saves_only_its_own_copies(tmp_path: Path) -> None:
         "base_model.model.norm.bias",
         "base_model.model.norm.weight",
     ]
+
+
+def test_a_copy_is_deep_and_forward_passes_keywords() -> None:
+    class Scaled:
+        """A module holding layers in a dict, a private leaf, and a keyword in forward."""
+
+        def __init__(self, g: gl.Graph) -> None:
+            self.parts = {"a": gl.Linear.new(g, 5, 3, rng=1, name="a")}
+            self._private = g.parameter(np.ones(3))
+
+        def forward(self, g: gl.Graph, x: gl.NodeId, *, scale: float) -> gl.NodeId:
+            return g.scale(self.parts["a"].forward(g, x), scale)
+
+    class Model:
+        def __init__(self, g: gl.Graph) -> None:
+            self.fc1 = gl.Linear.new(g, 6, 5, rng=0, name="fc1")
+            self.head = Scaled(g)
+
+        def forward(self, g: gl.Graph, x: Any) -> gl.NodeId:
+            return self.head.forward(g, self.fc1.forward(g, x), scale=2.0)
+
+    g = gl.Graph()
+    model = Model(g)
+    gl.apply_lora(model, gl.LoraConfig(rank=2, modules_to_save=["head"]), ["fc1"])
+    head = model.head
+    assert isinstance(head, gl.nn.ModulesToSave)
+    copy = head.modules_to_save["default"]
+    original = head.original_module
+    assert copy.parts["a"].weight is not original.parts["a"].weight  # the dict's layer copied
+    assert copy.parts["a"].weight.name == "head.modules_to_save.default.parts.a.weight"
+    assert copy._private is original._private  # private attributes are not the module's leaves
+    x = g.constant(np.ones((2, 6)))
+    with g.no_grad():
+        np.testing.assert_allclose(
+            g.value(model.forward(g, x)),
+            2.0 * g.value(original.parts["a"].forward(g, model.fc1.forward(g, x))),
+            rtol=1e-12,
+        )

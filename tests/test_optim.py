@@ -536,3 +536,50 @@ def test_group_and_state_refusals_name_what_is_wrong() -> None:
     for state, match in cases:
         with pytest.raises(ValueError, match=r"^SGD.load_state_dict: .*" + match):
             opt.load_state_dict(state)
+
+
+def test_a_parameter_without_gradient_before_one_with_does_not_stop_the_step() -> None:
+    g = gl.Graph()
+    unused, used = g.parameter(np.ones(2)), g.parameter(np.ones(2))
+    opt = SGD(g, [unused, used], lr=0.5)
+    g.backward(g.sum(used))
+    opt.step()
+    assert opt.steps == [0, 1]
+    np.testing.assert_array_equal(g.value(used), [0.5, 0.5])
+
+
+def test_a_groups_settings_are_checked_once_until_they_change(monkeypatch: Any) -> None:
+    g = gl.Graph()
+    p, q = g.parameter(np.ones(2)), g.parameter(np.ones(2))
+    opt = SGD(g, [{"params": [p]}, {"params": [q], "lr": 0.5}], lr=0.1)
+    checked: list[str] = []
+    original = opt._checked
+    monkeypatch.setattr(
+        opt, "_checked", lambda where, hyper: checked.append(where) or original(where, hyper)
+    )
+    for _ in range(3):
+        g.backward(g.sum(g.add(p, q)))
+        opt.step()
+        opt.zero_grad()
+        g.reset()
+    assert checked == ["SGD.step: parameter group 0", "SGD.step: parameter group 1"]
+    opt.param_groups[1]["lr"] = 0.25
+    g.backward(g.sum(g.add(p, q)))
+    opt.step()
+    assert checked[2:] == ["SGD.step: parameter group 1"]
+    np.testing.assert_allclose(g.value(q), 1.0 - 3 * 0.5 - 0.25)
+
+
+def test_three_groups_number_their_parameters_in_order() -> None:
+    g = gl.Graph()
+    ps = [g.parameter(np.ones(2)) for _ in range(4)]
+    opt = SGD(g, [{"params": ps[:2]}, {"params": ps[2:3]}, {"params": ps[3:]}], lr=0.1)
+    assert [grp["params"] for grp in opt.state_dict()["param_groups"]] == [[0, 1], [2], [3]]
+    state = opt.state_dict()
+    state["param_groups"][2]["params"] = [2]
+    with pytest.raises(
+        ValueError,
+        match=r"^SGD.load_state_dict: param_groups\[2\] must hold parameters \[3\], as this "
+        r"optimizer's group does$",
+    ):
+        opt.load_state_dict(state)
