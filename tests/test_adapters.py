@@ -481,6 +481,7 @@ def test_ties_and_magnitude_pruning_by_hand() -> None:
     np.testing.assert_array_equal(
         merge_task_tensors([t1, t2], [1.0, 0.5], "linear"), [2.5, -3.0, 1.5, -1.5]
     )
+    np.testing.assert_array_equal(merge_task_tensors([t1, t2], [1.0, 0.5]), [2.5, -3.0, 1.5, -1.5])
     # 5, -1, -1: the total elects +, the frequency -
     three = [np.array([5.0]), np.array([-1.0]), np.array([-1.0])]
     np.testing.assert_array_equal(merge_task_tensors(three, [1, 1, 1], "ties"), [5.0])
