@@ -373,3 +373,67 @@ def test_a_copy_is_deep_and_forward_passes_keywords() -> None:
             2.0 * g.value(original.parts["a"].forward(g, model.fc1.forward(g, x))),
             rtol=1e-12,
         )
+
+
+def _two_adapter_model() -> tuple[gl.Graph, Toy]:
+    g, model = _model()
+    gl.apply_lora(
+        model,
+        gl.LoraConfig(rank=2, alpha=4.0, init="random", seed=2, modules_to_save=["head"]),
+        ["fc1"],
+        adapter_name="other",
+    )
+    rng = np.random.default_rng(6)
+    head = model.head
+    assert isinstance(head, gl.nn.ModulesToSave)
+    for copy in head.modules_to_save.values():  # as after training: the copies differ
+        g.set_value(copy.weight, np.array(g.value(copy.weight)) + rng.normal(size=(5, 3)))
+    return g, model
+
+
+MIXED_X = np.random.default_rng(8).normal(size=(4, 6))
+MIXED = ["other", "__base__", "default", "other"]
+
+
+def test_a_mixed_batch_gives_each_sample_its_adapters_copy() -> None:
+    g, model = _two_adapter_model()
+    with gl.mixed_batch(model, MIXED), g.no_grad():
+        mixed = np.array(g.value(model.forward(g, g.constant(MIXED_X))))
+    for i, name in enumerate(MIXED):
+        x = g.constant(MIXED_X[i : i + 1])
+        if name == "__base__":
+            with gl.disable_adapters(model), g.no_grad():
+                alone = g.value(model.forward(g, x))
+        else:
+            gl.set_adapter(model, name)
+            with g.no_grad():
+                alone = g.value(model.forward(g, x))
+        np.testing.assert_allclose(mixed[i], alone[0], rtol=1e-13, atol=1e-14)
+    head = model.head
+    assert isinstance(head, gl.nn.ModulesToSave) and head.batch_adapters is None
+    head.batch_adapters = ("default", "other")  # an output whose first axis is not the batch
+    with (
+        g.no_grad(),
+        pytest.raises(
+            gl.ShapeError,
+            match=r"^ModulesToSave.forward: head: mixed_batch names 2 adapters, one per sample, but "
+            r"the output has shape \(3,\)$",
+        ),
+    ):
+        head.forward(g, g.constant(np.ones(5)))
+
+
+@pytest.mark.crosscheck
+def test_a_mixed_batch_with_modules_to_save_equals_peft(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    g, model = _two_adapter_model()
+    gl.save_adapter(tmp_path / "a", g, model)
+    theirs = peft.PeftModel.from_pretrained(_torch_twin(g, model), str(tmp_path / "a"))
+    theirs.load_adapter(str(tmp_path / "a" / "other"), adapter_name="other")
+    theirs.eval()
+    with torch.no_grad():
+        expected = theirs(torch.tensor(MIXED_X), adapter_names=MIXED).numpy()
+    with gl.mixed_batch(model, MIXED), g.no_grad():
+        got = np.array(g.value(model.forward(g, g.constant(MIXED_X))))
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-13)

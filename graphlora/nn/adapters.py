@@ -612,7 +612,9 @@ def mixed_batch(model: object, adapter_names: Sequence[str]) -> Iterator[None]:
     (use ``graph.no_grad()``), while merged, or for an input whose first axis is not one sample
     per name. Unlike PEFT, DoRA adapters may be mixed too. Each named adapter's update is
     computed for the whole batch and kept for its samples (PEFT computes it on the sub-batch):
-    the same numbers, more arithmetic. Compiled steps (``Replay``) end on entering and leaving.
+    the same numbers, more arithmetic. A ``modules_to_save`` module gives each sample its
+    adapter's copy (the original for ``"__base__"``), as PEFT's. Compiled steps (``Replay``)
+    end on entering and leaving.
 
     Raises
     ------
@@ -638,17 +640,18 @@ def mixed_batch(model: object, adapter_names: Sequence[str]) -> Iterator[None]:
             "(and '__base__' for none)"
         )
     _refuse_merged(where, layers)
-    previous = [(layer, layer.batch_adapters) for layer in layers.values()]
+    held: list[Any] = [*layers.values(), *saved_modules(model).values()]
+    previous = [(module, module.batch_adapters) for module in held]
     graphs = {id(g): g for g in (layer.graph for layer in layers.values())}
     for graph in graphs.values():
         graph.end_replays()
-    for layer in layers.values():
-        layer.batch_adapters = names
+    for module in held:
+        module.batch_adapters = names
     try:
         yield
     finally:
-        for layer, batch in previous:
-            layer.batch_adapters = batch
+        for module, batch in previous:
+            module.batch_adapters = batch
         for graph in graphs.values():
             graph.end_replays()
 

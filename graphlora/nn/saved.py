@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from graphlora.engine.graph import Graph, NodeId
+from graphlora.errors import ShapeError
 from graphlora.nn.layers import Linear
 from graphlora.nn.tree import find_modules, is_module, named_leaves, named_modules
 
@@ -37,10 +38,33 @@ class ModulesToSave:
     """The adapter whose copy runs, or None."""
     disabled: bool = False
     """True while the model's adapters are disabled: the original runs."""
+    batch_adapters: tuple[str, ...] | None = None
+    """Inside ``graphlora.mixed_batch``: the adapter of each sample, whose copy (or, without
+    one, the original) runs on it."""
 
     def forward(self, graph: Graph, *args: Any, **kwargs: Any) -> Any:
-        """The running module's ``forward``: the active adapter's copy, else the original."""
-        return self.running().forward(graph, *args, **kwargs)
+        """The running module's ``forward``: the active adapter's copy, else the original.
+        Inside ``mixed_batch``, each sample (the first axis of the output) comes from its own
+        adapter's copy, as PEFT's mixed batches: every module used runs on the whole batch and
+        keeps its samples' rows."""
+        names = self.batch_adapters
+        if names is None or self.disabled:
+            return self.running().forward(graph, *args, **kwargs)
+        picks = [self.modules_to_save.get(name, self.original_module) for name in names]
+        out = None
+        for module in dict.fromkeys(picks):  # each module once, in the order first used
+            y = module.forward(graph, *args, **kwargs)
+            if out is None:
+                out = y
+                continue
+            rows = np.array([pick is module for pick in picks])
+            if not y.shape or y.shape[0] != len(names):
+                raise ShapeError(
+                    f"ModulesToSave.forward: {self.name}: mixed_batch names {len(names)} "
+                    f"adapters, one per sample, but the output has shape {y.shape}"
+                )
+            out = graph.where(rows.reshape((-1,) + (1,) * (len(y.shape) - 1)), y, out)
+        return out
 
     def running(self) -> Any:
         """The module ``forward`` runs."""
