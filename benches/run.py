@@ -20,6 +20,8 @@ implementations interleaved round by round (medians of the rounds). Sections:
   g  a Llama LoRA step and greedy generation against transformers + PEFT (benches/llama_step.py)
   h  QLoRA: a LoRA step over a float32 and over an NF4 base, peak memory and step time, each
      case in a process of its own (benches/qlora_step.py); the ratios are NF4 to float32
+  l  the GPT step of f quiet and with one busy process per allowed core (benches/load_step.py),
+     under graphlora's BLAS thread policy, all cores and one thread: loaded / quiet
 """
 
 from __future__ import annotations
@@ -469,7 +471,7 @@ def section_e(rounds: int, min_batch: float, quick: bool) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, few rounds")
-    parser.add_argument("--sections", default="a,b,c,d,e,f,g,h")
+    parser.add_argument("--sections", default="a,b,c,d,e,f,g,h,l")
     parser.add_argument(
         "--out", default=str(Path(__file__).resolve().parent / "results" / "latest.json")
     )
@@ -482,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "numpy": np.__version__,
             "cpu": platform.processor() or platform.machine(),
+            "allowed_cores": gl.blas.allowed_cores(),
         },
         "graphlora": gl.__version__,
     }
@@ -560,6 +563,13 @@ def main(argv: list[str] | None = None) -> int:
 
         report["h_qlora_step"] = rows = qlora_step.section_h(rounds_of, rounds, args.quick)
         qlora_step.report(rows)
+    if "l" in sections:
+        import load_step
+
+        report["l_load"] = rows = load_step.section_l(
+            max(3, rounds // 2), min_batch * 5, args.quick
+        )
+        load_step.report(rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {args.out}")

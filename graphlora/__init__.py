@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import sys
 
-from graphlora import nf4, nn, ops, optim
+from graphlora import blas, nf4, nn, ops, optim
+from graphlora.blas import get_num_threads, set_num_threads, threads
 from graphlora.engine.graph import Graph, NodeId
 from graphlora.engine.replay import Replay
 from graphlora.errors import (
@@ -81,6 +82,7 @@ __all__ = [
     "add_weighted_adapter",
     "apply_adapter",
     "apply_lora",
+    "blas",
     "create_loraplus_optimizer",
     "delete_adapter",
     "disable_adapter_layers",
@@ -88,6 +90,7 @@ __all__ = [
     "enable_adapter_layers",
     "from_pretrained",
     "functional",
+    "get_num_threads",
     "load_adapter",
     "merge_adapter",
     "mixed_batch",
@@ -98,6 +101,8 @@ __all__ = [
     "save_adapter",
     "save_merged",
     "set_adapter",
+    "set_num_threads",
+    "threads",
     "unmerge_adapter",
     "viz",
 ]

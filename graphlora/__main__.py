@@ -351,6 +351,11 @@ def _parser() -> argparse.ArgumentParser:
         help="LoRA recovering a planted low-rank update (the default command)",
         description="Train a LoRA adapter on data from a frozen map plus a planted low-rank "
         "update, and show how well the update is recovered.",
+        epilog="Threads: every matrix product picks its BLAS threads (graphlora.blas): one "
+        "below about 4 million multiply-adds, and for larger ones the cores other processes "
+        "leave free. On a busy machine (a CI runner, a shared server) NumPy's default of a "
+        "thread per core can make a step several times slower; graphlora.set_num_threads(n) "
+        "fixes the count instead (benches/load_step.py measures both).",
     )
     positive_int, positive_float = _positive(int), _positive(float)
     d.add_argument(

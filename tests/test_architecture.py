@@ -18,6 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "graphlora"
 RANKS = {
     "errors": 0,
     "_checks": 0,
+    "blas": 0,  # the BLAS thread policy the ops' products follow
     "ops": 1,
     "engine": 2,
     "optim": 3,

@@ -32,7 +32,13 @@ def test_quick_benchmark_run_writes_every_section(tmp_path: Path) -> None:
         "e_mlp_step",
         "f_gpt_step",
         "h_qlora_step",
+        "l_load",
     } <= set(report)
+    loads = report["l_load"]  # the small size, op by op and replayed, under three settings
+    assert {(r["run"], r["threads"]) for r in loads} == {
+        (run, threads) for run in ("op by op", "replayed") for threads in ("auto", "all", "one")
+    }
+    assert all(r["seconds"]["quiet"] > 0 and r["seconds"]["loaded"] > 0 for r in loads)
     (qlora,) = report["h_qlora_step"]  # the small shape only, in a quick run
     assert set(qlora["cases"]) == {"float32", "nf4", "nf4 + double quant"}
     for case in qlora["cases"].values():

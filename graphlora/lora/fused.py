@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from graphlora import _checks
+from graphlora import _checks, blas
 from graphlora.errors import ShapeError
 from graphlora.ops import (
     Array,
@@ -126,6 +126,8 @@ def _lora_linear(
     xd = x if mask is None else x * mask
     batched = x.ndim != 2  # batch axes, folded into the rows for one matrix product, as linear
     x2, xd2 = (rows(x), rows(xd)) if batched else (x, xd)  # (N, in)
+    work = x.size * w.shape[1]  # multiply-adds of x @ w, for the BLAS threads
+    blas.fit(work)
     hs = (xd2 @ a) * scaling  # (N, r)
     out = x2 @ w  # (N, out)
     if bias is not None:
@@ -133,6 +135,7 @@ def _lora_linear(
     out += hs @ b
 
     def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
+        blas.fit(work)
         g2 = rows(g) if batched else g  # (N, out)
         g_h = (g2 @ b.T) * scaling if needs[0] or needs[2] else None  # (N, r)
         gx = gw = ga = gb = gbias = None

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from graphlora import blas
 from graphlora._checks import Rng, check_rng, flag, positive_int, probability, real_scalar
 from graphlora.errors import ShapeError
 from graphlora.ops.kernels import row_sum, swap, unbroadcast
@@ -145,6 +146,8 @@ def _scaled_dot_product_attention(
     # The scores are kept transposed, [..., Tk, Tq], one buffer worked on in place: the softmax
     # then reduces over axis -2, which NumPy does as whole-row passes, several times faster than
     # along the short last axis; BLAS reads the transposes in the products without a copy.
+    work = q.size * k.shape[-2]  # multiply-adds of the scores, for the BLAS threads
+    blas.fit(work)
     with np.errstate(invalid="ignore", over="ignore"):  # inf and NaN as in PyTorch, silently
         scores = k @ swap(q)  # (..., Tk, Tq)
         scores *= s
@@ -176,6 +179,7 @@ def _scaled_dot_product_attention(
         out = swap(used) @ v  # (..., Tq, dv)
 
     def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
+        blas.fit(work)
         gq = gk = gv = None
         with np.errstate(invalid="ignore", over="ignore"):
             if needs[2]:

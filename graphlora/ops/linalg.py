@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 
+from graphlora import blas
 from graphlora.errors import ShapeError
 from graphlora.ops.kernels import column_sum, swap, unbroadcast
 from graphlora.ops.registry import Array, Grads, Vjp, builtin
@@ -64,8 +65,11 @@ def _matmul(a: Array, b: Array) -> tuple[Array, Vjp]:
     """
 
     folded = a.ndim > 2 and b.ndim == 2  # (..., n, k) @ (k, m): one matrix product of rows
+    work = a.size * b.shape[-1] if b.ndim > 1 else a.size  # multiply-adds, for the BLAS threads
+    blas.fit(work)
 
     def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
+        blas.fit(work)
         if a.ndim == 2 and b.ndim == 2:  # the common case: (n, k) @ (k, m) -> (n, m)
             return (g @ b.T if needs[0] else None, a.T @ g if needs[1] else None)
         if folded:  # the batch axes folded into the rows: one BLAS call each, not one a batch
@@ -139,11 +143,14 @@ def _linear(x: Array, weight: Array, bias: Array | None = None) -> tuple[Array, 
 
     VJP: ``(g weightᵀ, xᵀ g, sum(g))``, the batch axes folded into the rows.
     """
+    work = x.size * weight.shape[1]  # multiply-adds, for the BLAS threads
+    blas.fit(work)
     out = rows(x) @ weight  # (N, out)
     if bias is not None:
         out += bias
 
     def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
+        blas.fit(work)
         g2 = rows(g)  # (N, out)
         gx = (g2 @ weight.T).reshape(x.shape) if needs[0] else None
         gw = rows(x).T @ g2 if needs[1] else None

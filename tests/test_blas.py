@@ -1,0 +1,148 @@
+"""The BLAS thread policy (graphlora.blas): each product's choice by its size and the machine's
+load, a fixed count, the ops that ask, and the real BLAS library following."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+import graphlora as gl
+from graphlora import blas
+from graphlora.lora.fused import lora_linear
+
+
+class FakeLibrary:
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def set_num_threads(self, count: int) -> None:
+        self.calls.append(count)
+
+
+@pytest.fixture
+def library(monkeypatch: pytest.MonkeyPatch) -> FakeLibrary:
+    """A stand-in BLAS library, a quiet 4-core machine, and the policy's state reset."""
+    fake = FakeLibrary()
+    monkeypatch.setattr(blas, "_libraries", [fake])
+    monkeypatch.setattr(blas, "_fixed", None)
+    monkeypatch.setattr(blas, "_now", None)
+    monkeypatch.setattr(blas, "_spare", (-1e9, 1))
+    monkeypatch.setattr(blas, "allowed_cores", lambda: 4)
+    monkeypatch.setattr(blas, "_running", lambda: 1.0)
+    return fake
+
+
+def test_small_products_run_on_one_thread_and_large_ones_on_the_spare_cores(
+    library: FakeLibrary,
+) -> None:
+    blas.fit(blas.SMALL_WORK - 1)
+    blas.fit(100)  # unchanged: the library is not called again
+    blas.fit(blas.SMALL_WORK)
+    blas.fit(blas.SMALL_WORK * 8)
+    assert library.calls == [1, 4]
+
+
+def test_a_busy_machine_leaves_fewer_cores(
+    library: FakeLibrary, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = [100.0]
+    monkeypatch.setattr(blas.time, "monotonic", lambda: clock[0])
+    running = [3.0]  # ourselves and two busy processes
+    monkeypatch.setattr(blas, "_running", lambda: running[0])
+    blas.fit(blas.SMALL_WORK)
+    assert library.calls == [2]  # 4 cores less the 2 others
+    running[0] = 9.0  # far busier, but not read again before LOAD_INTERVAL
+    clock[0] += blas.LOAD_INTERVAL / 2
+    blas.fit(blas.SMALL_WORK)
+    assert library.calls == [2]
+    clock[0] += blas.LOAD_INTERVAL
+    blas.fit(blas.SMALL_WORK)
+    assert library.calls == [2, 1]  # never fewer than one
+    running[0] = 1.0  # quiet again: every core
+    clock[0] += blas.LOAD_INTERVAL
+    blas.fit(blas.SMALL_WORK)
+    assert library.calls == [2, 1, 4]
+    running[0] = 4.0  # our own four threads still spinning count as ours, not others'
+    clock[0] += blas.LOAD_INTERVAL
+    blas.fit(blas.SMALL_WORK)
+    assert library.calls == [2, 1, 4]
+
+
+def test_a_fixed_count_holds_for_every_product(library: FakeLibrary) -> None:
+    gl.set_num_threads(3)
+    assert gl.get_num_threads() == 3
+    blas.fit(1)
+    blas.fit(blas.SMALL_WORK * 100)
+    assert library.calls == [3]
+    with gl.threads(1):
+        assert gl.get_num_threads() == 1
+        blas.fit(blas.SMALL_WORK * 100)
+    assert gl.get_num_threads() == 3 and library.calls == [3, 1, 3]
+    with gl.threads(None):
+        blas.fit(1)
+    assert library.calls == [3, 1, 3, 1, 3]
+    gl.set_num_threads(None)
+    assert gl.get_num_threads() is None
+    for bad, error, match in [
+        (0, ValueError, "count must be >= 1, got 0"),
+        (2.0, TypeError, "count must be an int or None, got 2.0"),
+        (True, TypeError, "count must be an int or None, got True"),
+    ]:
+        with pytest.raises(error, match=f"^set_num_threads: {match}$"):
+            gl.set_num_threads(bad)  # type: ignore[arg-type]
+    assert gl.get_num_threads() is None
+
+
+def test_the_ops_that_multiply_matrices_ask_for_their_size(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    asked: list[int] = []
+    monkeypatch.setattr(blas, "fit", asked.append)
+    g = gl.Graph()
+    rng = np.random.default_rng(0)
+
+    def p(*shape: int) -> gl.NodeId:
+        return g.parameter(rng.normal(size=shape))
+
+    cases: list[tuple[Any, int]] = [
+        (lambda: g.matmul(p(3, 4), p(4, 5)), 3 * 4 * 5),
+        (lambda: g.matmul(p(2, 3, 4), p(4, 5)), 2 * 3 * 4 * 5),
+        (lambda: g.matmul(p(3, 4), p(4)), 3 * 4),
+        (lambda: g.linear(p(2, 3, 4), p(4, 6)), 2 * 3 * 4 * 6),
+        (lambda: g.apply(lora_linear, p(3, 4), p(4, 5), p(4, 2), p(2, 5), scaling=1.0), 3 * 4 * 5),
+        (lambda: g.scaled_dot_product_attention(p(2, 3, 4), p(2, 5, 4), p(2, 5, 4)), 2 * 3 * 4 * 5),
+    ]
+    for make, work in cases:
+        asked.clear()
+        out = make()
+        assert asked == [work]  # forward
+        g.backward(g.sum(out))
+        assert asked == [work, work]  # and backward
+        g.reset()
+
+
+def test_the_real_blas_library_follows() -> None:
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+
+    def counts() -> set[int]:
+        return {
+            lib["num_threads"]
+            for lib in threadpoolctl.threadpool_info()
+            if lib["user_api"] == "blas"
+        }
+
+    try:
+        with gl.threads(1):
+            assert counts() == {1}
+            a = np.ones((300, 300))
+            g = gl.Graph()
+            np.testing.assert_allclose(g.value(g.matmul(g.constant(a), g.constant(a))), a @ a)
+        assert gl.get_num_threads() is None
+        blas.fit(1)
+        assert counts() == {1}
+        blas.fit(blas.SMALL_WORK)
+        assert counts() == {blas.spare_cores()}
+    finally:
+        blas.fit(1)
