@@ -15,7 +15,7 @@ sizes, its own init) and takes three steps: how far the mark rose is the memory 
 its optimizer state and a step's values and gradients. Linux only. And, where transformers is
 installed: how long a GPT-2-small-sized (124M) checkpoint takes to read, and how much memory.
 
-    python benches/gpt_step.py            # both sizes
+    python benches/gpt_step.py            # every size, GPT-2 small's real dimensions included
     python benches/gpt_step.py --quick    # the small size, few rounds
 """
 
@@ -38,6 +38,15 @@ from graphlora.optim import SGD
 SIZES = {
     "small": {"batch": 4, "tokens": 32, "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab": 256},
     "medium": {"batch": 8, "tokens": 128, "n_embd": 256, "n_layer": 4, "n_head": 4, "vocab": 512},
+    # GPT-2 small's real dimensions (124M parameters): left out of --quick
+    "gpt2-small": {
+        "batch": 1,
+        "tokens": 128,
+        "n_embd": 768,
+        "n_layer": 12,
+        "n_head": 12,
+        "vocab": 50257,
+    },
 }
 RANK, ALPHA, LR = 8, 16.0, 1e-3
 
