@@ -86,6 +86,46 @@ def _split_groups(
     return groups
 
 
+class _Group(dict):  # type: ignore[type-arg]
+    """A parameter group: a dict that notes any change to it, so that ``step`` checks its
+    settings again only after one."""
+
+    changed = False
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.changed = True
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        self.changed = True
+        super().__delitem__(key)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self.changed = True
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        self.changed = True
+        return super().setdefault(key, default)
+
+    def pop(self, *args: Any) -> Any:
+        self.changed = True
+        return super().pop(*args)
+
+    def popitem(self) -> Any:
+        self.changed = True
+        return super().popitem()
+
+    def clear(self) -> None:
+        self.changed = True
+        super().clear()
+
+    def __ior__(self, other: Any) -> _Group:  # type: ignore[misc]
+        self.changed = True
+        super().__ior__(other)
+        return self
+
+
 class Optimizer:
     """Base class: holds the graph, the parameters, their groups and per-parameter state.
 
@@ -121,14 +161,14 @@ class Optimizer:
         self.params = _parameters(where, graph, [node for nodes, _ in groups for node in nodes])
         defaults = self.hyperparameters()
         self.param_groups: list[dict[str, Any]] = [
-            {
-                "params": nodes,
+            _Group(
+                params=nodes,
                 **self._checked(f"{where}: parameter group {i}", {**defaults, **hyper}),
-            }
+            )
             for i, (nodes, hyper) in enumerate(groups)
         ]
         self._group_of = [i for i, (nodes, _) in enumerate(groups) for _ in nodes]
-        self._seen: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}  # checked values
+        self._hypers = [self._hyper_of(group) for group in self.param_groups]  # checked
         self.steps = [0] * len(self.params)  # updates applied to each parameter so far
         self.state: list[dict[str, Array]] = [{} for _ in self.params]
 
@@ -139,20 +179,20 @@ class Optimizer:
     def step(self) -> None:
         """Update every parameter that has a gradient, in place, with its group's
         hyper-parameters (checked first: a bad one changes nothing)."""
-        hypers = []
+        hypers = self._hypers
         for i, group in enumerate(self.param_groups):
-            values = tuple(group.get(name) for name in self._hyper_names)
-            seen = self._seen.get(i)
-            if seen is None or seen[0] != values:  # checked again only when changed
+            if type(group) is not _Group or group.changed:  # checked again only when changed
                 where = f"{type(self).__name__}.step: parameter group {i}"
-                seen = self._seen[i] = (values, self._checked(where, self._hyper_of(group)))
-            hypers.append(seen[1])
+                hypers[i] = self._checked(where, self._hyper_of(group))
+                if type(group) is _Group:
+                    group.changed = False
+        buffers, state, steps, group_of = self.graph.buffers, self.state, self.steps, self._group_of
         for i, node in enumerate(self.params):
-            value, grad = self.graph.buffers(node)  # the engine's own arrays: no copies
+            value, grad = buffers(node)  # the engine's own arrays: no copies
             if grad is None:
                 continue  # no gradient this step: skipped, as in PyTorch
-            self.steps[i] += 1
-            self._update(value, grad, self.state[i], self.steps[i], hypers[self._group_of[i]])
+            steps[i] += 1
+            self._update(value, grad, state[i], steps[i], hypers[group_of[i]])
 
     def _update(
         self, value: Array, grad: Array, state: dict[str, Array], step: int, hyper: dict[str, Any]

@@ -562,12 +562,36 @@ def test_a_groups_settings_are_checked_once_until_they_change(monkeypatch: Any) 
         opt.step()
         opt.zero_grad()
         g.reset()
-    assert checked == ["SGD.step: parameter group 0", "SGD.step: parameter group 1"]
-    opt.param_groups[1]["lr"] = 0.25
-    g.backward(g.sum(g.add(p, q)))
-    opt.step()
-    assert checked[2:] == ["SGD.step: parameter group 1"]
-    np.testing.assert_allclose(g.value(q), 1.0 - 3 * 0.5 - 0.25)
+    assert checked == []  # checked when made, unchanged since
+    for change in (
+        lambda group: group.__setitem__("lr", 0.25),
+        lambda group: group.update(lr=0.25),
+        lambda group: group.setdefault("lr", 0.25),
+        lambda group: group.__ior__({"lr": 0.25}),
+    ):
+        checked.clear()
+        change(opt.param_groups[1])
+        g.backward(g.sum(g.add(p, q)))
+        opt.step()
+        opt.zero_grad()
+        g.reset()
+        assert checked == ["SGD.step: parameter group 1"]
+    np.testing.assert_allclose(g.value(q), 1.0 - 3 * 0.5 - 4 * 0.25)
+    for change in (
+        lambda group: group.pop("lr"),
+        lambda group: group.__delitem__("lr"),
+        lambda group: group.popitem(),
+        lambda group: group.clear(),
+    ):
+        group = opt.param_groups[0]
+        saved = dict(group)
+        change(group)
+        g.backward(g.sum(g.add(p, q)))
+        with pytest.raises(TypeError, match=r"^SGD.step: parameter group 0: \w+ must be"):
+            opt.step()
+        opt.zero_grad()
+        g.reset()
+        group.update(saved)
 
 
 def test_three_groups_number_their_parameters_in_order() -> None:
