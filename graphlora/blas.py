@@ -26,6 +26,7 @@ __all__ = [
     "allowed_cores",
     "fit",
     "get_num_threads",
+    "running_from",
     "set_num_threads",
     "threads",
 ]
@@ -50,12 +51,18 @@ def allowed_cores() -> int:
     return max(1, os.cpu_count() or 1)  # pragma: no cover - no affinity outside Linux
 
 
+def running_from(loadavg: str) -> float:
+    """The threads running or waiting to run, from ``/proc/loadavg``'s text (its fourth field,
+    ``running/total``)."""
+    return float(loadavg.split()[3].split("/")[0])
+
+
 def _running() -> float:
-    """How many threads are running or waiting to run now (``/proc/loadavg``'s fourth field),
-    else the one-minute load average."""
+    """How many threads are running or waiting to run now (``/proc/loadavg``), else the
+    one-minute load average."""
     try:
         with open("/proc/loadavg", encoding="ascii") as handle:
-            return float(handle.read().split()[3].split("/")[0])
+            return running_from(handle.read())
     except (OSError, IndexError, ValueError):  # pragma: no cover - no /proc outside Linux
         return os.getloadavg()[0]
 

@@ -123,8 +123,19 @@ def test_the_ops_that_multiply_matrices_ask_for_their_size(
         g.reset()
 
 
-def test_the_real_blas_library_follows() -> None:
+def test_the_machine_as_read() -> None:
+    import os
+
+    assert blas.allowed_cores() == len(os.sched_getaffinity(0))
+    assert blas.running_from("0.52 0.58 0.59 3/467 12345\n") == 3.0
+    assert blas.running_from("1.00 1.00 1.00 17/2000 99") == 17.0
+    assert blas._running() >= 1.0  # this process at least, read from /proc/loadavg
+
+
+def test_the_real_blas_library_follows(monkeypatch: pytest.MonkeyPatch) -> None:
     threadpoolctl = pytest.importorskip("threadpoolctl")
+    monkeypatch.setattr(blas, "_libraries", None)  # found again, from threadpoolctl
+    monkeypatch.setattr(blas, "_now", None)
 
     def counts() -> set[int]:
         return {

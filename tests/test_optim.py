@@ -563,20 +563,25 @@ def test_a_groups_settings_are_checked_once_until_they_change(monkeypatch: Any) 
         opt.zero_grad()
         g.reset()
     assert checked == []  # checked when made, unchanged since
-    for change in (
-        lambda group: group.__setitem__("lr", 0.25),
-        lambda group: group.update(lr=0.25),
-        lambda group: group.setdefault("lr", 0.25),
-        lambda group: group.__ior__({"lr": 0.25}),
+    expected = 1.0 - 3 * 0.5
+    for change, lr in (
+        (lambda group: group.__setitem__("lr", 0.25), 0.25),
+        (lambda group: group.update(lr=0.125), 0.125),
+        (lambda group: group.__ior__({"lr": 0.0625}), 0.0625),
     ):
         checked.clear()
         change(opt.param_groups[1])
-        g.backward(g.sum(g.add(p, q)))
-        opt.step()
-        opt.zero_grad()
-        g.reset()
+        for _ in range(2):  # checked once, at the first step after the change
+            g.backward(g.sum(g.add(p, q)))
+            opt.step()
+            opt.zero_grad()
+            g.reset()
+            expected -= lr
         assert checked == ["SGD.step: parameter group 1"]
-    np.testing.assert_allclose(g.value(q), 1.0 - 3 * 0.5 - 4 * 0.25)
+    np.testing.assert_allclose(g.value(q), expected)
+    group = opt.param_groups[1]
+    assert group.setdefault("lr", 9.0) == 0.0625 and group.setdefault("x", 1) == 1
+    assert group.pop("x") == 1
     for change in (
         lambda group: group.pop("lr"),
         lambda group: group.__delitem__("lr"),
