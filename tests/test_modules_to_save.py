@@ -70,14 +70,24 @@ def test_the_copy_trains_and_runs_and_the_original_stays() -> None:
     assert len(gl.nn.parameters(model)) == 4  # back on leaving
 
 
-def test_a_second_adapter_gets_its_own_copy() -> None:
+def _two_adapter_model() -> tuple[gl.Graph, Toy]:
     g, model = _model()
     gl.apply_lora(
         model,
-        gl.LoraConfig(rank=2, init="random", seed=2, modules_to_save=["head"]),
+        gl.LoraConfig(rank=2, alpha=4.0, init="random", seed=2, modules_to_save=["head"]),
         ["fc1"],
         adapter_name="other",
     )
+    rng = np.random.default_rng(6)
+    head = model.head
+    assert isinstance(head, gl.nn.ModulesToSave)
+    for copy in head.modules_to_save.values():  # as after training: the copies differ
+        g.set_value(copy.weight, np.array(g.value(copy.weight)) + rng.normal(size=(5, 3)))
+    return g, model
+
+
+def test_a_second_adapter_gets_its_own_copy() -> None:
+    g, model = _two_adapter_model()
     head = model.head
     assert isinstance(head, gl.nn.ModulesToSave)
     assert list(head.modules_to_save) == ["default", "other"] and head.active == "default"
@@ -257,13 +267,7 @@ def test_copies_of_nested_modules_embeddings_and_norms_round_trip(tmp_path: Path
 
 
 def test_the_wrapper_itself() -> None:
-    g, model = _model()
-    gl.apply_lora(
-        model,
-        gl.LoraConfig(rank=2, init="random", seed=2, modules_to_save=["head"]),
-        ["fc1"],
-        adapter_name="other",
-    )
+    g, model = _two_adapter_model()
     head = model.head
     assert isinstance(head, gl.nn.ModulesToSave)
     with pytest.raises(
@@ -373,22 +377,6 @@ def test_a_copy_is_deep_and_forward_passes_keywords() -> None:
             2.0 * g.value(original.parts["a"].forward(g, model.fc1.forward(g, x))),
             rtol=1e-12,
         )
-
-
-def _two_adapter_model() -> tuple[gl.Graph, Toy]:
-    g, model = _model()
-    gl.apply_lora(
-        model,
-        gl.LoraConfig(rank=2, alpha=4.0, init="random", seed=2, modules_to_save=["head"]),
-        ["fc1"],
-        adapter_name="other",
-    )
-    rng = np.random.default_rng(6)
-    head = model.head
-    assert isinstance(head, gl.nn.ModulesToSave)
-    for copy in head.modules_to_save.values():  # as after training: the copies differ
-        g.set_value(copy.weight, np.array(g.value(copy.weight)) + rng.normal(size=(5, 3)))
-    return g, model
 
 
 MIXED_X = np.random.default_rng(8).normal(size=(4, 6))
