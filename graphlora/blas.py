@@ -5,8 +5,9 @@ it: on a busy machine (a CI runner, a shared server, a student's laptop compilin
 multi-threaded product waits for a time slice and a step can take ten times longer than on one
 thread. So by default each product chooses (``fit``): one thread below ``SMALL_WORK``
 multiply-adds, else as many as the cores this process may use (``os.sched_getaffinity``) that
-other running processes leave free, read from ``/proc/loadavg`` at most every
-``LOAD_INTERVAL`` seconds (``os.getloadavg`` where there is no ``/proc``).
+other processes' running threads leave free: ``/proc/loadavg``'s running count less this
+process's own running threads (``/proc/self/task``), read at most every ``LOAD_INTERVAL``
+seconds (``os.getloadavg`` where there is no ``/proc``).
 
 ``set_num_threads(n)`` fixes the count instead (``None``: back to choosing), and ``with
 threads(n):`` fixes it for a block.
@@ -28,6 +29,8 @@ __all__ = [
     "get_num_threads",
     "running_from",
     "set_num_threads",
+    "spare_cores",
+    "state_from",
     "threads",
 ]
 
@@ -67,14 +70,38 @@ def _running() -> float:
         return os.getloadavg()[0]
 
 
+def state_from(stat: bytes) -> bytes:
+    """A thread's state letter from its ``/proc/.../stat`` line (``R`` when running)."""
+    end = stat.rindex(b")")  # the command name, in parentheses, may hold spaces
+    return stat[end + 2 : end + 3]
+
+
+def _own_running() -> int | None:
+    """How many of this process's threads are running now (its BLAS threads still spinning,
+    another library's), from ``/proc/self/task``; None where there is no such folder."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:  # pragma: no cover - no /proc outside Linux
+        return None
+    count = 0
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/stat", "rb") as handle:
+                count += state_from(handle.read()) == b"R"
+        except (OSError, ValueError):  # a thread that just ended
+            continue
+    return max(1, count)
+
+
 def spare_cores() -> int:
     """The cores free for this process's BLAS threads: its allowed cores less the threads other
-    processes are running (its own BLAS threads, still spinning, are not counted), at least 1.
-    Read at most every ``LOAD_INTERVAL`` seconds."""
+    processes are running (this process's own running threads, its BLAS threads still spinning
+    among them, are not counted), at least 1. Read at most every ``LOAD_INTERVAL`` seconds."""
     global _spare
     now = time.monotonic()
     if now - _spare[0] >= LOAD_INTERVAL:
-        others = _running() - (_now or 1)
+        own = _own_running()
+        others = _running() - (own if own is not None else (_now or 1))
         _spare = (now, max(1, min(allowed_cores(), int(allowed_cores() - others + 0.5))))
     return _spare[1]
 

@@ -31,6 +31,7 @@ def library(monkeypatch: pytest.MonkeyPatch) -> FakeLibrary:
     monkeypatch.setattr(blas, "_spare", (-1e9, 1))
     monkeypatch.setattr(blas, "allowed_cores", lambda: 4)
     monkeypatch.setattr(blas, "_running", lambda: 1.0)
+    monkeypatch.setattr(blas, "_own_running", lambda: None)  # as without /proc/self/task
     return fake
 
 
@@ -130,6 +131,18 @@ def test_the_machine_as_read() -> None:
     assert blas.running_from("0.52 0.58 0.59 3/467 12345\n") == 3.0
     assert blas.running_from("1.00 1.00 1.00 17/2000 99") == 17.0
     assert blas._running() >= 1.0  # this process at least, read from /proc/loadavg
+    assert blas.state_from(b"123 (a (b) c) R 1 2 3") == b"R"
+    assert blas.state_from(b"7 (python3) S 1 2") == b"S"
+    assert (blas._own_running() or 0) >= 1  # this test's thread, reading, at least
+
+
+def test_this_process_running_threads_are_not_others(
+    library: FakeLibrary, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(blas, "_running", lambda: 4.0)  # four running threads in all
+    monkeypatch.setattr(blas, "_own_running", lambda: 3)  # three of them ours (spinning)
+    blas.fit(blas.SMALL_WORK)
+    assert library.calls == [3]  # 4 cores less the 1 other
 
 
 def test_the_real_blas_library_follows(monkeypatch: pytest.MonkeyPatch) -> None:
