@@ -119,6 +119,11 @@ def _check_layers(where: str, layers: object) -> dict[str, LoraLayer]:
     return dict(layers)
 
 
+def _layer_mapping(given: object) -> bool:
+    """Whether ``given`` is a mapping of names to LoRA layers rather than a model."""
+    return isinstance(given, Mapping) and all(isinstance(v, LoraLayer) for v in given.values())
+
+
 def _holding(where: str, layers: Mapping[str, LoraLayer], adapter_name: str) -> dict[str, Any]:
     """The layers that hold adapter ``adapter_name`` and its update in each, or a ValueError
     listing the adapters the layers hold."""
@@ -202,7 +207,7 @@ def _model_tensors(
     (``<layer>.base_layer.bias`` for an adapted layer's, ``<name>.bias`` for another's)."""
     tensors = {}
     mode = config.get("bias", "none")
-    plain = isinstance(given, Mapping) and all(isinstance(v, LoraLayer) for v in given.values())
+    plain = _layer_mapping(given)
     if config.get("modules_to_save"):
         if plain:
             raise ValueError(
@@ -714,9 +719,7 @@ def load_adapter(
     where = "load_adapter"
     check_graph(where, graph)
     given = layers
-    given_model = not isinstance(given, Mapping) or not all(
-        isinstance(v, LoraLayer) for v in given.values()
-    )
+    given_model = not _layer_mapping(given)
     layers = _check_layers(where, layers)
     adapter_name = check_adapter_name(where, adapter_name)
     updates = _holding(where, layers, adapter_name)

@@ -268,11 +268,7 @@ def merge_task_tensors(
     where = "merge_task_tensors"
     if method not in ("linear", "magnitude_prune", "dare_linear", "ties", "dare_ties"):
         raise ValueError(f"{where}: unknown method {method!r}")
-    if majority_sign_method not in ("total", "frequency"):
-        raise ValueError(
-            f"{where}: majority_sign_method must be 'total' or 'frequency', got "
-            f"{majority_sign_method!r}"
-        )
+    check_majority(where, majority_sign_method)
     if method != "linear" and density < 1:
         if method.startswith("dare"):
             if rng is None:
@@ -347,11 +343,7 @@ def combine_adapters(
         )
     method = _MERGE.get(combination_type, "")
     density = check_density(where, combination_type, density)
-    if majority_sign_method not in ("total", "frequency"):
-        raise ValueError(
-            f"{where}: majority_sign_method must be 'total' or 'frequency', got "
-            f"{majority_sign_method!r}"
-        )
+    check_majority(where, majority_sign_method)
     if method.startswith("dare") and rng is None:
         rng = np.random.default_rng()
 
@@ -397,6 +389,14 @@ def combine_adapters(
         raise ValueError(f"{where}: rank must be in [1, {min(delta.shape)}], got {new_rank}")
     u, sigma, vh = np.linalg.svd(delta.T, full_matrices=False)  # PyTorch's [out, in] layout
     return {"A": vh[:new_rank].T.copy(), "B": (u[:, :new_rank] * sigma[:new_rank]).T.copy()}
+
+
+def check_majority(where: str, method: str) -> None:
+    """Refuse a ``majority_sign_method`` other than ``"total"`` and ``"frequency"``."""
+    if method not in ("total", "frequency"):
+        raise ValueError(
+            f"{where}: majority_sign_method must be 'total' or 'frequency', got {method!r}"
+        )
 
 
 def check_density(where: str, combination_type: str, density: float | None) -> float:

@@ -22,7 +22,13 @@ from graphlora import _checks
 from graphlora.engine.graph import Graph, NodeId, check_graph
 from graphlora.errors import GraphError
 from graphlora.lora import LoraConfig, LoraEmbedding, LoraLayer, LoraLinear, VeraConfig
-from graphlora.lora.functional import COMBINATIONS, PRUNING, check_density, combine_adapters
+from graphlora.lora.functional import (
+    COMBINATIONS,
+    PRUNING,
+    check_density,
+    check_majority,
+    combine_adapters,
+)
 from graphlora.lora.layer import adapter_list, check_adapter_name
 from graphlora.lora.nf4 import NF4Config
 from graphlora.lora.variants import (
@@ -868,11 +874,7 @@ def add_weighted_adapter(
         svd_rank = _checks.positive_int(where, "svd_rank", svd_rank)
     if combination_type in PRUNING or density is not None:
         density = check_density(where, combination_type, density)
-    if majority_sign_method not in ("total", "frequency"):
-        raise ValueError(
-            f"{where}: majority_sign_method must be 'total' or 'frequency', got "
-            f"{majority_sign_method!r}"
-        )
+    check_majority(where, majority_sign_method)
     rng = np.random.default_rng(seed)
     if len(names) == 1:
         combination_type = "linear"  # as PEFT: one adapter is only re-weighted
