@@ -564,7 +564,7 @@ def set_adapter(model: object, adapter_name: str | Sequence[str]) -> None:
     for layer in layers.values():
         layer.activate(layer.graph, names)
     for wrapper in wrappers.values():
-        wrapper.activate(_module_graph(wrapper), names)
+        wrapper.activate(wrapper.graph, names)
 
 
 @contextmanager
@@ -600,7 +600,7 @@ def disable_adapters(model: object) -> Iterator[None]:
             layer.disabled = disabled
         for wrapper, disabled in wrappers:
             wrapper.disabled = disabled
-            wrapper.activate(_module_graph(wrapper), [a for a in (wrapper.active,) if a])
+            wrapper.refresh()
         for leaf in trained:
             leaf.graph.requires_grad_(leaf, True)
         for graph in graphs.values():
@@ -677,19 +677,13 @@ def disable_adapter_layers(model: object) -> None:
     _switch_off(layers, saved_modules(model))
 
 
-def _module_graph(wrapper: ModulesToSave) -> Graph:
-    """The graph of a wrapped module's leaves."""
-    leaves = [leaf for _, leaf in named_leaves(wrapper)]
-    return leaves[0].graph
-
-
 def _switch_off(layers: Mapping[str, LoraLayer], wrappers: Mapping[str, ModulesToSave]) -> None:
     """Every layer runs its base alone, every adapter leaf frozen (as PEFT: nothing of an
     adapter trains while it is off), every modules_to_save wrapper its original; compiled steps
     end."""
     for wrapper in wrappers.values():
         wrapper.disabled = True
-        wrapper.activate(_module_graph(wrapper), [a for a in (wrapper.active,) if a is not None])
+        wrapper.refresh()
     for layer in layers.values():
         layer.disabled = True
         for update in layer.adapters.values():
@@ -708,7 +702,7 @@ def enable_adapter_layers(model: object) -> None:
         layer.activate(layer.graph, layer.active_adapters)
     for wrapper in saved_modules(model).values():
         wrapper.disabled = False
-        wrapper.activate(_module_graph(wrapper), [a for a in (wrapper.active,) if a is not None])
+        wrapper.refresh()
 
 
 def merge_adapter(model: object, adapter_names: str | Sequence[str] | None = None) -> None:
@@ -782,8 +776,7 @@ def delete_adapter(model: object, adapter_name: str) -> None:
             layer.activate(graph, [name for name in layer.active_adapters if name != adapter_name])
     for wrapper in saved_modules(model).values():
         if wrapper.modules_to_save.pop(adapter_name, None) is not None:
-            graph = _module_graph(wrapper)
-            wrapper.activate(graph, [a for a in (wrapper.active,) if a is not None])
+            wrapper.refresh()
 
 
 def add_weighted_adapter(

@@ -95,6 +95,16 @@ class ModulesToSave:
                     graph.requires_grad_(leaf, train)
         graph.end_replays()
 
+    @property
+    def graph(self) -> Graph:
+        """The graph the module's leaves belong to."""
+        return next(leaf for _, leaf in named_leaves(self.original_module)).graph
+
+    def refresh(self) -> None:
+        """``activate`` the active copy again, after ``disabled`` changed: only the running
+        copy's leaves require gradients."""
+        self.activate(self.graph, [] if self.active is None else [self.active])
+
     def trainable_params(self) -> list[NodeId]:
         """The running copy's leaves (none when the original runs)."""
         if self.disabled or self.active is None:
