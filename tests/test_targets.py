@@ -134,15 +134,16 @@ def test_bad_choices_are_refused_before_anything_changes() -> None:
 def _hf_llama(path: Path) -> Any:
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=23,
-        hidden_size=16,
-        intermediate_size=20,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
+    sizes = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "max_position_embeddings",
     )
+    config = transformers.LlamaConfig(**{name: getattr(TINY, name) for name in sizes})
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).double().eval()
     model.save_pretrained(path)
