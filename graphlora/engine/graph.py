@@ -645,9 +645,9 @@ class Graph(OpMethods):
         """Check ``args`` and ``params`` against ``op``, then run it and append its node."""
         if op.floats_only and len(args) == len(op.slots):  # the common case, fast
             values: list[Array | None] = []
-            needs = []
-            dtype, epoch, optional = self._dtype, self._epoch, op.optional
-            for i, arg in enumerate(args):
+            needs: list[bool] = []
+            dtype, epoch = self._dtype, self._epoch
+            for arg in args:
                 if (
                     type(arg) is NodeId
                     and arg._graph is self
@@ -656,7 +656,7 @@ class Graph(OpMethods):
                 ):
                     values.append(arg._value)
                     needs.append(arg._requires_grad)
-                elif arg is None and optional[i]:
+                elif arg is None and op.optional[len(values)]:
                     values.append(None)
                     needs.append(False)
                 else:

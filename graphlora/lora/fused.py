@@ -24,7 +24,7 @@ from graphlora.ops import (
     dropout_mask,
     op,
 )
-from graphlora.ops.linalg import rows
+from graphlora.ops.linalg import dot, rows
 
 __all__ = ["lora_linear"]
 
@@ -128,32 +128,32 @@ def _lora_linear(
     x2, xd2 = (rows(x), rows(xd)) if batched else (x, xd)  # (N, in)
     work = x.size * w.shape[1]  # multiply-adds of x @ w, for the BLAS threads
     blas.fit(work)
-    hs = (xd2 @ a) * scaling  # (N, r)
-    out = x2 @ w  # (N, out)
+    hs = dot(xd2, a) * scaling  # (N, r)
+    out = dot(x2, w)  # (N, out)
     if bias is not None:
         out += bias
-    out += hs @ b
+    out += dot(hs, b)
 
     def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
         blas.fit(work)
         g2 = rows(g) if batched else g  # (N, out)
-        g_h = (g2 @ b.T) * scaling if needs[0] or needs[2] else None  # (N, r)
+        g_h = dot(g2, b.T) * scaling if needs[0] or needs[2] else None  # (N, r)
         gx = gw = ga = gb = gbias = None
         if needs[0]:
             assert g_h is not None
-            low = g_h @ a.T
+            low = dot(g_h, a.T)
             if mask is not None:
                 low *= rows(mask)
-            gx = g2 @ w.T
+            gx = dot(g2, w.T)
             gx += low
             gx = gx.reshape(x.shape)
         if needs[1]:
-            gw = x2.T @ g2
+            gw = dot(x2.T, g2)
         if needs[2]:
             assert g_h is not None
-            ga = xd2.T @ g_h
+            ga = dot(xd2.T, g_h)
         if needs[3]:
-            gb = hs.T @ g2
+            gb = dot(hs.T, g2)
         if needs[4]:  # False when there is no bias
             gbias = column_sum(g2)
         return gx, gw, ga, gb, gbias
