@@ -739,13 +739,14 @@ class Graph(OpMethods):
             out = np.asarray(out)
         if self._check_finite and not np.isfinite(out).all():
             raise NonFiniteError(anomaly(op, inputs, out, "forward output"))
-        tape = self._tape
+        tape, found = self._tape, self._next_id
+        self._next_id = found + 1  # the node's id (as _new_id, inline: the hot path)
         kept = vjp if self._grad_enabled and True in needs else None  # None: no gradient flows
         node = NodeId(
             self,
             self._epoch,
             len(tape),
-            self._new_id(),
+            found,
             self._scope,
             op,
             None,

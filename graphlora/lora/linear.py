@@ -314,7 +314,7 @@ class LoraLinear(LoraLayer):
                 with graph.scope("lora"):
                     low_rank = update.record(graph, x, self, partial)  # (..., out)
                 y = graph.add(y, low_rank)
-                if any(later.reads_output for later in updates[i + 1 :]):  # a later DoRA's
+                if i + 1 < len(updates) and any(later.reads_output for later in updates[i + 1 :]):
                     partial = graph.add(partial, low_rank)
             return y
 

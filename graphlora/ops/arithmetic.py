@@ -18,6 +18,8 @@ def _add(a: Array, b: Array) -> tuple[Array, Vjp]:
     """Elementwise ``a + b``.  VJP: ``(g, g)``, each un-broadcast to its input's shape."""
 
     def vjp(g: Array, needs: tuple[bool, ...]) -> Grads:
+        if a.shape == b.shape:  # nothing broadcast: g itself, for both
+            return (g if needs[0] else None, g if needs[1] else None)
         return (
             unbroadcast(g, a.shape) if needs[0] else None,
             unbroadcast(g, b.shape) if needs[1] else None,
