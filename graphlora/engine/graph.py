@@ -463,8 +463,9 @@ class Graph(OpMethods):
             _release(node)
         retired.clear()
         if self._held < _REUSE_BYTES:
-            for node in self._tape:  # free it all now
-                _release(node)
+            for node in self._tape:  # free it all now (as _release, inline: once an op)
+                node._value = node._grad = node._g = node._vjp = node._fn = node._params = None
+                node._inputs = ()
         else:
             for node in self._tape:
                 node._grad = node._g = node._params = None
