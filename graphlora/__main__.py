@@ -22,7 +22,6 @@ import numpy as np
 import graphlora as gl
 from graphlora import _checks
 from graphlora.io import apply_adapter, read_adapter
-from graphlora.lora import INITS
 from graphlora.lora.functional import scaled_delta
 from graphlora.nn.checkpoint import safetensors_module
 from graphlora.teach import demo, demo_gpt
@@ -169,16 +168,25 @@ def _demo_low_rank(args: argparse.Namespace) -> int:
         )
         for r in ranks
     ]
+    update = "W_res + A B s - W0" if args.init == "pissa" else "A B s"
     if len(results) > 1:
-        print("rank  trainable  final loss  relative error  best possible at this rank")
+        header = "rank  trainable  final loss  best-fit loss  relative error  best-fit error"
+        print(f"{header}  least error")
         for r in results:
             mark = "   <- the planted rank" if r.rank == args.planted_rank else ""
-            row = f"{r.rank:4d}  {r.trainable:9,d}  {r.final_loss:10.2e}  {r.relative_error:14.4f}"
-            print(f"{row}  {r.best_error:26.4f}{mark}")
+            row = (
+                f"{r.rank:4d}  {r.trainable:9,d}  {r.final_loss:10.2e}  {r.least_loss:13.2e}  "
+                f"{r.relative_error:14.4f}"
+            )
+            print(f"{row}  {r.noisy_best_error:14.4f}  {r.best_error:11.4f}{mark}")
         print(
-            f"\nnoise floor (noise²): {args.noise**2:.2e}. 'best possible' is the least relative "
-            "error of any update of that rank (Eckart-Young): above 0 below the planted rank, "
-            "whatever the training."
+            f"\nrelative error: ||{update} - dW*||_F / ||dW*||_F. 'best fit': the update of "
+            "that rank with the least training loss on these noisy samples (reduced-rank "
+            "regression); no training ends below its loss, and a fully trained adapter ends at "
+            "its error (an earlier stop can land nearer dW*, fitting less noise). 'least "
+            "error': the least of any update of that rank, knowing dW* exactly (Eckart-Young): "
+            f"above 0 below the planted rank, whatever the training. Noise floor (noise²): "
+            f"{args.noise**2:.2e}."
         )
     else:
         r = results[0]
@@ -187,10 +195,20 @@ def _demo_low_rank(args: argparse.Namespace) -> int:
             f"({100 * r.trainable / r.total:.2f}%): A [{args.in_features}, {r.rank}] and "
             f"B [{r.rank}, {args.out_features}]"
         )
-        print(f"final loss (MSE): {r.final_loss:.3e}   (noise floor noise² = {args.noise**2:.1e})")
-        print(f"relative error ||A B s - dW*||_F / ||dW*||_F: {r.relative_error:.4f}")
-        print(f"  (the best any rank-{r.rank} update can do, Eckart-Young: {r.best_error:.4f})")
-        print("singular values  planted  learned")
+        print(
+            f"final loss (MSE): {r.final_loss:.4e}   (noise² = {args.noise**2:.1e}: a fit to "
+            f"{args.samples} samples also fits part of their noise, so it can end below)"
+        )
+        print(f"relative error ||{update} - dW*||_F / ||dW*||_F: {r.relative_error:.4f}")
+        print(
+            f"the best fit of any rank-{r.rank} adapter to these {args.samples} noisy samples "
+            f"(reduced-rank regression): loss {r.least_loss:.4e}, error {r.noisy_best_error:.4f}"
+        )
+        print(
+            f"the least error of any rank-{r.rank} adapter, knowing dW* exactly (Eckart-Young): "
+            f"{r.best_error:.4f}"
+        )
+        print(f"singular values  planted  learned ({update})")
         count = max(len(r.planted_singular_values), len(r.learned_singular_values))
         for i in range(count):
             p = r.planted_singular_values[i] if i < len(r.planted_singular_values) else 0.0
@@ -413,9 +431,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     d.add_argument(
         "--init",
-        choices=INITS,
+        choices=demo.DEMO_INITS,
         default="kaiming",
-        help="how A and B start (default kaiming); pissa starts from W0's top singular vectors",
+        help="how A and B start (default kaiming: A random, B zero); random: B random too (the "
+        "layer starts changed); zeros: both zero (nothing learns); pissa starts from W0's top "
+        "singular vectors",
     )
     d.add_argument("--seed", type=_seed, default=0, help="seed of every random draw (default 0)")
     d.add_argument(

@@ -20,6 +20,15 @@ def test_module_runs_the_demo_by_default() -> None:
     assert "graphlora demo: LoRA recovers a planted low-rank update" in done.stdout
     assert "relative error ||A B s - dW*||_F / ||dW*||_F: 0.0033" in done.stdout
     assert "trainable parameters: 384 of 2,432 (15.79%)" in done.stdout
+    # The README shows this run's output as it is (the merge difference is rounding: below 1e-12)
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    shown = readme.split("```text\ngraphlora demo: ")[1].split("```")[0]
+    ran = done.stdout.split("graphlora demo: ", 1)[1]
+    merge = "max |merged - unmerged| output difference: "
+    assert [line for line in shown.splitlines() if not line.startswith(merge)] == [
+        line for line in ran.splitlines() if not line.startswith(merge)
+    ]
+    assert float(ran.split(merge)[1].split()[0]) < 1e-12
 
 
 def test_demo_report(capsys: pytest.CaptureFixture[str]) -> None:
@@ -43,7 +52,7 @@ def test_demo_report(capsys: pytest.CaptureFixture[str]) -> None:
         == 0
     )
     out = capsys.readouterr().out
-    table = out.split("singular values  planted  learned\n")[1].splitlines()[:2]
+    table = out.split("singular values  planted  learned (A B s)\n")[1].splitlines()[:2]
     rows = [[float(v) for v in line.split()] for line in table]
     assert [row[0] for row in rows] == [1, 2]
     for _, planted, learned in rows:  # the learned update's singular values beside the planted
@@ -77,8 +86,12 @@ def test_rank_sweep_shows_the_elbow_at_the_planted_rank(capsys: pytest.CaptureFi
     rows = [
         line.split() for line in capsys.readouterr().out.splitlines() if line[:4].strip().isdigit()
     ]
-    errors = {int(row[0]): float(row[3]) for row in rows}
+    errors = {int(row[0]): float(row[4]) for row in rows}
     assert set(errors) == {1, 2, 4}
+    for row in rows:  # final >= best-fit loss; every error >= the least error knowing dW*
+        assert float(row[2]) >= float(row[3]) * 0.999
+        assert min(float(row[4]), float(row[5])) >= float(row[6]) - 1e-4
+    assert float(rows[0][6]) > 0.3 and float(rows[1][6]) < 1e-4  # 0 from the planted rank on
     assert errors[1] > 0.3
     assert errors[2] < 0.02
     assert errors[4] < 0.02
@@ -192,7 +205,11 @@ def test_the_demo_takes_alpha_rslora_and_init(capsys: pytest.CaptureFixture[str]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "LoRA: init pissa, alpha 8, scaling alpha / sqrt(r)" in out
-    assert "(the best any rank-4 update can do, Eckart-Young: 0.0000)" in out
+    # PiSSA's frozen weight is W0 less its top part: the adapter must hold that part again
+    assert "relative error ||W_res + A B s - W0 - dW*||_F / ||dW*||_F: " in out
+    assert (
+        "the least error of any rank-4 adapter, knowing dW* exactly (Eckart-Young): 0.5070" in out
+    )
     with pytest.raises(SystemExit):
         main(["demo", "--init", "xavier"])
     assert "invalid choice: 'xavier'" in capsys.readouterr().err

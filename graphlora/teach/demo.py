@@ -19,20 +19,27 @@ import scipy.linalg
 
 from graphlora import _checks
 from graphlora.engine.graph import Graph, NodeId
-from graphlora.lora import LoraConfig, LoraLinear
+from graphlora.lora import INITS, LoraConfig, LoraLinear
 from graphlora.nn import MLP, apply_lora
 from graphlora.ops import Array
 from graphlora.optim import Adam
 
 __all__ = [
+    "DEMO_INITS",
     "DigitsResult",
     "LowRankResult",
     "LowRankTask",
+    "RankBounds",
     "plant_low_rank_task",
     "plot_results",
+    "rank_bounds",
     "run_digits",
     "run_low_rank",
 ]
+
+DEMO_INITS = (*INITS, "zeros")
+"""The demo's inits: ``LoraConfig``'s, and ``"zeros"`` (A and B both zero: nothing can learn,
+which is why LoRA starts A random and only B at zero)."""
 
 
 def progress(steps: int, label: str, enabled: bool) -> Iterator[int]:
@@ -106,6 +113,67 @@ def plant_low_rank_task(
     return LowRankTask(base, update, singular_values, inputs, targets)
 
 
+@dataclass(frozen=True)
+class RankBounds:
+    """What the best update of one rank can do on a ``LowRankTask``, added to a frozen weight
+    ``start`` (``W0``, or PiSSA's residual ``W_res``). Errors are relative to ``||dW*||_F``, of
+    the update ``start + M - W0`` with ``M`` of that rank."""
+
+    eckart_young: float
+    """The least error of any such update, knowing ``dW*`` exactly: ``M`` the truncated SVD of
+    ``W0 + dW* - start`` (Eckart-Young). Zero from the planted rank on when ``start`` is ``W0``."""
+    noisy_optimum: float
+    """The error of the ``M`` with the least training loss on the task's own noisy samples
+    (reduced-rank regression): where training ends once it reaches the least loss. Not a bound
+    on the error: an adapter stopped earlier, having fitted less of the noise, can be nearer
+    ``dW*``."""
+    least_loss: float
+    """That ``M``'s training loss (MSE over every element): no update of this rank has a smaller
+    one. It lies below ``noise²``, because a fit to finitely many samples also fits part of their
+    noise."""
+
+
+def rank_bounds(task: LowRankTask, rank: int, start: Array | None = None) -> RankBounds:
+    """The bounds of ``RankBounds`` for updates of rank ``rank`` added to ``start`` (default
+    ``task.base``).
+
+    Reduced-rank regression: with ``R = Y - X start`` the targets left to fit, the least-squares
+    fit ``D = argmin ||R - X D||`` has fitted values ``F = X D``; projecting ``D`` on the top
+    ``rank`` right singular vectors ``V_r`` of ``F`` gives the rank-``rank`` ``M = D V_r V_rᵀ``
+    with the least ``||R - X M||_F``. With fewer samples than inputs ``D`` is the least-norm
+    fit, and so is ``M``.
+
+    Raises
+    ------
+    ValueError
+        For a rank outside ``1 .. min(in, out)`` or a ``start`` not of ``W0``'s shape.
+    """
+    in_features, out_features = task.base.shape
+    if not 1 <= rank <= min(in_features, out_features):
+        raise ValueError(
+            f"rank_bounds: rank must be from 1 to min(in, out) = "
+            f"{min(in_features, out_features)}, got {rank}"
+        )
+    start = task.base if start is None else np.asarray(start, dtype=np.float64)
+    if start.shape != task.base.shape:
+        raise ValueError(
+            f"rank_bounds: start has shape {start.shape}, W0 has shape {task.base.shape}"
+        )
+    norm = np.linalg.norm(task.update)
+    # Eckart-Young: the best rank-r approximation keeps the top r singular values; what is left
+    # is the root of the sum of the squares of the others.
+    sigma = scipy.linalg.svdvals(task.base + task.update - start)
+    eckart_young = np.sqrt(np.sum(sigma[rank:] ** 2)) / norm
+    residual = task.targets - task.inputs @ start
+    fit = scipy.linalg.lstsq(task.inputs, residual)[0]  # [in, out]
+    _, _, vt = scipy.linalg.svd(task.inputs @ fit, full_matrices=False)
+    top = vt[:rank].T  # [out, r]
+    m = fit @ top @ top.T
+    noisy = np.linalg.norm(start + m - task.base - task.update) / norm
+    least = np.mean((residual - task.inputs @ m) ** 2)
+    return RankBounds(float(eckart_young), float(noisy), float(least))
+
+
 @dataclass
 class LowRankResult:
     """What one LoRA fit of a ``LowRankTask`` learned."""
@@ -114,7 +182,9 @@ class LowRankResult:
     losses: list[float]  # the training loss at every step
     relative_error: float  # ||learned update - dW*||_F / ||dW*||_F
     best_error: float  # the least relative error of any rank-r update (Eckart-Young)
-    learned_singular_values: Array  # of the learned update A @ B * scaling, descending
+    noisy_best_error: float  # the error of the best fit to these samples (reduced-rank regression)
+    least_loss: float  # that fit's training loss: the least any rank-r update can reach
+    learned_singular_values: Array  # of the learned update, merged W - W0, descending
     planted_singular_values: Array
     merge_max_difference: float  # max |merged forward - unmerged forward|
     trainable: int  # rank * (in + out)
@@ -142,19 +212,30 @@ def run_low_rank(
 ) -> LowRankResult:
     """Fit ``LoraLinear.from_linear(W0, rank)`` to the task's data with Adam (full batch, MSE).
 
-    ``alpha`` defaults to the rank (scaling 1); ``use_rslora`` and ``init`` as in ``LoraConfig``.
+    ``alpha`` defaults to the rank (scaling 1); ``use_rslora`` and ``init`` as in ``LoraConfig``,
+    or ``init="zeros"``: A and B both start at zero, so neither ever gets a gradient (B's is
+    ``(x A s)ᵀ g``, A's ``xᵀ (g Bᵀ) s``) and nothing is learned. The bounds (``rank_bounds``)
+    are for the layer's frozen weight: ``W0``, or PiSSA's residual. The learned singular values
+    are all those the update can have: ``rank`` of them, ``2 rank`` under PiSSA (its update,
+    merged ``W`` minus ``W0``, is ``A B s`` less W0's top part), at least the planted ones.
     """
     if steps < 1:
         raise ValueError(f"run_low_rank: steps must be >= 1, got {steps}")
+    if init not in DEMO_INITS:
+        raise ValueError(f"run_low_rank: init must be one of {', '.join(DEMO_INITS)}, got {init!r}")
     g = Graph()
     config = LoraConfig(
         rank=rank,
         alpha=float(rank) if alpha is None else alpha,
         use_rslora=use_rslora,
-        init=init,
+        init="kaiming" if init == "zeros" else init,
         seed=seed,
     )
     layer = LoraLinear.from_linear(g, task.base, None, config, name="proj")
+    if init == "zeros":
+        g.set_value(layer.lora_a, np.zeros((task.base.shape[0], rank)))
+    assert layer.frozen_weight is not None
+    bounds = rank_bounds(task, rank, np.array(g.value(layer.frozen_weight)))
     x = g.constant(task.inputs, name="x")
     y = g.constant(task.targets, name="y")
     losses = _fit(
@@ -175,15 +256,15 @@ def run_low_rank(
         merged = np.array(g.value(layer.forward(g, x)))
         layer.unmerge_(g)
     planted = len(task.singular_values)
-    # Eckart-Young: the best rank-r approximation keeps the top r singular values; what is left is
-    # the root of the sum of the squares of the others.
-    best = np.sqrt(np.sum(task.singular_values[rank:] ** 2)) / np.linalg.norm(task.update)
+    shown = max(2 * rank if init == "pissa" else rank, planted)
     return LowRankResult(
         rank=rank,
         losses=losses,
         relative_error=float(relative_error),
-        best_error=float(best),
-        learned_singular_values=scipy.linalg.svdvals(learned)[: max(rank, planted)],
+        best_error=bounds.eckart_young,
+        noisy_best_error=bounds.noisy_optimum,
+        least_loss=bounds.least_loss,
+        learned_singular_values=scipy.linalg.svdvals(learned)[:shown],
         planted_singular_values=task.singular_values,
         merge_max_difference=float(np.abs(merged - unmerged).max()),
         trainable=layer.num_trainable,
@@ -352,7 +433,10 @@ def plot_results(
         errors = axes[2]
         params = [r.trainable for r in results]
         errors.plot(params, [r.relative_error for r in results], "o-", label="learned")
-        errors.plot(params, [r.best_error for r in results], "s--", label="best of that rank")
+        errors.plot(
+            params, [r.noisy_best_error for r in results], "^:", label="best fit to these samples"
+        )
+        errors.plot(params, [r.best_error for r in results], "s--", label="best knowing dW*")
         for r in results:
             errors.annotate(f"r={r.rank}", (r.trainable, r.relative_error))
         errors.set(
