@@ -143,8 +143,38 @@ def test_digits_task(capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("sklearn")
     assert main(["demo", "--task", "digits", "--steps", "150", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    after = float(out.split("accuracy on digits 5-9 with the adapters:")[1].split()[0])
+    assert "accuracy on held-out images (a fixed fifth of each digit set, never trained on):" in out
+    after = float(out.split("digits 5-9 with the adapters:")[1].split()[0])
     assert after > 0.9
+    # rank 4 on the 32 -> 5 head: 4 * (32 + 5) = 148 parameters against its weight's 32 * 5 = 160
+    assert "  layers.0: 64 -> 32, adapter 384 against 2,048\n" in out
+    assert (
+        "  layers.1: 32 -> 5, adapter 148 against 160: over half the weight, little saving on a "
+        "layer this narrow\n"
+    ) in out
+
+
+@pytest.mark.parametrize(
+    ("rank", "line"),
+    [
+        (10, None),  # 10 * (64 + 32) = 960: under half of 64 * 32 = 2,048
+        (11, "  rank 11: 1,056 trainable against W0's 2,048: over half the weight, little saving"),
+        (21, "  rank 21: 2,016 trainable against W0's 2,048: over half the weight, little saving"),
+        (
+            22,
+            "  rank 22: 2,112 trainable against W0's 2,048: more than the weight itself, no saving",
+        ),
+    ],
+)
+def test_a_rank_that_saves_little_is_said(
+    rank: int, line: str | None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["demo", "--rank", str(rank), "--steps", "1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    if line is None:
+        assert "saving" not in out
+    else:
+        assert line in out
 
 
 def test_example_command_prints_values_and_gradients(capsys: pytest.CaptureFixture[str]) -> None:

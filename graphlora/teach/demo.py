@@ -285,6 +285,8 @@ class DigitsResult:
     trainable: int
     total: int
     losses: list[float] = field(default_factory=list)
+    layers: list[tuple[str, int, int, int]] = field(default_factory=list)
+    """Each adapted layer: its name, in and out features, and its adapter's parameters."""
 
 
 def _load_digits() -> tuple[Array, Array]:
@@ -388,7 +390,11 @@ def run_digits(
         layer.load_state_dict(g, saved[name])
     trainable = sum(layer.num_trainable for layer in adapters.values())
     total = sum(layer.num_trainable + layer.num_frozen for layer in adapters.values())
-    return DigitsResult(base_accuracy, before, after, base_after, trainable, total, losses)
+    layers = [
+        (name, layer.in_features, layer.out_features, layer.num_trainable)
+        for name, layer in adapters.items()
+    ]
+    return DigitsResult(base_accuracy, before, after, base_after, trainable, total, losses, layers)
 
 
 def plot_results(

@@ -90,7 +90,7 @@ def walk_through() -> tuple[list[Step], dict[str, Array], float]:
 
     g_y = 2 * (y_hand - tv) / y_hand.size
     g_h = g_y @ bv.T * s
-    backward("g_y = dL/dy", "2 (y - t) / N", g_y, grad(g, y))
+    backward("g_y = dL/dy", "2 (y - t) / n, n = y's elements (mean's count)", g_y, grad(g, y))
     backward("g_delta", "g_y  (add passes g on)", g_y, grad(g, delta))
     backward(
         "dL/dB", "h_sᵀ · g_delta = (x A)ᵀ · g_y · s", (xv @ av * s).T @ g_y, grad(g, layer.lora_b)
