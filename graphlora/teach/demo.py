@@ -390,10 +390,7 @@ def run_digits(
         layer.load_state_dict(g, saved[name])
     trainable = sum(layer.num_trainable for layer in adapters.values())
     total = sum(layer.num_trainable + layer.num_frozen for layer in adapters.values())
-    layers = [
-        (name, layer.in_features, layer.out_features, layer.num_trainable)
-        for name, layer in adapters.items()
-    ]
+    layers = [(name, *layer.weight_shape, layer.num_trainable) for name, layer in adapters.items()]
     return DigitsResult(base_accuracy, before, after, base_after, trainable, total, losses, layers)
 
 
