@@ -128,12 +128,14 @@ STUB = (ROOT / "docs" / "exercises" / "02_softmax.py").read_text(encoding="utf-8
 @pytest.mark.parametrize(
     ("extra", "status", "message"),
     [
-        (  # replacing the grader's own check in its (the child's) process changes nothing
+        (  # the grader's own checks are out of reach: graphlora cannot be imported there
             "import graphlora.teach.grading as grading\n"
             "grading.check_vjp = lambda *a, **k: True\n"
             "grading._close = lambda *a, **k: None\n",
             1,
-            "not done yet: ",
+            "FAILED  the file runs\n          Refused: softmax is done by hand with NumPy: the "
+            "file may not import graphlora (graded without graphlora, torch, jax, autograd, "
+            "tensorflow, tinygrad, mlx) (02_softmax.py, line ",
         ),
         ("import sys\nsys.exit(0)\n", 1, "FAILED  the file runs\n          SystemExit: 0"),
         ("raise SystemExit(0)\n", 1, "FAILED  the file runs\n          SystemExit: 0"),
@@ -193,3 +195,63 @@ def test_a_file_that_is_not_utf8_or_a_bad_timeout_is_named(
         assert f"timeout must be a positive number of seconds, got {float(bad)}" in (
             capsys.readouterr().err
         )
+
+
+SOLUTION = {p.name: p.read_text(encoding="utf-8") for p in SOLUTIONS.glob("*.py")}
+
+
+@pytest.mark.parametrize(
+    ("name", "old", "new", "message"),
+    [
+        (  # graphlora's own unbroadcast solves exercise 1: refused, where it is imported
+            "01_broadcasting.py",
+            "def unbroadcast(g, shape):",
+            "from graphlora.ops.kernels import unbroadcast\n\n\ndef unbroadcast_unused(g, shape):",
+            "Refused: broadcasting is done by hand with NumPy: the file may not import "
+            "graphlora (graded without graphlora, torch, jax, autograd, tensorflow, tinygrad, "
+            "mlx) (01_broadcasting.py, line 17)",
+        ),
+        (  # the engine computing exercise 3's gradients, imported inside a function
+            "03_lora_layer.py",
+            "def backward(g, x, w, a, b, s):",
+            "def backward(g, x, w, a, b, s):\n    import graphlora as gl\n    del gl\n\n\n"
+            "def backward_unused(g, x, w, a, b, s):",
+            "Refused: lora_layer is done by hand with NumPy: the file may not import graphlora",
+        ),
+        (  # another library's autograd is no more by hand
+            "02_softmax.py",
+            "import numpy as np",
+            "import numpy as np\nimport torch",
+            "the file may not import torch",
+        ),
+        (  # merging into W in place: the frozen weight is lost, and the grader says so
+            "04_merge.py",
+            "return w + (a @ b) * s",
+            "w += (a @ b) * s\n    return w",
+            "merge changed its input w (argument 1) in place: leave every input as it was and "
+            "return new arrays",
+        ),
+        (  # a VJP that writes into the incoming gradient
+            "02_softmax.py",
+            "return out * (g - np.sum(g * out, axis=axis, keepdims=True))",
+            "g -= np.sum(g * out, axis=axis, keepdims=True)\n    return out * g",
+            "vjp changed its input g (argument 1) in place",
+        ),
+    ],
+)
+def test_shortcuts_and_changed_inputs_are_refused_by_name(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+    old: str,
+    new: str,
+    message: str,
+) -> None:
+    source = SOLUTION[name]
+    assert old in source
+    file = tmp_path / name
+    file.write_text(source.replace(old, new, 1), encoding="utf-8")
+    assert main(["check", str(file)]) == 1
+    out = capsys.readouterr().out
+    assert message in out, out
+    assert "all checks passed" not in out

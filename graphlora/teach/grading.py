@@ -60,6 +60,8 @@ def _run(report: Report, what: str, check: Callable[[], None], names: tuple[str,
         if error.kind == "NotImplementedError":
             done = error.message or "a function still raises NotImplementedError"
             report.fail(what, f"not done yet: {done}")
+        elif error.kind == "InputChanged":
+            report.fail(what, error.message)
         else:
             at = f" (in {error.file}, line {error.line})" if error.file else ""
             report.fail(what, f"{error.kind}: {error.message}{at}")
@@ -293,8 +295,10 @@ def check_file(path: str | Path, *, timeout: float = DEFAULT_TIMEOUT) -> Report:
 
     The file runs in a child process (``graphlora.teach.remote``), which is stopped after
     ``timeout`` seconds: this process draws the inputs, computes the references and compares,
-    so nothing the file does to its own process changes the verdict. A file that does not
-    decode, does not import, exits or runs out of time is reported as FAILED.
+    so nothing the file does to its own process changes the verdict. The file may not import
+    graphlora or a library that differentiates for it (``FORBIDDEN``), and a function of it that
+    writes into its inputs fails its check, naming the input. A file that does not decode, does
+    not import, exits or runs out of time is reported as FAILED.
 
     Raises
     ------
@@ -326,7 +330,7 @@ def check_file(path: str | Path, *, timeout: float = DEFAULT_TIMEOUT) -> Report:
     name = found.group(1)
     report = Report(f"{name} ({EXERCISES[name][0]})")
     try:
-        child = Child(target, f"exercise_{name}", limit)
+        child = Child(target, f"exercise_{name}", limit, FORBIDDEN)
     except StudentError as error:
         at = f" ({error.file}, line {error.line})" if error.line else ""
         report.fail("the file runs", f"{error.kind}: {error.message}{at}")
@@ -337,3 +341,9 @@ def check_file(path: str | Path, *, timeout: float = DEFAULT_TIMEOUT) -> Report:
     with child:
         EXERCISES[name][1](_Functions(child), report)
     return report
+
+
+FORBIDDEN = ("graphlora", "torch", "jax", "autograd", "tensorflow", "tinygrad", "mlx")
+"""What an exercise file may not import: every exercise is done by hand with NumPy, so neither
+graphlora's own solutions (``ops.kernels.unbroadcast``, the engine's gradients) nor another
+library's automatic differentiation may do the work."""

@@ -13,14 +13,19 @@ handle that calls it there.
 from __future__ import annotations
 
 import base64
+import importlib.abc
+import importlib.machinery
 import importlib.util
+import inspect
 import json
 import multiprocessing
+import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -88,9 +93,12 @@ def decode(value: Any, call: Callable[[int], Callable[..., Any]]) -> Any:
     raise ValueError("a malformed message")
 
 
-def _describe(error: BaseException) -> dict[str, Any]:
+def _describe(error: BaseException, path: str = "") -> dict[str, Any]:
+    """The error as a message: its kind, text, and the student's line it came from (the
+    innermost frame in the student's file ``path``, else the innermost of all)."""
     frames = traceback.extract_tb(error.__traceback__)
-    frame = frames[-1] if frames else None
+    own = [frame for frame in frames if frame.filename == path]
+    frame = own[-1] if own else frames[-1] if frames else None
     return {
         "kind": type(error).__name__,
         "message": str(error),
@@ -103,8 +111,64 @@ def _send(connection: Connection, message: dict[str, Any]) -> None:
     connection.send_bytes(json.dumps(message).encode("utf-8"))
 
 
-def serve(connection: Connection, path: str, name: str) -> None:  # pragma: no cover (a child)
-    """The child: import the file, say whether it imported, then run the calls it is sent."""
+class Refused(ImportError):
+    """An import the exercise forbids (the file is to be done by hand)."""
+
+
+class _Refuse(importlib.abc.MetaPathFinder):
+    """A finder that refuses the packages an exercise forbids, naming the exercise."""
+
+    def __init__(self, forbidden: Sequence[str], exercise: str) -> None:
+        self.forbidden, self.exercise = tuple(forbidden), exercise
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname.partition(".")[0] in self.forbidden:
+            raise Refused(
+                f"{self.exercise} is done by hand with NumPy: the file may not import "
+                f"{fullname} (graded without {', '.join(self.forbidden)})"
+            )
+        return None
+
+
+def forbid(forbidden: Sequence[str], exercise: str) -> None:
+    """Make the packages ``forbidden`` unimportable in this process: drop what is imported of
+    them (the functions already bound keep working) and refuse any new import."""
+    for key, module in list(sys.modules.items()):
+        spec = getattr(module, "__spec__", None)
+        names = {key, getattr(spec, "name", None) or key}
+        if any(name.partition(".")[0] in forbidden for name in names):
+            del sys.modules[key]
+    sys.meta_path.insert(0, _Refuse(forbidden, exercise))
+
+
+def changed_inputs(
+    function: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any], before: list[Any]
+) -> str | None:
+    """A sentence naming the first array argument that differs from its copy in ``before``
+    (taken before the call), by its parameter name where the signature gives one; else None."""
+    try:
+        names = list(inspect.signature(function).bind(*args, **kwargs).arguments)
+    except (TypeError, ValueError):
+        names = []
+    values = [*args, *kwargs.values()]
+    for i, (now, then) in enumerate(zip(values, before, strict=True)):
+        if isinstance(then, np.ndarray) and not np.array_equal(now, then, equal_nan=True):
+            label = f"{names[i]} (argument {i + 1})" if i < len(names) else f"argument {i + 1}"
+            what = getattr(function, "__name__", "a function")
+            return (
+                f"{what} changed its input {label} in place: leave every input as it was and "
+                "return new arrays (a frozen weight written into is lost for good)"
+            )
+    return None
+
+
+def serve(  # pragma: no cover (a child)
+    connection: Connection, path: str, name: str, forbidden: Sequence[str] = ()
+) -> None:
+    """The child: import the file (with ``forbidden`` packages refused), say whether it
+    imported, then run the calls it is sent, refusing any call that writes into its inputs."""
     kept: dict[int, Callable[..., Any]] = {}
 
     def keep(function: Callable[..., Any]) -> int:
@@ -112,12 +176,14 @@ def serve(connection: Connection, path: str, name: str) -> None:  # pragma: no c
         return len(kept) - 1
 
     try:
+        if forbidden:
+            forbid(forbidden, name.removeprefix("exercise_"))
         spec = importlib.util.spec_from_file_location(name, path)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     except BaseException as error:  # SystemExit and KeyboardInterrupt too: reported, not obeyed
-        _send(connection, {"error": _describe(error)})
+        _send(connection, {"error": _describe(error, path)})
         return
     _send(connection, {"ready": True})
     while True:
@@ -132,9 +198,18 @@ def serve(connection: Connection, path: str, name: str) -> None:  # pragma: no c
             kwargs = {
                 k: decode(v, lambda handle: kept[handle]) for k, v in message["kwargs"].items()
             }
-            reply = {"value": encode(function(*args, **kwargs), keep)}
+            before = [np.array(v) if isinstance(v, np.ndarray) else v for v in args]
+            before += [np.array(v) if isinstance(v, np.ndarray) else v for v in kwargs.values()]
+            value = function(*args, **kwargs)
+            changed = changed_inputs(function, args, kwargs, before)
+            if changed is not None:
+                reply = {
+                    "error": {"kind": "InputChanged", "message": changed, "file": "", "line": 0}
+                }
+            else:
+                reply = {"value": encode(value, keep)}
         except BaseException as error:
-            reply = {"error": _describe(error)}
+            reply = {"error": _describe(error, path)}
         _send(connection, reply)
 
 
@@ -143,14 +218,21 @@ class Child:
 
     ``call(name, *args)`` runs the file's function ``name`` there and returns its output
     (functions it returns come back as callables that run there too). The child is stopped at
-    the time limit, after which every call raises ``ChildGone``.
+    the time limit, after which every call raises ``ChildGone``. Packages in ``forbidden``
+    cannot be imported there (``forbid``), and a call that writes into one of its array inputs
+    raises ``StudentError`` of kind ``InputChanged``, naming it.
     """
 
-    def __init__(self, path: Path, name: str, timeout: float) -> None:
+    def __init__(
+        self, path: Path, name: str, timeout: float, forbidden: Sequence[str] = ()
+    ) -> None:
         context = multiprocessing.get_context("spawn")
         self._connection, theirs = context.Pipe()
         self._process = context.Process(
-            target=serve, args=(theirs, str(path), name), daemon=True, name="graphlora-check"
+            target=serve,
+            args=(theirs, str(path), name, tuple(forbidden)),
+            daemon=True,
+            name="graphlora-check",
         )
         self._timeout = timeout
         self._deadline = time.monotonic() + timeout
