@@ -4,6 +4,8 @@
 legend, drawn by ``Graph.to_dot`` and Graphviz.
 ``figures/demo-curves.png``: the demo's loss curves by rank with the noise floor, the recovered
 singular values, and the error against adapter size beside the best of each rank.
+``figures/rslora-ranks.png``: loss curves by rank at a fixed alpha, scaled by alpha / r and by
+alpha / sqrt(r) (docs/lora-from-scratch.md, section 4).
 Needs matplotlib, and Graphviz's ``dot`` for the first figure (skipped with a note without it).
 """
 
@@ -36,10 +38,39 @@ def demo_curves(target: Path) -> None:
     demo.plot_results(str(target), results, planted_rank=4, noise=0.01)
 
 
+def rslora_ranks(target: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    wide = demo.plant_low_rank_task(
+        in_features=256, out_features=256, planted_rank=64, samples=1024, seed=0
+    )
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, rslora in zip(axes, (False, True), strict=True):
+        for rank in (4, 16, 64, 256):
+            result = demo.run_low_rank(
+                wide, rank, steps=200, lr=3e-4, alpha=16.0, use_rslora=rslora
+            )
+            ax.semilogy(result.losses, label=f"rank {rank}, scaling {result.layer.scaling:.3g}")
+        ax.axhline(0.01**2, color="grey", linestyle="--", label="noise floor (noise²)")
+        name = "alpha / sqrt(r) (rsLoRA)" if rslora else "alpha / r (LoRA)"
+        ax.set(xlabel="Adam step (lr 3e-4)", title=f"scaling {name}, alpha 16")
+        ax.legend(fontsize="small")
+    axes[0].set_ylabel("training loss (MSE)")
+    fig.suptitle("256 -> 256 layer, planted update of rank 64")
+    fig.tight_layout()
+    fig.savefig(target, dpi=100)
+    plt.close(fig)
+
+
 def main() -> int:
     FIGURES.mkdir(exist_ok=True)
     demo_curves(FIGURES / "demo-curves.png")
     print(f"wrote {FIGURES / 'demo-curves.png'}")
+    rslora_ranks(FIGURES / "rslora-ranks.png")
+    print(f"wrote {FIGURES / 'rslora-ranks.png'}")
     if shutil.which("dot") is None:
         print("Graphviz's dot is not installed: skipped lora-graph.png", file=sys.stderr)
         return 0

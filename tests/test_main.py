@@ -103,6 +103,48 @@ def test_plot_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert main(["demo", "--steps", "20", "--plot", str(target), "--no-progress"]) == 0
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"wrote {target}" in capsys.readouterr().out
+    sweep = tmp_path / "sweep.png"
+    argv = ["demo", "--steps", "5", "--rank-sweep", "1,2,4", "--rslora", "--alpha", "8"]
+    assert main([*argv, "--plot", str(sweep), "--no-progress"]) == 0
+    assert sweep.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_figure_records_how_the_adapter_was_set_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("matplotlib")
+    import matplotlib.figure
+
+    from graphlora.teach import demo
+
+    titles: list[str] = []
+    monkeypatch.setattr(
+        matplotlib.figure.Figure,
+        "savefig",
+        lambda fig, *a, **k: titles.append(fig._suptitle.get_text()),
+    )
+    task = demo.plant_low_rank_task(in_features=8, out_features=6, planted_rank=2)
+    runs = [
+        demo.run_low_rank(task, r, steps=2, alpha=8.0, use_rslora=True, init="zeros")
+        for r in (1, 2)
+    ]
+    demo.plot_results("unused.png", runs, planted_rank=2)
+    default = [demo.run_low_rank(task, r, steps=2) for r in (1, 2)]
+    demo.plot_results("unused.png", default, planted_rank=2)
+    assert titles == [
+        "LoRA: init zeros, alpha 8, scaling alpha / sqrt(r)",
+        "LoRA: init kaiming, alpha the rank, scaling alpha / r",
+    ]
+
+
+def test_the_digits_demo_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("sklearn")
+    target = tmp_path / "digits.png"
+    assert (
+        main(["demo", "--task", "digits", "--steps", "20", "--plot", str(target), "--no-progress"])
+        == 0
+    )
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"wrote {target}" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -265,7 +307,7 @@ def test_help_shows_every_default() -> None:
         (["--task", "gpt", "--lr", "0.1"], "--lr does not apply to --task gpt"),
         (
             ["--task", "digits", "--plot", "x.png", "--rank-sweep", "1,2"],
-            "--rank-sweep and --plot do not apply to --task digits",
+            "--rank-sweep does not apply to --task digits",
         ),
         (["--lora-steps", "5"], "--lora-steps does not apply to --task lowrank"),
         (["--task", "gpt", "--no-progress", "--noise", "0.5"], "--noise does not apply"),

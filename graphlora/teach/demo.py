@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import scipy.linalg
@@ -31,6 +32,7 @@ __all__ = [
     "LowRankTask",
     "RankBounds",
     "plant_low_rank_task",
+    "plot_digits",
     "plot_results",
     "rank_bounds",
     "run_digits",
@@ -191,6 +193,7 @@ class LowRankResult:
     total: int  # in * out frozen + trainable
     graph: Graph = field(repr=False)  # the graph that holds the trained layer
     layer: LoraLinear = field(repr=False)  # the trained layer, named "proj"
+    init: str = "kaiming"  # how A and B started (DEMO_INITS)
 
     @property
     def final_loss(self) -> float:
@@ -271,6 +274,7 @@ def run_low_rank(
         total=layer.num_frozen + layer.num_trainable,
         graph=g,
         layer=layer,
+        init=init,
     )
 
 
@@ -394,20 +398,31 @@ def run_digits(
     return DigitsResult(base_accuracy, before, after, base_after, trainable, total, losses, layers)
 
 
-def plot_results(
-    path: str, results: Sequence[LowRankResult], planted_rank: int, noise: float | None = None
-) -> None:
-    """Save the loss curves by adapter rank (with the noise floor ``noise²``), the planted vs
-    learned singular values (numbered from 1, as the printed table) and, for several ranks, the
-    relative error against the trainable parameters beside the least error of each rank
-    (matplotlib)."""
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _legend_below(ax: Any, gap: float = 0.16) -> None:
+    """The legend under the axes (``gap`` of their height below), where it hides no curve."""
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -gap), ncol=2, fontsize="small")
+
+
+def plot_results(
+    path: str, results: Sequence[LowRankResult], planted_rank: int, noise: float | None = None
+) -> None:
+    """Save the loss curves by adapter rank (with the noise floor ``noise²``), the planted vs
+    learned singular values (numbered from 1, as the printed table) and, for several ranks, the
+    relative error by rank (trainable parameters under each) beside the best fit to the samples
+    and the least error knowing ``dW*``, on a scale that shows 0 and 0.003 apart (matplotlib).
+    The title records the adapter's init, alpha and scaling."""
+    plt = _pyplot()
     panels = 3 if len(results) > 1 else 2
-    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4.8))
     curves, values = axes[0], axes[1]
     for result in results:
         curves.semilogy(result.losses, label=f"adapter rank {result.rank}")
@@ -418,7 +433,7 @@ def plot_results(
         ylabel="training loss (MSE)",
         title=f"Loss curves (planted rank {planted_rank})",
     )
-    curves.legend()
+    _legend_below(curves)
     chosen = next((r for r in results if r.rank == planted_rank), results[-1])
     planted = chosen.planted_singular_values
     learned = chosen.learned_singular_values
@@ -431,23 +446,56 @@ def plot_results(
         ylabel="singular value",
         title=f"Singular values: planted rank {planted_rank}, adapter rank {chosen.rank}",
     )
-    values.legend()
+    _legend_below(values)
     if panels == 3:
         errors = axes[2]
-        params = [r.trainable for r in results]
-        errors.plot(params, [r.relative_error for r in results], "o-", label="learned")
+        ranks = [r.rank for r in results]
+        errors.plot(ranks, [r.relative_error for r in results], "o-", label="learned")
         errors.plot(
-            params, [r.noisy_best_error for r in results], "^:", label="best fit to these samples"
+            ranks, [r.noisy_best_error for r in results], "^:", label="best fit to these samples"
         )
-        errors.plot(params, [r.best_error for r in results], "s--", label="best knowing dW*")
-        for r in results:
-            errors.annotate(f"r={r.rank}", (r.trainable, r.relative_error))
+        errors.plot(ranks, [r.best_error for r in results], "s--", label="least, knowing dW*")
+        errors.set_xscale("log", base=2)
+        errors.set_yscale("symlog", linthresh=1e-3)  # 0 and 0.003 apart, 0.1 and 0.7 too
+        errors.set_ylim(bottom=0)
+        errors.set_xticks(ranks, [f"{r.rank}\n{r.trainable:,}" for r in results])
+        errors.minorticks_off()
         errors.set(
-            xlabel="trainable parameters",
-            ylabel="relative error ||A B s - dW*|| / ||dW*||",
-            title="Error against adapter size",
+            xlabel="adapter rank (trainable parameters under it)",
+            ylabel="relative error ||update - dW*|| / ||dW*||",
+            title="Error by rank",
         )
-        errors.legend()
+        _legend_below(errors, 0.26)
+    configs = [r.layer.config for r in results]
+    assert all(isinstance(config, LoraConfig) for config in configs)  # the demo's layers
+    config = chosen.layer.config
+    assert isinstance(config, LoraConfig)
+    scaling = "alpha / sqrt(r)" if config.use_rslora else "alpha / r"
+    same = all(c.alpha == r.rank for c, r in zip(configs, results, strict=True))  # type: ignore[union-attr]
+    alpha = "the rank" if same else f"{config.alpha:g}"
+    fig.suptitle(f"LoRA: init {chosen.init}, alpha {alpha}, scaling {scaling}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_digits(path: str, result: DigitsResult) -> None:
+    """Save the digits demo's LoRA loss curve and its four held-out accuracies (matplotlib)."""
+    plt = _pyplot()
+    fig, (curve, bars) = plt.subplots(1, 2, figsize=(10, 4))
+    curve.plot(result.losses)
+    curve.set(xlabel="Adam step", ylabel="training loss (cross-entropy)", title="LoRA on 5-9")
+    names = ["0-4\nbase", "5-9\nbefore", "5-9\nadapted", "0-4\nadapters off"]
+    accuracies = [
+        result.base_accuracy,
+        result.before_accuracy,
+        result.after_accuracy,
+        result.base_after_accuracy,
+    ]
+    bars.bar(names, accuracies)
+    for i, accuracy in enumerate(accuracies):
+        bars.annotate(f"{accuracy:.3f}", (i, accuracy), ha="center", va="bottom")
+    bars.set(ylim=(0, 1.1), ylabel="held-out accuracy", title="Accuracy on held-out images")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
