@@ -129,7 +129,7 @@ _TASK_OPTIONS = {  # the demo options each task reads; the others are refused, n
         "overwrite",
     },
     "digits": {"rank", "steps", "lr", "seed", "plot", "progress"},
-    "gpt": {"rank", "steps", "lora_steps", "seed", "plot", "progress"},
+    "gpt": {"rank", "steps", "lora_steps", "quick", "seed", "plot", "progress"},
 }
 
 
@@ -268,7 +268,8 @@ def _saving(adapter: int, weight: int) -> str:
 
 
 def _demo_gpt(args: argparse.Namespace) -> int:
-    steps = 3000 if args.steps is None else args.steps
+    steps = (600 if args.quick else 3000) if args.steps is None else args.steps
+    lora_steps = (200 if args.quick else 1000) if args.lora_steps is None else args.lora_steps
     rank = 8 if args.rank is None else args.rank
     print("graphlora demo: a character-level GPT, pretrained on prose, LoRA-adapted to code")
     print(
@@ -277,12 +278,12 @@ def _demo_gpt(args: argparse.Namespace) -> int:
     )
     print(
         f"  GPT-2 architecture, 2 layers, 4 heads, width 64, context 64; {steps} AdamW steps on "
-        f"the prose, then LoRA rank {rank} on c_attn, c_proj, c_fc for {args.lora_steps} steps on "
+        f"the prose, then LoRA rank {rank} on c_attn, c_proj, c_fc for {lora_steps} steps on "
         "the code\n"
     )
     result = demo_gpt.run_gpt(
         steps=steps,
-        lora_steps=args.lora_steps,
+        lora_steps=lora_steps,
         rank=rank,
         seed=args.seed,
         show_progress=args.progress,
@@ -429,13 +430,19 @@ def _parser() -> argparse.ArgumentParser:
         "--steps",
         type=positive_int,
         default=None,
-        help="training steps (default 300; gpt: 3000 of pretraining)",
+        help="training steps (default 300; gpt: 3000 of pretraining, 600 with --quick)",
     )
     d.add_argument(
         "--lora-steps",
         type=positive_int,
-        default=1000,
-        help="gpt: LoRA steps on the code (default 1000)",
+        default=None,
+        help="gpt: LoRA steps on the code (default 1000; 200 with --quick)",
+    )
+    d.add_argument(
+        "--quick",
+        action="store_true",
+        help="gpt: 600 pretraining and 200 LoRA steps, for a lab: about 15 s on two quiet cores "
+        "(default: no; 3000 and 1000, about 70 s)",
     )
     d.add_argument(
         "--lr",

@@ -159,6 +159,40 @@ def test_the_gpt_demo_plots_its_two_curves(
     assert f"wrote {target}" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    ("extra", "steps", "lora_steps"),
+    [
+        ([], 3000, 1000),
+        (["--quick"], 600, 200),
+        (["--quick", "--steps", "50"], 50, 200),  # what is given wins over --quick
+        (["--lora-steps", "7"], 3000, 7),
+    ],
+)
+def test_quick_shortens_the_gpt_demo_for_a_lab(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    extra: list[str],
+    steps: int,
+    lora_steps: int,
+) -> None:
+    from graphlora.teach import demo_gpt
+
+    asked: dict[str, object] = {}
+
+    def stop(**kwargs: object) -> None:
+        asked.update(kwargs)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(demo_gpt, "run_gpt", stop)
+    with pytest.raises(SystemExit):
+        main(["demo", "--task", "gpt", "--no-progress", *extra])
+    assert (asked["steps"], asked["lora_steps"]) == (steps, lora_steps)
+    assert f"{steps} AdamW steps" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["demo", "--quick", "--no-progress"])
+    assert "--quick does not apply to --task lowrank" in capsys.readouterr().err
+
+
 def test_plot_without_matplotlib_says_what_to_install(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
