@@ -122,6 +122,21 @@ def test_the_ops_that_multiply_matrices_ask_for_their_size(
         g.backward(g.sum(out))
         assert asked == [work, work]  # and backward
         g.reset()
+    # The NF4 ops multiply by a few rows of the weight at a time: each chunk's product counts.
+    from graphlora.lora.nf4 import CHUNK_VALUES, NF4Weight, nf4_linear, nf4_matmul
+
+    wide = NF4Weight.quantize(rng.normal(size=(3, 2 * CHUNK_VALUES)))  # [out, in]: a row a chunk
+    narrow = NF4Weight.quantize(rng.normal(size=(6, 4)))  # every row in one chunk
+    for ops, weight, x, work in [
+        (nf4_linear, wide, p(5, 2 * CHUNK_VALUES), 5 * 1 * 2 * CHUNK_VALUES),
+        (nf4_linear, narrow, p(2, 3, 4), 2 * 3 * 6 * 4),
+        (nf4_matmul, narrow, p(5, 6), 5 * 6 * 4),
+    ]:
+        asked.clear()
+        out = g.apply(ops, x, weight=weight)
+        g.backward(g.sum(out))
+        assert asked == [work, work], ops
+        g.reset()
 
 
 def test_the_machine_as_read() -> None:

@@ -33,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 import scipy.stats
 
-from graphlora import _checks
+from graphlora import _checks, blas
 from graphlora.errors import ShapeError
 from graphlora.ops import Array, Draw, Grads, Params, Sample, Vjp, op
 from graphlora.ops.linalg import check_dense
@@ -405,10 +405,18 @@ class NF4Weight:
 # --- multiplying by an NF4 weight, a few rows at a time -------------------------------------------
 
 
+def chunk_work(rows: int, weight: NF4Weight) -> int:
+    """The multiply-adds of one product of ``rows`` rows by a chunk of ``weight.rows()``: what
+    the NF4 ops give ``blas.fit`` for their BLAS threads."""
+    count, width = weight.shape
+    return rows * min(count, max(1, CHUNK_VALUES // max(width, 1))) * width
+
+
 def _times_transposed(x: Array, weight: NF4Weight) -> Array:
     """``x [..., C] @ Mᵀ`` for the NF4 matrix ``M [R, C]``: ``[..., R]``."""
     count, width = weight.shape
     flat = x.reshape(math.prod(x.shape[:-1]), width)
+    blas.fit(chunk_work(flat.shape[0], weight))
     out = np.empty((flat.shape[0], count), dtype=x.dtype)
     for start, stop, rows in weight.rows():
         out[:, start:stop] = flat @ rows.T
@@ -419,6 +427,7 @@ def _times(x: Array, weight: NF4Weight) -> Array:
     """``x [..., R] @ M`` for the NF4 matrix ``M [R, C]``: ``[..., C]``."""
     count, width = weight.shape
     flat = x.reshape(math.prod(x.shape[:-1]), count)
+    blas.fit(chunk_work(flat.shape[0], weight))
     out = np.zeros((flat.shape[0], width), dtype=x.dtype)
     for start, stop, rows in weight.rows():
         out += flat[:, start:stop] @ rows
