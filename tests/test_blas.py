@@ -110,6 +110,7 @@ def test_the_ops_that_multiply_matrices_ask_for_their_size(
     cases: list[tuple[Any, int]] = [
         (lambda: g.matmul(p(3, 4), p(4, 5)), 3 * 4 * 5),
         (lambda: g.matmul(p(2, 3, 4), p(4, 5)), 2 * 3 * 4 * 5),
+        (lambda: g.matmul(p(2, 3, 4), p(2, 4, 5)), 2 * 3 * 4 * 5),  # b batched too
         (lambda: g.matmul(p(3, 4), p(4)), 3 * 4),
         (lambda: g.linear(p(2, 3, 4), p(4, 6)), 2 * 3 * 4 * 6),
         (lambda: g.apply(lora_linear, p(3, 4), p(4, 5), p(4, 2), p(2, 5), scaling=1.0), 3 * 4 * 5),
@@ -127,10 +128,14 @@ def test_the_ops_that_multiply_matrices_ask_for_their_size(
 
     wide = NF4Weight.quantize(rng.normal(size=(3, 2 * CHUNK_VALUES)))  # [out, in]: a row a chunk
     narrow = NF4Weight.quantize(rng.normal(size=(6, 4)))  # every row in one chunk
+    two = NF4Weight.quantize(rng.normal(size=(3, 100_000)))  # two whole rows a chunk
+    column = NF4Weight.quantize(rng.normal(size=(CHUNK_VALUES + 8, 1)))  # CHUNK_VALUES rows
     for ops, weight, x, work in [
         (nf4_linear, wide, p(5, 2 * CHUNK_VALUES), 5 * 1 * 2 * CHUNK_VALUES),
         (nf4_linear, narrow, p(2, 3, 4), 2 * 3 * 6 * 4),
         (nf4_matmul, narrow, p(5, 6), 5 * 6 * 4),
+        (nf4_linear, two, p(1, 100_000), 1 * 2 * 100_000),
+        (nf4_linear, column, p(2, 1), 2 * CHUNK_VALUES * 1),
     ]:
         asked.clear()
         out = g.apply(ops, x, weight=weight)
