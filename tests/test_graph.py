@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import tracemalloc
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -221,9 +222,11 @@ def test_reset_drops_ops_keeps_leaves_and_makes_old_ids_stale() -> None:
     y = g.matmul(x, w)
     g.backward(g.sum(y))
     assert len(g) == 4
+    assert g.resets == 0
     g.reset()
     assert len(g) == 2
     assert g.tape == ()
+    assert g.resets == 1  # one reset, counted once
     np.testing.assert_array_equal(g.value(w), np.eye(2))
     assert g.grad(w) is not None  # gradients are kept until zero_grad
     for use in (lambda: g.value(y), lambda: g.grad(y), lambda: g.relu(y), lambda: g.add(x, y)):
@@ -249,12 +252,14 @@ def test_reset_frees_the_dropped_ops_arrays_as_the_next_recording_goes() -> None
     try:
         start = held()
         first = [g.exp(w), g.tanh(w)]
+        arrays = [weakref.ref(g.value(node).base) for node in first]  # the engine's own arrays
         assert held() - start >= 2 * size
         g.reset()
         assert "stale" in repr(first[0])
         assert held() - start >= 2 * size  # kept for the next recording to reuse
         g.neg(w)  # one op made: the oldest dropped one freed
         assert 2 * size <= held() - start < 3 * size
+        assert arrays[0]() is None and arrays[1]() is not None  # the oldest first
         g.reset()  # the rest of the first recording goes now; the neg waits
         assert size <= held() - start < 2 * size
         g.reset()  # a second reset frees whatever is left at once
