@@ -1024,6 +1024,26 @@ def test_from_embedding_uses_a_given_table_node_frozen_and_draws_b_from_rng() ->
     assert {"outer/lora/frozen", "outer/lora/lora"} <= scopes
 
 
+def test_a_linear_layer_draws_its_frozen_and_low_rank_paths_apart() -> None:
+    g = gl.Graph()
+    layer = gl.LoraLinear.new(g, 4, 3, gl.LoraConfig(rank=2, seed=0), name="proj")
+    x = g.constant(np.ones((2, 4)))
+    with g.scope("block"):
+        y = layer.forward(g, x)
+    assert y.scope == "block/proj"  # the sum of the two paths
+    ops = {(node.op, node.scope) for node in g.tape}
+    assert ops == {
+        ("matmul", "block/proj/frozen"),  # x @ W
+        ("add", "block/proj/frozen"),  # + bias
+        ("matmul", "block/proj/lora"),  # x @ A, then (..) @ B
+        ("scale", "block/proj/lora"),
+        ("add", "block/proj"),
+    }
+    layer.merge_(g)
+    g.reset()
+    assert layer.forward(g, x).scope == "proj/merged"  # merged: one path, named so
+
+
 def test_lora_linear_defaults_to_scaling_1_and_reads_a_mask_in_the_graph_dtype() -> None:
     g = gl.Graph(np.float32)
     rng = np.random.default_rng(0)

@@ -483,6 +483,29 @@ def test_dora_among_active_adapters_rescales_what_comes_before_as_merging_does(
     assert lora is layer.adapters["default"]
 
 
+@pytest.mark.parametrize(
+    "order", [["default", "other", "third"], ["third", "default", "other"], ["default", "third"]]
+)
+def test_three_active_adapters_give_what_merging_them_in_turn_gives(order: list[str]) -> None:
+    """A DoRA adapter anywhere after others rescales all of them; plain adapters after it are
+    added to what it gave. The layer records one node for the output so far only where a later
+    DoRA needs it."""
+    g, layer = _two_adapters()
+    layer.add_adapter(g, "third", gl.LoraConfig(rank=2, alpha=2.0, init="random", seed=4))
+    layer.set_adapter(g, order)
+    x = g.constant(np.random.default_rng(3).normal(size=(5, 6)))
+    before = len(g.tape)
+    y = np.array(g.value(layer.forward(g, x)))
+    adds = sum(node.op == "add" and node.scope == layer.name for node in g.tape[before:])
+    dora_at = order.index("other") if "other" in order else 0
+    # in the layer's own scope: one add per adapter, and for each adapter before the DoRA one
+    # the output so far that DoRA rescales
+    assert adds == len(order) + dora_at
+    layer.merge_(g)
+    assert layer.merged_adapters == order
+    np.testing.assert_allclose(g.value(layer.forward(g, x)), y, rtol=1e-10)
+
+
 def test_adapter_refusals_name_the_known_adapters_and_change_nothing() -> None:
     g, layer = _two_adapters()
     with pytest.raises(
