@@ -261,7 +261,7 @@ def _demo_digits(args: argparse.Namespace) -> int:
 def _saving(adapter: int, weight: int) -> str:
     """What a layer's adapter saves against training its weight: nothing, or little, said."""
     if adapter >= weight:
-        return ": more than the weight itself, no saving"
+        return ": as many as the weight itself or more, no saving"
     if 2 * adapter > weight:
         return ": over half the weight, little saving on a layer this narrow"
     return ""

@@ -230,6 +230,15 @@ def test_digits_task(capsys: pytest.CaptureFixture[str]) -> None:
     ) in out
 
 
+def test_the_saving_notes_at_their_boundaries() -> None:
+    from graphlora.__main__ import _saving
+
+    assert _saving(80, 160) == ""  # half: a saving worth having
+    assert _saving(81, 160) == ": over half the weight, little saving on a layer this narrow"
+    assert _saving(159, 160) == ": over half the weight, little saving on a layer this narrow"
+    assert _saving(160, 160) == ": as many as the weight itself or more, no saving"
+
+
 @pytest.mark.parametrize(
     ("rank", "line"),
     [
@@ -238,7 +247,7 @@ def test_digits_task(capsys: pytest.CaptureFixture[str]) -> None:
         (21, "  rank 21: 2,016 trainable against W0's 2,048: over half the weight, little saving"),
         (
             22,
-            "  rank 22: 2,112 trainable against W0's 2,048: more than the weight itself, no saving",
+            "  rank 22: 2,112 trainable against W0's 2,048: as many as the weight itself or more, no saving",
         ),
     ],
 )

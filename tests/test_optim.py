@@ -417,6 +417,20 @@ def test_a_changed_group_lr_takes_effect_and_a_bad_one_changes_nothing() -> None
     assert opt.steps == [1, 1]
 
 
+def test_a_group_replaced_by_a_plain_dict_is_read_at_the_next_step() -> None:
+    g = gl.Graph()
+    p = g.parameter(np.ones(2))
+    opt = SGD(g, [p], lr=0.1)
+    opt.param_groups[0] = {**opt.param_groups[0], "lr": 0.5}  # a dict, not the group itself
+    g.backward(g.sum(p))
+    opt.step()
+    np.testing.assert_array_equal(g.value(p), [0.5, 0.5])
+    opt.param_groups[0] = {**opt.param_groups[0], "lr": -0.5}
+    with pytest.raises(ValueError, match=r"SGD.step: parameter group 0: lr must be >= 0"):
+        opt.step()
+    np.testing.assert_array_equal(g.value(p), [0.5, 0.5])
+
+
 @pytest.mark.parametrize(
     ("params", "error", "match"),
     [

@@ -3,6 +3,7 @@ calls (an input written into, named by its parameter) and imports it refuses."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
 
@@ -65,6 +66,12 @@ def test_a_signature_it_cannot_bind_numbers_the_argument() -> None:
         "arrays (a frozen weight written into is lost for good)"
     )
     assert remote.changed_inputs(merge, (np.ones(2), 1), {}, [np.ones(2), 2]) is None  # not arrays
+    first = remote.changed_inputs(merge, (np.ones(2),), {"z": 1}, [np.zeros(2), 1])
+    assert first is not None and first.startswith("merge changed its input argument 1 in place")
+    # a callable without a name (a partial) is "a function"
+    unnamed = functools.partial(merge_in_place, b=np.ones((1, 2)), s=1.0)
+    said = _call(unnamed, np.ones((3, 2)), np.ones((3, 1)))
+    assert said is not None and said.startswith("a function changed its input w (argument 1)")
 
 
 def test_forbidden_packages_are_refused_and_others_are_not(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -82,3 +89,17 @@ def test_forbidden_packages_are_refused_and_others_are_not(monkeypatch: pytest.M
         )
     assert importlib.import_module("json") is sys.modules["json"]  # the rest imports as ever
     assert remote._Refuse(("torch",), "x").find_spec("torchvision", None) is None
+    with pytest.raises(remote.Refused, match=r"the file may not import torch\.nn "):
+        remote._Refuse(("torch",), "x").find_spec("torch.nn", None)
+
+
+def test_forbidding_reaches_modules_under_another_name_and_builtins(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sys, "modules", dict(sys.modules))
+    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
+    sys.modules["__mp_main__"] = sys.modules["graphlora.teach.remote"]  # as a spawned child has
+    remote.forbid(("graphlora", "itertools"), "merge")
+    assert "__mp_main__" not in sys.modules  # found by its spec's name, not its key
+    with pytest.raises(remote.Refused):  # a builtin module too: the finder comes first
+        importlib.import_module("itertools")
