@@ -268,6 +268,18 @@ def test_reset_frees_the_dropped_ops_arrays_as_the_next_recording_goes() -> None
         tracemalloc.stop()
 
 
+def test_reset_keeps_a_recording_of_exactly_4_mib_for_the_next_one() -> None:
+    g = gl.Graph()
+    w = g.parameter(np.ones(1 << 19), name="w")  # 8 bytes a value: 4 MiB exactly an op
+    under = g.parameter(np.ones((1 << 19) - 1), name="under")
+    for leaf, kept in ((w, True), (under, False)):
+        y = g.exp(leaf)
+        array = weakref.ref(g.value(y).base)
+        g.reset()  # from 4 MiB on, left for the next recording to free
+        assert (array() is not None) is kept
+        g.reset()
+
+
 def test_reset_frees_a_small_recording_at_once() -> None:
     g = gl.Graph()
     w = g.parameter(np.ones(100_000), name="w")  # 0.8 MB an op: 1.6 MB in all, under 4 MiB
