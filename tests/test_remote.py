@@ -101,5 +101,6 @@ def test_forbidding_reaches_modules_under_another_name_and_builtins(
     sys.modules["__mp_main__"] = sys.modules["graphlora.teach.remote"]  # as a spawned child has
     remote.forbid(("graphlora", "itertools"), "merge")
     assert "__mp_main__" not in sys.modules  # found by its spec's name, not its key
+    assert isinstance(sys.meta_path[0], remote._Refuse)  # asked before any other finder
     with pytest.raises(remote.Refused):  # a builtin module too: the finder comes first
         importlib.import_module("itertools")
