@@ -179,21 +179,20 @@ class Optimizer:
     def step(self) -> None:
         """Update every parameter that has a gradient, in place, with its group's
         hyper-parameters (checked first: a bad one changes nothing)."""
-        groups, hypers = self.param_groups, self._hypers
-        if len(groups) != 1 or type(groups[0]) is not _Group or groups[0].changed:
-            for i, group in enumerate(groups):  # checked again only when changed
-                if type(group) is not _Group or group.changed:
-                    where = f"{type(self).__name__}.step: parameter group {i}"
-                    hypers[i] = self._checked(where, self._hyper_of(group))
-                    if type(group) is _Group:
-                        group.changed = False
-        buffers, update, state, steps = self.graph.buffers, self._update, self.state, self.steps
-        group_of = self._group_of
+        hypers = self._hypers
+        for i, group in enumerate(self.param_groups):
+            if type(group) is not _Group or group.changed:  # checked again only when changed
+                where = f"{type(self).__name__}.step: parameter group {i}"
+                hypers[i] = self._checked(where, self._hyper_of(group))
+                if type(group) is _Group:
+                    group.changed = False
+        buffers, state, steps, group_of = self.graph.buffers, self.state, self.steps, self._group_of
         for i, node in enumerate(self.params):
             value, grad = buffers(node)  # the engine's own arrays: no copies
-            if grad is not None:  # no gradient this step: skipped, as in PyTorch
-                steps[i] += 1
-                update(value, grad, state[i], steps[i], hypers[group_of[i]])
+            if grad is None:
+                continue  # no gradient this step: skipped, as in PyTorch
+            steps[i] += 1
+            self._update(value, grad, state[i], steps[i], hypers[group_of[i]])
 
     def _update(
         self, value: Array, grad: Array, state: dict[str, Array], step: int, hyper: dict[str, Any]

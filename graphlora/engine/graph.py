@@ -463,9 +463,8 @@ class Graph(OpMethods):
             _release(node)
         retired.clear()
         if self._held < _REUSE_BYTES:
-            for node in self._tape:  # free it all now (as _release, inline: once an op)
-                node._value = node._grad = node._g = node._vjp = node._fn = node._params = None
-                node._inputs = ()
+            for node in self._tape:  # free it all now
+                _release(node)
         else:
             for node in self._tape:
                 node._grad = node._g = node._params = None
@@ -740,14 +739,13 @@ class Graph(OpMethods):
             out = np.asarray(out)
         if self._check_finite and not np.isfinite(out).all():
             raise NonFiniteError(anomaly(op, inputs, out, "forward output"))
-        tape, found = self._tape, self._next_id
-        self._next_id = found + 1  # the node's id (as _new_id, inline: the hot path)
+        tape = self._tape
         kept = vjp if self._grad_enabled and True in needs else None  # None: no gradient flows
         node = NodeId(
             self,
             self._epoch,
             len(tape),
-            found,
+            self._new_id(),
             self._scope,
             op,
             None,
