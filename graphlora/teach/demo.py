@@ -194,6 +194,8 @@ class LowRankResult:
     graph: Graph = field(repr=False)  # the graph that holds the trained layer
     layer: LoraLinear = field(repr=False)  # the trained layer, named "proj"
     init: str = "kaiming"  # how A and B started (DEMO_INITS)
+    alpha: float | None = None  # LoRA's alpha; None: the rank (scaling 1)
+    use_rslora: bool = False  # scaled by alpha / sqrt(r) instead of alpha / r
 
     @property
     def final_loss(self) -> float:
@@ -275,6 +277,8 @@ def run_low_rank(
         graph=g,
         layer=layer,
         init=init,
+        alpha=alpha,
+        use_rslora=use_rslora,
     )
 
 
@@ -466,13 +470,8 @@ def plot_results(
             title="Error by rank",
         )
         _legend_below(errors, 0.26)
-    configs = [r.layer.config for r in results]
-    assert all(isinstance(config, LoraConfig) for config in configs)  # the demo's layers
-    config = chosen.layer.config
-    assert isinstance(config, LoraConfig)
-    scaling = "alpha / sqrt(r)" if config.use_rslora else "alpha / r"
-    same = all(c.alpha == r.rank for c, r in zip(configs, results, strict=True))  # type: ignore[union-attr]
-    alpha = "the rank" if same else f"{config.alpha:g}"
+    scaling = "alpha / sqrt(r)" if chosen.use_rslora else "alpha / r"
+    alpha = "the rank" if chosen.alpha is None else f"{chosen.alpha:g}"
     fig.suptitle(f"LoRA: init {chosen.init}, alpha {alpha}, scaling {scaling}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
