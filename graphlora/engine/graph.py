@@ -643,9 +643,70 @@ class Graph(OpMethods):
 
     def _record(self, op: OpDef, args: tuple[Any, ...], params: dict[str, Any]) -> NodeId:
         """Check ``args`` and ``params`` against ``op``, then run it and append its node."""
-        if op.floats_only and len(args) == len(op.slots):  # the common case, fast
-            values: list[Array | None] = []
-            needs: list[bool] = []
+        if len(args) == op.fixed:  # one or two float inputs, as most calls: the fastest path
+            epoch, dtype = self._epoch, self._dtype
+            a, b = args[0], args[-1]  # the same node for an op of one input
+            if (
+                type(a) is NodeId
+                and type(b) is NodeId
+                and a._graph is self
+                and b._graph is self
+                and (a._epoch == epoch or a._epoch == LEAF)
+                and (b._epoch == epoch or b._epoch == LEAF)
+                and a._value.dtype is dtype  # type: ignore[union-attr]
+                and b._value.dtype is dtype  # type: ignore[union-attr]
+            ):
+                check, fn = op.check, op.forward
+                needs: tuple[bool, ...]
+                if op.fixed == 2:  # direct calls: a call with *values costs more
+                    va, vb = a._value, b._value
+                    if check is not None:
+                        found = check(va, vb, **params) if params else check(va, vb)
+                        if found is not None:  # None: the parameters as they are
+                            params = found
+                    out, vjp = fn(va, vb, **params) if params else fn(va, vb)
+                    needs = (a._requires_grad, b._requires_grad)
+                else:
+                    va = a._value
+                    if check is not None:
+                        found = check(va, **params) if params else check(va)
+                        if found is not None:
+                            params = found
+                    out, vjp = fn(va, **params) if params else fn(va)
+                    needs = (a._requires_grad,)
+                if type(out) is not np.ndarray:  # NumPy gives scalars for 0-d results
+                    out = np.asarray(out)
+                if self._check_finite and not np.isfinite(out).all():
+                    raise NonFiniteError(anomaly(op.name, args, out, "forward output"))
+                tape = self._tape
+                flows = self._grad_enabled and True in needs
+                found_id = self._next_id
+                self._next_id = found_id + 1
+                node = NodeId(
+                    self,
+                    epoch,
+                    len(tape),
+                    found_id,
+                    self._scope,
+                    op.name,
+                    None,
+                    out,
+                    flows,
+                    args,
+                    needs,
+                    vjp if flows else None,
+                    fn,
+                    params,
+                    (),
+                )
+                tape.append(node)
+                self._held += out.nbytes
+                if self._retired:  # free one op of the last reset (see reset)
+                    _release(self._retired.pop())
+                return node
+        elif op.floats_only and len(args) == len(op.slots):  # optional inputs given or not
+            listed: list[Array | None] = []
+            wants: list[bool] = []
             dtype, epoch = self._dtype, self._epoch
             for arg in args:
                 if (
@@ -654,26 +715,26 @@ class Graph(OpMethods):
                     and (arg._epoch == epoch or arg._epoch == LEAF)
                     and arg._value.dtype is dtype  # type: ignore[union-attr]
                 ):
-                    values.append(arg._value)
-                    needs.append(arg._requires_grad)
-                elif arg is None and op.optional[len(values)]:
-                    values.append(None)
-                    needs.append(False)
+                    listed.append(arg._value)
+                    wants.append(arg._requires_grad)
+                elif arg is None and op.optional[len(listed)]:
+                    listed.append(None)
+                    wants.append(False)
                 else:
                     break  # something to refuse or convert: the general path below
             else:
                 check = op.check
                 if check is not None:
-                    found = check(*values, **params) if params else check(*values)
+                    found = check(*listed, **params) if params else check(*listed)
                     if found is not None:  # None: the parameters as they are
                         params = found
-                return self._push(op.name, op.forward, args, values, params, (), tuple(needs))
-        inputs, values, casts = self._inputs(op.name, op, args)
+                return self._push(op.name, op.forward, args, listed, params, (), tuple(wants))
+        inputs, converted, casts = self._inputs(op.name, op, args)
         if op.data_slots:
-            check_kinds(op, values)
-        params = op.checked(values, params)
-        needs = [type(node) is NodeId and node._requires_grad for node in inputs]
-        return self._push(op.name, op.forward, tuple(inputs), values, params, casts, tuple(needs))
+            check_kinds(op, converted)
+        params = op.checked(converted, params)
+        flags = tuple([type(node) is NodeId and node._requires_grad for node in inputs])
+        return self._push(op.name, op.forward, tuple(inputs), converted, params, casts, flags)
 
     def _inputs(
         self, name: str, op: OpDef | None, args: Sequence[Any]
@@ -834,10 +895,20 @@ class Graph(OpMethods):
         GraphError
             If ``loss`` does not depend on any parameter (or was recorded under ``no_grad()``).
         """
+        if (  # the common call, a scalar loss of this step that a parameter feeds: no more checks
+            grad is None
+            and type(loss) is NodeId
+            and loss._graph is self
+            and loss._epoch == self._epoch
+            and loss._requires_grad
+            and loss._value.shape == ()  # type: ignore[union-attr]
+        ):
+            self._backward(loss, self._one, False, retain_grads)  # the shared 1: not owned
+            return
         loss = self.check(loss, "backward", "loss")
         seed = self._seed("backward", loss, grad)
         needs_grad("backward", loss)
-        self._backward(loss, seed, seed is not self._one, retain_grads)  # the shared 1: not owned
+        self._backward(loss, seed, seed is not self._one, retain_grads)
 
     def _seed(self, where: str, loss: NodeId, grad: npt.ArrayLike | None) -> Array:
         """The gradient that starts a backward walk from ``loss``, checked against its shape."""
@@ -878,12 +949,20 @@ class Graph(OpMethods):
                     else:
                         node._g = None
                     assert node._vjp is not None
-                    for source, gi in zip(node._inputs, node._vjp(g, node._needs), strict=True):
+                    inputs, grads = node._inputs, node._vjp(g, node._needs)
+                    if len(grads) != len(inputs):
+                        raise GraphError(
+                            f"backward: the VJP of {node!r} returned {len(grads)} gradient(s) "
+                            f"for its {len(inputs)} input(s)"
+                        )
+                    i = -1  # by position, not zip(strict=True): that costs 0.3 us a node
+                    for gi in grads:
+                        i += 1
                         if gi is None:  # every input that is not a node gets None
                             continue
                         if type(gi) is not np.ndarray:  # a 0-d result of NumPy arithmetic
                             gi = np.asarray(gi)
-                        sink: NodeId = source  # type: ignore[assignment]  # only nodes get one
+                        sink: NodeId = inputs[i]  # type: ignore[assignment]  # only nodes get one
                         if check_finite and not np.isfinite(gi).all():
                             raise NonFiniteError(
                                 anomaly(node._op, node._inputs, gi, "gradient", node, (sink, g))

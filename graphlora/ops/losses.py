@@ -42,9 +42,10 @@ def _mse_loss(pred: Array, target: Array) -> tuple[Array, Vjp]:
         g_pred = diff * (2.0 * float(g) / diff.size)  # g is the loss's (scalar) gradient
         return (g_pred if needs[0] else None, -g_pred if needs[1] else None)
 
+    if not diff.size:  # no elements: NaN
+        return np.full((), np.nan, diff.dtype), vjp
     flat = diff.ravel()
-    loss = np.dot(flat, flat) / diff.size if diff.size else np.nan  # no elements: NaN
-    return np.asarray(loss, dtype=diff.dtype), vjp  # the mean of squares, as one dot product
+    return np.asarray(np.dot(flat, flat) / diff.size), vjp  # the mean of squares, one dot product
 
 
 mse_loss = builtin(

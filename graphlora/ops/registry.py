@@ -89,9 +89,10 @@ class OpDef:
         ``None`` for an op with nothing to check.
     slots
         The positional inputs, from ``forward``'s signature (``()`` with ``variadic``).
-    required, optional, data_slots, floats_only
+    required, optional, data_slots, floats_only, fixed
         How many inputs must be given; which may be ``None``; the positions of the integer/bool
-        data inputs; whether there are none (the recording's fast path).
+        data inputs; whether there are none; and, for an op of one or two float inputs none of
+        which is optional, that number (else -1): the recording's fast paths.
     variadic
         True when ``forward`` takes any number of float inputs (``concat(*xs, axis)``).
     sample
@@ -107,6 +108,7 @@ class OpDef:
         "__dict__",  # for __doc__ and __wrapped__, so that help() shows the op's own
         "check",
         "data_slots",
+        "fixed",
         "floats_only",
         "forward",
         "name",
@@ -144,6 +146,8 @@ class OpDef:
         self.optional = tuple(slot.optional for slot in self.slots)
         self.data_slots = tuple(i for i, slot in enumerate(self.slots) if slot.kind != "float")
         self.floats_only = not self.variadic and not self.data_slots
+        plain = self.floats_only and not any(self.optional) and len(self.slots) in (1, 2)
+        self.fixed = len(self.slots) if plain else -1
         if check is not None:
             # a callable that takes no weak reference cannot be re-checked by replays
             with contextlib.suppress(TypeError):
