@@ -153,7 +153,11 @@ class LoraLayer:
         """The updates ``forward`` adds: the active ones, none while merged or disabled."""
         if self.merged_adapters or self.disabled:
             return []
-        return [self.adapters[name] for name in self._active if name in self.adapters]
+        active, adapters = self._active, self.adapters
+        if len(active) == 1:  # the common case, without a comprehension's cost
+            found = adapters.get(active[0])
+            return [] if found is None else [found]
+        return [adapters[name] for name in active if name in adapters]
 
     def batch_rows(
         self, where: str, graph: Graph, shape: tuple[int, ...]

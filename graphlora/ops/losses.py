@@ -45,7 +45,7 @@ def _mse_loss(pred: Array, target: Array) -> tuple[Array, Vjp]:
     if not diff.size:  # no elements: NaN
         return np.full((), np.nan, diff.dtype), vjp
     flat = diff.ravel()
-    return np.asarray(np.dot(flat, flat) / diff.size), vjp  # the mean of squares, one dot product
+    return np.asarray(flat.dot(flat) / diff.size), vjp  # the mean of squares, one dot product
 
 
 mse_loss = builtin(
