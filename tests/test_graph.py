@@ -1044,12 +1044,14 @@ def test_backward_skips_nodes_the_loss_does_not_reach_and_walks_only_up_to_the_l
     np.testing.assert_array_equal(g.grad(b), [1.0, 1.0])
 
 
-@pytest.mark.parametrize("count", [1, 3])
+@pytest.mark.parametrize(
+    ("extra", "told"), [((), "1"), ((None, None), "3"), ((None, 1.0), "more than 2")]
+)
 def test_an_op_whose_vjp_gives_the_wrong_number_of_gradients_fails_in_backward(
-    count: int,
+    extra: tuple[Any, ...], told: str
 ) -> None:
     def _pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, Any]:
-        return a * b, lambda g_, needs: (g_ * b,) + (None,) * (count - 1)  # not two gradients
+        return a * b, lambda g_, needs: (g_ * b, *extra)  # not two gradients
 
     pair = ops.op()(_pair)  # an OpDef is trusted like a built-in: no per-call check
     g = gl.Graph()
@@ -1058,10 +1060,24 @@ def test_an_op_whose_vjp_gives_the_wrong_number_of_gradients_fails_in_backward(
     with pytest.raises(gl.errors.GraphError) as info:
         g.backward(g.sum(product))
     assert str(info.value) == (
-        f"backward: the VJP of {product!r} returned {count} gradient(s) for its 2 input(s)"
+        f"backward: the VJP of {product!r} returned {told} gradient(s) for its 2 input(s)"
     )
     assert g.grad(x) is None  # nothing committed
     assert g.grad(y) is None
+    g.backward(g.sum(g.mul(x, y)))  # and the graph goes on
+    np.testing.assert_array_equal(g.grad(x), [2.0])
+
+
+def test_an_index_error_inside_a_vjp_is_the_vjps_own() -> None:
+    def _first(a: np.ndarray) -> tuple[np.ndarray, Any]:
+        return a * 1.0, lambda g_, needs: (g_[5],)  # an IndexError of its own
+
+    first = ops.op()(_first)
+    g = gl.Graph()
+    x = g.parameter([1.0])
+    with pytest.raises(IndexError):
+        g.backward(g.sum(g.apply(first, x)))
+    assert g.grad(x) is None
 
 
 def test_a_loss_with_more_than_one_element_needs_grad_with_this_message() -> None:
