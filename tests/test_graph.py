@@ -786,6 +786,76 @@ def test_scopes_label_nodes_and_nest() -> None:
         g.scope(3).__enter__()  # type: ignore[arg-type]
 
 
+def test_enter_scope_and_leave_scope_label_as_the_with_statement_does() -> None:
+    g = gl.Graph()
+    x = g.parameter(np.ones(2))
+    with g.scope("block"):
+        with g.scope("inner"):
+            by_with = g.exp(x)
+        outer = g.enter_scope("inner")
+        by_call = g.exp(x)
+        assert outer == "block"
+        inside = g.enter_scope("deeper")
+        deeper = g.relu(x)
+        g.leave_scope(inside)
+        back = g.relu(x)
+        g.leave_scope(outer)
+        after = g.neg(x)
+    top = g.enter_scope("top")
+    first = g.neg(x)
+    g.leave_scope(top)
+    assert top is None
+    assert (by_with.scope, by_call.scope, deeper.scope, back.scope, after.scope) == (
+        "block/inner",
+        "block/inner",
+        "block/inner/deeper",
+        "block/inner",
+        "block",
+    )
+    assert (first.scope, g.neg(x).scope) == ("top", None)
+    with g.scope("block"):  # the joined names are made once and shared by both ways in
+        assert g.enter_scope("inner") == "block"
+        assert g.relu(x).scope == "block/inner"
+        g.leave_scope("block")
+    with pytest.raises(ValueError, match="scope: name must be a non-empty str without '/'"):
+        g.enter_scope("a/b")
+    assert g.neg(x).scope is None  # a refused name changes nothing
+
+
+def test_a_node_of_the_fast_recording_path_is_the_node_of_the_general_one() -> None:
+    # _record makes its NodeId without __init__ on the fast path: every slot must be set as
+    # __init__ sets it (the general path, taken here by the op's fixed arity turned off)
+    from graphlora.engine.node import NodeId
+    from graphlora.ops import arithmetic
+
+    def record(fixed: int) -> gl.NodeId:
+        g = gl.Graph()
+        a, b = g.parameter(np.ones(2)), g.constant(np.full(2, 2.0))
+        g.relu(a)  # one op before, so the index and id are not 0
+        saved = arithmetic.add.fixed
+        arithmetic.add.fixed = fixed
+        try:
+            with g.scope("s"):
+                return g.add(a, b)
+        finally:
+            arithmetic.add.fixed = saved
+
+    fast, general = record(2), record(-1)
+    for slot in NodeId.__slots__:
+        got, want = getattr(fast, slot), getattr(general, slot)
+        if slot == "_graph":
+            assert type(got) is gl.Graph
+        elif slot == "_value":
+            np.testing.assert_array_equal(got, want)
+        elif slot == "_vjp":
+            assert callable(got) and callable(want)
+        elif slot == "_inputs":
+            assert [i.id for i in got] == [i.id for i in want]
+        else:
+            assert got == want, slot
+    assert (fast.id, fast._index, fast.scope, fast.requires_grad) == (3, 1, "s", True)
+
+
 def test_scalar_gradients_stay_arrays_when_they_accumulate() -> None:
     # Found by the state machine: 0-d + 0-d gives a NumPy scalar, not an array.
     g = gl.Graph()

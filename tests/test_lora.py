@@ -768,6 +768,28 @@ def test_forward_takes_1d_input_refuses_0d_and_leaves_the_outer_scope_as_it_was(
     assert g.scale(inner, 1.0).scope is None
 
 
+def test_a_forward_that_raises_midway_leaves_the_scope_it_found(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    g = gl.Graph()
+    layer = gl.LoraLinear.new(g, 3, 2, gl.LoraConfig(rank=1, seed=0), name="q")
+    update = layer.adapters["default"]
+    seen: list[str | None] = []
+
+    def refuse(graph: gl.Graph, *args: object) -> gl.NodeId:
+        seen.append(graph.neg(graph.constant(1.0)).scope)
+        raise RuntimeError("refused")
+
+    monkeypatch.setattr(update, "record", refuse)
+    x = g.constant(np.ones((1, 3)))
+    with g.scope("model"):
+        with pytest.raises(RuntimeError, match="refused"):
+            layer.forward(g, x)
+        assert g.neg(x).scope == "model"
+    assert seen == ["model/q/lora"]
+    assert g.neg(x).scope is None
+
+
 def test_merging_an_overflowing_update_raises_without_a_runtime_warning() -> None:
     g = gl.Graph()
     layer = gl.LoraLinear.new(g, 2, 2, gl.LoraConfig(rank=1, seed=0), name="q")
