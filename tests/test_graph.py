@@ -969,6 +969,102 @@ def test_node_refusals_name_method_and_argument(
         )
 
 
+@pytest.mark.parametrize("first", [True, False])
+def test_an_ops_inputs_are_refused_in_either_place(first: bool) -> None:
+    # one- and two-input ops take a fast path: a foreign, stale or non-node input in either
+    # place falls to the general path, which refuses it by name; a data node is read as floats
+    g = gl.Graph(np.float32)
+    foreign, stale = _foreign_and_stale(g)
+    good = g.parameter(np.ones(2, np.float32))
+    for bad, error, told in (
+        (foreign, gl.ForeignNodeError, f"{foreign!r} belongs to another Graph"),
+        (stale, gl.StaleNodeError, f"{stale!r} was recorded before the last reset()"),
+    ):
+        arg = "a" if first else "b"
+        with pytest.raises(error) as info:
+            g.add(bad, good) if first else g.add(good, bad)
+        assert str(info.value).startswith(f"add: {arg} {told}")
+        with pytest.raises(error) as unary:
+            g.relu(bad)
+        assert str(unary.value).startswith(f"relu: x {told}")
+    with pytest.raises(TypeError, match=f"add: {'a' if first else 'b'} must be a NodeId, got int"):
+        g.add(3, good) if first else g.add(good, 3)  # type: ignore[arg-type]
+    assert len(g.tape) == 0  # nothing was recorded
+    data = g.constant(np.array([2, 3]))  # integer data, read as the graph's floats
+    total = g.add(data, good) if first else g.add(good, data)
+    assert g.value(total).dtype == np.float32
+    np.testing.assert_array_equal(g.value(total), [3.0, 4.0])
+    assert g.value(g.neg(data)).dtype == np.float32
+
+
+def test_common_calls_take_the_fast_recording_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    # what the fast paths are for: recording one- and two-input ops on float nodes, and
+    # backward from a scalar loss, never reach the general code (which gives the same results)
+    g = gl.Graph()
+    w, x = g.parameter(np.ones((2, 2))), g.constant(np.full((2, 2), 2.0))
+    before = g.relu(w)
+
+    def general(*args: object) -> None:
+        raise AssertionError("the general path was taken")
+
+    for name in ("_inputs", "_push", "_seed", "check"):
+        monkeypatch.setattr(gl.Graph, name, general)
+    loss = g.sum(g.scale(g.add(g.matmul(x, w), g.neg(before)), 3))
+    g.backward(loss)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(g.grad(w), np.full((2, 2), 3 * (4.0 - 1.0)))  # 3 (xᵀ1 - 1)
+    data = g.constant(np.array([[1, 2], [3, 4]]))
+    monkeypatch.setattr(gl.Graph, "_inputs", general)
+    with pytest.raises(AssertionError, match="general path"):  # and the check above can tell
+        g.add(data, w)
+
+
+def test_two_input_ops_with_parameters_are_checked_and_run_with_them() -> None:
+    seen: list[tuple[Any, ...]] = []
+
+    def _check(a: np.ndarray, b: np.ndarray, *, w: object) -> dict[str, Any]:
+        seen.append((a.shape, b.shape, w))
+        return {"w": float(w)}  # type: ignore[arg-type]  # the parameters as forward takes them
+
+    def _blend(a: np.ndarray, b: np.ndarray, *, w: float) -> tuple[np.ndarray, Any]:
+        assert type(w) is float
+        return a * w + b, lambda g_, needs: (g_ * w, g_)
+
+    blend = ops.op(check=_check)(_blend)
+    g = gl.Graph()
+    a, b = g.parameter(np.ones((2, 3))), g.parameter(np.full((2, 3), 2.0))
+    out = g.apply(blend, a, b, w=3)
+    assert seen == [((2, 3), (2, 3), 3)]
+    np.testing.assert_array_equal(g.value(out), np.full((2, 3), 5.0))
+    assert out.params == {"w": 3.0} and type(out.params["w"]) is float
+    g.backward(g.sum(out))
+    np.testing.assert_array_equal(g.grad(a), np.full((2, 3), 3.0))
+    np.testing.assert_array_equal(g.grad(b), np.ones((2, 3)))
+
+
+def test_backward_from_a_scalar_loss_refuses_and_seeds_as_the_general_path() -> None:
+    g = gl.Graph()
+    foreign, _ = _foreign_and_stale(g)
+    w = g.parameter(np.array([1.0, 2.0]))
+    stale_loss = g.sum(w)
+    g.reset()
+    with pytest.raises(gl.ForeignNodeError):
+        g.backward(gl.Graph().sum(foreign))
+    with pytest.raises(gl.StaleNodeError):
+        g.backward(stale_loss)
+    loss = g.sum(g.mul(w, w))
+    g.backward(loss, 2.0)  # a seed given: not the shared 1
+    np.testing.assert_array_equal(g.grad(w), [4.0, 8.0])
+    g.zero_grad()
+    for _ in range(2):  # the loss keeps its own gradient; the shared seed is never written
+        g.backward(loss, retain_grads=True)
+    np.testing.assert_array_equal(g.grad(loss), 2.0)
+    np.testing.assert_array_equal(g.grad(w), [4.0, 8.0])
+    g.zero_grad()
+    g.backward(g.sum(g.mul(w, w)))
+    np.testing.assert_array_equal(g.grad(w), [2.0, 4.0])  # a 1, still
+
+
 def test_leaf_only_methods_refuse_an_op_output_with_its_message() -> None:
     g = gl.Graph()
     y = g.relu(g.parameter([1.0]))

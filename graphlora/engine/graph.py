@@ -476,7 +476,9 @@ class Graph(OpMethods):
         ``/``).
 
         Scopes change no computation; drawings group a scope's nodes (``to_dot``), so that a
-        layer's paths can be drawn side by side. Cheap enough to use on every call of a layer.
+        layer's paths can be drawn side by side. Cheap enough to use on every call of a layer;
+        ``enter_scope`` and ``leave_scope`` do the same without the with statement's cost, for
+        a layer whose small steps count it.
         """
         found = self._scopes.get(name) if type(name) is str else None
         if found is None:
@@ -946,8 +948,6 @@ class Graph(OpMethods):
             reached.append(loss)
         else:
             tape, ndarray, leaf = self._tape, np.ndarray, LEAF  # locals: read for every gradient
-            inputs: tuple[Input, ...] = ()
-            i = -1
             try:  # the tape in reverse from the loss, without copying it
                 for node in islice(reversed(tape), len(tape) - 1 - loss._index, None):
                     g = node._g
@@ -960,13 +960,15 @@ class Graph(OpMethods):
                     assert node._vjp is not None
                     inputs, i = node._inputs, -1
                     for gi in node._vjp(g, node._needs):  # by position: zip(strict=True) costs
-                        i += 1  # 0.3 us a node; a wrong count is told below and in the except
-
+                        i += 1  # 0.3 us a node; a wrong count is told below
                         if gi is None:  # every input that is not a node gets None
                             continue
                         if type(gi) is not ndarray:  # a 0-d result of NumPy arithmetic
                             gi = np.asarray(gi)
-                        sink: NodeId = inputs[i]  # type: ignore[assignment]  # only nodes get one
+                        try:  # costs nothing unless raised
+                            sink: NodeId = inputs[i]  # type: ignore[assignment]  # only nodes
+                        except IndexError:
+                            raise _miscounted(node, None) from None  # more than its inputs
                         if check_finite and not np.isfinite(gi).all():
                             raise NonFiniteError(
                                 anomaly(node._op, node._inputs, gi, "gradient", node, (sink, g))
@@ -982,13 +984,11 @@ class Graph(OpMethods):
                             sink._g, sink._g_owned = _added(previous, gi), True
                     if i != len(inputs) - 1:
                         raise _miscounted(node, i + 1)
-            except BaseException as error:
-                for each in tape[: loss._index + 1]:
-                    each._g = None
-                for each in reached:
-                    each._g = None
-                if type(error) is IndexError and i >= len(inputs):  # more gradients than inputs
-                    raise _miscounted(node, None) from None
+            except BaseException:
+                for node in tape[: loss._index + 1]:
+                    node._g = None
+                for node in reached:
+                    node._g = None
                 raise
         for node in reached:  # commit: add this pass's gradient to the accumulated one
             g, node._g = node._g, None
