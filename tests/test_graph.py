@@ -997,6 +997,42 @@ def test_an_ops_inputs_are_refused_in_either_place(first: bool) -> None:
     assert g.value(g.neg(data)).dtype == np.float32
 
 
+@pytest.mark.parametrize("place", [0, 1, 2])
+def test_an_op_with_an_optional_input_refuses_each_input_by_name(place: int) -> None:
+    # ops with an optional input (linear's bias, a norm's weight) take the second fast path
+    g = gl.Graph(np.float32)
+    foreign, stale = _foreign_and_stale(g)
+    x = g.parameter(np.ones((2, 3), np.float32))
+    w = g.parameter(np.full((3, 4), 2.0, np.float32))
+    b = g.parameter(np.arange(4, dtype=np.float32))
+    names = ("x", "weight", "bias")
+    for bad, error, told in (
+        (foreign, gl.ForeignNodeError, f"{foreign!r} belongs to another Graph"),
+        (stale, gl.StaleNodeError, f"{stale!r} was recorded before the last reset()"),
+    ):
+        args = [x, w, b]
+        args[place] = bad
+        with pytest.raises(error) as info:
+            g.linear(*args)
+        assert str(info.value).startswith(f"linear: {names[place]} {told}")
+    assert len(g.tape) == 0
+    biased = np.full((2, 4), 6.0) + np.arange(4)
+    np.testing.assert_array_equal(g.value(g.linear(x, w, b)), biased)
+    np.testing.assert_array_equal(g.value(g.linear(x, w)), np.full((2, 4), 6.0))
+    np.testing.assert_array_equal(g.value(g.linear(x, w, None)), np.full((2, 4), 6.0))
+    data = g.constant(np.array([[1, 0, 0], [0, 0, 2]]))  # integer data, read as floats
+    fed = g.linear(data, w, b)
+    assert g.value(fed).dtype == np.float32
+    np.testing.assert_array_equal(g.value(fed), [[2.0, 3.0, 4.0, 5.0], [4.0, 5.0, 6.0, 7.0]])
+    v = np.array([[3.0, 4.0]], np.float32)
+    norm = g.rms_norm(g.constant(v), g.parameter(np.array([1.0, 2.0], np.float32)), eps=0.5)
+    want = v / np.sqrt((v**2).mean() + 0.5) * [1.0, 2.0]  # the eps given, not the default
+    np.testing.assert_allclose(g.value(norm), want, rtol=1e-6)
+    g.backward(g.sum(g.linear(x, w)))  # the bias left out wants no gradient
+    assert g.grad(b) is None
+    np.testing.assert_array_equal(g.grad(w), np.full((3, 4), 2.0))
+
+
 def test_common_calls_take_the_fast_recording_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     # what the fast paths are for: recording one- and two-input ops on float nodes, and
     # backward from a scalar loss, never reach the general code (which gives the same results)
@@ -1031,12 +1067,24 @@ def test_two_input_ops_with_parameters_are_checked_and_run_with_them() -> None:
         return a * w + b, lambda g_, needs: (g_ * w, g_)
 
     blend = ops.op(check=_check)(_blend)
+    looked: list[np.ndarray] = []
+
+    def _look(x: np.ndarray) -> None:
+        looked.append(x)
+
+    def _twice(x: np.ndarray) -> tuple[np.ndarray, Any]:
+        return 2 * x, lambda g_, needs: (2 * g_,)
+
+    twice = ops.op(check=_look)(_twice)  # one input, a check, no parameters
     g = gl.Graph()
     a, b = g.parameter(np.ones((2, 3))), g.parameter(np.full((2, 3), 2.0))
     out = g.apply(blend, a, b, w=3)
     assert seen == [((2, 3), (2, 3), 3)]
     np.testing.assert_array_equal(g.value(out), np.full((2, 3), 5.0))
     assert out.params == {"w": 3.0} and type(out.params["w"]) is float
+    doubled = g.apply(twice, a)
+    assert len(looked) == 1 and looked[0] is g.buffers(a)[0]  # checked on a's own value
+    np.testing.assert_array_equal(g.value(doubled), np.full((2, 3), 2.0))
     g.backward(g.sum(out))
     np.testing.assert_array_equal(g.grad(a), np.full((2, 3), 3.0))
     np.testing.assert_array_equal(g.grad(b), np.ones((2, 3)))
