@@ -931,7 +931,7 @@ def test_after_a_vjp_raises_mid_backward_a_second_backward_gives_clean_gradients
 
 
 def _foreign_and_stale(g: gl.Graph) -> tuple[gl.NodeId, gl.NodeId]:
-    foreign = gl.Graph().parameter([1.0])
+    foreign = gl.Graph(g.dtype).parameter([1.0])  # of the same dtype: refused as foreign alone
     x = g.parameter([1.0, 2.0])
     stale = g.relu(x)
     g.reset()
@@ -1015,7 +1015,11 @@ def test_an_op_with_an_optional_input_refuses_each_input_by_name(place: int) -> 
         with pytest.raises(error) as info:
             g.linear(*args)
         assert str(info.value).startswith(f"linear: {names[place]} {told}")
+    for place_name, call in (("x", lambda: g.linear(3, w)), ("weight", lambda: g.linear(x, 3))):
+        with pytest.raises(TypeError, match=f"linear: {place_name} must be a NodeId, got int"):
+            call()  # type: ignore[no-untyped-call]
     assert len(g.tape) == 0
+    assert stale.inputs == ()  # a dropped op holds no inputs
     biased = np.full((2, 4), 6.0) + np.arange(4)
     np.testing.assert_array_equal(g.value(g.linear(x, w, b)), biased)
     np.testing.assert_array_equal(g.value(g.linear(x, w)), np.full((2, 4), 6.0))
@@ -1280,6 +1284,12 @@ def test_an_op_whose_vjp_gives_the_wrong_number_of_gradients_fails_in_backward(
     assert g.grad(y) is None
     g.backward(g.sum(g.mul(x, y)))  # and the graph goes on
     np.testing.assert_array_equal(g.grad(x), [2.0])
+    g.zero_grad()
+    before = g.neg(x)  # given a gradient by the loss below before its count is found wrong
+    with pytest.raises(gl.errors.GraphError, match="returned"):
+        g.backward(g.apply(pair, before, y))
+    g.backward(g.sum(before))  # nothing of the failed walk is left on the nodes it reached
+    np.testing.assert_array_equal(g.grad(x), [-1.0])
 
 
 def test_an_index_error_inside_a_vjp_is_the_vjps_own() -> None:
