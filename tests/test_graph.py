@@ -555,6 +555,18 @@ def test_shape_errors_name_the_op_and_the_shapes() -> None:
         re.escape("matmul: cannot multiply (32, 64) by (32, 8): inner dimensions 64 != 32"),
         lambda: g.matmul(a, b),
     )
+    for left, right, inner in (  # shapes the check's quick accept for two matrices must not pass
+        ((2, 3), (4, 3), "3 != 4"),
+        ((2, 3, 4), (3, 5), "4 != 3"),
+        ((2, 3), (3, 4, 5), "3 != 4"),
+    ):
+        first, second = g.constant(np.ones(left)), g.constant(np.ones(right))
+        rejected(
+            g,
+            gl.ShapeError,
+            re.escape(f"matmul: cannot multiply {left} by {right}: inner dimensions {inner}"),
+            lambda first=first, second=second: g.matmul(first, second),
+        )
     for op in ("add", "sub", "mul", "div"):
         rejected(
             g,
