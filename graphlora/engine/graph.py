@@ -71,8 +71,14 @@ class _Scope:
 
     def __enter__(self) -> None:
         graph = self._graph
-        self._outer.append(graph._scope)
-        graph.enter_scope(self._name)
+        outer = graph._scope
+        self._outer.append(outer)
+        graph._scope = self._joined.get(outer) or self.join(outer)
+
+    def join(self, outer: str | None) -> str:
+        """``outer/name``, made once for each outer scope."""
+        joined = self._joined[outer] = f"{outer}/{self._name}"
+        return joined
 
     def __exit__(self, *exc: object) -> None:
         self._graph._scope = self._outer.pop()
@@ -491,12 +497,8 @@ class Graph(OpMethods):
         back to: give it to ``leave_scope`` in a ``finally``. The same labels, without the with
         statement's cost (about a quarter of a microsecond each way): for layers that enter
         scopes on every call, where a small step's time counts."""
-        scope = self.scope(name)
-        outer = self._scope
-        joined = scope._joined.get(outer)
-        if joined is None:
-            joined = scope._joined[outer] = f"{outer}/{scope._name}"
-        self._scope = joined
+        scope, outer = self.scope(name), self._scope
+        self._scope = scope._joined.get(outer) or scope.join(outer)
         return outer
 
     def leave_scope(self, outer: str | None) -> None:
