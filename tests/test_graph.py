@@ -277,6 +277,7 @@ def test_reset_keeps_a_recording_of_exactly_4_mib_for_the_next_one() -> None:
         array = weakref.ref(g.value(y).base)
         g.reset()  # from 4 MiB on, left for the next recording to free
         assert (array() is not None) is kept
+        assert y.inputs == ()  # either way the dropped op holds no inputs
         g.reset()
 
 
@@ -1030,8 +1031,14 @@ def test_an_op_with_an_optional_input_refuses_each_input_by_name(place: int) -> 
     for place_name, call in (("x", lambda: g.linear(3, w)), ("weight", lambda: g.linear(x, 3))):
         with pytest.raises(TypeError, match=f"linear: {place_name} must be a NodeId, got int"):
             call()  # type: ignore[no-untyped-call]
+    others = gl.Graph(np.float32)  # every input foreign, or every input data to read as floats
+    with pytest.raises(gl.ForeignNodeError, match="linear: x "):
+        g.linear(others.constant(np.ones((2, 3))), others.constant(np.ones((3, 4))))
     assert len(g.tape) == 0
     assert stale.inputs == ()  # a dropped op holds no inputs
+    counts = g.linear(g.constant(np.ones((1, 3), int)), g.constant(np.full((3, 2), 2, int)))
+    assert g.value(counts).dtype == np.float32
+    np.testing.assert_array_equal(g.value(counts), [[6.0, 6.0]])
     biased = np.full((2, 4), 6.0) + np.arange(4)
     np.testing.assert_array_equal(g.value(g.linear(x, w, b)), biased)
     np.testing.assert_array_equal(g.value(g.linear(x, w)), np.full((2, 4), 6.0))
