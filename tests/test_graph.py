@@ -830,9 +830,18 @@ def test_enter_scope_and_leave_scope_label_as_the_with_statement_does() -> None:
         assert g.enter_scope("inner") == "block"
         assert g.relu(x).scope == "block/inner"
         g.leave_scope("block")
-    with pytest.raises(ValueError, match="scope: name must be a non-empty str without '/'"):
+    with pytest.raises(ValueError, match="non-empty str") as info:
         g.enter_scope("a/b")
-    assert g.neg(x).scope is None  # a refused name changes nothing
+    assert str(info.value) == "enter_scope: name must be a non-empty str without '/', got 'a/b'"
+    with pytest.raises(TypeError) as typed:
+        g.enter_scope(3)  # type: ignore[arg-type]
+    assert str(typed.value) == "enter_scope: name must be a str, got int"
+    with pytest.raises(TypeError) as told:
+        g.leave_scope(3)  # type: ignore[arg-type]
+    assert str(told.value) == (
+        "leave_scope: outer must be what enter_scope returned, a str or None, got int: 3"
+    )
+    assert g.neg(x).scope is None  # a refused name or outer changes nothing
 
 
 def test_a_node_of_the_fast_recording_path_is_the_node_of_the_general_one() -> None:

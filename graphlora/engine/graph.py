@@ -487,22 +487,45 @@ class Graph(OpMethods):
         a layer whose small steps count it.
         """
         found = self._scopes.get(name) if type(name) is str else None
-        if found is None:
-            name = _checks.label("scope", "name", name)
-            found = self._scopes[name] = _Scope(self, name)
+        return self._new_scope("scope", name) if found is None else found
+
+    def _new_scope(self, where: str, name: object) -> _Scope:
+        """The scope of a name used for the first time, checked (``where`` names the caller)."""
+        checked = _checks.label(where, "name", name)
+        found = self._scopes[checked] = _Scope(self, checked)
         return found
 
     def enter_scope(self, name: str) -> str | None:
         """Enter the scope ``name`` as ``with scope(name):`` does, and return the scope to go
         back to: give it to ``leave_scope`` in a ``finally``. The same labels, without the with
         statement's cost (about a quarter of a microsecond each way): for layers that enter
-        scopes on every call, where a small step's time counts."""
-        scope, outer = self.scope(name), self._scope
+        scopes on every call, where a small step's time counts.
+
+        Raises
+        ------
+        TypeError, ValueError
+            For a name that is not a non-empty str without ``/`` (nothing is entered).
+        """
+        scope = self._scopes.get(name) if type(name) is str else None
+        if scope is None:
+            scope = self._new_scope("enter_scope", name)
+        outer = self._scope
         self._scope = scope._joined.get(outer) or scope.join(outer)
         return outer
 
     def leave_scope(self, outer: str | None) -> None:
-        """Go back to ``outer``, what ``enter_scope`` returned."""
+        """Go back to ``outer``, what ``enter_scope`` returned.
+
+        Raises
+        ------
+        TypeError
+            For anything but a str or None (the scope is left as it was).
+        """
+        if outer is not None and type(outer) is not str:
+            raise TypeError(
+                "leave_scope: outer must be what enter_scope returned, a str or None, got "
+                f"{_checks.describe(outer)}"
+            )
         self._scope = outer
 
     def end_replays(self) -> None:
