@@ -826,6 +826,9 @@ def test_enter_scope_and_leave_scope_label_as_the_with_statement_does() -> None:
         "block",
     )
     assert (first.scope, g.neg(x).scope) == ("top", None)
+    made = g.scope("inner")
+    g.leave_scope(g.enter_scope("inner"))
+    assert g.scope("inner") is made  # entered by a call, a name makes no second scope
     with g.scope("block"):  # the joined names are made once and shared by both ways in
         assert g.enter_scope("inner") == "block"
         assert g.relu(x).scope == "block/inner"
