@@ -739,7 +739,7 @@ class Graph(OpMethods):
                     _release(self._retired.pop())
                 return node
         elif op.floats_only and len(args) == len(op.slots):  # optional inputs given or not
-            listed: list[Array | None] = []
+            values: list[Array | None] = []
             wants: list[bool] = []
             dtype, epoch = self._dtype, self._epoch
             for arg in args:
@@ -749,26 +749,26 @@ class Graph(OpMethods):
                     and (arg._epoch == epoch or arg._epoch == LEAF)
                     and arg._value.dtype is dtype  # type: ignore[union-attr]
                 ):
-                    listed.append(arg._value)
+                    values.append(arg._value)
                     wants.append(arg._requires_grad)
-                elif arg is None and op.optional[len(listed)]:
-                    listed.append(None)
+                elif arg is None and op.optional[len(values)]:
+                    values.append(None)
                     wants.append(False)
                 else:
                     break  # something to refuse or convert: the general path below
             else:
                 check = op.check
                 if check is not None:
-                    found = check(*listed, **params) if params else check(*listed)
+                    found = check(*values, **params) if params else check(*values)
                     if found is not None:  # None: the parameters as they are
                         params = found
-                return self._push(op.name, op.forward, args, listed, params, (), tuple(wants))
-        inputs, converted, casts = self._inputs(op.name, op, args)
+                return self._push(op.name, op.forward, args, values, params, (), tuple(wants))
+        inputs, values, casts = self._inputs(op.name, op, args)
         if op.data_slots:
-            check_kinds(op, converted)
-        params = op.checked(converted, params)
+            check_kinds(op, values)
+        params = op.checked(values, params)
         flags = tuple([type(node) is NodeId and node._requires_grad for node in inputs])
-        return self._push(op.name, op.forward, tuple(inputs), converted, params, casts, flags)
+        return self._push(op.name, op.forward, tuple(inputs), values, params, casts, flags)
 
     def _inputs(
         self, name: str, op: OpDef | None, args: Sequence[Any]

@@ -314,13 +314,12 @@ class LoraLinear(LoraLayer):
             y = xw if self.bias is None else graph.add(xw, self.bias)
             graph.leave_scope(inside)
             partial = xw  # the output so far without the bias, which DoRA rescales
-            last = len(updates) - 1
             for i, update in enumerate(updates):
                 graph.enter_scope("lora")
                 low_rank = update.record(graph, x, self, partial)  # (..., out)
                 graph.leave_scope(inside)
                 y = graph.add(y, low_rank)
-                if i < last and any(later.reads_output for later in updates[i + 1 :]):
+                if i + 1 < len(updates) and any(later.reads_output for later in updates[i + 1 :]):
                     partial = graph.add(partial, low_rank)
             return y
         finally:
